@@ -1,0 +1,236 @@
+// Package config reads gpuaasd's settings from the environment and flags (flags win)
+// and validates them at start, naming the bad or missing setting.
+package config
+
+import (
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"net"
+	"net/url"
+	"regexp"
+	"strconv"
+	"strings"
+	"time"
+)
+
+// Config is everything gpuaasd needs to start.
+type Config struct {
+	ListenAddr        string
+	DatabaseURL       string
+	NATSURL           string
+	TemporalAddress   string
+	TemporalNamespace string
+	Region            string
+	LogFormat         string
+	LogLevel          string
+	MaxBodyBytes      int
+	RequestTimeout    time.Duration
+	ShutdownTimeout   time.Duration
+	DBMaxConns        int
+	Migrate           bool
+}
+
+// Setting describes one setting for the configuration reference.
+type Setting struct {
+	Env, Flag, Default, Help string
+	Required               bool
+}
+
+// Settings lists every setting, in the order of the README's reference.
+func Settings() []Setting {
+	return []Setting{
+		{"DATABASE_URL", "database-url", "", "Postgres connection URL (postgres://user:pass@host:port/db).", true},
+		{"NATS_URL", "nats-url", "", "NATS server URL with JetStream enabled (nats://host:4222).", true},
+		{"TEMPORAL_ADDRESS", "temporal-address", "", "Temporal frontend host:port.", true},
+		{"TEMPORAL_NAMESPACE", "temporal-namespace", "gpuaas", "Temporal namespace for workflows.", false},
+		{"GPUAAS_LISTEN_ADDR", "listen-addr", "127.0.0.1:8080", "HTTP listen address host:port.", false},
+		{"GPUAAS_REGION", "region", "local", "Region name used in canonical resource ids (gpuaas:{region}:...).", false},
+		{"GPUAAS_LOG_FORMAT", "log-format", "text", "Log format: text or json.", false},
+		{"GPUAAS_LOG_LEVEL", "log-level", "info", "Log level: trace, debug, info, warn, error.", false},
+		{"GPUAAS_MAX_BODY_BYTES", "max-body-bytes", "1048576", "Largest accepted JSON request body; larger is 413.", false},
+		{"GPUAAS_REQUEST_TIMEOUT", "request-timeout", "30s", "Deadline for one API request.", false},
+		{"GPUAAS_SHUTDOWN_TIMEOUT", "shutdown-timeout", "10s", "How long SIGTERM waits for in-flight requests.", false},
+		{"GPUAAS_DB_MAX_CONNS", "db-max-conns", "20", "Postgres pool size.", false},
+		{"GPUAAS_MIGRATE", "migrate", "true", "Apply database migrations at start.", false},
+	}
+}
+
+// Error names the setting that is bad or missing.
+type Error struct {
+	Env, Flag string
+	Problem   string
+}
+
+func (e *Error) Error() string {
+	return fmt.Sprintf("config: %s (--%s): %s", e.Env, e.Flag, e.Problem)
+}
+
+// Load reads settings from getenv, then from args (flags win), and validates them.
+// Usage and flag errors go to stderr.
+func Load(args []string, getenv func(string) string, stderr io.Writer) (Config, error) {
+	fs := flag.NewFlagSet("gpuaasd", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	vals := map[string]*string{}
+	for _, s := range Settings() {
+		v := getenv(s.Env)
+		if v == "" {
+			v = s.Default
+		}
+		p := new(string)
+		fs.StringVar(p, s.Flag, v, s.Help+" (env "+s.Env+")")
+		vals[s.Env] = p
+	}
+	if err := fs.Parse(args); err != nil {
+		return Config{}, err
+	}
+	if fs.NArg() > 0 {
+		return Config{}, fmt.Errorf("config: unexpected argument %q", fs.Arg(0))
+	}
+	get := func(env string) string { return strings.TrimSpace(*vals[env]) }
+	var c Config
+	var errs Errors
+	check := func(env string, fn func(string) error) {
+		if err := fn(get(env)); err != nil {
+			errs = append(errs, &Error{Env: env, Flag: flagOf(env), Problem: err.Error()})
+		}
+	}
+	check("DATABASE_URL", func(v string) error { c.DatabaseURL = v; return validURL(v, "postgres", "postgresql") })
+	check("NATS_URL", func(v string) error { c.NATSURL = v; return validNATSURL(v) })
+	check("TEMPORAL_ADDRESS", func(v string) error { c.TemporalAddress = v; return validHostPort(v, true) })
+	check("TEMPORAL_NAMESPACE", func(v string) error { c.TemporalNamespace = v; return validName(v) })
+	check("GPUAAS_LISTEN_ADDR", func(v string) error { c.ListenAddr = v; return validHostPort(v, false) })
+	check("GPUAAS_REGION", func(v string) error { c.Region = v; return validName(v) })
+	check("GPUAAS_LOG_FORMAT", func(v string) error { c.LogFormat = v; return oneOf(v, "text", "json") })
+	check("GPUAAS_LOG_LEVEL", func(v string) error {
+		c.LogLevel = v
+		return oneOf(v, "trace", "debug", "info", "warn", "error")
+	})
+	check("GPUAAS_MAX_BODY_BYTES", func(v string) (err error) { c.MaxBodyBytes, err = intIn(v, 1024, 1<<30); return })
+	check("GPUAAS_REQUEST_TIMEOUT", func(v string) (err error) {
+		c.RequestTimeout, err = durationIn(v, 100*time.Millisecond, 10*time.Minute)
+		return
+	})
+	check("GPUAAS_SHUTDOWN_TIMEOUT", func(v string) (err error) {
+		c.ShutdownTimeout, err = durationIn(v, 0, 5*time.Minute)
+		return
+	})
+	check("GPUAAS_DB_MAX_CONNS", func(v string) (err error) { c.DBMaxConns, err = intIn(v, 2, 1000); return })
+	check("GPUAAS_MIGRATE", func(v string) (err error) { c.Migrate, err = strconv.ParseBool(v); return })
+	if len(errs) > 0 {
+		return Config{}, errs
+	}
+	return c, nil
+}
+
+// Errors is every bad setting, printed on one line.
+type Errors []*Error
+
+func (es Errors) Error() string {
+	parts := make([]string, len(es))
+	for i, e := range es {
+		parts[i] = fmt.Sprintf("%s (--%s): %s", e.Env, e.Flag, e.Problem)
+	}
+	return "config: " + strings.Join(parts, "; ")
+}
+
+func flagOf(env string) string {
+	for _, s := range Settings() {
+		if s.Env == env {
+			return s.Flag
+		}
+	}
+	return ""
+}
+
+func validURL(v string, schemes ...string) error {
+	if v == "" {
+		return errors.New("missing")
+	}
+	u, err := url.Parse(v)
+	if err != nil {
+		return errors.New("not a URL") // never echo the value: it may hold a password
+	}
+	ok := false
+	for _, s := range schemes {
+		ok = ok || u.Scheme == s
+	}
+	if !ok {
+		return fmt.Errorf("scheme must be %s", strings.Join(schemes, " or "))
+	}
+	if u.Host == "" {
+		return errors.New("no host")
+	}
+	return nil
+}
+
+func validNATSURL(v string) error {
+	if v == "" {
+		return errors.New("missing")
+	}
+	for _, part := range strings.Split(v, ",") {
+		if err := validURL(strings.TrimSpace(part), "nats", "tls", "ws", "wss"); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+func validHostPort(v string, needHost bool) error {
+	if v == "" {
+		return errors.New("missing")
+	}
+	host, port, err := net.SplitHostPort(v)
+	if err != nil {
+		return errors.New("want host:port")
+	}
+	if needHost && host == "" {
+		return errors.New("want host:port with a host")
+	}
+	n, err := strconv.Atoi(port)
+	if err != nil || n < 0 || n > 65535 {
+		return errors.New("port must be 0-65535")
+	}
+	return nil
+}
+
+var nameRE = regexp.MustCompile(`^[a-z0-9][a-z0-9-]{0,62}$`)
+
+func validName(v string) error {
+	if !nameRE.MatchString(v) {
+		return errors.New("want 1-63 lowercase letters, digits or '-'")
+	}
+	return nil
+}
+
+func oneOf(v string, allowed ...string) error {
+	for _, a := range allowed {
+		if v == a {
+			return nil
+		}
+	}
+	return fmt.Errorf("want one of %s", strings.Join(allowed, ", "))
+}
+
+func intIn(v string, lo, hi int) (int, error) {
+	n, err := strconv.Atoi(v)
+	if err != nil {
+		return 0, errors.New("want an integer")
+	}
+	if n < lo || n > hi {
+		return 0, fmt.Errorf("want an integer between %d and %d", lo, hi)
+	}
+	return n, nil
+}
+
+func durationIn(v string, lo, hi time.Duration) (time.Duration, error) {
+	d, err := time.ParseDuration(v)
+	if err != nil {
+		return 0, errors.New("want a duration such as 30s")
+	}
+	if d < lo || d > hi {
+		return 0, fmt.Errorf("want a duration between %s and %s", lo, hi)
+	}
+	return d, nil
+}

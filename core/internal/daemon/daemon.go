@@ -1,0 +1,187 @@
+// Package daemon wires gpuaasd together: store, events, policy, Temporal and the HTTP
+// API, and runs them until the context ends, then shuts down in order.
+package daemon
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"sync"
+	"time"
+
+	"github.com/hashicorp/go-hclog"
+	"github.com/jackc/pgx/v5/pgxpool"
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+	"go.temporal.io/sdk/client"
+
+	"github.com/gpuaas/gpuaas/core/internal/config"
+	"github.com/gpuaas/gpuaas/core/internal/events"
+	"github.com/gpuaas/gpuaas/core/internal/httpapi"
+	"github.com/gpuaas/gpuaas/core/internal/policy"
+	"github.com/gpuaas/gpuaas/core/internal/store"
+)
+
+// Options are what Run needs besides the config.
+type Options struct {
+	Version string
+	// Ready, when set, is called with the HTTP listen address once the API serves.
+	Ready func(addr string)
+}
+
+// Run serves until ctx is done, then stops accepting, drains in-flight requests,
+// stops background loops and closes every client. It returns nil after a clean stop.
+func Run(ctx context.Context, cfg config.Config, log hclog.Logger, opt Options) error {
+	reg := prometheus.NewRegistry()
+	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+
+	pool, err := store.Open(ctx, cfg.DatabaseURL, store.Options{MaxConns: int32(cfg.DBMaxConns)})
+	if err != nil {
+		return err
+	}
+	defer pool.Close()
+	if cfg.Migrate {
+		if err := migrate(ctx, pool, log.Named("store")); err != nil {
+			return err
+		}
+	}
+
+	nc, err := nats.Connect(cfg.NATSURL,
+		nats.Name("gpuaasd"),
+		nats.RetryOnFailedConnect(true),
+		nats.MaxReconnects(-1),
+		nats.ReconnectWait(250*time.Millisecond),
+		nats.ReconnectJitter(100*time.Millisecond, time.Second),
+	)
+	if err != nil {
+		return fmt.Errorf("nats: connect: %w", err)
+	}
+	defer nc.Close()
+	js, err := jetstream.New(nc)
+	if err != nil {
+		return fmt.Errorf("nats: jetstream: %w", err)
+	}
+
+	tc, err := client.NewLazyClient(client.Options{
+		HostPort:  cfg.TemporalAddress,
+		Namespace: cfg.TemporalNamespace,
+		Logger:    log.Named("temporal"),
+	})
+	if err != nil {
+		return fmt.Errorf("temporal: client: %w", err)
+	}
+	defer tc.Close()
+
+	pol := policy.NewService(pool, log.Named("policy"))
+	relay := events.NewRelay(pool, nc, js, log.Named("outbox"), reg, events.RelayOptions{
+		MaxAttempts: func(ctx context.Context) int {
+			return int(policy.OutboxMaxAttempts.Value(ctx, pol, policy.Target{}))
+		},
+		Retention: func(ctx context.Context) time.Duration {
+			return policy.OutboxRetention.Value(ctx, pol, policy.Target{})
+		},
+	})
+
+	api := &httpapi.API{
+		Version:  opt.Version,
+		Gatherer: reg,
+		Checks: []httpapi.Check{
+			{Name: "postgres", Fn: pool.Ping},
+			{Name: "nats", Fn: func(ctx context.Context) error {
+				if !nc.IsConnected() {
+					return fmt.Errorf("not connected (%s)", nc.Status())
+				}
+				return nc.FlushWithContext(ctx)
+			}},
+			{Name: "temporal", Fn: func(ctx context.Context) error {
+				_, err := tc.CheckHealth(ctx, &client.CheckHealthRequest{})
+				return err
+			}},
+		},
+	}
+	app := httpapi.New(log.Named("http"), api, httpapi.Options{
+		MaxBodyBytes:   cfg.MaxBodyBytes,
+		RequestTimeout: cfg.RequestTimeout,
+		Registerer:     reg,
+	})
+	ln, err := net.Listen("tcp", cfg.ListenAddr)
+	if err != nil {
+		return fmt.Errorf("http: listen on %s: %w", cfg.ListenAddr, err)
+	}
+
+	bg, stopBG := context.WithCancel(context.WithoutCancel(ctx))
+	var wg sync.WaitGroup
+	wg.Go(func() { declareStreams(bg, js, log.Named("events")) })
+	wg.Go(func() { _ = relay.Run(bg) })
+	wg.Go(func() { _ = pol.Listen(bg, js) })
+
+	serveErr := make(chan error, 1)
+	go func() { serveErr <- app.Listener(ln) }()
+	log.Info("serving", "addr", ln.Addr().String(), "version", opt.Version)
+	if opt.Ready != nil {
+		opt.Ready(ln.Addr().String())
+	}
+
+	var runErr error
+	select {
+	case <-ctx.Done():
+	case runErr = <-serveErr:
+		runErr = fmt.Errorf("http: serve: %w", runErr)
+	}
+	log.Info("shutting down", "timeout", cfg.ShutdownTimeout)
+	start := time.Now()
+	if err := app.ShutdownWithTimeout(cfg.ShutdownTimeout); err != nil {
+		log.Warn("http shutdown did not drain in time", "error", err)
+	}
+	stopBG()
+	wg.Wait()
+	if err := nc.Drain(); err != nil && !errors.Is(err, nats.ErrConnectionClosed) {
+		log.Debug("nats drain", "error", err)
+	}
+	log.Info("stopped", "took", time.Since(start).Round(time.Millisecond))
+	return runErr
+}
+
+// migrate applies migrations, waiting for the database for up to a minute so the
+// core may start before Postgres does.
+func migrate(ctx context.Context, pool *pgxpool.Pool, log hclog.Logger) error {
+	deadline := time.Now().Add(time.Minute)
+	for {
+		applied, err := store.Migrate(ctx, pool)
+		if err == nil {
+			if len(applied) > 0 {
+				log.Info("migrations applied", "versions", applied)
+			}
+			return nil
+		}
+		if !store.Unavailable(err) || time.Now().After(deadline) {
+			return err
+		}
+		log.Warn("database unavailable; retrying migrations", "error", err)
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(time.Second):
+		}
+	}
+}
+
+// declareStreams declares the catalog, retrying while NATS is away.
+func declareStreams(ctx context.Context, js jetstream.JetStream, log hclog.Logger) {
+	for {
+		err := events.Declare(ctx, js, events.Streams(), events.Consumers())
+		if err == nil {
+			log.Debug("streams declared")
+			return
+		}
+		log.Warn("declaring streams failed; retrying", "error", err)
+		select {
+		case <-ctx.Done():
+			return
+		case <-time.After(time.Second):
+		}
+	}
+}

@@ -1,0 +1,124 @@
+package httpapi
+
+import (
+	"context"
+	"errors"
+	"net/http"
+
+	"github.com/gofiber/fiber/v2"
+	"github.com/hashicorp/go-hclog"
+
+	"github.com/gpuaas/gpuaas/core/internal/correlation"
+	"github.com/gpuaas/gpuaas/core/internal/errcode"
+	"github.com/gpuaas/gpuaas/core/internal/httpapi/apigen"
+	"github.com/gpuaas/gpuaas/core/internal/store"
+)
+
+// statusFor is the one place where an error code becomes an HTTP status.
+func statusFor(code errcode.Code) int {
+	switch code {
+	case errcode.BadRequest, errcode.InvalidJSON, errcode.UnknownField, errcode.DuplicateKey,
+		errcode.ValidationFailed, errcode.InvalidCursor:
+		return http.StatusBadRequest
+	case errcode.Unauthenticated:
+		return http.StatusUnauthorized
+	case errcode.Forbidden:
+		return http.StatusForbidden
+	case errcode.NotFound, errcode.RouteNotFound:
+		return http.StatusNotFound
+	case errcode.MethodNotAllowed:
+		return http.StatusMethodNotAllowed
+	case errcode.Conflict:
+		return http.StatusConflict
+	case errcode.RequestTooLarge:
+		return http.StatusRequestEntityTooLarge
+	case errcode.UnsupportedMedia:
+		return http.StatusUnsupportedMediaType
+	case errcode.RateLimited:
+		return http.StatusTooManyRequests
+	case errcode.NotReady, errcode.DatabaseUnavailable, errcode.ServiceUnavailable:
+		return http.StatusServiceUnavailable
+	case errcode.Timeout:
+		return http.StatusGatewayTimeout
+	}
+	return http.StatusInternalServerError
+}
+
+// fromFiber gives Fiber's own errors (routing, body limit, ...) a code.
+func fromFiber(fe *fiber.Error) *errcode.Error {
+	switch fe.Code {
+	case fiber.StatusNotFound:
+		return errcode.New(errcode.RouteNotFound, "no such route")
+	case fiber.StatusMethodNotAllowed:
+		return errcode.New(errcode.MethodNotAllowed, "method not allowed on this route")
+	case fiber.StatusRequestEntityTooLarge:
+		return errcode.New(errcode.RequestTooLarge, "request body is too large")
+	case fiber.StatusUnsupportedMediaType:
+		return errcode.New(errcode.UnsupportedMedia, "unsupported content type")
+	case fiber.StatusRequestTimeout:
+		return errcode.New(errcode.Timeout, "request timed out")
+	case fiber.StatusBadRequest:
+		return errcode.New(errcode.BadRequest, "%s", fe.Message)
+	case fiber.StatusServiceUnavailable:
+		return errcode.New(errcode.ServiceUnavailable, "%s", fe.Message)
+	}
+	if fe.Code >= 400 && fe.Code < 500 {
+		return errcode.New(errcode.BadRequest, "%s", fe.Message)
+	}
+	return errcode.Wrap(fe, errcode.Internal, "internal error")
+}
+
+// toCoded turns any error into a coded error fit for a client. Errors that carry no
+// code are internal; their text is logged, never returned.
+func toCoded(ctx context.Context, err error) *errcode.Error {
+	var fe *fiber.Error
+	switch {
+	case errors.As(err, &fe):
+		return fromFiber(fe)
+	case errcode.As(err) != nil:
+		return errcode.As(err)
+	}
+	if c := errcode.As(store.Classify(err)); c != nil {
+		return c
+	}
+	if errors.Is(err, context.DeadlineExceeded) && ctx.Err() != nil {
+		return errcode.Wrap(err, errcode.Timeout, "request timed out")
+	}
+	return errcode.Wrap(err, errcode.Internal, "internal error")
+}
+
+// writeError sends err in the error envelope. It is the only writer of error bodies.
+func writeError(c *fiber.Ctx, log hclog.Logger, err error) {
+	coded := toCoded(c.UserContext(), err)
+	status := statusFor(coded.Code)
+	corr := requestCorrelationID(c)
+	if status >= 500 && coded.Code == errcode.Internal {
+		log.Error("request failed", "method", c.Method(), "path", c.Path(), "correlation_id", corr, "error", err)
+	}
+	details := coded.Details
+	if details == nil {
+		details = map[string]any{}
+	}
+	c.Status(status)
+	_ = c.JSON(apigen.ErrorEnvelope{Error: apigen.ErrorBody{
+		Code:          apigen.ErrorCode(coded.Code),
+		Message:       coded.Message,
+		Details:       details,
+		CorrelationId: corr,
+	}})
+}
+
+// requestCorrelationID is the id the request middleware chose, or, for errors raised
+// before it ran (body too large), the client's valid header or a fresh id.
+func requestCorrelationID(c *fiber.Ctx) string {
+	if id, ok := c.Locals(localsCorrelation).(string); ok && id != "" {
+		return id
+	}
+	id := c.Get(correlation.Header)
+	if !correlation.Valid(id) {
+		id = correlation.New()
+	}
+	c.Locals(localsCorrelation, id)
+	c.Set(correlation.Header, id)
+	return id
+}

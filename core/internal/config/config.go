@@ -35,7 +35,7 @@ type Config struct {
 // Setting describes one setting for the configuration reference.
 type Setting struct {
 	Env, Flag, Default, Help string
-	Required               bool
+	Required                 bool
 }
 
 // Settings lists every setting, in the order of the README's reference.

@@ -86,7 +86,6 @@ type Event struct {
 	Headers map[string]string
 }
 
-
 // Enqueue writes events to the outbox inside tx. They are published after tx commits,
 // in id order, each exactly once per dedupe window. It returns the row ids.
 func Enqueue(ctx context.Context, tx pgx.Tx, evs ...Event) ([]uuid.UUID, error) {

@@ -37,6 +37,9 @@ type RelayOptions struct {
 	// Retention returns how long published rows and inbox entries are kept
 	// (default 24h).
 	Retention func(context.Context) time.Duration
+	// RetryBase is the first retry delay after a failed publish; it doubles per
+	// attempt up to 5 minutes (default 1s).
+	RetryBase time.Duration
 	// Now is the clock (default time.Now).
 	Now func() time.Time
 }
@@ -82,6 +85,9 @@ func NewRelay(pool *pgxpool.Pool, nc *nats.Conn, js jetstream.JetStream, log hcl
 	}
 	if opt.Now == nil {
 		opt.Now = time.Now
+	}
+	if opt.RetryBase <= 0 {
+		opt.RetryBase = time.Second
 	}
 	m := relayMetrics{
 		published: prometheus.NewCounter(prometheus.CounterOpts{Name: "gpuaas_outbox_published_total", Help: "Outbox rows published to JetStream and acknowledged."}),
@@ -310,14 +316,13 @@ func (r *Relay) record(ctx context.Context, tx pgx.Tx, batch []*claimed, maxAtte
 		} else {
 			r.m.retried.Inc()
 		}
-		next := now.Add(retryDelay(attempts))
-		if _, err := tx.Exec(ctx, `UPDATE outbox SET attempts = $2, status = $3, next_attempt_at = $4, last_error = $5 WHERE id = $1`,
-			c.id, attempts, status, next, truncate(c.err.Error(), 1000)); err != nil {
+		if _, err := tx.Exec(ctx, `UPDATE outbox SET attempts = $2, status = $3, next_attempt_at = now() + $4::interval, last_error = $5 WHERE id = $1`,
+			c.id, attempts, status, retryDelay(r.opt.RetryBase, attempts), truncate(c.err.Error(), 1000)); err != nil {
 			return fmt.Errorf("record failure: %w", err)
 		}
 	}
 	if len(ok) > 0 {
-		if _, err := tx.Exec(ctx, `UPDATE outbox SET status = 'published', published_at = $2, last_error = '' WHERE id = ANY($1)`, ok, now); err != nil {
+		if _, err := tx.Exec(ctx, `UPDATE outbox SET status = 'published', published_at = now(), last_error = '' WHERE id = ANY($1)`, ok); err != nil {
 			return fmt.Errorf("record published: %w", err)
 		}
 		r.m.published.Add(float64(len(ok)))
@@ -326,18 +331,18 @@ func (r *Relay) record(ctx context.Context, tx pgx.Tx, batch []*claimed, maxAtte
 	return nil
 }
 
-// retryDelay is exponential from 1s, capped at 5 minutes.
-func retryDelay(attempts int) time.Duration {
-	return min(time.Second<<min(attempts-1, 9), 5*time.Minute)
+// retryDelay is exponential from base, capped at 5 minutes.
+func retryDelay(base time.Duration, attempts int) time.Duration {
+	return min(base<<min(attempts-1, 16), 5*time.Minute)
 }
 
 // clean deletes published outbox rows and inbox entries older than the retention.
 func (r *Relay) clean(ctx context.Context) {
-	cutoff := r.opt.Now().Add(-r.opt.Retention(ctx))
-	if _, err := r.pool.Exec(ctx, `DELETE FROM outbox WHERE status = 'published' AND published_at < $1`, cutoff); err != nil {
+	keep := r.opt.Retention(ctx)
+	if _, err := r.pool.Exec(ctx, `DELETE FROM outbox WHERE status = 'published' AND published_at < now() - $1::interval`, keep); err != nil {
 		r.log.Debug("outbox cleanup failed", "error", err)
 	}
-	if _, err := r.pool.Exec(ctx, `DELETE FROM inbox WHERE processed_at < $1`, cutoff); err != nil {
+	if _, err := r.pool.Exec(ctx, `DELETE FROM inbox WHERE processed_at < now() - $1::interval`, keep); err != nil {
 		r.log.Debug("inbox cleanup failed", "error", err)
 	}
 }

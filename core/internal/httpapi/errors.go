@@ -122,3 +122,15 @@ func requestCorrelationID(c *fiber.Ctx) string {
 	c.Set(correlation.Header, id)
 	return id
 }
+
+// Codes lists every code statusFor knows; the contract test checks each is declared
+// in api/openapi.yaml.
+func Codes() []errcode.Code {
+	return []errcode.Code{
+		errcode.BadRequest, errcode.InvalidJSON, errcode.UnknownField, errcode.DuplicateKey,
+		errcode.ValidationFailed, errcode.InvalidCursor, errcode.Unauthenticated, errcode.Forbidden,
+		errcode.NotFound, errcode.RouteNotFound, errcode.MethodNotAllowed, errcode.Conflict,
+		errcode.RequestTooLarge, errcode.UnsupportedMedia, errcode.RateLimited, errcode.NotReady,
+		errcode.DatabaseUnavailable, errcode.ServiceUnavailable, errcode.Timeout, errcode.Internal,
+	}
+}

@@ -63,6 +63,15 @@ func WithTTL(d time.Duration) Option { return func(s *Service) { s.ttl = d } }
 // WithClock injects the clock.
 func WithClock(now func() time.Time) Option { return func(s *Service) { s.now = now } }
 
+// WithKeys adds definitions beyond the catalog (tests and plugins' own keys).
+func WithKeys(defs ...*Def) Option {
+	return func(s *Service) {
+		for _, d := range defs {
+			s.defs[d.Key] = d
+		}
+	}
+}
+
 // NewService returns a Service over the catalog's keys.
 func NewService(pool *pgxpool.Pool, log hclog.Logger, opts ...Option) *Service {
 	s := &Service{pool: pool, log: log, ttl: time.Minute, now: time.Now, cache: map[cacheKey]cached{}, defs: map[string]*Def{}}

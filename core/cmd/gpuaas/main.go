@@ -1,0 +1,170 @@
+// Command gpuaas is the gpuaas command-line client.
+//
+//	gpuaas status            health and readiness of the API
+//	gpuaas policy-keys       the platform's policy keys with types and defaults
+//
+// It finds the API through GPUAAS_API_URL (and, later, GPUAAS_TOKEN), taken from the
+// environment or else from .gpuaas/dev.env in this folder or a parent (written by
+// `make run`).
+package main
+
+import (
+	"bufio"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"os/signal"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"text/tabwriter"
+	"time"
+
+	"github.com/gpuaas/gpuaas/sdk/client"
+)
+
+func main() {
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	err := run(ctx, os.Args[1:], os.Getenv, os.Stdout, os.Stderr)
+	stop()
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "gpuaas:", err)
+		os.Exit(1)
+	}
+}
+
+const usage = `usage: gpuaas COMMAND
+
+commands:
+  status        health and readiness of the API and its dependencies
+  policy-keys   the platform's policy keys with types and defaults
+`
+
+func run(ctx context.Context, args []string, getenv func(string) string, stdout, stderr io.Writer) error {
+	if len(args) == 0 || args[0] == "-h" || args[0] == "--help" || args[0] == "help" {
+		fmt.Fprint(stdout, usage)
+		return nil
+	}
+	settings, err := loadSettings(getenv)
+	if err != nil {
+		return err
+	}
+	if settings["GPUAAS_API_URL"] == "" {
+		return errors.New("GPUAAS_API_URL is not set and no .gpuaas/dev.env was found; start the platform with `make run` or export GPUAAS_API_URL")
+	}
+	c, err := client.NewClientWithResponses(settings["GPUAAS_API_URL"])
+	if err != nil {
+		return err
+	}
+	ctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+	defer cancel()
+	switch args[0] {
+	case "status":
+		return status(ctx, c, stdout)
+	case "policy-keys":
+		return policyKeys(ctx, c, stdout)
+	default:
+		fmt.Fprint(stderr, usage)
+		return fmt.Errorf("unknown command %q", args[0])
+	}
+}
+
+func status(ctx context.Context, c *client.ClientWithResponses, out io.Writer) error {
+	h, err := c.GetHealthzWithResponse(ctx)
+	if err != nil {
+		return fmt.Errorf("API unreachable: %w", err)
+	}
+	if h.JSON200 == nil {
+		return apiError(h.StatusCode(), h.Body)
+	}
+	fmt.Fprintf(out, "api       up (version %s)\n", h.JSON200.Version)
+	r, err := c.GetReadyzWithResponse(ctx)
+	if err != nil {
+		return fmt.Errorf("API unreachable: %w", err)
+	}
+	if r.JSON200 != nil {
+		for _, chk := range r.JSON200.Checks {
+			fmt.Fprintf(out, "%-9s ok (%.1f ms)\n", chk.Name, chk.DurationMs)
+		}
+		return nil
+	}
+	return apiError(r.StatusCode(), r.Body)
+}
+
+func policyKeys(ctx context.Context, c *client.ClientWithResponses, out io.Writer) error {
+	tw := tabwriter.NewWriter(out, 0, 4, 2, ' ', 0)
+	fmt.Fprintln(tw, "KEY\tTYPE\tDEFAULT\tSCOPES\tDESCRIPTION")
+	var cursor *string
+	for {
+		limit := 200
+		resp, err := c.ListPolicyKeysWithResponse(ctx, &client.ListPolicyKeysParams{Limit: &limit, Cursor: cursor})
+		if err != nil {
+			return fmt.Errorf("API unreachable: %w", err)
+		}
+		if resp.JSON200 == nil {
+			return apiError(resp.StatusCode(), resp.Body)
+		}
+		for _, k := range resp.JSON200.Items {
+			def, _ := json.Marshal(k.Default)
+			scopes := make([]string, len(k.Scopes))
+			for i, s := range k.Scopes {
+				scopes[i] = string(s)
+			}
+			fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\n", k.Key, k.Type, def, strings.Join(scopes, ","), k.Description)
+		}
+		if resp.JSON200.NextCursor == nil {
+			break
+		}
+		cursor = resp.JSON200.NextCursor
+	}
+	return tw.Flush()
+}
+
+// apiError renders the error envelope of a failed call.
+func apiError(status int, body []byte) error {
+	var env client.ErrorEnvelope
+	if err := json.Unmarshal(body, &env); err != nil || env.Error.Code == "" {
+		return fmt.Errorf("HTTP %d", status)
+	}
+	msg := fmt.Sprintf("%s (HTTP %d, %s; correlation id %s)", env.Error.Message, status, env.Error.Code, env.Error.CorrelationId)
+	if len(env.Error.Details) > 0 {
+		d, _ := json.Marshal(env.Error.Details)
+		msg += " " + string(d)
+	}
+	return errors.New(msg)
+}
+
+// loadSettings reads GPUAAS_* from .gpuaas/dev.env in the working folder or a
+// parent; the environment wins over the file.
+func loadSettings(getenv func(string) string) (map[string]string, error) {
+	s := map[string]string{}
+	if dir, err := os.Getwd(); err == nil {
+		for {
+			f, err := os.Open(filepath.Join(dir, ".gpuaas", "dev.env"))
+			if err == nil {
+				sc := bufio.NewScanner(f)
+				for sc.Scan() {
+					if k, v, ok := strings.Cut(strings.TrimSpace(sc.Text()), "="); ok && !strings.HasPrefix(k, "#") {
+						s[k] = v
+					}
+				}
+				f.Close()
+				break
+			}
+			parent := filepath.Dir(dir)
+			if parent == dir {
+				break
+			}
+			dir = parent
+		}
+	}
+	for _, k := range []string{"GPUAAS_API_URL", "GPUAAS_TOKEN"} {
+		if v := getenv(k); v != "" {
+			s[k] = v
+		}
+	}
+	return s, nil
+}

@@ -24,7 +24,7 @@ type bundle struct {
 	nats *testenv.NATS
 }
 
-func setup(t *testing.T) bundle {
+func setup(t testing.TB) bundle {
 	t.Helper()
 	pool, _ := testenv.MigratedPool(t)
 	n := testenv.StartNATS(t)
@@ -36,7 +36,7 @@ func setup(t *testing.T) bundle {
 	return bundle{pool: pool, nats: n}
 }
 
-func connect(t *testing.T, url string) (*nats.Conn, jetstream.JetStream) {
+func connect(t testing.TB, url string) (*nats.Conn, jetstream.JetStream) {
 	t.Helper()
 	nc, err := nats.Connect(url, nats.MaxReconnects(-1), nats.ReconnectWait(50*time.Millisecond), nats.RetryOnFailedConnect(true))
 	if err != nil {
@@ -51,7 +51,7 @@ func connect(t *testing.T, url string) (*nats.Conn, jetstream.JetStream) {
 }
 
 // startRelay runs a relay on its own NATS connection until the test ends.
-func startRelay(t *testing.T, b bundle, opt events.RelayOptions) (*events.Relay, *prometheus.Registry) {
+func startRelay(t testing.TB, b bundle, opt events.RelayOptions) (*events.Relay, *prometheus.Registry) {
 	t.Helper()
 	nc, js := connect(t, b.nats.URL())
 	reg := prometheus.NewRegistry()
@@ -63,7 +63,7 @@ func startRelay(t *testing.T, b bundle, opt events.RelayOptions) (*events.Relay,
 	return r, reg
 }
 
-func enqueue(t *testing.T, pool *pgxpool.Pool, subject string, from, n int) {
+func enqueue(t testing.TB, pool *pgxpool.Pool, subject string, from, n int) {
 	t.Helper()
 	ctx := context.Background()
 	err := store.Transact(ctx, pool, store.TxOptions{}, func(tx pgx.Tx) error {
@@ -81,7 +81,7 @@ func enqueue(t *testing.T, pool *pgxpool.Pool, subject string, from, n int) {
 
 // collect counts the messages on subject by sequence number until want distinct
 // ones arrived (or the deadline passed) and returns the count per seq.
-func collect(t *testing.T, url, subject string, want int, within time.Duration) map[int]int {
+func collect(t testing.TB, url, subject string, want int, within time.Duration) map[int]int {
 	t.Helper()
 	_, js := connect(t, url)
 	ctx := context.Background()
@@ -112,7 +112,7 @@ func collect(t *testing.T, url, subject string, want int, within time.Duration) 
 	return seen
 }
 
-func streamCount(t *testing.T, url, subject string) uint64 {
+func streamCount(t testing.TB, url, subject string) uint64 {
 	t.Helper()
 	_, js := connect(t, url)
 	s, err := js.Stream(context.Background(), "SYSTEM")
@@ -126,7 +126,7 @@ func streamCount(t *testing.T, url, subject string) uint64 {
 	return info.State.Subjects[subject]
 }
 
-func pendingRows(t *testing.T, pool *pgxpool.Pool) (pending, published, failed int) {
+func pendingRows(t testing.TB, pool *pgxpool.Pool) (pending, published, failed int) {
 	t.Helper()
 	err := pool.QueryRow(context.Background(), `SELECT
 		count(*) FILTER (WHERE status = 'pending'),
@@ -327,7 +327,7 @@ func TestInboxMakesRedeliveryANoop(t *testing.T) {
 	}
 }
 
-func metricValue(t *testing.T, reg *prometheus.Registry, name string) float64 {
+func metricValue(t testing.TB, reg *prometheus.Registry, name string) float64 {
 	t.Helper()
 	mfs, err := reg.Gather()
 	if err != nil {
@@ -342,7 +342,7 @@ func metricValue(t *testing.T, reg *prometheus.Registry, name string) float64 {
 	return 0
 }
 
-func waitFor(t *testing.T, within time.Duration, cond func() bool) {
+func waitFor(t testing.TB, within time.Duration, cond func() bool) {
 	t.Helper()
 	deadline := time.Now().Add(within)
 	for !cond() {

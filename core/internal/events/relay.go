@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"math/rand/v2"
+	"sync"
 	"time"
 
 	"github.com/google/uuid"
@@ -24,8 +25,11 @@ const notifyChannel = "gpuaas_outbox"
 
 // RelayOptions tune the relay. Zero values take the defaults.
 type RelayOptions struct {
-	// BatchSize is the most rows claimed per transaction (default 500).
+	// BatchSize is the most rows claimed per transaction (default 1000).
 	BatchSize int
+	// Workers is how many claim-publish-record loops run at once, so one batch's
+	// database work overlaps another's publishing (default 2).
+	Workers int
 	// PollInterval is the safety-net poll when no notification arrives (default 1s).
 	PollInterval time.Duration
 	// PublishTimeout bounds the wait for JetStream acks of one batch (default 5s).
@@ -54,7 +58,7 @@ type Relay struct {
 	js   jetstream.JetStream
 	log  hclog.Logger
 	opt  RelayOptions
-	wake chan struct{}
+	wake []chan struct{}
 	m    relayMetrics
 }
 
@@ -69,7 +73,10 @@ type relayMetrics struct {
 // NewRelay returns a relay; call Run to start it. reg may be nil.
 func NewRelay(pool *pgxpool.Pool, nc *nats.Conn, js jetstream.JetStream, log hclog.Logger, reg prometheus.Registerer, opt RelayOptions) *Relay {
 	if opt.BatchSize <= 0 {
-		opt.BatchSize = 500
+		opt.BatchSize = 1000
+	}
+	if opt.Workers <= 0 {
+		opt.Workers = 2
 	}
 	if opt.PollInterval <= 0 {
 		opt.PollInterval = time.Second
@@ -99,30 +106,49 @@ func NewRelay(pool *pgxpool.Pool, nc *nats.Conn, js jetstream.JetStream, log hcl
 	if reg != nil {
 		reg.MustRegister(m.published, m.retried, m.failed, m.lag, m.batches)
 	}
-	return &Relay{pool: pool, nc: nc, js: js, log: log, opt: opt, wake: make(chan struct{}, 1), m: m}
+	wake := make([]chan struct{}, opt.Workers)
+	for i := range wake {
+		wake[i] = make(chan struct{}, 1)
+	}
+	return &Relay{pool: pool, nc: nc, js: js, log: log, opt: opt, wake: wake, m: m}
 }
 
 // Wake asks the relay to look for rows now (the LISTEN loop calls it; so may tests).
 func (r *Relay) Wake() {
-	select {
-	case r.wake <- struct{}{}:
-	default:
+	for _, w := range r.wake {
+		select {
+		case w <- struct{}{}:
+		default:
+		}
 	}
 }
 
 // Run publishes until ctx is done. It returns nil on cancellation.
 func (r *Relay) Run(ctx context.Context) error {
 	go r.listen(ctx)
+	var wg sync.WaitGroup
+	for i, wake := range r.wake {
+		wg.Go(func() { r.work(ctx, wake, i == 0) })
+	}
+	wg.Wait()
+	return nil
+}
+
+// work is one claim-publish-record loop; the first one also runs the janitor.
+func (r *Relay) work(ctx context.Context, wake <-chan struct{}, janitorToo bool) {
 	poll := time.NewTicker(r.opt.PollInterval)
 	defer poll.Stop()
 	janitor := time.NewTicker(time.Minute)
 	defer janitor.Stop()
+	if !janitorToo {
+		janitor.Stop()
+	}
 	backoff := time.Duration(0)
 	for {
 		n, err := r.PublishBatch(ctx)
 		switch {
 		case ctx.Err() != nil:
-			return nil
+			return
 		case err != nil:
 			backoff = min(max(2*backoff, 50*time.Millisecond), 5*time.Second)
 			if !errors.Is(err, errNATSDown) {
@@ -140,13 +166,13 @@ func (r *Relay) Run(ctx context.Context) error {
 		}
 		select {
 		case <-ctx.Done():
-			return nil
-		case <-r.wake:
+			return
+		case <-wake:
 			if backoff > 0 {
 				// A wake-up does not cut a backoff short: the dependency is still away.
 				select {
 				case <-ctx.Done():
-					return nil
+					return
 				case <-retry:
 				}
 			}

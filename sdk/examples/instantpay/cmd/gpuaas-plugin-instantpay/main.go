@@ -1,0 +1,34 @@
+// Command gpuaas-plugin-instantpay serves the instantpay example
+// payments driver as a gpuaas plugin. The gpuaas core starts it; run by
+// hand it explains that and exits.
+package main
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"os"
+	"os/signal"
+	"syscall"
+
+	"github.com/hashicorp/go-hclog"
+
+	"github.com/gpuaas/gpuaas/sdk"
+	"github.com/gpuaas/gpuaas/sdk/base"
+	"github.com/gpuaas/gpuaas/sdk/examples/instantpay"
+)
+
+func main() {
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM)
+	defer stop()
+	if err := run(ctx, os.Args, os.Getenv, os.Stdout, os.Stderr); err != nil {
+		fmt.Fprintln(os.Stderr, "gpuaas-plugin-instantpay:", err)
+		os.Exit(1)
+	}
+}
+
+func run(ctx context.Context, _ []string, getenv func(string) string, _, stderr io.Writer) error {
+	return sdk.Serve(ctx, func(logger hclog.Logger) (base.BasePlugin, error) {
+		return instantpay.New(logger), nil
+	}, sdk.WithGetenv(getenv), sdk.WithLogOutput(stderr))
+}

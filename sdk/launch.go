@@ -1,0 +1,107 @@
+package sdk
+
+import (
+	"crypto/sha256"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"os/exec"
+	"time"
+
+	"github.com/hashicorp/go-hclog"
+	plugin "github.com/hashicorp/go-plugin"
+
+	"github.com/gpuaas/gpuaas/sdk/base"
+	"github.com/gpuaas/gpuaas/sdk/payments"
+	"github.com/gpuaas/gpuaas/sdk/provisioner"
+	"github.com/gpuaas/gpuaas/sdk/storage"
+)
+
+// HostPluginSet is the plugin set a host dispenses from: every kind, with
+// no implementation. Dispense returns *provisioner.Client,
+// *payments.Client or *storage.Client.
+func HostPluginSet() plugin.PluginSet {
+	return plugin.PluginSet{
+		string(base.KindProvisioner): &provisioner.Plugin{},
+		string(base.KindPayments):    &payments.Plugin{},
+		string(base.KindStorage):     &storage.Plugin{},
+	}
+}
+
+// Launch describes how a host starts a driver binary.
+type Launch struct {
+	// Path of the binary.
+	Path string
+	Args []string
+	// Env is added to the host's environment for the plugin.
+	Env []string
+	// SHA256 is the checksum recorded when the binary was installed. It is
+	// required: go-plugin refuses a binary whose checksum differs.
+	SHA256 []byte
+	// Logger receives the plugin's log lines (default: hclog.Default()).
+	Logger hclog.Logger
+	// Stderr, if set, also receives the plugin's raw stderr.
+	Stderr io.Writer
+	// StartTimeout bounds the handshake (default one minute).
+	StartTimeout time.Duration
+}
+
+// ClientConfig returns the go-plugin client configuration for l: the gpuaas
+// handshake, gRPC only, AutoMTLS and the SecureConfig checksum.
+func ClientConfig(l Launch) (*plugin.ClientConfig, error) {
+	if l.Path == "" {
+		return nil, fmt.Errorf("plugin launch: empty path: %w", base.ErrInvalidArgument)
+	}
+	if len(l.SHA256) != sha256.Size {
+		return nil, fmt.Errorf("plugin launch %s: want a %d-byte SHA-256 checksum, have %d bytes: %w",
+			l.Path, sha256.Size, len(l.SHA256), base.ErrInvalidArgument)
+	}
+	cmd := exec.Command(l.Path, l.Args...)
+	cmd.Env = append([]string(nil), l.Env...)
+	return &plugin.ClientConfig{
+		HandshakeConfig:  base.Handshake(),
+		Plugins:          HostPluginSet(),
+		Cmd:              cmd,
+		SecureConfig:     &plugin.SecureConfig{Checksum: append([]byte(nil), l.SHA256...), Hash: sha256.New()},
+		AllowedProtocols: []plugin.Protocol{plugin.ProtocolGRPC},
+		AutoMTLS:         true,
+		Logger:           l.Logger,
+		Stderr:           l.Stderr,
+		StartTimeout:     l.StartTimeout,
+	}, nil
+}
+
+// Dispense connects to a started (or not yet started) plugin client and
+// returns the driver of the given kind: a *provisioner.Client,
+// *payments.Client or *storage.Client.
+func Dispense(c *plugin.Client, kind base.Kind) (base.BasePlugin, error) {
+	rpc, err := c.Client()
+	if err != nil {
+		return nil, fmt.Errorf("plugin %s: %w", kind, err)
+	}
+	raw, err := rpc.Dispense(string(kind))
+	if err != nil {
+		return nil, fmt.Errorf("plugin %s: dispense: %w", kind, err)
+	}
+	d, ok := raw.(base.BasePlugin)
+	if !ok {
+		return nil, fmt.Errorf("plugin %s: dispensed %T: %w", kind, raw, errors.ErrUnsupported)
+	}
+	return d, nil
+}
+
+// FileSHA256 returns the SHA-256 of the file at path, as recorded when a
+// plugin is installed.
+func FileSHA256(path string) ([]byte, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return nil, fmt.Errorf("checksum: %w", err)
+	}
+	defer func() { _ = f.Close() }()
+	h := sha256.New()
+	if _, err := io.Copy(h, f); err != nil {
+		return nil, fmt.Errorf("checksum %s: %w", path, err)
+	}
+	return h.Sum(nil), nil
+}

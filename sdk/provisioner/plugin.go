@@ -1,0 +1,49 @@
+package provisioner
+
+import (
+	"context"
+	"errors"
+
+	plugin "github.com/hashicorp/go-plugin"
+	"google.golang.org/grpc"
+
+	"github.com/gpuaas/gpuaas/sdk/base"
+	basepb "github.com/gpuaas/gpuaas/sdk/base/proto"
+	provisionerpb "github.com/gpuaas/gpuaas/sdk/provisioner/proto"
+)
+
+// Plugin is the go-plugin wrapper of a provisioner driver. In a plugin
+// binary Impl is the driver; on the host Impl is nil and Dispense returns a
+// *Client.
+type Plugin struct {
+	plugin.NetRPCUnsupportedPlugin
+
+	Impl Driver
+}
+
+var _ plugin.GRPCPlugin = (*Plugin)(nil)
+
+// OptionalCapabilities lists the optional capabilities d implements.
+func OptionalCapabilities(d Driver) []string {
+	var caps []string
+	if _, ok := d.(WebhookHandler); ok {
+		caps = append(caps, base.CapabilityWebhook)
+	}
+	return caps
+}
+
+// GRPCServer implements plugin.GRPCPlugin.
+func (p *Plugin) GRPCServer(_ *plugin.GRPCBroker, s *grpc.Server) error {
+	if p.Impl == nil {
+		return errors.New("provisioner plugin: no driver to serve")
+	}
+	basepb.RegisterBasePluginServer(s, base.NewServer(p.Impl, OptionalCapabilities(p.Impl)))
+	provisionerpb.RegisterProvisionerServer(s, NewServer(p.Impl))
+	return nil
+}
+
+// GRPCClient implements plugin.GRPCPlugin. doneCtx is done when the plugin
+// process exits.
+func (p *Plugin) GRPCClient(doneCtx context.Context, _ *plugin.GRPCBroker, c *grpc.ClientConn) (any, error) {
+	return NewClient(c, doneCtx), nil
+}

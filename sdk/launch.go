@@ -66,6 +66,7 @@ func ClientConfig(l Launch) (*plugin.ClientConfig, error) {
 		SecureConfig:     &plugin.SecureConfig{Checksum: append([]byte(nil), l.SHA256...), Hash: sha256.New()},
 		AllowedProtocols: []plugin.Protocol{plugin.ProtocolGRPC},
 		AutoMTLS:         true,
+		GRPCDialOptions:  dialTuning(),
 		Logger:           l.Logger,
 		Stderr:           l.Stderr,
 		StartTimeout:     l.StartTimeout,

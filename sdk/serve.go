@@ -129,7 +129,7 @@ func Serve(ctx context.Context, factory Factory, opts ...ServeOption) error {
 		HandshakeConfig: base.Handshake(),
 		Plugins:         plugins,
 		GRPCServer: func(opts []grpc.ServerOption) *grpc.Server {
-			srv := grpc.NewServer(opts...)
+			srv := grpc.NewServer(append(opts, serverTuning()...)...)
 			servers <- srv
 			return srv
 		},
@@ -205,4 +205,31 @@ func PluginSet(driver base.BasePlugin) (plugin.PluginSet, base.Kind, error) {
 		return set, kinds[0], nil
 	}
 	return nil, "", fmt.Errorf("%T implements several driver kinds %v; a plugin binary serves one", driver, kinds)
+}
+
+// Flow-control windows and socket buffers for a local plugin connection:
+// large enough that a storage stream is not throttled by the window or by
+// syscalls per 32 KiB. ClientConfig sets the same on the host side.
+const (
+	streamWindow = 4 << 20
+	connWindow   = 16 << 20
+	bufferSize   = 512 << 10
+)
+
+func serverTuning() []grpc.ServerOption {
+	return []grpc.ServerOption{
+		grpc.InitialWindowSize(streamWindow),
+		grpc.InitialConnWindowSize(connWindow),
+		grpc.ReadBufferSize(bufferSize),
+		grpc.WriteBufferSize(bufferSize),
+	}
+}
+
+func dialTuning() []grpc.DialOption {
+	return []grpc.DialOption{
+		grpc.WithInitialWindowSize(streamWindow),
+		grpc.WithInitialConnWindowSize(connWindow),
+		grpc.WithReadBufferSize(bufferSize),
+		grpc.WithWriteBufferSize(bufferSize),
+	}
 }

@@ -12,8 +12,8 @@ func SupportedAPIVersions() []string { return []string{APIVersion1} }
 // Chunking of the Put and Get streams.
 const (
 	// ChunkSize is the size of the chunks the SDK sends.
-	ChunkSize = 256 << 10
+	ChunkSize = 1 << 20
 	// MaxChunkSize is the largest chunk the SDK accepts; a peer that sends
 	// a larger one is broken and the stream fails.
-	MaxChunkSize = 1 << 20
+	MaxChunkSize = 2 << 20
 )

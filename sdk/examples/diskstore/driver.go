@@ -5,7 +5,8 @@
 //
 // Layout under the configured root:
 //
-//	objects/<sha256(key)>  a JSON header line, then the content
+//	objects/<sha256(key)>  the content, then its JSON description and the
+//	                       description's length (8 bytes, big endian)
 //	ops/<sha256(op id)>    the recorded result of a mutating call
 //	tmp/                   uploads in progress
 //
@@ -18,6 +19,7 @@ import (
 	"context"
 	"crypto/sha256"
 	"encoding/base64"
+	"encoding/binary"
 	"encoding/hex"
 	"encoding/json"
 	"errors"
@@ -265,7 +267,8 @@ func (d *Driver) Put(ctx context.Context, req *storage.PutRequest, body io.Reade
 	if err != nil {
 		return nil, err
 	}
-	rec, done, err := d.begin(ctx, root, req.OperationID, "put\x00"+req.Key+"\x00"+req.ContentType)
+	fp := "put\x00" + req.Key + "\x00" + req.ContentType
+	rec, done, err := d.begin(ctx, root, req.OperationID, fp)
 	if err != nil {
 		return nil, err
 	}
@@ -277,86 +280,104 @@ func (d *Driver) Put(ctx context.Context, req *storage.PutRequest, body io.Reade
 		return nil, fmt.Errorf("diskstore: put %q: %d bytes exceed the limit of %d: %w", req.Key, req.Size, maxBytes, base.ErrResourceExhausted)
 	}
 
-	// Spool the content first: the header line, which carries size and
-	// ETag, can only be written once the content has been read.
-	spool, err := os.CreateTemp(filepath.Join(root, "tmp"), "put-*")
-	if err != nil {
-		return nil, fmt.Errorf("diskstore: put %q: %w", req.Key, err)
-	}
-	defer func() { _ = spool.Close(); _ = os.Remove(spool.Name()) }()
 	sum := &countingHash{h: sha256.New()}
 	var src io.Reader = ctxReader{ctx: ctx, r: body}
 	if maxBytes > 0 {
 		src = io.LimitReader(src, maxBytes+1)
 	}
-	if _, err := io.Copy(io.MultiWriter(spool, sum), src); err != nil {
+	h := &header{Key: req.Key, ContentType: req.ContentType, Metadata: req.Metadata}
+	err = writeObject(root, h, io.TeeReader(src, sum), func() error {
+		if maxBytes > 0 && sum.n > maxBytes {
+			return fmt.Errorf("more than the limit of %d bytes: %w", maxBytes, base.ErrResourceExhausted)
+		}
+		h.Size = sum.n
+		h.ETag = hex.EncodeToString(sum.h.Sum(nil))
+		h.ModTime = d.now().UTC()
+		return nil
+	})
+	if err != nil {
 		return nil, fmt.Errorf("diskstore: put %q: %w", req.Key, err)
 	}
-	if maxBytes > 0 && sum.n > maxBytes {
-		return nil, fmt.Errorf("diskstore: put %q: more than the limit of %d bytes: %w", req.Key, maxBytes, base.ErrResourceExhausted)
-	}
-	if _, err := spool.Seek(0, io.SeekStart); err != nil {
-		return nil, fmt.Errorf("diskstore: put %q: %w", req.Key, err)
-	}
-	h := &header{
-		Key:         req.Key,
-		Size:        sum.n,
-		ContentType: req.ContentType,
-		ETag:        hex.EncodeToString(sum.h.Sum(nil)),
-		ModTime:     d.now().UTC(),
-		Metadata:    req.Metadata,
-	}
-	if err := d.writeObject(ctx, root, h, spool); err != nil {
-		return nil, fmt.Errorf("diskstore: put %q: %w", req.Key, err)
-	}
-	if err := writeOp(root, req.OperationID, &opRecord{Fingerprint: "put\x00" + req.Key + "\x00" + req.ContentType, Info: h.info()}); err != nil {
+	if err := writeOp(root, req.OperationID, &opRecord{Fingerprint: fp, Info: h.info()}); err != nil {
 		return nil, err
 	}
 	return h.info(), nil
 }
 
-func (d *Driver) writeObject(ctx context.Context, root string, h *header, content io.Reader) error {
-	line, err := json.Marshal(h)
-	if err != nil {
-		return err
-	}
+// writeObject writes content and then h, which finish completes once the
+// content has been written, into the object file of h.Key.
+func writeObject(root string, h *header, content io.Reader, finish func() error) error {
 	return writeAtomic(root, filepath.Join(root, "objects", digest(h.Key)), func(w io.Writer) error {
 		bw := bufio.NewWriterSize(w, 256<<10)
-		if _, err := bw.Write(append(line, '\n')); err != nil {
+		if _, err := io.Copy(bw, content); err != nil {
 			return err
 		}
-		if _, err := io.Copy(bw, ctxReader{ctx: ctx, r: content}); err != nil {
+		if err := finish(); err != nil {
+			return err
+		}
+		desc, err := json.Marshal(h)
+		if err != nil {
+			return err
+		}
+		var n [8]byte
+		binary.BigEndian.PutUint64(n[:], uint64(len(desc)))
+		if _, err := bw.Write(append(desc, n[:]...)); err != nil {
 			return err
 		}
 		return bw.Flush()
 	})
 }
 
-// open opens the object file and reads its header.
-func open(root, key string) (*header, *os.File, *bufio.Reader, error) {
+// open opens the object file of key and reads its description.
+func open(root, key string) (*header, *os.File, error) {
 	f, err := os.Open(filepath.Join(root, "objects", digest(key)))
 	if errors.Is(err, fs.ErrNotExist) {
-		return nil, nil, nil, fmt.Errorf("diskstore: object %q: %w", key, base.ErrNotFound)
+		return nil, nil, fmt.Errorf("diskstore: object %q: %w", key, base.ErrNotFound)
 	}
 	if err != nil {
-		return nil, nil, nil, fmt.Errorf("diskstore: object %q: %w", key, err)
+		return nil, nil, fmt.Errorf("diskstore: object %q: %w", key, err)
 	}
-	br := bufio.NewReaderSize(f, 256<<10)
-	line, err := br.ReadBytes('\n')
+	h, err := readHeader(f)
 	if err != nil {
 		_ = f.Close()
-		return nil, nil, nil, fmt.Errorf("diskstore: object %q: header: %v: %w", key, err, base.ErrInternal)
+		return nil, nil, fmt.Errorf("diskstore: object %q: %w", key, err)
+	}
+	return h, f, nil
+}
+
+// readHeader reads the description at the end of an object file.
+func readHeader(f *os.File) (*header, error) {
+	st, err := f.Stat()
+	if err != nil {
+		return nil, err
+	}
+	var n [8]byte
+	if st.Size() < 8 {
+		return nil, fmt.Errorf("%d bytes, too short: %w", st.Size(), base.ErrInternal)
+	}
+	if _, err := f.ReadAt(n[:], st.Size()-8); err != nil {
+		return nil, err
+	}
+	descLen := int64(binary.BigEndian.Uint64(n[:]))
+	if descLen > st.Size()-8 {
+		return nil, fmt.Errorf("description of %d bytes in a file of %d: %w", descLen, st.Size(), base.ErrInternal)
+	}
+	desc := make([]byte, descLen)
+	if _, err := f.ReadAt(desc, st.Size()-8-descLen); err != nil {
+		return nil, err
 	}
 	var h header
-	if err := json.Unmarshal(line, &h); err != nil {
-		_ = f.Close()
-		return nil, nil, nil, fmt.Errorf("diskstore: object %q: header: %v: %w", key, err, base.ErrInternal)
+	if err := json.Unmarshal(desc, &h); err != nil {
+		return nil, fmt.Errorf("description: %v: %w", err, base.ErrInternal)
 	}
-	return &h, f, br, nil
+	if h.Size != st.Size()-8-descLen {
+		return nil, fmt.Errorf("description says %d bytes, file holds %d: %w", h.Size, st.Size()-8-descLen, base.ErrInternal)
+	}
+	return &h, nil
 }
 
 type objectBody struct {
-	*bufio.Reader
+	io.Reader
 	f *os.File
 }
 
@@ -368,11 +389,12 @@ func (d *Driver) Get(_ context.Context, key string) (*storage.Object, error) {
 	if err != nil {
 		return nil, err
 	}
-	h, f, br, err := open(root, key)
+	h, f, err := open(root, key)
 	if err != nil {
 		return nil, err
 	}
-	return &storage.Object{Info: *h.info(), Body: objectBody{Reader: br, f: f}}, nil
+	body := bufio.NewReaderSize(io.NewSectionReader(f, 0, h.Size), 256<<10)
+	return &storage.Object{Info: *h.info(), Body: objectBody{Reader: body, f: f}}, nil
 }
 
 // Stat implements storage.Driver.
@@ -381,7 +403,7 @@ func (d *Driver) Stat(_ context.Context, key string) (*storage.ObjectInfo, error
 	if err != nil {
 		return nil, err
 	}
-	h, f, _, err := open(root, key)
+	h, f, err := open(root, key)
 	if err != nil {
 		return nil, err
 	}
@@ -425,15 +447,18 @@ func (d *Driver) Copy(ctx context.Context, req *storage.CopyRequest) (*storage.O
 	if rec != nil {
 		return rec.Info, nil
 	}
-	src, f, br, err := open(root, req.SourceKey)
+	src, f, err := open(root, req.SourceKey)
 	if err != nil {
 		return nil, err
 	}
 	defer func() { _ = f.Close() }()
 	h := *src
 	h.Key = req.DestKey
-	h.ModTime = d.now().UTC()
-	if err := d.writeObject(ctx, root, &h, br); err != nil {
+	content := ctxReader{ctx: ctx, r: io.NewSectionReader(f, 0, src.Size)}
+	if err := writeObject(root, &h, content, func() error {
+		h.ModTime = d.now().UTC()
+		return nil
+	}); err != nil {
 		return nil, fmt.Errorf("diskstore: copy %q to %q: %w", req.SourceKey, req.DestKey, err)
 	}
 	if err := writeOp(root, req.OperationID, &opRecord{Fingerprint: fp, Info: h.info()}); err != nil {
@@ -470,12 +495,12 @@ func (d *Driver) List(ctx context.Context, req *storage.ListRequest) (*storage.L
 		if err := ctx.Err(); err != nil {
 			return nil, fmt.Errorf("diskstore: list: %w", err)
 		}
-		h, err := readHeader(filepath.Join(root, "objects", e.Name()))
+		h, err := readHeaderFile(filepath.Join(root, "objects", e.Name()))
 		if errors.Is(err, fs.ErrNotExist) {
 			continue // deleted meanwhile
 		}
 		if err != nil {
-			return nil, err
+			return nil, fmt.Errorf("diskstore: list: %s: %w", e.Name(), err)
 		}
 		if strings.HasPrefix(h.Key, req.Prefix) && h.Key > after {
 			found = append(found, *h.info())
@@ -490,19 +515,11 @@ func (d *Driver) List(ctx context.Context, req *storage.ListRequest) (*storage.L
 	return page, nil
 }
 
-func readHeader(path string) (*header, error) {
+func readHeaderFile(path string) (*header, error) {
 	f, err := os.Open(path)
 	if err != nil {
 		return nil, err
 	}
 	defer func() { _ = f.Close() }()
-	line, err := bufio.NewReader(f).ReadBytes('\n')
-	if err != nil {
-		return nil, fmt.Errorf("diskstore: %s: header: %v: %w", path, err, base.ErrInternal)
-	}
-	var h header
-	if err := json.Unmarshal(line, &h); err != nil {
-		return nil, fmt.Errorf("diskstore: %s: header: %v: %w", path, err, base.ErrInternal)
-	}
-	return &h, nil
+	return readHeader(f)
 }

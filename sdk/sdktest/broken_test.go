@@ -1,0 +1,177 @@
+package sdktest_test
+
+import (
+	"bytes"
+	"context"
+	"fmt"
+	"io"
+	"os"
+	"os/exec"
+	"strings"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/hashicorp/go-hclog"
+
+	"github.com/gpuaas/gpuaas/sdk/base"
+	"github.com/gpuaas/gpuaas/sdk/examples/diskstore"
+	"github.com/gpuaas/gpuaas/sdk/examples/instantpay"
+	"github.com/gpuaas/gpuaas/sdk/examples/instantprov"
+	"github.com/gpuaas/gpuaas/sdk/payments"
+	"github.com/gpuaas/gpuaas/sdk/provisioner"
+	"github.com/gpuaas/gpuaas/sdk/sdktest"
+	"github.com/gpuaas/gpuaas/sdk/storage"
+)
+
+// The kit must fail drivers that break the contract. Each case runs the
+// suite against a broken driver in a child test process and expects it to
+// fail with a specific complaint.
+
+const brokenEnv = "SDKTEST_BROKEN_DRIVER"
+
+func TestKitRejectsBrokenDrivers(t *testing.T) {
+	t.Parallel()
+	for _, c := range []struct {
+		name string
+		want string
+	}{
+		{"storage-put-not-idempotent", "a retry must not write again"},
+		{"storage-keeps-short-body", "Put of 50 bytes declared as 100"},
+		{"storage-claims-presign", "PresignGet: storage: presign get"},
+		{"provisioner-enroll-not-idempotent", "minted another secret"},
+		{"payments-webhook-unverified", "one body byte changed"},
+		{"payments-refund-not-idempotent", "Refund retried with the same operation id made refund"},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			t.Parallel()
+			cmd := exec.Command(os.Args[0], "-test.run=^TestBrokenDriverHelper$", "-test.v", "-test.count=1")
+			cmd.Env = append(os.Environ(), brokenEnv+"="+c.name)
+			out, err := cmd.CombinedOutput()
+			if err == nil {
+				t.Fatalf("the kit passed a driver that is %s:\n%s", c.name, out)
+			}
+			if !strings.Contains(string(out), c.want) {
+				t.Fatalf("the kit failed %s, but not with %q:\n%s", c.name, c.want, out)
+			}
+		})
+	}
+}
+
+// TestBrokenDriverHelper runs one suite against a broken driver when
+// TestKitRejectsBrokenDrivers starts it as a child process; run directly it
+// has nothing to do.
+func TestBrokenDriverHelper(t *testing.T) {
+	variant := os.Getenv(brokenEnv)
+	switch variant {
+	case "":
+		return
+	case "storage-put-not-idempotent", "storage-keeps-short-body", "storage-claims-presign":
+		sdktest.StorageSuite{Config: func(t testing.TB) map[string]any {
+			return map[string]any{"root": t.TempDir()}
+		}}.Run(t, sdktest.InProcess(func(testing.TB) base.BasePlugin {
+			d := diskstore.New(hclog.NewNullLogger())
+			switch variant {
+			case "storage-put-not-idempotent":
+				return &freshOpStorage{Driver: d}
+			case "storage-keeps-short-body":
+				return &shortBodyStorage{Driver: d}
+			}
+			return &falsePresigner{Driver: d}
+		}))
+	case "provisioner-enroll-not-idempotent":
+		instantprovSuite().Run(t, sdktest.InProcess(func(testing.TB) base.BasePlugin {
+			return &freshOpProvisioner{Driver: instantprov.New(hclog.NewNullLogger())}
+		}))
+	case "payments-webhook-unverified":
+		instantpaySuite().Run(t, sdktest.InProcess(func(testing.TB) base.BasePlugin {
+			return &resigningPayments{Driver: instantpay.New(hclog.NewNullLogger())}
+		}))
+	case "payments-refund-not-idempotent":
+		instantpaySuite().Run(t, sdktest.InProcess(func(testing.TB) base.BasePlugin {
+			return &freshOpRefunds{Driver: instantpay.New(hclog.NewNullLogger())}
+		}))
+	default:
+		t.Fatalf("unknown broken driver %q", variant)
+	}
+}
+
+var opCounter atomic.Int64
+
+func freshOp(id string) string { return fmt.Sprintf("%s-fresh-%d", id, opCounter.Add(1)) }
+
+// freshOpStorage forgets operation ids: every retried Put writes again.
+type freshOpStorage struct{ *diskstore.Driver }
+
+var _ storage.Driver = (*freshOpStorage)(nil)
+
+func (f *freshOpStorage) Put(ctx context.Context, req *storage.PutRequest, body io.Reader) (*storage.ObjectInfo, error) {
+	r := *req
+	r.OperationID = freshOp(r.OperationID)
+	time.Sleep(time.Millisecond) // a visible change of ModTime
+	return f.Driver.Put(ctx, &r, body)
+}
+
+// shortBodyStorage stores whatever arrived, even when the body failed.
+type shortBodyStorage struct{ *diskstore.Driver }
+
+var _ storage.Driver = (*shortBodyStorage)(nil)
+
+func (s *shortBodyStorage) Put(ctx context.Context, req *storage.PutRequest, body io.Reader) (*storage.ObjectInfo, error) {
+	data, _ := io.ReadAll(body)
+	r := *req
+	r.Size = int64(len(data))
+	return s.Driver.Put(ctx, &r, bytes.NewReader(data))
+}
+
+// falsePresigner claims the presign capability and does not deliver.
+type falsePresigner struct{ *diskstore.Driver }
+
+var (
+	_ storage.Driver    = (*falsePresigner)(nil)
+	_ storage.Presigner = (*falsePresigner)(nil)
+)
+
+func (*falsePresigner) PresignGet(context.Context, *storage.PresignRequest) (*storage.PresignedURL, error) {
+	return nil, fmt.Errorf("not really: %w", base.ErrUnimplemented)
+}
+
+func (*falsePresigner) PresignPut(context.Context, *storage.PresignRequest) (*storage.PresignedURL, error) {
+	return nil, fmt.Errorf("not really: %w", base.ErrUnimplemented)
+}
+
+// freshOpProvisioner forgets enrollment operation ids.
+type freshOpProvisioner struct{ *instantprov.Driver }
+
+var _ provisioner.Driver = (*freshOpProvisioner)(nil)
+
+func (f *freshOpProvisioner) Enroll(ctx context.Context, req *provisioner.EnrollRequest) (*provisioner.Enrollment, error) {
+	r := *req
+	r.OperationID = freshOp(r.OperationID)
+	return f.Driver.Enroll(ctx, &r)
+}
+
+// resigningPayments accepts any body: it signs what it received itself.
+type resigningPayments struct{ *instantpay.Driver }
+
+var _ payments.Driver = (*resigningPayments)(nil)
+
+func (r *resigningPayments) HandleWebhook(ctx context.Context, hook *payments.Webhook) ([]payments.Event, error) {
+	h := hook.Header.Clone()
+	h.Set(instantpay.SignatureHeader, instantpay.Sign([]byte(webhookSecret), time.Now(), hook.Body))
+	return r.Driver.HandleWebhook(ctx, &payments.Webhook{Body: hook.Body, Header: h})
+}
+
+// freshOpRefunds forgets refund operation ids.
+type freshOpRefunds struct{ *instantpay.Driver }
+
+var (
+	_ payments.Driver   = (*freshOpRefunds)(nil)
+	_ payments.Refunder = (*freshOpRefunds)(nil)
+)
+
+func (f *freshOpRefunds) Refund(ctx context.Context, req *payments.RefundRequest) (*payments.Refund, error) {
+	r := *req
+	r.OperationID = freshOp(r.OperationID)
+	return f.Driver.Refund(ctx, &r)
+}

@@ -18,16 +18,20 @@ var ErrClosed = errors.New("childproc: launcher closed")
 // Launcher starts child processes so that the kernel kills them when the stack dies.
 //
 // Every child gets Pdeathsig=SIGKILL. The kernel sends it when the *thread* that forked the
-// child exits, not when the process does, and the Go runtime may end the thread a goroutine
-// happened to run on. So every fork happens on one goroutine that stays locked to its OS
-// thread for the Launcher's whole life: the thread lives exactly as long as the Launcher (or
-// the process). Close returns from that goroutine without unlocking, which makes the runtime
-// terminate the thread, so any child still alive then is killed too: a last safety net behind
-// the orderly Process.Stop.
+// child exits, not when the process does, and the Go runtime may end a thread that a
+// goroutine happened to run on (a goroutine that exits while locked to its thread takes
+// the thread with it), which would kill a healthy child. So every fork happens on one
+// goroutine that stays locked to its OS thread for the Launcher's whole life: that thread
+// lives as long as the Launcher, or the process, and when the devstack is SIGKILLed the
+// children die with it. Close kills whatever is still running itself, since the runtime
+// never ends the main thread and the launcher may have been scheduled there.
 type Launcher struct {
 	reqs      chan launchReq
 	done      chan struct{}
 	closeOnce sync.Once
+
+	mu   sync.Mutex
+	live map[*Process]struct{}
 }
 
 type launchReq struct {
@@ -37,14 +41,15 @@ type launchReq struct {
 
 // NewLauncher starts the launcher's thread.
 func NewLauncher() *Launcher {
-	l := &Launcher{reqs: make(chan launchReq), done: make(chan struct{})}
+	l := &Launcher{reqs: make(chan launchReq), done: make(chan struct{}), live: map[*Process]struct{}{}}
 	go l.loop()
 	return l
 }
 
 func (l *Launcher) loop() {
 	runtime.LockOSThread()
-	// Deliberately never unlocked: see Launcher.
+	// Deliberately never unlocked: see Launcher. Returning while locked ends the thread
+	// (unless it is the main thread, which the runtime keeps).
 	for {
 		select {
 		case r := <-l.reqs:
@@ -55,9 +60,19 @@ func (l *Launcher) loop() {
 	}
 }
 
-// Close ends the launcher's thread. Children still running receive SIGKILL.
+// Close ends the launcher's thread and SIGKILLs the process group of every child that is
+// still running; it returns once they have exited.
 func (l *Launcher) Close() {
 	l.closeOnce.Do(func() { close(l.done) })
+	l.mu.Lock()
+	live := make([]*Process, 0, len(l.live))
+	for p := range l.live {
+		live = append(live, p)
+	}
+	l.mu.Unlock()
+	for _, p := range live {
+		p.Stop(syscall.SIGKILL, 0)
+	}
 }
 
 // Option changes how Start sets up a child.
@@ -91,8 +106,14 @@ func (l *Launcher) Start(cmd *exec.Cmd, opts ...Option) (*Process, error) {
 		return nil, err
 	}
 	p := &Process{cmd: cmd, ownGroup: cmd.SysProcAttr.Setpgid, done: make(chan struct{})}
+	l.mu.Lock()
+	l.live[p] = struct{}{}
+	l.mu.Unlock()
 	go func() {
 		p.err = cmd.Wait()
+		l.mu.Lock()
+		delete(l.live, p)
+		l.mu.Unlock()
 		close(p.done)
 	}()
 	return p, nil

@@ -267,3 +267,52 @@ func (s *syncBuffer) String() string {
 }
 
 var _ io.Writer = (*syncBuffer)(nil)
+
+func TestStopsWhenParentDies(t *testing.T) {
+	t.Parallel()
+	dir := t.TempDir()
+	envFile := filepath.Join(dir, "stack.env")
+	// A shell stands in for make: it starts the dev stack and is then killed.
+	parent := exec.Command("sh", "-c", `"$0" up --quiet --dir "$1" --components postgres,nats & echo $!; wait`, bin, filepath.Join(dir, "stack"))
+	out := &syncBuffer{}
+	parent.Stdout, parent.Stderr = out, out
+	if err := parent.Start(); err != nil {
+		t.Fatal(err)
+	}
+	parentDone := make(chan struct{})
+	go func() { _ = parent.Wait(); close(parentDone) }()
+	t.Cleanup(func() { _ = parent.Process.Kill(); <-parentDone })
+	deadline := time.Now().Add(3 * time.Minute)
+	for {
+		if _, err := os.Stat(envFile); err == nil {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("stack not ready\n%s", out.String())
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	pid, err := strconv.Atoi(strings.Fields(out.String())[0])
+	if err != nil {
+		t.Fatalf("pid of up: %v\n%s", err, out.String())
+	}
+	comm, _, _, start, _ := readStat(pid)
+	up := []proc{{pid: pid, comm: comm, start: start}}
+	kids := descendants(pid)
+	if err := parent.Process.Kill(); err != nil {
+		t.Fatal(err)
+	}
+	// up gets SIGTERM from the kernel and stops cleanly: the env file goes away, so do its children.
+	deadline = time.Now().Add(time.Minute)
+	for {
+		_, err := os.Stat(envFile)
+		upAlive := len(stillAlive(up)) > 0
+		if errors.Is(err, os.ErrNotExist) && !upAlive && len(stillAlive(kids)) == 0 {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("after its parent died: env file err %v, up alive %v, children alive %v", err, upAlive, stillAlive(kids))
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}

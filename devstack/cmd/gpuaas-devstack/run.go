@@ -58,7 +58,7 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 		return up(ctx, opts, getenv, stdout, stderr)
 	case "exec":
 		if fs.NArg() == 0 {
-			return errors.New("exec needs a command: gpuaas-devstack exec [flags] -- CMD ARGS...")
+			return errors.New("exec needs a command (gpuaas-devstack exec [flags] -- CMD ARGS)")
 		}
 		return execute(ctx, opts, fs.Args(), getenv, stdout, stderr)
 	default:

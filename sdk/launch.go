@@ -34,7 +34,9 @@ type Launch struct {
 	// Path of the binary.
 	Path string
 	Args []string
-	// Env is added to the host's environment for the plugin.
+	// Env is the plugin's environment ("KEY=value"), on top of the few
+	// host variables in PassedEnv. Nothing else of the host's environment
+	// (DATABASE_URL, VAULT_TOKEN, ...) reaches a driver.
 	Env []string
 	// SHA256 is the checksum recorded when the binary was installed. It is
 	// required: go-plugin refuses a binary whose checksum differs.
@@ -58,7 +60,12 @@ func ClientConfig(l Launch) (*plugin.ClientConfig, error) {
 			l.Path, sha256.Size, len(l.SHA256), base.ErrInvalidArgument)
 	}
 	cmd := exec.Command(l.Path, l.Args...)
-	cmd.Env = append([]string(nil), l.Env...)
+	for _, k := range PassedEnv() {
+		if v, ok := os.LookupEnv(k); ok {
+			cmd.Env = append(cmd.Env, k+"="+v)
+		}
+	}
+	cmd.Env = append(cmd.Env, l.Env...)
 	return &plugin.ClientConfig{
 		HandshakeConfig:  base.Handshake(),
 		Plugins:          HostPluginSet(),
@@ -67,10 +74,22 @@ func ClientConfig(l Launch) (*plugin.ClientConfig, error) {
 		AllowedProtocols: []plugin.Protocol{plugin.ProtocolGRPC},
 		AutoMTLS:         true,
 		GRPCDialOptions:  dialTuning(),
+		SkipHostEnv:      true,
 		Logger:           l.Logger,
 		Stderr:           l.Stderr,
 		StartTimeout:     l.StartTimeout,
 	}, nil
+}
+
+// PassedEnv lists the host environment variables a plugin inherits: what
+// a program needs to find tools, temporary space, time zones, CA
+// certificates and proxies.
+func PassedEnv() []string {
+	return []string{
+		"PATH", "HOME", "TMPDIR", "TZ", "LANG", "LC_ALL",
+		"SSL_CERT_FILE", "SSL_CERT_DIR",
+		"HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "http_proxy", "https_proxy", "no_proxy",
+	}
 }
 
 // Dispense connects to a started (or not yet started) plugin client and

@@ -69,7 +69,7 @@ func WithStopGrace(d time.Duration) ServeOption { return func(o *serveOptions) {
 // host asks for it. It returns when the host stops the plugin, when ctx is
 // done (graceful stop), or when the parent process is gone. A driver main:
 //
-//	func run(ctx context.Context, getenv func(string) string, stderr io.Writer) error {
+//	func run(ctx context.Context, _ []string, getenv func(string) string, _, stderr io.Writer) error {
 //		return sdk.Serve(ctx, func(l hclog.Logger) (base.BasePlugin, error) {
 //			return mydriver.New(l), nil
 //		}, sdk.WithGetenv(getenv), sdk.WithLogOutput(stderr))

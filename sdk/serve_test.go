@@ -23,6 +23,7 @@ import (
 	"github.com/gpuaas/gpuaas/sdk/examples/instantprov"
 	"github.com/gpuaas/gpuaas/sdk/provisioner"
 	"github.com/gpuaas/gpuaas/sdk/sdktest"
+	"github.com/gpuaas/gpuaas/sdk/storage"
 )
 
 const instantprovPkg = "./examples/instantprov/cmd/gpuaas-plugin-instantprov"
@@ -113,6 +114,8 @@ func TestPluginSet(t *testing.T) {
 
 type baseOnly struct{ base.BasePlugin }
 
+var _ base.BasePlugin = baseOnly{}
+
 // twoKinds is a (wrong) driver that is both a provisioner and a store.
 type twoKinds struct {
 	*provDriver
@@ -122,6 +125,11 @@ type twoKinds struct {
 type (
 	provDriver  = instantprov.Driver
 	storeDriver = diskstore.Driver
+)
+
+var (
+	_ provisioner.Driver = twoKinds{}
+	_ storage.Driver     = twoKinds{}
 )
 
 func (k twoKinds) Info(ctx context.Context) (*base.Info, error) { return k.provDriver.Info(ctx) }
@@ -152,6 +160,31 @@ func TestLaunchChecksBinary(t *testing.T) {
 	info, err := d.Info(context.Background())
 	if err != nil || info.Name != "instantprov" {
 		t.Fatalf("Info = %+v, %v", info, err)
+	}
+}
+
+func TestLaunchEnvironment(t *testing.T) {
+	t.Setenv("DATABASE_URL", "postgres://core:secret@db/gpuaas")
+	t.Setenv("TZ", "Europe/Berlin")
+	sum := sha256.Sum256(nil)
+	cfg, err := sdk.ClientConfig(sdk.Launch{Path: "/bin/true", SHA256: sum[:], Env: []string{"GOMAXPROCS=1", "TZ=UTC"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !cfg.SkipHostEnv {
+		t.Error("go-plugin would add the host's whole environment")
+	}
+	env := strings.Join(cfg.Cmd.Env, "\n")
+	for _, want := range []string{"TZ=Europe/Berlin\n", "GOMAXPROCS=1", "TZ=UTC"} {
+		if !strings.Contains(env, want) {
+			t.Errorf("plugin environment lacks %q:\n%s", want, env)
+		}
+	}
+	if strings.Contains(env, "DATABASE_URL") {
+		t.Errorf("the core's DATABASE_URL reaches the plugin:\n%s", env)
+	}
+	if !strings.HasSuffix(env, "TZ=UTC") {
+		t.Errorf("Launch.Env does not come last (last value wins):\n%s", env)
 	}
 }
 

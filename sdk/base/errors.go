@@ -216,6 +216,8 @@ func settle(ctx context.Context) error {
 
 // remoteError is an error that crossed the plugin boundary: its message is
 // the driver's, and it matches the sentinels its status code maps to.
+var _ error = (*remoteError)(nil)
+
 type remoteError struct {
 	msg  string
 	errs []error

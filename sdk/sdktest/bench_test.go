@@ -208,8 +208,6 @@ func fileCopy(b *testing.B, from, to string) {
 	}
 }
 
-var putSeq int
-
 func put(b *testing.B, d storage.Driver, src, key string) {
 	b.Helper()
 	f, err := os.Open(src)
@@ -217,8 +215,7 @@ func put(b *testing.B, d storage.Driver, src, key string) {
 		b.Fatal(err)
 	}
 	defer func() { _ = f.Close() }()
-	putSeq++
-	if _, err := d.Put(context.Background(), &storage.PutRequest{OperationID: fmt.Sprintf("bench-put-%d-%d", time.Now().UnixNano(), putSeq),
+	if _, err := d.Put(context.Background(), &storage.PutRequest{OperationID: "bench-put-" + rand.Text(),
 		Key: key, Size: streamSize}, f); err != nil {
 		b.Fatal(err)
 	}

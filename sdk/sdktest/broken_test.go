@@ -3,12 +3,12 @@ package sdktest_test
 import (
 	"bytes"
 	"context"
+	"crypto/rand"
 	"fmt"
 	"io"
 	"os"
 	"os/exec"
 	"strings"
-	"sync/atomic"
 	"testing"
 	"time"
 
@@ -96,9 +96,8 @@ func TestBrokenDriverHelper(t *testing.T) {
 	}
 }
 
-var opCounter atomic.Int64
-
-func freshOp(id string) string { return fmt.Sprintf("%s-fresh-%d", id, opCounter.Add(1)) }
+// freshOp turns a retry into a new operation.
+func freshOp(id string) string { return id + "-fresh-" + rand.Text() }
 
 // freshOpStorage forgets operation ids: every retried Put writes again.
 type freshOpStorage struct{ *diskstore.Driver }

@@ -36,6 +36,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -198,6 +199,8 @@ func connectBinary(t testing.TB, target Target, kind base.Kind) base.BasePlugin 
 	}
 	return d
 }
+
+var _ io.Writer = (*testLog)(nil)
 
 // testLog sends a plugin's re-emitted log lines to the test log until the
 // test is over.

@@ -144,6 +144,8 @@ func (c *Client) Get(ctx context.Context, key string) (*Object, error) {
 	return &Object{Info: *info, Body: &getBody{ctx: ctx, key: key, client: c, stream: stream, cancel: cancel, size: info.Size}}, nil
 }
 
+var _ io.ReadCloser = (*getBody)(nil)
+
 // getBody reads the chunks of a Get stream.
 type getBody struct {
 	ctx      context.Context

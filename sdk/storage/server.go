@@ -84,6 +84,8 @@ func recvErr(ctx context.Context, err error) error {
 	return err
 }
 
+var _ io.Reader = (*putBody)(nil)
+
 // putBody is the io.Reader a driver's Put reads: the chunks of the stream.
 type putBody struct {
 	ctx      context.Context

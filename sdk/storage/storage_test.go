@@ -130,6 +130,8 @@ type rogue struct {
 	storagepb.UnimplementedStorageServer
 }
 
+var _ storagepb.StorageServer = rogue{}
+
 func (rogue) Get(_ *storagepb.GetRequest, s storagepb.Storage_GetServer) error {
 	const n = storage.MaxChunkSize + 1
 	if err := s.Send(&storagepb.GetMessage{Msg: &storagepb.GetMessage_Info{Info: &storagepb.ObjectInfo{Key: "k", Size: n}}}); err != nil {

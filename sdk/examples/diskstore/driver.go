@@ -237,6 +237,12 @@ func writeAtomic(root, path string, fill func(io.Writer) error) error {
 	return nil
 }
 
+var (
+	_ io.Reader     = ctxReader{}
+	_ io.Writer     = (*countingHash)(nil)
+	_ io.ReadCloser = objectBody{}
+)
+
 // ctxReader fails with the context's error once ctx is done.
 type ctxReader struct {
 	ctx context.Context

@@ -155,8 +155,10 @@ func connectInProcess(t testing.TB, driver base.BasePlugin, kind base.Kind) base
 	}
 	client, server := plugin.TestPluginGRPCConn(t, false, set)
 	t.Cleanup(func() {
-		_ = client.Close()
+		// Stop the server first: Close asks the server to stop itself, and
+		// go-plugin's GRPCServer.Stop must not run twice at once.
 		server.Stop()
+		_ = client.Close()
 	})
 	raw, err := client.Dispense(string(kind))
 	if err != nil {

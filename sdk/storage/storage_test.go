@@ -60,7 +60,7 @@ func (l *lyingStore) PresignPut(_ context.Context, req *storage.PresignRequest) 
 func connect(t *testing.T, d storage.Driver) *storage.Client {
 	t.Helper()
 	client, server := plugin.TestPluginGRPCConn(t, false, plugin.PluginSet{"storage": &storage.Plugin{Impl: d}})
-	t.Cleanup(func() { _ = client.Close(); server.Stop() })
+	t.Cleanup(func() { server.Stop(); _ = client.Close() }) // this order: Close stops the server too
 	raw, err := client.Dispense("storage")
 	if err != nil {
 		t.Fatal(err)

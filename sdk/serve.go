@@ -115,9 +115,10 @@ func Serve(ctx context.Context, factory Factory, opts ...ServeOption) error {
 	servers := make(chan *grpc.Server, 1)
 	serveDone := make(chan struct{})
 	stopped := make(chan struct{})
+	parent := os.Getppid() // before the handshake: the host is alive now
 	go func() {
 		defer close(stopped)
-		watchParent(ctx, o.parentWatch, logger, cancel)
+		watchParent(ctx, parent, o.parentWatch, logger, cancel)
 		select {
 		case srv := <-servers:
 			gracefulStop(srv, o.stopGrace)
@@ -142,13 +143,12 @@ func Serve(ctx context.Context, factory Factory, opts ...ServeOption) error {
 }
 
 // watchParent returns when ctx is done, or calls stop and returns when the
-// parent process has gone (the process was re-parented).
-func watchParent(ctx context.Context, every time.Duration, logger hclog.Logger, stop func()) {
+// parent process has gone (the process was re-parented away from parent).
+func watchParent(ctx context.Context, parent int, every time.Duration, logger hclog.Logger, stop func()) {
 	if every <= 0 {
 		<-ctx.Done()
 		return
 	}
-	parent := os.Getppid()
 	ticker := time.NewTicker(every)
 	defer ticker.Stop()
 	for {

@@ -238,9 +238,10 @@ func TestPluginStopsOnSIGTERM(t *testing.T) {
 func TestPluginStopsWhenParentDies(t *testing.T) {
 	t.Parallel()
 	bin := sdktest.BuildBinary(t, instantprovPkg)
-	// The shell starts the plugin, prints its pid and dies a second later,
-	// as a core killed with SIGKILL would.
-	cmd := exec.Command("sh", "-c", `"$0" >/dev/null 2>&1 & echo $!; sleep 1`, bin)
+	// The shell starts the plugin, prints its pid, waits for the handshake
+	// line and dies, as a core killed with SIGKILL would.
+	handshake := t.TempDir() + "/handshake"
+	cmd := exec.Command("sh", "-c", `"$0" >"$1" 2>/dev/null & echo $!; while [ ! -s "$1" ]; do sleep 0.05; done`, bin, handshake)
 	cmd.Env = append(os.Environ(), base.MagicCookieKey+"="+base.MagicCookieValue)
 	out, err := cmd.Output()
 	if err != nil {

@@ -30,6 +30,18 @@ type Config struct {
 	ShutdownTimeout   time.Duration
 	DBMaxConns        int
 	Migrate           bool
+	LocalAccounts     bool
+	OIDC              OIDC
+}
+
+// OIDC configures the identity provider. Issuer empty means none: only API keys
+// and local accounts authenticate.
+type OIDC struct {
+	Issuer       string
+	Audience     string
+	ClientID     string
+	ClientSecret string
+	RedirectURL  string
 }
 
 // Setting describes one setting for the configuration reference.
@@ -54,6 +66,12 @@ func Settings() []Setting {
 		{"GPUAAS_SHUTDOWN_TIMEOUT", "shutdown-timeout", "10s", "How long SIGTERM waits for in-flight requests.", false},
 		{"GPUAAS_DB_MAX_CONNS", "db-max-conns", "20", "Postgres pool size.", false},
 		{"GPUAAS_MIGRATE", "migrate", "true", "Apply database migrations at start.", false},
+		{"GPUAAS_LOCAL_ACCOUNTS", "local-accounts", "false", "Allow password sign-in of local accounts (the embedded default).", false},
+		{"GPUAAS_OIDC_ISSUER", "oidc-issuer", "", "OIDC issuer URL of the identity provider (Keycloak, Dex, Okta...); empty disables OIDC.", false},
+		{"GPUAAS_OIDC_AUDIENCE", "oidc-audience", "", "Audience bearer tokens must carry (default: the client id).", false},
+		{"GPUAAS_OIDC_CLIENT_ID", "oidc-client-id", "", "OIDC client id for the browser sign-in.", false},
+		{"GPUAAS_OIDC_CLIENT_SECRET", "oidc-client-secret", "", "OIDC client secret (confidential clients only).", false},
+		{"GPUAAS_OIDC_REDIRECT_URL", "oidc-redirect-url", "", "Where the identity provider sends the browser back (the web app's callback).", false},
 	}
 }
 
@@ -118,6 +136,36 @@ func Load(args []string, getenv func(string) string, stderr io.Writer) (Config, 
 	})
 	check("GPUAAS_DB_MAX_CONNS", func(v string) (err error) { c.DBMaxConns, err = intIn(v, 2, 1000); return })
 	check("GPUAAS_MIGRATE", func(v string) (err error) { c.Migrate, err = strconv.ParseBool(v); return })
+	check("GPUAAS_LOCAL_ACCOUNTS", func(v string) (err error) { c.LocalAccounts, err = strconv.ParseBool(v); return })
+	check("GPUAAS_OIDC_ISSUER", func(v string) error {
+		c.OIDC.Issuer = v
+		if v == "" {
+			return nil
+		}
+		return validURL(v, "https", "http")
+	})
+	check("GPUAAS_OIDC_CLIENT_ID", func(v string) error {
+		c.OIDC.ClientID = v
+		if c.OIDC.Issuer != "" && v == "" {
+			return errors.New("missing (required when GPUAAS_OIDC_ISSUER is set)")
+		}
+		return nil
+	})
+	check("GPUAAS_OIDC_AUDIENCE", func(v string) error {
+		c.OIDC.Audience = v
+		if v == "" {
+			c.OIDC.Audience = c.OIDC.ClientID
+		}
+		return nil
+	})
+	check("GPUAAS_OIDC_CLIENT_SECRET", func(v string) error { c.OIDC.ClientSecret = v; return nil })
+	check("GPUAAS_OIDC_REDIRECT_URL", func(v string) error {
+		c.OIDC.RedirectURL = v
+		if v == "" {
+			return nil
+		}
+		return validURL(v, "https", "http")
+	})
 	if len(errs) > 0 {
 		return Config{}, errs
 	}

@@ -18,9 +18,12 @@ import (
 	"github.com/prometheus/client_golang/prometheus/collectors"
 	"go.temporal.io/sdk/client"
 
+	"github.com/gpuaas/gpuaas/core/internal/authz"
 	"github.com/gpuaas/gpuaas/core/internal/config"
 	"github.com/gpuaas/gpuaas/core/internal/events"
 	"github.com/gpuaas/gpuaas/core/internal/httpapi"
+	"github.com/gpuaas/gpuaas/core/internal/identity"
+	"github.com/gpuaas/gpuaas/core/internal/oidc"
 	"github.com/gpuaas/gpuaas/core/internal/policy"
 	"github.com/gpuaas/gpuaas/core/internal/store"
 )
@@ -85,9 +88,30 @@ func Run(ctx context.Context, cfg config.Config, log hclog.Logger, opt Options) 
 		},
 	})
 
+	ids := identity.NewService(pool, cfg.Region, log.Named("identity"), nil)
+	var verifier identity.TokenVerifier
+	var flow httpapi.OIDCFlow
+	if cfg.OIDC.Issuer != "" {
+		v, err := oidc.NewVerifier(ctx, oidc.Config{IssuerURL: cfg.OIDC.Issuer, Audience: cfg.OIDC.Audience,
+			ClientID: cfg.OIDC.ClientID, ClientSecret: oidc.Secret(cfg.OIDC.ClientSecret), RedirectURL: cfg.OIDC.RedirectURL})
+		if err != nil {
+			return fmt.Errorf("oidc: %w", err)
+		}
+		p := oidcProvider{v: v}
+		verifier, flow = p, p
+	}
+	auth := identity.NewAuthenticator(ids, verifier, reg)
 	api := &httpapi.API{
-		Version:  opt.Version,
-		Gatherer: reg,
+		Version:       opt.Version,
+		Gatherer:      reg,
+		Log:           log.Named("http"),
+		Pool:          pool,
+		Policy:        pol,
+		Identity:      ids,
+		Auth:          auth,
+		Authz:         authz.NewLoader(pool),
+		LocalAccounts: cfg.LocalAccounts,
+		OIDC:          flow,
 		Checks: []httpapi.Check{
 			{Name: "postgres", Fn: pool.Ping},
 			{Name: "nats", Fn: func(ctx context.Context) error {
@@ -117,6 +141,7 @@ func Run(ctx context.Context, cfg config.Config, log hclog.Logger, opt Options) 
 	wg.Go(func() { declareStreams(bg, js, log.Named("events")) })
 	wg.Go(func() { _ = relay.Run(bg) })
 	wg.Go(func() { _ = pol.Listen(bg, js) })
+	wg.Go(func() { auth.Run(bg, js, 30*time.Second) })
 
 	serveErr := make(chan error, 1)
 	go func() { serveErr <- app.Listener(ln) }()

@@ -23,6 +23,8 @@ func Consumers() []ConsumerSpec {
 
 // Subjects named in api/asyncapi.yaml.
 const (
+	// An API key or session was revoked; every core instance drops it from its authentication cache.
+	SubjectSystemCredentialsRevoked = "system.credentials.revoked"
 	// A probe event written by operators or tests to measure the outbox pipeline end to end.
 	SubjectSystemOutboxProbe = "system.outbox.probe"
 	// A policy override was set or cleared; every core instance drops its cached value.

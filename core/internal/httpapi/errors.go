@@ -11,6 +11,8 @@ import (
 	"github.com/gpuaas/gpuaas/core/internal/correlation"
 	"github.com/gpuaas/gpuaas/core/internal/errcode"
 	"github.com/gpuaas/gpuaas/core/internal/httpapi/apigen"
+	"github.com/gpuaas/gpuaas/core/internal/identity"
+	"github.com/gpuaas/gpuaas/core/internal/oidc"
 	"github.com/gpuaas/gpuaas/core/internal/store"
 )
 
@@ -40,6 +42,22 @@ func statusFor(code errcode.Code) int {
 		return http.StatusServiceUnavailable
 	case errcode.Timeout:
 		return http.StatusGatewayTimeout
+	case identity.CodeOrgNotFound, identity.CodeProjectNotFound, identity.CodeUserNotFound, identity.CodeMemberNotFound,
+		identity.CodeServiceAccountNotFound, identity.CodeAPIKeyNotFound:
+		return http.StatusNotFound
+	case identity.CodeSlugTaken, identity.CodeNameTaken, identity.CodeAlreadyMember, identity.CodeLastOwner:
+		return http.StatusConflict
+	case identity.CodeInvalidCredentials, identity.CodeInvalidToken, identity.CodeAPIKeyRevoked, identity.CodeAPIKeyExpired,
+		identity.CodeAccountDisabled, identity.CodeOIDCNotConfigured:
+		return http.StatusUnauthorized
+	case identity.CodeLocalAccountsDisabled:
+		return http.StatusForbidden
+	case oidc.CodeTokenMalformed, oidc.CodeTokenAlgNotAllowed, oidc.CodeTokenBadSignature, oidc.CodeTokenUnknownKey,
+		oidc.CodeTokenExpired, oidc.CodeTokenNotYetValid, oidc.CodeTokenWrongIssuer, oidc.CodeTokenWrongAudience,
+		oidc.CodeTokenMissingSubject, oidc.CodeTokenWrongNonce, oidc.CodeGrantRejected:
+		return http.StatusUnauthorized
+	case oidc.CodeProviderUnavailable:
+		return http.StatusBadGateway
 	}
 	return http.StatusInternalServerError
 }
@@ -126,11 +144,14 @@ func requestCorrelationID(c *fiber.Ctx) string {
 // Codes lists every code statusFor knows; the contract test checks each is declared
 // in api/openapi.yaml.
 func Codes() []errcode.Code {
-	return []errcode.Code{
+	return append([]errcode.Code{
 		errcode.BadRequest, errcode.InvalidJSON, errcode.UnknownField, errcode.DuplicateKey,
 		errcode.ValidationFailed, errcode.InvalidCursor, errcode.Unauthenticated, errcode.Forbidden,
 		errcode.NotFound, errcode.RouteNotFound, errcode.MethodNotAllowed, errcode.Conflict,
 		errcode.RequestTooLarge, errcode.UnsupportedMedia, errcode.RateLimited, errcode.NotReady,
 		errcode.DatabaseUnavailable, errcode.ServiceUnavailable, errcode.Timeout, errcode.Internal,
-	}
+	}, append(identity.Codes(),
+		oidc.CodeTokenMalformed, oidc.CodeTokenAlgNotAllowed, oidc.CodeTokenBadSignature, oidc.CodeTokenUnknownKey,
+		oidc.CodeTokenExpired, oidc.CodeTokenNotYetValid, oidc.CodeTokenWrongIssuer, oidc.CodeTokenWrongAudience,
+		oidc.CodeTokenMissingSubject, oidc.CodeTokenWrongNonce, oidc.CodeGrantRejected, oidc.CodeProviderUnavailable)...)
 }

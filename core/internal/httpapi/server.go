@@ -3,6 +3,7 @@
 package httpapi
 
 import (
+	"strings"
 	"time"
 
 	"github.com/gofiber/fiber/v2"
@@ -21,11 +22,14 @@ type Options struct {
 	// Registerer receives the HTTP metrics; Gatherer serves /metrics.
 	Registerer prometheus.Registerer
 	Gatherer   prometheus.Gatherer
+	// RouteMiddlewares run on every route after authentication (rate limiting,
+	// idempotency), in order.
+	RouteMiddlewares []apigen.HandlerMiddlewareFunc
 }
 
 // New builds the Fiber app with the middleware chain and every route of the
 // contract served by h.
-func New(log hclog.Logger, h apigen.ServerInterface, opt Options) *fiber.App {
+func New(log hclog.Logger, h *API, opt Options) *fiber.App {
 	if opt.MaxBodyBytes <= 0 {
 		opt.MaxBodyBytes = 1 << 20
 	}
@@ -50,6 +54,41 @@ func New(log hclog.Logger, h apigen.ServerInterface, opt Options) *fiber.App {
 	app.Use(requestContext(opt.RequestTimeout))
 	app.Use(observe(log, m))
 	app.Use(requireJSON(opt.RawBody))
-	apigen.RegisterHandlers(app, h)
+	public, err := publicRoutes()
+	if err != nil {
+		panic(err) // the embedded contract is part of the binary
+	}
+	apigen.RegisterHandlersWithOptions(app, h, apigen.FiberServerOptions{
+		HandlerMiddlewares: append([]apigen.HandlerMiddlewareFunc{h.authenticate(public)}, opt.RouteMiddlewares...),
+	})
 	return app
+}
+
+// publicRoutes lists "METHOD /fiber/path" of the operations the contract marks
+// public (security: []); every other route requires a principal.
+func publicRoutes() (map[string]bool, error) {
+	spec, err := apigen.GetSwagger()
+	if err != nil {
+		return nil, err
+	}
+	public := map[string]bool{}
+	for path, item := range spec.Paths.Map() {
+		for method, op := range item.Operations() {
+			if op.Security != nil && len(*op.Security) == 0 {
+				public[method+" "+FiberPath(path)] = true
+			}
+		}
+	}
+	return public, nil
+}
+
+// FiberPath turns an OpenAPI path (/a/{id}) into a Fiber route (/a/:id).
+func FiberPath(p string) string {
+	parts := strings.Split(p, "/")
+	for i, s := range parts {
+		if strings.HasPrefix(s, "{") && strings.HasSuffix(s, "}") {
+			parts[i] = ":" + s[1:len(s)-1]
+		}
+	}
+	return strings.Join(parts, "/")
 }

@@ -7,12 +7,16 @@ import (
 	"time"
 
 	"github.com/gofiber/fiber/v2"
+	"github.com/hashicorp/go-hclog"
+	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/gofiber/fiber/v2/middleware/adaptor"
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 
+	"github.com/gpuaas/gpuaas/core/internal/authz"
 	"github.com/gpuaas/gpuaas/core/internal/errcode"
 	"github.com/gpuaas/gpuaas/core/internal/httpapi/apigen"
+	"github.com/gpuaas/gpuaas/core/internal/identity"
 	"github.com/gpuaas/gpuaas/core/internal/policy"
 )
 
@@ -31,6 +35,16 @@ type API struct {
 	Version  string
 	Checks   []Check
 	Gatherer prometheus.Gatherer
+	Log      hclog.Logger
+	Pool     *pgxpool.Pool
+	Policy   *policy.Service
+	Identity *identity.Service
+	Auth     *identity.Authenticator
+	Authz    *authz.Loader
+	// OIDC is nil when no identity provider is configured.
+	OIDC OIDCFlow
+	// LocalAccounts enables password sign-in of local accounts.
+	LocalAccounts bool
 
 	metricsOnce sync.Once
 	metrics     fiber.Handler

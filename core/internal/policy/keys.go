@@ -8,12 +8,33 @@ var (
 		"Message-specific publish failures an outbox row may have before it is marked failed.")
 	OutboxRetention = Duration("outbox.retention", 24*time.Hour, time.Minute, 90*24*time.Hour,
 		"How long published outbox rows and consumer inbox entries are kept.")
+
+	SessionTTL = Duration("auth.session_ttl", time.Hour, time.Minute, 24*time.Hour,
+		"Lifetime of a local session's access token.")
+	RefreshTTL = Duration("auth.refresh_ttl", 30*24*time.Hour, time.Hour, 365*24*time.Hour,
+		"Lifetime of a local session's refresh token (sign in again after it).")
+	OIDCLoginTTL = Duration("auth.oidc_login_ttl", 10*time.Minute, time.Minute, time.Hour,
+		"How long a browser has to finish an OIDC sign-in it started.")
+
+	RateLimitPerPrincipal = Int("ratelimit.requests_per_minute", 1200, 1, 1_000_000,
+		"API requests per minute for one authenticated principal.", ScopeGlobal, ScopeOrg, ScopeProject)
+	RateLimitPerIP = Int("ratelimit.anonymous_requests_per_minute", 300, 1, 1_000_000,
+		"API requests per minute from one IP address before authentication.")
+
+	IdempotencyTTL = Duration("idempotency.ttl", 24*time.Hour, time.Minute, 30*24*time.Hour,
+		"How long an Idempotency-Key is remembered.")
 )
 
-// Catalog returns every key, sorted by name.
+// Catalog returns every key.
 func Catalog() []*Def {
 	return []*Def{
+		SessionTTL.Def(),
+		RefreshTTL.Def(),
+		OIDCLoginTTL.Def(),
+		IdempotencyTTL.Def(),
 		OutboxMaxAttempts.Def(),
 		OutboxRetention.Def(),
+		RateLimitPerIP.Def(),
+		RateLimitPerPrincipal.Def(),
 	}
 }

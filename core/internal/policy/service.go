@@ -3,7 +3,6 @@ package policy
 import (
 	"context"
 	"encoding/json"
-	"errors"
 	"fmt"
 	"sync"
 	"time"
@@ -238,61 +237,65 @@ func (s *Service) Invalidate(key string) {
 	}
 }
 
-// Listen follows system.policy.changed with an ephemeral ordered consumer and
-// invalidates cached values until ctx is done. It resubscribes after NATS outages;
-// the cache TTL bounds staleness in between.
+// Listen follows system.policy.changed and invalidates cached values until ctx is
+// done. The cache TTL bounds staleness while NATS is away.
 func (s *Service) Listen(ctx context.Context, js jetstream.JetStream) error {
-	for {
-		err := s.listenOnce(ctx, js)
-		if ctx.Err() != nil {
-			return nil
-		}
-		s.log.Debug("policy change listener stopped; restarting", "error", err)
-		select {
-		case <-ctx.Done():
-			return nil
-		case <-time.After(time.Second):
-		}
-	}
-}
-
-func (s *Service) listenOnce(ctx context.Context, js jetstream.JetStream) error {
-	cons, err := js.OrderedConsumer(ctx, "SYSTEM", jetstream.OrderedConsumerConfig{
-		FilterSubjects: []string{events.SubjectSystemPolicyChanged},
-		DeliverPolicy:  jetstream.DeliverNewPolicy,
-	})
-	if err != nil {
-		return err
-	}
-	// Anything cached before the subscription existed may have missed a change.
-	s.flush()
-	msgs, err := cons.Messages()
-	if err != nil {
-		return err
-	}
-	go func() {
-		<-ctx.Done()
-		msgs.Stop()
-	}()
-	for {
-		msg, err := msgs.Next()
-		if err != nil {
-			if errors.Is(err, jetstream.ErrMsgIteratorClosed) && ctx.Err() != nil {
-				return nil
-			}
-			return err
-		}
+	events.Follow(ctx, js, "SYSTEM", events.SubjectSystemPolicyChanged, s.log, s.flush, func(data []byte) {
 		var c Changed
-		if err := json.Unmarshal(msg.Data(), &c); err != nil {
+		if err := json.Unmarshal(data, &c); err != nil {
 			s.log.Warn("malformed policy change event", "error", err)
-			continue
+			return
 		}
 		s.Invalidate(c.Key)
-	}
+	})
+	return nil
 }
 
 func (s *Service) flush() {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	clear(s.cache)
+}
+
+// Override is one stored override.
+type Override struct {
+	Key       string          `json:"key"`
+	Scope     Scope           `json:"scope"`
+	ScopeID   string          `json:"scope_id"`
+	Value     json.RawMessage `json:"value"`
+	UpdatedAt time.Time       `json:"updated_at"`
+	UpdatedBy string          `json:"updated_by"`
+}
+
+// OverrideCursor is the position after an override in (key, scope, scope_id) order.
+type OverrideCursor struct {
+	Key     string `json:"k"`
+	Scope   Scope  `json:"s"`
+	ScopeID string `json:"i"`
+}
+
+// ListOverrides lists stored overrides (of one key when key is set) after the
+// cursor, up to limit+1 rows so callers can tell whether a next page exists.
+func (s *Service) ListOverrides(ctx context.Context, key string, after OverrideCursor, limit int) ([]Override, error) {
+	rows, err := s.pool.Query(ctx, `SELECT key, scope, scope_id, value, updated_at, updated_by FROM policy_overrides
+		WHERE ($1 = '' OR key = $1) AND (key, scope, scope_id) > ($2, $3, $4)
+		ORDER BY key, scope, scope_id LIMIT $5`, key, after.Key, string(after.Scope), after.ScopeID, limit+1)
+	if err != nil {
+		return nil, fmt.Errorf("policy: list overrides: %w", err)
+	}
+	return pgx.CollectRows(rows, func(r pgx.CollectableRow) (Override, error) {
+		var o Override
+		return o, r.Scan(&o.Key, &o.Scope, &o.ScopeID, &o.Value, &o.UpdatedAt, &o.UpdatedBy)
+	})
+}
+
+// Get returns one stored override.
+func (s *Service) Get(ctx context.Context, scope Scope, scopeID, key string) (Override, error) {
+	o := Override{Key: key, Scope: scope, ScopeID: scopeID}
+	err := s.pool.QueryRow(ctx, `SELECT value, updated_at, updated_by FROM policy_overrides WHERE scope = $1 AND scope_id = $2 AND key = $3`,
+		scope, scopeID, key).Scan(&o.Value, &o.UpdatedAt, &o.UpdatedBy)
+	if err != nil {
+		return o, fmt.Errorf("policy %s: get: %w", key, err)
+	}
+	return o, nil
 }

@@ -8,14 +8,122 @@ import (
 	"compress/flate"
 	"encoding/base64"
 	"fmt"
+	"net/http"
 	"net/url"
 	"path"
 	"strings"
+	"time"
 
 	"github.com/getkin/kin-openapi/openapi3"
 	"github.com/gofiber/fiber/v2"
 	"github.com/oapi-codegen/runtime"
+	openapi_types "github.com/oapi-codegen/runtime/types"
 )
+
+// Defines values for AddOrgMemberRequestRole.
+const (
+	AddOrgMemberRequestRoleAdmin   AddOrgMemberRequestRole = "admin"
+	AddOrgMemberRequestRoleBilling AddOrgMemberRequestRole = "billing"
+	AddOrgMemberRequestRoleMember  AddOrgMemberRequestRole = "member"
+	AddOrgMemberRequestRoleOwner   AddOrgMemberRequestRole = "owner"
+)
+
+// Valid indicates whether the value is a known member of the AddOrgMemberRequestRole enum.
+func (e AddOrgMemberRequestRole) Valid() bool {
+	switch e {
+	case AddOrgMemberRequestRoleAdmin:
+		return true
+	case AddOrgMemberRequestRoleBilling:
+		return true
+	case AddOrgMemberRequestRoleMember:
+		return true
+	case AddOrgMemberRequestRoleOwner:
+		return true
+	default:
+		return false
+	}
+}
+
+// Defines values for AddProjectMemberRequestRole.
+const (
+	AddProjectMemberRequestRoleAdmin  AddProjectMemberRequestRole = "admin"
+	AddProjectMemberRequestRoleMember AddProjectMemberRequestRole = "member"
+	AddProjectMemberRequestRoleViewer AddProjectMemberRequestRole = "viewer"
+)
+
+// Valid indicates whether the value is a known member of the AddProjectMemberRequestRole enum.
+func (e AddProjectMemberRequestRole) Valid() bool {
+	switch e {
+	case AddProjectMemberRequestRoleAdmin:
+		return true
+	case AddProjectMemberRequestRoleMember:
+		return true
+	case AddProjectMemberRequestRoleViewer:
+		return true
+	default:
+		return false
+	}
+}
+
+// Defines values for AdminUpdateUserRequestStatus.
+const (
+	AdminUpdateUserRequestStatusActive   AdminUpdateUserRequestStatus = "active"
+	AdminUpdateUserRequestStatusDisabled AdminUpdateUserRequestStatus = "disabled"
+)
+
+// Valid indicates whether the value is a known member of the AdminUpdateUserRequestStatus enum.
+func (e AdminUpdateUserRequestStatus) Valid() bool {
+	switch e {
+	case AdminUpdateUserRequestStatusActive:
+		return true
+	case AdminUpdateUserRequestStatusDisabled:
+		return true
+	default:
+		return false
+	}
+}
+
+// Defines values for AuditLogResult.
+const (
+	Denied  AuditLogResult = "denied"
+	Failure AuditLogResult = "failure"
+	Success AuditLogResult = "success"
+)
+
+// Valid indicates whether the value is a known member of the AuditLogResult enum.
+func (e AuditLogResult) Valid() bool {
+	switch e {
+	case Denied:
+		return true
+	case Failure:
+		return true
+	case Success:
+		return true
+	default:
+		return false
+	}
+}
+
+// Defines values for CreateServiceAccountRequestRole.
+const (
+	CreateServiceAccountRequestRoleAdmin  CreateServiceAccountRequestRole = "admin"
+	CreateServiceAccountRequestRoleMember CreateServiceAccountRequestRole = "member"
+	CreateServiceAccountRequestRoleViewer CreateServiceAccountRequestRole = "viewer"
+)
+
+// Valid indicates whether the value is a known member of the CreateServiceAccountRequestRole enum.
+func (e CreateServiceAccountRequestRole) Valid() bool {
+	switch e {
+	case CreateServiceAccountRequestRoleAdmin:
+		return true
+	case CreateServiceAccountRequestRoleMember:
+		return true
+	case CreateServiceAccountRequestRoleViewer:
+		return true
+	default:
+		return false
+	}
+}
 
 // Defines values for DependencyCheckName.
 const (
@@ -40,31 +148,70 @@ func (e DependencyCheckName) Valid() bool {
 
 // Defines values for ErrorCode.
 const (
-	BadRequest           ErrorCode = "bad_request"
-	Conflict             ErrorCode = "conflict"
-	DatabaseUnavailable  ErrorCode = "database_unavailable"
-	DuplicateKey         ErrorCode = "duplicate_key"
-	Forbidden            ErrorCode = "forbidden"
-	Internal             ErrorCode = "internal"
-	InvalidCursor        ErrorCode = "invalid_cursor"
-	InvalidJson          ErrorCode = "invalid_json"
-	MethodNotAllowed     ErrorCode = "method_not_allowed"
-	NotFound             ErrorCode = "not_found"
-	NotReady             ErrorCode = "not_ready"
-	RateLimited          ErrorCode = "rate_limited"
-	RequestTooLarge      ErrorCode = "request_too_large"
-	RouteNotFound        ErrorCode = "route_not_found"
-	ServiceUnavailable   ErrorCode = "service_unavailable"
-	Timeout              ErrorCode = "timeout"
-	Unauthenticated      ErrorCode = "unauthenticated"
-	UnknownField         ErrorCode = "unknown_field"
-	UnsupportedMediaType ErrorCode = "unsupported_media_type"
-	ValidationFailed     ErrorCode = "validation_failed"
+	AccountDisabled         ErrorCode = "account_disabled"
+	AlreadyMember           ErrorCode = "already_member"
+	ApiKeyExpired           ErrorCode = "api_key_expired"
+	ApiKeyNotFound          ErrorCode = "api_key_not_found"
+	ApiKeyRevoked           ErrorCode = "api_key_revoked"
+	BadRequest              ErrorCode = "bad_request"
+	Conflict                ErrorCode = "conflict"
+	DatabaseUnavailable     ErrorCode = "database_unavailable"
+	DuplicateKey            ErrorCode = "duplicate_key"
+	Forbidden               ErrorCode = "forbidden"
+	Internal                ErrorCode = "internal"
+	InvalidCredentials      ErrorCode = "invalid_credentials"
+	InvalidCursor           ErrorCode = "invalid_cursor"
+	InvalidJson             ErrorCode = "invalid_json"
+	InvalidToken            ErrorCode = "invalid_token"
+	LastOwner               ErrorCode = "last_owner"
+	LocalAccountsDisabled   ErrorCode = "local_accounts_disabled"
+	MemberNotFound          ErrorCode = "member_not_found"
+	MethodNotAllowed        ErrorCode = "method_not_allowed"
+	NameTaken               ErrorCode = "name_taken"
+	NotFound                ErrorCode = "not_found"
+	NotReady                ErrorCode = "not_ready"
+	OidcGrantRejected       ErrorCode = "oidc_grant_rejected"
+	OidcNotConfigured       ErrorCode = "oidc_not_configured"
+	OidcProviderUnavailable ErrorCode = "oidc_provider_unavailable"
+	OrgNotFound             ErrorCode = "org_not_found"
+	ProjectNotFound         ErrorCode = "project_not_found"
+	RateLimited             ErrorCode = "rate_limited"
+	RequestTooLarge         ErrorCode = "request_too_large"
+	RouteNotFound           ErrorCode = "route_not_found"
+	ServiceAccountNotFound  ErrorCode = "service_account_not_found"
+	ServiceUnavailable      ErrorCode = "service_unavailable"
+	SlugTaken               ErrorCode = "slug_taken"
+	Timeout                 ErrorCode = "timeout"
+	TokenAlgNotAllowed      ErrorCode = "token_alg_not_allowed"
+	TokenBadSignature       ErrorCode = "token_bad_signature"
+	TokenExpired            ErrorCode = "token_expired"
+	TokenMalformed          ErrorCode = "token_malformed"
+	TokenMissingSubject     ErrorCode = "token_missing_subject"
+	TokenNotYetValid        ErrorCode = "token_not_yet_valid"
+	TokenUnknownKey         ErrorCode = "token_unknown_key"
+	TokenWrongAudience      ErrorCode = "token_wrong_audience"
+	TokenWrongIssuer        ErrorCode = "token_wrong_issuer"
+	TokenWrongNonce         ErrorCode = "token_wrong_nonce"
+	Unauthenticated         ErrorCode = "unauthenticated"
+	UnknownField            ErrorCode = "unknown_field"
+	UnsupportedMediaType    ErrorCode = "unsupported_media_type"
+	UserNotFound            ErrorCode = "user_not_found"
+	ValidationFailed        ErrorCode = "validation_failed"
 )
 
 // Valid indicates whether the value is a known member of the ErrorCode enum.
 func (e ErrorCode) Valid() bool {
 	switch e {
+	case AccountDisabled:
+		return true
+	case AlreadyMember:
+		return true
+	case ApiKeyExpired:
+		return true
+	case ApiKeyNotFound:
+		return true
+	case ApiKeyRevoked:
+		return true
 	case BadRequest:
 		return true
 	case Conflict:
@@ -77,15 +224,37 @@ func (e ErrorCode) Valid() bool {
 		return true
 	case Internal:
 		return true
+	case InvalidCredentials:
+		return true
 	case InvalidCursor:
 		return true
 	case InvalidJson:
 		return true
+	case InvalidToken:
+		return true
+	case LastOwner:
+		return true
+	case LocalAccountsDisabled:
+		return true
+	case MemberNotFound:
+		return true
 	case MethodNotAllowed:
+		return true
+	case NameTaken:
 		return true
 	case NotFound:
 		return true
 	case NotReady:
+		return true
+	case OidcGrantRejected:
+		return true
+	case OidcNotConfigured:
+		return true
+	case OidcProviderUnavailable:
+		return true
+	case OrgNotFound:
+		return true
+	case ProjectNotFound:
 		return true
 	case RateLimited:
 		return true
@@ -93,15 +262,41 @@ func (e ErrorCode) Valid() bool {
 		return true
 	case RouteNotFound:
 		return true
+	case ServiceAccountNotFound:
+		return true
 	case ServiceUnavailable:
 		return true
+	case SlugTaken:
+		return true
 	case Timeout:
+		return true
+	case TokenAlgNotAllowed:
+		return true
+	case TokenBadSignature:
+		return true
+	case TokenExpired:
+		return true
+	case TokenMalformed:
+		return true
+	case TokenMissingSubject:
+		return true
+	case TokenNotYetValid:
+		return true
+	case TokenUnknownKey:
+		return true
+	case TokenWrongAudience:
+		return true
+	case TokenWrongIssuer:
+		return true
+	case TokenWrongNonce:
 		return true
 	case Unauthenticated:
 		return true
 	case UnknownField:
 		return true
 	case UnsupportedMediaType:
+		return true
+	case UserNotFound:
 		return true
 	case ValidationFailed:
 		return true
@@ -125,21 +320,84 @@ func (e HealthStatus) Valid() bool {
 	}
 }
 
+// Defines values for MeAuthMethod.
+const (
+	MeAuthMethodApiKey  MeAuthMethod = "api_key"
+	MeAuthMethodOidc    MeAuthMethod = "oidc"
+	MeAuthMethodSession MeAuthMethod = "session"
+)
+
+// Valid indicates whether the value is a known member of the MeAuthMethod enum.
+func (e MeAuthMethod) Valid() bool {
+	switch e {
+	case MeAuthMethodApiKey:
+		return true
+	case MeAuthMethodOidc:
+		return true
+	case MeAuthMethodSession:
+		return true
+	default:
+		return false
+	}
+}
+
+// Defines values for MePrincipalType.
+const (
+	MePrincipalTypeServiceAccount MePrincipalType = "service_account"
+	MePrincipalTypeUser           MePrincipalType = "user"
+)
+
+// Valid indicates whether the value is a known member of the MePrincipalType enum.
+func (e MePrincipalType) Valid() bool {
+	switch e {
+	case MePrincipalTypeServiceAccount:
+		return true
+	case MePrincipalTypeUser:
+		return true
+	default:
+		return false
+	}
+}
+
+// Defines values for OrgMembershipRole.
+const (
+	OrgMembershipRoleAdmin   OrgMembershipRole = "admin"
+	OrgMembershipRoleBilling OrgMembershipRole = "billing"
+	OrgMembershipRoleMember  OrgMembershipRole = "member"
+	OrgMembershipRoleOwner   OrgMembershipRole = "owner"
+)
+
+// Valid indicates whether the value is a known member of the OrgMembershipRole enum.
+func (e OrgMembershipRole) Valid() bool {
+	switch e {
+	case OrgMembershipRoleAdmin:
+		return true
+	case OrgMembershipRoleBilling:
+		return true
+	case OrgMembershipRoleMember:
+		return true
+	case OrgMembershipRoleOwner:
+		return true
+	default:
+		return false
+	}
+}
+
 // Defines values for PolicyKeyScopes.
 const (
-	Global  PolicyKeyScopes = "global"
-	Org     PolicyKeyScopes = "org"
-	Project PolicyKeyScopes = "project"
+	PolicyKeyScopesGlobal  PolicyKeyScopes = "global"
+	PolicyKeyScopesOrg     PolicyKeyScopes = "org"
+	PolicyKeyScopesProject PolicyKeyScopes = "project"
 )
 
 // Valid indicates whether the value is a known member of the PolicyKeyScopes enum.
 func (e PolicyKeyScopes) Valid() bool {
 	switch e {
-	case Global:
+	case PolicyKeyScopesGlobal:
 		return true
-	case Org:
+	case PolicyKeyScopesOrg:
 		return true
-	case Project:
+	case PolicyKeyScopesProject:
 		return true
 	default:
 		return false
@@ -173,6 +431,48 @@ func (e PolicyKeyType) Valid() bool {
 	}
 }
 
+// Defines values for PolicyOverrideScope.
+const (
+	PolicyOverrideScopeGlobal  PolicyOverrideScope = "global"
+	PolicyOverrideScopeOrg     PolicyOverrideScope = "org"
+	PolicyOverrideScopeProject PolicyOverrideScope = "project"
+)
+
+// Valid indicates whether the value is a known member of the PolicyOverrideScope enum.
+func (e PolicyOverrideScope) Valid() bool {
+	switch e {
+	case PolicyOverrideScopeGlobal:
+		return true
+	case PolicyOverrideScopeOrg:
+		return true
+	case PolicyOverrideScopeProject:
+		return true
+	default:
+		return false
+	}
+}
+
+// Defines values for ProjectMembershipRole.
+const (
+	ProjectMembershipRoleAdmin  ProjectMembershipRole = "admin"
+	ProjectMembershipRoleMember ProjectMembershipRole = "member"
+	ProjectMembershipRoleViewer ProjectMembershipRole = "viewer"
+)
+
+// Valid indicates whether the value is a known member of the ProjectMembershipRole enum.
+func (e ProjectMembershipRole) Valid() bool {
+	switch e {
+	case ProjectMembershipRoleAdmin:
+		return true
+	case ProjectMembershipRoleMember:
+		return true
+	case ProjectMembershipRoleViewer:
+		return true
+	default:
+		return false
+	}
+}
+
 // Defines values for ReadinessStatus.
 const (
 	Ready ReadinessStatus = "ready"
@@ -186,6 +486,352 @@ func (e ReadinessStatus) Valid() bool {
 	default:
 		return false
 	}
+}
+
+// Defines values for ServiceAccountRole.
+const (
+	ServiceAccountRoleAdmin  ServiceAccountRole = "admin"
+	ServiceAccountRoleMember ServiceAccountRole = "member"
+	ServiceAccountRoleViewer ServiceAccountRole = "viewer"
+)
+
+// Valid indicates whether the value is a known member of the ServiceAccountRole enum.
+func (e ServiceAccountRole) Valid() bool {
+	switch e {
+	case ServiceAccountRoleAdmin:
+		return true
+	case ServiceAccountRoleMember:
+		return true
+	case ServiceAccountRoleViewer:
+		return true
+	default:
+		return false
+	}
+}
+
+// Defines values for SetPolicyRequestScope.
+const (
+	SetPolicyRequestScopeGlobal  SetPolicyRequestScope = "global"
+	SetPolicyRequestScopeOrg     SetPolicyRequestScope = "org"
+	SetPolicyRequestScopeProject SetPolicyRequestScope = "project"
+)
+
+// Valid indicates whether the value is a known member of the SetPolicyRequestScope enum.
+func (e SetPolicyRequestScope) Valid() bool {
+	switch e {
+	case SetPolicyRequestScopeGlobal:
+		return true
+	case SetPolicyRequestScopeOrg:
+		return true
+	case SetPolicyRequestScopeProject:
+		return true
+	default:
+		return false
+	}
+}
+
+// Defines values for TokenResponseTokenType.
+const (
+	Bearer TokenResponseTokenType = "Bearer"
+)
+
+// Valid indicates whether the value is a known member of the TokenResponseTokenType enum.
+func (e TokenResponseTokenType) Valid() bool {
+	switch e {
+	case Bearer:
+		return true
+	default:
+		return false
+	}
+}
+
+// Defines values for UserAuthSource.
+const (
+	UserAuthSourceLocal UserAuthSource = "local"
+	UserAuthSourceOidc  UserAuthSource = "oidc"
+)
+
+// Valid indicates whether the value is a known member of the UserAuthSource enum.
+func (e UserAuthSource) Valid() bool {
+	switch e {
+	case UserAuthSourceLocal:
+		return true
+	case UserAuthSourceOidc:
+		return true
+	default:
+		return false
+	}
+}
+
+// Defines values for UserStatus.
+const (
+	UserStatusActive   UserStatus = "active"
+	UserStatusDisabled UserStatus = "disabled"
+)
+
+// Valid indicates whether the value is a known member of the UserStatus enum.
+func (e UserStatus) Valid() bool {
+	switch e {
+	case UserStatusActive:
+		return true
+	case UserStatusDisabled:
+		return true
+	default:
+		return false
+	}
+}
+
+// Defines values for AuditActorType.
+const (
+	AuditActorTypeAdmin          AuditActorType = "admin"
+	AuditActorTypeAgent          AuditActorType = "agent"
+	AuditActorTypeAnonymous      AuditActorType = "anonymous"
+	AuditActorTypeDriver         AuditActorType = "driver"
+	AuditActorTypeServiceAccount AuditActorType = "service_account"
+	AuditActorTypeSystem         AuditActorType = "system"
+	AuditActorTypeUser           AuditActorType = "user"
+)
+
+// Valid indicates whether the value is a known member of the AuditActorType enum.
+func (e AuditActorType) Valid() bool {
+	switch e {
+	case AuditActorTypeAdmin:
+		return true
+	case AuditActorTypeAgent:
+		return true
+	case AuditActorTypeAnonymous:
+		return true
+	case AuditActorTypeDriver:
+		return true
+	case AuditActorTypeServiceAccount:
+		return true
+	case AuditActorTypeSystem:
+		return true
+	case AuditActorTypeUser:
+		return true
+	default:
+		return false
+	}
+}
+
+// Defines values for ListAuditLogsParamsActorType.
+const (
+	ListAuditLogsParamsActorTypeAdmin          ListAuditLogsParamsActorType = "admin"
+	ListAuditLogsParamsActorTypeAgent          ListAuditLogsParamsActorType = "agent"
+	ListAuditLogsParamsActorTypeAnonymous      ListAuditLogsParamsActorType = "anonymous"
+	ListAuditLogsParamsActorTypeDriver         ListAuditLogsParamsActorType = "driver"
+	ListAuditLogsParamsActorTypeServiceAccount ListAuditLogsParamsActorType = "service_account"
+	ListAuditLogsParamsActorTypeSystem         ListAuditLogsParamsActorType = "system"
+	ListAuditLogsParamsActorTypeUser           ListAuditLogsParamsActorType = "user"
+)
+
+// Valid indicates whether the value is a known member of the ListAuditLogsParamsActorType enum.
+func (e ListAuditLogsParamsActorType) Valid() bool {
+	switch e {
+	case ListAuditLogsParamsActorTypeAdmin:
+		return true
+	case ListAuditLogsParamsActorTypeAgent:
+		return true
+	case ListAuditLogsParamsActorTypeAnonymous:
+		return true
+	case ListAuditLogsParamsActorTypeDriver:
+		return true
+	case ListAuditLogsParamsActorTypeServiceAccount:
+		return true
+	case ListAuditLogsParamsActorTypeSystem:
+		return true
+	case ListAuditLogsParamsActorTypeUser:
+		return true
+	default:
+		return false
+	}
+}
+
+// Defines values for ExportAuditLogsParamsActorType.
+const (
+	ExportAuditLogsParamsActorTypeAdmin          ExportAuditLogsParamsActorType = "admin"
+	ExportAuditLogsParamsActorTypeAgent          ExportAuditLogsParamsActorType = "agent"
+	ExportAuditLogsParamsActorTypeAnonymous      ExportAuditLogsParamsActorType = "anonymous"
+	ExportAuditLogsParamsActorTypeDriver         ExportAuditLogsParamsActorType = "driver"
+	ExportAuditLogsParamsActorTypeServiceAccount ExportAuditLogsParamsActorType = "service_account"
+	ExportAuditLogsParamsActorTypeSystem         ExportAuditLogsParamsActorType = "system"
+	ExportAuditLogsParamsActorTypeUser           ExportAuditLogsParamsActorType = "user"
+)
+
+// Valid indicates whether the value is a known member of the ExportAuditLogsParamsActorType enum.
+func (e ExportAuditLogsParamsActorType) Valid() bool {
+	switch e {
+	case ExportAuditLogsParamsActorTypeAdmin:
+		return true
+	case ExportAuditLogsParamsActorTypeAgent:
+		return true
+	case ExportAuditLogsParamsActorTypeAnonymous:
+		return true
+	case ExportAuditLogsParamsActorTypeDriver:
+		return true
+	case ExportAuditLogsParamsActorTypeServiceAccount:
+		return true
+	case ExportAuditLogsParamsActorTypeSystem:
+		return true
+	case ExportAuditLogsParamsActorTypeUser:
+		return true
+	default:
+		return false
+	}
+}
+
+// Defines values for ClearPolicyOverrideParamsScope.
+const (
+	ClearPolicyOverrideParamsScopeGlobal  ClearPolicyOverrideParamsScope = "global"
+	ClearPolicyOverrideParamsScopeOrg     ClearPolicyOverrideParamsScope = "org"
+	ClearPolicyOverrideParamsScopeProject ClearPolicyOverrideParamsScope = "project"
+)
+
+// Valid indicates whether the value is a known member of the ClearPolicyOverrideParamsScope enum.
+func (e ClearPolicyOverrideParamsScope) Valid() bool {
+	switch e {
+	case ClearPolicyOverrideParamsScopeGlobal:
+		return true
+	case ClearPolicyOverrideParamsScopeOrg:
+		return true
+	case ClearPolicyOverrideParamsScopeProject:
+		return true
+	default:
+		return false
+	}
+}
+
+// Defines values for AdminListUsersParamsStatus.
+const (
+	AdminListUsersParamsStatusActive   AdminListUsersParamsStatus = "active"
+	AdminListUsersParamsStatusDisabled AdminListUsersParamsStatus = "disabled"
+)
+
+// Valid indicates whether the value is a known member of the AdminListUsersParamsStatus enum.
+func (e AdminListUsersParamsStatus) Valid() bool {
+	switch e {
+	case AdminListUsersParamsStatusActive:
+		return true
+	case AdminListUsersParamsStatusDisabled:
+		return true
+	default:
+		return false
+	}
+}
+
+// APIKey defines model for APIKey.
+type APIKey struct {
+	CreatedAt  time.Time          `json:"created_at"`
+	ExpiresAt  *time.Time         `json:"expires_at,omitempty"`
+	Id         openapi_types.UUID `json:"id"`
+	LastUsedAt *time.Time         `json:"last_used_at,omitempty"`
+	Name       string             `json:"name"`
+
+	// Prefix Visible start of the key, to recognise it.
+	Prefix    string     `json:"prefix"`
+	RevokedAt *time.Time `json:"revoked_at,omitempty"`
+}
+
+// APIKeyPage defines model for APIKeyPage.
+type APIKeyPage struct {
+	Items      []APIKey `json:"items"`
+	NextCursor *string  `json:"next_cursor,omitempty"`
+}
+
+// AddOrgMemberRequest defines model for AddOrgMemberRequest.
+type AddOrgMemberRequest struct {
+	Email string                  `json:"email"`
+	Role  AddOrgMemberRequestRole `json:"role"`
+}
+
+// AddOrgMemberRequestRole defines model for AddOrgMemberRequest.Role.
+type AddOrgMemberRequestRole string
+
+// AddOrgMemberResult defines model for AddOrgMemberResult.
+type AddOrgMemberResult struct {
+	Invitation *Invitation `json:"invitation,omitempty"`
+	Member     *Member     `json:"member,omitempty"`
+}
+
+// AddProjectMemberRequest defines model for AddProjectMemberRequest.
+type AddProjectMemberRequest struct {
+	Role   AddProjectMemberRequestRole `json:"role"`
+	UserId openapi_types.UUID          `json:"user_id"`
+}
+
+// AddProjectMemberRequestRole defines model for AddProjectMemberRequest.Role.
+type AddProjectMemberRequestRole string
+
+// AdminUpdateUserRequest defines model for AdminUpdateUserRequest.
+type AdminUpdateUserRequest struct {
+	IsPlatformAdmin *bool                         `json:"is_platform_admin,omitempty"`
+	Status          *AdminUpdateUserRequestStatus `json:"status,omitempty"`
+}
+
+// AdminUpdateUserRequestStatus defines model for AdminUpdateUserRequest.Status.
+type AdminUpdateUserRequestStatus string
+
+// AuditLog defines model for AuditLog.
+type AuditLog struct {
+	Action        string                  `json:"action"`
+	ActorId       string                  `json:"actor_id"`
+	ActorType     string                  `json:"actor_type"`
+	CorrelationId string                  `json:"correlation_id"`
+	Details       *map[string]interface{} `json:"details,omitempty"`
+	Id            openapi_types.UUID      `json:"id"`
+	OccurredAt    time.Time               `json:"occurred_at"`
+	OrgId         *string                 `json:"org_id,omitempty"`
+	ProjectId     *string                 `json:"project_id,omitempty"`
+	Result        AuditLogResult          `json:"result"`
+	SourceIp      *string                 `json:"source_ip,omitempty"`
+
+	// Target Canonical id gpuaas:{region}:{org}:{project}:{type}:{id}
+	Target string `json:"target"`
+}
+
+// AuditLogResult defines model for AuditLog.Result.
+type AuditLogResult string
+
+// AuditLogPage defines model for AuditLogPage.
+type AuditLogPage struct {
+	Items      []AuditLog `json:"items"`
+	NextCursor *string    `json:"next_cursor,omitempty"`
+}
+
+// CreateAPIKeyRequest defines model for CreateAPIKeyRequest.
+type CreateAPIKeyRequest struct {
+	ExpiresAt *time.Time `json:"expires_at,omitempty"`
+	Name      string     `json:"name"`
+}
+
+// CreateOrgRequest defines model for CreateOrgRequest.
+type CreateOrgRequest struct {
+	Name string `json:"name"`
+	Slug string `json:"slug"`
+}
+
+// CreateProjectRequest defines model for CreateProjectRequest.
+type CreateProjectRequest struct {
+	Name string `json:"name"`
+	Slug string `json:"slug"`
+}
+
+// CreateServiceAccountRequest defines model for CreateServiceAccountRequest.
+type CreateServiceAccountRequest struct {
+	Description *string                         `json:"description,omitempty"`
+	Name        string                          `json:"name"`
+	Role        CreateServiceAccountRequestRole `json:"role"`
+}
+
+// CreateServiceAccountRequestRole defines model for CreateServiceAccountRequest.Role.
+type CreateServiceAccountRequestRole string
+
+// CreatedAPIKey defines model for CreatedAPIKey.
+type CreatedAPIKey struct {
+	Key APIKey `json:"key"`
+
+	// Secret The whole key. Shown once; store it now.
+	Secret string `json:"secret"`
 }
 
 // DependencyCheck defines model for DependencyCheck.
@@ -225,6 +871,89 @@ type Health struct {
 // HealthStatus defines model for Health.Status.
 type HealthStatus string
 
+// Invitation defines model for Invitation.
+type Invitation struct {
+	Email     string             `json:"email"`
+	ExpiresAt time.Time          `json:"expires_at"`
+	Id        openapi_types.UUID `json:"id"`
+	Role      string             `json:"role"`
+}
+
+// LocalLoginRequest defines model for LocalLoginRequest.
+type LocalLoginRequest struct {
+	Login    string `json:"login"`
+	Password string `json:"password"`
+}
+
+// LogoutResult defines model for LogoutResult.
+type LogoutResult struct {
+	EndSessionUrl *string `json:"end_session_url,omitempty"`
+}
+
+// Me defines model for Me.
+type Me struct {
+	AuthMethod         MeAuthMethod        `json:"auth_method"`
+	DisplayName        *string             `json:"display_name,omitempty"`
+	Email              *string             `json:"email,omitempty"`
+	Id                 openapi_types.UUID  `json:"id"`
+	IsPlatformAdmin    bool                `json:"is_platform_admin"`
+	OrgMemberships     []OrgMembership     `json:"org_memberships"`
+	PrincipalType      MePrincipalType     `json:"principal_type"`
+	ProjectMemberships []ProjectMembership `json:"project_memberships"`
+}
+
+// MeAuthMethod defines model for Me.AuthMethod.
+type MeAuthMethod string
+
+// MePrincipalType defines model for Me.PrincipalType.
+type MePrincipalType string
+
+// Member defines model for Member.
+type Member struct {
+	CreatedAt   time.Time          `json:"created_at"`
+	DisplayName string             `json:"display_name"`
+	Email       string             `json:"email"`
+	Role        string             `json:"role"`
+	UserId      openapi_types.UUID `json:"user_id"`
+}
+
+// MemberPage defines model for MemberPage.
+type MemberPage struct {
+	Items      []Member `json:"items"`
+	NextCursor *string  `json:"next_cursor,omitempty"`
+}
+
+// OIDCExchangeRequest defines model for OIDCExchangeRequest.
+type OIDCExchangeRequest struct {
+	Code  string `json:"code"`
+	State string `json:"state"`
+}
+
+// Org defines model for Org.
+type Org struct {
+	CreatedAt time.Time          `json:"created_at"`
+	Id        openapi_types.UUID `json:"id"`
+	Name      string             `json:"name"`
+	Slug      string             `json:"slug"`
+}
+
+// OrgMembership defines model for OrgMembership.
+type OrgMembership struct {
+	OrgId   openapi_types.UUID `json:"org_id"`
+	OrgName string             `json:"org_name"`
+	OrgSlug string             `json:"org_slug"`
+	Role    OrgMembershipRole  `json:"role"`
+}
+
+// OrgMembershipRole defines model for OrgMembership.Role.
+type OrgMembershipRole string
+
+// OrgPage defines model for OrgPage.
+type OrgPage struct {
+	Items      []Org   `json:"items"`
+	NextCursor *string `json:"next_cursor,omitempty"`
+}
+
 // PolicyKey defines model for PolicyKey.
 type PolicyKey struct {
 	Default     interface{}       `json:"default"`
@@ -246,6 +975,52 @@ type PolicyKeyPage struct {
 	NextCursor *string     `json:"next_cursor,omitempty"`
 }
 
+// PolicyOverride defines model for PolicyOverride.
+type PolicyOverride struct {
+	Key       string              `json:"key"`
+	Scope     PolicyOverrideScope `json:"scope"`
+	ScopeId   string              `json:"scope_id"`
+	UpdatedAt time.Time           `json:"updated_at"`
+	UpdatedBy string              `json:"updated_by"`
+	Value     interface{}         `json:"value"`
+}
+
+// PolicyOverrideScope defines model for PolicyOverride.Scope.
+type PolicyOverrideScope string
+
+// PolicyOverridePage defines model for PolicyOverridePage.
+type PolicyOverridePage struct {
+	Items      []PolicyOverride `json:"items"`
+	NextCursor *string          `json:"next_cursor,omitempty"`
+}
+
+// Project defines model for Project.
+type Project struct {
+	CreatedAt time.Time          `json:"created_at"`
+	Id        openapi_types.UUID `json:"id"`
+	Name      string             `json:"name"`
+	OrgId     openapi_types.UUID `json:"org_id"`
+	Slug      string             `json:"slug"`
+}
+
+// ProjectMembership defines model for ProjectMembership.
+type ProjectMembership struct {
+	OrgId       openapi_types.UUID    `json:"org_id"`
+	ProjectId   openapi_types.UUID    `json:"project_id"`
+	ProjectName string                `json:"project_name"`
+	ProjectSlug string                `json:"project_slug"`
+	Role        ProjectMembershipRole `json:"role"`
+}
+
+// ProjectMembershipRole defines model for ProjectMembership.Role.
+type ProjectMembershipRole string
+
+// ProjectPage defines model for ProjectPage.
+type ProjectPage struct {
+	Items      []Project `json:"items"`
+	NextCursor *string   `json:"next_cursor,omitempty"`
+}
+
 // Readiness defines model for Readiness.
 type Readiness struct {
 	Checks []DependencyCheck `json:"checks"`
@@ -255,14 +1030,258 @@ type Readiness struct {
 // ReadinessStatus defines model for Readiness.Status.
 type ReadinessStatus string
 
+// RefreshRequest defines model for RefreshRequest.
+type RefreshRequest struct {
+	RefreshToken string `json:"refresh_token"`
+}
+
+// RoleRequest defines model for RoleRequest.
+type RoleRequest struct {
+	Role string `json:"role"`
+}
+
+// ServiceAccount defines model for ServiceAccount.
+type ServiceAccount struct {
+	CreatedAt   time.Time          `json:"created_at"`
+	Description string             `json:"description"`
+	Id          openapi_types.UUID `json:"id"`
+	Name        string             `json:"name"`
+	OrgId       openapi_types.UUID `json:"org_id"`
+	ProjectId   openapi_types.UUID `json:"project_id"`
+	Role        ServiceAccountRole `json:"role"`
+}
+
+// ServiceAccountRole defines model for ServiceAccount.Role.
+type ServiceAccountRole string
+
+// ServiceAccountPage defines model for ServiceAccountPage.
+type ServiceAccountPage struct {
+	Items      []ServiceAccount `json:"items"`
+	NextCursor *string          `json:"next_cursor,omitempty"`
+}
+
+// SetPolicyRequest defines model for SetPolicyRequest.
+type SetPolicyRequest struct {
+	Scope   SetPolicyRequestScope `json:"scope"`
+	ScopeId *string               `json:"scope_id,omitempty"`
+	Value   interface{}           `json:"value"`
+}
+
+// SetPolicyRequestScope defines model for SetPolicyRequest.Scope.
+type SetPolicyRequestScope string
+
+// TokenResponse defines model for TokenResponse.
+type TokenResponse struct {
+	AccessToken      string                 `json:"access_token"`
+	ExpiresAt        time.Time              `json:"expires_at"`
+	IdToken          *string                `json:"id_token,omitempty"`
+	RefreshExpiresAt *time.Time             `json:"refresh_expires_at,omitempty"`
+	RefreshToken     *string                `json:"refresh_token,omitempty"`
+	ReturnTo         *string                `json:"return_to,omitempty"`
+	TokenType        TokenResponseTokenType `json:"token_type"`
+}
+
+// TokenResponseTokenType defines model for TokenResponse.TokenType.
+type TokenResponseTokenType string
+
+// UpdateNameRequest defines model for UpdateNameRequest.
+type UpdateNameRequest struct {
+	Name string `json:"name"`
+}
+
+// User defines model for User.
+type User struct {
+	AuthSource      UserAuthSource     `json:"auth_source"`
+	CreatedAt       time.Time          `json:"created_at"`
+	DisplayName     string             `json:"display_name"`
+	Email           string             `json:"email"`
+	Id              openapi_types.UUID `json:"id"`
+	IsPlatformAdmin bool               `json:"is_platform_admin"`
+	LastLoginAt     *time.Time         `json:"last_login_at,omitempty"`
+	Status          UserStatus         `json:"status"`
+}
+
+// UserAuthSource defines model for User.AuthSource.
+type UserAuthSource string
+
+// UserStatus defines model for User.Status.
+type UserStatus string
+
+// UserPage defines model for UserPage.
+type UserPage struct {
+	Items      []User  `json:"items"`
+	NextCursor *string `json:"next_cursor,omitempty"`
+}
+
+// AuditAction defines model for AuditAction.
+type AuditAction = string
+
+// AuditActorID defines model for AuditActorID.
+type AuditActorID = string
+
+// AuditActorType defines model for AuditActorType.
+type AuditActorType string
+
+// AuditFrom defines model for AuditFrom.
+type AuditFrom = time.Time
+
+// AuditTarget defines model for AuditTarget.
+type AuditTarget = string
+
+// AuditTo defines model for AuditTo.
+type AuditTo = time.Time
+
 // Cursor defines model for Cursor.
 type Cursor = string
+
+// IdempotencyKey defines model for IdempotencyKey.
+type IdempotencyKey = string
+
+// KeyID defines model for KeyID.
+type KeyID = openapi_types.UUID
 
 // Limit defines model for Limit.
 type Limit = int
 
+// OrgID defines model for OrgID.
+type OrgID = openapi_types.UUID
+
+// PolicyKeyName defines model for PolicyKeyName.
+type PolicyKeyName = string
+
+// ProjectID defines model for ProjectID.
+type ProjectID = openapi_types.UUID
+
+// ServiceAccountID defines model for ServiceAccountID.
+type ServiceAccountID = openapi_types.UUID
+
+// UserID defines model for UserID.
+type UserID = openapi_types.UUID
+
 // Error defines model for Error.
 type Error = ErrorEnvelope
+
+// ListAuditLogsParams defines parameters for ListAuditLogs.
+type ListAuditLogsParams struct {
+	ActorType *ListAuditLogsParamsActorType `form:"actor_type,omitempty" json:"actor_type,omitempty"`
+	ActorId   *AuditActorID                 `form:"actor_id,omitempty" json:"actor_id,omitempty"`
+	Action    *AuditAction                  `form:"action,omitempty" json:"action,omitempty"`
+
+	// Target A canonical id; a value ending with ':' matches every id it prefixes.
+	Target *AuditTarget `form:"target,omitempty" json:"target,omitempty"`
+	From   *AuditFrom   `form:"from,omitempty" json:"from,omitempty"`
+	To     *AuditTo     `form:"to,omitempty" json:"to,omitempty"`
+
+	// Limit Page size, 1 to 200.
+	Limit *Limit `form:"limit,omitempty" json:"limit,omitempty"`
+
+	// Cursor Opaque cursor from a previous page's `next_cursor`.
+	Cursor *Cursor `form:"cursor,omitempty" json:"cursor,omitempty"`
+}
+
+// ListAuditLogsParamsActorType defines parameters for ListAuditLogs.
+type ListAuditLogsParamsActorType string
+
+// ExportAuditLogsParams defines parameters for ExportAuditLogs.
+type ExportAuditLogsParams struct {
+	ActorType *ExportAuditLogsParamsActorType `form:"actor_type,omitempty" json:"actor_type,omitempty"`
+	ActorId   *AuditActorID                   `form:"actor_id,omitempty" json:"actor_id,omitempty"`
+	Action    *AuditAction                    `form:"action,omitempty" json:"action,omitempty"`
+
+	// Target A canonical id; a value ending with ':' matches every id it prefixes.
+	Target *AuditTarget `form:"target,omitempty" json:"target,omitempty"`
+	From   *AuditFrom   `form:"from,omitempty" json:"from,omitempty"`
+	To     *AuditTo     `form:"to,omitempty" json:"to,omitempty"`
+}
+
+// ExportAuditLogsParamsActorType defines parameters for ExportAuditLogs.
+type ExportAuditLogsParamsActorType string
+
+// ListPolicyOverridesParams defines parameters for ListPolicyOverrides.
+type ListPolicyOverridesParams struct {
+	Key *string `form:"key,omitempty" json:"key,omitempty"`
+
+	// Limit Page size, 1 to 200.
+	Limit *Limit `form:"limit,omitempty" json:"limit,omitempty"`
+
+	// Cursor Opaque cursor from a previous page's `next_cursor`.
+	Cursor *Cursor `form:"cursor,omitempty" json:"cursor,omitempty"`
+}
+
+// ClearPolicyOverrideParams defines parameters for ClearPolicyOverride.
+type ClearPolicyOverrideParams struct {
+	Scope   ClearPolicyOverrideParamsScope `form:"scope" json:"scope"`
+	ScopeId *string                        `form:"scope_id,omitempty" json:"scope_id,omitempty"`
+}
+
+// ClearPolicyOverrideParamsScope defines parameters for ClearPolicyOverride.
+type ClearPolicyOverrideParamsScope string
+
+// AdminListUsersParams defines parameters for AdminListUsers.
+type AdminListUsersParams struct {
+	Email  *string                     `form:"email,omitempty" json:"email,omitempty"`
+	Status *AdminListUsersParamsStatus `form:"status,omitempty" json:"status,omitempty"`
+
+	// Limit Page size, 1 to 200.
+	Limit *Limit `form:"limit,omitempty" json:"limit,omitempty"`
+
+	// Cursor Opaque cursor from a previous page's `next_cursor`.
+	Cursor *Cursor `form:"cursor,omitempty" json:"cursor,omitempty"`
+}
+
+// AdminListUsersParamsStatus defines parameters for AdminListUsers.
+type AdminListUsersParamsStatus string
+
+// OidcAuthorizeParams defines parameters for OidcAuthorize.
+type OidcAuthorizeParams struct {
+	// ReturnTo Path in the web app to return to after sign-in (relative, starting with /).
+	ReturnTo *string `form:"return_to,omitempty" json:"return_to,omitempty"`
+}
+
+// ListOrgsParams defines parameters for ListOrgs.
+type ListOrgsParams struct {
+	// Limit Page size, 1 to 200.
+	Limit *Limit `form:"limit,omitempty" json:"limit,omitempty"`
+
+	// Cursor Opaque cursor from a previous page's `next_cursor`.
+	Cursor *Cursor `form:"cursor,omitempty" json:"cursor,omitempty"`
+}
+
+// CreateOrgParams defines parameters for CreateOrg.
+type CreateOrgParams struct {
+	// IdempotencyKey Makes a retried POST safe; the first response is replayed byte for byte.
+	IdempotencyKey *IdempotencyKey `json:"Idempotency-Key,omitempty"`
+}
+
+// ListOrgMembersParams defines parameters for ListOrgMembers.
+type ListOrgMembersParams struct {
+	// Limit Page size, 1 to 200.
+	Limit *Limit `form:"limit,omitempty" json:"limit,omitempty"`
+
+	// Cursor Opaque cursor from a previous page's `next_cursor`.
+	Cursor *Cursor `form:"cursor,omitempty" json:"cursor,omitempty"`
+}
+
+// AddOrgMemberParams defines parameters for AddOrgMember.
+type AddOrgMemberParams struct {
+	// IdempotencyKey Makes a retried POST safe; the first response is replayed byte for byte.
+	IdempotencyKey *IdempotencyKey `json:"Idempotency-Key,omitempty"`
+}
+
+// ListProjectsParams defines parameters for ListProjects.
+type ListProjectsParams struct {
+	// Limit Page size, 1 to 200.
+	Limit *Limit `form:"limit,omitempty" json:"limit,omitempty"`
+
+	// Cursor Opaque cursor from a previous page's `next_cursor`.
+	Cursor *Cursor `form:"cursor,omitempty" json:"cursor,omitempty"`
+}
+
+// CreateProjectParams defines parameters for CreateProject.
+type CreateProjectParams struct {
+	// IdempotencyKey Makes a retried POST safe; the first response is replayed byte for byte.
+	IdempotencyKey *IdempotencyKey `json:"Idempotency-Key,omitempty"`
+}
 
 // ListPolicyKeysParams defines parameters for ListPolicyKeys.
 type ListPolicyKeysParams struct {
@@ -273,17 +1292,242 @@ type ListPolicyKeysParams struct {
 	Cursor *Cursor `form:"cursor,omitempty" json:"cursor,omitempty"`
 }
 
+// ListProjectMembersParams defines parameters for ListProjectMembers.
+type ListProjectMembersParams struct {
+	// Limit Page size, 1 to 200.
+	Limit *Limit `form:"limit,omitempty" json:"limit,omitempty"`
+
+	// Cursor Opaque cursor from a previous page's `next_cursor`.
+	Cursor *Cursor `form:"cursor,omitempty" json:"cursor,omitempty"`
+}
+
+// AddProjectMemberParams defines parameters for AddProjectMember.
+type AddProjectMemberParams struct {
+	// IdempotencyKey Makes a retried POST safe; the first response is replayed byte for byte.
+	IdempotencyKey *IdempotencyKey `json:"Idempotency-Key,omitempty"`
+}
+
+// ListServiceAccountsParams defines parameters for ListServiceAccounts.
+type ListServiceAccountsParams struct {
+	// Limit Page size, 1 to 200.
+	Limit *Limit `form:"limit,omitempty" json:"limit,omitempty"`
+
+	// Cursor Opaque cursor from a previous page's `next_cursor`.
+	Cursor *Cursor `form:"cursor,omitempty" json:"cursor,omitempty"`
+}
+
+// CreateServiceAccountParams defines parameters for CreateServiceAccount.
+type CreateServiceAccountParams struct {
+	// IdempotencyKey Makes a retried POST safe; the first response is replayed byte for byte.
+	IdempotencyKey *IdempotencyKey `json:"Idempotency-Key,omitempty"`
+}
+
+// ListServiceAccountKeysParams defines parameters for ListServiceAccountKeys.
+type ListServiceAccountKeysParams struct {
+	// Limit Page size, 1 to 200.
+	Limit *Limit `form:"limit,omitempty" json:"limit,omitempty"`
+
+	// Cursor Opaque cursor from a previous page's `next_cursor`.
+	Cursor *Cursor `form:"cursor,omitempty" json:"cursor,omitempty"`
+}
+
+// CreateServiceAccountKeyParams defines parameters for CreateServiceAccountKey.
+type CreateServiceAccountKeyParams struct {
+	// IdempotencyKey Makes a retried POST safe; the first response is replayed byte for byte.
+	IdempotencyKey *IdempotencyKey `json:"Idempotency-Key,omitempty"`
+}
+
+// ListMyAPIKeysParams defines parameters for ListMyAPIKeys.
+type ListMyAPIKeysParams struct {
+	// Limit Page size, 1 to 200.
+	Limit *Limit `form:"limit,omitempty" json:"limit,omitempty"`
+
+	// Cursor Opaque cursor from a previous page's `next_cursor`.
+	Cursor *Cursor `form:"cursor,omitempty" json:"cursor,omitempty"`
+}
+
+// CreateMyAPIKeyParams defines parameters for CreateMyAPIKey.
+type CreateMyAPIKeyParams struct {
+	// IdempotencyKey Makes a retried POST safe; the first response is replayed byte for byte.
+	IdempotencyKey *IdempotencyKey `json:"Idempotency-Key,omitempty"`
+}
+
+// SetPolicyOverrideJSONRequestBody defines body for SetPolicyOverride for application/json ContentType.
+type SetPolicyOverrideJSONRequestBody = SetPolicyRequest
+
+// AdminUpdateUserJSONRequestBody defines body for AdminUpdateUser for application/json ContentType.
+type AdminUpdateUserJSONRequestBody = AdminUpdateUserRequest
+
+// LocalLoginJSONRequestBody defines body for LocalLogin for application/json ContentType.
+type LocalLoginJSONRequestBody = LocalLoginRequest
+
+// OidcExchangeJSONRequestBody defines body for OidcExchange for application/json ContentType.
+type OidcExchangeJSONRequestBody = OIDCExchangeRequest
+
+// RefreshTokenJSONRequestBody defines body for RefreshToken for application/json ContentType.
+type RefreshTokenJSONRequestBody = RefreshRequest
+
+// CreateOrgJSONRequestBody defines body for CreateOrg for application/json ContentType.
+type CreateOrgJSONRequestBody = CreateOrgRequest
+
+// UpdateOrgJSONRequestBody defines body for UpdateOrg for application/json ContentType.
+type UpdateOrgJSONRequestBody = UpdateNameRequest
+
+// AddOrgMemberJSONRequestBody defines body for AddOrgMember for application/json ContentType.
+type AddOrgMemberJSONRequestBody = AddOrgMemberRequest
+
+// UpdateOrgMemberJSONRequestBody defines body for UpdateOrgMember for application/json ContentType.
+type UpdateOrgMemberJSONRequestBody = RoleRequest
+
+// CreateProjectJSONRequestBody defines body for CreateProject for application/json ContentType.
+type CreateProjectJSONRequestBody = CreateProjectRequest
+
+// UpdateProjectJSONRequestBody defines body for UpdateProject for application/json ContentType.
+type UpdateProjectJSONRequestBody = UpdateNameRequest
+
+// AddProjectMemberJSONRequestBody defines body for AddProjectMember for application/json ContentType.
+type AddProjectMemberJSONRequestBody = AddProjectMemberRequest
+
+// UpdateProjectMemberJSONRequestBody defines body for UpdateProjectMember for application/json ContentType.
+type UpdateProjectMemberJSONRequestBody = RoleRequest
+
+// CreateServiceAccountJSONRequestBody defines body for CreateServiceAccount for application/json ContentType.
+type CreateServiceAccountJSONRequestBody = CreateServiceAccountRequest
+
+// CreateServiceAccountKeyJSONRequestBody defines body for CreateServiceAccountKey for application/json ContentType.
+type CreateServiceAccountKeyJSONRequestBody = CreateAPIKeyRequest
+
+// CreateMyAPIKeyJSONRequestBody defines body for CreateMyAPIKey for application/json ContentType.
+type CreateMyAPIKeyJSONRequestBody = CreateAPIKeyRequest
+
 // ServerInterface represents all server handlers.
 type ServerInterface interface {
+	// ListAuditLogs Audit log, newest first, filtered
+	// (GET /api/v1/admin/audit-logs)
+	ListAuditLogs(c *fiber.Ctx, params ListAuditLogsParams) error
+	// ExportAuditLogs Every matching audit row as CSV, streamed
+	// (GET /api/v1/admin/audit-logs/export)
+	ExportAuditLogs(c *fiber.Ctx, params ExportAuditLogsParams) error
+	// ListPolicyOverrides Policy overrides in force
+	// (GET /api/v1/admin/policies)
+	ListPolicyOverrides(c *fiber.Ctx, params ListPolicyOverridesParams) error
+	// ClearPolicyOverride Remove a policy override (the next wider scope or the default applies)
+	// (DELETE /api/v1/admin/policies/{key})
+	ClearPolicyOverride(c *fiber.Ctx, key PolicyKeyName, params ClearPolicyOverrideParams) error
+	// SetPolicyOverride Set a policy override globally, for an org or for a project
+	// (PUT /api/v1/admin/policies/{key})
+	SetPolicyOverride(c *fiber.Ctx, key PolicyKeyName) error
+
+	// (GET /api/v1/admin/users)
+	AdminListUsers(c *fiber.Ctx, params AdminListUsersParams) error
+	// AdminUpdateUser Grant or take away platform admin, disable or enable a user
+	// (PATCH /api/v1/admin/users/{user_id})
+	AdminUpdateUser(c *fiber.Ctx, userId UserID) error
+	// LocalLogin Sign in with a local account (when local accounts are enabled)
+	// (POST /api/v1/auth/local/login)
+	LocalLogin(c *fiber.Ctx) error
+	// Logout End the caller's session
+	// (POST /api/v1/auth/logout)
+	Logout(c *fiber.Ctx) error
+	// OidcAuthorize Start a browser sign-in with the OIDC provider (authorization code + PKCE)
+	// (GET /api/v1/auth/oidc/authorize)
+	OidcAuthorize(c *fiber.Ctx, params OidcAuthorizeParams) error
+	// OidcExchange Finish a browser sign-in by exchanging the code for tokens
+	// (POST /api/v1/auth/oidc/exchange)
+	OidcExchange(c *fiber.Ctx) error
+	// RefreshToken Trade a refresh token for new tokens (local sessions and OIDC)
+	// (POST /api/v1/auth/token/refresh)
+	RefreshToken(c *fiber.Ctx) error
 	// GetHealthz Process liveness
 	// (GET /api/v1/healthz)
 	GetHealthz(c *fiber.Ctx) error
+	// ListOrgs Organizations the caller belongs to (all of them for platform admins)
+	// (GET /api/v1/orgs)
+	ListOrgs(c *fiber.Ctx, params ListOrgsParams) error
+	// CreateOrg Create an organization; the caller becomes its owner
+	// (POST /api/v1/orgs)
+	CreateOrg(c *fiber.Ctx, params CreateOrgParams) error
+
+	// (GET /api/v1/orgs/{org_id})
+	GetOrg(c *fiber.Ctx, orgId OrgID) error
+
+	// (PATCH /api/v1/orgs/{org_id})
+	UpdateOrg(c *fiber.Ctx, orgId OrgID) error
+
+	// (GET /api/v1/orgs/{org_id}/members)
+	ListOrgMembers(c *fiber.Ctx, orgId OrgID, params ListOrgMembersParams) error
+	// AddOrgMember Add a member by email, or invite them when they have not signed in yet
+	// (POST /api/v1/orgs/{org_id}/members)
+	AddOrgMember(c *fiber.Ctx, orgId OrgID, params AddOrgMemberParams) error
+	// RemoveOrgMember Remove a member (the last owner cannot be removed)
+	// (DELETE /api/v1/orgs/{org_id}/members/{user_id})
+	RemoveOrgMember(c *fiber.Ctx, orgId OrgID, userId UserID) error
+	// UpdateOrgMember Change a member's role (the last owner cannot be demoted)
+	// (PATCH /api/v1/orgs/{org_id}/members/{user_id})
+	UpdateOrgMember(c *fiber.Ctx, orgId OrgID, userId UserID) error
+
+	// (GET /api/v1/orgs/{org_id}/projects)
+	ListProjects(c *fiber.Ctx, orgId OrgID, params ListProjectsParams) error
+
+	// (POST /api/v1/orgs/{org_id}/projects)
+	CreateProject(c *fiber.Ctx, orgId OrgID, params CreateProjectParams) error
 	// ListPolicyKeys The policy keys the platform knows, with types and defaults
 	// (GET /api/v1/policy-keys)
 	ListPolicyKeys(c *fiber.Ctx, params ListPolicyKeysParams) error
+
+	// (GET /api/v1/projects/{project_id})
+	GetProject(c *fiber.Ctx, projectId ProjectID) error
+
+	// (PATCH /api/v1/projects/{project_id})
+	UpdateProject(c *fiber.Ctx, projectId ProjectID) error
+
+	// (GET /api/v1/projects/{project_id}/members)
+	ListProjectMembers(c *fiber.Ctx, projectId ProjectID, params ListProjectMembersParams) error
+	// AddProjectMember Add a member of the project's organization to the project
+	// (POST /api/v1/projects/{project_id}/members)
+	AddProjectMember(c *fiber.Ctx, projectId ProjectID, params AddProjectMemberParams) error
+
+	// (DELETE /api/v1/projects/{project_id}/members/{user_id})
+	RemoveProjectMember(c *fiber.Ctx, projectId ProjectID, userId UserID) error
+
+	// (PATCH /api/v1/projects/{project_id}/members/{user_id})
+	UpdateProjectMember(c *fiber.Ctx, projectId ProjectID, userId UserID) error
+
+	// (GET /api/v1/projects/{project_id}/service-accounts)
+	ListServiceAccounts(c *fiber.Ctx, projectId ProjectID, params ListServiceAccountsParams) error
+
+	// (POST /api/v1/projects/{project_id}/service-accounts)
+	CreateServiceAccount(c *fiber.Ctx, projectId ProjectID, params CreateServiceAccountParams) error
+	// DeleteServiceAccount Delete a service account and revoke its keys
+	// (DELETE /api/v1/projects/{project_id}/service-accounts/{service_account_id})
+	DeleteServiceAccount(c *fiber.Ctx, projectId ProjectID, serviceAccountId ServiceAccountID) error
+
+	// (GET /api/v1/projects/{project_id}/service-accounts/{service_account_id})
+	GetServiceAccount(c *fiber.Ctx, projectId ProjectID, serviceAccountId ServiceAccountID) error
+
+	// (GET /api/v1/projects/{project_id}/service-accounts/{service_account_id}/api-keys)
+	ListServiceAccountKeys(c *fiber.Ctx, projectId ProjectID, serviceAccountId ServiceAccountID, params ListServiceAccountKeysParams) error
+	// CreateServiceAccountKey Create an API key for a service account (the secret is shown once)
+	// (POST /api/v1/projects/{project_id}/service-accounts/{service_account_id}/api-keys)
+	CreateServiceAccountKey(c *fiber.Ctx, projectId ProjectID, serviceAccountId ServiceAccountID, params CreateServiceAccountKeyParams) error
+
+	// (DELETE /api/v1/projects/{project_id}/service-accounts/{service_account_id}/api-keys/{key_id})
+	RevokeServiceAccountKey(c *fiber.Ctx, projectId ProjectID, serviceAccountId ServiceAccountID, keyId KeyID) error
 	// GetReadyz Readiness of the process and its dependencies
 	// (GET /api/v1/readyz)
 	GetReadyz(c *fiber.Ctx) error
+	// GetMe The caller, with memberships
+	// (GET /api/v1/users/me)
+	GetMe(c *fiber.Ctx) error
+	// ListMyAPIKeys The caller's personal API keys
+	// (GET /api/v1/users/me/api-keys)
+	ListMyAPIKeys(c *fiber.Ctx, params ListMyAPIKeysParams) error
+	// CreateMyAPIKey Create a personal API key (the secret is shown once)
+	// (POST /api/v1/users/me/api-keys)
+	CreateMyAPIKey(c *fiber.Ctx, params CreateMyAPIKeyParams) error
+	// RevokeMyAPIKey Revoke a personal API key
+	// (DELETE /api/v1/users/me/api-keys/{key_id})
+	RevokeMyAPIKey(c *fiber.Ctx, keyId KeyID) error
 	// GetMetrics Prometheus metrics
 	// (GET /metrics)
 	GetMetrics(c *fiber.Ctx) error
@@ -298,11 +1542,922 @@ type ServerInterfaceWrapper struct {
 type MiddlewareFunc fiber.Handler
 type HandlerMiddlewareFunc func(c *fiber.Ctx, next fiber.Handler) error
 
+// ListAuditLogs operation middleware
+func (siw *ServerInterfaceWrapper) ListAuditLogs(c *fiber.Ctx) error {
+
+	var err error
+	_ = err
+
+	// Parameter object where we will unmarshal all parameters from the context
+	var params ListAuditLogsParams
+
+	var query url.Values
+	query, err = url.ParseQuery(string(c.Request().URI().QueryString()))
+	if err != nil {
+		return fiber.NewError(fiber.StatusBadRequest, fmt.Errorf("Invalid format for query string: %w", err).Error())
+	}
+
+	// ------------- Optional query parameter "actor_type" -------------
+
+	err = runtime.BindQueryParameterWithOptions("form", true, false, "actor_type", query, &params.ActorType, runtime.BindQueryParameterOptions{Type: "string", Format: ""})
+	if err != nil {
+		return fiber.NewError(fiber.StatusBadRequest, fmt.Errorf("Invalid format for parameter actor_type: %w", err).Error())
+	}
+
+	// ------------- Optional query parameter "actor_id" -------------
+
+	err = runtime.BindQueryParameterWithOptions("form", true, false, "actor_id", query, &params.ActorId, runtime.BindQueryParameterOptions{Type: "string", Format: ""})
+	if err != nil {
+		return fiber.NewError(fiber.StatusBadRequest, fmt.Errorf("Invalid format for parameter actor_id: %w", err).Error())
+	}
+
+	// ------------- Optional query parameter "action" -------------
+
+	err = runtime.BindQueryParameterWithOptions("form", true, false, "action", query, &params.Action, runtime.BindQueryParameterOptions{Type: "string", Format: ""})
+	if err != nil {
+		return fiber.NewError(fiber.StatusBadRequest, fmt.Errorf("Invalid format for parameter action: %w", err).Error())
+	}
+
+	// ------------- Optional query parameter "target" -------------
+
+	err = runtime.BindQueryParameterWithOptions("form", true, false, "target", query, &params.Target, runtime.BindQueryParameterOptions{Type: "string", Format: ""})
+	if err != nil {
+		return fiber.NewError(fiber.StatusBadRequest, fmt.Errorf("Invalid format for parameter target: %w", err).Error())
+	}
+
+	// ------------- Optional query parameter "from" -------------
+
+	err = runtime.BindQueryParameterWithOptions("form", true, false, "from", query, &params.From, runtime.BindQueryParameterOptions{Type: "string", Format: "date-time"})
+	if err != nil {
+		return fiber.NewError(fiber.StatusBadRequest, fmt.Errorf("Invalid format for parameter from: %w", err).Error())
+	}
+
+	// ------------- Optional query parameter "to" -------------
+
+	err = runtime.BindQueryParameterWithOptions("form", true, false, "to", query, &params.To, runtime.BindQueryParameterOptions{Type: "string", Format: "date-time"})
+	if err != nil {
+		return fiber.NewError(fiber.StatusBadRequest, fmt.Errorf("Invalid format for parameter to: %w", err).Error())
+	}
+
+	// ------------- Optional query parameter "limit" -------------
+
+	err = runtime.BindQueryParameterWithOptions("form", true, false, "limit", query, &params.Limit, runtime.BindQueryParameterOptions{Type: "integer", Format: ""})
+	if err != nil {
+		return fiber.NewError(fiber.StatusBadRequest, fmt.Errorf("Invalid format for parameter limit: %w", err).Error())
+	}
+
+	// ------------- Optional query parameter "cursor" -------------
+
+	err = runtime.BindQueryParameterWithOptions("form", true, false, "cursor", query, &params.Cursor, runtime.BindQueryParameterOptions{Type: "string", Format: ""})
+	if err != nil {
+		return fiber.NewError(fiber.StatusBadRequest, fmt.Errorf("Invalid format for parameter cursor: %w", err).Error())
+	}
+
+	handler := func(c *fiber.Ctx) error {
+		return siw.Handler.ListAuditLogs(c, params)
+	}
+
+	for i := len(siw.HandlerMiddlewares) - 1; i >= 0; i-- {
+		m := siw.HandlerMiddlewares[i]
+		next := handler
+		handler = func(c *fiber.Ctx) error {
+			return m(c, next)
+		}
+	}
+
+	return handler(c)
+}
+
+// ExportAuditLogs operation middleware
+func (siw *ServerInterfaceWrapper) ExportAuditLogs(c *fiber.Ctx) error {
+
+	var err error
+	_ = err
+
+	// Parameter object where we will unmarshal all parameters from the context
+	var params ExportAuditLogsParams
+
+	var query url.Values
+	query, err = url.ParseQuery(string(c.Request().URI().QueryString()))
+	if err != nil {
+		return fiber.NewError(fiber.StatusBadRequest, fmt.Errorf("Invalid format for query string: %w", err).Error())
+	}
+
+	// ------------- Optional query parameter "actor_type" -------------
+
+	err = runtime.BindQueryParameterWithOptions("form", true, false, "actor_type", query, &params.ActorType, runtime.BindQueryParameterOptions{Type: "string", Format: ""})
+	if err != nil {
+		return fiber.NewError(fiber.StatusBadRequest, fmt.Errorf("Invalid format for parameter actor_type: %w", err).Error())
+	}
+
+	// ------------- Optional query parameter "actor_id" -------------
+
+	err = runtime.BindQueryParameterWithOptions("form", true, false, "actor_id", query, &params.ActorId, runtime.BindQueryParameterOptions{Type: "string", Format: ""})
+	if err != nil {
+		return fiber.NewError(fiber.StatusBadRequest, fmt.Errorf("Invalid format for parameter actor_id: %w", err).Error())
+	}
+
+	// ------------- Optional query parameter "action" -------------
+
+	err = runtime.BindQueryParameterWithOptions("form", true, false, "action", query, &params.Action, runtime.BindQueryParameterOptions{Type: "string", Format: ""})
+	if err != nil {
+		return fiber.NewError(fiber.StatusBadRequest, fmt.Errorf("Invalid format for parameter action: %w", err).Error())
+	}
+
+	// ------------- Optional query parameter "target" -------------
+
+	err = runtime.BindQueryParameterWithOptions("form", true, false, "target", query, &params.Target, runtime.BindQueryParameterOptions{Type: "string", Format: ""})
+	if err != nil {
+		return fiber.NewError(fiber.StatusBadRequest, fmt.Errorf("Invalid format for parameter target: %w", err).Error())
+	}
+
+	// ------------- Optional query parameter "from" -------------
+
+	err = runtime.BindQueryParameterWithOptions("form", true, false, "from", query, &params.From, runtime.BindQueryParameterOptions{Type: "string", Format: "date-time"})
+	if err != nil {
+		return fiber.NewError(fiber.StatusBadRequest, fmt.Errorf("Invalid format for parameter from: %w", err).Error())
+	}
+
+	// ------------- Optional query parameter "to" -------------
+
+	err = runtime.BindQueryParameterWithOptions("form", true, false, "to", query, &params.To, runtime.BindQueryParameterOptions{Type: "string", Format: "date-time"})
+	if err != nil {
+		return fiber.NewError(fiber.StatusBadRequest, fmt.Errorf("Invalid format for parameter to: %w", err).Error())
+	}
+
+	handler := func(c *fiber.Ctx) error {
+		return siw.Handler.ExportAuditLogs(c, params)
+	}
+
+	for i := len(siw.HandlerMiddlewares) - 1; i >= 0; i-- {
+		m := siw.HandlerMiddlewares[i]
+		next := handler
+		handler = func(c *fiber.Ctx) error {
+			return m(c, next)
+		}
+	}
+
+	return handler(c)
+}
+
+// ListPolicyOverrides operation middleware
+func (siw *ServerInterfaceWrapper) ListPolicyOverrides(c *fiber.Ctx) error {
+
+	var err error
+	_ = err
+
+	// Parameter object where we will unmarshal all parameters from the context
+	var params ListPolicyOverridesParams
+
+	var query url.Values
+	query, err = url.ParseQuery(string(c.Request().URI().QueryString()))
+	if err != nil {
+		return fiber.NewError(fiber.StatusBadRequest, fmt.Errorf("Invalid format for query string: %w", err).Error())
+	}
+
+	// ------------- Optional query parameter "key" -------------
+
+	err = runtime.BindQueryParameterWithOptions("form", true, false, "key", query, &params.Key, runtime.BindQueryParameterOptions{Type: "string", Format: ""})
+	if err != nil {
+		return fiber.NewError(fiber.StatusBadRequest, fmt.Errorf("Invalid format for parameter key: %w", err).Error())
+	}
+
+	// ------------- Optional query parameter "limit" -------------
+
+	err = runtime.BindQueryParameterWithOptions("form", true, false, "limit", query, &params.Limit, runtime.BindQueryParameterOptions{Type: "integer", Format: ""})
+	if err != nil {
+		return fiber.NewError(fiber.StatusBadRequest, fmt.Errorf("Invalid format for parameter limit: %w", err).Error())
+	}
+
+	// ------------- Optional query parameter "cursor" -------------
+
+	err = runtime.BindQueryParameterWithOptions("form", true, false, "cursor", query, &params.Cursor, runtime.BindQueryParameterOptions{Type: "string", Format: ""})
+	if err != nil {
+		return fiber.NewError(fiber.StatusBadRequest, fmt.Errorf("Invalid format for parameter cursor: %w", err).Error())
+	}
+
+	handler := func(c *fiber.Ctx) error {
+		return siw.Handler.ListPolicyOverrides(c, params)
+	}
+
+	for i := len(siw.HandlerMiddlewares) - 1; i >= 0; i-- {
+		m := siw.HandlerMiddlewares[i]
+		next := handler
+		handler = func(c *fiber.Ctx) error {
+			return m(c, next)
+		}
+	}
+
+	return handler(c)
+}
+
+// ClearPolicyOverride operation middleware
+func (siw *ServerInterfaceWrapper) ClearPolicyOverride(c *fiber.Ctx) error {
+
+	var err error
+	_ = err
+
+	// ------------- Path parameter "key" -------------
+	var key PolicyKeyName
+
+	err = runtime.BindStyledParameterWithOptions("simple", "key", c.Params("key"), &key, runtime.BindStyledParameterOptions{ParamLocation: runtime.ParamLocationPath, Explode: false, Required: true, Type: "string", Format: ""})
+	if err != nil {
+		return fiber.NewError(fiber.StatusBadRequest, fmt.Errorf("Invalid format for parameter key: %w", err).Error())
+	}
+
+	// Parameter object where we will unmarshal all parameters from the context
+	var params ClearPolicyOverrideParams
+
+	var query url.Values
+	query, err = url.ParseQuery(string(c.Request().URI().QueryString()))
+	if err != nil {
+		return fiber.NewError(fiber.StatusBadRequest, fmt.Errorf("Invalid format for query string: %w", err).Error())
+	}
+
+	// ------------- Required query parameter "scope" -------------
+
+	err = runtime.BindQueryParameterWithOptions("form", true, true, "scope", query, &params.Scope, runtime.BindQueryParameterOptions{Type: "string", Format: ""})
+	if err != nil {
+		return fiber.NewError(fiber.StatusBadRequest, fmt.Errorf("Invalid format for parameter scope: %w", err).Error())
+	}
+
+	// ------------- Optional query parameter "scope_id" -------------
+
+	err = runtime.BindQueryParameterWithOptions("form", true, false, "scope_id", query, &params.ScopeId, runtime.BindQueryParameterOptions{Type: "string", Format: ""})
+	if err != nil {
+		return fiber.NewError(fiber.StatusBadRequest, fmt.Errorf("Invalid format for parameter scope_id: %w", err).Error())
+	}
+
+	handler := func(c *fiber.Ctx) error {
+		return siw.Handler.ClearPolicyOverride(c, key, params)
+	}
+
+	for i := len(siw.HandlerMiddlewares) - 1; i >= 0; i-- {
+		m := siw.HandlerMiddlewares[i]
+		next := handler
+		handler = func(c *fiber.Ctx) error {
+			return m(c, next)
+		}
+	}
+
+	return handler(c)
+}
+
+// SetPolicyOverride operation middleware
+func (siw *ServerInterfaceWrapper) SetPolicyOverride(c *fiber.Ctx) error {
+
+	var err error
+	_ = err
+
+	// ------------- Path parameter "key" -------------
+	var key PolicyKeyName
+
+	err = runtime.BindStyledParameterWithOptions("simple", "key", c.Params("key"), &key, runtime.BindStyledParameterOptions{ParamLocation: runtime.ParamLocationPath, Explode: false, Required: true, Type: "string", Format: ""})
+	if err != nil {
+		return fiber.NewError(fiber.StatusBadRequest, fmt.Errorf("Invalid format for parameter key: %w", err).Error())
+	}
+
+	handler := func(c *fiber.Ctx) error {
+		return siw.Handler.SetPolicyOverride(c, key)
+	}
+
+	for i := len(siw.HandlerMiddlewares) - 1; i >= 0; i-- {
+		m := siw.HandlerMiddlewares[i]
+		next := handler
+		handler = func(c *fiber.Ctx) error {
+			return m(c, next)
+		}
+	}
+
+	return handler(c)
+}
+
+// AdminListUsers operation middleware
+func (siw *ServerInterfaceWrapper) AdminListUsers(c *fiber.Ctx) error {
+
+	var err error
+	_ = err
+
+	// Parameter object where we will unmarshal all parameters from the context
+	var params AdminListUsersParams
+
+	var query url.Values
+	query, err = url.ParseQuery(string(c.Request().URI().QueryString()))
+	if err != nil {
+		return fiber.NewError(fiber.StatusBadRequest, fmt.Errorf("Invalid format for query string: %w", err).Error())
+	}
+
+	// ------------- Optional query parameter "email" -------------
+
+	err = runtime.BindQueryParameterWithOptions("form", true, false, "email", query, &params.Email, runtime.BindQueryParameterOptions{Type: "string", Format: ""})
+	if err != nil {
+		return fiber.NewError(fiber.StatusBadRequest, fmt.Errorf("Invalid format for parameter email: %w", err).Error())
+	}
+
+	// ------------- Optional query parameter "status" -------------
+
+	err = runtime.BindQueryParameterWithOptions("form", true, false, "status", query, &params.Status, runtime.BindQueryParameterOptions{Type: "string", Format: ""})
+	if err != nil {
+		return fiber.NewError(fiber.StatusBadRequest, fmt.Errorf("Invalid format for parameter status: %w", err).Error())
+	}
+
+	// ------------- Optional query parameter "limit" -------------
+
+	err = runtime.BindQueryParameterWithOptions("form", true, false, "limit", query, &params.Limit, runtime.BindQueryParameterOptions{Type: "integer", Format: ""})
+	if err != nil {
+		return fiber.NewError(fiber.StatusBadRequest, fmt.Errorf("Invalid format for parameter limit: %w", err).Error())
+	}
+
+	// ------------- Optional query parameter "cursor" -------------
+
+	err = runtime.BindQueryParameterWithOptions("form", true, false, "cursor", query, &params.Cursor, runtime.BindQueryParameterOptions{Type: "string", Format: ""})
+	if err != nil {
+		return fiber.NewError(fiber.StatusBadRequest, fmt.Errorf("Invalid format for parameter cursor: %w", err).Error())
+	}
+
+	handler := func(c *fiber.Ctx) error {
+		return siw.Handler.AdminListUsers(c, params)
+	}
+
+	for i := len(siw.HandlerMiddlewares) - 1; i >= 0; i-- {
+		m := siw.HandlerMiddlewares[i]
+		next := handler
+		handler = func(c *fiber.Ctx) error {
+			return m(c, next)
+		}
+	}
+
+	return handler(c)
+}
+
+// AdminUpdateUser operation middleware
+func (siw *ServerInterfaceWrapper) AdminUpdateUser(c *fiber.Ctx) error {
+
+	var err error
+	_ = err
+
+	// ------------- Path parameter "user_id" -------------
+	var userId UserID
+
+	err = runtime.BindStyledParameterWithOptions("simple", "user_id", c.Params("user_id"), &userId, runtime.BindStyledParameterOptions{ParamLocation: runtime.ParamLocationPath, Explode: false, Required: true, Type: "string", Format: "uuid"})
+	if err != nil {
+		return fiber.NewError(fiber.StatusBadRequest, fmt.Errorf("Invalid format for parameter user_id: %w", err).Error())
+	}
+
+	handler := func(c *fiber.Ctx) error {
+		return siw.Handler.AdminUpdateUser(c, userId)
+	}
+
+	for i := len(siw.HandlerMiddlewares) - 1; i >= 0; i-- {
+		m := siw.HandlerMiddlewares[i]
+		next := handler
+		handler = func(c *fiber.Ctx) error {
+			return m(c, next)
+		}
+	}
+
+	return handler(c)
+}
+
+// LocalLogin operation middleware
+func (siw *ServerInterfaceWrapper) LocalLogin(c *fiber.Ctx) error {
+
+	handler := func(c *fiber.Ctx) error {
+		return siw.Handler.LocalLogin(c)
+	}
+
+	for i := len(siw.HandlerMiddlewares) - 1; i >= 0; i-- {
+		m := siw.HandlerMiddlewares[i]
+		next := handler
+		handler = func(c *fiber.Ctx) error {
+			return m(c, next)
+		}
+	}
+
+	return handler(c)
+}
+
+// Logout operation middleware
+func (siw *ServerInterfaceWrapper) Logout(c *fiber.Ctx) error {
+
+	handler := func(c *fiber.Ctx) error {
+		return siw.Handler.Logout(c)
+	}
+
+	for i := len(siw.HandlerMiddlewares) - 1; i >= 0; i-- {
+		m := siw.HandlerMiddlewares[i]
+		next := handler
+		handler = func(c *fiber.Ctx) error {
+			return m(c, next)
+		}
+	}
+
+	return handler(c)
+}
+
+// OidcAuthorize operation middleware
+func (siw *ServerInterfaceWrapper) OidcAuthorize(c *fiber.Ctx) error {
+
+	var err error
+	_ = err
+
+	// Parameter object where we will unmarshal all parameters from the context
+	var params OidcAuthorizeParams
+
+	var query url.Values
+	query, err = url.ParseQuery(string(c.Request().URI().QueryString()))
+	if err != nil {
+		return fiber.NewError(fiber.StatusBadRequest, fmt.Errorf("Invalid format for query string: %w", err).Error())
+	}
+
+	// ------------- Optional query parameter "return_to" -------------
+
+	err = runtime.BindQueryParameterWithOptions("form", true, false, "return_to", query, &params.ReturnTo, runtime.BindQueryParameterOptions{Type: "string", Format: ""})
+	if err != nil {
+		return fiber.NewError(fiber.StatusBadRequest, fmt.Errorf("Invalid format for parameter return_to: %w", err).Error())
+	}
+
+	handler := func(c *fiber.Ctx) error {
+		return siw.Handler.OidcAuthorize(c, params)
+	}
+
+	for i := len(siw.HandlerMiddlewares) - 1; i >= 0; i-- {
+		m := siw.HandlerMiddlewares[i]
+		next := handler
+		handler = func(c *fiber.Ctx) error {
+			return m(c, next)
+		}
+	}
+
+	return handler(c)
+}
+
+// OidcExchange operation middleware
+func (siw *ServerInterfaceWrapper) OidcExchange(c *fiber.Ctx) error {
+
+	handler := func(c *fiber.Ctx) error {
+		return siw.Handler.OidcExchange(c)
+	}
+
+	for i := len(siw.HandlerMiddlewares) - 1; i >= 0; i-- {
+		m := siw.HandlerMiddlewares[i]
+		next := handler
+		handler = func(c *fiber.Ctx) error {
+			return m(c, next)
+		}
+	}
+
+	return handler(c)
+}
+
+// RefreshToken operation middleware
+func (siw *ServerInterfaceWrapper) RefreshToken(c *fiber.Ctx) error {
+
+	handler := func(c *fiber.Ctx) error {
+		return siw.Handler.RefreshToken(c)
+	}
+
+	for i := len(siw.HandlerMiddlewares) - 1; i >= 0; i-- {
+		m := siw.HandlerMiddlewares[i]
+		next := handler
+		handler = func(c *fiber.Ctx) error {
+			return m(c, next)
+		}
+	}
+
+	return handler(c)
+}
+
 // GetHealthz operation middleware
 func (siw *ServerInterfaceWrapper) GetHealthz(c *fiber.Ctx) error {
 
 	handler := func(c *fiber.Ctx) error {
 		return siw.Handler.GetHealthz(c)
+	}
+
+	for i := len(siw.HandlerMiddlewares) - 1; i >= 0; i-- {
+		m := siw.HandlerMiddlewares[i]
+		next := handler
+		handler = func(c *fiber.Ctx) error {
+			return m(c, next)
+		}
+	}
+
+	return handler(c)
+}
+
+// ListOrgs operation middleware
+func (siw *ServerInterfaceWrapper) ListOrgs(c *fiber.Ctx) error {
+
+	var err error
+	_ = err
+
+	// Parameter object where we will unmarshal all parameters from the context
+	var params ListOrgsParams
+
+	var query url.Values
+	query, err = url.ParseQuery(string(c.Request().URI().QueryString()))
+	if err != nil {
+		return fiber.NewError(fiber.StatusBadRequest, fmt.Errorf("Invalid format for query string: %w", err).Error())
+	}
+
+	// ------------- Optional query parameter "limit" -------------
+
+	err = runtime.BindQueryParameterWithOptions("form", true, false, "limit", query, &params.Limit, runtime.BindQueryParameterOptions{Type: "integer", Format: ""})
+	if err != nil {
+		return fiber.NewError(fiber.StatusBadRequest, fmt.Errorf("Invalid format for parameter limit: %w", err).Error())
+	}
+
+	// ------------- Optional query parameter "cursor" -------------
+
+	err = runtime.BindQueryParameterWithOptions("form", true, false, "cursor", query, &params.Cursor, runtime.BindQueryParameterOptions{Type: "string", Format: ""})
+	if err != nil {
+		return fiber.NewError(fiber.StatusBadRequest, fmt.Errorf("Invalid format for parameter cursor: %w", err).Error())
+	}
+
+	handler := func(c *fiber.Ctx) error {
+		return siw.Handler.ListOrgs(c, params)
+	}
+
+	for i := len(siw.HandlerMiddlewares) - 1; i >= 0; i-- {
+		m := siw.HandlerMiddlewares[i]
+		next := handler
+		handler = func(c *fiber.Ctx) error {
+			return m(c, next)
+		}
+	}
+
+	return handler(c)
+}
+
+// CreateOrg operation middleware
+func (siw *ServerInterfaceWrapper) CreateOrg(c *fiber.Ctx) error {
+
+	var err error
+	_ = err
+
+	// Parameter object where we will unmarshal all parameters from the context
+	var params CreateOrgParams
+
+	headers := c.GetReqHeaders()
+
+	// ------------- Optional header parameter "Idempotency-Key" -------------
+	if valueList, found := headers[http.CanonicalHeaderKey("Idempotency-Key")]; found {
+		var IdempotencyKey IdempotencyKey
+		n := len(valueList)
+		if n != 1 {
+			return fiber.NewError(fiber.StatusBadRequest, fmt.Sprintf("Too many values for ParamName Idempotency-Key, 1 is required, but %d found", n))
+		}
+
+		err = runtime.BindStyledParameterWithOptions("simple", "Idempotency-Key", valueList[0], &IdempotencyKey, runtime.BindStyledParameterOptions{ParamLocation: runtime.ParamLocationHeader, Explode: false, Required: false, Type: "string", Format: ""})
+		if err != nil {
+			return fiber.NewError(fiber.StatusBadRequest, fmt.Errorf("Invalid format for parameter Idempotency-Key: %w", err).Error())
+		}
+
+		params.IdempotencyKey = &IdempotencyKey
+
+	}
+
+	handler := func(c *fiber.Ctx) error {
+		return siw.Handler.CreateOrg(c, params)
+	}
+
+	for i := len(siw.HandlerMiddlewares) - 1; i >= 0; i-- {
+		m := siw.HandlerMiddlewares[i]
+		next := handler
+		handler = func(c *fiber.Ctx) error {
+			return m(c, next)
+		}
+	}
+
+	return handler(c)
+}
+
+// GetOrg operation middleware
+func (siw *ServerInterfaceWrapper) GetOrg(c *fiber.Ctx) error {
+
+	var err error
+	_ = err
+
+	// ------------- Path parameter "org_id" -------------
+	var orgId OrgID
+
+	err = runtime.BindStyledParameterWithOptions("simple", "org_id", c.Params("org_id"), &orgId, runtime.BindStyledParameterOptions{ParamLocation: runtime.ParamLocationPath, Explode: false, Required: true, Type: "string", Format: "uuid"})
+	if err != nil {
+		return fiber.NewError(fiber.StatusBadRequest, fmt.Errorf("Invalid format for parameter org_id: %w", err).Error())
+	}
+
+	handler := func(c *fiber.Ctx) error {
+		return siw.Handler.GetOrg(c, orgId)
+	}
+
+	for i := len(siw.HandlerMiddlewares) - 1; i >= 0; i-- {
+		m := siw.HandlerMiddlewares[i]
+		next := handler
+		handler = func(c *fiber.Ctx) error {
+			return m(c, next)
+		}
+	}
+
+	return handler(c)
+}
+
+// UpdateOrg operation middleware
+func (siw *ServerInterfaceWrapper) UpdateOrg(c *fiber.Ctx) error {
+
+	var err error
+	_ = err
+
+	// ------------- Path parameter "org_id" -------------
+	var orgId OrgID
+
+	err = runtime.BindStyledParameterWithOptions("simple", "org_id", c.Params("org_id"), &orgId, runtime.BindStyledParameterOptions{ParamLocation: runtime.ParamLocationPath, Explode: false, Required: true, Type: "string", Format: "uuid"})
+	if err != nil {
+		return fiber.NewError(fiber.StatusBadRequest, fmt.Errorf("Invalid format for parameter org_id: %w", err).Error())
+	}
+
+	handler := func(c *fiber.Ctx) error {
+		return siw.Handler.UpdateOrg(c, orgId)
+	}
+
+	for i := len(siw.HandlerMiddlewares) - 1; i >= 0; i-- {
+		m := siw.HandlerMiddlewares[i]
+		next := handler
+		handler = func(c *fiber.Ctx) error {
+			return m(c, next)
+		}
+	}
+
+	return handler(c)
+}
+
+// ListOrgMembers operation middleware
+func (siw *ServerInterfaceWrapper) ListOrgMembers(c *fiber.Ctx) error {
+
+	var err error
+	_ = err
+
+	// ------------- Path parameter "org_id" -------------
+	var orgId OrgID
+
+	err = runtime.BindStyledParameterWithOptions("simple", "org_id", c.Params("org_id"), &orgId, runtime.BindStyledParameterOptions{ParamLocation: runtime.ParamLocationPath, Explode: false, Required: true, Type: "string", Format: "uuid"})
+	if err != nil {
+		return fiber.NewError(fiber.StatusBadRequest, fmt.Errorf("Invalid format for parameter org_id: %w", err).Error())
+	}
+
+	// Parameter object where we will unmarshal all parameters from the context
+	var params ListOrgMembersParams
+
+	var query url.Values
+	query, err = url.ParseQuery(string(c.Request().URI().QueryString()))
+	if err != nil {
+		return fiber.NewError(fiber.StatusBadRequest, fmt.Errorf("Invalid format for query string: %w", err).Error())
+	}
+
+	// ------------- Optional query parameter "limit" -------------
+
+	err = runtime.BindQueryParameterWithOptions("form", true, false, "limit", query, &params.Limit, runtime.BindQueryParameterOptions{Type: "integer", Format: ""})
+	if err != nil {
+		return fiber.NewError(fiber.StatusBadRequest, fmt.Errorf("Invalid format for parameter limit: %w", err).Error())
+	}
+
+	// ------------- Optional query parameter "cursor" -------------
+
+	err = runtime.BindQueryParameterWithOptions("form", true, false, "cursor", query, &params.Cursor, runtime.BindQueryParameterOptions{Type: "string", Format: ""})
+	if err != nil {
+		return fiber.NewError(fiber.StatusBadRequest, fmt.Errorf("Invalid format for parameter cursor: %w", err).Error())
+	}
+
+	handler := func(c *fiber.Ctx) error {
+		return siw.Handler.ListOrgMembers(c, orgId, params)
+	}
+
+	for i := len(siw.HandlerMiddlewares) - 1; i >= 0; i-- {
+		m := siw.HandlerMiddlewares[i]
+		next := handler
+		handler = func(c *fiber.Ctx) error {
+			return m(c, next)
+		}
+	}
+
+	return handler(c)
+}
+
+// AddOrgMember operation middleware
+func (siw *ServerInterfaceWrapper) AddOrgMember(c *fiber.Ctx) error {
+
+	var err error
+	_ = err
+
+	// ------------- Path parameter "org_id" -------------
+	var orgId OrgID
+
+	err = runtime.BindStyledParameterWithOptions("simple", "org_id", c.Params("org_id"), &orgId, runtime.BindStyledParameterOptions{ParamLocation: runtime.ParamLocationPath, Explode: false, Required: true, Type: "string", Format: "uuid"})
+	if err != nil {
+		return fiber.NewError(fiber.StatusBadRequest, fmt.Errorf("Invalid format for parameter org_id: %w", err).Error())
+	}
+
+	// Parameter object where we will unmarshal all parameters from the context
+	var params AddOrgMemberParams
+
+	headers := c.GetReqHeaders()
+
+	// ------------- Optional header parameter "Idempotency-Key" -------------
+	if valueList, found := headers[http.CanonicalHeaderKey("Idempotency-Key")]; found {
+		var IdempotencyKey IdempotencyKey
+		n := len(valueList)
+		if n != 1 {
+			return fiber.NewError(fiber.StatusBadRequest, fmt.Sprintf("Too many values for ParamName Idempotency-Key, 1 is required, but %d found", n))
+		}
+
+		err = runtime.BindStyledParameterWithOptions("simple", "Idempotency-Key", valueList[0], &IdempotencyKey, runtime.BindStyledParameterOptions{ParamLocation: runtime.ParamLocationHeader, Explode: false, Required: false, Type: "string", Format: ""})
+		if err != nil {
+			return fiber.NewError(fiber.StatusBadRequest, fmt.Errorf("Invalid format for parameter Idempotency-Key: %w", err).Error())
+		}
+
+		params.IdempotencyKey = &IdempotencyKey
+
+	}
+
+	handler := func(c *fiber.Ctx) error {
+		return siw.Handler.AddOrgMember(c, orgId, params)
+	}
+
+	for i := len(siw.HandlerMiddlewares) - 1; i >= 0; i-- {
+		m := siw.HandlerMiddlewares[i]
+		next := handler
+		handler = func(c *fiber.Ctx) error {
+			return m(c, next)
+		}
+	}
+
+	return handler(c)
+}
+
+// RemoveOrgMember operation middleware
+func (siw *ServerInterfaceWrapper) RemoveOrgMember(c *fiber.Ctx) error {
+
+	var err error
+	_ = err
+
+	// ------------- Path parameter "org_id" -------------
+	var orgId OrgID
+
+	err = runtime.BindStyledParameterWithOptions("simple", "org_id", c.Params("org_id"), &orgId, runtime.BindStyledParameterOptions{ParamLocation: runtime.ParamLocationPath, Explode: false, Required: true, Type: "string", Format: "uuid"})
+	if err != nil {
+		return fiber.NewError(fiber.StatusBadRequest, fmt.Errorf("Invalid format for parameter org_id: %w", err).Error())
+	}
+
+	// ------------- Path parameter "user_id" -------------
+	var userId UserID
+
+	err = runtime.BindStyledParameterWithOptions("simple", "user_id", c.Params("user_id"), &userId, runtime.BindStyledParameterOptions{ParamLocation: runtime.ParamLocationPath, Explode: false, Required: true, Type: "string", Format: "uuid"})
+	if err != nil {
+		return fiber.NewError(fiber.StatusBadRequest, fmt.Errorf("Invalid format for parameter user_id: %w", err).Error())
+	}
+
+	handler := func(c *fiber.Ctx) error {
+		return siw.Handler.RemoveOrgMember(c, orgId, userId)
+	}
+
+	for i := len(siw.HandlerMiddlewares) - 1; i >= 0; i-- {
+		m := siw.HandlerMiddlewares[i]
+		next := handler
+		handler = func(c *fiber.Ctx) error {
+			return m(c, next)
+		}
+	}
+
+	return handler(c)
+}
+
+// UpdateOrgMember operation middleware
+func (siw *ServerInterfaceWrapper) UpdateOrgMember(c *fiber.Ctx) error {
+
+	var err error
+	_ = err
+
+	// ------------- Path parameter "org_id" -------------
+	var orgId OrgID
+
+	err = runtime.BindStyledParameterWithOptions("simple", "org_id", c.Params("org_id"), &orgId, runtime.BindStyledParameterOptions{ParamLocation: runtime.ParamLocationPath, Explode: false, Required: true, Type: "string", Format: "uuid"})
+	if err != nil {
+		return fiber.NewError(fiber.StatusBadRequest, fmt.Errorf("Invalid format for parameter org_id: %w", err).Error())
+	}
+
+	// ------------- Path parameter "user_id" -------------
+	var userId UserID
+
+	err = runtime.BindStyledParameterWithOptions("simple", "user_id", c.Params("user_id"), &userId, runtime.BindStyledParameterOptions{ParamLocation: runtime.ParamLocationPath, Explode: false, Required: true, Type: "string", Format: "uuid"})
+	if err != nil {
+		return fiber.NewError(fiber.StatusBadRequest, fmt.Errorf("Invalid format for parameter user_id: %w", err).Error())
+	}
+
+	handler := func(c *fiber.Ctx) error {
+		return siw.Handler.UpdateOrgMember(c, orgId, userId)
+	}
+
+	for i := len(siw.HandlerMiddlewares) - 1; i >= 0; i-- {
+		m := siw.HandlerMiddlewares[i]
+		next := handler
+		handler = func(c *fiber.Ctx) error {
+			return m(c, next)
+		}
+	}
+
+	return handler(c)
+}
+
+// ListProjects operation middleware
+func (siw *ServerInterfaceWrapper) ListProjects(c *fiber.Ctx) error {
+
+	var err error
+	_ = err
+
+	// ------------- Path parameter "org_id" -------------
+	var orgId OrgID
+
+	err = runtime.BindStyledParameterWithOptions("simple", "org_id", c.Params("org_id"), &orgId, runtime.BindStyledParameterOptions{ParamLocation: runtime.ParamLocationPath, Explode: false, Required: true, Type: "string", Format: "uuid"})
+	if err != nil {
+		return fiber.NewError(fiber.StatusBadRequest, fmt.Errorf("Invalid format for parameter org_id: %w", err).Error())
+	}
+
+	// Parameter object where we will unmarshal all parameters from the context
+	var params ListProjectsParams
+
+	var query url.Values
+	query, err = url.ParseQuery(string(c.Request().URI().QueryString()))
+	if err != nil {
+		return fiber.NewError(fiber.StatusBadRequest, fmt.Errorf("Invalid format for query string: %w", err).Error())
+	}
+
+	// ------------- Optional query parameter "limit" -------------
+
+	err = runtime.BindQueryParameterWithOptions("form", true, false, "limit", query, &params.Limit, runtime.BindQueryParameterOptions{Type: "integer", Format: ""})
+	if err != nil {
+		return fiber.NewError(fiber.StatusBadRequest, fmt.Errorf("Invalid format for parameter limit: %w", err).Error())
+	}
+
+	// ------------- Optional query parameter "cursor" -------------
+
+	err = runtime.BindQueryParameterWithOptions("form", true, false, "cursor", query, &params.Cursor, runtime.BindQueryParameterOptions{Type: "string", Format: ""})
+	if err != nil {
+		return fiber.NewError(fiber.StatusBadRequest, fmt.Errorf("Invalid format for parameter cursor: %w", err).Error())
+	}
+
+	handler := func(c *fiber.Ctx) error {
+		return siw.Handler.ListProjects(c, orgId, params)
+	}
+
+	for i := len(siw.HandlerMiddlewares) - 1; i >= 0; i-- {
+		m := siw.HandlerMiddlewares[i]
+		next := handler
+		handler = func(c *fiber.Ctx) error {
+			return m(c, next)
+		}
+	}
+
+	return handler(c)
+}
+
+// CreateProject operation middleware
+func (siw *ServerInterfaceWrapper) CreateProject(c *fiber.Ctx) error {
+
+	var err error
+	_ = err
+
+	// ------------- Path parameter "org_id" -------------
+	var orgId OrgID
+
+	err = runtime.BindStyledParameterWithOptions("simple", "org_id", c.Params("org_id"), &orgId, runtime.BindStyledParameterOptions{ParamLocation: runtime.ParamLocationPath, Explode: false, Required: true, Type: "string", Format: "uuid"})
+	if err != nil {
+		return fiber.NewError(fiber.StatusBadRequest, fmt.Errorf("Invalid format for parameter org_id: %w", err).Error())
+	}
+
+	// Parameter object where we will unmarshal all parameters from the context
+	var params CreateProjectParams
+
+	headers := c.GetReqHeaders()
+
+	// ------------- Optional header parameter "Idempotency-Key" -------------
+	if valueList, found := headers[http.CanonicalHeaderKey("Idempotency-Key")]; found {
+		var IdempotencyKey IdempotencyKey
+		n := len(valueList)
+		if n != 1 {
+			return fiber.NewError(fiber.StatusBadRequest, fmt.Sprintf("Too many values for ParamName Idempotency-Key, 1 is required, but %d found", n))
+		}
+
+		err = runtime.BindStyledParameterWithOptions("simple", "Idempotency-Key", valueList[0], &IdempotencyKey, runtime.BindStyledParameterOptions{ParamLocation: runtime.ParamLocationHeader, Explode: false, Required: false, Type: "string", Format: ""})
+		if err != nil {
+			return fiber.NewError(fiber.StatusBadRequest, fmt.Errorf("Invalid format for parameter Idempotency-Key: %w", err).Error())
+		}
+
+		params.IdempotencyKey = &IdempotencyKey
+
+	}
+
+	handler := func(c *fiber.Ctx) error {
+		return siw.Handler.CreateProject(c, orgId, params)
 	}
 
 	for i := len(siw.HandlerMiddlewares) - 1; i >= 0; i-- {
@@ -360,11 +2515,721 @@ func (siw *ServerInterfaceWrapper) ListPolicyKeys(c *fiber.Ctx) error {
 	return handler(c)
 }
 
+// GetProject operation middleware
+func (siw *ServerInterfaceWrapper) GetProject(c *fiber.Ctx) error {
+
+	var err error
+	_ = err
+
+	// ------------- Path parameter "project_id" -------------
+	var projectId ProjectID
+
+	err = runtime.BindStyledParameterWithOptions("simple", "project_id", c.Params("project_id"), &projectId, runtime.BindStyledParameterOptions{ParamLocation: runtime.ParamLocationPath, Explode: false, Required: true, Type: "string", Format: "uuid"})
+	if err != nil {
+		return fiber.NewError(fiber.StatusBadRequest, fmt.Errorf("Invalid format for parameter project_id: %w", err).Error())
+	}
+
+	handler := func(c *fiber.Ctx) error {
+		return siw.Handler.GetProject(c, projectId)
+	}
+
+	for i := len(siw.HandlerMiddlewares) - 1; i >= 0; i-- {
+		m := siw.HandlerMiddlewares[i]
+		next := handler
+		handler = func(c *fiber.Ctx) error {
+			return m(c, next)
+		}
+	}
+
+	return handler(c)
+}
+
+// UpdateProject operation middleware
+func (siw *ServerInterfaceWrapper) UpdateProject(c *fiber.Ctx) error {
+
+	var err error
+	_ = err
+
+	// ------------- Path parameter "project_id" -------------
+	var projectId ProjectID
+
+	err = runtime.BindStyledParameterWithOptions("simple", "project_id", c.Params("project_id"), &projectId, runtime.BindStyledParameterOptions{ParamLocation: runtime.ParamLocationPath, Explode: false, Required: true, Type: "string", Format: "uuid"})
+	if err != nil {
+		return fiber.NewError(fiber.StatusBadRequest, fmt.Errorf("Invalid format for parameter project_id: %w", err).Error())
+	}
+
+	handler := func(c *fiber.Ctx) error {
+		return siw.Handler.UpdateProject(c, projectId)
+	}
+
+	for i := len(siw.HandlerMiddlewares) - 1; i >= 0; i-- {
+		m := siw.HandlerMiddlewares[i]
+		next := handler
+		handler = func(c *fiber.Ctx) error {
+			return m(c, next)
+		}
+	}
+
+	return handler(c)
+}
+
+// ListProjectMembers operation middleware
+func (siw *ServerInterfaceWrapper) ListProjectMembers(c *fiber.Ctx) error {
+
+	var err error
+	_ = err
+
+	// ------------- Path parameter "project_id" -------------
+	var projectId ProjectID
+
+	err = runtime.BindStyledParameterWithOptions("simple", "project_id", c.Params("project_id"), &projectId, runtime.BindStyledParameterOptions{ParamLocation: runtime.ParamLocationPath, Explode: false, Required: true, Type: "string", Format: "uuid"})
+	if err != nil {
+		return fiber.NewError(fiber.StatusBadRequest, fmt.Errorf("Invalid format for parameter project_id: %w", err).Error())
+	}
+
+	// Parameter object where we will unmarshal all parameters from the context
+	var params ListProjectMembersParams
+
+	var query url.Values
+	query, err = url.ParseQuery(string(c.Request().URI().QueryString()))
+	if err != nil {
+		return fiber.NewError(fiber.StatusBadRequest, fmt.Errorf("Invalid format for query string: %w", err).Error())
+	}
+
+	// ------------- Optional query parameter "limit" -------------
+
+	err = runtime.BindQueryParameterWithOptions("form", true, false, "limit", query, &params.Limit, runtime.BindQueryParameterOptions{Type: "integer", Format: ""})
+	if err != nil {
+		return fiber.NewError(fiber.StatusBadRequest, fmt.Errorf("Invalid format for parameter limit: %w", err).Error())
+	}
+
+	// ------------- Optional query parameter "cursor" -------------
+
+	err = runtime.BindQueryParameterWithOptions("form", true, false, "cursor", query, &params.Cursor, runtime.BindQueryParameterOptions{Type: "string", Format: ""})
+	if err != nil {
+		return fiber.NewError(fiber.StatusBadRequest, fmt.Errorf("Invalid format for parameter cursor: %w", err).Error())
+	}
+
+	handler := func(c *fiber.Ctx) error {
+		return siw.Handler.ListProjectMembers(c, projectId, params)
+	}
+
+	for i := len(siw.HandlerMiddlewares) - 1; i >= 0; i-- {
+		m := siw.HandlerMiddlewares[i]
+		next := handler
+		handler = func(c *fiber.Ctx) error {
+			return m(c, next)
+		}
+	}
+
+	return handler(c)
+}
+
+// AddProjectMember operation middleware
+func (siw *ServerInterfaceWrapper) AddProjectMember(c *fiber.Ctx) error {
+
+	var err error
+	_ = err
+
+	// ------------- Path parameter "project_id" -------------
+	var projectId ProjectID
+
+	err = runtime.BindStyledParameterWithOptions("simple", "project_id", c.Params("project_id"), &projectId, runtime.BindStyledParameterOptions{ParamLocation: runtime.ParamLocationPath, Explode: false, Required: true, Type: "string", Format: "uuid"})
+	if err != nil {
+		return fiber.NewError(fiber.StatusBadRequest, fmt.Errorf("Invalid format for parameter project_id: %w", err).Error())
+	}
+
+	// Parameter object where we will unmarshal all parameters from the context
+	var params AddProjectMemberParams
+
+	headers := c.GetReqHeaders()
+
+	// ------------- Optional header parameter "Idempotency-Key" -------------
+	if valueList, found := headers[http.CanonicalHeaderKey("Idempotency-Key")]; found {
+		var IdempotencyKey IdempotencyKey
+		n := len(valueList)
+		if n != 1 {
+			return fiber.NewError(fiber.StatusBadRequest, fmt.Sprintf("Too many values for ParamName Idempotency-Key, 1 is required, but %d found", n))
+		}
+
+		err = runtime.BindStyledParameterWithOptions("simple", "Idempotency-Key", valueList[0], &IdempotencyKey, runtime.BindStyledParameterOptions{ParamLocation: runtime.ParamLocationHeader, Explode: false, Required: false, Type: "string", Format: ""})
+		if err != nil {
+			return fiber.NewError(fiber.StatusBadRequest, fmt.Errorf("Invalid format for parameter Idempotency-Key: %w", err).Error())
+		}
+
+		params.IdempotencyKey = &IdempotencyKey
+
+	}
+
+	handler := func(c *fiber.Ctx) error {
+		return siw.Handler.AddProjectMember(c, projectId, params)
+	}
+
+	for i := len(siw.HandlerMiddlewares) - 1; i >= 0; i-- {
+		m := siw.HandlerMiddlewares[i]
+		next := handler
+		handler = func(c *fiber.Ctx) error {
+			return m(c, next)
+		}
+	}
+
+	return handler(c)
+}
+
+// RemoveProjectMember operation middleware
+func (siw *ServerInterfaceWrapper) RemoveProjectMember(c *fiber.Ctx) error {
+
+	var err error
+	_ = err
+
+	// ------------- Path parameter "project_id" -------------
+	var projectId ProjectID
+
+	err = runtime.BindStyledParameterWithOptions("simple", "project_id", c.Params("project_id"), &projectId, runtime.BindStyledParameterOptions{ParamLocation: runtime.ParamLocationPath, Explode: false, Required: true, Type: "string", Format: "uuid"})
+	if err != nil {
+		return fiber.NewError(fiber.StatusBadRequest, fmt.Errorf("Invalid format for parameter project_id: %w", err).Error())
+	}
+
+	// ------------- Path parameter "user_id" -------------
+	var userId UserID
+
+	err = runtime.BindStyledParameterWithOptions("simple", "user_id", c.Params("user_id"), &userId, runtime.BindStyledParameterOptions{ParamLocation: runtime.ParamLocationPath, Explode: false, Required: true, Type: "string", Format: "uuid"})
+	if err != nil {
+		return fiber.NewError(fiber.StatusBadRequest, fmt.Errorf("Invalid format for parameter user_id: %w", err).Error())
+	}
+
+	handler := func(c *fiber.Ctx) error {
+		return siw.Handler.RemoveProjectMember(c, projectId, userId)
+	}
+
+	for i := len(siw.HandlerMiddlewares) - 1; i >= 0; i-- {
+		m := siw.HandlerMiddlewares[i]
+		next := handler
+		handler = func(c *fiber.Ctx) error {
+			return m(c, next)
+		}
+	}
+
+	return handler(c)
+}
+
+// UpdateProjectMember operation middleware
+func (siw *ServerInterfaceWrapper) UpdateProjectMember(c *fiber.Ctx) error {
+
+	var err error
+	_ = err
+
+	// ------------- Path parameter "project_id" -------------
+	var projectId ProjectID
+
+	err = runtime.BindStyledParameterWithOptions("simple", "project_id", c.Params("project_id"), &projectId, runtime.BindStyledParameterOptions{ParamLocation: runtime.ParamLocationPath, Explode: false, Required: true, Type: "string", Format: "uuid"})
+	if err != nil {
+		return fiber.NewError(fiber.StatusBadRequest, fmt.Errorf("Invalid format for parameter project_id: %w", err).Error())
+	}
+
+	// ------------- Path parameter "user_id" -------------
+	var userId UserID
+
+	err = runtime.BindStyledParameterWithOptions("simple", "user_id", c.Params("user_id"), &userId, runtime.BindStyledParameterOptions{ParamLocation: runtime.ParamLocationPath, Explode: false, Required: true, Type: "string", Format: "uuid"})
+	if err != nil {
+		return fiber.NewError(fiber.StatusBadRequest, fmt.Errorf("Invalid format for parameter user_id: %w", err).Error())
+	}
+
+	handler := func(c *fiber.Ctx) error {
+		return siw.Handler.UpdateProjectMember(c, projectId, userId)
+	}
+
+	for i := len(siw.HandlerMiddlewares) - 1; i >= 0; i-- {
+		m := siw.HandlerMiddlewares[i]
+		next := handler
+		handler = func(c *fiber.Ctx) error {
+			return m(c, next)
+		}
+	}
+
+	return handler(c)
+}
+
+// ListServiceAccounts operation middleware
+func (siw *ServerInterfaceWrapper) ListServiceAccounts(c *fiber.Ctx) error {
+
+	var err error
+	_ = err
+
+	// ------------- Path parameter "project_id" -------------
+	var projectId ProjectID
+
+	err = runtime.BindStyledParameterWithOptions("simple", "project_id", c.Params("project_id"), &projectId, runtime.BindStyledParameterOptions{ParamLocation: runtime.ParamLocationPath, Explode: false, Required: true, Type: "string", Format: "uuid"})
+	if err != nil {
+		return fiber.NewError(fiber.StatusBadRequest, fmt.Errorf("Invalid format for parameter project_id: %w", err).Error())
+	}
+
+	// Parameter object where we will unmarshal all parameters from the context
+	var params ListServiceAccountsParams
+
+	var query url.Values
+	query, err = url.ParseQuery(string(c.Request().URI().QueryString()))
+	if err != nil {
+		return fiber.NewError(fiber.StatusBadRequest, fmt.Errorf("Invalid format for query string: %w", err).Error())
+	}
+
+	// ------------- Optional query parameter "limit" -------------
+
+	err = runtime.BindQueryParameterWithOptions("form", true, false, "limit", query, &params.Limit, runtime.BindQueryParameterOptions{Type: "integer", Format: ""})
+	if err != nil {
+		return fiber.NewError(fiber.StatusBadRequest, fmt.Errorf("Invalid format for parameter limit: %w", err).Error())
+	}
+
+	// ------------- Optional query parameter "cursor" -------------
+
+	err = runtime.BindQueryParameterWithOptions("form", true, false, "cursor", query, &params.Cursor, runtime.BindQueryParameterOptions{Type: "string", Format: ""})
+	if err != nil {
+		return fiber.NewError(fiber.StatusBadRequest, fmt.Errorf("Invalid format for parameter cursor: %w", err).Error())
+	}
+
+	handler := func(c *fiber.Ctx) error {
+		return siw.Handler.ListServiceAccounts(c, projectId, params)
+	}
+
+	for i := len(siw.HandlerMiddlewares) - 1; i >= 0; i-- {
+		m := siw.HandlerMiddlewares[i]
+		next := handler
+		handler = func(c *fiber.Ctx) error {
+			return m(c, next)
+		}
+	}
+
+	return handler(c)
+}
+
+// CreateServiceAccount operation middleware
+func (siw *ServerInterfaceWrapper) CreateServiceAccount(c *fiber.Ctx) error {
+
+	var err error
+	_ = err
+
+	// ------------- Path parameter "project_id" -------------
+	var projectId ProjectID
+
+	err = runtime.BindStyledParameterWithOptions("simple", "project_id", c.Params("project_id"), &projectId, runtime.BindStyledParameterOptions{ParamLocation: runtime.ParamLocationPath, Explode: false, Required: true, Type: "string", Format: "uuid"})
+	if err != nil {
+		return fiber.NewError(fiber.StatusBadRequest, fmt.Errorf("Invalid format for parameter project_id: %w", err).Error())
+	}
+
+	// Parameter object where we will unmarshal all parameters from the context
+	var params CreateServiceAccountParams
+
+	headers := c.GetReqHeaders()
+
+	// ------------- Optional header parameter "Idempotency-Key" -------------
+	if valueList, found := headers[http.CanonicalHeaderKey("Idempotency-Key")]; found {
+		var IdempotencyKey IdempotencyKey
+		n := len(valueList)
+		if n != 1 {
+			return fiber.NewError(fiber.StatusBadRequest, fmt.Sprintf("Too many values for ParamName Idempotency-Key, 1 is required, but %d found", n))
+		}
+
+		err = runtime.BindStyledParameterWithOptions("simple", "Idempotency-Key", valueList[0], &IdempotencyKey, runtime.BindStyledParameterOptions{ParamLocation: runtime.ParamLocationHeader, Explode: false, Required: false, Type: "string", Format: ""})
+		if err != nil {
+			return fiber.NewError(fiber.StatusBadRequest, fmt.Errorf("Invalid format for parameter Idempotency-Key: %w", err).Error())
+		}
+
+		params.IdempotencyKey = &IdempotencyKey
+
+	}
+
+	handler := func(c *fiber.Ctx) error {
+		return siw.Handler.CreateServiceAccount(c, projectId, params)
+	}
+
+	for i := len(siw.HandlerMiddlewares) - 1; i >= 0; i-- {
+		m := siw.HandlerMiddlewares[i]
+		next := handler
+		handler = func(c *fiber.Ctx) error {
+			return m(c, next)
+		}
+	}
+
+	return handler(c)
+}
+
+// DeleteServiceAccount operation middleware
+func (siw *ServerInterfaceWrapper) DeleteServiceAccount(c *fiber.Ctx) error {
+
+	var err error
+	_ = err
+
+	// ------------- Path parameter "project_id" -------------
+	var projectId ProjectID
+
+	err = runtime.BindStyledParameterWithOptions("simple", "project_id", c.Params("project_id"), &projectId, runtime.BindStyledParameterOptions{ParamLocation: runtime.ParamLocationPath, Explode: false, Required: true, Type: "string", Format: "uuid"})
+	if err != nil {
+		return fiber.NewError(fiber.StatusBadRequest, fmt.Errorf("Invalid format for parameter project_id: %w", err).Error())
+	}
+
+	// ------------- Path parameter "service_account_id" -------------
+	var serviceAccountId ServiceAccountID
+
+	err = runtime.BindStyledParameterWithOptions("simple", "service_account_id", c.Params("service_account_id"), &serviceAccountId, runtime.BindStyledParameterOptions{ParamLocation: runtime.ParamLocationPath, Explode: false, Required: true, Type: "string", Format: "uuid"})
+	if err != nil {
+		return fiber.NewError(fiber.StatusBadRequest, fmt.Errorf("Invalid format for parameter service_account_id: %w", err).Error())
+	}
+
+	handler := func(c *fiber.Ctx) error {
+		return siw.Handler.DeleteServiceAccount(c, projectId, serviceAccountId)
+	}
+
+	for i := len(siw.HandlerMiddlewares) - 1; i >= 0; i-- {
+		m := siw.HandlerMiddlewares[i]
+		next := handler
+		handler = func(c *fiber.Ctx) error {
+			return m(c, next)
+		}
+	}
+
+	return handler(c)
+}
+
+// GetServiceAccount operation middleware
+func (siw *ServerInterfaceWrapper) GetServiceAccount(c *fiber.Ctx) error {
+
+	var err error
+	_ = err
+
+	// ------------- Path parameter "project_id" -------------
+	var projectId ProjectID
+
+	err = runtime.BindStyledParameterWithOptions("simple", "project_id", c.Params("project_id"), &projectId, runtime.BindStyledParameterOptions{ParamLocation: runtime.ParamLocationPath, Explode: false, Required: true, Type: "string", Format: "uuid"})
+	if err != nil {
+		return fiber.NewError(fiber.StatusBadRequest, fmt.Errorf("Invalid format for parameter project_id: %w", err).Error())
+	}
+
+	// ------------- Path parameter "service_account_id" -------------
+	var serviceAccountId ServiceAccountID
+
+	err = runtime.BindStyledParameterWithOptions("simple", "service_account_id", c.Params("service_account_id"), &serviceAccountId, runtime.BindStyledParameterOptions{ParamLocation: runtime.ParamLocationPath, Explode: false, Required: true, Type: "string", Format: "uuid"})
+	if err != nil {
+		return fiber.NewError(fiber.StatusBadRequest, fmt.Errorf("Invalid format for parameter service_account_id: %w", err).Error())
+	}
+
+	handler := func(c *fiber.Ctx) error {
+		return siw.Handler.GetServiceAccount(c, projectId, serviceAccountId)
+	}
+
+	for i := len(siw.HandlerMiddlewares) - 1; i >= 0; i-- {
+		m := siw.HandlerMiddlewares[i]
+		next := handler
+		handler = func(c *fiber.Ctx) error {
+			return m(c, next)
+		}
+	}
+
+	return handler(c)
+}
+
+// ListServiceAccountKeys operation middleware
+func (siw *ServerInterfaceWrapper) ListServiceAccountKeys(c *fiber.Ctx) error {
+
+	var err error
+	_ = err
+
+	// ------------- Path parameter "project_id" -------------
+	var projectId ProjectID
+
+	err = runtime.BindStyledParameterWithOptions("simple", "project_id", c.Params("project_id"), &projectId, runtime.BindStyledParameterOptions{ParamLocation: runtime.ParamLocationPath, Explode: false, Required: true, Type: "string", Format: "uuid"})
+	if err != nil {
+		return fiber.NewError(fiber.StatusBadRequest, fmt.Errorf("Invalid format for parameter project_id: %w", err).Error())
+	}
+
+	// ------------- Path parameter "service_account_id" -------------
+	var serviceAccountId ServiceAccountID
+
+	err = runtime.BindStyledParameterWithOptions("simple", "service_account_id", c.Params("service_account_id"), &serviceAccountId, runtime.BindStyledParameterOptions{ParamLocation: runtime.ParamLocationPath, Explode: false, Required: true, Type: "string", Format: "uuid"})
+	if err != nil {
+		return fiber.NewError(fiber.StatusBadRequest, fmt.Errorf("Invalid format for parameter service_account_id: %w", err).Error())
+	}
+
+	// Parameter object where we will unmarshal all parameters from the context
+	var params ListServiceAccountKeysParams
+
+	var query url.Values
+	query, err = url.ParseQuery(string(c.Request().URI().QueryString()))
+	if err != nil {
+		return fiber.NewError(fiber.StatusBadRequest, fmt.Errorf("Invalid format for query string: %w", err).Error())
+	}
+
+	// ------------- Optional query parameter "limit" -------------
+
+	err = runtime.BindQueryParameterWithOptions("form", true, false, "limit", query, &params.Limit, runtime.BindQueryParameterOptions{Type: "integer", Format: ""})
+	if err != nil {
+		return fiber.NewError(fiber.StatusBadRequest, fmt.Errorf("Invalid format for parameter limit: %w", err).Error())
+	}
+
+	// ------------- Optional query parameter "cursor" -------------
+
+	err = runtime.BindQueryParameterWithOptions("form", true, false, "cursor", query, &params.Cursor, runtime.BindQueryParameterOptions{Type: "string", Format: ""})
+	if err != nil {
+		return fiber.NewError(fiber.StatusBadRequest, fmt.Errorf("Invalid format for parameter cursor: %w", err).Error())
+	}
+
+	handler := func(c *fiber.Ctx) error {
+		return siw.Handler.ListServiceAccountKeys(c, projectId, serviceAccountId, params)
+	}
+
+	for i := len(siw.HandlerMiddlewares) - 1; i >= 0; i-- {
+		m := siw.HandlerMiddlewares[i]
+		next := handler
+		handler = func(c *fiber.Ctx) error {
+			return m(c, next)
+		}
+	}
+
+	return handler(c)
+}
+
+// CreateServiceAccountKey operation middleware
+func (siw *ServerInterfaceWrapper) CreateServiceAccountKey(c *fiber.Ctx) error {
+
+	var err error
+	_ = err
+
+	// ------------- Path parameter "project_id" -------------
+	var projectId ProjectID
+
+	err = runtime.BindStyledParameterWithOptions("simple", "project_id", c.Params("project_id"), &projectId, runtime.BindStyledParameterOptions{ParamLocation: runtime.ParamLocationPath, Explode: false, Required: true, Type: "string", Format: "uuid"})
+	if err != nil {
+		return fiber.NewError(fiber.StatusBadRequest, fmt.Errorf("Invalid format for parameter project_id: %w", err).Error())
+	}
+
+	// ------------- Path parameter "service_account_id" -------------
+	var serviceAccountId ServiceAccountID
+
+	err = runtime.BindStyledParameterWithOptions("simple", "service_account_id", c.Params("service_account_id"), &serviceAccountId, runtime.BindStyledParameterOptions{ParamLocation: runtime.ParamLocationPath, Explode: false, Required: true, Type: "string", Format: "uuid"})
+	if err != nil {
+		return fiber.NewError(fiber.StatusBadRequest, fmt.Errorf("Invalid format for parameter service_account_id: %w", err).Error())
+	}
+
+	// Parameter object where we will unmarshal all parameters from the context
+	var params CreateServiceAccountKeyParams
+
+	headers := c.GetReqHeaders()
+
+	// ------------- Optional header parameter "Idempotency-Key" -------------
+	if valueList, found := headers[http.CanonicalHeaderKey("Idempotency-Key")]; found {
+		var IdempotencyKey IdempotencyKey
+		n := len(valueList)
+		if n != 1 {
+			return fiber.NewError(fiber.StatusBadRequest, fmt.Sprintf("Too many values for ParamName Idempotency-Key, 1 is required, but %d found", n))
+		}
+
+		err = runtime.BindStyledParameterWithOptions("simple", "Idempotency-Key", valueList[0], &IdempotencyKey, runtime.BindStyledParameterOptions{ParamLocation: runtime.ParamLocationHeader, Explode: false, Required: false, Type: "string", Format: ""})
+		if err != nil {
+			return fiber.NewError(fiber.StatusBadRequest, fmt.Errorf("Invalid format for parameter Idempotency-Key: %w", err).Error())
+		}
+
+		params.IdempotencyKey = &IdempotencyKey
+
+	}
+
+	handler := func(c *fiber.Ctx) error {
+		return siw.Handler.CreateServiceAccountKey(c, projectId, serviceAccountId, params)
+	}
+
+	for i := len(siw.HandlerMiddlewares) - 1; i >= 0; i-- {
+		m := siw.HandlerMiddlewares[i]
+		next := handler
+		handler = func(c *fiber.Ctx) error {
+			return m(c, next)
+		}
+	}
+
+	return handler(c)
+}
+
+// RevokeServiceAccountKey operation middleware
+func (siw *ServerInterfaceWrapper) RevokeServiceAccountKey(c *fiber.Ctx) error {
+
+	var err error
+	_ = err
+
+	// ------------- Path parameter "project_id" -------------
+	var projectId ProjectID
+
+	err = runtime.BindStyledParameterWithOptions("simple", "project_id", c.Params("project_id"), &projectId, runtime.BindStyledParameterOptions{ParamLocation: runtime.ParamLocationPath, Explode: false, Required: true, Type: "string", Format: "uuid"})
+	if err != nil {
+		return fiber.NewError(fiber.StatusBadRequest, fmt.Errorf("Invalid format for parameter project_id: %w", err).Error())
+	}
+
+	// ------------- Path parameter "service_account_id" -------------
+	var serviceAccountId ServiceAccountID
+
+	err = runtime.BindStyledParameterWithOptions("simple", "service_account_id", c.Params("service_account_id"), &serviceAccountId, runtime.BindStyledParameterOptions{ParamLocation: runtime.ParamLocationPath, Explode: false, Required: true, Type: "string", Format: "uuid"})
+	if err != nil {
+		return fiber.NewError(fiber.StatusBadRequest, fmt.Errorf("Invalid format for parameter service_account_id: %w", err).Error())
+	}
+
+	// ------------- Path parameter "key_id" -------------
+	var keyId KeyID
+
+	err = runtime.BindStyledParameterWithOptions("simple", "key_id", c.Params("key_id"), &keyId, runtime.BindStyledParameterOptions{ParamLocation: runtime.ParamLocationPath, Explode: false, Required: true, Type: "string", Format: "uuid"})
+	if err != nil {
+		return fiber.NewError(fiber.StatusBadRequest, fmt.Errorf("Invalid format for parameter key_id: %w", err).Error())
+	}
+
+	handler := func(c *fiber.Ctx) error {
+		return siw.Handler.RevokeServiceAccountKey(c, projectId, serviceAccountId, keyId)
+	}
+
+	for i := len(siw.HandlerMiddlewares) - 1; i >= 0; i-- {
+		m := siw.HandlerMiddlewares[i]
+		next := handler
+		handler = func(c *fiber.Ctx) error {
+			return m(c, next)
+		}
+	}
+
+	return handler(c)
+}
+
 // GetReadyz operation middleware
 func (siw *ServerInterfaceWrapper) GetReadyz(c *fiber.Ctx) error {
 
 	handler := func(c *fiber.Ctx) error {
 		return siw.Handler.GetReadyz(c)
+	}
+
+	for i := len(siw.HandlerMiddlewares) - 1; i >= 0; i-- {
+		m := siw.HandlerMiddlewares[i]
+		next := handler
+		handler = func(c *fiber.Ctx) error {
+			return m(c, next)
+		}
+	}
+
+	return handler(c)
+}
+
+// GetMe operation middleware
+func (siw *ServerInterfaceWrapper) GetMe(c *fiber.Ctx) error {
+
+	handler := func(c *fiber.Ctx) error {
+		return siw.Handler.GetMe(c)
+	}
+
+	for i := len(siw.HandlerMiddlewares) - 1; i >= 0; i-- {
+		m := siw.HandlerMiddlewares[i]
+		next := handler
+		handler = func(c *fiber.Ctx) error {
+			return m(c, next)
+		}
+	}
+
+	return handler(c)
+}
+
+// ListMyAPIKeys operation middleware
+func (siw *ServerInterfaceWrapper) ListMyAPIKeys(c *fiber.Ctx) error {
+
+	var err error
+	_ = err
+
+	// Parameter object where we will unmarshal all parameters from the context
+	var params ListMyAPIKeysParams
+
+	var query url.Values
+	query, err = url.ParseQuery(string(c.Request().URI().QueryString()))
+	if err != nil {
+		return fiber.NewError(fiber.StatusBadRequest, fmt.Errorf("Invalid format for query string: %w", err).Error())
+	}
+
+	// ------------- Optional query parameter "limit" -------------
+
+	err = runtime.BindQueryParameterWithOptions("form", true, false, "limit", query, &params.Limit, runtime.BindQueryParameterOptions{Type: "integer", Format: ""})
+	if err != nil {
+		return fiber.NewError(fiber.StatusBadRequest, fmt.Errorf("Invalid format for parameter limit: %w", err).Error())
+	}
+
+	// ------------- Optional query parameter "cursor" -------------
+
+	err = runtime.BindQueryParameterWithOptions("form", true, false, "cursor", query, &params.Cursor, runtime.BindQueryParameterOptions{Type: "string", Format: ""})
+	if err != nil {
+		return fiber.NewError(fiber.StatusBadRequest, fmt.Errorf("Invalid format for parameter cursor: %w", err).Error())
+	}
+
+	handler := func(c *fiber.Ctx) error {
+		return siw.Handler.ListMyAPIKeys(c, params)
+	}
+
+	for i := len(siw.HandlerMiddlewares) - 1; i >= 0; i-- {
+		m := siw.HandlerMiddlewares[i]
+		next := handler
+		handler = func(c *fiber.Ctx) error {
+			return m(c, next)
+		}
+	}
+
+	return handler(c)
+}
+
+// CreateMyAPIKey operation middleware
+func (siw *ServerInterfaceWrapper) CreateMyAPIKey(c *fiber.Ctx) error {
+
+	var err error
+	_ = err
+
+	// Parameter object where we will unmarshal all parameters from the context
+	var params CreateMyAPIKeyParams
+
+	headers := c.GetReqHeaders()
+
+	// ------------- Optional header parameter "Idempotency-Key" -------------
+	if valueList, found := headers[http.CanonicalHeaderKey("Idempotency-Key")]; found {
+		var IdempotencyKey IdempotencyKey
+		n := len(valueList)
+		if n != 1 {
+			return fiber.NewError(fiber.StatusBadRequest, fmt.Sprintf("Too many values for ParamName Idempotency-Key, 1 is required, but %d found", n))
+		}
+
+		err = runtime.BindStyledParameterWithOptions("simple", "Idempotency-Key", valueList[0], &IdempotencyKey, runtime.BindStyledParameterOptions{ParamLocation: runtime.ParamLocationHeader, Explode: false, Required: false, Type: "string", Format: ""})
+		if err != nil {
+			return fiber.NewError(fiber.StatusBadRequest, fmt.Errorf("Invalid format for parameter Idempotency-Key: %w", err).Error())
+		}
+
+		params.IdempotencyKey = &IdempotencyKey
+
+	}
+
+	handler := func(c *fiber.Ctx) error {
+		return siw.Handler.CreateMyAPIKey(c, params)
+	}
+
+	for i := len(siw.HandlerMiddlewares) - 1; i >= 0; i-- {
+		m := siw.HandlerMiddlewares[i]
+		next := handler
+		handler = func(c *fiber.Ctx) error {
+			return m(c, next)
+		}
+	}
+
+	return handler(c)
+}
+
+// RevokeMyAPIKey operation middleware
+func (siw *ServerInterfaceWrapper) RevokeMyAPIKey(c *fiber.Ctx) error {
+
+	var err error
+	_ = err
+
+	// ------------- Path parameter "key_id" -------------
+	var keyId KeyID
+
+	err = runtime.BindStyledParameterWithOptions("simple", "key_id", c.Params("key_id"), &keyId, runtime.BindStyledParameterOptions{ParamLocation: runtime.ParamLocationPath, Explode: false, Required: true, Type: "string", Format: "uuid"})
+	if err != nil {
+		return fiber.NewError(fiber.StatusBadRequest, fmt.Errorf("Invalid format for parameter key_id: %w", err).Error())
+	}
+
+	handler := func(c *fiber.Ctx) error {
+		return siw.Handler.RevokeMyAPIKey(c, keyId)
 	}
 
 	for i := len(siw.HandlerMiddlewares) - 1; i >= 0; i-- {
@@ -427,6 +3292,84 @@ func RegisterHandlersWithOptions(router fiber.Router, si ServerInterface, option
 
 	router.Get(options.BaseURL+"/api/v1/policy-keys", wrapper.ListPolicyKeys)
 
+	router.Get(options.BaseURL+"/api/v1/auth/oidc/authorize", wrapper.OidcAuthorize)
+
+	router.Post(options.BaseURL+"/api/v1/auth/oidc/exchange", wrapper.OidcExchange)
+
+	router.Post(options.BaseURL+"/api/v1/auth/local/login", wrapper.LocalLogin)
+
+	router.Post(options.BaseURL+"/api/v1/auth/token/refresh", wrapper.RefreshToken)
+
+	router.Post(options.BaseURL+"/api/v1/auth/logout", wrapper.Logout)
+
+	router.Get(options.BaseURL+"/api/v1/users/me", wrapper.GetMe)
+
+	router.Get(options.BaseURL+"/api/v1/users/me/api-keys", wrapper.ListMyAPIKeys)
+
+	router.Post(options.BaseURL+"/api/v1/users/me/api-keys", wrapper.CreateMyAPIKey)
+
+	router.Delete(options.BaseURL+"/api/v1/users/me/api-keys/:key_id", wrapper.RevokeMyAPIKey)
+
+	router.Get(options.BaseURL+"/api/v1/orgs", wrapper.ListOrgs)
+
+	router.Post(options.BaseURL+"/api/v1/orgs", wrapper.CreateOrg)
+
+	router.Get(options.BaseURL+"/api/v1/orgs/:org_id", wrapper.GetOrg)
+
+	router.Patch(options.BaseURL+"/api/v1/orgs/:org_id", wrapper.UpdateOrg)
+
+	router.Get(options.BaseURL+"/api/v1/orgs/:org_id/members", wrapper.ListOrgMembers)
+
+	router.Post(options.BaseURL+"/api/v1/orgs/:org_id/members", wrapper.AddOrgMember)
+
+	router.Delete(options.BaseURL+"/api/v1/orgs/:org_id/members/:user_id", wrapper.RemoveOrgMember)
+
+	router.Patch(options.BaseURL+"/api/v1/orgs/:org_id/members/:user_id", wrapper.UpdateOrgMember)
+
+	router.Get(options.BaseURL+"/api/v1/orgs/:org_id/projects", wrapper.ListProjects)
+
+	router.Post(options.BaseURL+"/api/v1/orgs/:org_id/projects", wrapper.CreateProject)
+
+	router.Get(options.BaseURL+"/api/v1/projects/:project_id", wrapper.GetProject)
+
+	router.Patch(options.BaseURL+"/api/v1/projects/:project_id", wrapper.UpdateProject)
+
+	router.Get(options.BaseURL+"/api/v1/projects/:project_id/members", wrapper.ListProjectMembers)
+
+	router.Post(options.BaseURL+"/api/v1/projects/:project_id/members", wrapper.AddProjectMember)
+
+	router.Delete(options.BaseURL+"/api/v1/projects/:project_id/members/:user_id", wrapper.RemoveProjectMember)
+
+	router.Patch(options.BaseURL+"/api/v1/projects/:project_id/members/:user_id", wrapper.UpdateProjectMember)
+
+	router.Get(options.BaseURL+"/api/v1/projects/:project_id/service-accounts", wrapper.ListServiceAccounts)
+
+	router.Post(options.BaseURL+"/api/v1/projects/:project_id/service-accounts", wrapper.CreateServiceAccount)
+
+	router.Delete(options.BaseURL+"/api/v1/projects/:project_id/service-accounts/:service_account_id", wrapper.DeleteServiceAccount)
+
+	router.Get(options.BaseURL+"/api/v1/projects/:project_id/service-accounts/:service_account_id", wrapper.GetServiceAccount)
+
+	router.Get(options.BaseURL+"/api/v1/projects/:project_id/service-accounts/:service_account_id/api-keys", wrapper.ListServiceAccountKeys)
+
+	router.Post(options.BaseURL+"/api/v1/projects/:project_id/service-accounts/:service_account_id/api-keys", wrapper.CreateServiceAccountKey)
+
+	router.Delete(options.BaseURL+"/api/v1/projects/:project_id/service-accounts/:service_account_id/api-keys/:key_id", wrapper.RevokeServiceAccountKey)
+
+	router.Get(options.BaseURL+"/api/v1/admin/audit-logs", wrapper.ListAuditLogs)
+
+	router.Get(options.BaseURL+"/api/v1/admin/audit-logs/export", wrapper.ExportAuditLogs)
+
+	router.Get(options.BaseURL+"/api/v1/admin/users", wrapper.AdminListUsers)
+
+	router.Patch(options.BaseURL+"/api/v1/admin/users/:user_id", wrapper.AdminUpdateUser)
+
+	router.Get(options.BaseURL+"/api/v1/admin/policies", wrapper.ListPolicyOverrides)
+
+	router.Delete(options.BaseURL+"/api/v1/admin/policies/:key", wrapper.ClearPolicyOverride)
+
+	router.Put(options.BaseURL+"/api/v1/admin/policies/:key", wrapper.SetPolicyOverride)
+
 }
 
 // Base64 encoded, compressed with deflate, json marshaled OpenAPI spec.
@@ -434,34 +3377,97 @@ func RegisterHandlersWithOptions(router fiber.Router, si ServerInterface, option
 // const string: with thousands of chunks the chained `+` fold is several
 // times slower for the Go compiler than parsing a slice literal.
 var swaggerSpec = []string{
-	"vFjfb9s4Ev5XBrwDrgVUW0lR3MJ9ymWL3eJ6d0EbHA5oApsWxxI3FKmSlF1t4P/9MCQtybbS7EO7T41o",
-	"cn58883HYR9ZYerGaNTescUja7jlNXq04eu6tc5Y+kugK6xsvDSaLdh/Gv6lRSjCz7CxpgYOjcWtNK2D",
-	"hpf4NwcrjV/9Mu5ZzVjGJB390qLtWMY0r5EtWPyZZcwVFdacXNX86wfUpa/Y4s3FZcZ819BO563UJdvv",
-	"M/ZB1tKfR3XDSwQnf8cMLsAbuMzzp9yqYGHsVeCGt8qzxZs8oxBk3dZscZnTl9Tx66IPRmqPJVq2p3As",
-	"usZohwGyd9ZGxAqjPeoQJm8aJQtOYc5/cxTr48jzXy1u2IL9ZT5UYh5/dfNg7Z3eojINRm/HOV9pQNqT",
-	"gdTgKwRMm2cBqWSH3PyMDWqBuuiuKyweQrGtadB6GSMXrQ0hLuvwmTLVbb2mRDOGh8xOCnIA9ZGhJpQ+",
-	"s8Y4X1p0AW9P/3isG2O5YvfZ+XHzMLK6NkYh1ywC+6WVFgXZDD7C3uwo0sGgWf+GhSeDAbV/GNGdJ1kY",
-	"gX8I9GvauM9YYaxFFd1JMZm+QM+lCua5EJK2cnUzcuttixNh1ugcL3HC5knuIehh/+DxLLwn0bhOeR+z",
-	"55Pna4VQ86KSGl9Z5CIshFIDuXXUQYe6rrlYUlzofOirLVdSLAOjM9bqB212ermRqEQoUiQ9Lh+QOi9s",
-	"joFuuFQoRiZ6FWg1b32F2oeTtGVj7FoKgeRCG7/cmFbTujWtx+V4pUZfGRGWuFJmF44XRm+ULCjeFPnS",
-	"G7NU3AYgW+3apjHWo1jWKCRfBvgyZinwoBLBDBkldCgRwT1fc4fLVvMtl4oQIylBu5XF6aqXNZo2wuXR",
-	"6ida4LjPz1jbt96ztA2sP+VPPD7FjV+RKxLaU4fOc9+6cU+bh8nAt2idjIr2bQ4ni8OJqXBujJJF90+c",
-	"aNxenx9PNXCiIx+ihbN1V5gmmpMe66P8SmXWXJHC2JJl5DwENZVzWuDW8m74HkxJTfUmISNaxGODaBFT",
-	"jcZuwvQJZLFvEiEP+fdJHKPwTTRvksocI9pD0P/xLXYNpZlAYHTTP8+E6G4q4I/IhdTo3IRu0531x6M9",
-	"vewmYj6neGzwZ8vSMznFdJ4JnZB6Y84F97ZCKJuWcwc0H1ijoFFcI3x89+kWrm7ez+DdFm2XFJhrt0Pr",
-	"YCd9FW/3sHy44+/0i9WRcqxeQsGt7aQugYOL6r4iHV+9DeeDpAO3CEo6j4KmhlV/Qaxmdzq6P4w0wZxE",
-	"B6v/vboerppX739ewQssKoMijn9kPAks7CrUEIQ9A1QO73SJGklRxcvZnQ6q6BUBlqC4unk/EoYFy2cX",
-	"szxMBg1q3ki2YK9n+ew19SX3VSjanDdyvr2YV0HBfqelEieGwqsE4WWew66SCkOojTUFOgfSQdu8hVhJ",
-	"0AZETxy6+IiBIeH3gi3YL+h/Td5Ohr7LPP9uI1+S5IlZ7/Y08FmcPg7COGm2jzPeD3EqxKK10nds8fk+",
-	"Y66ta247GqCTcSW3GNowY56XLpC+cx5rdk/HD9A3QRJePWDnnoT/g3TeAQZSUZcIiKfgAbsMpHdElBbD",
-	"b/E75QNci1CqKHfAiVeyqO609FDzDtYIZovWhuEAXkT9zsDYMoOk3i9n8F+y7sChh3UHsZ7GxhbQxoOr",
-	"zE7f6QotRmoel5zC75XPBf4N76PP04gPW+bxobLPnt2YHlr7+x9IrOPrYOotEV5uYDajGrkMXBiPCD6a",
-	"wb835wKpB3exOxX3G2NroInSZUn+ukADLQ4MGdMzWjimZ5Dzp4XhOvb8TXqrZPDvq9tPwf5teqyQRBet",
-	"tai96jJAXlQxFE60sR4EcqGkJuZEeUENXKlALkvbSX/fwpv8dTxH6gurfpZcEaAk1bE9aCqWurzTgwYF",
-	"eU7D/iz9vgLjK7Q76SYZ+wv6jzHxH0il4aKeoFFwH2jyJn/9J76EPSjkzoPRCGMIHbS6r8b3pm+PBLXN",
-	"+GYhIkU5S5FIfFJPa/RWFmMRPavpv9KWZ4vq8aufN4rLE2xPZ5oz/G6soRcUtg7IBuDXxrjwmAXqRe5/",
-	"wG1zcFj32Z3js49Pq4PitlaxBau8bxbz+cXl32f5LJ9dLH7Kf8qDfCYDj+fZhbLEcSGj9kx1o0Il/7Ph",
-	"P4iSf5Luk0s4XmIHhRpJ1+h0kqP9/f7/AQAA//8=",
+	"7H37c9u2lv+/guH3zsSeLy0pTtJtlZ9ynbTX26T2xG53ZxKvDJNHFK5IgAVAK6pH//sOHqT4ACXquUnb",
+	"n2zxARycc3AeHxyAT17AkpRRoFJ4wycvxRwnIIHrX2+ykMg3gSSMqp+EekPv9wz43PM9ihPwhh42d31P",
+	"BBNIsHoswV/eA43kxBs+Hwx8T85T9aSQnNDIWyz8ol3GL9+uaJjxEQnbmv7u5eqWb/W9VW3rt8utA80S",
+	"b/jJywRwdQP4IwlghIOAZVR6vofDhKixhpw86kdwBPqGmAsJibpAGZ0nLBPeXSt5P3KWtFE2VvfKNI0Z",
+	"T7D0hl6IJZxJkiiSWxq+xTwCqd4KQQScpEZw3hsUKLpIgGNEwtcIo0ccZ4CAhoRGaEbkBD0bPkMJlsEE",
+	"BIJH4HNEQkQkSjmMyRcQPc93EixNny1CerFC/resjQmSbcOCi4wLxpujv0rx7xmgQN9GisEIq2E9EpYJ",
+	"lOIIngl0T+GLHJln7tvGam63jfXV83MXWZchJCmTQIP5zzBvkvcBT0EgjDhITiBE11c3t0jgMbxGcgJo",
+	"TLiQiINIGRWAiEAc0hjPIUQPcwlozLj+p6B5AjjUummJLvV/pghoof781SvfSwgtZq5rLD/DvDRhUywn",
+	"y36mMDezlcPvGeEQekPJM3AKMsv0k80O3pOEOBT4GkeABPkDfPQcSYbOB4M2GcW6hXKvIYxxFktv+Grg",
+	"qxGTRM3yc6WZCaHm13K0hEqIgGtqrnjUOlzGo92He81iotXiF91oG19X9rLe2l5z9m8IZOtQUnN/9+Hc",
+	"GIP5xtjL1v5qdnX3fn8VwFt7U8Z81y4W6mUzA7VffMe5sTQBo1J5gOGTh9M0JgFWGtv/tzAOc9nDPziM",
+	"vaH3//pLd9s3d0Vft/aOPkLMUjC91ew3RaCe8RGh2iiAfbinh2/b0Q77+tIamZSzFLgkhuCAA5YQjrDs",
+	"alB9D76khIPY6B0SdmCn78VYyFEmNiSI2knSuGF8VNNs/EYEeYgBCYm5RGyseTeFua9sCIeARZQomyp7",
+	"ru44PLLpRiQuyjr2ydNjt7RZ6v2yJJYRAntQE1B1agSo7F1TiERCUv1nlVZZVVgUnWDOsf5dcnUOdtYH",
+	"oftykhqGVzz6AMkD8I/wewbCzIMwJIr/OL4uUT/GsQC/NiBIMIkbfuilSxYshnKExmbUxF82IHsgcawe",
+	"9b1E0+OOvsrjMn3bltcPT2gP0pAIfSQS5+HxKmlcLp9cFESuecf0rSl3UWfN+i4CqLM1Z6elz/ceCcyc",
+	"3PQLu9rJQpc5XzLI7bxPCP01VVNN2fbtBkfEKI2xVMSNzMCWyv7AWAxYy0JILDNR4UIgyaOaqyER+CGG",
+	"0K1NTapVVPueRU09wUUK1WBjkea035Q2k2ncDhjnEGutamshBIlJLNpZZ1xhYywdDTkLgozzDe24DZ3c",
+	"lrwIRVy3eTEPc1mJLAhACM/3xpjEGddiA0qcQvM9wTIewIikzuZlS/50UcqeUJRmGIvhE4eIMLoYPjEe",
+	"LYZPlvLF8Ek1uxg+kXDRzUOUeehXU9NSDlzk2UXCZZnRUIO7Faq5F8eSq/nhXMuFdpLGg23pWrYIXvL4",
+	"oh5Rr8uKymPSbbQP6YpH243HQdv5Wtp8T8SZMUdYSuBKl//nEz77Y3D2w539e3b39Nz/7nzxj7XKqtvy",
+	"143QeqU/+Sirmc52g63YmCqS4Mjjluq51Sj9HXy9S8VXOG/DobAtFZmai91CVwEBd1nk2wmg2YTFOpzv",
+	"oZsJm1HEaACvkZCMq5geUTbrrRW3ya5tN67RvIUUaAg0mF9MIJg2xxNm3JheYzltAzQzsZvvQZ4rtgo0",
+	"l0jKhIw4CK1+Uv2RkKSM49jpy9jUFdC4hcWmyi+WKHUNVeeh/2ShK39kIXRKYy/Ug4cNTRIQwrqx1bLV",
+	"RC+fX/bYyWUuh9PQvhupwkKU4GBCKJxxwKG+oEWNVLcaLs3l+oDDEbcmwlc5A45JONIYge9ldErZjI7G",
+	"BOJQC8nACDAyqqkfNoSqCAfCUhMFHplRnMkJUKnfVI+MGX8gYQiqC8rkaMwyakLuTMKofCUBOWGhvoTj",
+	"mM306wGj45gE0qImIORIMjaKVeyh+xNZmjKuEtkEQoLzgIUrwjUEp5tRjSruqIGEWOIHLGCUUfyISaw4",
+	"VgLZq1eVi2aZYZcydlilaipuLFOeB4vlazq5qA5PTcTKpTr+VL6HU6IYX30+zqKRxFPDTJxA8QPHenSj",
+	"woZqYCNPTgsxcQiVbLBWvfyqZLYN26OFG0pXTAxjgj9DaZGQ+F7MAhznQxDlO4yEgaZfCZFEmWlCdzdK",
+	"cKxiodIVHEc12ZvrSmkFiSiWJqg2V3NtNbppri3JNL9Va3OQIz3M4uqMMxqNiBCZ5k35Is5CAjRY9pIQ",
+	"IQiNRiIzs7H6OGXmWT3OiGOqdEw9txx9ytkjCYFXtMplQ6vQW8PsFbZ7rd3TZrOBMejXXcblX4Bj5enr",
+	"HTaTUTZ1Ev4IXLhTyno8Y1pcvuEi57KCY7SANMcECPNgpUP6VAFyKkS5RvpeTZv3LCJ0u6AtVq92gqxS",
+	"LMSM8bCRUZy/XBeUmE5KTbhHErFMtiFTQMORAKEkPsp47OZlo80PjjmgPMvIOImKXpIwWNoqbVVFTb9K",
+	"rp6INMbzUSuC265kHRWmI9ijXIgx1mJC0u45b4EEqtdciW/KCQ1IiuMCrVmzmOxiU+7QtqGwgga6qaxp",
+	"WY1k30ynsrhdbG3y0E33nVO9cthz99WJHVSqxbjsBdLMrVGFvMI4rQH/DX/2gdHk0PHBEJqry7cX774E",
+	"E0wj2M6S5ilFyTa+HPzwnSu9l1g2YIFX3/ndwn/ztnMMPNqPLna0Ua2qmuMXHbxdGZ5Yq09Vq9UY6hKH",
+	"XY/zqtC7jXx1s2UIh1i5KVbei35L9K3AJa74XuBPpTWHm1dFRYADaMjrGJ7qC8QOtluUpalqAUtro84l",
+	"E8XsIc+zlkbd6ajqg6/7PKKLopTf1ROQGwHn+IOSNaMwXy9qm2YY95SPvxhElQsrubkPwS9Fc2jxXz0C",
+	"5ySEVvDMLdYthanfbQNpMr0It5k5zN95cNOqa8+UFruhOD2SElX5CxVaKp2sZ+T+xF+I5oA6YGX1Vbim",
+	"DXzEBl6sMOEbubNmiLuLS6suNXZ+fEURinmgsyfcGoCv1GsVrKz0X6N3hVe0TN3LDLGKe7ip8RFwSCgI",
+	"4ZgcEwim3Wmtw/oOmptYjIEy18qngFwsTe6RjDmIyZZlG+ZlCyFWA+Pvn/9wvo7A6vtO8lgMu5WUrKGg",
+	"TR2rC2t7ShXXxEpHtJEbGp29mQy3qdA/rIEoM6lrvloV1j5MSE38h7MkNyCNQ99Oy/cVb63ez9AeK+VR",
+	"krnvGuCtmtsfbdGqqyIpACGWFmRP4O6KBnOjs03DDYPneEJmnI4kcxf26OWDepbyT8C8y+Sp8KrS2Fq4",
+	"2dSw/YITOGJBRNeSlF+FC4zTAKCpk3LgvXrZyanWRwbx9osL63U7DbtvRP/WtYOtqxg13NCFvxbhRVlS",
+	"a221EvY+LLRWmkPZZVPxkXEi5zeqP0Pgg56nbzKzYNYojb+6fHuBzBxFem6ik//8r9tTs9NHTgAt10ER",
+	"0Quxco7yFUIfYaR1+jO1Cxh5G1EqRr1e79RHjCNM0ZvrSzSFubox1Td6n4ttb1qbjDUpxjSRMjXF/ISO",
+	"mbuExdQSKgIlZzFKY0wBfXx3c6t666F3eh+WqSrAVMyAC7NZS+8B0JfznQCf6cl9ZTHz/hQFmPM5oRHC",
+	"SJiKhfuAhXD/2nIlBIEwBxQTIRVvKLovih7ue5+p6b7YeqSaIyDQ/X+fXSzLJ84u396jEwgmDMIly23R",
+	"AJpNgCK9EOwjiAV8phFQ4EpRLf8kkSrG8Swr3lxfltYqh96g97w30EFWChSnxBt6L3qD3gu9OiYnWj/6",
+	"OCX9x+d9PUH6OAuJPItZpO/Zek6l75rcy9Abeu+JkHkVo16/KG16/ORW/+Uj/doWw4W/wRuXbzd53lSL",
+	"d3vc7v3r+rjeg9i5bdblUbN3q8ODdqPe4q62q+Z8MNjbnppKwatrS43e+IfYGGl9QZzNRM8kCznK6my/",
+	"INgs+xuTlSUJ5nPVqm4rZpGPKMzUBNDb93w0JrEEWySBlWbmsfydaqBNgfvwJWVcturxO337b03eTJPX",
+	"q52EL7IfiMequjk2hdXKxG9+M+YZI7MJU2nV7kplzLDem6uNea6vCAt0cfObj4TkgJNuypWqpMc6/lbb",
+	"WIU6HXrl2ng5bd9b6t6X+G0ZFAegvNKssJx7uyuA6XrZovLUY2aivs4C7z9NYb4wYUgMZj21KvmLGDCv",
+	"odybWpTqhlYlOpeq5Nlr+4bMjdPqlV1teIpAU41eOvaEKG5BuLt0P0LCHgFhlFbFjE5UIKXCajRTkSrS",
+	"Q1HBqLpuu0RaoUGcOlTB99LMMcEL5GNfQr4rakTz2uG9TLgGQrOoZhFKZRZHm/CuyX4Dcnfx34B0yN7o",
+	"fTz39f5+TBHjkRK9/oXyadBh+mfCHuXhNPZ6n52y+L/qxzrZ+TxTbTlF4GX3qZnnsc1p3y2L/rYcSJGA",
+	"r3QbWl7balU3beg/2XKlhd1NEkxaNGO5A3NjG2G35B/KOLRsED2yiTBYSFOchrA9+IafOKZSm3w8BYRn",
+	"eI5yOAhpifrIzhCksQD9H0a25HCVOmRy0te4R7+oaE2ZcMWDRcGsdxhRNityjyzFKlLusvMkohof2Vqg",
+	"FtPyhp/uKrafRFQFczZp0PJAtkAUnWjspHLNwDVGzGHF5Wdy4hRwxEwI0CbbyGyyOBhvK0XK7axlmeyh",
+	"Hxk3WJ4gET0jVPioVsWsfgsd/uTw3TOBlrAd20OuRUMDjuE4Lre+nteMhIH+j3HyB7R63CsSBm+KpxpW",
+	"tX7sjZzkR37M4EEFe+bkCplxNWCEx1IFhoZf6MRgco/gmxMvirOd+qdtp+Usl002OdSo7iZfDM6bAfJH",
+	"CAmHQCo61QAa0KuiyeTJuhFlB/Il2hVJ955noD4ZBKMHzmaixMoCZdUKmVOMTnIBa0o1hIr+P7r++eLd",
+	"aUcNAVsz2z4plYbklbUHMrmu4t2/jNH9kVAiJg6ZP8yRlY6aODlErkNuvSQg1otYP9e3q5XtIrbFH7d2",
+	"QfEQIq7Vl3xt0v0FZpapZjGCxSGybLPrL5ShmNEIOJoxPhX71oJbjkPQp66VO1WypgVp6MR4X+sDBMI0",
+	"1AZh9WSf6L1df5RcQH3JyqzknA8GaDYhMeQeTa9gEYGy9DUypUOKC2FRqaQMZlWRfgL5L9vbAaVpN6s5",
+	"xHhbJ3zfYrq2jcfkEag55yNnvD1yscJ6xtes+lzxLWDyryqNzKvYV4OPPMLUeqk9AJBX5eZK8RF6ADVH",
+	"hXLxJziO7RFbiZ5H1USlglBpMWmAymkei6MyNpZU7azFQ2WfjbM8OpnX5/vUAef6g6kA2F3epiELOxWS",
+	"f12VfMASEIhIgfItHTXx1uZl/8nUny1aJ+hPILcRujml8dCTrs38lTm0K26znBduUMbgCrvyaP/zoVnl",
+	"dOR4o0U+O+IwHfW5b7c9rnM8tm59W9l9Y3BnaS/jSldlmbe/qeN0KeXD/A4ngCO5H9fBi0f2QI7DEV1S",
+	"DkMI0YkR8SliHOkDE9W15cmJp3souwhDhK0m6TQuwST2l/2ZoETjaXICczTBj4Aokzr1M5VPc5DexjO+",
+	"iqS3rauaBb4jqF8Fc1+3fmmo2uf6peW/XraMsZAmLkABporVD4C46dIdCa7xeEfl3QHS8dJ+iiP7xuIU",
+	"0cMtU1xoJKlQgWcCcRbDCk0IIWHSqQmtU86uea4pXMkf+mv42PLerZVONmfegb1s5QTAb97NOs8zPLKf",
+	"LbbU7T3ba593phbhbApz0YphqcmWfydCzlMI8woGfbq2SgrNFybUPfO7KFixKyxmDzfCEs0mJJh8pkSi",
+	"BM+VdbBVEKGuwtaFEMqXR36uxqc99JtqXSABUvl7o4WMm/Ux7dgnbEY/0wlwMGXGbUVuP6tRftOAUHWP",
+	"+2ozUMhI+Ejo49sU+yhOYO/46gTK3RmIM0eEppTNhG8XWeZaDWiYa0gZ4zMt1NTT2rL+03Ib20pMYVt7",
+	"tPxswjGM+Ap4Vd3edZoX7nNtsLUvdv0JYYYVotoT1FAS0zqV7wQ7VLfM7yLTv+GH7tOrDYKoSOOwwjge",
+	"FOH8DMGRw6T2HEdDEHtGGOyHRKzMn4kKBpyXOzRrNLeY25sADEdUrmMCDVs7sKMz4m/U4FCezp6deJaX",
+	"wa10edUjBP5KPs9xHMNK32fZWlQXHsEJuk7P/1M4wlWfBTiyM6yfoXEw6GCXKdx/an4FbqWTe6uvH1Nz",
+	"Gl+z6+bvDKF7iDlMQwjX56lOls1p4RpZmRoIwzkL23Lir42PgyNqv8qqayz96maCaqKOwK1zdVtBWTtK",
+	"8lvbFb78ut5Kz6g4/3/kDc0nWr8yIR7ViVY/+3Rk51n9eM1xiqzyk0XM5r66tderaOYDNYgIg2zrT92c",
+	"escwQHrf8PoMVHmjb0CRzQeMuyau+oMch/EN+ijB9hrhC1P+e22/COSjX97c3mjHf2s/CYQCRvV346iM",
+	"5z4CHEzyfURiwrhEIeAwJhR6n6mpNAaKcBzrJRKuHscPMbxGrwYvzHu62P2++GLLPaI4ITSyizxjTGJC",
+	"o890WY6sD4yxn9Tp2fv3iMkJ8BkRznWXn0B+NAM/oJFfHhLpmL66ey3SV4MXR/yCr0Qx6JVwCqjMQoEy",
+	"Wkhj34swBSdKkJUup1aKZBblLCUE1pVWm62jCaxaafkA3kEhibZoztSk7m6Sl23ZxanqZw5y9pg91U7u",
+	"dIvbPsyNf/nGVx6PEU25hPNMoBS4YBTHue90iWd11JXL4OuuMf+LxUINuXaLfrpMyA3imK1V44jRRdnI",
+	"aySgybsWBiUgOQnEajtuHul2UFIaY0I3PCrpmrME5AQygVQbCL6kTOhDMZE5efEAG4nyDpNidE1/V22h",
+	"evTgpzslWRUr5+qgP6ykD/ob9vvPz/+jN+gNes+H3w++H2gtsO0/ObY2nhGKxjGbGV9s9pv1lvty9a4y",
+	"ZebbnF1eR0N4YQJLrxt5N9+vbuQ5kUAxleLUty1Zd6fbXpaMFa3qUqFmo3nRnauVJsRctFbExY4WK1uH",
+	"iJBGPdFJbU8RYjSen5bZpk86cJKo4x6zNc9X8a8NjBSRViFK7ViFcAjA1DrlZJQqXMojM1Uri7vF/wYA",
+	"AP//",
 }
 
 // decodeSpec returns the embedded OpenAPI spec as raw JSON bytes,

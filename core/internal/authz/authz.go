@@ -60,8 +60,8 @@ var orgRule = map[Action][]string{
 // and whether any org member may do it (reads of project metadata). Org owners and
 // admins may do everything in their org's projects.
 var projectRule = map[Action]struct {
-	minRole       int
-	anyOrgMember  bool
+	minRole        int
+	anyOrgMember   bool
 	serviceAccount bool
 }{
 	ProjectRead:                  {viewer, true, true},

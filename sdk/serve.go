@@ -10,6 +10,7 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"runtime"
 	"time"
 
 	"github.com/hashicorp/go-hclog"
@@ -218,6 +219,10 @@ const (
 
 func serverTuning() []grpc.ServerOption {
 	return []grpc.ServerOption{
+		// Calls run on parked workers instead of a new goroutine each: a
+		// little less scheduling per call (a busy pool falls back to a
+		// goroutine, so long streams cannot starve it).
+		grpc.NumStreamWorkers(uint32(runtime.GOMAXPROCS(0))),
 		grpc.InitialWindowSize(streamWindow),
 		grpc.InitialConnWindowSize(connWindow),
 		grpc.ReadBufferSize(bufferSize),

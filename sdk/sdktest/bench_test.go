@@ -5,7 +5,9 @@ import (
 	"crypto/rand"
 	"fmt"
 	"io"
+	"net"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"slices"
 	"testing"
@@ -27,7 +29,8 @@ import (
 // the driver directly, over gRPC on a local socket in this process, and
 // through a plugin child process with AutoMTLS (the production path). It
 // reports p50/p99 in µs and, for the remote cases, the p50 overhead over
-// the direct call measured in the same run.
+// the direct call and the p50 of a bare round trip between two processes
+// (the machine's floor for any plugin call), both measured in the same run.
 //
 // BenchmarkPluginStream streams a 64 MiB object through the diskstore
 // driver, directly and through a plugin child process, and reports MB/s
@@ -37,6 +40,9 @@ func BenchmarkPluginUnary(b *testing.B) {
 	bin := sdktest.BuildBinary(b, "../examples/instantprov/cmd/gpuaas-plugin-instantprov")
 	direct := unaryDriver(b, nil)
 	directP50, _ := percentiles(timeCalls(b, direct, 20000))
+	// The floor any plugin call stands on: a bare 64-byte round trip to
+	// another process over a Unix socket, on this machine, now.
+	floorP50, _ := percentiles(pingPong(b, 20000))
 
 	for _, c := range []struct {
 		name   string
@@ -60,6 +66,7 @@ func BenchmarkPluginUnary(b *testing.B) {
 			b.ReportMetric(micros(p99), "p99-µs")
 			if c.target != nil {
 				b.ReportMetric(micros(p50-directP50), "overhead-p50-µs")
+				b.ReportMetric(micros(floorP50), "ipc-floor-p50-µs")
 			}
 		})
 	}
@@ -232,4 +239,66 @@ func get(b *testing.B, d storage.Driver, key string) {
 	if err != nil || n != streamSize {
 		b.Fatalf("Get: %d bytes, %v", n, err)
 	}
+}
+
+const echoEnv = "SDKTEST_ECHO_SOCKET"
+
+// TestEchoHelper echoes what it reads on the Unix socket named by
+// SDKTEST_ECHO_SOCKET when pingPong starts it as a child process; run
+// directly it has nothing to do.
+func TestEchoHelper(t *testing.T) {
+	path := os.Getenv(echoEnv)
+	if path == "" {
+		return
+	}
+	conn, err := net.Dial("unix", path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer func() { _ = conn.Close() }()
+	buf := make([]byte, 64)
+	for {
+		n, err := conn.Read(buf)
+		if err != nil {
+			return
+		}
+		if _, err := conn.Write(buf[:n]); err != nil {
+			return
+		}
+	}
+}
+
+// pingPong times n 64-byte round trips to a child process.
+func pingPong(b *testing.B, n int) []time.Duration {
+	b.Helper()
+	path := filepath.Join(b.TempDir(), "echo.sock")
+	ln, err := net.Listen("unix", path)
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer func() { _ = ln.Close() }()
+	cmd := exec.Command(os.Args[0], "-test.run=^TestEchoHelper$")
+	cmd.Env = append(os.Environ(), echoEnv+"="+path)
+	if err := cmd.Start(); err != nil {
+		b.Fatal(err)
+	}
+	defer func() { _ = cmd.Wait() }()
+	conn, err := ln.Accept()
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer func() { _ = conn.Close() }()
+	buf := make([]byte, 64)
+	samples := make([]time.Duration, n)
+	for i := range samples {
+		start := time.Now()
+		if _, err := conn.Write(buf); err != nil {
+			b.Fatal(err)
+		}
+		if _, err := io.ReadFull(conn, buf); err != nil {
+			b.Fatal(err)
+		}
+		samples[i] = time.Since(start)
+	}
+	return samples
 }

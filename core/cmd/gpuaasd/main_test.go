@@ -16,8 +16,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/gpuaas/gpuaas/core/internal/config"
-	"github.com/gpuaas/gpuaas/core/internal/daemon"
+	"github.com/gpuaas/gpuaas/core/internal/daemon/daemontest"
 	"github.com/gpuaas/gpuaas/core/internal/testenv"
 )
 
@@ -56,45 +55,10 @@ func buildBinary(t *testing.T) string {
 	return bin
 }
 
-type instance struct {
-	url  string
-	done chan error
-	stop context.CancelFunc
-}
-
 // startDaemon runs the daemon in-process against real dependencies.
-func startDaemon(t *testing.T, dbURL, natsURL, temporalAddr string) *instance {
+func startDaemon(t *testing.T, dbURL, natsURL, temporalAddr string) *daemontest.Instance {
 	t.Helper()
-	cfg, err := config.Load([]string{"--listen-addr", "127.0.0.1:0", "--log-level", "debug"}, envFunc(map[string]string{
-		"DATABASE_URL": dbURL, "NATS_URL": natsURL, "TEMPORAL_ADDRESS": temporalAddr,
-		"TEMPORAL_NAMESPACE": os.Getenv("TEMPORAL_NAMESPACE"),
-	}), io.Discard)
-	if err != nil {
-		t.Fatal(err)
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	addr := make(chan string, 1)
-	in := &instance{done: make(chan error, 1), stop: cancel}
-	go func() {
-		in.done <- daemon.Run(ctx, cfg, testenv.Logger(t), daemon.Options{Version: "test", Ready: func(a string) { addr <- a }})
-	}()
-	select {
-	case a := <-addr:
-		in.url = "http://" + a
-	case err := <-in.done:
-		t.Fatalf("daemon exited at start: %v", err)
-	case <-time.After(90 * time.Second):
-		t.Fatal("daemon did not start")
-	}
-	t.Cleanup(func() {
-		cancel()
-		select {
-		case <-in.done:
-		case <-time.After(15 * time.Second):
-			t.Error("daemon did not stop")
-		}
-	})
-	return in
+	return daemontest.Start(t, map[string]string{"DATABASE_URL": dbURL, "NATS_URL": natsURL, "TEMPORAL_ADDRESS": temporalAddr})
 }
 
 func get(t *testing.T, url string) (int, map[string]any, time.Duration) {
@@ -132,11 +96,11 @@ func TestReadyzFollowsPostgres(t *testing.T) {
 	dbURL := testenv.DatabaseOn(t, stack.Env["GPUAAS_PG_ADMIN_URL"], stack.Env["DATABASE_URL"])
 	n := testenv.StartNATS(t)
 	d := startDaemon(t, dbURL, n.URL(), testenv.Env(t, "TEMPORAL_ADDRESS"))
-	waitStatus(t, d.url+"/api/v1/readyz", 200, 30*time.Second)
+	waitStatus(t, d.URL+"/api/v1/readyz", 200, 30*time.Second)
 
 	stack.Stop("postgres")
 	stopped := time.Now()
-	body := waitStatus(t, d.url+"/api/v1/readyz", 503, 5*time.Second)
+	body := waitStatus(t, d.URL+"/api/v1/readyz", 503, 5*time.Second)
 	if took := time.Since(stopped); took > 2*time.Second+500*time.Millisecond {
 		t.Errorf("readyz noticed the outage after %s; want within 2 s", took)
 	}
@@ -146,30 +110,30 @@ func TestReadyzFollowsPostgres(t *testing.T) {
 		t.Fatalf("readyz body %v; want not_ready naming only postgres", body)
 	}
 	for range 3 {
-		if code, _, took := get(t, d.url+"/api/v1/readyz"); code != 503 || took > 2*time.Second {
+		if code, _, took := get(t, d.URL+"/api/v1/readyz"); code != 503 || took > 2*time.Second {
 			t.Fatalf("readyz during the outage: %d after %s; want 503 within 2 s", code, took)
 		}
 	}
-	if code, _, _ := get(t, d.url+"/api/v1/healthz"); code != 200 {
+	if code, _, _ := get(t, d.URL+"/api/v1/healthz"); code != 200 {
 		t.Fatalf("healthz %d during a database outage; the process is up", code)
 	}
 
 	stack.Start("postgres")
-	waitStatus(t, d.url+"/api/v1/readyz", 200, 15*time.Second)
+	waitStatus(t, d.URL+"/api/v1/readyz", 200, 15*time.Second)
 }
 
 // NATS stopped: readyz names nats, and recovers when it returns.
 func TestReadyzFollowsNATS(t *testing.T) {
 	n := testenv.StartNATS(t)
 	d := startDaemon(t, testenv.Database(t), n.URL(), testenv.Env(t, "TEMPORAL_ADDRESS"))
-	waitStatus(t, d.url+"/api/v1/readyz", 200, 30*time.Second)
+	waitStatus(t, d.URL+"/api/v1/readyz", 200, 30*time.Second)
 	n.Stop()
-	body := waitStatus(t, d.url+"/api/v1/readyz", 503, 5*time.Second)
+	body := waitStatus(t, d.URL+"/api/v1/readyz", 503, 5*time.Second)
 	if !strings.Contains(fmt.Sprint(body), "nats") {
 		t.Fatalf("readyz body %v does not name nats", body)
 	}
 	n.Start()
-	waitStatus(t, d.url+"/api/v1/readyz", 200, 15*time.Second)
+	waitStatus(t, d.URL+"/api/v1/readyz", 200, 15*time.Second)
 }
 
 // Shutdown stops accepting, lets the in-flight request finish and returns within
@@ -192,11 +156,11 @@ func TestGracefulShutdownDrainsInFlight(t *testing.T) {
 	}()
 	n := testenv.StartNATS(t)
 	d := startDaemon(t, testenv.Database(t), n.URL(), blackhole.Addr().String())
-	waitStatus(t, d.url+"/api/v1/healthz", 200, 10*time.Second)
+	waitStatus(t, d.URL+"/api/v1/healthz", 200, 10*time.Second)
 
 	inflight := make(chan int, 1)
 	go func() {
-		resp, err := http.Get(d.url + "/api/v1/readyz")
+		resp, err := http.Get(d.URL + "/api/v1/readyz")
 		if err != nil {
 			inflight <- -1
 			return
@@ -206,21 +170,21 @@ func TestGracefulShutdownDrainsInFlight(t *testing.T) {
 	}()
 	time.Sleep(300 * time.Millisecond) // the request is now waiting on the probe
 	start := time.Now()
-	d.stop()
+	d.Stop()
 	if code := <-inflight; code != 503 {
 		t.Fatalf("in-flight request got %d; want its real answer (503) despite the shutdown", code)
 	}
 	select {
-	case err := <-d.done:
+	case err := <-d.Done:
 		if err != nil {
 			t.Fatalf("Run returned %v; want nil after a clean stop", err)
 		}
-		d.done <- nil // for the cleanup
+		d.Done <- nil // for the cleanup
 	case <-time.After(10 * time.Second):
 		t.Fatal("shutdown took longer than 10 s")
 	}
 	t.Logf("shutdown took %s", time.Since(start))
-	if _, err := http.Get(d.url + "/api/v1/healthz"); err == nil {
+	if _, err := http.Get(d.URL + "/api/v1/healthz"); err == nil {
 		t.Fatal("still accepting connections after shutdown")
 	}
 }

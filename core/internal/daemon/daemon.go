@@ -10,6 +10,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/gofiber/fiber/v2"
 	"github.com/hashicorp/go-hclog"
 	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/nats-io/nats.go"
@@ -22,6 +23,7 @@ import (
 	"github.com/gpuaas/gpuaas/core/internal/config"
 	"github.com/gpuaas/gpuaas/core/internal/events"
 	"github.com/gpuaas/gpuaas/core/internal/httpapi"
+	"github.com/gpuaas/gpuaas/core/internal/idempotency"
 	"github.com/gpuaas/gpuaas/core/internal/identity"
 	"github.com/gpuaas/gpuaas/core/internal/oidc"
 	"github.com/gpuaas/gpuaas/core/internal/policy"
@@ -126,10 +128,18 @@ func Run(ctx context.Context, cfg config.Config, log hclog.Logger, opt Options) 
 			}},
 		},
 	}
+	idem := idempotency.New(pool,
+		idempotency.WithTTL(func(ctx context.Context) time.Duration { return policy.IdempotencyTTL.Value(ctx, pol, policy.Target{}) }),
+		idempotency.WithLogger(log.Named("idempotency")),
+		idempotency.WithRegisterer(reg),
+		idempotency.WithErrorWriter(httpapi.ErrorWriter(log.Named("http"))),
+		idempotency.WithLease(cfg.RequestTimeout+time.Minute),
+	)
 	app := httpapi.New(log.Named("http"), api, httpapi.Options{
 		MaxBodyBytes:   cfg.MaxBodyBytes,
 		RequestTimeout: cfg.RequestTimeout,
 		Registerer:     reg,
+		AfterAuth:      []fiber.Handler{idem.Middleware(principalActor)},
 	})
 	ln, err := net.Listen("tcp", cfg.ListenAddr)
 	if err != nil {
@@ -142,6 +152,7 @@ func Run(ctx context.Context, cfg config.Config, log hclog.Logger, opt Options) 
 	wg.Go(func() { _ = relay.Run(bg) })
 	wg.Go(func() { _ = pol.Listen(bg, js) })
 	wg.Go(func() { auth.Run(bg, js, 30*time.Second) })
+	wg.Go(func() { _ = idem.Run(bg) })
 
 	serveErr := make(chan error, 1)
 	go func() { serveErr <- app.Listener(ln) }()
@@ -168,6 +179,15 @@ func Run(ctx context.Context, cfg config.Config, log hclog.Logger, opt Options) 
 	}
 	log.Info("stopped", "took", time.Since(start).Round(time.Millisecond))
 	return runErr
+}
+
+// principalActor scopes idempotency keys by principal ("" for anonymous calls,
+// which bypass idempotency).
+func principalActor(c *fiber.Ctx) string {
+	if p := httpapi.PrincipalOf(c); p != nil {
+		return p.Actor()
+	}
+	return ""
 }
 
 // migrate applies migrations, waiting for the database for up to a minute so the

@@ -27,31 +27,48 @@ type OIDCFlow interface {
 	EndSessionURL() string
 }
 
-// authenticate is the per-route middleware that yields the principal: every route
-// requires one unless the contract marks it public (security: []).
-func (a *API) authenticate(public map[string]bool) apigen.HandlerMiddlewareFunc {
-	return func(c *fiber.Ctx, next fiber.Handler) error {
+// authenticate resolves the bearer into a principal before routing. It does not
+// refuse anything itself: a failure is kept for requireAuth, so the rate limiter
+// between them counts failed attempts against the caller's address.
+func (a *API) authenticate() fiber.Handler {
+	return func(c *fiber.Ctx) error {
 		header := c.Get(fiber.HeaderAuthorization)
-		if header == "" && public[c.Method()+" "+c.Route().Path] {
-			return next(c)
-		}
 		if header == "" {
-			c.Set(fiber.HeaderWWWAuthenticate, `Bearer realm="gpuaas"`)
-			return errcode.New(errcode.Unauthenticated, "authentication required: send Authorization: Bearer <token>")
+			return c.Next()
 		}
 		if a.Auth == nil {
-			return errcode.New(errcode.ServiceUnavailable, "authentication is not configured")
+			c.Locals(localsAuthErr, errcode.New(errcode.ServiceUnavailable, "authentication is not configured"))
+			return c.Next()
 		}
 		p, err := a.Auth.Authenticate(c.UserContext(), header)
 		if err != nil {
-			c.Set(fiber.HeaderWWWAuthenticate, `Bearer realm="gpuaas", error="invalid_token"`)
-			return err
+			c.Locals(localsAuthErr, err)
+			return c.Next()
 		}
 		c.SetUserContext(principal.With(c.UserContext(), p))
 		c.Locals(localsPrincipal, p)
-		return next(c)
+		return c.Next()
 	}
 }
+
+// requireAuth refuses a request whose bearer failed, and an anonymous request to any
+// route the contract does not mark public (security: []). public holds
+// "METHOD /path" of the public routes, none of which has path parameters.
+func requireAuth(public map[string]bool) fiber.Handler {
+	return func(c *fiber.Ctx) error {
+		if err, _ := c.Locals(localsAuthErr).(error); err != nil {
+			c.Set(fiber.HeaderWWWAuthenticate, `Bearer realm="gpuaas", error="invalid_token"`)
+			return err
+		}
+		if PrincipalOf(c) == nil && !public[c.Method()+" "+c.Path()] {
+			c.Set(fiber.HeaderWWWAuthenticate, `Bearer realm="gpuaas"`)
+			return errcode.New(errcode.Unauthenticated, "authentication required: send Authorization: Bearer <token>")
+		}
+		return c.Next()
+	}
+}
+
+const localsAuthErr = "gpuaas.auth_error"
 
 const localsPrincipal = "gpuaas.principal"
 

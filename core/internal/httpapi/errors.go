@@ -11,6 +11,7 @@ import (
 	"github.com/gpuaas/gpuaas/core/internal/correlation"
 	"github.com/gpuaas/gpuaas/core/internal/errcode"
 	"github.com/gpuaas/gpuaas/core/internal/httpapi/apigen"
+	"github.com/gpuaas/gpuaas/core/internal/idempotency"
 	"github.com/gpuaas/gpuaas/core/internal/identity"
 	"github.com/gpuaas/gpuaas/core/internal/oidc"
 	"github.com/gpuaas/gpuaas/core/internal/store"
@@ -45,8 +46,12 @@ func statusFor(code errcode.Code) int {
 	case identity.CodeOrgNotFound, identity.CodeProjectNotFound, identity.CodeUserNotFound, identity.CodeMemberNotFound,
 		identity.CodeServiceAccountNotFound, identity.CodeAPIKeyNotFound:
 		return http.StatusNotFound
-	case identity.CodeSlugTaken, identity.CodeNameTaken, identity.CodeAlreadyMember, identity.CodeLastOwner:
+	case identity.CodeSlugTaken, identity.CodeNameTaken, identity.CodeAlreadyMember, identity.CodeLastOwner, idempotency.InFlight:
 		return http.StatusConflict
+	case idempotency.InvalidKey:
+		return http.StatusBadRequest
+	case idempotency.KeyReused:
+		return http.StatusUnprocessableEntity
 	case identity.CodeInvalidCredentials, identity.CodeInvalidToken, identity.CodeAPIKeyRevoked, identity.CodeAPIKeyExpired,
 		identity.CodeAccountDisabled, identity.CodeOIDCNotConfigured:
 		return http.StatusUnauthorized
@@ -105,6 +110,12 @@ func toCoded(ctx context.Context, err error) *errcode.Error {
 	return errcode.Wrap(err, errcode.Internal, "internal error")
 }
 
+// ErrorWriter returns the function that renders errors in the envelope, for
+// middleware that must capture the exact bytes (idempotency).
+func ErrorWriter(log hclog.Logger) func(*fiber.Ctx, error) {
+	return func(c *fiber.Ctx, err error) { writeError(c, log, err) }
+}
+
 // writeError sends err in the error envelope. It is the only writer of error bodies.
 func writeError(c *fiber.Ctx, log hclog.Logger, err error) {
 	coded := toCoded(c.UserContext(), err)
@@ -150,7 +161,7 @@ func Codes() []errcode.Code {
 		errcode.NotFound, errcode.RouteNotFound, errcode.MethodNotAllowed, errcode.Conflict,
 		errcode.RequestTooLarge, errcode.UnsupportedMedia, errcode.RateLimited, errcode.NotReady,
 		errcode.DatabaseUnavailable, errcode.ServiceUnavailable, errcode.Timeout, errcode.Internal,
-	}, append(identity.Codes(),
+	}, append(append(identity.Codes(), idempotency.Codes()...),
 		oidc.CodeTokenMalformed, oidc.CodeTokenAlgNotAllowed, oidc.CodeTokenBadSignature, oidc.CodeTokenUnknownKey,
 		oidc.CodeTokenExpired, oidc.CodeTokenNotYetValid, oidc.CodeTokenWrongIssuer, oidc.CodeTokenWrongAudience,
 		oidc.CodeTokenMissingSubject, oidc.CodeTokenWrongNonce, oidc.CodeGrantRejected, oidc.CodeProviderUnavailable)...)

@@ -22,9 +22,13 @@ type Options struct {
 	// Registerer receives the HTTP metrics; Gatherer serves /metrics.
 	Registerer prometheus.Registerer
 	Gatherer   prometheus.Gatherer
-	// RouteMiddlewares run on every route after authentication (rate limiting,
-	// idempotency), in order.
-	RouteMiddlewares []apigen.HandlerMiddlewareFunc
+	// BeforeAuth run after the bearer is resolved but before unauthenticated
+	// requests are refused (the rate limiter: it sees the principal, or the
+	// address of a failed or anonymous attempt).
+	BeforeAuth []fiber.Handler
+	// AfterAuth run on authenticated (or public) requests before the route
+	// (idempotency).
+	AfterAuth []fiber.Handler
 }
 
 // New builds the Fiber app with the middleware chain and every route of the
@@ -58,9 +62,15 @@ func New(log hclog.Logger, h *API, opt Options) *fiber.App {
 	if err != nil {
 		panic(err) // the embedded contract is part of the binary
 	}
-	apigen.RegisterHandlersWithOptions(app, h, apigen.FiberServerOptions{
-		HandlerMiddlewares: append([]apigen.HandlerMiddlewareFunc{h.authenticate(public)}, opt.RouteMiddlewares...),
-	})
+	app.Use(h.authenticate())
+	for _, mw := range opt.BeforeAuth {
+		app.Use(mw)
+	}
+	app.Use(requireAuth(public))
+	for _, mw := range opt.AfterAuth {
+		app.Use(mw)
+	}
+	apigen.RegisterHandlers(app, h)
 	return app
 }
 

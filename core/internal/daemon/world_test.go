@@ -1,0 +1,245 @@
+package daemon_test
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"net/http"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/google/uuid"
+	"github.com/jackc/pgx/v5/pgxpool"
+
+	"github.com/gpuaas/gpuaas/core/internal/daemon/daemontest"
+	"github.com/gpuaas/gpuaas/core/internal/identity"
+	"github.com/gpuaas/gpuaas/core/internal/oidc/oidctest"
+	"github.com/gpuaas/gpuaas/core/internal/principal"
+	"github.com/gpuaas/gpuaas/core/internal/testenv"
+)
+
+// env is one running core with its database, an OIDC issuer it trusts and a
+// service to build fixtures with.
+type env struct {
+	t      *testing.T
+	url    string
+	pool   *pgxpool.Pool
+	ids    *identity.Service
+	issuer *oidctest.Issuer
+}
+
+func newEnv(t *testing.T) *env {
+	t.Helper()
+	issuer := oidctest.New(t, oidctest.WithClient("gpuaas-web", "web-secret"))
+	pool, dbURL := testenv.MigratedPool(t)
+	n := testenv.StartNATS(t)
+	d := daemontest.Start(t, map[string]string{
+		"DATABASE_URL": dbURL, "NATS_URL": n.URL(), "TEMPORAL_ADDRESS": testenv.Env(t, "TEMPORAL_ADDRESS"),
+		"GPUAAS_LOCAL_ACCOUNTS": "true",
+		"GPUAAS_OIDC_ISSUER":    issuer.URL(), "GPUAAS_OIDC_CLIENT_ID": issuer.ClientID(), "GPUAAS_OIDC_CLIENT_SECRET": "web-secret",
+		"GPUAAS_OIDC_AUDIENCE": issuer.Config().Audience, "GPUAAS_OIDC_REDIRECT_URL": "https://gpuaas.test/callback",
+	})
+	return &env{t: t, url: d.URL, pool: pool, ids: identity.NewService(pool, "local", testenv.Logger(t), nil), issuer: issuer}
+}
+
+type response struct {
+	status int
+	header http.Header
+	body   []byte
+}
+
+func (r response) json(t *testing.T, v any) {
+	t.Helper()
+	if err := json.Unmarshal(r.body, v); err != nil {
+		t.Fatalf("decode %s: %v", r.body, err)
+	}
+}
+
+func (r response) code() string {
+	var e struct {
+		Error struct{ Code string } `json:"error"`
+	}
+	_ = json.Unmarshal(r.body, &e)
+	return e.Error.Code
+}
+
+// call sends a request with an optional bearer token and JSON body.
+func (e *env) call(method, path, token string, body any, header ...string) response {
+	e.t.Helper()
+	var rd io.Reader
+	if body != nil {
+		b, ok := body.(string)
+		if !ok {
+			raw, _ := json.Marshal(body)
+			b = string(raw)
+		}
+		rd = strings.NewReader(b)
+	}
+	req, err := http.NewRequest(method, e.url+path, rd)
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	if body != nil {
+		req.Header.Set("Content-Type", "application/json")
+	}
+	if token != "" {
+		req.Header.Set("Authorization", "Bearer "+token)
+	}
+	for i := 0; i+1 < len(header); i += 2 {
+		req.Header.Set(header[i], header[i+1])
+	}
+	client := &http.Client{CheckRedirect: func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse }, Timeout: 30 * time.Second}
+	resp, err := client.Do(req)
+	if err != nil {
+		e.t.Fatalf("%s %s: %v", method, path, err)
+	}
+	defer resp.Body.Close()
+	raw, _ := io.ReadAll(resp.Body)
+	return response{status: resp.StatusCode, header: resp.Header, body: raw}
+}
+
+// role names the principals of the authorization matrix.
+type role string
+
+const (
+	anon      role = "anonymous"
+	otherOrg  role = "user_of_other_org"
+	viewer    role = "project_viewer"
+	member    role = "project_member"
+	orgAdmin  role = "org_admin"
+	saOther   role = "sa_of_other_project"
+	platAdmin role = "platform_admin"
+)
+
+var roles = []role{anon, otherOrg, viewer, member, orgAdmin, saOther, platAdmin}
+
+// world is a fresh tenancy fixture: org A with projects P1 and P2, org B with PB,
+// one principal per role, and resources in P1 to act on.
+type world struct {
+	orgA, orgB   uuid.UUID
+	p1, p2, pb   uuid.UUID
+	tokens       map[role]string
+	keyIDs       map[role]uuid.UUID
+	users        map[role]uuid.UUID
+	target       uuid.UUID // org A member and P1 member, the object of member changes
+	spare        uuid.UUID // org A member, not in P1
+	sa           uuid.UUID // service account of P1
+	saKey        uuid.UUID // key of that service account
+	foreignSA    uuid.UUID // service account of PB
+	foreignKey   uuid.UUID // personal key of the org B user
+	foreignUser  uuid.UUID // org B owner
+	strangerMail string
+}
+
+func (e *env) insertUser(ctx context.Context, email string, admin bool) uuid.UUID {
+	e.t.Helper()
+	id := uuid.Must(uuid.NewV7())
+	if _, err := e.pool.Exec(ctx, `INSERT INTO users (id, email, email_verified, display_name, is_platform_admin) VALUES ($1, $2, true, $2, $3)`, id, email, admin); err != nil {
+		e.t.Fatal(err)
+	}
+	return id
+}
+
+func (e *env) exec(ctx context.Context, sql string, args ...any) {
+	e.t.Helper()
+	if _, err := e.pool.Exec(ctx, sql, args...); err != nil {
+		e.t.Fatalf("%s: %v", sql, err)
+	}
+}
+
+func (e *env) userKey(ctx context.Context, id uuid.UUID) (string, uuid.UUID) {
+	e.t.Helper()
+	ctx = principal.With(ctx, principal.SystemPrincipal("fixture"))
+	k, secret, err := e.ids.CreateAPIKey(ctx, identity.KeyOwner{User: &id}, "fixture", nil)
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	return secret, k.ID
+}
+
+func (e *env) newWorld() *world {
+	e.t.Helper()
+	ctx := principal.With(context.Background(), principal.SystemPrincipal("fixture"))
+	w := &world{tokens: map[role]string{}, keyIDs: map[role]uuid.UUID{}, users: map[role]uuid.UUID{}}
+	sfx := uuid.NewString()[:8]
+	w.orgA, w.orgB = uuid.Must(uuid.NewV7()), uuid.Must(uuid.NewV7())
+	w.p1, w.p2, w.pb = uuid.Must(uuid.NewV7()), uuid.Must(uuid.NewV7()), uuid.Must(uuid.NewV7())
+	e.exec(ctx, `INSERT INTO orgs (id, slug, name) VALUES ($1, $2, 'Org A'), ($3, $4, 'Org B')`, w.orgA, "a-"+sfx, w.orgB, "b-"+sfx)
+	e.exec(ctx, `INSERT INTO projects (id, org_id, slug, name) VALUES ($1, $2, 'p1', 'P1'), ($3, $2, 'p2', 'P2'), ($4, $5, 'pb', 'PB')`, w.p1, w.orgA, w.p2, w.pb, w.orgB)
+	mk := func(r role, admin bool) uuid.UUID {
+		id := e.insertUser(ctx, fmt.Sprintf("%s-%s@example.test", r, sfx), admin)
+		w.users[r] = id
+		w.tokens[r], w.keyIDs[r] = e.userKey(ctx, id)
+		return id
+	}
+	owner := e.insertUser(ctx, "owner-"+sfx+"@example.test", false)
+	e.exec(ctx, `INSERT INTO org_memberships (org_id, user_id, role) VALUES ($1, $2, 'owner')`, w.orgA, owner)
+	w.foreignUser = mk(otherOrg, false)
+	e.exec(ctx, `INSERT INTO org_memberships (org_id, user_id, role) VALUES ($1, $2, 'owner')`, w.orgB, w.foreignUser)
+	_, w.foreignKey = w.tokens[otherOrg], w.keyIDs[otherOrg]
+	for r, prole := range map[role]string{viewer: "viewer", member: "member"} {
+		id := mk(r, false)
+		e.exec(ctx, `INSERT INTO org_memberships (org_id, user_id, role) VALUES ($1, $2, 'member')`, w.orgA, id)
+		e.exec(ctx, `INSERT INTO project_memberships (project_id, user_id, role) VALUES ($1, $2, $3)`, w.p1, id, prole)
+	}
+	e.exec(ctx, `INSERT INTO org_memberships (org_id, user_id, role) VALUES ($1, $2, 'admin')`, w.orgA, mk(orgAdmin, false))
+	mk(platAdmin, true)
+	w.target = e.insertUser(ctx, "target-"+sfx+"@example.test", false)
+	e.exec(ctx, `INSERT INTO org_memberships (org_id, user_id, role) VALUES ($1, $2, 'member')`, w.orgA, w.target)
+	e.exec(ctx, `INSERT INTO project_memberships (project_id, user_id, role) VALUES ($1, $2, 'member')`, w.p1, w.target)
+	w.spare = e.insertUser(ctx, "spare-"+sfx+"@example.test", false)
+	e.exec(ctx, `INSERT INTO org_memberships (org_id, user_id, role) VALUES ($1, $2, 'member')`, w.orgA, w.spare)
+
+	sa := func(project, org uuid.UUID, name string) *identity.ServiceAccount {
+		p := &identity.Project{ID: project, OrgID: org}
+		a, err := e.ids.CreateServiceAccount(ctx, p, name, "", "admin")
+		if err != nil {
+			e.t.Fatal(err)
+		}
+		return a
+	}
+	s1 := sa(w.p1, w.orgA, "deployer")
+	w.sa = s1.ID
+	k, _, err := e.ids.CreateAPIKey(ctx, identity.KeyOwner{ServiceAccount: s1}, "ci", nil)
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	w.saKey = k.ID
+	s2 := sa(w.p2, w.orgA, "other")
+	_, tok, err := e.ids.CreateAPIKey(ctx, identity.KeyOwner{ServiceAccount: s2}, "ci", nil)
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	w.tokens[saOther], w.users[saOther] = tok, s2.ID
+	w.foreignSA = sa(w.pb, w.orgB, "foreign").ID
+	w.strangerMail = "stranger-" + sfx + "@example.test"
+	return w
+}
+
+func (e *env) auditCount(result string) int {
+	e.t.Helper()
+	var n int
+	if err := e.pool.QueryRow(context.Background(), `SELECT count(*) FROM audit_log WHERE result = $1`, result).Scan(&n); err != nil {
+		e.t.Fatal(err)
+	}
+	return n
+}
+
+// send is call plus the audit invariant: a successful mutation writes exactly one
+// success row; anything else writes none.
+func (e *env) send(method, path, token string, body any) response {
+	e.t.Helper()
+	before := e.auditCount("success")
+	r := e.call(method, path, token, body)
+	after := e.auditCount("success")
+	want := 0
+	if method != http.MethodGet && r.status >= 200 && r.status < 300 {
+		want = 1
+	}
+	if after-before != want {
+		e.t.Errorf("%s %s → %d wrote %d success audit rows, want %d", method, path, r.status, after-before, want)
+	}
+	return r
+}

@@ -178,6 +178,10 @@ func connectBinary(t testing.TB, target Target, kind base.Kind) base.BasePlugin 
 		t.Fatal(err)
 	}
 	logs := &testLog{t: t}
+	level := hclog.Info
+	if _, bench := t.(*testing.B); bench {
+		level = hclog.Warn // keep benchmark output to results
+	}
 	cfg, err := sdk.ClientConfig(sdk.Launch{
 		Path:   target.path,
 		Env:    target.env,
@@ -185,7 +189,7 @@ func connectBinary(t testing.TB, target Target, kind base.Kind) base.BasePlugin 
 		Logger: hclog.New(&hclog.LoggerOptions{
 			Name:   filepath.Base(target.path),
 			Output: logs,
-			Level:  hclog.Info,
+			Level:  level,
 		}),
 		StartTimeout: 30 * time.Second,
 	})

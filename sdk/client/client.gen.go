@@ -156,9 +156,12 @@ const (
 	DatabaseUnavailable     ErrorCode = "database_unavailable"
 	DuplicateKey            ErrorCode = "duplicate_key"
 	Forbidden               ErrorCode = "forbidden"
+	IdempotencyInFlight     ErrorCode = "idempotency_in_flight"
+	IdempotencyKeyReused    ErrorCode = "idempotency_key_reused"
 	Internal                ErrorCode = "internal"
 	InvalidCredentials      ErrorCode = "invalid_credentials"
 	InvalidCursor           ErrorCode = "invalid_cursor"
+	InvalidIdempotencyKey   ErrorCode = "invalid_idempotency_key"
 	InvalidJson             ErrorCode = "invalid_json"
 	InvalidToken            ErrorCode = "invalid_token"
 	LastOwner               ErrorCode = "last_owner"
@@ -220,11 +223,17 @@ func (e ErrorCode) Valid() bool {
 		return true
 	case Forbidden:
 		return true
+	case IdempotencyInFlight:
+		return true
+	case IdempotencyKeyReused:
+		return true
 	case Internal:
 		return true
 	case InvalidCredentials:
 		return true
 	case InvalidCursor:
+		return true
+	case InvalidIdempotencyKey:
 		return true
 	case InvalidJson:
 		return true

@@ -32,11 +32,14 @@ func (l *Limiter) Run(ctx context.Context) error {
 	}
 }
 
-// refill is a lease top-up planned by a flush.
+// refill is a lease top-up planned by a flush. Allow waits on done meanwhile
+// rather than claim alongside: a count that includes tokens not yet in the
+// lease would make the window look fuller than it is.
 type refill struct {
 	b        *bucket
 	n, limit int64
 	claims   uint64 // b.claims when planned
+	done     chan struct{}
 }
 
 // read is a count refresh planned by a flush.
@@ -102,8 +105,10 @@ func (l *Limiter) flush(ctx context.Context, final bool) {
 				b.want = max(want, 1)
 				b.idle = 0
 				want = min(want, (l.threshold(b.limit)-b.global)/2)
-				if want > b.lease {
-					refills = append(refills, refill{b: b, n: want - b.lease, limit: b.limit, claims: b.claims})
+				if want > b.lease && b.claiming == nil && b.inflight == 0 {
+					r := refill{b: b, n: want - b.lease, limit: b.limit, claims: b.claims, done: make(chan struct{})}
+					refills = append(refills, r)
+					b.claiming = r.done
 				} else {
 					reads = append(reads, read{b: b, claims: b.claims})
 				}
@@ -155,23 +160,24 @@ func (l *Limiter) refill(ctx context.Context, rs []refill) ([]read, error) {
 		byKey[r.b.k] = r
 	}
 	counts, err := l.windowCounts(ctx, refillSQL, keys, starts, ends, ns, limits)
-	if err != nil {
-		return nil, fmt.Errorf("ratelimit: refill %d leases: %w", len(rs), err)
-	}
 	var refused []read
 	for k, r := range byKey {
 		count, ok := counts[k]
-		if !ok {
-			// The window cannot take n more.
-			l.log.Error("DBG refused", "n", r.n, "key", k, "counts", fmt.Sprint(counts))
-			refused = append(refused, read{b: r.b, claims: r.claims})
-			continue
-		}
 		r.b.mu.Lock()
-		r.b.dbg = append(r.b.dbg, fmt.Sprintf("refill n=%d count=%d global=%d lease=%d", r.n, count, r.b.global, r.b.lease))
-		r.b.lease += r.n
-		r.b.global = max(r.b.global, count)
+		switch {
+		case ok:
+			r.b.lease += r.n
+			r.b.global = max(r.b.global, count)
+		case err == nil:
+			// The window cannot take n more.
+			refused = append(refused, read{b: r.b, claims: r.claims})
+		}
+		r.b.claiming = nil
+		close(r.done)
 		r.b.mu.Unlock()
+	}
+	if err != nil {
+		return nil, fmt.Errorf("ratelimit: refill %d leases: %w", len(rs), err)
 	}
 	return refused, nil
 }
@@ -200,7 +206,6 @@ func (l *Limiter) read(ctx context.Context, rs []read) error {
 	for _, r := range rs {
 		if count, ok := counts[r.b.k]; ok {
 			r.b.mu.Lock()
-			r.b.dbg = append(r.b.dbg, fmt.Sprintf("read count=%d global=%d lease=%d same=%v", count, r.b.global, r.b.lease, r.b.claims == r.claims))
 			if r.b.claims == r.claims {
 				r.b.global = count
 			} else {
@@ -242,7 +247,6 @@ func (l *Limiter) giveBack(ctx context.Context, gs []giveBack) error {
 		keys[i], starts[i], ends[i], ns[i] = g.b.k.key, g.b.start, g.b.end, g.n
 	}
 	counts, err := l.windowCounts(ctx, giveBackSQL, keys, starts, ends, ns)
-	l.log.Error("DBG giveback", "ns", fmt.Sprint(ns), "counts", fmt.Sprint(counts), "err", err)
 	for _, g := range gs {
 		g.b.mu.Lock()
 		if count, ok := counts[g.b.k]; ok {

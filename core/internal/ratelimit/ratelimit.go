@@ -180,7 +180,6 @@ type bucket struct {
 	claims uint64
 	// lease is tokens this instance has claimed and not yet spent.
 	lease int64
-	dbg   []string
 	// used counts tokens spent since the last flush; touched reports any Allow;
 	// dry reports that the lease ran out and Allow had to claim.
 	used    int64
@@ -334,11 +333,9 @@ func (l *Limiter) decide(ctx context.Context, b *bucket, limit int64, now time.T
 			l.m.failedOpen.Inc()
 			return d, true, ErrStoreUnavailable
 		}
-		threshold := l.threshold(limit)
-		far := b.global < threshold
 		if b.claiming != nil {
-			// Another request is refilling the lease, or a flush is giving it
-			// back; wait for the outcome.
+			// Another request or a flush is refilling the lease, or a flush is
+			// giving it back; wait for the outcome.
 			ch := b.claiming
 			b.mu.Unlock()
 			select {
@@ -350,6 +347,11 @@ func (l *Limiter) decide(ctx context.Context, b *bucket, limit int64, now time.T
 			b.mu.Lock()
 			continue
 		}
+		// Far below the threshold, claim a lease; only one lease claim runs at a
+		// time and never alongside single-token claims, so no count this
+		// instance sees includes tokens on their way into its lease.
+		threshold := l.threshold(limit)
+		far := b.global < threshold && b.inflight == 0
 		n := int64(1)
 		var done chan struct{}
 		if far {
@@ -381,7 +383,6 @@ func (l *Limiter) decide(ctx context.Context, b *bucket, limit int64, now time.T
 			return d, true, l.allowFailed(ctx, now, err)
 		case granted:
 			l.storeHealthy()
-			b.dbg = append(b.dbg, fmt.Sprintf("claim n=%d count=%d global=%d lease=%d", n, count, b.global, b.lease))
 			b.global = max(b.global, count)
 			b.claims++
 			b.lease += n - 1

@@ -46,6 +46,7 @@ set -a
 # shellcheck disable=SC1090
 . "$stack_env"
 set +a
+export GPUAAS_LOCAL_ACCOUNTS=true
 "$bin/gpuaasd" --listen-addr "127.0.0.1:$port" >"$state/gpuaasd.log" 2>&1 &
 core_pid=$!
 
@@ -56,13 +57,19 @@ for _ in $(seq 1 600); do
 done
 curl -fsS "$api/api/v1/readyz" >/dev/null || { echo "gpuaas: gpuaasd not ready after 120 s; see $state/gpuaasd.log" >&2; exit 1; }
 
-printf 'GPUAAS_API_URL=%s\n' "$api" >"$dev_env"
+admin=$("$bin/gpuaasd" bootstrap-admin --email admin@gpuaas.local 2>>"$state/gpuaasd.log")
+token=$(printf '%s\n' "$admin" | sed -n 's/^GPUAAS_TOKEN=//p')
+password=$(printf '%s\n' "$admin" | sed -n 's/^GPUAAS_ADMIN_PASSWORD=//p')
+umask 077
+printf 'GPUAAS_API_URL=%s\nGPUAAS_TOKEN=%s\n' "$api" "$token" >"$dev_env"
 cat <<MSG
 
   gpuaas is running.
-    API:      $api   (try: curl $api/api/v1/readyz)
-    CLI env:  $dev_env
-    Logs:     $state/gpuaasd.log, $state/stack/
+    API:        $api   (try: curl $api/api/v1/readyz)
+    Admin:      admin@gpuaas.local / ${password:-"(unchanged)"}   (shown once)
+    API key:    in $dev_env as GPUAAS_TOKEN (the gpuaas CLI reads it)
+                curl -H "Authorization: Bearer \$GPUAAS_TOKEN" $api/api/v1/users/me
+    Logs:       $state/gpuaasd.log, $state/stack/
   Press Ctrl-C to stop.
 
 MSG

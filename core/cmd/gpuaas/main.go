@@ -1,6 +1,8 @@
 // Command gpuaas is the gpuaas command-line client.
 //
 //	gpuaas status            health and readiness of the API
+//	gpuaas whoami            the caller and their memberships
+//	gpuaas orgs              organizations the caller belongs to
 //	gpuaas policy-keys       the platform's policy keys with types and defaults
 //
 // It finds the API through GPUAAS_API_URL (and, later, GPUAAS_TOKEN), taken from the
@@ -15,6 +17,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"net/http"
 	"os"
 	"os/signal"
 	"path/filepath"
@@ -40,6 +43,8 @@ const usage = `usage: gpuaas COMMAND
 
 commands:
   status        health and readiness of the API and its dependencies
+  whoami        the caller and their memberships
+  orgs          organizations the caller belongs to
   policy-keys   the platform's policy keys with types and defaults
 `
 
@@ -55,7 +60,14 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 	if settings["GPUAAS_API_URL"] == "" {
 		return errors.New("GPUAAS_API_URL is not set and no .gpuaas/dev.env was found; start the platform with `make run` or export GPUAAS_API_URL")
 	}
-	c, err := client.NewClientWithResponses(settings["GPUAAS_API_URL"])
+	var opts []client.ClientOption
+	if tok := settings["GPUAAS_TOKEN"]; tok != "" {
+		opts = append(opts, client.WithRequestEditorFn(func(_ context.Context, req *http.Request) error {
+			req.Header.Set("Authorization", "Bearer "+tok)
+			return nil
+		}))
+	}
+	c, err := client.NewClientWithResponses(settings["GPUAAS_API_URL"], opts...)
 	if err != nil {
 		return err
 	}
@@ -66,6 +78,10 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 		return status(ctx, c, stdout)
 	case "policy-keys":
 		return policyKeys(ctx, c, stdout)
+	case "whoami":
+		return whoami(ctx, c, stdout)
+	case "orgs":
+		return orgs(ctx, c, stdout)
 	default:
 		fmt.Fprint(stderr, usage)
 		return fmt.Errorf("unknown command %q", args[0])
@@ -114,6 +130,57 @@ func policyKeys(ctx context.Context, c *client.ClientWithResponses, out io.Write
 				scopes[i] = string(s)
 			}
 			fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\n", k.Key, k.Type, def, strings.Join(scopes, ","), k.Description)
+		}
+		if resp.JSON200.NextCursor == nil {
+			break
+		}
+		cursor = resp.JSON200.NextCursor
+	}
+	return tw.Flush()
+}
+
+func whoami(ctx context.Context, c *client.ClientWithResponses, out io.Writer) error {
+	resp, err := c.GetMeWithResponse(ctx)
+	if err != nil {
+		return fmt.Errorf("API unreachable: %w", err)
+	}
+	if resp.JSON200 == nil {
+		return apiError(resp.StatusCode(), resp.Body)
+	}
+	me := resp.JSON200
+	name := ""
+	if me.Email != nil {
+		name = *me.Email
+	}
+	fmt.Fprintf(out, "%s %s (%s via %s)", me.PrincipalType, me.Id, name, me.AuthMethod)
+	if me.IsPlatformAdmin {
+		fmt.Fprint(out, " platform-admin")
+	}
+	fmt.Fprintln(out)
+	for _, m := range me.OrgMemberships {
+		fmt.Fprintf(out, "  org %s (%s): %s\n", m.OrgSlug, m.OrgId, m.Role)
+	}
+	for _, m := range me.ProjectMemberships {
+		fmt.Fprintf(out, "  project %s (%s): %s\n", m.ProjectSlug, m.ProjectId, m.Role)
+	}
+	return nil
+}
+
+func orgs(ctx context.Context, c *client.ClientWithResponses, out io.Writer) error {
+	tw := tabwriter.NewWriter(out, 0, 4, 2, ' ', 0)
+	fmt.Fprintln(tw, "ID\tSLUG\tNAME")
+	var cursor *string
+	for {
+		limit := 200
+		resp, err := c.ListOrgsWithResponse(ctx, &client.ListOrgsParams{Limit: &limit, Cursor: cursor})
+		if err != nil {
+			return fmt.Errorf("API unreachable: %w", err)
+		}
+		if resp.JSON200 == nil {
+			return apiError(resp.StatusCode(), resp.Body)
+		}
+		for _, o := range resp.JSON200.Items {
+			fmt.Fprintf(tw, "%s\t%s\t%s\n", o.Id, o.Slug, o.Name)
 		}
 		if resp.JSON200.NextCursor == nil {
 			break

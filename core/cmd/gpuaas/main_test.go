@@ -11,7 +11,10 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 
+	"github.com/gpuaas/gpuaas/core/internal/daemon/daemontest"
 	"github.com/gpuaas/gpuaas/core/internal/httpapi"
+	"github.com/gpuaas/gpuaas/core/internal/identity"
+	"github.com/gpuaas/gpuaas/core/internal/principal"
 	"github.com/gpuaas/gpuaas/core/internal/testenv"
 )
 
@@ -73,5 +76,47 @@ func TestUnreachableAPI(t *testing.T) {
 	err := run(context.Background(), []string{"status"}, env("http://127.0.0.1:1"), io.Discard, io.Discard)
 	if err == nil || !strings.Contains(err.Error(), "unreachable") {
 		t.Fatalf("err = %v", err)
+	}
+}
+
+// whoami and orgs talk to a real core with the token from the environment.
+func TestWhoAmIAndOrgs(t *testing.T) {
+	pool, db := testenv.MigratedPool(t)
+	n := testenv.StartNATS(t)
+	d := daemontest.Start(t, map[string]string{"DATABASE_URL": db, "NATS_URL": n.URL(), "TEMPORAL_ADDRESS": testenv.Env(t, "TEMPORAL_ADDRESS")})
+	ctx := principal.With(context.Background(), principal.SystemPrincipal("test"))
+	ids := identity.NewService(pool, "local", testenv.Logger(t), nil)
+	u, err := ids.CreateLocalUser(ctx, "cli@example.test", "CLI", "a long enough password", false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, tok, err := ids.CreateAPIKey(ctx, identity.KeyOwner{User: &u.ID}, "cli", nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := ids.CreateOrg(principal.With(ctx, &principal.Principal{Type: principal.User, ID: u.ID}), "acme", "Acme"); err != nil {
+		t.Fatal(err)
+	}
+	getenv := func(k string) string {
+		return map[string]string{"GPUAAS_API_URL": d.URL, "GPUAAS_TOKEN": tok}[k]
+	}
+	var out bytes.Buffer
+	if err := run(context.Background(), []string{"whoami"}, getenv, &out, io.Discard); err != nil {
+		t.Fatal(err)
+	}
+	if !strings.Contains(out.String(), "cli@example.test") || !strings.Contains(out.String(), "org acme") {
+		t.Fatalf("whoami:\n%s", out.String())
+	}
+	out.Reset()
+	if err := run(context.Background(), []string{"orgs"}, getenv, &out, io.Discard); err != nil {
+		t.Fatal(err)
+	}
+	if !strings.Contains(out.String(), "Acme") {
+		t.Fatalf("orgs:\n%s", out.String())
+	}
+	// Without a token the API refuses with the envelope's message.
+	noTok := func(k string) string { return map[string]string{"GPUAAS_API_URL": d.URL}[k] }
+	if err := run(context.Background(), []string{"whoami"}, noTok, io.Discard, io.Discard); err == nil || !strings.Contains(err.Error(), "unauthenticated") {
+		t.Fatalf("whoami without a token: %v", err)
 	}
 }

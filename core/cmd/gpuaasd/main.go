@@ -2,6 +2,10 @@
 //
 //	gpuaasd [serve] [flags]   serve the API (default)
 //	gpuaasd migrate [flags]   apply database migrations and exit
+//	gpuaasd bootstrap-admin --email ADDR [flags]
+//	                          create (or reuse) a local platform admin and print its
+//	                          credentials as KEY=VALUE lines: a new password (only when
+//	                          the account is created) and a new API key
 //	gpuaasd version           print the version
 //
 // Every flag has an environment variable; `gpuaasd -h` lists them.
@@ -9,7 +13,9 @@ package main
 
 import (
 	"context"
+	"errors"
 	"fmt"
+	"strings"
 	"io"
 	"os"
 	"os/signal"
@@ -35,10 +41,36 @@ func main() {
 	}
 }
 
+// takeFlag removes --name VALUE or --name=VALUE from args and returns the value.
+func takeFlag(args []string, name string) (string, []string) {
+	var rest []string
+	value := ""
+	for i := 0; i < len(args); i++ {
+		a := strings.TrimLeft(args[i], "-")
+		switch {
+		case a == name && i+1 < len(args) && strings.HasPrefix(args[i], "-"):
+			value = args[i+1]
+			i++
+		case strings.HasPrefix(a, name+"=") && strings.HasPrefix(args[i], "-"):
+			value = strings.TrimPrefix(a, name+"=")
+		default:
+			rest = append(rest, args[i])
+		}
+	}
+	return value, rest
+}
+
 func run(ctx context.Context, args []string, getenv func(string) string, stdout, stderr io.Writer) error {
 	cmd := "serve"
-	if len(args) > 0 && (args[0] == "serve" || args[0] == "migrate" || args[0] == "version") {
+	if len(args) > 0 && (args[0] == "serve" || args[0] == "migrate" || args[0] == "version" || args[0] == "bootstrap-admin") {
 		cmd, args = args[0], args[1:]
+	}
+	var email string
+	if cmd == "bootstrap-admin" {
+		email, args = takeFlag(args, "email")
+		if email == "" {
+			return errors.New("bootstrap-admin: --email is required")
+		}
 	}
 	if cmd == "version" {
 		_, err := fmt.Fprintln(stdout, version)
@@ -55,6 +87,8 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 		Output:     stderr,
 	})
 	switch cmd {
+	case "bootstrap-admin":
+		return bootstrapAdmin(ctx, cfg, log, email, stdout)
 	case "migrate":
 		pool, err := store.Open(ctx, cfg.DatabaseURL, store.Options{})
 		if err != nil {

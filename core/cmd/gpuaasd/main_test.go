@@ -243,3 +243,53 @@ func freePort(t *testing.T) int {
 	defer l.Close()
 	return l.Addr().(*net.TCPAddr).Port
 }
+
+// bootstrap-admin creates a platform admin whose printed API key and password work,
+// and a second run reuses the account with a new key.
+func TestBootstrapAdmin(t *testing.T) {
+	db := testenv.Database(t)
+	n := testenv.StartNATS(t)
+	env := map[string]string{"DATABASE_URL": db, "NATS_URL": n.URL(), "TEMPORAL_ADDRESS": testenv.Env(t, "TEMPORAL_ADDRESS"), "GPUAAS_LOCAL_ACCOUNTS": "true"}
+	creds := func() map[string]string {
+		var out bytes.Buffer
+		if err := run(context.Background(), []string{"bootstrap-admin", "--email", "admin@gpuaas.test"}, envFunc(env), &out, io.Discard); err != nil {
+			t.Fatal(err)
+		}
+		m := map[string]string{}
+		for _, line := range strings.Split(strings.TrimSpace(out.String()), "\n") {
+			k, v, _ := strings.Cut(line, "=")
+			m[k] = v
+		}
+		return m
+	}
+	first := creds()
+	if first["GPUAAS_TOKEN"] == "" || first["GPUAAS_ADMIN_PASSWORD"] == "" || first["GPUAAS_ADMIN_EMAIL"] != "admin@gpuaas.test" {
+		t.Fatalf("first run printed %v", first)
+	}
+	second := creds()
+	if second["GPUAAS_ADMIN_PASSWORD"] != "" || second["GPUAAS_TOKEN"] == "" || second["GPUAAS_TOKEN"] == first["GPUAAS_TOKEN"] {
+		t.Fatalf("second run printed %v; want a new key and no password", second)
+	}
+	d := daemontest.Start(t, env)
+	for _, tok := range []string{first["GPUAAS_TOKEN"], second["GPUAAS_TOKEN"]} {
+		req, _ := http.NewRequest("GET", d.URL+"/api/v1/admin/users", nil)
+		req.Header.Set("Authorization", "Bearer "+tok)
+		resp, err := http.DefaultClient.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		resp.Body.Close()
+		if resp.StatusCode != 200 {
+			t.Fatalf("admin route with the bootstrap key: %d", resp.StatusCode)
+		}
+	}
+	body := strings.NewReader(`{"login":"admin@gpuaas.test","password":"` + first["GPUAAS_ADMIN_PASSWORD"] + `"}`)
+	resp, err := http.Post(d.URL+"/api/v1/auth/local/login", "application/json", body)
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != 200 {
+		t.Fatalf("login with the printed password: %d", resp.StatusCode)
+	}
+}

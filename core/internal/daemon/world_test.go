@@ -23,14 +23,14 @@ import (
 // env is one running core with its database, an OIDC issuer it trusts and a
 // service to build fixtures with.
 type env struct {
-	t      *testing.T
+	t      testing.TB
 	url    string
 	pool   *pgxpool.Pool
 	ids    *identity.Service
 	issuer *oidctest.Issuer
 }
 
-func newEnv(t *testing.T) *env {
+func newEnv(t testing.TB) *env {
 	t.Helper()
 	issuer := oidctest.New(t, oidctest.WithClient("gpuaas-web", "web-secret"))
 	pool, dbURL := testenv.MigratedPool(t)

@@ -78,6 +78,7 @@ func (s *Service) CreateOrg(ctx context.Context, slug, name string) (*Org, error
 	if err != nil {
 		return nil, fmt.Errorf("identity: create org: %w", err)
 	}
+	s.forgetMemberships(principalID(ctx))
 	return o, nil
 }
 
@@ -130,6 +131,7 @@ func (s *Service) UpdateOrg(ctx context.Context, id uuid.UUID, name string) (*Or
 	if err != nil {
 		return nil, fmt.Errorf("identity: update org: %w", err)
 	}
+	s.forgetMemberships()
 	return o, nil
 }
 
@@ -197,6 +199,7 @@ func (s *Service) AddOrgMember(ctx context.Context, orgID uuid.UUID, email, role
 	if err != nil {
 		return nil, nil, fmt.Errorf("identity: add org member: %w", err)
 	}
+	s.forgetMemberships()
 	return m, inv, nil
 }
 
@@ -260,6 +263,7 @@ func (s *Service) SetOrgMemberRole(ctx context.Context, orgID, userID uuid.UUID,
 	if err != nil {
 		return nil, fmt.Errorf("identity: set org member role: %w", err)
 	}
+	s.forgetMemberships(userID)
 	return &m, nil
 }
 
@@ -290,6 +294,7 @@ func (s *Service) RemoveOrgMember(ctx context.Context, orgID, userID uuid.UUID, 
 	if err != nil {
 		return fmt.Errorf("identity: remove org member: %w", err)
 	}
+	s.forgetMemberships(userID)
 	return nil
 }
 
@@ -316,6 +321,13 @@ func ensureAnotherOwner(ctx context.Context, tx pgx.Tx, orgID, userID uuid.UUID)
 		return errcode.New(CodeLastOwner, "an organization needs at least one owner; make someone else owner first")
 	}
 	return nil
+}
+
+func principalID(ctx context.Context) uuid.UUID {
+	if p := principal.From(ctx); p != nil {
+		return p.ID
+	}
+	return uuid.Nil
 }
 
 func actorOf(ctx context.Context) string {

@@ -102,6 +102,7 @@ func (s *Service) UpdateProject(ctx context.Context, id uuid.UUID, name string) 
 	if err != nil {
 		return nil, fmt.Errorf("identity: update project: %w", err)
 	}
+	s.forgetMemberships()
 	return p, nil
 }
 
@@ -144,6 +145,7 @@ func (s *Service) AddProjectMember(ctx context.Context, p *Project, userID uuid.
 	if err != nil {
 		return nil, fmt.Errorf("identity: add project member: %w", err)
 	}
+	s.forgetMemberships(userID)
 	return m, nil
 }
 
@@ -172,6 +174,7 @@ func (s *Service) SetProjectMemberRole(ctx context.Context, p *Project, userID u
 	if err != nil {
 		return nil, fmt.Errorf("identity: set project member role: %w", err)
 	}
+	s.forgetMemberships(userID)
 	return &m, nil
 }
 
@@ -190,5 +193,6 @@ func (s *Service) RemoveProjectMember(ctx context.Context, p *Project, userID uu
 	if err != nil {
 		return fmt.Errorf("identity: remove project member: %w", err)
 	}
+	s.forgetMemberships(userID)
 	return nil
 }

@@ -7,6 +7,7 @@ import (
 	"context"
 	"regexp"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/google/uuid"
@@ -70,6 +71,9 @@ type Service struct {
 	ids  rid.Builder
 	log  hclog.Logger
 	now  func() time.Time
+
+	mu          sync.Mutex
+	memberships map[uuid.UUID]cachedMemberships
 }
 
 // NewService returns a Service for region.
@@ -77,7 +81,7 @@ func NewService(pool *pgxpool.Pool, region string, log hclog.Logger, now func() 
 	if now == nil {
 		now = time.Now
 	}
-	return &Service{pool: pool, ids: rid.Builder{Region: region}, log: log, now: now}
+	return &Service{pool: pool, ids: rid.Builder{Region: region}, log: log, now: now, memberships: map[uuid.UUID]cachedMemberships{}}
 }
 
 // IDs is the canonical id builder of the service's region.

@@ -102,6 +102,7 @@ func (s *Service) UpsertOIDCUser(ctx context.Context, id OIDCIdentity) (*User, e
 	if err != nil {
 		return nil, fmt.Errorf("identity: upsert oidc user: %w", err)
 	}
+	s.forgetMemberships(u.ID)
 	return u, nil
 }
 
@@ -117,36 +118,79 @@ func (s *Service) GetUser(ctx context.Context, id uuid.UUID) (*User, error) {
 	return u, nil
 }
 
-// Memberships returns a user's org and project memberships.
+// membershipsTTL bounds how stale another instance's view of a user's memberships
+// may be; this instance's own changes drop the cached view at once. Authorization
+// never uses this view: it reads memberships from the database every time.
+const membershipsTTL = 5 * time.Second
+
+type cachedMemberships struct {
+	orgs     []OrgMembership
+	projects []ProjectMembership
+	fetched  time.Time
+}
+
+// Memberships returns a user's org and project memberships (for display), cached
+// briefly per instance.
 func (s *Service) Memberships(ctx context.Context, userID uuid.UUID) ([]OrgMembership, []ProjectMembership, error) {
-	batch := &pgx.Batch{}
-	batch.Queue(`SELECT o.id, o.slug, o.name, m.role FROM org_memberships m JOIN orgs o ON o.id = m.org_id
-		WHERE m.user_id = $1 ORDER BY o.slug`, userID)
-	batch.Queue(`SELECT p.id, p.org_id, p.slug, p.name, m.role FROM project_memberships m JOIN projects p ON p.id = m.project_id
-		WHERE m.user_id = $1 ORDER BY p.org_id, p.slug`, userID)
-	br := s.pool.SendBatch(ctx, batch)
-	defer br.Close()
-	rows, err := br.Query()
-	if err != nil {
-		return nil, nil, fmt.Errorf("identity: org memberships: %w", err)
+	s.mu.Lock()
+	c, ok := s.memberships[userID]
+	s.mu.Unlock()
+	if ok && s.now().Sub(c.fetched) < membershipsTTL {
+		return c.orgs, c.projects, nil
 	}
-	orgs, err := pgx.CollectRows(rows, func(r pgx.CollectableRow) (OrgMembership, error) {
-		var m OrgMembership
-		return m, r.Scan(&m.OrgID, &m.OrgSlug, &m.OrgName, &m.Role)
-	})
+	fetched := s.now()
+	orgs, projects, err := s.loadMemberships(ctx, userID)
 	if err != nil {
-		return nil, nil, fmt.Errorf("identity: org memberships: %w", err)
+		return nil, nil, err
 	}
-	rows, err = br.Query()
-	if err != nil {
-		return nil, nil, fmt.Errorf("identity: project memberships: %w", err)
+	s.mu.Lock()
+	if len(s.memberships) > 50_000 {
+		clear(s.memberships)
 	}
-	projects, err := pgx.CollectRows(rows, func(r pgx.CollectableRow) (ProjectMembership, error) {
-		var m ProjectMembership
-		return m, r.Scan(&m.ProjectID, &m.OrgID, &m.ProjectSlug, &m.ProjectName, &m.Role)
-	})
+	s.memberships[userID] = cachedMemberships{orgs: orgs, projects: projects, fetched: fetched}
+	s.mu.Unlock()
+	return orgs, projects, nil
+}
+
+// forgetMemberships drops cached memberships: of the given users, or of everyone
+// when none are given (an org or project was renamed).
+func (s *Service) forgetMemberships(users ...uuid.UUID) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if len(users) == 0 {
+		clear(s.memberships)
+	}
+	for _, u := range users {
+		delete(s.memberships, u)
+	}
+}
+
+func (s *Service) loadMemberships(ctx context.Context, userID uuid.UUID) ([]OrgMembership, []ProjectMembership, error) {
+	rows, err := s.pool.Query(ctx, `
+		SELECT false, o.id, o.id, o.slug, o.name, m.role FROM org_memberships m JOIN orgs o ON o.id = m.org_id WHERE m.user_id = $1
+		UNION ALL
+		SELECT true, p.id, p.org_id, p.slug, p.name, m.role FROM project_memberships m JOIN projects p ON p.id = m.project_id WHERE m.user_id = $1
+		ORDER BY 1, 3, 4`, userID)
 	if err != nil {
-		return nil, nil, fmt.Errorf("identity: project memberships: %w", err)
+		return nil, nil, fmt.Errorf("identity: memberships: %w", err)
+	}
+	defer rows.Close()
+	orgs, projects := []OrgMembership{}, []ProjectMembership{}
+	for rows.Next() {
+		var isProject bool
+		var id, orgID uuid.UUID
+		var slug, name, role string
+		if err := rows.Scan(&isProject, &id, &orgID, &slug, &name, &role); err != nil {
+			return nil, nil, fmt.Errorf("identity: memberships: %w", err)
+		}
+		if isProject {
+			projects = append(projects, ProjectMembership{ProjectID: id, OrgID: orgID, ProjectSlug: slug, ProjectName: name, Role: role})
+		} else {
+			orgs = append(orgs, OrgMembership{OrgID: id, OrgSlug: slug, OrgName: name, Role: role})
+		}
+	}
+	if err := rows.Err(); err != nil {
+		return nil, nil, fmt.Errorf("identity: memberships: %w", err)
 	}
 	return orgs, projects, nil
 }

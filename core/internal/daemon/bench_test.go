@@ -71,4 +71,3 @@ func BenchmarkAuthCost(b *testing.B) {
 	b.Logf("auth cost: healthz %.0f req/s; /users/me with API key %.0f req/s (ratio %.2f), with OIDC token %.0f req/s (ratio %.2f)",
 		health, withKey, withKey/health, withJWT, withJWT/health)
 }
-

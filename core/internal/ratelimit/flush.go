@@ -11,7 +11,7 @@ import (
 
 // Run flushes every flush interval and deletes old windows every janitor interval
 // until ctx is done; then it gives back every unspent lease and returns nil. Store
-// errors are logged and counted, never returned. Run at most one Run per Limiter.
+// errors are logged and counted, never returned. Call Run once per Limiter.
 func (l *Limiter) Run(ctx context.Context) error {
 	flush := time.NewTicker(l.cfg.flushInterval)
 	defer flush.Stop()
@@ -129,9 +129,17 @@ func (l *Limiter) flush(ctx context.Context, final bool) {
 	switch {
 	case err == nil:
 		l.storeHealthy()
+		if l.flushFailing {
+			l.flushFailing = false
+			l.log.Info("rate limiter flush recovered")
+		}
 	case ctx.Err() == nil:
 		l.m.errFlush.Inc()
-		l.log.Warn("rate limiter flush failed", "error", err)
+		if !l.flushFailing {
+			// Logged once per outage; the counter counts every failed flush.
+			l.flushFailing = true
+			l.log.Warn("rate limiter flush failed", "error", err)
+		}
 	}
 }
 

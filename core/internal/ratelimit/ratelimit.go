@@ -18,8 +18,8 @@
 // A window may admit fewer requests than its limit when another instance holds
 // claimed tokens it does not spend before the window ends. Those leases are small
 // (about two flush intervals of that instance's traffic for the key, and never more
-// than half of the headroom left below the sync threshold), idle leases are given
-// back at the next flush, and Run gives every lease back when it stops.
+// than half of the headroom left below the sync threshold), a lease idle for five
+// flush intervals is given back, and Run gives every lease back when it stops.
 //
 // # Cost
 //
@@ -152,6 +152,8 @@ type Limiter struct {
 	// brokenUntil is when Allow may ask the store again after a failure, in Unix
 	// nanoseconds of the limiter's clock; 0 while the store is healthy.
 	brokenUntil atomic.Int64
+	// flushFailing is set while flushes fail (touched by Run's goroutine only).
+	flushFailing bool
 }
 
 type shard struct {

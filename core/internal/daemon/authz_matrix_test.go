@@ -114,7 +114,7 @@ func (w *world) fill(tmpl string, r role) string {
 // mutation must leave exactly one audit row (see env.send).
 func TestAuthorizationMatrix(t *testing.T) {
 	e := newEnv(t)
-	spec, err := apigen.GetSwagger()
+	spec, err := apigen.GetSpec()
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -21,12 +21,15 @@ import (
 
 	"github.com/gpuaas/gpuaas/core/internal/authz"
 	"github.com/gpuaas/gpuaas/core/internal/config"
+	"github.com/gpuaas/gpuaas/core/internal/errcode"
 	"github.com/gpuaas/gpuaas/core/internal/events"
 	"github.com/gpuaas/gpuaas/core/internal/httpapi"
 	"github.com/gpuaas/gpuaas/core/internal/idempotency"
 	"github.com/gpuaas/gpuaas/core/internal/identity"
 	"github.com/gpuaas/gpuaas/core/internal/oidc"
 	"github.com/gpuaas/gpuaas/core/internal/policy"
+	"github.com/gpuaas/gpuaas/core/internal/principal"
+	"github.com/gpuaas/gpuaas/core/internal/ratelimit"
 	"github.com/gpuaas/gpuaas/core/internal/store"
 )
 
@@ -135,7 +138,12 @@ func Run(ctx context.Context, cfg config.Config, log hclog.Logger, opt Options) 
 		idempotency.WithErrorWriter(httpapi.ErrorWriter(log.Named("http"))),
 		idempotency.WithLease(cfg.RequestTimeout+time.Minute),
 	)
+	limiter := ratelimit.New(pool, ratelimit.WithRegisterer(reg), ratelimit.WithLogger(log.Named("ratelimit")))
 	app := httpapi.New(log.Named("http"), api, httpapi.Options{
+		BeforeAuth: []fiber.Handler{ratelimit.Middleware(limiter, rateKey(pol), func(c *fiber.Ctx, d ratelimit.Decision) error {
+			return errcode.New(errcode.RateLimited, "too many requests; retry in %s", d.RetryAfter.Round(time.Second)).
+				WithDetails("retry_after_seconds", int(d.RetryAfter.Seconds()+0.999))
+		})},
 		MaxBodyBytes:   cfg.MaxBodyBytes,
 		RequestTimeout: cfg.RequestTimeout,
 		Registerer:     reg,
@@ -153,6 +161,7 @@ func Run(ctx context.Context, cfg config.Config, log hclog.Logger, opt Options) 
 	wg.Go(func() { _ = pol.Listen(bg, js) })
 	wg.Go(func() { auth.Run(bg, js, 30*time.Second) })
 	wg.Go(func() { _ = idem.Run(bg) })
+	wg.Go(func() { _ = limiter.Run(bg) })
 
 	serveErr := make(chan error, 1)
 	go func() { serveErr <- app.Listener(ln) }()
@@ -179,6 +188,32 @@ func Run(ctx context.Context, cfg config.Config, log hclog.Logger, opt Options) 
 	}
 	log.Info("stopped", "took", time.Since(start).Round(time.Millisecond))
 	return runErr
+}
+
+// probes are not rate limited: load balancers and monitors call them from few
+// addresses, often.
+var probes = map[string]bool{"/api/v1/healthz": true, "/api/v1/readyz": true, "/metrics": true}
+
+// rateKey limits each principal by ratelimit.requests_per_minute (scoped to a
+// service account's org and project), and anonymous or failed callers by address
+// with ratelimit.anonymous_requests_per_minute.
+func rateKey(pol *policy.Service) func(*fiber.Ctx) (string, ratelimit.Limit, bool) {
+	return func(c *fiber.Ctx) (string, ratelimit.Limit, bool) {
+		if probes[c.Path()] {
+			return "", ratelimit.Limit{}, false
+		}
+		ctx := c.UserContext()
+		if p := httpapi.PrincipalOf(c); p != nil {
+			t := policy.Target{}
+			if p.Type == principal.ServiceAccount {
+				t = policy.Target{OrgID: p.OrgID.String(), ProjectID: p.ProjectID.String()}
+			}
+			n := policy.RateLimitPerPrincipal.Value(ctx, pol, t)
+			return "p:" + p.Actor(), ratelimit.Limit{Requests: int(n), Window: time.Minute}, true
+		}
+		n := policy.RateLimitPerIP.Value(ctx, pol, policy.Target{})
+		return "ip:" + c.IP(), ratelimit.Limit{Requests: int(n), Window: time.Minute}, true
+	}
 }
 
 // principalActor scopes idempotency keys by principal ("" for anonymous calls,

@@ -18,11 +18,25 @@ func Streams() []StreamSpec {
 
 // Consumers returns the durable consumers the core declares at start.
 func Consumers() []ConsumerSpec {
-	return []ConsumerSpec{}
+	return []ConsumerSpec{
+		{Durable: "billing-depletion", Stream: "BILLING", Description: "Starts the grace-period timer that releases a depleted org's allocations.", FilterSubjects: []string{"billing.balance_depleted"}, AckWait: 30 * time.Second, MaxDeliver: 50},
+	}
 }
 
 // Subjects named in api/asyncapi.yaml.
 const (
+	// The grace period of a depleted org ended with the balance still at or below zero; every active allocation of the org must be released.
+	SubjectBillingAutoReleaseRequested = "billing.auto_release_requested"
+	// An org's balance reached zero or below; its allocations are released after the grace period unless it tops up.
+	SubjectBillingBalanceDepleted = "billing.balance_depleted"
+	// A depleted org's balance is above zero again.
+	SubjectBillingBalanceRestored = "billing.balance_restored"
+	// A credit, refund or adjustment was posted to an org's ledger (usage debits are not announced one by one).
+	SubjectBillingLedgerPosted = "billing.ledger_posted"
+	// An org's balance fell below its low-balance threshold (once per crossing; a top-up re-arms it).
+	SubjectBillingLowBalance = "billing.low_balance"
+	// A payment session changed state (credited, expired, failed_reconcile).
+	SubjectPaymentsSessionUpdated = "payments.session_updated"
 	// An API key or session was revoked; every core instance drops it from its authentication cache.
 	SubjectSystemCredentialsRevoked = "system.credentials.revoked"
 	// A probe event written by operators or tests to measure the outbox pipeline end to end.

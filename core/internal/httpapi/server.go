@@ -77,7 +77,7 @@ func New(log hclog.Logger, h *API, opt Options) *fiber.App {
 // publicRoutes lists "METHOD /fiber/path" of the operations the contract marks
 // public (security: []); every other route requires a principal.
 func publicRoutes() (map[string]bool, error) {
-	spec, err := apigen.GetSwagger()
+	spec, err := apigen.GetSpec()
 	if err != nil {
 		return nil, err
 	}

@@ -21,6 +21,21 @@ var (
 	RateLimitPerIP = Int("ratelimit.anonymous_requests_per_minute", 300, 1, 1_000_000,
 		"API requests per minute from one IP address before authentication.")
 
+	BillingWindow = Duration("billing.window", time.Minute, 10*time.Second, time.Hour,
+		"How often usage is accrued into the ledger.")
+	LowBalanceThreshold = Money("billing.low_balance_threshold_minor", 1000, 0, 1<<40,
+		"Balance (minor units) below which the org is warned, once per crossing.", ScopeGlobal, ScopeOrg)
+	DepletionGrace = Duration("billing.depletion_grace", 10*time.Minute, 0, 7*24*time.Hour,
+		"How long allocations keep running after the balance reaches zero before they are released.", ScopeGlobal, ScopeOrg)
+	TopUpMin = Money("billing.topup_min_minor", 500, 1, 1<<40,
+		"Smallest top-up (minor units).", ScopeGlobal, ScopeOrg)
+	TopUpMax = Money("billing.topup_max_minor", 1_000_000, 1, 1<<40,
+		"Largest top-up (minor units).", ScopeGlobal, ScopeOrg)
+	DefaultCurrency = String("billing.default_currency", "USD", []string{"USD", "EUR", "GBP", "CHF", "JPY", "CAD", "AUD", "SGD", "INR"},
+		"Currency of a new org's billing account.")
+	RefundWindow = Duration("billing.refund_window", 30*24*time.Hour, 0, 365*24*time.Hour,
+		"How long after payment a top-up may be refunded.", ScopeGlobal, ScopeOrg)
+
 	IdempotencyTTL = Duration("idempotency.ttl", 24*time.Hour, time.Minute, 30*24*time.Hour,
 		"How long an Idempotency-Key is remembered.")
 )
@@ -28,6 +43,13 @@ var (
 // Catalog returns every key.
 func Catalog() []*Def {
 	return []*Def{
+		BillingWindow.Def(),
+		LowBalanceThreshold.Def(),
+		DepletionGrace.Def(),
+		TopUpMin.Def(),
+		TopUpMax.Def(),
+		DefaultCurrency.Def(),
+		RefundWindow.Def(),
 		SessionTTL.Def(),
 		RefreshTTL.Def(),
 		OIDCLoginTTL.Def(),

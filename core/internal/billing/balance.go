@@ -1,0 +1,122 @@
+package billing
+
+import (
+	"context"
+	"fmt"
+	"time"
+
+	"github.com/google/uuid"
+	"github.com/jackc/pgx/v5"
+
+	"github.com/gpuaas/gpuaas/core/internal/events"
+	"github.com/gpuaas/gpuaas/core/internal/ledger"
+	"github.com/gpuaas/gpuaas/core/internal/policy"
+)
+
+// BalanceEvent is the payload of billing.low_balance, billing.balance_depleted,
+// billing.balance_restored and billing.auto_release_requested.
+type BalanceEvent struct {
+	OrgID          uuid.UUID  `json:"org_id"`
+	BalanceMinor   int64      `json:"balance_minor"`
+	Currency       string     `json:"currency"`
+	ThresholdMinor int64      `json:"threshold_minor,omitempty"`
+	DepletedSince  *time.Time `json:"depleted_since,omitempty"`
+	GraceSeconds   int64      `json:"grace_seconds,omitempty"`
+}
+
+// Evaluate moves each org's warning state after its balance changed, inside tx,
+// which must hold the orgs' ledger locks (ledger.Post and Accrue take them). It
+// raises billing.low_balance once when the balance falls below the threshold (a
+// balance back at or above it re-arms the warning), billing.balance_depleted once
+// when it reaches zero or below, and billing.balance_restored when a depleted
+// balance is positive again.
+func Evaluate(ctx context.Context, tx pgx.Tx, pol *policy.Service, orgs []uuid.UUID, now time.Time) error {
+	for _, org := range orgs {
+		var warned bool
+		var depleted *time.Time
+		err := tx.QueryRow(ctx, `SELECT low_balance_warned, depleted_since FROM billing_accounts WHERE org_id = $1 FOR UPDATE`, org).Scan(&warned, &depleted)
+		if err != nil {
+			return fmt.Errorf("billing: evaluate %s: %w", org, err)
+		}
+		bal, err := ledger.GetBalance(ctx, tx, org)
+		if err != nil {
+			return err
+		}
+		threshold, err := policy.LowBalanceThreshold.Get(ctx, pol, policy.Target{OrgID: org.String()})
+		if err != nil {
+			return err
+		}
+		ev := BalanceEvent{OrgID: org, BalanceMinor: bal.AmountMinor, Currency: bal.Currency, ThresholdMinor: threshold}
+		var out []events.Event
+		newWarned, newDepleted := warned, depleted
+		switch {
+		case bal.AmountMinor < threshold && !warned:
+			newWarned = true
+			out = append(out, events.Event{Subject: events.SubjectBillingLowBalance, Payload: ev})
+		case bal.AmountMinor >= threshold && warned:
+			newWarned = false
+		}
+		switch {
+		case bal.AmountMinor <= 0 && depleted == nil:
+			t := now.UTC()
+			newDepleted = &t
+			grace, err := policy.DepletionGrace.Get(ctx, pol, policy.Target{OrgID: org.String()})
+			if err != nil {
+				return err
+			}
+			dev := ev
+			dev.DepletedSince, dev.GraceSeconds = &t, int64(grace/time.Second)
+			out = append(out, events.Event{Subject: events.SubjectBillingBalanceDepleted, Payload: dev})
+		case bal.AmountMinor > 0 && depleted != nil:
+			newDepleted = nil
+			out = append(out, events.Event{Subject: events.SubjectBillingBalanceRestored, Payload: ev})
+		}
+		if newWarned == warned && sameTime(newDepleted, depleted) {
+			continue
+		}
+		if _, err := tx.Exec(ctx, `UPDATE billing_accounts SET low_balance_warned = $2, depleted_since = $3 WHERE org_id = $1`, org, newWarned, newDepleted); err != nil {
+			return fmt.Errorf("billing: evaluate %s: %w", org, err)
+		}
+		if _, err := events.Enqueue(ctx, tx, out...); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+func sameTime(a, b *time.Time) bool {
+	if a == nil || b == nil {
+		return a == b
+	}
+	return a.Equal(*b)
+}
+
+// RequestAutoRelease asks, once per depletion, for every active allocation of the
+// org to be released, if the org is still depleted since the same moment and its
+// balance is still at or below zero. It reports whether it asked.
+func RequestAutoRelease(ctx context.Context, tx pgx.Tx, org uuid.UUID, depletedSince time.Time) (bool, error) {
+	var since *time.Time
+	if err := tx.QueryRow(ctx, `SELECT depleted_since FROM billing_accounts WHERE org_id = $1 FOR UPDATE`, org).Scan(&since); err != nil {
+		return false, fmt.Errorf("billing: auto-release %s: %w", org, err)
+	}
+	if since == nil || !since.Equal(depletedSince) {
+		return false, nil // topped up (and perhaps depleted again later: a new timer handles that)
+	}
+	bal, err := ledger.GetBalance(ctx, tx, org)
+	if err != nil {
+		return false, err
+	}
+	if bal.AmountMinor > 0 {
+		return false, nil
+	}
+	tag, err := tx.Exec(ctx, `INSERT INTO billing_auto_releases (org_id, depleted_since) VALUES ($1, $2) ON CONFLICT DO NOTHING`, org, depletedSince)
+	if err != nil {
+		return false, err
+	}
+	if tag.RowsAffected() == 0 {
+		return false, nil
+	}
+	_, err = events.Enqueue(ctx, tx, events.Event{Subject: events.SubjectBillingAutoReleaseRequested,
+		Payload: BalanceEvent{OrgID: org, BalanceMinor: bal.AmountMinor, Currency: bal.Currency, DepletedSince: &depletedSince}})
+	return err == nil, err
+}

@@ -42,7 +42,9 @@ const (
 )
 
 // Codes lists this package's codes for the contract test.
-func Codes() []errcode.Code { return []errcode.Code{CodeAccountNotFound, CodeCurrencyMismatch, CodeKeyConflict} }
+func Codes() []errcode.Code {
+	return []errcode.Code{CodeAccountNotFound, CodeCurrencyMismatch, CodeKeyConflict}
+}
 
 // CheckpointEvery is how many entries may follow the latest checkpoint before a
 // new one is written.

@@ -4,8 +4,11 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"net"
 	"net/http"
 	"time"
+
+	"github.com/gpuaas/gpuaas/devstack/loopback"
 )
 
 // The control API lets tests inject faults into a running stack:
@@ -46,7 +49,7 @@ func (s *Stack) controlHandler() http.Handler {
 }
 
 func (s *Stack) serveControl() error {
-	l, err := listenLoopback()
+	l, err := net.Listen("tcp", loopback.Addr(0))
 	if err != nil {
 		return err
 	}

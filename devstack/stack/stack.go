@@ -8,7 +8,6 @@ import (
 	"errors"
 	"fmt"
 	"io/fs"
-	"net"
 	"net/http"
 	"os"
 	"path/filepath"
@@ -304,6 +303,9 @@ func (s *Stack) startMember(ctx context.Context, m *member) error {
 	ctx, cancel := context.WithTimeout(ctx, s.cfg.StartTimeout)
 	defer cancel()
 	if err := m.comp.Start(ctx); err != nil {
+		if cause := context.Cause(ctx); cause != nil && !errors.Is(cause, context.DeadlineExceeded) {
+			return fmt.Errorf("%s: start interrupted: %w", m.name, cause)
+		}
 		return fmt.Errorf("%s did not become healthy within %s: %w%s", m.name, s.cfg.StartTimeout, err, logTail(m.logFile))
 	}
 	m.running = true
@@ -553,8 +555,4 @@ func logTail(path string) string {
 		lines = lines[len(lines)-maxLines:]
 	}
 	return fmt.Sprintf("\n--- last lines of %s ---\n%s\n---", path, strings.Join(lines, "\n"))
-}
-
-func listenLoopback() (net.Listener, error) {
-	return net.Listen("tcp", loopback.Addr(0))
 }

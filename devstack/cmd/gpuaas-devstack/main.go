@@ -12,7 +12,8 @@ import (
 )
 
 func main() {
-	// Stop (cleanly, through the signal context) when our parent, e.g. make, dies.
+	// Stop cleanly (SIGTERM reaches the signal context) when our parent, e.g. make, dies.
+	// Nothing happens if the parent is already gone by now, as with `(gpuaas-devstack up &)`.
 	_, _, _ = syscall.RawSyscall(syscall.SYS_PRCTL, syscall.PR_SET_PDEATHSIG, uintptr(syscall.SIGTERM), 0)
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	err := run(ctx, os.Args[1:], os.Getenv, os.Stdout, os.Stderr)

@@ -120,3 +120,27 @@ func RequestAutoRelease(ctx context.Context, tx pgx.Tx, org uuid.UUID, depletedS
 		Payload: BalanceEvent{OrgID: org, BalanceMinor: bal.AmountMinor, Currency: bal.Currency, DepletedSince: &depletedSince}})
 	return err == nil, err
 }
+
+// LedgerPosted is the payload of billing.ledger_posted.
+type LedgerPosted struct {
+	OrgID       uuid.UUID `json:"org_id"`
+	EntryID     int64     `json:"entry_id"`
+	EntryType   string    `json:"entry_type"`
+	AmountMinor int64     `json:"amount_minor"`
+	Currency    string    `json:"currency"`
+}
+
+// Post appends a credit, refund or adjustment inside tx, announces it and moves the
+// org's warning state (a top-up re-arms the low-balance warning). A replay of the
+// same idempotency key returns the first entry and changes nothing.
+func Post(ctx context.Context, tx pgx.Tx, pol *policy.Service, e ledger.Entry, now time.Time) (ledger.Entry, bool, error) {
+	got, posted, err := ledger.Post(ctx, tx, e)
+	if err != nil || !posted {
+		return got, posted, err
+	}
+	if _, err := events.Enqueue(ctx, tx, events.Event{Subject: events.SubjectBillingLedgerPosted,
+		Payload: LedgerPosted{OrgID: got.OrgID, EntryID: got.ID, EntryType: got.Type, AmountMinor: got.AmountMinor, Currency: got.Currency}}); err != nil {
+		return got, false, err
+	}
+	return got, true, Evaluate(ctx, tx, pol, []uuid.UUID{got.OrgID}, now)
+}

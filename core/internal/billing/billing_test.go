@@ -132,7 +132,9 @@ func TestAccrualStopsAtRelease(t *testing.T) {
 	b := setup(t)
 	org := b.org(t)
 	alloc := b.open(t, org, 1, 3600, t0) // 1 minor unit per second
-	b.tx(t, func(tx pgx.Tx) error { return billing.CloseUsage(context.Background(), tx, alloc, t0.Add(90*time.Second)) })
+	b.tx(t, func(tx pgx.Tx) error {
+		return billing.CloseUsage(context.Background(), tx, alloc, t0.Add(90*time.Second))
+	})
 	for _, at := range []time.Duration{10 * time.Minute, time.Hour} {
 		if _, err := billing.Accrue(context.Background(), b.pool, b.pol, t0.Add(at)); err != nil {
 			t.Fatal(err)
@@ -235,7 +237,11 @@ func TestBalanceTransitions(t *testing.T) {
 	}
 	// A grace timer of the old depletion finds the org restored and asks nothing.
 	var asked bool
-	b.tx(t, func(tx pgx.Tx) error { var err error; asked, err = billing.RequestAutoRelease(ctx, tx, org, since); return err })
+	b.tx(t, func(tx pgx.Tx) error {
+		var err error
+		asked, err = billing.RequestAutoRelease(ctx, tx, org, since)
+		return err
+	})
 	if asked {
 		t.Fatal("auto-release requested after a top-up")
 	}

@@ -158,6 +158,14 @@ func ErrorFromStatus(reqCtx, pluginCtx context.Context, err error) error {
 		return cfgErr
 	}
 	msg := st.Message()
+	// The caller's context ended and the transport reports it its own way (a
+	// stream reset arrives as Internal or Unavailable): the caller's reason wins.
+	if ctxErr := reqCtx.Err(); ctxErr != nil && st.Code() != codes.Canceled && st.Code() != codes.DeadlineExceeded && !fromDriver {
+		if errors.Is(ctxErr, context.DeadlineExceeded) {
+			return &remoteError{msg: msg, errs: []error{context.DeadlineExceeded, ErrDeadlineExceeded}}
+		}
+		return &remoteError{msg: msg, errs: []error{ctxErr}}
+	}
 	switch st.Code() {
 	case codes.Canceled, codes.DeadlineExceeded:
 		switch ctxErr := settle(reqCtx); {

@@ -45,10 +45,15 @@ func (a *API) authenticate() fiber.Handler {
 			c.Locals(localsAuthErr, err)
 			return c.Next()
 		}
-		c.SetUserContext(principal.With(c.UserContext(), p))
-		c.Locals(localsPrincipal, p)
+		SetPrincipal(c, p)
 		return c.Next()
 	}
+}
+
+// SetPrincipal makes p the authenticated principal of the request.
+func SetPrincipal(c *fiber.Ctx, p *principal.Principal) {
+	c.SetUserContext(principal.With(c.UserContext(), p))
+	c.Locals(localsPrincipal, p)
 }
 
 // requireAuth refuses a request whose bearer failed, and an anonymous request to any

@@ -12,10 +12,12 @@ import (
 	"testing"
 
 	"github.com/gofiber/fiber/v2"
+	"github.com/google/uuid"
 	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/gpuaas/gpuaas/core/internal/correlation"
 	"github.com/gpuaas/gpuaas/core/internal/httpapi"
+	"github.com/gpuaas/gpuaas/core/internal/principal"
 	"github.com/gpuaas/gpuaas/core/internal/testenv"
 )
 
@@ -42,7 +44,8 @@ func newApp(t *testing.T, checks ...httpapi.Check) *fiber.App {
 	t.Helper()
 	reg := prometheus.NewRegistry()
 	api := &httpapi.API{Version: "test", Checks: checks, Gatherer: reg}
-	app := httpapi.New(testenv.Logger(t), api, httpapi.Options{MaxBodyBytes: 4096, Registerer: reg})
+	app := httpapi.New(testenv.Logger(t), api, httpapi.Options{MaxBodyBytes: 4096, Registerer: reg,
+		BeforeAuth: []fiber.Handler{asTestUser}})
 	app.Post("/test/echo", func(c *fiber.Ctx) error {
 		var b echoBody
 		if err := httpapi.DecodeStrict(c.Body(), &b); err != nil {
@@ -53,6 +56,14 @@ func newApp(t *testing.T, checks ...httpapi.Check) *fiber.App {
 	app.Get("/test/panic", func(c *fiber.Ctx) error { panic("boom") })
 	app.Get("/test/plain-error", func(c *fiber.Ctx) error { return errors.New("secret internal detail") })
 	return app
+}
+
+// asTestUser authenticates every request as a test user, so the shared machinery
+// can be exercised on test-only routes (authentication itself is tested against a
+// real core in package daemon).
+func asTestUser(c *fiber.Ctx) error {
+	httpapi.SetPrincipal(c, &principal.Principal{Type: principal.User, ID: uuid.New(), Method: principal.MethodAPIKey})
+	return c.Next()
 }
 
 func do(t *testing.T, app *fiber.App, req *http.Request) (*http.Response, []byte) {

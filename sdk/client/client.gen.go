@@ -63,6 +63,24 @@ func (e AddProjectMemberRequestRole) Valid() bool {
 	}
 }
 
+// Defines values for AdjustmentRequestType.
+const (
+	AdjustmentRequestTypeAdminAdjustment   AdjustmentRequestType = "admin_adjustment"
+	AdjustmentRequestTypePromotionalCredit AdjustmentRequestType = "promotional_credit"
+)
+
+// Valid indicates whether the value is a known member of the AdjustmentRequestType enum.
+func (e AdjustmentRequestType) Valid() bool {
+	switch e {
+	case AdjustmentRequestTypeAdminAdjustment:
+		return true
+	case AdjustmentRequestTypePromotionalCredit:
+		return true
+	default:
+		return false
+	}
+}
+
 // Defines values for AdminUpdateUserRequestStatus.
 const (
 	AdminUpdateUserRequestStatusActive   AdminUpdateUserRequestStatus = "active"
@@ -152,7 +170,9 @@ const (
 	ApiKeyNotFound          ErrorCode = "api_key_not_found"
 	ApiKeyRevoked           ErrorCode = "api_key_revoked"
 	BadRequest              ErrorCode = "bad_request"
+	BillingAccountNotFound  ErrorCode = "billing_account_not_found"
 	Conflict                ErrorCode = "conflict"
+	CurrencyMismatch        ErrorCode = "currency_mismatch"
 	DatabaseUnavailable     ErrorCode = "database_unavailable"
 	DuplicateKey            ErrorCode = "duplicate_key"
 	Forbidden               ErrorCode = "forbidden"
@@ -165,6 +185,7 @@ const (
 	InvalidJson             ErrorCode = "invalid_json"
 	InvalidToken            ErrorCode = "invalid_token"
 	LastOwner               ErrorCode = "last_owner"
+	LedgerKeyConflict       ErrorCode = "ledger_key_conflict"
 	LocalAccountsDisabled   ErrorCode = "local_accounts_disabled"
 	MemberNotFound          ErrorCode = "member_not_found"
 	MethodNotAllowed        ErrorCode = "method_not_allowed"
@@ -175,8 +196,14 @@ const (
 	OidcNotConfigured       ErrorCode = "oidc_not_configured"
 	OidcProviderUnavailable ErrorCode = "oidc_provider_unavailable"
 	OrgNotFound             ErrorCode = "org_not_found"
+	PaymentCustomerMissing  ErrorCode = "payment_customer_missing"
+	PaymentProviderError    ErrorCode = "payment_provider_error"
+	PaymentProviderNotFound ErrorCode = "payment_provider_not_found"
+	PaymentSessionNotFound  ErrorCode = "payment_session_not_found"
 	ProjectNotFound         ErrorCode = "project_not_found"
 	RateLimited             ErrorCode = "rate_limited"
+	RefundInvalidAmount     ErrorCode = "refund_invalid_amount"
+	RefundNotAllowed        ErrorCode = "refund_not_allowed"
 	RequestTooLarge         ErrorCode = "request_too_large"
 	RouteNotFound           ErrorCode = "route_not_found"
 	ServiceAccountNotFound  ErrorCode = "service_account_not_found"
@@ -193,11 +220,13 @@ const (
 	TokenWrongAudience      ErrorCode = "token_wrong_audience"
 	TokenWrongIssuer        ErrorCode = "token_wrong_issuer"
 	TokenWrongNonce         ErrorCode = "token_wrong_nonce"
+	TopupOutOfRange         ErrorCode = "topup_out_of_range"
 	Unauthenticated         ErrorCode = "unauthenticated"
 	UnknownField            ErrorCode = "unknown_field"
 	UnsupportedMediaType    ErrorCode = "unsupported_media_type"
 	UserNotFound            ErrorCode = "user_not_found"
 	ValidationFailed        ErrorCode = "validation_failed"
+	WebhookInvalid          ErrorCode = "webhook_invalid"
 )
 
 // Valid indicates whether the value is a known member of the ErrorCode enum.
@@ -215,7 +244,11 @@ func (e ErrorCode) Valid() bool {
 		return true
 	case BadRequest:
 		return true
+	case BillingAccountNotFound:
+		return true
 	case Conflict:
+		return true
+	case CurrencyMismatch:
 		return true
 	case DatabaseUnavailable:
 		return true
@@ -241,6 +274,8 @@ func (e ErrorCode) Valid() bool {
 		return true
 	case LastOwner:
 		return true
+	case LedgerKeyConflict:
+		return true
 	case LocalAccountsDisabled:
 		return true
 	case MemberNotFound:
@@ -261,9 +296,21 @@ func (e ErrorCode) Valid() bool {
 		return true
 	case OrgNotFound:
 		return true
+	case PaymentCustomerMissing:
+		return true
+	case PaymentProviderError:
+		return true
+	case PaymentProviderNotFound:
+		return true
+	case PaymentSessionNotFound:
+		return true
 	case ProjectNotFound:
 		return true
 	case RateLimited:
+		return true
+	case RefundInvalidAmount:
+		return true
+	case RefundNotAllowed:
 		return true
 	case RequestTooLarge:
 		return true
@@ -297,6 +344,8 @@ func (e ErrorCode) Valid() bool {
 		return true
 	case TokenWrongNonce:
 		return true
+	case TopupOutOfRange:
+		return true
 	case Unauthenticated:
 		return true
 	case UnknownField:
@@ -306,6 +355,8 @@ func (e ErrorCode) Valid() bool {
 	case UserNotFound:
 		return true
 	case ValidationFailed:
+		return true
+	case WebhookInvalid:
 		return true
 	default:
 		return false
@@ -321,6 +372,36 @@ const (
 func (e HealthStatus) Valid() bool {
 	switch e {
 	case Ok:
+		return true
+	default:
+		return false
+	}
+}
+
+// Defines values for LedgerEntryEntryType.
+const (
+	LedgerEntryEntryTypeAdminAdjustment   LedgerEntryEntryType = "admin_adjustment"
+	LedgerEntryEntryTypeCreditPurchase    LedgerEntryEntryType = "credit_purchase"
+	LedgerEntryEntryTypePromotionalCredit LedgerEntryEntryType = "promotional_credit"
+	LedgerEntryEntryTypeRefund            LedgerEntryEntryType = "refund"
+	LedgerEntryEntryTypeReversal          LedgerEntryEntryType = "reversal"
+	LedgerEntryEntryTypeUsageDebit        LedgerEntryEntryType = "usage_debit"
+)
+
+// Valid indicates whether the value is a known member of the LedgerEntryEntryType enum.
+func (e LedgerEntryEntryType) Valid() bool {
+	switch e {
+	case LedgerEntryEntryTypeAdminAdjustment:
+		return true
+	case LedgerEntryEntryTypeCreditPurchase:
+		return true
+	case LedgerEntryEntryTypePromotionalCredit:
+		return true
+	case LedgerEntryEntryTypeRefund:
+		return true
+	case LedgerEntryEntryTypeReversal:
+		return true
+	case LedgerEntryEntryTypeUsageDebit:
 		return true
 	default:
 		return false
@@ -384,6 +465,33 @@ func (e OrgMembershipRole) Valid() bool {
 	case OrgMembershipRoleMember:
 		return true
 	case OrgMembershipRoleOwner:
+		return true
+	default:
+		return false
+	}
+}
+
+// Defines values for PaymentSessionStatus.
+const (
+	PaymentSessionStatusCheckoutCompleted PaymentSessionStatus = "checkout_completed"
+	PaymentSessionStatusCredited          PaymentSessionStatus = "credited"
+	PaymentSessionStatusExpired           PaymentSessionStatus = "expired"
+	PaymentSessionStatusFailedReconcile   PaymentSessionStatus = "failed_reconcile"
+	PaymentSessionStatusInitiated         PaymentSessionStatus = "initiated"
+)
+
+// Valid indicates whether the value is a known member of the PaymentSessionStatus enum.
+func (e PaymentSessionStatus) Valid() bool {
+	switch e {
+	case PaymentSessionStatusCheckoutCompleted:
+		return true
+	case PaymentSessionStatusCredited:
+		return true
+	case PaymentSessionStatusExpired:
+		return true
+	case PaymentSessionStatusFailedReconcile:
+		return true
+	case PaymentSessionStatusInitiated:
 		return true
 	default:
 		return false
@@ -687,6 +795,33 @@ func (e ExportAuditLogsParamsActorType) Valid() bool {
 	}
 }
 
+// Defines values for AdminListPaymentSessionsParamsStatus.
+const (
+	AdminListPaymentSessionsParamsStatusCheckoutCompleted AdminListPaymentSessionsParamsStatus = "checkout_completed"
+	AdminListPaymentSessionsParamsStatusCredited          AdminListPaymentSessionsParamsStatus = "credited"
+	AdminListPaymentSessionsParamsStatusExpired           AdminListPaymentSessionsParamsStatus = "expired"
+	AdminListPaymentSessionsParamsStatusFailedReconcile   AdminListPaymentSessionsParamsStatus = "failed_reconcile"
+	AdminListPaymentSessionsParamsStatusInitiated         AdminListPaymentSessionsParamsStatus = "initiated"
+)
+
+// Valid indicates whether the value is a known member of the AdminListPaymentSessionsParamsStatus enum.
+func (e AdminListPaymentSessionsParamsStatus) Valid() bool {
+	switch e {
+	case AdminListPaymentSessionsParamsStatusCheckoutCompleted:
+		return true
+	case AdminListPaymentSessionsParamsStatusCredited:
+		return true
+	case AdminListPaymentSessionsParamsStatusExpired:
+		return true
+	case AdminListPaymentSessionsParamsStatusFailedReconcile:
+		return true
+	case AdminListPaymentSessionsParamsStatusInitiated:
+		return true
+	default:
+		return false
+	}
+}
+
 // Defines values for ClearPolicyOverrideParamsScope.
 const (
 	ClearPolicyOverrideParamsScopeGlobal  ClearPolicyOverrideParamsScope = "global"
@@ -769,6 +904,17 @@ type AddProjectMemberRequest struct {
 // AddProjectMemberRequestRole defines model for AddProjectMemberRequest.Role.
 type AddProjectMemberRequestRole string
 
+// AdjustmentRequest defines model for AdjustmentRequest.
+type AdjustmentRequest struct {
+	AmountMinor int64                 `json:"amount_minor"`
+	OrgId       openapi_types.UUID    `json:"org_id"`
+	Reason      string                `json:"reason"`
+	Type        AdjustmentRequestType `json:"type"`
+}
+
+// AdjustmentRequestType defines model for AdjustmentRequest.Type.
+type AdjustmentRequestType string
+
 // AdminUpdateUserRequest defines model for AdminUpdateUserRequest.
 type AdminUpdateUserRequest struct {
 	IsPlatformAdmin *bool                         `json:"is_platform_admin,omitempty"`
@@ -803,6 +949,24 @@ type AuditLogResult string
 type AuditLogPage struct {
 	Items      []AuditLog `json:"items"`
 	NextCursor *string    `json:"next_cursor,omitempty"`
+}
+
+// Balance defines model for Balance.
+type Balance struct {
+	AsOfEntryId              int64              `json:"as_of_entry_id"`
+	BalanceMinor             int64              `json:"balance_minor"`
+	Currency                 string             `json:"currency"`
+	DepletedSince            *time.Time         `json:"depleted_since,omitempty"`
+	LowBalanceThresholdMinor int64              `json:"low_balance_threshold_minor"`
+	OrgId                    openapi_types.UUID `json:"org_id"`
+}
+
+// CheckoutRequest defines model for CheckoutRequest.
+type CheckoutRequest struct {
+	AmountMinor int64              `json:"amount_minor"`
+	CancelUrl   string             `json:"cancel_url"`
+	OrgId       openapi_types.UUID `json:"org_id"`
+	SuccessUrl  string             `json:"success_url"`
 }
 
 // CreateAPIKeyRequest defines model for CreateAPIKeyRequest.
@@ -886,6 +1050,29 @@ type Invitation struct {
 	Role      string             `json:"role"`
 }
 
+// LedgerEntry defines model for LedgerEntry.
+type LedgerEntry struct {
+	AmountMinor   int64                `json:"amount_minor"`
+	CorrelationId *string              `json:"correlation_id,omitempty"`
+	CreatedAt     time.Time            `json:"created_at"`
+	CreatedBy     string               `json:"created_by"`
+	Currency      string               `json:"currency"`
+	Description   string               `json:"description"`
+	EntryType     LedgerEntryEntryType `json:"entry_type"`
+	Id            int64                `json:"id"`
+	OrgId         openapi_types.UUID   `json:"org_id"`
+	Reference     string               `json:"reference"`
+}
+
+// LedgerEntryEntryType defines model for LedgerEntry.EntryType.
+type LedgerEntryEntryType string
+
+// LedgerPage defines model for LedgerPage.
+type LedgerPage struct {
+	Items      []LedgerEntry `json:"items"`
+	NextCursor *string       `json:"next_cursor,omitempty"`
+}
+
 // LocalLoginRequest defines model for LocalLoginRequest.
 type LocalLoginRequest struct {
 	Login    string `json:"login"`
@@ -961,6 +1148,30 @@ type OrgPage struct {
 	NextCursor *string `json:"next_cursor,omitempty"`
 }
 
+// PaymentSession defines model for PaymentSession.
+type PaymentSession struct {
+	AmountMinor      int64                `json:"amount_minor"`
+	CheckoutUrl      string               `json:"checkout_url"`
+	CreatedAt        time.Time            `json:"created_at"`
+	Currency         string               `json:"currency"`
+	ExpiresAt        *time.Time           `json:"expires_at,omitempty"`
+	Id               openapi_types.UUID   `json:"id"`
+	OrgId            openapi_types.UUID   `json:"org_id"`
+	ProviderInstance *string              `json:"provider_instance,omitempty"`
+	RefundedMinor    *int64               `json:"refunded_minor,omitempty"`
+	Status           PaymentSessionStatus `json:"status"`
+	StatusReason     *string              `json:"status_reason,omitempty"`
+}
+
+// PaymentSessionStatus defines model for PaymentSession.Status.
+type PaymentSessionStatus string
+
+// PaymentSessionPage defines model for PaymentSessionPage.
+type PaymentSessionPage struct {
+	Items      []PaymentSession `json:"items"`
+	NextCursor *string          `json:"next_cursor,omitempty"`
+}
+
 // PolicyKey defines model for PolicyKey.
 type PolicyKey struct {
 	Default     interface{}       `json:"default"`
@@ -999,6 +1210,17 @@ type PolicyOverrideScope string
 type PolicyOverridePage struct {
 	Items      []PolicyOverride `json:"items"`
 	NextCursor *string          `json:"next_cursor,omitempty"`
+}
+
+// PortalRequest defines model for PortalRequest.
+type PortalRequest struct {
+	OrgId     openapi_types.UUID `json:"org_id"`
+	ReturnUrl string             `json:"return_url"`
+}
+
+// PortalSession defines model for PortalSession.
+type PortalSession struct {
+	Url string `json:"url"`
 }
 
 // Project defines model for Project.
@@ -1040,6 +1262,20 @@ type ReadinessStatus string
 // RefreshRequest defines model for RefreshRequest.
 type RefreshRequest struct {
 	RefreshToken string `json:"refresh_token"`
+}
+
+// RefundRequest defines model for RefundRequest.
+type RefundRequest struct {
+	AmountMinor int64  `json:"amount_minor"`
+	Reason      string `json:"reason"`
+}
+
+// RefundResult defines model for RefundResult.
+type RefundResult struct {
+	LedgerEntryId int64          `json:"ledger_entry_id"`
+	RefundId      string         `json:"refund_id"`
+	Session       PaymentSession `json:"session"`
+	Status        string         `json:"status"`
 }
 
 // RoleRequest defines model for RoleRequest.
@@ -1096,6 +1332,28 @@ type UpdateNameRequest struct {
 	Name string `json:"name"`
 }
 
+// Usage defines model for Usage.
+type Usage struct {
+	AllocationId         openapi_types.UUID `json:"allocation_id"`
+	BilledMinor          int64              `json:"billed_minor"`
+	BilledUntil          time.Time          `json:"billed_until"`
+	Currency             string             `json:"currency"`
+	EndedAt              *time.Time         `json:"ended_at,omitempty"`
+	Gpus                 int                `json:"gpus"`
+	Id                   openapi_types.UUID `json:"id"`
+	OrgId                openapi_types.UUID `json:"org_id"`
+	PricePerGpuHourMinor int64              `json:"price_per_gpu_hour_minor"`
+	ProjectId            openapi_types.UUID `json:"project_id"`
+	Sku                  string             `json:"sku"`
+	StartedAt            time.Time          `json:"started_at"`
+}
+
+// UsagePage defines model for UsagePage.
+type UsagePage struct {
+	Items      []Usage `json:"items"`
+	NextCursor *string `json:"next_cursor,omitempty"`
+}
+
 // User defines model for User.
 type User struct {
 	AuthSource      UserAuthSource     `json:"auth_source"`
@@ -1118,6 +1376,13 @@ type UserStatus string
 type UserPage struct {
 	Items      []User  `json:"items"`
 	NextCursor *string `json:"next_cursor,omitempty"`
+}
+
+// WebhookReceipt defines model for WebhookReceipt.
+type WebhookReceipt struct {
+	Credited   int `json:"credited"`
+	Duplicates int `json:"duplicates"`
+	Events     int `json:"events"`
 }
 
 // AuditAction defines model for AuditAction.
@@ -1153,11 +1418,17 @@ type Limit = int
 // OrgID defines model for OrgID.
 type OrgID = openapi_types.UUID
 
+// OrgQuery defines model for OrgQuery.
+type OrgQuery = openapi_types.UUID
+
 // PolicyKeyName defines model for PolicyKeyName.
 type PolicyKeyName = string
 
 // ProjectID defines model for ProjectID.
 type ProjectID = openapi_types.UUID
+
+// ProjectQuery defines model for ProjectQuery.
+type ProjectQuery = openapi_types.UUID
 
 // ServiceAccountID defines model for ServiceAccountID.
 type ServiceAccountID = openapi_types.UUID
@@ -1204,6 +1475,33 @@ type ExportAuditLogsParams struct {
 // ExportAuditLogsParamsActorType defines parameters for ExportAuditLogs.
 type ExportAuditLogsParamsActorType string
 
+// AdminAdjustBalanceParams defines parameters for AdminAdjustBalance.
+type AdminAdjustBalanceParams struct {
+	// IdempotencyKey Makes a retried POST safe; the first response is replayed byte for byte.
+	IdempotencyKey *IdempotencyKey `json:"Idempotency-Key,omitempty"`
+}
+
+// AdminListPaymentSessionsParams defines parameters for AdminListPaymentSessions.
+type AdminListPaymentSessionsParams struct {
+	Status *AdminListPaymentSessionsParamsStatus `form:"status,omitempty" json:"status,omitempty"`
+	OrgId  *openapi_types.UUID                   `form:"org_id,omitempty" json:"org_id,omitempty"`
+
+	// Limit Page size, 1 to 200.
+	Limit *Limit `form:"limit,omitempty" json:"limit,omitempty"`
+
+	// Cursor Opaque cursor from a previous page's `next_cursor`.
+	Cursor *Cursor `form:"cursor,omitempty" json:"cursor,omitempty"`
+}
+
+// AdminListPaymentSessionsParamsStatus defines parameters for AdminListPaymentSessions.
+type AdminListPaymentSessionsParamsStatus string
+
+// AdminRefundPaymentParams defines parameters for AdminRefundPayment.
+type AdminRefundPaymentParams struct {
+	// IdempotencyKey Makes a retried POST safe; the first response is replayed byte for byte.
+	IdempotencyKey *IdempotencyKey `json:"Idempotency-Key,omitempty"`
+}
+
 // ListPolicyOverridesParams defines parameters for ListPolicyOverrides.
 type ListPolicyOverridesParams struct {
 	Key *string `form:"key,omitempty" json:"key,omitempty"`
@@ -1243,6 +1541,48 @@ type AdminListUsersParamsStatus string
 type OidcAuthorizeParams struct {
 	// ReturnTo Path in the web app to return to after sign-in (relative, starting with /).
 	ReturnTo *string `form:"return_to,omitempty" json:"return_to,omitempty"`
+}
+
+// GetBalanceParams defines parameters for GetBalance.
+type GetBalanceParams struct {
+	// OrgId The organization (tenant) whose money this is.
+	OrgId OrgQuery `form:"org_id" json:"org_id"`
+}
+
+// ListLedgerParams defines parameters for ListLedger.
+type ListLedgerParams struct {
+	// OrgId The organization (tenant) whose money this is.
+	OrgId OrgQuery `form:"org_id" json:"org_id"`
+
+	// Limit Page size, 1 to 200.
+	Limit *Limit `form:"limit,omitempty" json:"limit,omitempty"`
+
+	// Cursor Opaque cursor from a previous page's `next_cursor`.
+	Cursor *Cursor `form:"cursor,omitempty" json:"cursor,omitempty"`
+}
+
+// ListUsageParams defines parameters for ListUsage.
+type ListUsageParams struct {
+	// OrgId The organization (tenant) whose money this is.
+	OrgId     OrgQuery      `form:"org_id" json:"org_id"`
+	ProjectId *ProjectQuery `form:"project_id,omitempty" json:"project_id,omitempty"`
+	From      *AuditFrom    `form:"from,omitempty" json:"from,omitempty"`
+	To        *AuditTo      `form:"to,omitempty" json:"to,omitempty"`
+
+	// Limit Page size, 1 to 200.
+	Limit *Limit `form:"limit,omitempty" json:"limit,omitempty"`
+
+	// Cursor Opaque cursor from a previous page's `next_cursor`.
+	Cursor *Cursor `form:"cursor,omitempty" json:"cursor,omitempty"`
+}
+
+// ExportUsageParams defines parameters for ExportUsage.
+type ExportUsageParams struct {
+	// OrgId The organization (tenant) whose money this is.
+	OrgId     OrgQuery      `form:"org_id" json:"org_id"`
+	ProjectId *ProjectQuery `form:"project_id,omitempty" json:"project_id,omitempty"`
+	From      *AuditFrom    `form:"from,omitempty" json:"from,omitempty"`
+	To        *AuditTo      `form:"to,omitempty" json:"to,omitempty"`
 }
 
 // ListOrgsParams defines parameters for ListOrgs.
@@ -1289,6 +1629,15 @@ type CreateProjectParams struct {
 	// IdempotencyKey Makes a retried POST safe; the first response is replayed byte for byte.
 	IdempotencyKey *IdempotencyKey `json:"Idempotency-Key,omitempty"`
 }
+
+// CreateCheckoutSessionParams defines parameters for CreateCheckoutSession.
+type CreateCheckoutSessionParams struct {
+	// IdempotencyKey Makes a retried POST safe; the first response is replayed byte for byte.
+	IdempotencyKey *IdempotencyKey `json:"Idempotency-Key,omitempty"`
+}
+
+// PaymentsWebhookJSONBody defines parameters for PaymentsWebhook.
+type PaymentsWebhookJSONBody = map[string]interface{}
 
 // ListPolicyKeysParams defines parameters for ListPolicyKeys.
 type ListPolicyKeysParams struct {
@@ -1359,6 +1708,12 @@ type CreateMyAPIKeyParams struct {
 	IdempotencyKey *IdempotencyKey `json:"Idempotency-Key,omitempty"`
 }
 
+// AdminAdjustBalanceJSONRequestBody defines body for AdminAdjustBalance for application/json ContentType.
+type AdminAdjustBalanceJSONRequestBody = AdjustmentRequest
+
+// AdminRefundPaymentJSONRequestBody defines body for AdminRefundPayment for application/json ContentType.
+type AdminRefundPaymentJSONRequestBody = RefundRequest
+
 // SetPolicyOverrideJSONRequestBody defines body for SetPolicyOverride for application/json ContentType.
 type SetPolicyOverrideJSONRequestBody = SetPolicyRequest
 
@@ -1388,6 +1743,15 @@ type UpdateOrgMemberJSONRequestBody = RoleRequest
 
 // CreateProjectJSONRequestBody defines body for CreateProject for application/json ContentType.
 type CreateProjectJSONRequestBody = CreateProjectRequest
+
+// CreateCheckoutSessionJSONRequestBody defines body for CreateCheckoutSession for application/json ContentType.
+type CreateCheckoutSessionJSONRequestBody = CheckoutRequest
+
+// CreatePortalSessionJSONRequestBody defines body for CreatePortalSession for application/json ContentType.
+type CreatePortalSessionJSONRequestBody = PortalRequest
+
+// PaymentsWebhookJSONRequestBody defines body for PaymentsWebhook for application/json ContentType.
+type PaymentsWebhookJSONRequestBody = PaymentsWebhookJSONBody
 
 // UpdateProjectJSONRequestBody defines body for UpdateProject for application/json ContentType.
 type UpdateProjectJSONRequestBody = UpdateNameRequest
@@ -1491,6 +1855,39 @@ type ClientInterface interface {
 	// Corresponds with GET /api/v1/admin/audit-logs/export (the `ExportAuditLogs` operationId).
 	ExportAuditLogs(ctx context.Context, params *ExportAuditLogsParams, reqEditors ...RequestEditorFn) (*http.Response, error)
 
+	// AdminAdjustBalanceWithBody Credit or debit an organization (admin adjustment or promotional credit)
+	//
+	// Takes any type of body and a specified content type.
+	//
+	// Corresponds with POST /api/v1/admin/billing/adjustments (the `AdminAdjustBalance` operationId).
+	AdminAdjustBalanceWithBody(ctx context.Context, params *AdminAdjustBalanceParams, contentType string, body io.Reader, reqEditors ...RequestEditorFn) (*http.Response, error)
+
+	// AdminAdjustBalance Credit or debit an organization (admin adjustment or promotional credit)
+	//
+	// Takes a body of the `application/json` content type.
+	//
+	// Corresponds with POST /api/v1/admin/billing/adjustments (the `AdminAdjustBalance` operationId).
+	AdminAdjustBalance(ctx context.Context, params *AdminAdjustBalanceParams, body AdminAdjustBalanceJSONRequestBody, reqEditors ...RequestEditorFn) (*http.Response, error)
+
+	// AdminListPaymentSessions Payment sessions, by status (the reconciliation queue)
+	//
+	// Corresponds with GET /api/v1/admin/payments/sessions (the `AdminListPaymentSessions` operationId).
+	AdminListPaymentSessions(ctx context.Context, params *AdminListPaymentSessionsParams, reqEditors ...RequestEditorFn) (*http.Response, error)
+
+	// AdminRefundPaymentWithBody Refund part or all of a credited top-up within the refund window
+	//
+	// Takes any type of body and a specified content type.
+	//
+	// Corresponds with POST /api/v1/admin/payments/sessions/{session_id}/refund (the `AdminRefundPayment` operationId).
+	AdminRefundPaymentWithBody(ctx context.Context, sessionId openapi_types.UUID, params *AdminRefundPaymentParams, contentType string, body io.Reader, reqEditors ...RequestEditorFn) (*http.Response, error)
+
+	// AdminRefundPayment Refund part or all of a credited top-up within the refund window
+	//
+	// Takes a body of the `application/json` content type.
+	//
+	// Corresponds with POST /api/v1/admin/payments/sessions/{session_id}/refund (the `AdminRefundPayment` operationId).
+	AdminRefundPayment(ctx context.Context, sessionId openapi_types.UUID, params *AdminRefundPaymentParams, body AdminRefundPaymentJSONRequestBody, reqEditors ...RequestEditorFn) (*http.Response, error)
+
 	// ListPolicyOverrides Policy overrides in force
 	//
 	// Corresponds with GET /api/v1/admin/policies (the `ListPolicyOverrides` operationId).
@@ -1584,6 +1981,26 @@ type ClientInterface interface {
 	// Corresponds with POST /api/v1/auth/token/refresh (the `RefreshToken` operationId).
 	RefreshToken(ctx context.Context, body RefreshTokenJSONRequestBody, reqEditors ...RequestEditorFn) (*http.Response, error)
 
+	// GetBalance An organization's balance (derived from its ledger)
+	//
+	// Corresponds with GET /api/v1/billing/balance (the `GetBalance` operationId).
+	GetBalance(ctx context.Context, params *GetBalanceParams, reqEditors ...RequestEditorFn) (*http.Response, error)
+
+	// ListLedger An organization's ledger entries, newest first
+	//
+	// Corresponds with GET /api/v1/billing/ledger (the `ListLedger` operationId).
+	ListLedger(ctx context.Context, params *ListLedgerParams, reqEditors ...RequestEditorFn) (*http.Response, error)
+
+	// ListUsage Usage records of an organization (optionally one project), newest first
+	//
+	// Corresponds with GET /api/v1/billing/usage (the `ListUsage` operationId).
+	ListUsage(ctx context.Context, params *ListUsageParams, reqEditors ...RequestEditorFn) (*http.Response, error)
+
+	// ExportUsage Every matching usage record as CSV, streamed
+	//
+	// Corresponds with GET /api/v1/billing/usage.csv (the `ExportUsage` operationId).
+	ExportUsage(ctx context.Context, params *ExportUsageParams, reqEditors ...RequestEditorFn) (*http.Response, error)
+
 	// GetHealthz Process liveness
 	//
 	// Answers 200 while the process is up; checks no dependency.
@@ -1667,6 +2084,48 @@ type ClientInterface interface {
 	// CreateProject performs a POST /api/v1/orgs/{org_id}/projects (the `CreateProject` operationId) request.
 	// Takes a body of the `application/json` content type.
 	CreateProject(ctx context.Context, orgId OrgID, params *CreateProjectParams, body CreateProjectJSONRequestBody, reqEditors ...RequestEditorFn) (*http.Response, error)
+
+	// CreateCheckoutSessionWithBody Start a top-up; pay at the returned checkout URL
+	//
+	// Takes any type of body and a specified content type.
+	//
+	// Corresponds with POST /api/v1/payments/checkout-session (the `CreateCheckoutSession` operationId).
+	CreateCheckoutSessionWithBody(ctx context.Context, params *CreateCheckoutSessionParams, contentType string, body io.Reader, reqEditors ...RequestEditorFn) (*http.Response, error)
+
+	// CreateCheckoutSession Start a top-up; pay at the returned checkout URL
+	//
+	// Takes a body of the `application/json` content type.
+	//
+	// Corresponds with POST /api/v1/payments/checkout-session (the `CreateCheckoutSession` operationId).
+	CreateCheckoutSession(ctx context.Context, params *CreateCheckoutSessionParams, body CreateCheckoutSessionJSONRequestBody, reqEditors ...RequestEditorFn) (*http.Response, error)
+
+	// CreatePortalSessionWithBody Open the payments provider's customer portal (invoices, payment methods)
+	//
+	// Takes any type of body and a specified content type.
+	//
+	// Corresponds with POST /api/v1/payments/customer-portal-session (the `CreatePortalSession` operationId).
+	CreatePortalSessionWithBody(ctx context.Context, contentType string, body io.Reader, reqEditors ...RequestEditorFn) (*http.Response, error)
+
+	// CreatePortalSession Open the payments provider's customer portal (invoices, payment methods)
+	//
+	// Takes a body of the `application/json` content type.
+	//
+	// Corresponds with POST /api/v1/payments/customer-portal-session (the `CreatePortalSession` operationId).
+	CreatePortalSession(ctx context.Context, body CreatePortalSessionJSONRequestBody, reqEditors ...RequestEditorFn) (*http.Response, error)
+
+	// PaymentsWebhookWithBody Provider webhook (raw body, verified by the payments driver)
+	//
+	// Takes any type of body and a specified content type.
+	//
+	// Corresponds with POST /api/v1/payments/webhook/{instance} (the `PaymentsWebhook` operationId).
+	PaymentsWebhookWithBody(ctx context.Context, instance string, contentType string, body io.Reader, reqEditors ...RequestEditorFn) (*http.Response, error)
+
+	// PaymentsWebhook Provider webhook (raw body, verified by the payments driver)
+	//
+	// Takes a body of the `application/json` content type.
+	//
+	// Corresponds with POST /api/v1/payments/webhook/{instance} (the `PaymentsWebhook` operationId).
+	PaymentsWebhook(ctx context.Context, instance string, body PaymentsWebhookJSONRequestBody, reqEditors ...RequestEditorFn) (*http.Response, error)
 
 	// ListPolicyKeys The policy keys the platform knows, with types and defaults
 	//
@@ -1819,6 +2278,89 @@ func (c *Client) ListAuditLogs(ctx context.Context, params *ListAuditLogsParams,
 // Corresponds with GET /api/v1/admin/audit-logs/export (the `ExportAuditLogs` operationId).
 func (c *Client) ExportAuditLogs(ctx context.Context, params *ExportAuditLogsParams, reqEditors ...RequestEditorFn) (*http.Response, error) {
 	req, err := NewExportAuditLogsRequest(c.Server, params)
+	if err != nil {
+		return nil, err
+	}
+	req = req.WithContext(ctx)
+	if err := c.applyEditors(ctx, req, reqEditors); err != nil {
+		return nil, err
+	}
+	return c.Client.Do(req)
+}
+
+// AdminAdjustBalanceWithBody Credit or debit an organization (admin adjustment or promotional credit)
+//
+// Takes any type of body and a specified content type.
+//
+// Corresponds with POST /api/v1/admin/billing/adjustments (the `AdminAdjustBalance` operationId).
+func (c *Client) AdminAdjustBalanceWithBody(ctx context.Context, params *AdminAdjustBalanceParams, contentType string, body io.Reader, reqEditors ...RequestEditorFn) (*http.Response, error) {
+	req, err := NewAdminAdjustBalanceRequestWithBody(c.Server, params, contentType, body)
+	if err != nil {
+		return nil, err
+	}
+	req = req.WithContext(ctx)
+	if err := c.applyEditors(ctx, req, reqEditors); err != nil {
+		return nil, err
+	}
+	return c.Client.Do(req)
+}
+
+// AdminAdjustBalance Credit or debit an organization (admin adjustment or promotional credit)
+//
+// Takes a body of the `application/json` content type.
+//
+// Corresponds with POST /api/v1/admin/billing/adjustments (the `AdminAdjustBalance` operationId).
+func (c *Client) AdminAdjustBalance(ctx context.Context, params *AdminAdjustBalanceParams, body AdminAdjustBalanceJSONRequestBody, reqEditors ...RequestEditorFn) (*http.Response, error) {
+	req, err := NewAdminAdjustBalanceRequest(c.Server, params, body)
+	if err != nil {
+		return nil, err
+	}
+	req = req.WithContext(ctx)
+	if err := c.applyEditors(ctx, req, reqEditors); err != nil {
+		return nil, err
+	}
+	return c.Client.Do(req)
+}
+
+// AdminListPaymentSessions Payment sessions, by status (the reconciliation queue)
+//
+// Corresponds with GET /api/v1/admin/payments/sessions (the `AdminListPaymentSessions` operationId).
+func (c *Client) AdminListPaymentSessions(ctx context.Context, params *AdminListPaymentSessionsParams, reqEditors ...RequestEditorFn) (*http.Response, error) {
+	req, err := NewAdminListPaymentSessionsRequest(c.Server, params)
+	if err != nil {
+		return nil, err
+	}
+	req = req.WithContext(ctx)
+	if err := c.applyEditors(ctx, req, reqEditors); err != nil {
+		return nil, err
+	}
+	return c.Client.Do(req)
+}
+
+// AdminRefundPaymentWithBody Refund part or all of a credited top-up within the refund window
+//
+// Takes any type of body and a specified content type.
+//
+// Corresponds with POST /api/v1/admin/payments/sessions/{session_id}/refund (the `AdminRefundPayment` operationId).
+func (c *Client) AdminRefundPaymentWithBody(ctx context.Context, sessionId openapi_types.UUID, params *AdminRefundPaymentParams, contentType string, body io.Reader, reqEditors ...RequestEditorFn) (*http.Response, error) {
+	req, err := NewAdminRefundPaymentRequestWithBody(c.Server, sessionId, params, contentType, body)
+	if err != nil {
+		return nil, err
+	}
+	req = req.WithContext(ctx)
+	if err := c.applyEditors(ctx, req, reqEditors); err != nil {
+		return nil, err
+	}
+	return c.Client.Do(req)
+}
+
+// AdminRefundPayment Refund part or all of a credited top-up within the refund window
+//
+// Takes a body of the `application/json` content type.
+//
+// Corresponds with POST /api/v1/admin/payments/sessions/{session_id}/refund (the `AdminRefundPayment` operationId).
+func (c *Client) AdminRefundPayment(ctx context.Context, sessionId openapi_types.UUID, params *AdminRefundPaymentParams, body AdminRefundPaymentJSONRequestBody, reqEditors ...RequestEditorFn) (*http.Response, error) {
+	req, err := NewAdminRefundPaymentRequest(c.Server, sessionId, params, body)
 	if err != nil {
 		return nil, err
 	}
@@ -2072,6 +2614,66 @@ func (c *Client) RefreshToken(ctx context.Context, body RefreshTokenJSONRequestB
 	return c.Client.Do(req)
 }
 
+// GetBalance An organization's balance (derived from its ledger)
+//
+// Corresponds with GET /api/v1/billing/balance (the `GetBalance` operationId).
+func (c *Client) GetBalance(ctx context.Context, params *GetBalanceParams, reqEditors ...RequestEditorFn) (*http.Response, error) {
+	req, err := NewGetBalanceRequest(c.Server, params)
+	if err != nil {
+		return nil, err
+	}
+	req = req.WithContext(ctx)
+	if err := c.applyEditors(ctx, req, reqEditors); err != nil {
+		return nil, err
+	}
+	return c.Client.Do(req)
+}
+
+// ListLedger An organization's ledger entries, newest first
+//
+// Corresponds with GET /api/v1/billing/ledger (the `ListLedger` operationId).
+func (c *Client) ListLedger(ctx context.Context, params *ListLedgerParams, reqEditors ...RequestEditorFn) (*http.Response, error) {
+	req, err := NewListLedgerRequest(c.Server, params)
+	if err != nil {
+		return nil, err
+	}
+	req = req.WithContext(ctx)
+	if err := c.applyEditors(ctx, req, reqEditors); err != nil {
+		return nil, err
+	}
+	return c.Client.Do(req)
+}
+
+// ListUsage Usage records of an organization (optionally one project), newest first
+//
+// Corresponds with GET /api/v1/billing/usage (the `ListUsage` operationId).
+func (c *Client) ListUsage(ctx context.Context, params *ListUsageParams, reqEditors ...RequestEditorFn) (*http.Response, error) {
+	req, err := NewListUsageRequest(c.Server, params)
+	if err != nil {
+		return nil, err
+	}
+	req = req.WithContext(ctx)
+	if err := c.applyEditors(ctx, req, reqEditors); err != nil {
+		return nil, err
+	}
+	return c.Client.Do(req)
+}
+
+// ExportUsage Every matching usage record as CSV, streamed
+//
+// Corresponds with GET /api/v1/billing/usage.csv (the `ExportUsage` operationId).
+func (c *Client) ExportUsage(ctx context.Context, params *ExportUsageParams, reqEditors ...RequestEditorFn) (*http.Response, error) {
+	req, err := NewExportUsageRequest(c.Server, params)
+	if err != nil {
+		return nil, err
+	}
+	req = req.WithContext(ctx)
+	if err := c.applyEditors(ctx, req, reqEditors); err != nil {
+		return nil, err
+	}
+	return c.Client.Do(req)
+}
+
 // GetHealthz Process liveness
 //
 // Answers 200 while the process is up; checks no dependency.
@@ -2306,6 +2908,108 @@ func (c *Client) CreateProjectWithBody(ctx context.Context, orgId OrgID, params 
 // Takes a body of the `application/json` content type.
 func (c *Client) CreateProject(ctx context.Context, orgId OrgID, params *CreateProjectParams, body CreateProjectJSONRequestBody, reqEditors ...RequestEditorFn) (*http.Response, error) {
 	req, err := NewCreateProjectRequest(c.Server, orgId, params, body)
+	if err != nil {
+		return nil, err
+	}
+	req = req.WithContext(ctx)
+	if err := c.applyEditors(ctx, req, reqEditors); err != nil {
+		return nil, err
+	}
+	return c.Client.Do(req)
+}
+
+// CreateCheckoutSessionWithBody Start a top-up; pay at the returned checkout URL
+//
+// Takes any type of body and a specified content type.
+//
+// Corresponds with POST /api/v1/payments/checkout-session (the `CreateCheckoutSession` operationId).
+func (c *Client) CreateCheckoutSessionWithBody(ctx context.Context, params *CreateCheckoutSessionParams, contentType string, body io.Reader, reqEditors ...RequestEditorFn) (*http.Response, error) {
+	req, err := NewCreateCheckoutSessionRequestWithBody(c.Server, params, contentType, body)
+	if err != nil {
+		return nil, err
+	}
+	req = req.WithContext(ctx)
+	if err := c.applyEditors(ctx, req, reqEditors); err != nil {
+		return nil, err
+	}
+	return c.Client.Do(req)
+}
+
+// CreateCheckoutSession Start a top-up; pay at the returned checkout URL
+//
+// Takes a body of the `application/json` content type.
+//
+// Corresponds with POST /api/v1/payments/checkout-session (the `CreateCheckoutSession` operationId).
+func (c *Client) CreateCheckoutSession(ctx context.Context, params *CreateCheckoutSessionParams, body CreateCheckoutSessionJSONRequestBody, reqEditors ...RequestEditorFn) (*http.Response, error) {
+	req, err := NewCreateCheckoutSessionRequest(c.Server, params, body)
+	if err != nil {
+		return nil, err
+	}
+	req = req.WithContext(ctx)
+	if err := c.applyEditors(ctx, req, reqEditors); err != nil {
+		return nil, err
+	}
+	return c.Client.Do(req)
+}
+
+// CreatePortalSessionWithBody Open the payments provider's customer portal (invoices, payment methods)
+//
+// Takes any type of body and a specified content type.
+//
+// Corresponds with POST /api/v1/payments/customer-portal-session (the `CreatePortalSession` operationId).
+func (c *Client) CreatePortalSessionWithBody(ctx context.Context, contentType string, body io.Reader, reqEditors ...RequestEditorFn) (*http.Response, error) {
+	req, err := NewCreatePortalSessionRequestWithBody(c.Server, contentType, body)
+	if err != nil {
+		return nil, err
+	}
+	req = req.WithContext(ctx)
+	if err := c.applyEditors(ctx, req, reqEditors); err != nil {
+		return nil, err
+	}
+	return c.Client.Do(req)
+}
+
+// CreatePortalSession Open the payments provider's customer portal (invoices, payment methods)
+//
+// Takes a body of the `application/json` content type.
+//
+// Corresponds with POST /api/v1/payments/customer-portal-session (the `CreatePortalSession` operationId).
+func (c *Client) CreatePortalSession(ctx context.Context, body CreatePortalSessionJSONRequestBody, reqEditors ...RequestEditorFn) (*http.Response, error) {
+	req, err := NewCreatePortalSessionRequest(c.Server, body)
+	if err != nil {
+		return nil, err
+	}
+	req = req.WithContext(ctx)
+	if err := c.applyEditors(ctx, req, reqEditors); err != nil {
+		return nil, err
+	}
+	return c.Client.Do(req)
+}
+
+// PaymentsWebhookWithBody Provider webhook (raw body, verified by the payments driver)
+//
+// Takes any type of body and a specified content type.
+//
+// Corresponds with POST /api/v1/payments/webhook/{instance} (the `PaymentsWebhook` operationId).
+func (c *Client) PaymentsWebhookWithBody(ctx context.Context, instance string, contentType string, body io.Reader, reqEditors ...RequestEditorFn) (*http.Response, error) {
+	req, err := NewPaymentsWebhookRequestWithBody(c.Server, instance, contentType, body)
+	if err != nil {
+		return nil, err
+	}
+	req = req.WithContext(ctx)
+	if err := c.applyEditors(ctx, req, reqEditors); err != nil {
+		return nil, err
+	}
+	return c.Client.Do(req)
+}
+
+// PaymentsWebhook Provider webhook (raw body, verified by the payments driver)
+//
+// Takes a body of the `application/json` content type.
+//
+// Corresponds with POST /api/v1/payments/webhook/{instance} (the `PaymentsWebhook` operationId).
+func (c *Client) PaymentsWebhook(ctx context.Context, instance string, body PaymentsWebhookJSONRequestBody, reqEditors ...RequestEditorFn) (*http.Response, error) {
+	req, err := NewPaymentsWebhookRequest(c.Server, instance, body)
 	if err != nil {
 		return nil, err
 	}
@@ -2958,6 +3662,213 @@ func NewExportAuditLogsRequest(server string, params *ExportAuditLogsParams) (*h
 	return req, nil
 }
 
+// NewAdminAdjustBalanceRequest calls the generic AdminAdjustBalance builder with application/json body
+func NewAdminAdjustBalanceRequest(server string, params *AdminAdjustBalanceParams, body AdminAdjustBalanceJSONRequestBody) (*http.Request, error) {
+	var bodyReader io.Reader
+	buf, err := json.Marshal(body)
+	if err != nil {
+		return nil, err
+	}
+	bodyReader = bytes.NewReader(buf)
+	return NewAdminAdjustBalanceRequestWithBody(server, params, "application/json", bodyReader)
+}
+
+// NewAdminAdjustBalanceRequestWithBody constructs an http.Request for the AdminAdjustBalance method, with any body, and a specified content type
+func NewAdminAdjustBalanceRequestWithBody(server string, params *AdminAdjustBalanceParams, contentType string, body io.Reader) (*http.Request, error) {
+	var err error
+
+	serverURL, err := url.Parse(server)
+	if err != nil {
+		return nil, err
+	}
+
+	operationPath := fmt.Sprintf("/api/v1/admin/billing/adjustments")
+	if operationPath[0] == '/' {
+		operationPath = "." + operationPath
+	}
+
+	queryURL, err := serverURL.Parse(operationPath)
+	if err != nil {
+		return nil, err
+	}
+
+	req, err := http.NewRequest(http.MethodPost, queryURL.String(), body)
+	if err != nil {
+		return nil, err
+	}
+
+	req.Header.Add("Content-Type", contentType)
+
+	if params != nil {
+
+		if params.IdempotencyKey != nil {
+			var headerParam0 string
+
+			headerParam0, err = runtime.StyleParamWithOptions("simple", false, "Idempotency-Key", *params.IdempotencyKey, runtime.StyleParamOptions{ParamLocation: runtime.ParamLocationHeader, Type: "string", Format: ""})
+			if err != nil {
+				return nil, err
+			}
+
+			req.Header.Set("Idempotency-Key", headerParam0)
+		}
+
+	}
+
+	return req, nil
+}
+
+// NewAdminListPaymentSessionsRequest constructs an http.Request for the AdminListPaymentSessions method
+func NewAdminListPaymentSessionsRequest(server string, params *AdminListPaymentSessionsParams) (*http.Request, error) {
+	var err error
+
+	serverURL, err := url.Parse(server)
+	if err != nil {
+		return nil, err
+	}
+
+	operationPath := fmt.Sprintf("/api/v1/admin/payments/sessions")
+	if operationPath[0] == '/' {
+		operationPath = "." + operationPath
+	}
+
+	queryURL, err := serverURL.Parse(operationPath)
+	if err != nil {
+		return nil, err
+	}
+
+	if params != nil {
+		// queryValues collects non-styled parameters (passthrough, JSON)
+		// that are safe to round-trip through url.Values.Encode().
+		queryValues := queryURL.Query()
+		// rawQueryFragments collects pre-encoded query fragments from
+		// styled parameters, preserving literal commas as delimiters
+		// per the OpenAPI spec (e.g. "color=blue,black,brown").
+		var rawQueryFragments []string
+
+		if params.Status != nil {
+
+			if queryFrag, err := runtime.StyleParamWithOptions("form", true, "status", *params.Status, runtime.StyleParamOptions{ParamLocation: runtime.ParamLocationQuery, Type: "string", Format: ""}); err != nil {
+				return nil, err
+			} else {
+				for _, qp := range strings.Split(queryFrag, "&") {
+					rawQueryFragments = append(rawQueryFragments, qp)
+				}
+			}
+
+		}
+
+		if params.OrgId != nil {
+
+			if queryFrag, err := runtime.StyleParamWithOptions("form", true, "org_id", *params.OrgId, runtime.StyleParamOptions{ParamLocation: runtime.ParamLocationQuery, Type: "string", Format: "uuid"}); err != nil {
+				return nil, err
+			} else {
+				for _, qp := range strings.Split(queryFrag, "&") {
+					rawQueryFragments = append(rawQueryFragments, qp)
+				}
+			}
+
+		}
+
+		if params.Limit != nil {
+
+			if queryFrag, err := runtime.StyleParamWithOptions("form", true, "limit", *params.Limit, runtime.StyleParamOptions{ParamLocation: runtime.ParamLocationQuery, Type: "integer", Format: ""}); err != nil {
+				return nil, err
+			} else {
+				for _, qp := range strings.Split(queryFrag, "&") {
+					rawQueryFragments = append(rawQueryFragments, qp)
+				}
+			}
+
+		}
+
+		if params.Cursor != nil {
+
+			if queryFrag, err := runtime.StyleParamWithOptions("form", true, "cursor", *params.Cursor, runtime.StyleParamOptions{ParamLocation: runtime.ParamLocationQuery, Type: "string", Format: ""}); err != nil {
+				return nil, err
+			} else {
+				for _, qp := range strings.Split(queryFrag, "&") {
+					rawQueryFragments = append(rawQueryFragments, qp)
+				}
+			}
+
+		}
+
+		if encoded := queryValues.Encode(); encoded != "" {
+			rawQueryFragments = append(rawQueryFragments, encoded)
+		}
+		queryURL.RawQuery = strings.Join(rawQueryFragments, "&")
+	}
+
+	req, err := http.NewRequest(http.MethodGet, queryURL.String(), nil)
+	if err != nil {
+		return nil, err
+	}
+
+	return req, nil
+}
+
+// NewAdminRefundPaymentRequest calls the generic AdminRefundPayment builder with application/json body
+func NewAdminRefundPaymentRequest(server string, sessionId openapi_types.UUID, params *AdminRefundPaymentParams, body AdminRefundPaymentJSONRequestBody) (*http.Request, error) {
+	var bodyReader io.Reader
+	buf, err := json.Marshal(body)
+	if err != nil {
+		return nil, err
+	}
+	bodyReader = bytes.NewReader(buf)
+	return NewAdminRefundPaymentRequestWithBody(server, sessionId, params, "application/json", bodyReader)
+}
+
+// NewAdminRefundPaymentRequestWithBody constructs an http.Request for the AdminRefundPayment method, with any body, and a specified content type
+func NewAdminRefundPaymentRequestWithBody(server string, sessionId openapi_types.UUID, params *AdminRefundPaymentParams, contentType string, body io.Reader) (*http.Request, error) {
+	var err error
+
+	var pathParam0 string
+
+	pathParam0, err = runtime.StyleParamWithOptions("simple", false, "session_id", sessionId, runtime.StyleParamOptions{ParamLocation: runtime.ParamLocationPath, Type: "string", Format: "uuid"})
+	if err != nil {
+		return nil, err
+	}
+
+	serverURL, err := url.Parse(server)
+	if err != nil {
+		return nil, err
+	}
+
+	operationPath := fmt.Sprintf("/api/v1/admin/payments/sessions/%s/refund", pathParam0)
+	if operationPath[0] == '/' {
+		operationPath = "." + operationPath
+	}
+
+	queryURL, err := serverURL.Parse(operationPath)
+	if err != nil {
+		return nil, err
+	}
+
+	req, err := http.NewRequest(http.MethodPost, queryURL.String(), body)
+	if err != nil {
+		return nil, err
+	}
+
+	req.Header.Add("Content-Type", contentType)
+
+	if params != nil {
+
+		if params.IdempotencyKey != nil {
+			var headerParam0 string
+
+			headerParam0, err = runtime.StyleParamWithOptions("simple", false, "Idempotency-Key", *params.IdempotencyKey, runtime.StyleParamOptions{ParamLocation: runtime.ParamLocationHeader, Type: "string", Format: ""})
+			if err != nil {
+				return nil, err
+			}
+
+			req.Header.Set("Idempotency-Key", headerParam0)
+		}
+
+	}
+
+	return req, nil
+}
+
 // NewListPolicyOverridesRequest constructs an http.Request for the ListPolicyOverrides method
 func NewListPolicyOverridesRequest(server string, params *ListPolicyOverridesParams) (*http.Request, error) {
 	var err error
@@ -3486,6 +4397,326 @@ func NewRefreshTokenRequestWithBody(server string, contentType string, body io.R
 	}
 
 	req.Header.Add("Content-Type", contentType)
+
+	return req, nil
+}
+
+// NewGetBalanceRequest constructs an http.Request for the GetBalance method
+func NewGetBalanceRequest(server string, params *GetBalanceParams) (*http.Request, error) {
+	var err error
+
+	serverURL, err := url.Parse(server)
+	if err != nil {
+		return nil, err
+	}
+
+	operationPath := fmt.Sprintf("/api/v1/billing/balance")
+	if operationPath[0] == '/' {
+		operationPath = "." + operationPath
+	}
+
+	queryURL, err := serverURL.Parse(operationPath)
+	if err != nil {
+		return nil, err
+	}
+
+	if params != nil {
+		// queryValues collects non-styled parameters (passthrough, JSON)
+		// that are safe to round-trip through url.Values.Encode().
+		queryValues := queryURL.Query()
+		// rawQueryFragments collects pre-encoded query fragments from
+		// styled parameters, preserving literal commas as delimiters
+		// per the OpenAPI spec (e.g. "color=blue,black,brown").
+		var rawQueryFragments []string
+
+		if queryFrag, err := runtime.StyleParamWithOptions("form", true, "org_id", params.OrgId, runtime.StyleParamOptions{ParamLocation: runtime.ParamLocationQuery, Type: "string", Format: "uuid"}); err != nil {
+			return nil, err
+		} else {
+			for _, qp := range strings.Split(queryFrag, "&") {
+				rawQueryFragments = append(rawQueryFragments, qp)
+			}
+		}
+
+		if encoded := queryValues.Encode(); encoded != "" {
+			rawQueryFragments = append(rawQueryFragments, encoded)
+		}
+		queryURL.RawQuery = strings.Join(rawQueryFragments, "&")
+	}
+
+	req, err := http.NewRequest(http.MethodGet, queryURL.String(), nil)
+	if err != nil {
+		return nil, err
+	}
+
+	return req, nil
+}
+
+// NewListLedgerRequest constructs an http.Request for the ListLedger method
+func NewListLedgerRequest(server string, params *ListLedgerParams) (*http.Request, error) {
+	var err error
+
+	serverURL, err := url.Parse(server)
+	if err != nil {
+		return nil, err
+	}
+
+	operationPath := fmt.Sprintf("/api/v1/billing/ledger")
+	if operationPath[0] == '/' {
+		operationPath = "." + operationPath
+	}
+
+	queryURL, err := serverURL.Parse(operationPath)
+	if err != nil {
+		return nil, err
+	}
+
+	if params != nil {
+		// queryValues collects non-styled parameters (passthrough, JSON)
+		// that are safe to round-trip through url.Values.Encode().
+		queryValues := queryURL.Query()
+		// rawQueryFragments collects pre-encoded query fragments from
+		// styled parameters, preserving literal commas as delimiters
+		// per the OpenAPI spec (e.g. "color=blue,black,brown").
+		var rawQueryFragments []string
+
+		if queryFrag, err := runtime.StyleParamWithOptions("form", true, "org_id", params.OrgId, runtime.StyleParamOptions{ParamLocation: runtime.ParamLocationQuery, Type: "string", Format: "uuid"}); err != nil {
+			return nil, err
+		} else {
+			for _, qp := range strings.Split(queryFrag, "&") {
+				rawQueryFragments = append(rawQueryFragments, qp)
+			}
+		}
+
+		if params.Limit != nil {
+
+			if queryFrag, err := runtime.StyleParamWithOptions("form", true, "limit", *params.Limit, runtime.StyleParamOptions{ParamLocation: runtime.ParamLocationQuery, Type: "integer", Format: ""}); err != nil {
+				return nil, err
+			} else {
+				for _, qp := range strings.Split(queryFrag, "&") {
+					rawQueryFragments = append(rawQueryFragments, qp)
+				}
+			}
+
+		}
+
+		if params.Cursor != nil {
+
+			if queryFrag, err := runtime.StyleParamWithOptions("form", true, "cursor", *params.Cursor, runtime.StyleParamOptions{ParamLocation: runtime.ParamLocationQuery, Type: "string", Format: ""}); err != nil {
+				return nil, err
+			} else {
+				for _, qp := range strings.Split(queryFrag, "&") {
+					rawQueryFragments = append(rawQueryFragments, qp)
+				}
+			}
+
+		}
+
+		if encoded := queryValues.Encode(); encoded != "" {
+			rawQueryFragments = append(rawQueryFragments, encoded)
+		}
+		queryURL.RawQuery = strings.Join(rawQueryFragments, "&")
+	}
+
+	req, err := http.NewRequest(http.MethodGet, queryURL.String(), nil)
+	if err != nil {
+		return nil, err
+	}
+
+	return req, nil
+}
+
+// NewListUsageRequest constructs an http.Request for the ListUsage method
+func NewListUsageRequest(server string, params *ListUsageParams) (*http.Request, error) {
+	var err error
+
+	serverURL, err := url.Parse(server)
+	if err != nil {
+		return nil, err
+	}
+
+	operationPath := fmt.Sprintf("/api/v1/billing/usage")
+	if operationPath[0] == '/' {
+		operationPath = "." + operationPath
+	}
+
+	queryURL, err := serverURL.Parse(operationPath)
+	if err != nil {
+		return nil, err
+	}
+
+	if params != nil {
+		// queryValues collects non-styled parameters (passthrough, JSON)
+		// that are safe to round-trip through url.Values.Encode().
+		queryValues := queryURL.Query()
+		// rawQueryFragments collects pre-encoded query fragments from
+		// styled parameters, preserving literal commas as delimiters
+		// per the OpenAPI spec (e.g. "color=blue,black,brown").
+		var rawQueryFragments []string
+
+		if queryFrag, err := runtime.StyleParamWithOptions("form", true, "org_id", params.OrgId, runtime.StyleParamOptions{ParamLocation: runtime.ParamLocationQuery, Type: "string", Format: "uuid"}); err != nil {
+			return nil, err
+		} else {
+			for _, qp := range strings.Split(queryFrag, "&") {
+				rawQueryFragments = append(rawQueryFragments, qp)
+			}
+		}
+
+		if params.ProjectId != nil {
+
+			if queryFrag, err := runtime.StyleParamWithOptions("form", true, "project_id", *params.ProjectId, runtime.StyleParamOptions{ParamLocation: runtime.ParamLocationQuery, Type: "string", Format: "uuid"}); err != nil {
+				return nil, err
+			} else {
+				for _, qp := range strings.Split(queryFrag, "&") {
+					rawQueryFragments = append(rawQueryFragments, qp)
+				}
+			}
+
+		}
+
+		if params.From != nil {
+
+			if queryFrag, err := runtime.StyleParamWithOptions("form", true, "from", *params.From, runtime.StyleParamOptions{ParamLocation: runtime.ParamLocationQuery, Type: "string", Format: "date-time"}); err != nil {
+				return nil, err
+			} else {
+				for _, qp := range strings.Split(queryFrag, "&") {
+					rawQueryFragments = append(rawQueryFragments, qp)
+				}
+			}
+
+		}
+
+		if params.To != nil {
+
+			if queryFrag, err := runtime.StyleParamWithOptions("form", true, "to", *params.To, runtime.StyleParamOptions{ParamLocation: runtime.ParamLocationQuery, Type: "string", Format: "date-time"}); err != nil {
+				return nil, err
+			} else {
+				for _, qp := range strings.Split(queryFrag, "&") {
+					rawQueryFragments = append(rawQueryFragments, qp)
+				}
+			}
+
+		}
+
+		if params.Limit != nil {
+
+			if queryFrag, err := runtime.StyleParamWithOptions("form", true, "limit", *params.Limit, runtime.StyleParamOptions{ParamLocation: runtime.ParamLocationQuery, Type: "integer", Format: ""}); err != nil {
+				return nil, err
+			} else {
+				for _, qp := range strings.Split(queryFrag, "&") {
+					rawQueryFragments = append(rawQueryFragments, qp)
+				}
+			}
+
+		}
+
+		if params.Cursor != nil {
+
+			if queryFrag, err := runtime.StyleParamWithOptions("form", true, "cursor", *params.Cursor, runtime.StyleParamOptions{ParamLocation: runtime.ParamLocationQuery, Type: "string", Format: ""}); err != nil {
+				return nil, err
+			} else {
+				for _, qp := range strings.Split(queryFrag, "&") {
+					rawQueryFragments = append(rawQueryFragments, qp)
+				}
+			}
+
+		}
+
+		if encoded := queryValues.Encode(); encoded != "" {
+			rawQueryFragments = append(rawQueryFragments, encoded)
+		}
+		queryURL.RawQuery = strings.Join(rawQueryFragments, "&")
+	}
+
+	req, err := http.NewRequest(http.MethodGet, queryURL.String(), nil)
+	if err != nil {
+		return nil, err
+	}
+
+	return req, nil
+}
+
+// NewExportUsageRequest constructs an http.Request for the ExportUsage method
+func NewExportUsageRequest(server string, params *ExportUsageParams) (*http.Request, error) {
+	var err error
+
+	serverURL, err := url.Parse(server)
+	if err != nil {
+		return nil, err
+	}
+
+	operationPath := fmt.Sprintf("/api/v1/billing/usage.csv")
+	if operationPath[0] == '/' {
+		operationPath = "." + operationPath
+	}
+
+	queryURL, err := serverURL.Parse(operationPath)
+	if err != nil {
+		return nil, err
+	}
+
+	if params != nil {
+		// queryValues collects non-styled parameters (passthrough, JSON)
+		// that are safe to round-trip through url.Values.Encode().
+		queryValues := queryURL.Query()
+		// rawQueryFragments collects pre-encoded query fragments from
+		// styled parameters, preserving literal commas as delimiters
+		// per the OpenAPI spec (e.g. "color=blue,black,brown").
+		var rawQueryFragments []string
+
+		if queryFrag, err := runtime.StyleParamWithOptions("form", true, "org_id", params.OrgId, runtime.StyleParamOptions{ParamLocation: runtime.ParamLocationQuery, Type: "string", Format: "uuid"}); err != nil {
+			return nil, err
+		} else {
+			for _, qp := range strings.Split(queryFrag, "&") {
+				rawQueryFragments = append(rawQueryFragments, qp)
+			}
+		}
+
+		if params.ProjectId != nil {
+
+			if queryFrag, err := runtime.StyleParamWithOptions("form", true, "project_id", *params.ProjectId, runtime.StyleParamOptions{ParamLocation: runtime.ParamLocationQuery, Type: "string", Format: "uuid"}); err != nil {
+				return nil, err
+			} else {
+				for _, qp := range strings.Split(queryFrag, "&") {
+					rawQueryFragments = append(rawQueryFragments, qp)
+				}
+			}
+
+		}
+
+		if params.From != nil {
+
+			if queryFrag, err := runtime.StyleParamWithOptions("form", true, "from", *params.From, runtime.StyleParamOptions{ParamLocation: runtime.ParamLocationQuery, Type: "string", Format: "date-time"}); err != nil {
+				return nil, err
+			} else {
+				for _, qp := range strings.Split(queryFrag, "&") {
+					rawQueryFragments = append(rawQueryFragments, qp)
+				}
+			}
+
+		}
+
+		if params.To != nil {
+
+			if queryFrag, err := runtime.StyleParamWithOptions("form", true, "to", *params.To, runtime.StyleParamOptions{ParamLocation: runtime.ParamLocationQuery, Type: "string", Format: "date-time"}); err != nil {
+				return nil, err
+			} else {
+				for _, qp := range strings.Split(queryFrag, "&") {
+					rawQueryFragments = append(rawQueryFragments, qp)
+				}
+			}
+
+		}
+
+		if encoded := queryValues.Encode(); encoded != "" {
+			rawQueryFragments = append(rawQueryFragments, encoded)
+		}
+		queryURL.RawQuery = strings.Join(rawQueryFragments, "&")
+	}
+
+	req, err := http.NewRequest(http.MethodGet, queryURL.String(), nil)
+	if err != nil {
+		return nil, err
+	}
 
 	return req, nil
 }
@@ -4080,6 +5311,148 @@ func NewCreateProjectRequestWithBody(server string, orgId OrgID, params *CreateP
 		}
 
 	}
+
+	return req, nil
+}
+
+// NewCreateCheckoutSessionRequest calls the generic CreateCheckoutSession builder with application/json body
+func NewCreateCheckoutSessionRequest(server string, params *CreateCheckoutSessionParams, body CreateCheckoutSessionJSONRequestBody) (*http.Request, error) {
+	var bodyReader io.Reader
+	buf, err := json.Marshal(body)
+	if err != nil {
+		return nil, err
+	}
+	bodyReader = bytes.NewReader(buf)
+	return NewCreateCheckoutSessionRequestWithBody(server, params, "application/json", bodyReader)
+}
+
+// NewCreateCheckoutSessionRequestWithBody constructs an http.Request for the CreateCheckoutSession method, with any body, and a specified content type
+func NewCreateCheckoutSessionRequestWithBody(server string, params *CreateCheckoutSessionParams, contentType string, body io.Reader) (*http.Request, error) {
+	var err error
+
+	serverURL, err := url.Parse(server)
+	if err != nil {
+		return nil, err
+	}
+
+	operationPath := fmt.Sprintf("/api/v1/payments/checkout-session")
+	if operationPath[0] == '/' {
+		operationPath = "." + operationPath
+	}
+
+	queryURL, err := serverURL.Parse(operationPath)
+	if err != nil {
+		return nil, err
+	}
+
+	req, err := http.NewRequest(http.MethodPost, queryURL.String(), body)
+	if err != nil {
+		return nil, err
+	}
+
+	req.Header.Add("Content-Type", contentType)
+
+	if params != nil {
+
+		if params.IdempotencyKey != nil {
+			var headerParam0 string
+
+			headerParam0, err = runtime.StyleParamWithOptions("simple", false, "Idempotency-Key", *params.IdempotencyKey, runtime.StyleParamOptions{ParamLocation: runtime.ParamLocationHeader, Type: "string", Format: ""})
+			if err != nil {
+				return nil, err
+			}
+
+			req.Header.Set("Idempotency-Key", headerParam0)
+		}
+
+	}
+
+	return req, nil
+}
+
+// NewCreatePortalSessionRequest calls the generic CreatePortalSession builder with application/json body
+func NewCreatePortalSessionRequest(server string, body CreatePortalSessionJSONRequestBody) (*http.Request, error) {
+	var bodyReader io.Reader
+	buf, err := json.Marshal(body)
+	if err != nil {
+		return nil, err
+	}
+	bodyReader = bytes.NewReader(buf)
+	return NewCreatePortalSessionRequestWithBody(server, "application/json", bodyReader)
+}
+
+// NewCreatePortalSessionRequestWithBody constructs an http.Request for the CreatePortalSession method, with any body, and a specified content type
+func NewCreatePortalSessionRequestWithBody(server string, contentType string, body io.Reader) (*http.Request, error) {
+	var err error
+
+	serverURL, err := url.Parse(server)
+	if err != nil {
+		return nil, err
+	}
+
+	operationPath := fmt.Sprintf("/api/v1/payments/customer-portal-session")
+	if operationPath[0] == '/' {
+		operationPath = "." + operationPath
+	}
+
+	queryURL, err := serverURL.Parse(operationPath)
+	if err != nil {
+		return nil, err
+	}
+
+	req, err := http.NewRequest(http.MethodPost, queryURL.String(), body)
+	if err != nil {
+		return nil, err
+	}
+
+	req.Header.Add("Content-Type", contentType)
+
+	return req, nil
+}
+
+// NewPaymentsWebhookRequest calls the generic PaymentsWebhook builder with application/json body
+func NewPaymentsWebhookRequest(server string, instance string, body PaymentsWebhookJSONRequestBody) (*http.Request, error) {
+	var bodyReader io.Reader
+	buf, err := json.Marshal(body)
+	if err != nil {
+		return nil, err
+	}
+	bodyReader = bytes.NewReader(buf)
+	return NewPaymentsWebhookRequestWithBody(server, instance, "application/json", bodyReader)
+}
+
+// NewPaymentsWebhookRequestWithBody constructs an http.Request for the PaymentsWebhook method, with any body, and a specified content type
+func NewPaymentsWebhookRequestWithBody(server string, instance string, contentType string, body io.Reader) (*http.Request, error) {
+	var err error
+
+	var pathParam0 string
+
+	pathParam0, err = runtime.StyleParamWithOptions("simple", false, "instance", instance, runtime.StyleParamOptions{ParamLocation: runtime.ParamLocationPath, Type: "string", Format: ""})
+	if err != nil {
+		return nil, err
+	}
+
+	serverURL, err := url.Parse(server)
+	if err != nil {
+		return nil, err
+	}
+
+	operationPath := fmt.Sprintf("/api/v1/payments/webhook/%s", pathParam0)
+	if operationPath[0] == '/' {
+		operationPath = "." + operationPath
+	}
+
+	queryURL, err := serverURL.Parse(operationPath)
+	if err != nil {
+		return nil, err
+	}
+
+	req, err := http.NewRequest(http.MethodPost, queryURL.String(), body)
+	if err != nil {
+		return nil, err
+	}
+
+	req.Header.Add("Content-Type", contentType)
 
 	return req, nil
 }
@@ -5169,6 +6542,41 @@ type ClientWithResponsesInterface interface {
 	// Corresponds with GET /api/v1/admin/audit-logs/export (the `ExportAuditLogs` operationId).
 	ExportAuditLogsWithResponse(ctx context.Context, params *ExportAuditLogsParams, reqEditors ...RequestEditorFn) (*ExportAuditLogsResponse, error)
 
+	// AdminAdjustBalanceWithBodyWithResponse Credit or debit an organization (admin adjustment or promotional credit)
+	//
+	// Takes any type of body and a specified content type, and returns a wrapper object for the known response body format(s).
+	//
+	// Corresponds with POST /api/v1/admin/billing/adjustments (the `AdminAdjustBalance` operationId).
+	AdminAdjustBalanceWithBodyWithResponse(ctx context.Context, params *AdminAdjustBalanceParams, contentType string, body io.Reader, reqEditors ...RequestEditorFn) (*AdminAdjustBalanceResponse, error)
+
+	// AdminAdjustBalanceWithResponse Credit or debit an organization (admin adjustment or promotional credit)
+	//
+	// Takes a body of the `application/json` content type, and returns a wrapper object for the known response body format(s).
+	//
+	// Corresponds with POST /api/v1/admin/billing/adjustments (the `AdminAdjustBalance` operationId).
+	AdminAdjustBalanceWithResponse(ctx context.Context, params *AdminAdjustBalanceParams, body AdminAdjustBalanceJSONRequestBody, reqEditors ...RequestEditorFn) (*AdminAdjustBalanceResponse, error)
+
+	// AdminListPaymentSessionsWithResponse Payment sessions, by status (the reconciliation queue)
+	//
+	// Returns a wrapper object for the known response body format(s).
+	//
+	// Corresponds with GET /api/v1/admin/payments/sessions (the `AdminListPaymentSessions` operationId).
+	AdminListPaymentSessionsWithResponse(ctx context.Context, params *AdminListPaymentSessionsParams, reqEditors ...RequestEditorFn) (*AdminListPaymentSessionsResponse, error)
+
+	// AdminRefundPaymentWithBodyWithResponse Refund part or all of a credited top-up within the refund window
+	//
+	// Takes any type of body and a specified content type, and returns a wrapper object for the known response body format(s).
+	//
+	// Corresponds with POST /api/v1/admin/payments/sessions/{session_id}/refund (the `AdminRefundPayment` operationId).
+	AdminRefundPaymentWithBodyWithResponse(ctx context.Context, sessionId openapi_types.UUID, params *AdminRefundPaymentParams, contentType string, body io.Reader, reqEditors ...RequestEditorFn) (*AdminRefundPaymentResponse, error)
+
+	// AdminRefundPaymentWithResponse Refund part or all of a credited top-up within the refund window
+	//
+	// Takes a body of the `application/json` content type, and returns a wrapper object for the known response body format(s).
+	//
+	// Corresponds with POST /api/v1/admin/payments/sessions/{session_id}/refund (the `AdminRefundPayment` operationId).
+	AdminRefundPaymentWithResponse(ctx context.Context, sessionId openapi_types.UUID, params *AdminRefundPaymentParams, body AdminRefundPaymentJSONRequestBody, reqEditors ...RequestEditorFn) (*AdminRefundPaymentResponse, error)
+
 	// ListPolicyOverridesWithResponse Policy overrides in force
 	//
 	// Returns a wrapper object for the known response body format(s).
@@ -5272,6 +6680,34 @@ type ClientWithResponsesInterface interface {
 	// Corresponds with POST /api/v1/auth/token/refresh (the `RefreshToken` operationId).
 	RefreshTokenWithResponse(ctx context.Context, body RefreshTokenJSONRequestBody, reqEditors ...RequestEditorFn) (*RefreshTokenResponse, error)
 
+	// GetBalanceWithResponse An organization's balance (derived from its ledger)
+	//
+	// Returns a wrapper object for the known response body format(s).
+	//
+	// Corresponds with GET /api/v1/billing/balance (the `GetBalance` operationId).
+	GetBalanceWithResponse(ctx context.Context, params *GetBalanceParams, reqEditors ...RequestEditorFn) (*GetBalanceResponse, error)
+
+	// ListLedgerWithResponse An organization's ledger entries, newest first
+	//
+	// Returns a wrapper object for the known response body format(s).
+	//
+	// Corresponds with GET /api/v1/billing/ledger (the `ListLedger` operationId).
+	ListLedgerWithResponse(ctx context.Context, params *ListLedgerParams, reqEditors ...RequestEditorFn) (*ListLedgerResponse, error)
+
+	// ListUsageWithResponse Usage records of an organization (optionally one project), newest first
+	//
+	// Returns a wrapper object for the known response body format(s).
+	//
+	// Corresponds with GET /api/v1/billing/usage (the `ListUsage` operationId).
+	ListUsageWithResponse(ctx context.Context, params *ListUsageParams, reqEditors ...RequestEditorFn) (*ListUsageResponse, error)
+
+	// ExportUsageWithResponse Every matching usage record as CSV, streamed
+	//
+	// Returns a wrapper object for the known response body format(s).
+	//
+	// Corresponds with GET /api/v1/billing/usage.csv (the `ExportUsage` operationId).
+	ExportUsageWithResponse(ctx context.Context, params *ExportUsageParams, reqEditors ...RequestEditorFn) (*ExportUsageResponse, error)
+
 	// GetHealthzWithResponse Process liveness
 	//
 	// Answers 200 while the process is up; checks no dependency.
@@ -5371,6 +6807,48 @@ type ClientWithResponsesInterface interface {
 	// CreateProjectWithResponse performs a POST /api/v1/orgs/{org_id}/projects (the `CreateProject` operationId) request.
 	// Takes a body of the `application/json` content type, and returns a wrapper object for the known response body format(s).
 	CreateProjectWithResponse(ctx context.Context, orgId OrgID, params *CreateProjectParams, body CreateProjectJSONRequestBody, reqEditors ...RequestEditorFn) (*CreateProjectResponse, error)
+
+	// CreateCheckoutSessionWithBodyWithResponse Start a top-up; pay at the returned checkout URL
+	//
+	// Takes any type of body and a specified content type, and returns a wrapper object for the known response body format(s).
+	//
+	// Corresponds with POST /api/v1/payments/checkout-session (the `CreateCheckoutSession` operationId).
+	CreateCheckoutSessionWithBodyWithResponse(ctx context.Context, params *CreateCheckoutSessionParams, contentType string, body io.Reader, reqEditors ...RequestEditorFn) (*CreateCheckoutSessionResponse, error)
+
+	// CreateCheckoutSessionWithResponse Start a top-up; pay at the returned checkout URL
+	//
+	// Takes a body of the `application/json` content type, and returns a wrapper object for the known response body format(s).
+	//
+	// Corresponds with POST /api/v1/payments/checkout-session (the `CreateCheckoutSession` operationId).
+	CreateCheckoutSessionWithResponse(ctx context.Context, params *CreateCheckoutSessionParams, body CreateCheckoutSessionJSONRequestBody, reqEditors ...RequestEditorFn) (*CreateCheckoutSessionResponse, error)
+
+	// CreatePortalSessionWithBodyWithResponse Open the payments provider's customer portal (invoices, payment methods)
+	//
+	// Takes any type of body and a specified content type, and returns a wrapper object for the known response body format(s).
+	//
+	// Corresponds with POST /api/v1/payments/customer-portal-session (the `CreatePortalSession` operationId).
+	CreatePortalSessionWithBodyWithResponse(ctx context.Context, contentType string, body io.Reader, reqEditors ...RequestEditorFn) (*CreatePortalSessionResponse, error)
+
+	// CreatePortalSessionWithResponse Open the payments provider's customer portal (invoices, payment methods)
+	//
+	// Takes a body of the `application/json` content type, and returns a wrapper object for the known response body format(s).
+	//
+	// Corresponds with POST /api/v1/payments/customer-portal-session (the `CreatePortalSession` operationId).
+	CreatePortalSessionWithResponse(ctx context.Context, body CreatePortalSessionJSONRequestBody, reqEditors ...RequestEditorFn) (*CreatePortalSessionResponse, error)
+
+	// PaymentsWebhookWithBodyWithResponse Provider webhook (raw body, verified by the payments driver)
+	//
+	// Takes any type of body and a specified content type, and returns a wrapper object for the known response body format(s).
+	//
+	// Corresponds with POST /api/v1/payments/webhook/{instance} (the `PaymentsWebhook` operationId).
+	PaymentsWebhookWithBodyWithResponse(ctx context.Context, instance string, contentType string, body io.Reader, reqEditors ...RequestEditorFn) (*PaymentsWebhookResponse, error)
+
+	// PaymentsWebhookWithResponse Provider webhook (raw body, verified by the payments driver)
+	//
+	// Takes a body of the `application/json` content type, and returns a wrapper object for the known response body format(s).
+	//
+	// Corresponds with POST /api/v1/payments/webhook/{instance} (the `PaymentsWebhook` operationId).
+	PaymentsWebhookWithResponse(ctx context.Context, instance string, body PaymentsWebhookJSONRequestBody, reqEditors ...RequestEditorFn) (*PaymentsWebhookResponse, error)
 
 	// ListPolicyKeysWithResponse The policy keys the platform knows, with types and defaults
 	//
@@ -5620,6 +7098,150 @@ func (r ExportAuditLogsResponse) StatusCode() int {
 
 // ContentType is a convenience method to retrieve the Content-Type value from the HTTP response headers
 func (r ExportAuditLogsResponse) ContentType() string {
+	if r.HTTPResponse != nil {
+		return r.HTTPResponse.Header.Get("Content-Type")
+	}
+	return ""
+}
+
+type AdminAdjustBalanceResponse struct {
+	Body         []byte
+	HTTPResponse *http.Response
+	// JSON201 the response for an HTTP 201 `application/json` response
+	JSON201 *LedgerEntry
+	// JSONDefault the response for an HTTP default `application/json` response
+	JSONDefault *Error
+}
+
+// GetJSON201 returns the response for an HTTP 201 `application/json` response
+func (r AdminAdjustBalanceResponse) GetJSON201() *LedgerEntry {
+	return r.JSON201
+}
+
+// GetJSONDefault returns the response for an HTTP default `application/json` response
+func (r AdminAdjustBalanceResponse) GetJSONDefault() *Error {
+	return r.JSONDefault
+}
+
+// GetBody returns the raw response body bytes
+func (r AdminAdjustBalanceResponse) GetBody() []byte {
+	return r.Body
+}
+
+// Status returns HTTPResponse.Status
+func (r AdminAdjustBalanceResponse) Status() string {
+	if r.HTTPResponse != nil {
+		return r.HTTPResponse.Status
+	}
+	return http.StatusText(0)
+}
+
+// StatusCode returns HTTPResponse.StatusCode
+func (r AdminAdjustBalanceResponse) StatusCode() int {
+	if r.HTTPResponse != nil {
+		return r.HTTPResponse.StatusCode
+	}
+	return 0
+}
+
+// ContentType is a convenience method to retrieve the Content-Type value from the HTTP response headers
+func (r AdminAdjustBalanceResponse) ContentType() string {
+	if r.HTTPResponse != nil {
+		return r.HTTPResponse.Header.Get("Content-Type")
+	}
+	return ""
+}
+
+type AdminListPaymentSessionsResponse struct {
+	Body         []byte
+	HTTPResponse *http.Response
+	// JSON200 the response for an HTTP 200 `application/json` response
+	JSON200 *PaymentSessionPage
+	// JSONDefault the response for an HTTP default `application/json` response
+	JSONDefault *Error
+}
+
+// GetJSON200 returns the response for an HTTP 200 `application/json` response
+func (r AdminListPaymentSessionsResponse) GetJSON200() *PaymentSessionPage {
+	return r.JSON200
+}
+
+// GetJSONDefault returns the response for an HTTP default `application/json` response
+func (r AdminListPaymentSessionsResponse) GetJSONDefault() *Error {
+	return r.JSONDefault
+}
+
+// GetBody returns the raw response body bytes
+func (r AdminListPaymentSessionsResponse) GetBody() []byte {
+	return r.Body
+}
+
+// Status returns HTTPResponse.Status
+func (r AdminListPaymentSessionsResponse) Status() string {
+	if r.HTTPResponse != nil {
+		return r.HTTPResponse.Status
+	}
+	return http.StatusText(0)
+}
+
+// StatusCode returns HTTPResponse.StatusCode
+func (r AdminListPaymentSessionsResponse) StatusCode() int {
+	if r.HTTPResponse != nil {
+		return r.HTTPResponse.StatusCode
+	}
+	return 0
+}
+
+// ContentType is a convenience method to retrieve the Content-Type value from the HTTP response headers
+func (r AdminListPaymentSessionsResponse) ContentType() string {
+	if r.HTTPResponse != nil {
+		return r.HTTPResponse.Header.Get("Content-Type")
+	}
+	return ""
+}
+
+type AdminRefundPaymentResponse struct {
+	Body         []byte
+	HTTPResponse *http.Response
+	// JSON200 the response for an HTTP 200 `application/json` response
+	JSON200 *RefundResult
+	// JSONDefault the response for an HTTP default `application/json` response
+	JSONDefault *Error
+}
+
+// GetJSON200 returns the response for an HTTP 200 `application/json` response
+func (r AdminRefundPaymentResponse) GetJSON200() *RefundResult {
+	return r.JSON200
+}
+
+// GetJSONDefault returns the response for an HTTP default `application/json` response
+func (r AdminRefundPaymentResponse) GetJSONDefault() *Error {
+	return r.JSONDefault
+}
+
+// GetBody returns the raw response body bytes
+func (r AdminRefundPaymentResponse) GetBody() []byte {
+	return r.Body
+}
+
+// Status returns HTTPResponse.Status
+func (r AdminRefundPaymentResponse) Status() string {
+	if r.HTTPResponse != nil {
+		return r.HTTPResponse.Status
+	}
+	return http.StatusText(0)
+}
+
+// StatusCode returns HTTPResponse.StatusCode
+func (r AdminRefundPaymentResponse) StatusCode() int {
+	if r.HTTPResponse != nil {
+		return r.HTTPResponse.StatusCode
+	}
+	return 0
+}
+
+// ContentType is a convenience method to retrieve the Content-Type value from the HTTP response headers
+func (r AdminRefundPaymentResponse) ContentType() string {
 	if r.HTTPResponse != nil {
 		return r.HTTPResponse.Header.Get("Content-Type")
 	}
@@ -6093,6 +7715,191 @@ func (r RefreshTokenResponse) StatusCode() int {
 
 // ContentType is a convenience method to retrieve the Content-Type value from the HTTP response headers
 func (r RefreshTokenResponse) ContentType() string {
+	if r.HTTPResponse != nil {
+		return r.HTTPResponse.Header.Get("Content-Type")
+	}
+	return ""
+}
+
+type GetBalanceResponse struct {
+	Body         []byte
+	HTTPResponse *http.Response
+	// JSON200 the response for an HTTP 200 `application/json` response
+	JSON200 *Balance
+	// JSONDefault the response for an HTTP default `application/json` response
+	JSONDefault *Error
+}
+
+// GetJSON200 returns the response for an HTTP 200 `application/json` response
+func (r GetBalanceResponse) GetJSON200() *Balance {
+	return r.JSON200
+}
+
+// GetJSONDefault returns the response for an HTTP default `application/json` response
+func (r GetBalanceResponse) GetJSONDefault() *Error {
+	return r.JSONDefault
+}
+
+// GetBody returns the raw response body bytes
+func (r GetBalanceResponse) GetBody() []byte {
+	return r.Body
+}
+
+// Status returns HTTPResponse.Status
+func (r GetBalanceResponse) Status() string {
+	if r.HTTPResponse != nil {
+		return r.HTTPResponse.Status
+	}
+	return http.StatusText(0)
+}
+
+// StatusCode returns HTTPResponse.StatusCode
+func (r GetBalanceResponse) StatusCode() int {
+	if r.HTTPResponse != nil {
+		return r.HTTPResponse.StatusCode
+	}
+	return 0
+}
+
+// ContentType is a convenience method to retrieve the Content-Type value from the HTTP response headers
+func (r GetBalanceResponse) ContentType() string {
+	if r.HTTPResponse != nil {
+		return r.HTTPResponse.Header.Get("Content-Type")
+	}
+	return ""
+}
+
+type ListLedgerResponse struct {
+	Body         []byte
+	HTTPResponse *http.Response
+	// JSON200 the response for an HTTP 200 `application/json` response
+	JSON200 *LedgerPage
+	// JSONDefault the response for an HTTP default `application/json` response
+	JSONDefault *Error
+}
+
+// GetJSON200 returns the response for an HTTP 200 `application/json` response
+func (r ListLedgerResponse) GetJSON200() *LedgerPage {
+	return r.JSON200
+}
+
+// GetJSONDefault returns the response for an HTTP default `application/json` response
+func (r ListLedgerResponse) GetJSONDefault() *Error {
+	return r.JSONDefault
+}
+
+// GetBody returns the raw response body bytes
+func (r ListLedgerResponse) GetBody() []byte {
+	return r.Body
+}
+
+// Status returns HTTPResponse.Status
+func (r ListLedgerResponse) Status() string {
+	if r.HTTPResponse != nil {
+		return r.HTTPResponse.Status
+	}
+	return http.StatusText(0)
+}
+
+// StatusCode returns HTTPResponse.StatusCode
+func (r ListLedgerResponse) StatusCode() int {
+	if r.HTTPResponse != nil {
+		return r.HTTPResponse.StatusCode
+	}
+	return 0
+}
+
+// ContentType is a convenience method to retrieve the Content-Type value from the HTTP response headers
+func (r ListLedgerResponse) ContentType() string {
+	if r.HTTPResponse != nil {
+		return r.HTTPResponse.Header.Get("Content-Type")
+	}
+	return ""
+}
+
+type ListUsageResponse struct {
+	Body         []byte
+	HTTPResponse *http.Response
+	// JSON200 the response for an HTTP 200 `application/json` response
+	JSON200 *UsagePage
+	// JSONDefault the response for an HTTP default `application/json` response
+	JSONDefault *Error
+}
+
+// GetJSON200 returns the response for an HTTP 200 `application/json` response
+func (r ListUsageResponse) GetJSON200() *UsagePage {
+	return r.JSON200
+}
+
+// GetJSONDefault returns the response for an HTTP default `application/json` response
+func (r ListUsageResponse) GetJSONDefault() *Error {
+	return r.JSONDefault
+}
+
+// GetBody returns the raw response body bytes
+func (r ListUsageResponse) GetBody() []byte {
+	return r.Body
+}
+
+// Status returns HTTPResponse.Status
+func (r ListUsageResponse) Status() string {
+	if r.HTTPResponse != nil {
+		return r.HTTPResponse.Status
+	}
+	return http.StatusText(0)
+}
+
+// StatusCode returns HTTPResponse.StatusCode
+func (r ListUsageResponse) StatusCode() int {
+	if r.HTTPResponse != nil {
+		return r.HTTPResponse.StatusCode
+	}
+	return 0
+}
+
+// ContentType is a convenience method to retrieve the Content-Type value from the HTTP response headers
+func (r ListUsageResponse) ContentType() string {
+	if r.HTTPResponse != nil {
+		return r.HTTPResponse.Header.Get("Content-Type")
+	}
+	return ""
+}
+
+type ExportUsageResponse struct {
+	Body         []byte
+	HTTPResponse *http.Response
+	// JSONDefault the response for an HTTP default `application/json` response
+	JSONDefault *Error
+}
+
+// GetJSONDefault returns the response for an HTTP default `application/json` response
+func (r ExportUsageResponse) GetJSONDefault() *Error {
+	return r.JSONDefault
+}
+
+// GetBody returns the raw response body bytes
+func (r ExportUsageResponse) GetBody() []byte {
+	return r.Body
+}
+
+// Status returns HTTPResponse.Status
+func (r ExportUsageResponse) Status() string {
+	if r.HTTPResponse != nil {
+		return r.HTTPResponse.Status
+	}
+	return http.StatusText(0)
+}
+
+// StatusCode returns HTTPResponse.StatusCode
+func (r ExportUsageResponse) StatusCode() int {
+	if r.HTTPResponse != nil {
+		return r.HTTPResponse.StatusCode
+	}
+	return 0
+}
+
+// ContentType is a convenience method to retrieve the Content-Type value from the HTTP response headers
+func (r ExportUsageResponse) ContentType() string {
 	if r.HTTPResponse != nil {
 		return r.HTTPResponse.Header.Get("Content-Type")
 	}
@@ -6614,6 +8421,150 @@ func (r CreateProjectResponse) StatusCode() int {
 
 // ContentType is a convenience method to retrieve the Content-Type value from the HTTP response headers
 func (r CreateProjectResponse) ContentType() string {
+	if r.HTTPResponse != nil {
+		return r.HTTPResponse.Header.Get("Content-Type")
+	}
+	return ""
+}
+
+type CreateCheckoutSessionResponse struct {
+	Body         []byte
+	HTTPResponse *http.Response
+	// JSON201 the response for an HTTP 201 `application/json` response
+	JSON201 *PaymentSession
+	// JSONDefault the response for an HTTP default `application/json` response
+	JSONDefault *Error
+}
+
+// GetJSON201 returns the response for an HTTP 201 `application/json` response
+func (r CreateCheckoutSessionResponse) GetJSON201() *PaymentSession {
+	return r.JSON201
+}
+
+// GetJSONDefault returns the response for an HTTP default `application/json` response
+func (r CreateCheckoutSessionResponse) GetJSONDefault() *Error {
+	return r.JSONDefault
+}
+
+// GetBody returns the raw response body bytes
+func (r CreateCheckoutSessionResponse) GetBody() []byte {
+	return r.Body
+}
+
+// Status returns HTTPResponse.Status
+func (r CreateCheckoutSessionResponse) Status() string {
+	if r.HTTPResponse != nil {
+		return r.HTTPResponse.Status
+	}
+	return http.StatusText(0)
+}
+
+// StatusCode returns HTTPResponse.StatusCode
+func (r CreateCheckoutSessionResponse) StatusCode() int {
+	if r.HTTPResponse != nil {
+		return r.HTTPResponse.StatusCode
+	}
+	return 0
+}
+
+// ContentType is a convenience method to retrieve the Content-Type value from the HTTP response headers
+func (r CreateCheckoutSessionResponse) ContentType() string {
+	if r.HTTPResponse != nil {
+		return r.HTTPResponse.Header.Get("Content-Type")
+	}
+	return ""
+}
+
+type CreatePortalSessionResponse struct {
+	Body         []byte
+	HTTPResponse *http.Response
+	// JSON200 the response for an HTTP 200 `application/json` response
+	JSON200 *PortalSession
+	// JSONDefault the response for an HTTP default `application/json` response
+	JSONDefault *Error
+}
+
+// GetJSON200 returns the response for an HTTP 200 `application/json` response
+func (r CreatePortalSessionResponse) GetJSON200() *PortalSession {
+	return r.JSON200
+}
+
+// GetJSONDefault returns the response for an HTTP default `application/json` response
+func (r CreatePortalSessionResponse) GetJSONDefault() *Error {
+	return r.JSONDefault
+}
+
+// GetBody returns the raw response body bytes
+func (r CreatePortalSessionResponse) GetBody() []byte {
+	return r.Body
+}
+
+// Status returns HTTPResponse.Status
+func (r CreatePortalSessionResponse) Status() string {
+	if r.HTTPResponse != nil {
+		return r.HTTPResponse.Status
+	}
+	return http.StatusText(0)
+}
+
+// StatusCode returns HTTPResponse.StatusCode
+func (r CreatePortalSessionResponse) StatusCode() int {
+	if r.HTTPResponse != nil {
+		return r.HTTPResponse.StatusCode
+	}
+	return 0
+}
+
+// ContentType is a convenience method to retrieve the Content-Type value from the HTTP response headers
+func (r CreatePortalSessionResponse) ContentType() string {
+	if r.HTTPResponse != nil {
+		return r.HTTPResponse.Header.Get("Content-Type")
+	}
+	return ""
+}
+
+type PaymentsWebhookResponse struct {
+	Body         []byte
+	HTTPResponse *http.Response
+	// JSON200 the response for an HTTP 200 `application/json` response
+	JSON200 *WebhookReceipt
+	// JSONDefault the response for an HTTP default `application/json` response
+	JSONDefault *Error
+}
+
+// GetJSON200 returns the response for an HTTP 200 `application/json` response
+func (r PaymentsWebhookResponse) GetJSON200() *WebhookReceipt {
+	return r.JSON200
+}
+
+// GetJSONDefault returns the response for an HTTP default `application/json` response
+func (r PaymentsWebhookResponse) GetJSONDefault() *Error {
+	return r.JSONDefault
+}
+
+// GetBody returns the raw response body bytes
+func (r PaymentsWebhookResponse) GetBody() []byte {
+	return r.Body
+}
+
+// Status returns HTTPResponse.Status
+func (r PaymentsWebhookResponse) Status() string {
+	if r.HTTPResponse != nil {
+		return r.HTTPResponse.Status
+	}
+	return http.StatusText(0)
+}
+
+// StatusCode returns HTTPResponse.StatusCode
+func (r PaymentsWebhookResponse) StatusCode() int {
+	if r.HTTPResponse != nil {
+		return r.HTTPResponse.StatusCode
+	}
+	return 0
+}
+
+// ContentType is a convenience method to retrieve the Content-Type value from the HTTP response headers
+func (r PaymentsWebhookResponse) ContentType() string {
 	if r.HTTPResponse != nil {
 		return r.HTTPResponse.Header.Get("Content-Type")
 	}
@@ -7578,6 +9529,71 @@ func (c *ClientWithResponses) ExportAuditLogsWithResponse(ctx context.Context, p
 	return ParseExportAuditLogsResponse(rsp)
 }
 
+// AdminAdjustBalanceWithBodyWithResponse Credit or debit an organization (admin adjustment or promotional credit)
+//
+// Takes any type of body and a specified content type, and returns a wrapper object for the known response body format(s).
+//
+// Corresponds with POST /api/v1/admin/billing/adjustments (the `AdminAdjustBalance` operationId).
+func (c *ClientWithResponses) AdminAdjustBalanceWithBodyWithResponse(ctx context.Context, params *AdminAdjustBalanceParams, contentType string, body io.Reader, reqEditors ...RequestEditorFn) (*AdminAdjustBalanceResponse, error) {
+	rsp, err := c.AdminAdjustBalanceWithBody(ctx, params, contentType, body, reqEditors...)
+	if err != nil {
+		return nil, err
+	}
+	return ParseAdminAdjustBalanceResponse(rsp)
+}
+
+// AdminAdjustBalanceWithResponse Credit or debit an organization (admin adjustment or promotional credit)
+//
+// Takes a body of the `application/json` content type, and returns a wrapper object for the known response body format(s).
+//
+// Corresponds with POST /api/v1/admin/billing/adjustments (the `AdminAdjustBalance` operationId).
+func (c *ClientWithResponses) AdminAdjustBalanceWithResponse(ctx context.Context, params *AdminAdjustBalanceParams, body AdminAdjustBalanceJSONRequestBody, reqEditors ...RequestEditorFn) (*AdminAdjustBalanceResponse, error) {
+	rsp, err := c.AdminAdjustBalance(ctx, params, body, reqEditors...)
+	if err != nil {
+		return nil, err
+	}
+	return ParseAdminAdjustBalanceResponse(rsp)
+}
+
+// AdminListPaymentSessionsWithResponse Payment sessions, by status (the reconciliation queue)
+//
+// Returns a wrapper object for the known response body format(s).
+//
+// Corresponds with GET /api/v1/admin/payments/sessions (the `AdminListPaymentSessions` operationId).
+func (c *ClientWithResponses) AdminListPaymentSessionsWithResponse(ctx context.Context, params *AdminListPaymentSessionsParams, reqEditors ...RequestEditorFn) (*AdminListPaymentSessionsResponse, error) {
+	rsp, err := c.AdminListPaymentSessions(ctx, params, reqEditors...)
+	if err != nil {
+		return nil, err
+	}
+	return ParseAdminListPaymentSessionsResponse(rsp)
+}
+
+// AdminRefundPaymentWithBodyWithResponse Refund part or all of a credited top-up within the refund window
+//
+// Takes any type of body and a specified content type, and returns a wrapper object for the known response body format(s).
+//
+// Corresponds with POST /api/v1/admin/payments/sessions/{session_id}/refund (the `AdminRefundPayment` operationId).
+func (c *ClientWithResponses) AdminRefundPaymentWithBodyWithResponse(ctx context.Context, sessionId openapi_types.UUID, params *AdminRefundPaymentParams, contentType string, body io.Reader, reqEditors ...RequestEditorFn) (*AdminRefundPaymentResponse, error) {
+	rsp, err := c.AdminRefundPaymentWithBody(ctx, sessionId, params, contentType, body, reqEditors...)
+	if err != nil {
+		return nil, err
+	}
+	return ParseAdminRefundPaymentResponse(rsp)
+}
+
+// AdminRefundPaymentWithResponse Refund part or all of a credited top-up within the refund window
+//
+// Takes a body of the `application/json` content type, and returns a wrapper object for the known response body format(s).
+//
+// Corresponds with POST /api/v1/admin/payments/sessions/{session_id}/refund (the `AdminRefundPayment` operationId).
+func (c *ClientWithResponses) AdminRefundPaymentWithResponse(ctx context.Context, sessionId openapi_types.UUID, params *AdminRefundPaymentParams, body AdminRefundPaymentJSONRequestBody, reqEditors ...RequestEditorFn) (*AdminRefundPaymentResponse, error) {
+	rsp, err := c.AdminRefundPayment(ctx, sessionId, params, body, reqEditors...)
+	if err != nil {
+		return nil, err
+	}
+	return ParseAdminRefundPaymentResponse(rsp)
+}
+
 // ListPolicyOverridesWithResponse Policy overrides in force
 //
 // Returns a wrapper object for the known response body format(s).
@@ -7769,6 +9785,58 @@ func (c *ClientWithResponses) RefreshTokenWithResponse(ctx context.Context, body
 		return nil, err
 	}
 	return ParseRefreshTokenResponse(rsp)
+}
+
+// GetBalanceWithResponse An organization's balance (derived from its ledger)
+//
+// Returns a wrapper object for the known response body format(s).
+//
+// Corresponds with GET /api/v1/billing/balance (the `GetBalance` operationId).
+func (c *ClientWithResponses) GetBalanceWithResponse(ctx context.Context, params *GetBalanceParams, reqEditors ...RequestEditorFn) (*GetBalanceResponse, error) {
+	rsp, err := c.GetBalance(ctx, params, reqEditors...)
+	if err != nil {
+		return nil, err
+	}
+	return ParseGetBalanceResponse(rsp)
+}
+
+// ListLedgerWithResponse An organization's ledger entries, newest first
+//
+// Returns a wrapper object for the known response body format(s).
+//
+// Corresponds with GET /api/v1/billing/ledger (the `ListLedger` operationId).
+func (c *ClientWithResponses) ListLedgerWithResponse(ctx context.Context, params *ListLedgerParams, reqEditors ...RequestEditorFn) (*ListLedgerResponse, error) {
+	rsp, err := c.ListLedger(ctx, params, reqEditors...)
+	if err != nil {
+		return nil, err
+	}
+	return ParseListLedgerResponse(rsp)
+}
+
+// ListUsageWithResponse Usage records of an organization (optionally one project), newest first
+//
+// Returns a wrapper object for the known response body format(s).
+//
+// Corresponds with GET /api/v1/billing/usage (the `ListUsage` operationId).
+func (c *ClientWithResponses) ListUsageWithResponse(ctx context.Context, params *ListUsageParams, reqEditors ...RequestEditorFn) (*ListUsageResponse, error) {
+	rsp, err := c.ListUsage(ctx, params, reqEditors...)
+	if err != nil {
+		return nil, err
+	}
+	return ParseListUsageResponse(rsp)
+}
+
+// ExportUsageWithResponse Every matching usage record as CSV, streamed
+//
+// Returns a wrapper object for the known response body format(s).
+//
+// Corresponds with GET /api/v1/billing/usage.csv (the `ExportUsage` operationId).
+func (c *ClientWithResponses) ExportUsageWithResponse(ctx context.Context, params *ExportUsageParams, reqEditors ...RequestEditorFn) (*ExportUsageResponse, error) {
+	rsp, err := c.ExportUsage(ctx, params, reqEditors...)
+	if err != nil {
+		return nil, err
+	}
+	return ParseExportUsageResponse(rsp)
 }
 
 // GetHealthzWithResponse Process liveness
@@ -7965,6 +10033,84 @@ func (c *ClientWithResponses) CreateProjectWithResponse(ctx context.Context, org
 		return nil, err
 	}
 	return ParseCreateProjectResponse(rsp)
+}
+
+// CreateCheckoutSessionWithBodyWithResponse Start a top-up; pay at the returned checkout URL
+//
+// Takes any type of body and a specified content type, and returns a wrapper object for the known response body format(s).
+//
+// Corresponds with POST /api/v1/payments/checkout-session (the `CreateCheckoutSession` operationId).
+func (c *ClientWithResponses) CreateCheckoutSessionWithBodyWithResponse(ctx context.Context, params *CreateCheckoutSessionParams, contentType string, body io.Reader, reqEditors ...RequestEditorFn) (*CreateCheckoutSessionResponse, error) {
+	rsp, err := c.CreateCheckoutSessionWithBody(ctx, params, contentType, body, reqEditors...)
+	if err != nil {
+		return nil, err
+	}
+	return ParseCreateCheckoutSessionResponse(rsp)
+}
+
+// CreateCheckoutSessionWithResponse Start a top-up; pay at the returned checkout URL
+//
+// Takes a body of the `application/json` content type, and returns a wrapper object for the known response body format(s).
+//
+// Corresponds with POST /api/v1/payments/checkout-session (the `CreateCheckoutSession` operationId).
+func (c *ClientWithResponses) CreateCheckoutSessionWithResponse(ctx context.Context, params *CreateCheckoutSessionParams, body CreateCheckoutSessionJSONRequestBody, reqEditors ...RequestEditorFn) (*CreateCheckoutSessionResponse, error) {
+	rsp, err := c.CreateCheckoutSession(ctx, params, body, reqEditors...)
+	if err != nil {
+		return nil, err
+	}
+	return ParseCreateCheckoutSessionResponse(rsp)
+}
+
+// CreatePortalSessionWithBodyWithResponse Open the payments provider's customer portal (invoices, payment methods)
+//
+// Takes any type of body and a specified content type, and returns a wrapper object for the known response body format(s).
+//
+// Corresponds with POST /api/v1/payments/customer-portal-session (the `CreatePortalSession` operationId).
+func (c *ClientWithResponses) CreatePortalSessionWithBodyWithResponse(ctx context.Context, contentType string, body io.Reader, reqEditors ...RequestEditorFn) (*CreatePortalSessionResponse, error) {
+	rsp, err := c.CreatePortalSessionWithBody(ctx, contentType, body, reqEditors...)
+	if err != nil {
+		return nil, err
+	}
+	return ParseCreatePortalSessionResponse(rsp)
+}
+
+// CreatePortalSessionWithResponse Open the payments provider's customer portal (invoices, payment methods)
+//
+// Takes a body of the `application/json` content type, and returns a wrapper object for the known response body format(s).
+//
+// Corresponds with POST /api/v1/payments/customer-portal-session (the `CreatePortalSession` operationId).
+func (c *ClientWithResponses) CreatePortalSessionWithResponse(ctx context.Context, body CreatePortalSessionJSONRequestBody, reqEditors ...RequestEditorFn) (*CreatePortalSessionResponse, error) {
+	rsp, err := c.CreatePortalSession(ctx, body, reqEditors...)
+	if err != nil {
+		return nil, err
+	}
+	return ParseCreatePortalSessionResponse(rsp)
+}
+
+// PaymentsWebhookWithBodyWithResponse Provider webhook (raw body, verified by the payments driver)
+//
+// Takes any type of body and a specified content type, and returns a wrapper object for the known response body format(s).
+//
+// Corresponds with POST /api/v1/payments/webhook/{instance} (the `PaymentsWebhook` operationId).
+func (c *ClientWithResponses) PaymentsWebhookWithBodyWithResponse(ctx context.Context, instance string, contentType string, body io.Reader, reqEditors ...RequestEditorFn) (*PaymentsWebhookResponse, error) {
+	rsp, err := c.PaymentsWebhookWithBody(ctx, instance, contentType, body, reqEditors...)
+	if err != nil {
+		return nil, err
+	}
+	return ParsePaymentsWebhookResponse(rsp)
+}
+
+// PaymentsWebhookWithResponse Provider webhook (raw body, verified by the payments driver)
+//
+// Takes a body of the `application/json` content type, and returns a wrapper object for the known response body format(s).
+//
+// Corresponds with POST /api/v1/payments/webhook/{instance} (the `PaymentsWebhook` operationId).
+func (c *ClientWithResponses) PaymentsWebhookWithResponse(ctx context.Context, instance string, body PaymentsWebhookJSONRequestBody, reqEditors ...RequestEditorFn) (*PaymentsWebhookResponse, error) {
+	rsp, err := c.PaymentsWebhook(ctx, instance, body, reqEditors...)
+	if err != nil {
+		return nil, err
+	}
+	return ParsePaymentsWebhookResponse(rsp)
 }
 
 // ListPolicyKeysWithResponse The policy keys the platform knows, with types and defaults
@@ -8346,6 +10492,105 @@ func ParseExportAuditLogsResponse(rsp *http.Response) (*ExportAuditLogsResponse,
 	return response, nil
 }
 
+// ParseAdminAdjustBalanceResponse parses an HTTP response from a AdminAdjustBalanceWithResponse call
+func ParseAdminAdjustBalanceResponse(rsp *http.Response) (*AdminAdjustBalanceResponse, error) {
+	bodyBytes, err := io.ReadAll(rsp.Body)
+	defer func() { _ = rsp.Body.Close() }()
+	if err != nil {
+		return nil, err
+	}
+
+	response := &AdminAdjustBalanceResponse{
+		Body:         bodyBytes,
+		HTTPResponse: rsp,
+	}
+
+	switch {
+	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && rsp.StatusCode == 201:
+		var dest LedgerEntry
+		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
+			return nil, err
+		}
+		response.JSON201 = &dest
+
+	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && true:
+		var dest Error
+		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
+			return nil, err
+		}
+		response.JSONDefault = &dest
+
+	}
+
+	return response, nil
+}
+
+// ParseAdminListPaymentSessionsResponse parses an HTTP response from a AdminListPaymentSessionsWithResponse call
+func ParseAdminListPaymentSessionsResponse(rsp *http.Response) (*AdminListPaymentSessionsResponse, error) {
+	bodyBytes, err := io.ReadAll(rsp.Body)
+	defer func() { _ = rsp.Body.Close() }()
+	if err != nil {
+		return nil, err
+	}
+
+	response := &AdminListPaymentSessionsResponse{
+		Body:         bodyBytes,
+		HTTPResponse: rsp,
+	}
+
+	switch {
+	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && rsp.StatusCode == 200:
+		var dest PaymentSessionPage
+		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
+			return nil, err
+		}
+		response.JSON200 = &dest
+
+	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && true:
+		var dest Error
+		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
+			return nil, err
+		}
+		response.JSONDefault = &dest
+
+	}
+
+	return response, nil
+}
+
+// ParseAdminRefundPaymentResponse parses an HTTP response from a AdminRefundPaymentWithResponse call
+func ParseAdminRefundPaymentResponse(rsp *http.Response) (*AdminRefundPaymentResponse, error) {
+	bodyBytes, err := io.ReadAll(rsp.Body)
+	defer func() { _ = rsp.Body.Close() }()
+	if err != nil {
+		return nil, err
+	}
+
+	response := &AdminRefundPaymentResponse{
+		Body:         bodyBytes,
+		HTTPResponse: rsp,
+	}
+
+	switch {
+	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && rsp.StatusCode == 200:
+		var dest RefundResult
+		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
+			return nil, err
+		}
+		response.JSON200 = &dest
+
+	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && true:
+		var dest Error
+		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
+			return nil, err
+		}
+		response.JSONDefault = &dest
+
+	}
+
+	return response, nil
+}
+
 // ParseListPolicyOverridesResponse parses an HTTP response from a ListPolicyOverridesWithResponse call
 func ParseListPolicyOverridesResponse(rsp *http.Response) (*ListPolicyOverridesResponse, error) {
 	bodyBytes, err := io.ReadAll(rsp.Body)
@@ -8669,6 +10914,131 @@ func ParseRefreshTokenResponse(rsp *http.Response) (*RefreshTokenResponse, error
 		}
 		response.JSON200 = &dest
 
+	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && true:
+		var dest Error
+		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
+			return nil, err
+		}
+		response.JSONDefault = &dest
+
+	}
+
+	return response, nil
+}
+
+// ParseGetBalanceResponse parses an HTTP response from a GetBalanceWithResponse call
+func ParseGetBalanceResponse(rsp *http.Response) (*GetBalanceResponse, error) {
+	bodyBytes, err := io.ReadAll(rsp.Body)
+	defer func() { _ = rsp.Body.Close() }()
+	if err != nil {
+		return nil, err
+	}
+
+	response := &GetBalanceResponse{
+		Body:         bodyBytes,
+		HTTPResponse: rsp,
+	}
+
+	switch {
+	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && rsp.StatusCode == 200:
+		var dest Balance
+		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
+			return nil, err
+		}
+		response.JSON200 = &dest
+
+	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && true:
+		var dest Error
+		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
+			return nil, err
+		}
+		response.JSONDefault = &dest
+
+	}
+
+	return response, nil
+}
+
+// ParseListLedgerResponse parses an HTTP response from a ListLedgerWithResponse call
+func ParseListLedgerResponse(rsp *http.Response) (*ListLedgerResponse, error) {
+	bodyBytes, err := io.ReadAll(rsp.Body)
+	defer func() { _ = rsp.Body.Close() }()
+	if err != nil {
+		return nil, err
+	}
+
+	response := &ListLedgerResponse{
+		Body:         bodyBytes,
+		HTTPResponse: rsp,
+	}
+
+	switch {
+	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && rsp.StatusCode == 200:
+		var dest LedgerPage
+		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
+			return nil, err
+		}
+		response.JSON200 = &dest
+
+	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && true:
+		var dest Error
+		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
+			return nil, err
+		}
+		response.JSONDefault = &dest
+
+	}
+
+	return response, nil
+}
+
+// ParseListUsageResponse parses an HTTP response from a ListUsageWithResponse call
+func ParseListUsageResponse(rsp *http.Response) (*ListUsageResponse, error) {
+	bodyBytes, err := io.ReadAll(rsp.Body)
+	defer func() { _ = rsp.Body.Close() }()
+	if err != nil {
+		return nil, err
+	}
+
+	response := &ListUsageResponse{
+		Body:         bodyBytes,
+		HTTPResponse: rsp,
+	}
+
+	switch {
+	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && rsp.StatusCode == 200:
+		var dest UsagePage
+		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
+			return nil, err
+		}
+		response.JSON200 = &dest
+
+	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && true:
+		var dest Error
+		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
+			return nil, err
+		}
+		response.JSONDefault = &dest
+
+	}
+
+	return response, nil
+}
+
+// ParseExportUsageResponse parses an HTTP response from a ExportUsageWithResponse call
+func ParseExportUsageResponse(rsp *http.Response) (*ExportUsageResponse, error) {
+	bodyBytes, err := io.ReadAll(rsp.Body)
+	defer func() { _ = rsp.Body.Close() }()
+	if err != nil {
+		return nil, err
+	}
+
+	response := &ExportUsageResponse{
+		Body:         bodyBytes,
+		HTTPResponse: rsp,
+	}
+
+	switch {
 	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && true:
 		var dest Error
 		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
@@ -9027,6 +11397,105 @@ func ParseCreateProjectResponse(rsp *http.Response) (*CreateProjectResponse, err
 			return nil, err
 		}
 		response.JSON201 = &dest
+
+	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && true:
+		var dest Error
+		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
+			return nil, err
+		}
+		response.JSONDefault = &dest
+
+	}
+
+	return response, nil
+}
+
+// ParseCreateCheckoutSessionResponse parses an HTTP response from a CreateCheckoutSessionWithResponse call
+func ParseCreateCheckoutSessionResponse(rsp *http.Response) (*CreateCheckoutSessionResponse, error) {
+	bodyBytes, err := io.ReadAll(rsp.Body)
+	defer func() { _ = rsp.Body.Close() }()
+	if err != nil {
+		return nil, err
+	}
+
+	response := &CreateCheckoutSessionResponse{
+		Body:         bodyBytes,
+		HTTPResponse: rsp,
+	}
+
+	switch {
+	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && rsp.StatusCode == 201:
+		var dest PaymentSession
+		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
+			return nil, err
+		}
+		response.JSON201 = &dest
+
+	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && true:
+		var dest Error
+		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
+			return nil, err
+		}
+		response.JSONDefault = &dest
+
+	}
+
+	return response, nil
+}
+
+// ParseCreatePortalSessionResponse parses an HTTP response from a CreatePortalSessionWithResponse call
+func ParseCreatePortalSessionResponse(rsp *http.Response) (*CreatePortalSessionResponse, error) {
+	bodyBytes, err := io.ReadAll(rsp.Body)
+	defer func() { _ = rsp.Body.Close() }()
+	if err != nil {
+		return nil, err
+	}
+
+	response := &CreatePortalSessionResponse{
+		Body:         bodyBytes,
+		HTTPResponse: rsp,
+	}
+
+	switch {
+	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && rsp.StatusCode == 200:
+		var dest PortalSession
+		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
+			return nil, err
+		}
+		response.JSON200 = &dest
+
+	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && true:
+		var dest Error
+		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
+			return nil, err
+		}
+		response.JSONDefault = &dest
+
+	}
+
+	return response, nil
+}
+
+// ParsePaymentsWebhookResponse parses an HTTP response from a PaymentsWebhookWithResponse call
+func ParsePaymentsWebhookResponse(rsp *http.Response) (*PaymentsWebhookResponse, error) {
+	bodyBytes, err := io.ReadAll(rsp.Body)
+	defer func() { _ = rsp.Body.Close() }()
+	if err != nil {
+		return nil, err
+	}
+
+	response := &PaymentsWebhookResponse{
+		Body:         bodyBytes,
+		HTTPResponse: rsp,
+	}
+
+	switch {
+	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && rsp.StatusCode == 200:
+		var dest WebhookReceipt
+		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
+			return nil, err
+		}
+		response.JSON200 = &dest
 
 	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && true:
 		var dest Error

@@ -18,14 +18,13 @@ import (
 	"go.temporal.io/sdk/worker"
 
 	"github.com/gpuaas/gpuaas/core/internal/events"
-	"github.com/gpuaas/gpuaas/core/internal/policy"
 )
 
-// TaskQueue is the Temporal task queue of billing workflows.
-const TaskQueue = "gpuaas-billing"
+// TaskQueue is the Temporal task queue of billing workflows under prefix.
+func TaskQueue(prefix string) string { return prefix + "-billing" }
 
-// ScheduleID is the id of the accrual schedule.
-const ScheduleID = "gpuaas-billing-accrual"
+// ScheduleID is the id of the accrual schedule under prefix.
+func ScheduleID(prefix string) string { return prefix + "-billing-accrual" }
 
 // Register adds the billing workflows and activities to a worker.
 func Register(w worker.Registry, a *Activities) {
@@ -36,16 +35,16 @@ func Register(w worker.Registry, a *Activities) {
 
 // EnsureSchedule creates the accrual schedule, or updates its interval when the
 // billing.window policy changed.
-func EnsureSchedule(ctx context.Context, tc client.Client, taskQueue string, every time.Duration) error {
+func EnsureSchedule(ctx context.Context, tc client.Client, prefix string, every time.Duration) error {
 	sc := tc.ScheduleClient()
 	_, err := sc.Create(ctx, client.ScheduleOptions{
-		ID:   ScheduleID,
+		ID:   ScheduleID(prefix),
 		Spec: client.ScheduleSpec{Intervals: []client.ScheduleIntervalSpec{{Every: every}}},
 		Action: &client.ScheduleWorkflowAction{
-			ID:        ScheduleID,
+			ID:        ScheduleID(prefix),
 			Workflow:  AccrualWorkflow,
 			Args:      []any{AccrualInput{}},
-			TaskQueue: taskQueue,
+			TaskQueue: TaskQueue(prefix),
 		},
 		Overlap:       enumspb.SCHEDULE_OVERLAP_POLICY_SKIP,
 		CatchupWindow: time.Minute,
@@ -56,7 +55,7 @@ func EnsureSchedule(ctx context.Context, tc client.Client, taskQueue string, eve
 	if !errors.Is(err, temporal.ErrScheduleAlreadyRunning) {
 		return fmt.Errorf("billing: create accrual schedule: %w", err)
 	}
-	h := sc.GetHandle(ctx, ScheduleID)
+	h := sc.GetHandle(ctx, ScheduleID(prefix))
 	err = h.Update(ctx, client.ScheduleUpdateOptions{DoUpdate: func(in client.ScheduleUpdateInput) (*client.ScheduleUpdate, error) {
 		s := in.Description.Schedule
 		if len(s.Spec.Intervals) == 1 && s.Spec.Intervals[0].Every == every {
@@ -73,7 +72,7 @@ func EnsureSchedule(ctx context.Context, tc client.Client, taskQueue string, eve
 
 // FollowDepletions consumes billing.balance_depleted (durable, idempotent through
 // the inbox) and starts the grace-period workflow of each depletion.
-func FollowDepletions(ctx context.Context, pool *pgxpool.Pool, js jetstream.JetStream, tc client.Client, taskQueue string, log hclog.Logger) error {
+func FollowDepletions(ctx context.Context, pool *pgxpool.Pool, js jetstream.JetStream, tc client.Client, prefix string, log hclog.Logger) error {
 	spec := consumerSpec("billing-depletion")
 	return events.Consume(ctx, pool, js, spec, log, func(ctx context.Context, _ pgx.Tx, msg jetstream.Msg) error {
 		var ev BalanceEvent
@@ -82,8 +81,8 @@ func FollowDepletions(ctx context.Context, pool *pgxpool.Pool, js jetstream.JetS
 		}
 		in := DepletionInput{OrgID: ev.OrgID.String(), DepletedSince: *ev.DepletedSince, Grace: time.Duration(ev.GraceSeconds) * time.Second}
 		_, err := tc.ExecuteWorkflow(ctx, client.StartWorkflowOptions{
-			ID:                    fmt.Sprintf("gpuaas-depletion-%s-%d", ev.OrgID, ev.DepletedSince.UnixMicro()),
-			TaskQueue:             taskQueue,
+			ID:                    fmt.Sprintf("%s-depletion-%s-%d", prefix, ev.OrgID, ev.DepletedSince.UnixMicro()),
+			TaskQueue:             TaskQueue(prefix),
 			WorkflowIDReusePolicy: enumspb.WORKFLOW_ID_REUSE_POLICY_REJECT_DUPLICATE,
 		}, DepletionWorkflow, in)
 		var started *serviceerror.WorkflowExecutionAlreadyStarted
@@ -103,4 +102,3 @@ func consumerSpec(durable string) events.ConsumerSpec {
 	panic("billing: consumer " + durable + " is not declared in api/asyncapi.yaml")
 }
 
-var _ = policy.BillingWindow

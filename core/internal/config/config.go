@@ -32,6 +32,10 @@ type Config struct {
 	Migrate           bool
 	LocalAccounts     bool
 	OIDC              OIDC
+	PaymentsInstance  string
+	// TaskQueue prefixes the Temporal task queues and schedule ids of this
+	// deployment, so deployments (or tests) sharing a namespace stay apart.
+	TaskQueue string
 }
 
 // OIDC configures the identity provider. Issuer empty means none: only API keys
@@ -67,6 +71,8 @@ func Settings() []Setting {
 		{"GPUAAS_DB_MAX_CONNS", "db-max-conns", "20", "Postgres pool size.", false},
 		{"GPUAAS_MIGRATE", "migrate", "true", "Apply database migrations at start.", false},
 		{"GPUAAS_LOCAL_ACCOUNTS", "local-accounts", "false", "Allow password sign-in of local accounts (the embedded default).", false},
+		{"GPUAAS_TEMPORAL_TASK_QUEUE", "temporal-task-queue", "gpuaas", "Prefix of the Temporal task queues and schedule ids.", false},
+		{"GPUAAS_PAYMENTS_INSTANCE", "payments-instance", "stripe", "Payments driver instance used for top-ups.", false},
 		{"GPUAAS_OIDC_ISSUER", "oidc-issuer", "", "OIDC issuer URL of the identity provider (Keycloak, Dex, Okta...); empty disables OIDC.", false},
 		{"GPUAAS_OIDC_AUDIENCE", "oidc-audience", "", "Audience bearer tokens must carry (default: the client id).", false},
 		{"GPUAAS_OIDC_CLIENT_ID", "oidc-client-id", "", "OIDC client id for the browser sign-in.", false},
@@ -158,6 +164,8 @@ func Load(args []string, getenv func(string) string, stderr io.Writer) (Config, 
 		}
 		return nil
 	})
+	check("GPUAAS_TEMPORAL_TASK_QUEUE", func(v string) error { c.TaskQueue = v; return validName(v) })
+	check("GPUAAS_PAYMENTS_INSTANCE", func(v string) error { c.PaymentsInstance = v; return validName(v) })
 	check("GPUAAS_OIDC_CLIENT_SECRET", func(v string) error { c.OIDC.ClientSecret = v; return nil })
 	check("GPUAAS_OIDC_REDIRECT_URL", func(v string) error {
 		c.OIDC.RedirectURL = v

@@ -30,6 +30,7 @@ var (
 	projectRead    = expect{401, 404, ok, ok, ok, 404, ok}
 	saRead         = expect{401, 404, 403, ok, ok, 404, ok}
 	projectManage  = expect{401, 404, 403, 403, ok, 404, ok}
+	billingRead    = expect{401, 404, 403, 403, ok, 403, ok}
 )
 
 type matrixCase struct {
@@ -91,6 +92,27 @@ var matrix = map[string]matrixCase{
 	"listPolicyOverrides": {expect: adminOnly},
 	"setPolicyOverride":   {expect: adminOnly, body: func(*world) any { return map[string]any{"scope": "global", "value": 5} }},
 	"clearPolicyOverride": {expect: adminOnly, query: "?scope=global"},
+
+	"getBalance":  {expect: billingRead, query: "?org_id={org_id}"},
+	"listLedger":  {expect: billingRead, query: "?org_id={org_id}"},
+	"listUsage":   {expect: billingRead, query: "?org_id={org_id}"},
+	"exportUsage": {expect: billingRead, query: "?org_id={org_id}"},
+	// No payments provider is configured here: allowed callers reach the provider
+	// lookup (503) or the missing customer (409), refused ones never do.
+	"createCheckoutSession": {expect: expect{401, 404, 403, 403, 503, 403, 503}, body: func(w *world) any {
+		return map[string]any{"org_id": w.orgA, "amount_minor": 2000, "success_url": "https://app.test/ok", "cancel_url": "https://app.test/cancel"}
+	}},
+	"createPortalSession": {expect: expect{401, 404, 403, 403, 409, 403, 409}, body: func(w *world) any {
+		return map[string]any{"org_id": w.orgA, "return_url": "https://app.test/billing"}
+	}},
+	"paymentsWebhook":          {expect: expect{503, 503, 503, 503, 503, 503, 503}, body: func(*world) any { return map[string]any{} }},
+	"adminListPaymentSessions": {expect: adminOnly},
+	"adminRefundPayment": {expect: expect{401, 403, 403, 403, 403, 403, 404}, body: func(*world) any {
+		return map[string]any{"amount_minor": 100, "reason": "goodwill"}
+	}},
+	"adminAdjustBalance": {expect: adminOnly, body: func(w *world) any {
+		return map[string]any{"org_id": w.orgA, "amount_minor": 500, "type": "promotional_credit", "reason": "welcome credit"}
+	}},
 }
 
 // fill puts the world's ids into a path template for the caller r.
@@ -106,6 +128,8 @@ func (w *world) fill(tmpl string, r role) string {
 		"{service_account_id}", w.sa.String(),
 		"{key_id}", key.String(),
 		"{key}", "outbox.max_attempts",
+		"{instance}", "stripe",
+		"{session_id}", uuid.NewString(),
 	).Replace(tmpl)
 }
 
@@ -144,7 +168,7 @@ func TestAuthorizationMatrix(t *testing.T) {
 				if c.body != nil {
 					body = c.body(w)
 				}
-				got := e.send(o.method, w.fill(o.path, r)+c.query, w.tokens[r], body)
+				got := e.send(o.method, w.fill(o.path+c.query, r), w.tokens[r], body)
 				want := c.expect[i]
 				pass := got.status == want || (want == ok && got.status >= 200 && got.status < 400)
 				if !pass {

@@ -4,6 +4,7 @@ package daemon
 
 import (
 	"context"
+	"strings"
 	"errors"
 	"fmt"
 	"net"
@@ -18,8 +19,10 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
 	"go.temporal.io/sdk/client"
+	"go.temporal.io/sdk/worker"
 
 	"github.com/gpuaas/gpuaas/core/internal/authz"
+	"github.com/gpuaas/gpuaas/core/internal/billing"
 	"github.com/gpuaas/gpuaas/core/internal/config"
 	"github.com/gpuaas/gpuaas/core/internal/errcode"
 	"github.com/gpuaas/gpuaas/core/internal/events"
@@ -27,6 +30,7 @@ import (
 	"github.com/gpuaas/gpuaas/core/internal/idempotency"
 	"github.com/gpuaas/gpuaas/core/internal/identity"
 	"github.com/gpuaas/gpuaas/core/internal/oidc"
+	"github.com/gpuaas/gpuaas/core/internal/payments"
 	"github.com/gpuaas/gpuaas/core/internal/policy"
 	"github.com/gpuaas/gpuaas/core/internal/principal"
 	"github.com/gpuaas/gpuaas/core/internal/ratelimit"
@@ -38,6 +42,8 @@ type Options struct {
 	Version string
 	// Ready, when set, is called with the HTTP listen address once the API serves.
 	Ready func(addr string)
+	// Payments resolves payments driver instances (nil: no payments provider).
+	Payments payments.Providers
 }
 
 // Run serves until ctx is done, then stops accepting, drains in-flight requests,
@@ -115,6 +121,7 @@ func Run(ctx context.Context, cfg config.Config, log hclog.Logger, opt Options) 
 		Identity:      ids,
 		Auth:          auth,
 		Authz:         authz.NewLoader(pool),
+		Payments:      payments.NewService(pool, pol, opt.Payments, cfg.Region, cfg.PaymentsInstance, log.Named("payments")),
 		LocalAccounts: cfg.LocalAccounts,
 		OIDC:          flow,
 		Checks: []httpapi.Check{
@@ -145,6 +152,7 @@ func Run(ctx context.Context, cfg config.Config, log hclog.Logger, opt Options) 
 				WithDetails("retry_after_seconds", int(d.RetryAfter.Seconds()+0.999))
 		})},
 		MaxBodyBytes:   cfg.MaxBodyBytes,
+		RawBody:        func(path string) bool { return strings.HasPrefix(path, "/api/v1/payments/webhook/") },
 		RequestTimeout: cfg.RequestTimeout,
 		Registerer:     reg,
 		AfterAuth:      []fiber.Handler{idem.Middleware(principalActor)},
@@ -162,6 +170,7 @@ func Run(ctx context.Context, cfg config.Config, log hclog.Logger, opt Options) 
 	wg.Go(func() { auth.Run(bg, js, 30*time.Second) })
 	wg.Go(func() { _ = idem.Run(bg) })
 	wg.Go(func() { _ = limiter.Run(bg) })
+	wg.Go(func() { runWorkers(bg, cfg, tc, pool, pol, js, log.Named("worker")) })
 
 	serveErr := make(chan error, 1)
 	go func() { serveErr <- app.Listener(ln) }()
@@ -223,6 +232,38 @@ func principalActor(c *fiber.Ctx) string {
 		return p.Actor()
 	}
 	return ""
+}
+
+// runWorkers runs the Temporal worker of this instance's workflows and keeps the
+// billing schedule in place, retrying while Temporal is away, until ctx is done.
+func runWorkers(ctx context.Context, cfg config.Config, tc client.Client, pool *pgxpool.Pool, pol *policy.Service, js jetstream.JetStream, log hclog.Logger) {
+	w := worker.New(tc, billing.TaskQueue(cfg.TaskQueue), worker.Options{})
+	billing.Register(w, &billing.Activities{Pool: pool, Policy: pol})
+	for {
+		err := w.Start()
+		if err == nil {
+			break
+		}
+		log.Warn("temporal worker did not start; retrying", "error", err)
+		select {
+		case <-ctx.Done():
+			return
+		case <-time.After(2 * time.Second):
+		}
+	}
+	defer w.Stop()
+	go func() { _ = billing.FollowDepletions(ctx, pool, js, tc, cfg.TaskQueue, log.Named("depletion")) }()
+	for {
+		every := policy.BillingWindow.Value(ctx, pol, policy.Target{})
+		if err := billing.EnsureSchedule(ctx, tc, cfg.TaskQueue, every); err != nil {
+			log.Warn("billing schedule", "error", err)
+		}
+		select {
+		case <-ctx.Done():
+			return
+		case <-time.After(time.Minute):
+		}
+	}
 }
 
 // migrate applies migrations, waiting for the database for up to a minute so the

@@ -58,14 +58,43 @@ func SetPrincipal(c *fiber.Ctx, p *principal.Principal) {
 
 // requireAuth refuses a request whose bearer failed, and an anonymous request to any
 // route the contract does not mark public (security: []). public holds
-// "METHOD /path" of the public routes, none of which has path parameters.
+// "METHOD /path" of the public routes, in Fiber syntax (/a/:param).
 func requireAuth(public map[string]bool) fiber.Handler {
+	var patterns [][]string // public routes with parameters, split into segments
+	for k := range public {
+		if strings.Contains(k, "/:") {
+			patterns = append(patterns, strings.Split(k, "/"))
+		}
+	}
+	isPublic := func(method, path string) bool {
+		if public[method+" "+path] {
+			return true
+		}
+		segs := strings.Split(method+" "+path, "/")
+	next:
+		for _, p := range patterns {
+			if len(p) != len(segs) {
+				continue
+			}
+			for i := range p {
+				if strings.HasPrefix(p[i], ":") {
+					if segs[i] == "" {
+						continue next
+					}
+				} else if p[i] != segs[i] {
+					continue next
+				}
+			}
+			return true
+		}
+		return false
+	}
 	return func(c *fiber.Ctx) error {
 		if err, _ := c.Locals(localsAuthErr).(error); err != nil {
 			c.Set(fiber.HeaderWWWAuthenticate, `Bearer realm="gpuaas", error="invalid_token"`)
 			return err
 		}
-		if PrincipalOf(c) == nil && !public[c.Method()+" "+c.Path()] {
+		if PrincipalOf(c) == nil && !isPublic(c.Method(), c.Path()) {
 			c.Set(fiber.HeaderWWWAuthenticate, `Bearer realm="gpuaas"`)
 			return errcode.New(errcode.Unauthenticated, "authentication required: send Authorization: Bearer <token>")
 		}

@@ -12,6 +12,8 @@ import (
 	"github.com/gpuaas/gpuaas/core/internal/errcode"
 	"github.com/gpuaas/gpuaas/core/internal/httpapi/apigen"
 	"github.com/gpuaas/gpuaas/core/internal/idempotency"
+	"github.com/gpuaas/gpuaas/core/internal/ledger"
+	"github.com/gpuaas/gpuaas/core/internal/payments"
 	"github.com/gpuaas/gpuaas/core/internal/identity"
 	"github.com/gpuaas/gpuaas/core/internal/oidc"
 	"github.com/gpuaas/gpuaas/core/internal/store"
@@ -48,8 +50,18 @@ func statusFor(code errcode.Code) int {
 		return http.StatusNotFound
 	case identity.CodeSlugTaken, identity.CodeNameTaken, identity.CodeAlreadyMember, identity.CodeLastOwner, idempotency.InFlight:
 		return http.StatusConflict
-	case idempotency.InvalidKey:
+	case idempotency.InvalidKey, payments.CodeTopUpOutOfRange, payments.CodeWebhookInvalid:
 		return http.StatusBadRequest
+	case ledger.CodeAccountNotFound, payments.CodeSessionNotFound:
+		return http.StatusNotFound
+	case payments.CodeRefundInvalidAmount, payments.CodeRefundNotAllowed, ledger.CodeCurrencyMismatch:
+		return http.StatusUnprocessableEntity
+	case ledger.CodeKeyConflict, payments.CodeNoCustomer:
+		return http.StatusConflict
+	case payments.CodeProviderNotFound:
+		return http.StatusServiceUnavailable
+	case payments.CodeProviderFailed:
+		return http.StatusBadGateway
 	case idempotency.KeyReused:
 		return http.StatusUnprocessableEntity
 	case identity.CodeInvalidCredentials, identity.CodeInvalidToken, identity.CodeAPIKeyRevoked, identity.CodeAPIKeyExpired,
@@ -161,7 +173,7 @@ func Codes() []errcode.Code {
 		errcode.NotFound, errcode.RouteNotFound, errcode.MethodNotAllowed, errcode.Conflict,
 		errcode.RequestTooLarge, errcode.UnsupportedMedia, errcode.RateLimited, errcode.NotReady,
 		errcode.DatabaseUnavailable, errcode.ServiceUnavailable, errcode.Timeout, errcode.Internal,
-	}, append(append(identity.Codes(), idempotency.Codes()...),
+	}, append(append(append(append(identity.Codes(), idempotency.Codes()...), ledger.Codes()...), payments.Codes()...),
 		oidc.CodeTokenMalformed, oidc.CodeTokenAlgNotAllowed, oidc.CodeTokenBadSignature, oidc.CodeTokenUnknownKey,
 		oidc.CodeTokenExpired, oidc.CodeTokenNotYetValid, oidc.CodeTokenWrongIssuer, oidc.CodeTokenWrongAudience,
 		oidc.CodeTokenMissingSubject, oidc.CodeTokenWrongNonce, oidc.CodeGrantRejected, oidc.CodeProviderUnavailable)...)

@@ -17,6 +17,7 @@ import (
 	"github.com/gpuaas/gpuaas/core/internal/errcode"
 	"github.com/gpuaas/gpuaas/core/internal/httpapi/apigen"
 	"github.com/gpuaas/gpuaas/core/internal/identity"
+	"github.com/gpuaas/gpuaas/core/internal/payments"
 	"github.com/gpuaas/gpuaas/core/internal/policy"
 )
 
@@ -41,6 +42,7 @@ type API struct {
 	Identity *identity.Service
 	Auth     *identity.Authenticator
 	Authz    *authz.Loader
+	Payments *payments.Service
 	// OIDC is nil when no identity provider is configured.
 	OIDC OIDCFlow
 	// LocalAccounts enables password sign-in of local accounts.

@@ -4,10 +4,13 @@ package daemontest
 
 import (
 	"context"
+	"strings"
 	"io"
 	"os"
 	"testing"
 	"time"
+
+	"github.com/google/uuid"
 
 	"github.com/gpuaas/gpuaas/core/internal/config"
 	"github.com/gpuaas/gpuaas/core/internal/daemon"
@@ -26,6 +29,10 @@ type Instance struct {
 // in env.
 func Start(t testing.TB, env map[string]string, args ...string) *Instance {
 	t.Helper()
+	if env["GPUAAS_TEMPORAL_TASK_QUEUE"] == "" {
+		// Tests share one Temporal namespace: each core gets its own queues.
+		env["GPUAAS_TEMPORAL_TASK_QUEUE"] = "t" + strings.ReplaceAll(uuid.NewString()[:13], "-", "")
+	}
 	if env["TEMPORAL_NAMESPACE"] == "" {
 		env["TEMPORAL_NAMESPACE"] = os.Getenv("TEMPORAL_NAMESPACE")
 	}

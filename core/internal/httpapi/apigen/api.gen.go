@@ -65,6 +65,24 @@ func (e AddProjectMemberRequestRole) Valid() bool {
 	}
 }
 
+// Defines values for AdjustmentRequestType.
+const (
+	AdjustmentRequestTypeAdminAdjustment   AdjustmentRequestType = "admin_adjustment"
+	AdjustmentRequestTypePromotionalCredit AdjustmentRequestType = "promotional_credit"
+)
+
+// Valid indicates whether the value is a known member of the AdjustmentRequestType enum.
+func (e AdjustmentRequestType) Valid() bool {
+	switch e {
+	case AdjustmentRequestTypeAdminAdjustment:
+		return true
+	case AdjustmentRequestTypePromotionalCredit:
+		return true
+	default:
+		return false
+	}
+}
+
 // Defines values for AdminUpdateUserRequestStatus.
 const (
 	AdminUpdateUserRequestStatusActive   AdminUpdateUserRequestStatus = "active"
@@ -154,7 +172,9 @@ const (
 	ApiKeyNotFound          ErrorCode = "api_key_not_found"
 	ApiKeyRevoked           ErrorCode = "api_key_revoked"
 	BadRequest              ErrorCode = "bad_request"
+	BillingAccountNotFound  ErrorCode = "billing_account_not_found"
 	Conflict                ErrorCode = "conflict"
+	CurrencyMismatch        ErrorCode = "currency_mismatch"
 	DatabaseUnavailable     ErrorCode = "database_unavailable"
 	DuplicateKey            ErrorCode = "duplicate_key"
 	Forbidden               ErrorCode = "forbidden"
@@ -167,6 +187,7 @@ const (
 	InvalidJson             ErrorCode = "invalid_json"
 	InvalidToken            ErrorCode = "invalid_token"
 	LastOwner               ErrorCode = "last_owner"
+	LedgerKeyConflict       ErrorCode = "ledger_key_conflict"
 	LocalAccountsDisabled   ErrorCode = "local_accounts_disabled"
 	MemberNotFound          ErrorCode = "member_not_found"
 	MethodNotAllowed        ErrorCode = "method_not_allowed"
@@ -177,8 +198,14 @@ const (
 	OidcNotConfigured       ErrorCode = "oidc_not_configured"
 	OidcProviderUnavailable ErrorCode = "oidc_provider_unavailable"
 	OrgNotFound             ErrorCode = "org_not_found"
+	PaymentCustomerMissing  ErrorCode = "payment_customer_missing"
+	PaymentProviderError    ErrorCode = "payment_provider_error"
+	PaymentProviderNotFound ErrorCode = "payment_provider_not_found"
+	PaymentSessionNotFound  ErrorCode = "payment_session_not_found"
 	ProjectNotFound         ErrorCode = "project_not_found"
 	RateLimited             ErrorCode = "rate_limited"
+	RefundInvalidAmount     ErrorCode = "refund_invalid_amount"
+	RefundNotAllowed        ErrorCode = "refund_not_allowed"
 	RequestTooLarge         ErrorCode = "request_too_large"
 	RouteNotFound           ErrorCode = "route_not_found"
 	ServiceAccountNotFound  ErrorCode = "service_account_not_found"
@@ -195,11 +222,13 @@ const (
 	TokenWrongAudience      ErrorCode = "token_wrong_audience"
 	TokenWrongIssuer        ErrorCode = "token_wrong_issuer"
 	TokenWrongNonce         ErrorCode = "token_wrong_nonce"
+	TopupOutOfRange         ErrorCode = "topup_out_of_range"
 	Unauthenticated         ErrorCode = "unauthenticated"
 	UnknownField            ErrorCode = "unknown_field"
 	UnsupportedMediaType    ErrorCode = "unsupported_media_type"
 	UserNotFound            ErrorCode = "user_not_found"
 	ValidationFailed        ErrorCode = "validation_failed"
+	WebhookInvalid          ErrorCode = "webhook_invalid"
 )
 
 // Valid indicates whether the value is a known member of the ErrorCode enum.
@@ -217,7 +246,11 @@ func (e ErrorCode) Valid() bool {
 		return true
 	case BadRequest:
 		return true
+	case BillingAccountNotFound:
+		return true
 	case Conflict:
+		return true
+	case CurrencyMismatch:
 		return true
 	case DatabaseUnavailable:
 		return true
@@ -243,6 +276,8 @@ func (e ErrorCode) Valid() bool {
 		return true
 	case LastOwner:
 		return true
+	case LedgerKeyConflict:
+		return true
 	case LocalAccountsDisabled:
 		return true
 	case MemberNotFound:
@@ -263,9 +298,21 @@ func (e ErrorCode) Valid() bool {
 		return true
 	case OrgNotFound:
 		return true
+	case PaymentCustomerMissing:
+		return true
+	case PaymentProviderError:
+		return true
+	case PaymentProviderNotFound:
+		return true
+	case PaymentSessionNotFound:
+		return true
 	case ProjectNotFound:
 		return true
 	case RateLimited:
+		return true
+	case RefundInvalidAmount:
+		return true
+	case RefundNotAllowed:
 		return true
 	case RequestTooLarge:
 		return true
@@ -299,6 +346,8 @@ func (e ErrorCode) Valid() bool {
 		return true
 	case TokenWrongNonce:
 		return true
+	case TopupOutOfRange:
+		return true
 	case Unauthenticated:
 		return true
 	case UnknownField:
@@ -308,6 +357,8 @@ func (e ErrorCode) Valid() bool {
 	case UserNotFound:
 		return true
 	case ValidationFailed:
+		return true
+	case WebhookInvalid:
 		return true
 	default:
 		return false
@@ -323,6 +374,36 @@ const (
 func (e HealthStatus) Valid() bool {
 	switch e {
 	case Ok:
+		return true
+	default:
+		return false
+	}
+}
+
+// Defines values for LedgerEntryEntryType.
+const (
+	LedgerEntryEntryTypeAdminAdjustment   LedgerEntryEntryType = "admin_adjustment"
+	LedgerEntryEntryTypeCreditPurchase    LedgerEntryEntryType = "credit_purchase"
+	LedgerEntryEntryTypePromotionalCredit LedgerEntryEntryType = "promotional_credit"
+	LedgerEntryEntryTypeRefund            LedgerEntryEntryType = "refund"
+	LedgerEntryEntryTypeReversal          LedgerEntryEntryType = "reversal"
+	LedgerEntryEntryTypeUsageDebit        LedgerEntryEntryType = "usage_debit"
+)
+
+// Valid indicates whether the value is a known member of the LedgerEntryEntryType enum.
+func (e LedgerEntryEntryType) Valid() bool {
+	switch e {
+	case LedgerEntryEntryTypeAdminAdjustment:
+		return true
+	case LedgerEntryEntryTypeCreditPurchase:
+		return true
+	case LedgerEntryEntryTypePromotionalCredit:
+		return true
+	case LedgerEntryEntryTypeRefund:
+		return true
+	case LedgerEntryEntryTypeReversal:
+		return true
+	case LedgerEntryEntryTypeUsageDebit:
 		return true
 	default:
 		return false
@@ -386,6 +467,33 @@ func (e OrgMembershipRole) Valid() bool {
 	case OrgMembershipRoleMember:
 		return true
 	case OrgMembershipRoleOwner:
+		return true
+	default:
+		return false
+	}
+}
+
+// Defines values for PaymentSessionStatus.
+const (
+	PaymentSessionStatusCheckoutCompleted PaymentSessionStatus = "checkout_completed"
+	PaymentSessionStatusCredited          PaymentSessionStatus = "credited"
+	PaymentSessionStatusExpired           PaymentSessionStatus = "expired"
+	PaymentSessionStatusFailedReconcile   PaymentSessionStatus = "failed_reconcile"
+	PaymentSessionStatusInitiated         PaymentSessionStatus = "initiated"
+)
+
+// Valid indicates whether the value is a known member of the PaymentSessionStatus enum.
+func (e PaymentSessionStatus) Valid() bool {
+	switch e {
+	case PaymentSessionStatusCheckoutCompleted:
+		return true
+	case PaymentSessionStatusCredited:
+		return true
+	case PaymentSessionStatusExpired:
+		return true
+	case PaymentSessionStatusFailedReconcile:
+		return true
+	case PaymentSessionStatusInitiated:
 		return true
 	default:
 		return false
@@ -689,6 +797,33 @@ func (e ExportAuditLogsParamsActorType) Valid() bool {
 	}
 }
 
+// Defines values for AdminListPaymentSessionsParamsStatus.
+const (
+	AdminListPaymentSessionsParamsStatusCheckoutCompleted AdminListPaymentSessionsParamsStatus = "checkout_completed"
+	AdminListPaymentSessionsParamsStatusCredited          AdminListPaymentSessionsParamsStatus = "credited"
+	AdminListPaymentSessionsParamsStatusExpired           AdminListPaymentSessionsParamsStatus = "expired"
+	AdminListPaymentSessionsParamsStatusFailedReconcile   AdminListPaymentSessionsParamsStatus = "failed_reconcile"
+	AdminListPaymentSessionsParamsStatusInitiated         AdminListPaymentSessionsParamsStatus = "initiated"
+)
+
+// Valid indicates whether the value is a known member of the AdminListPaymentSessionsParamsStatus enum.
+func (e AdminListPaymentSessionsParamsStatus) Valid() bool {
+	switch e {
+	case AdminListPaymentSessionsParamsStatusCheckoutCompleted:
+		return true
+	case AdminListPaymentSessionsParamsStatusCredited:
+		return true
+	case AdminListPaymentSessionsParamsStatusExpired:
+		return true
+	case AdminListPaymentSessionsParamsStatusFailedReconcile:
+		return true
+	case AdminListPaymentSessionsParamsStatusInitiated:
+		return true
+	default:
+		return false
+	}
+}
+
 // Defines values for ClearPolicyOverrideParamsScope.
 const (
 	ClearPolicyOverrideParamsScopeGlobal  ClearPolicyOverrideParamsScope = "global"
@@ -771,6 +906,17 @@ type AddProjectMemberRequest struct {
 // AddProjectMemberRequestRole defines model for AddProjectMemberRequest.Role.
 type AddProjectMemberRequestRole string
 
+// AdjustmentRequest defines model for AdjustmentRequest.
+type AdjustmentRequest struct {
+	AmountMinor int64                 `json:"amount_minor"`
+	OrgId       openapi_types.UUID    `json:"org_id"`
+	Reason      string                `json:"reason"`
+	Type        AdjustmentRequestType `json:"type"`
+}
+
+// AdjustmentRequestType defines model for AdjustmentRequest.Type.
+type AdjustmentRequestType string
+
 // AdminUpdateUserRequest defines model for AdminUpdateUserRequest.
 type AdminUpdateUserRequest struct {
 	IsPlatformAdmin *bool                         `json:"is_platform_admin,omitempty"`
@@ -805,6 +951,24 @@ type AuditLogResult string
 type AuditLogPage struct {
 	Items      []AuditLog `json:"items"`
 	NextCursor *string    `json:"next_cursor,omitempty"`
+}
+
+// Balance defines model for Balance.
+type Balance struct {
+	AsOfEntryId              int64              `json:"as_of_entry_id"`
+	BalanceMinor             int64              `json:"balance_minor"`
+	Currency                 string             `json:"currency"`
+	DepletedSince            *time.Time         `json:"depleted_since,omitempty"`
+	LowBalanceThresholdMinor int64              `json:"low_balance_threshold_minor"`
+	OrgId                    openapi_types.UUID `json:"org_id"`
+}
+
+// CheckoutRequest defines model for CheckoutRequest.
+type CheckoutRequest struct {
+	AmountMinor int64              `json:"amount_minor"`
+	CancelUrl   string             `json:"cancel_url"`
+	OrgId       openapi_types.UUID `json:"org_id"`
+	SuccessUrl  string             `json:"success_url"`
 }
 
 // CreateAPIKeyRequest defines model for CreateAPIKeyRequest.
@@ -888,6 +1052,29 @@ type Invitation struct {
 	Role      string             `json:"role"`
 }
 
+// LedgerEntry defines model for LedgerEntry.
+type LedgerEntry struct {
+	AmountMinor   int64                `json:"amount_minor"`
+	CorrelationId *string              `json:"correlation_id,omitempty"`
+	CreatedAt     time.Time            `json:"created_at"`
+	CreatedBy     string               `json:"created_by"`
+	Currency      string               `json:"currency"`
+	Description   string               `json:"description"`
+	EntryType     LedgerEntryEntryType `json:"entry_type"`
+	Id            int64                `json:"id"`
+	OrgId         openapi_types.UUID   `json:"org_id"`
+	Reference     string               `json:"reference"`
+}
+
+// LedgerEntryEntryType defines model for LedgerEntry.EntryType.
+type LedgerEntryEntryType string
+
+// LedgerPage defines model for LedgerPage.
+type LedgerPage struct {
+	Items      []LedgerEntry `json:"items"`
+	NextCursor *string       `json:"next_cursor,omitempty"`
+}
+
 // LocalLoginRequest defines model for LocalLoginRequest.
 type LocalLoginRequest struct {
 	Login    string `json:"login"`
@@ -963,6 +1150,30 @@ type OrgPage struct {
 	NextCursor *string `json:"next_cursor,omitempty"`
 }
 
+// PaymentSession defines model for PaymentSession.
+type PaymentSession struct {
+	AmountMinor      int64                `json:"amount_minor"`
+	CheckoutUrl      string               `json:"checkout_url"`
+	CreatedAt        time.Time            `json:"created_at"`
+	Currency         string               `json:"currency"`
+	ExpiresAt        *time.Time           `json:"expires_at,omitempty"`
+	Id               openapi_types.UUID   `json:"id"`
+	OrgId            openapi_types.UUID   `json:"org_id"`
+	ProviderInstance *string              `json:"provider_instance,omitempty"`
+	RefundedMinor    *int64               `json:"refunded_minor,omitempty"`
+	Status           PaymentSessionStatus `json:"status"`
+	StatusReason     *string              `json:"status_reason,omitempty"`
+}
+
+// PaymentSessionStatus defines model for PaymentSession.Status.
+type PaymentSessionStatus string
+
+// PaymentSessionPage defines model for PaymentSessionPage.
+type PaymentSessionPage struct {
+	Items      []PaymentSession `json:"items"`
+	NextCursor *string          `json:"next_cursor,omitempty"`
+}
+
 // PolicyKey defines model for PolicyKey.
 type PolicyKey struct {
 	Default     interface{}       `json:"default"`
@@ -1001,6 +1212,17 @@ type PolicyOverrideScope string
 type PolicyOverridePage struct {
 	Items      []PolicyOverride `json:"items"`
 	NextCursor *string          `json:"next_cursor,omitempty"`
+}
+
+// PortalRequest defines model for PortalRequest.
+type PortalRequest struct {
+	OrgId     openapi_types.UUID `json:"org_id"`
+	ReturnUrl string             `json:"return_url"`
+}
+
+// PortalSession defines model for PortalSession.
+type PortalSession struct {
+	Url string `json:"url"`
 }
 
 // Project defines model for Project.
@@ -1042,6 +1264,20 @@ type ReadinessStatus string
 // RefreshRequest defines model for RefreshRequest.
 type RefreshRequest struct {
 	RefreshToken string `json:"refresh_token"`
+}
+
+// RefundRequest defines model for RefundRequest.
+type RefundRequest struct {
+	AmountMinor int64  `json:"amount_minor"`
+	Reason      string `json:"reason"`
+}
+
+// RefundResult defines model for RefundResult.
+type RefundResult struct {
+	LedgerEntryId int64          `json:"ledger_entry_id"`
+	RefundId      string         `json:"refund_id"`
+	Session       PaymentSession `json:"session"`
+	Status        string         `json:"status"`
 }
 
 // RoleRequest defines model for RoleRequest.
@@ -1098,6 +1334,28 @@ type UpdateNameRequest struct {
 	Name string `json:"name"`
 }
 
+// Usage defines model for Usage.
+type Usage struct {
+	AllocationId         openapi_types.UUID `json:"allocation_id"`
+	BilledMinor          int64              `json:"billed_minor"`
+	BilledUntil          time.Time          `json:"billed_until"`
+	Currency             string             `json:"currency"`
+	EndedAt              *time.Time         `json:"ended_at,omitempty"`
+	Gpus                 int                `json:"gpus"`
+	Id                   openapi_types.UUID `json:"id"`
+	OrgId                openapi_types.UUID `json:"org_id"`
+	PricePerGpuHourMinor int64              `json:"price_per_gpu_hour_minor"`
+	ProjectId            openapi_types.UUID `json:"project_id"`
+	Sku                  string             `json:"sku"`
+	StartedAt            time.Time          `json:"started_at"`
+}
+
+// UsagePage defines model for UsagePage.
+type UsagePage struct {
+	Items      []Usage `json:"items"`
+	NextCursor *string `json:"next_cursor,omitempty"`
+}
+
 // User defines model for User.
 type User struct {
 	AuthSource      UserAuthSource     `json:"auth_source"`
@@ -1120,6 +1378,13 @@ type UserStatus string
 type UserPage struct {
 	Items      []User  `json:"items"`
 	NextCursor *string `json:"next_cursor,omitempty"`
+}
+
+// WebhookReceipt defines model for WebhookReceipt.
+type WebhookReceipt struct {
+	Credited   int `json:"credited"`
+	Duplicates int `json:"duplicates"`
+	Events     int `json:"events"`
 }
 
 // AuditAction defines model for AuditAction.
@@ -1155,11 +1420,17 @@ type Limit = int
 // OrgID defines model for OrgID.
 type OrgID = openapi_types.UUID
 
+// OrgQuery defines model for OrgQuery.
+type OrgQuery = openapi_types.UUID
+
 // PolicyKeyName defines model for PolicyKeyName.
 type PolicyKeyName = string
 
 // ProjectID defines model for ProjectID.
 type ProjectID = openapi_types.UUID
+
+// ProjectQuery defines model for ProjectQuery.
+type ProjectQuery = openapi_types.UUID
 
 // ServiceAccountID defines model for ServiceAccountID.
 type ServiceAccountID = openapi_types.UUID
@@ -1206,6 +1477,33 @@ type ExportAuditLogsParams struct {
 // ExportAuditLogsParamsActorType defines parameters for ExportAuditLogs.
 type ExportAuditLogsParamsActorType string
 
+// AdminAdjustBalanceParams defines parameters for AdminAdjustBalance.
+type AdminAdjustBalanceParams struct {
+	// IdempotencyKey Makes a retried POST safe; the first response is replayed byte for byte.
+	IdempotencyKey *IdempotencyKey `json:"Idempotency-Key,omitempty"`
+}
+
+// AdminListPaymentSessionsParams defines parameters for AdminListPaymentSessions.
+type AdminListPaymentSessionsParams struct {
+	Status *AdminListPaymentSessionsParamsStatus `form:"status,omitempty" json:"status,omitempty"`
+	OrgId  *openapi_types.UUID                   `form:"org_id,omitempty" json:"org_id,omitempty"`
+
+	// Limit Page size, 1 to 200.
+	Limit *Limit `form:"limit,omitempty" json:"limit,omitempty"`
+
+	// Cursor Opaque cursor from a previous page's `next_cursor`.
+	Cursor *Cursor `form:"cursor,omitempty" json:"cursor,omitempty"`
+}
+
+// AdminListPaymentSessionsParamsStatus defines parameters for AdminListPaymentSessions.
+type AdminListPaymentSessionsParamsStatus string
+
+// AdminRefundPaymentParams defines parameters for AdminRefundPayment.
+type AdminRefundPaymentParams struct {
+	// IdempotencyKey Makes a retried POST safe; the first response is replayed byte for byte.
+	IdempotencyKey *IdempotencyKey `json:"Idempotency-Key,omitempty"`
+}
+
 // ListPolicyOverridesParams defines parameters for ListPolicyOverrides.
 type ListPolicyOverridesParams struct {
 	Key *string `form:"key,omitempty" json:"key,omitempty"`
@@ -1245,6 +1543,48 @@ type AdminListUsersParamsStatus string
 type OidcAuthorizeParams struct {
 	// ReturnTo Path in the web app to return to after sign-in (relative, starting with /).
 	ReturnTo *string `form:"return_to,omitempty" json:"return_to,omitempty"`
+}
+
+// GetBalanceParams defines parameters for GetBalance.
+type GetBalanceParams struct {
+	// OrgId The organization (tenant) whose money this is.
+	OrgId OrgQuery `form:"org_id" json:"org_id"`
+}
+
+// ListLedgerParams defines parameters for ListLedger.
+type ListLedgerParams struct {
+	// OrgId The organization (tenant) whose money this is.
+	OrgId OrgQuery `form:"org_id" json:"org_id"`
+
+	// Limit Page size, 1 to 200.
+	Limit *Limit `form:"limit,omitempty" json:"limit,omitempty"`
+
+	// Cursor Opaque cursor from a previous page's `next_cursor`.
+	Cursor *Cursor `form:"cursor,omitempty" json:"cursor,omitempty"`
+}
+
+// ListUsageParams defines parameters for ListUsage.
+type ListUsageParams struct {
+	// OrgId The organization (tenant) whose money this is.
+	OrgId     OrgQuery      `form:"org_id" json:"org_id"`
+	ProjectId *ProjectQuery `form:"project_id,omitempty" json:"project_id,omitempty"`
+	From      *AuditFrom    `form:"from,omitempty" json:"from,omitempty"`
+	To        *AuditTo      `form:"to,omitempty" json:"to,omitempty"`
+
+	// Limit Page size, 1 to 200.
+	Limit *Limit `form:"limit,omitempty" json:"limit,omitempty"`
+
+	// Cursor Opaque cursor from a previous page's `next_cursor`.
+	Cursor *Cursor `form:"cursor,omitempty" json:"cursor,omitempty"`
+}
+
+// ExportUsageParams defines parameters for ExportUsage.
+type ExportUsageParams struct {
+	// OrgId The organization (tenant) whose money this is.
+	OrgId     OrgQuery      `form:"org_id" json:"org_id"`
+	ProjectId *ProjectQuery `form:"project_id,omitempty" json:"project_id,omitempty"`
+	From      *AuditFrom    `form:"from,omitempty" json:"from,omitempty"`
+	To        *AuditTo      `form:"to,omitempty" json:"to,omitempty"`
 }
 
 // ListOrgsParams defines parameters for ListOrgs.
@@ -1291,6 +1631,15 @@ type CreateProjectParams struct {
 	// IdempotencyKey Makes a retried POST safe; the first response is replayed byte for byte.
 	IdempotencyKey *IdempotencyKey `json:"Idempotency-Key,omitempty"`
 }
+
+// CreateCheckoutSessionParams defines parameters for CreateCheckoutSession.
+type CreateCheckoutSessionParams struct {
+	// IdempotencyKey Makes a retried POST safe; the first response is replayed byte for byte.
+	IdempotencyKey *IdempotencyKey `json:"Idempotency-Key,omitempty"`
+}
+
+// PaymentsWebhookJSONBody defines parameters for PaymentsWebhook.
+type PaymentsWebhookJSONBody = map[string]interface{}
 
 // ListPolicyKeysParams defines parameters for ListPolicyKeys.
 type ListPolicyKeysParams struct {
@@ -1361,6 +1710,12 @@ type CreateMyAPIKeyParams struct {
 	IdempotencyKey *IdempotencyKey `json:"Idempotency-Key,omitempty"`
 }
 
+// AdminAdjustBalanceJSONRequestBody defines body for AdminAdjustBalance for application/json ContentType.
+type AdminAdjustBalanceJSONRequestBody = AdjustmentRequest
+
+// AdminRefundPaymentJSONRequestBody defines body for AdminRefundPayment for application/json ContentType.
+type AdminRefundPaymentJSONRequestBody = RefundRequest
+
 // SetPolicyOverrideJSONRequestBody defines body for SetPolicyOverride for application/json ContentType.
 type SetPolicyOverrideJSONRequestBody = SetPolicyRequest
 
@@ -1391,6 +1746,15 @@ type UpdateOrgMemberJSONRequestBody = RoleRequest
 // CreateProjectJSONRequestBody defines body for CreateProject for application/json ContentType.
 type CreateProjectJSONRequestBody = CreateProjectRequest
 
+// CreateCheckoutSessionJSONRequestBody defines body for CreateCheckoutSession for application/json ContentType.
+type CreateCheckoutSessionJSONRequestBody = CheckoutRequest
+
+// CreatePortalSessionJSONRequestBody defines body for CreatePortalSession for application/json ContentType.
+type CreatePortalSessionJSONRequestBody = PortalRequest
+
+// PaymentsWebhookJSONRequestBody defines body for PaymentsWebhook for application/json ContentType.
+type PaymentsWebhookJSONRequestBody = PaymentsWebhookJSONBody
+
 // UpdateProjectJSONRequestBody defines body for UpdateProject for application/json ContentType.
 type UpdateProjectJSONRequestBody = UpdateNameRequest
 
@@ -1417,6 +1781,15 @@ type ServerInterface interface {
 	// ExportAuditLogs Every matching audit row as CSV, streamed
 	// (GET /api/v1/admin/audit-logs/export)
 	ExportAuditLogs(c *fiber.Ctx, params ExportAuditLogsParams) error
+	// AdminAdjustBalance Credit or debit an organization (admin adjustment or promotional credit)
+	// (POST /api/v1/admin/billing/adjustments)
+	AdminAdjustBalance(c *fiber.Ctx, params AdminAdjustBalanceParams) error
+	// AdminListPaymentSessions Payment sessions, by status (the reconciliation queue)
+	// (GET /api/v1/admin/payments/sessions)
+	AdminListPaymentSessions(c *fiber.Ctx, params AdminListPaymentSessionsParams) error
+	// AdminRefundPayment Refund part or all of a credited top-up within the refund window
+	// (POST /api/v1/admin/payments/sessions/{session_id}/refund)
+	AdminRefundPayment(c *fiber.Ctx, sessionId openapi_types.UUID, params AdminRefundPaymentParams) error
 	// ListPolicyOverrides Policy overrides in force
 	// (GET /api/v1/admin/policies)
 	ListPolicyOverrides(c *fiber.Ctx, params ListPolicyOverridesParams) error
@@ -1447,6 +1820,18 @@ type ServerInterface interface {
 	// RefreshToken Trade a refresh token for new tokens (local sessions and OIDC)
 	// (POST /api/v1/auth/token/refresh)
 	RefreshToken(c *fiber.Ctx) error
+	// GetBalance An organization's balance (derived from its ledger)
+	// (GET /api/v1/billing/balance)
+	GetBalance(c *fiber.Ctx, params GetBalanceParams) error
+	// ListLedger An organization's ledger entries, newest first
+	// (GET /api/v1/billing/ledger)
+	ListLedger(c *fiber.Ctx, params ListLedgerParams) error
+	// ListUsage Usage records of an organization (optionally one project), newest first
+	// (GET /api/v1/billing/usage)
+	ListUsage(c *fiber.Ctx, params ListUsageParams) error
+	// ExportUsage Every matching usage record as CSV, streamed
+	// (GET /api/v1/billing/usage.csv)
+	ExportUsage(c *fiber.Ctx, params ExportUsageParams) error
 	// GetHealthz Process liveness
 	// (GET /api/v1/healthz)
 	GetHealthz(c *fiber.Ctx) error
@@ -1480,6 +1865,15 @@ type ServerInterface interface {
 
 	// (POST /api/v1/orgs/{org_id}/projects)
 	CreateProject(c *fiber.Ctx, orgId OrgID, params CreateProjectParams) error
+	// CreateCheckoutSession Start a top-up; pay at the returned checkout URL
+	// (POST /api/v1/payments/checkout-session)
+	CreateCheckoutSession(c *fiber.Ctx, params CreateCheckoutSessionParams) error
+	// CreatePortalSession Open the payments provider's customer portal (invoices, payment methods)
+	// (POST /api/v1/payments/customer-portal-session)
+	CreatePortalSession(c *fiber.Ctx) error
+	// PaymentsWebhook Provider webhook (raw body, verified by the payments driver)
+	// (POST /api/v1/payments/webhook/{instance})
+	PaymentsWebhook(c *fiber.Ctx, instance string) error
 	// ListPolicyKeys The policy keys the platform knows, with types and defaults
 	// (GET /api/v1/policy-keys)
 	ListPolicyKeys(c *fiber.Ctx, params ListPolicyKeysParams) error
@@ -1696,6 +2090,158 @@ func (siw *ServerInterfaceWrapper) ExportAuditLogs(c *fiber.Ctx) error {
 
 	handler := func(c *fiber.Ctx) error {
 		return siw.Handler.ExportAuditLogs(c, params)
+	}
+
+	for i := len(siw.HandlerMiddlewares) - 1; i >= 0; i-- {
+		m := siw.HandlerMiddlewares[i]
+		next := handler
+		handler = func(c *fiber.Ctx) error {
+			return m(c, next)
+		}
+	}
+
+	return handler(c)
+}
+
+// AdminAdjustBalance operation middleware
+func (siw *ServerInterfaceWrapper) AdminAdjustBalance(c *fiber.Ctx) error {
+
+	var err error
+	_ = err
+
+	// Parameter object where we will unmarshal all parameters from the context
+	var params AdminAdjustBalanceParams
+
+	headers := c.GetReqHeaders()
+
+	// ------------- Optional header parameter "Idempotency-Key" -------------
+	if valueList, found := headers[http.CanonicalHeaderKey("Idempotency-Key")]; found {
+		var IdempotencyKey IdempotencyKey
+		n := len(valueList)
+		if n != 1 {
+			return fiber.NewError(fiber.StatusBadRequest, fmt.Sprintf("Too many values for ParamName Idempotency-Key, 1 is required, but %d found", n))
+		}
+
+		err = runtime.BindStyledParameterWithOptions("simple", "Idempotency-Key", valueList[0], &IdempotencyKey, runtime.BindStyledParameterOptions{ParamLocation: runtime.ParamLocationHeader, Explode: false, Required: false, Type: "string", Format: ""})
+		if err != nil {
+			return fiber.NewError(fiber.StatusBadRequest, fmt.Errorf("Invalid format for parameter Idempotency-Key: %w", err).Error())
+		}
+
+		params.IdempotencyKey = &IdempotencyKey
+
+	}
+
+	handler := func(c *fiber.Ctx) error {
+		return siw.Handler.AdminAdjustBalance(c, params)
+	}
+
+	for i := len(siw.HandlerMiddlewares) - 1; i >= 0; i-- {
+		m := siw.HandlerMiddlewares[i]
+		next := handler
+		handler = func(c *fiber.Ctx) error {
+			return m(c, next)
+		}
+	}
+
+	return handler(c)
+}
+
+// AdminListPaymentSessions operation middleware
+func (siw *ServerInterfaceWrapper) AdminListPaymentSessions(c *fiber.Ctx) error {
+
+	var err error
+	_ = err
+
+	// Parameter object where we will unmarshal all parameters from the context
+	var params AdminListPaymentSessionsParams
+
+	var query url.Values
+	query, err = url.ParseQuery(string(c.Request().URI().QueryString()))
+	if err != nil {
+		return fiber.NewError(fiber.StatusBadRequest, fmt.Errorf("Invalid format for query string: %w", err).Error())
+	}
+
+	// ------------- Optional query parameter "status" -------------
+
+	err = runtime.BindQueryParameterWithOptions("form", true, false, "status", query, &params.Status, runtime.BindQueryParameterOptions{Type: "string", Format: ""})
+	if err != nil {
+		return fiber.NewError(fiber.StatusBadRequest, fmt.Errorf("Invalid format for parameter status: %w", err).Error())
+	}
+
+	// ------------- Optional query parameter "org_id" -------------
+
+	err = runtime.BindQueryParameterWithOptions("form", true, false, "org_id", query, &params.OrgId, runtime.BindQueryParameterOptions{Type: "string", Format: "uuid"})
+	if err != nil {
+		return fiber.NewError(fiber.StatusBadRequest, fmt.Errorf("Invalid format for parameter org_id: %w", err).Error())
+	}
+
+	// ------------- Optional query parameter "limit" -------------
+
+	err = runtime.BindQueryParameterWithOptions("form", true, false, "limit", query, &params.Limit, runtime.BindQueryParameterOptions{Type: "integer", Format: ""})
+	if err != nil {
+		return fiber.NewError(fiber.StatusBadRequest, fmt.Errorf("Invalid format for parameter limit: %w", err).Error())
+	}
+
+	// ------------- Optional query parameter "cursor" -------------
+
+	err = runtime.BindQueryParameterWithOptions("form", true, false, "cursor", query, &params.Cursor, runtime.BindQueryParameterOptions{Type: "string", Format: ""})
+	if err != nil {
+		return fiber.NewError(fiber.StatusBadRequest, fmt.Errorf("Invalid format for parameter cursor: %w", err).Error())
+	}
+
+	handler := func(c *fiber.Ctx) error {
+		return siw.Handler.AdminListPaymentSessions(c, params)
+	}
+
+	for i := len(siw.HandlerMiddlewares) - 1; i >= 0; i-- {
+		m := siw.HandlerMiddlewares[i]
+		next := handler
+		handler = func(c *fiber.Ctx) error {
+			return m(c, next)
+		}
+	}
+
+	return handler(c)
+}
+
+// AdminRefundPayment operation middleware
+func (siw *ServerInterfaceWrapper) AdminRefundPayment(c *fiber.Ctx) error {
+
+	var err error
+	_ = err
+
+	// ------------- Path parameter "session_id" -------------
+	var sessionId openapi_types.UUID
+
+	err = runtime.BindStyledParameterWithOptions("simple", "session_id", c.Params("session_id"), &sessionId, runtime.BindStyledParameterOptions{ParamLocation: runtime.ParamLocationPath, Explode: false, Required: true, Type: "string", Format: "uuid"})
+	if err != nil {
+		return fiber.NewError(fiber.StatusBadRequest, fmt.Errorf("Invalid format for parameter session_id: %w", err).Error())
+	}
+
+	// Parameter object where we will unmarshal all parameters from the context
+	var params AdminRefundPaymentParams
+
+	headers := c.GetReqHeaders()
+
+	// ------------- Optional header parameter "Idempotency-Key" -------------
+	if valueList, found := headers[http.CanonicalHeaderKey("Idempotency-Key")]; found {
+		var IdempotencyKey IdempotencyKey
+		n := len(valueList)
+		if n != 1 {
+			return fiber.NewError(fiber.StatusBadRequest, fmt.Sprintf("Too many values for ParamName Idempotency-Key, 1 is required, but %d found", n))
+		}
+
+		err = runtime.BindStyledParameterWithOptions("simple", "Idempotency-Key", valueList[0], &IdempotencyKey, runtime.BindStyledParameterOptions{ParamLocation: runtime.ParamLocationHeader, Explode: false, Required: false, Type: "string", Format: ""})
+		if err != nil {
+			return fiber.NewError(fiber.StatusBadRequest, fmt.Errorf("Invalid format for parameter Idempotency-Key: %w", err).Error())
+		}
+
+		params.IdempotencyKey = &IdempotencyKey
+
+	}
+
+	handler := func(c *fiber.Ctx) error {
+		return siw.Handler.AdminRefundPayment(c, sessionId, params)
 	}
 
 	for i := len(siw.HandlerMiddlewares) - 1; i >= 0; i-- {
@@ -2024,6 +2570,224 @@ func (siw *ServerInterfaceWrapper) RefreshToken(c *fiber.Ctx) error {
 
 	handler := func(c *fiber.Ctx) error {
 		return siw.Handler.RefreshToken(c)
+	}
+
+	for i := len(siw.HandlerMiddlewares) - 1; i >= 0; i-- {
+		m := siw.HandlerMiddlewares[i]
+		next := handler
+		handler = func(c *fiber.Ctx) error {
+			return m(c, next)
+		}
+	}
+
+	return handler(c)
+}
+
+// GetBalance operation middleware
+func (siw *ServerInterfaceWrapper) GetBalance(c *fiber.Ctx) error {
+
+	var err error
+	_ = err
+
+	// Parameter object where we will unmarshal all parameters from the context
+	var params GetBalanceParams
+
+	var query url.Values
+	query, err = url.ParseQuery(string(c.Request().URI().QueryString()))
+	if err != nil {
+		return fiber.NewError(fiber.StatusBadRequest, fmt.Errorf("Invalid format for query string: %w", err).Error())
+	}
+
+	// ------------- Required query parameter "org_id" -------------
+
+	err = runtime.BindQueryParameterWithOptions("form", true, true, "org_id", query, &params.OrgId, runtime.BindQueryParameterOptions{Type: "string", Format: "uuid"})
+	if err != nil {
+		return fiber.NewError(fiber.StatusBadRequest, fmt.Errorf("Invalid format for parameter org_id: %w", err).Error())
+	}
+
+	handler := func(c *fiber.Ctx) error {
+		return siw.Handler.GetBalance(c, params)
+	}
+
+	for i := len(siw.HandlerMiddlewares) - 1; i >= 0; i-- {
+		m := siw.HandlerMiddlewares[i]
+		next := handler
+		handler = func(c *fiber.Ctx) error {
+			return m(c, next)
+		}
+	}
+
+	return handler(c)
+}
+
+// ListLedger operation middleware
+func (siw *ServerInterfaceWrapper) ListLedger(c *fiber.Ctx) error {
+
+	var err error
+	_ = err
+
+	// Parameter object where we will unmarshal all parameters from the context
+	var params ListLedgerParams
+
+	var query url.Values
+	query, err = url.ParseQuery(string(c.Request().URI().QueryString()))
+	if err != nil {
+		return fiber.NewError(fiber.StatusBadRequest, fmt.Errorf("Invalid format for query string: %w", err).Error())
+	}
+
+	// ------------- Required query parameter "org_id" -------------
+
+	err = runtime.BindQueryParameterWithOptions("form", true, true, "org_id", query, &params.OrgId, runtime.BindQueryParameterOptions{Type: "string", Format: "uuid"})
+	if err != nil {
+		return fiber.NewError(fiber.StatusBadRequest, fmt.Errorf("Invalid format for parameter org_id: %w", err).Error())
+	}
+
+	// ------------- Optional query parameter "limit" -------------
+
+	err = runtime.BindQueryParameterWithOptions("form", true, false, "limit", query, &params.Limit, runtime.BindQueryParameterOptions{Type: "integer", Format: ""})
+	if err != nil {
+		return fiber.NewError(fiber.StatusBadRequest, fmt.Errorf("Invalid format for parameter limit: %w", err).Error())
+	}
+
+	// ------------- Optional query parameter "cursor" -------------
+
+	err = runtime.BindQueryParameterWithOptions("form", true, false, "cursor", query, &params.Cursor, runtime.BindQueryParameterOptions{Type: "string", Format: ""})
+	if err != nil {
+		return fiber.NewError(fiber.StatusBadRequest, fmt.Errorf("Invalid format for parameter cursor: %w", err).Error())
+	}
+
+	handler := func(c *fiber.Ctx) error {
+		return siw.Handler.ListLedger(c, params)
+	}
+
+	for i := len(siw.HandlerMiddlewares) - 1; i >= 0; i-- {
+		m := siw.HandlerMiddlewares[i]
+		next := handler
+		handler = func(c *fiber.Ctx) error {
+			return m(c, next)
+		}
+	}
+
+	return handler(c)
+}
+
+// ListUsage operation middleware
+func (siw *ServerInterfaceWrapper) ListUsage(c *fiber.Ctx) error {
+
+	var err error
+	_ = err
+
+	// Parameter object where we will unmarshal all parameters from the context
+	var params ListUsageParams
+
+	var query url.Values
+	query, err = url.ParseQuery(string(c.Request().URI().QueryString()))
+	if err != nil {
+		return fiber.NewError(fiber.StatusBadRequest, fmt.Errorf("Invalid format for query string: %w", err).Error())
+	}
+
+	// ------------- Required query parameter "org_id" -------------
+
+	err = runtime.BindQueryParameterWithOptions("form", true, true, "org_id", query, &params.OrgId, runtime.BindQueryParameterOptions{Type: "string", Format: "uuid"})
+	if err != nil {
+		return fiber.NewError(fiber.StatusBadRequest, fmt.Errorf("Invalid format for parameter org_id: %w", err).Error())
+	}
+
+	// ------------- Optional query parameter "project_id" -------------
+
+	err = runtime.BindQueryParameterWithOptions("form", true, false, "project_id", query, &params.ProjectId, runtime.BindQueryParameterOptions{Type: "string", Format: "uuid"})
+	if err != nil {
+		return fiber.NewError(fiber.StatusBadRequest, fmt.Errorf("Invalid format for parameter project_id: %w", err).Error())
+	}
+
+	// ------------- Optional query parameter "from" -------------
+
+	err = runtime.BindQueryParameterWithOptions("form", true, false, "from", query, &params.From, runtime.BindQueryParameterOptions{Type: "string", Format: "date-time"})
+	if err != nil {
+		return fiber.NewError(fiber.StatusBadRequest, fmt.Errorf("Invalid format for parameter from: %w", err).Error())
+	}
+
+	// ------------- Optional query parameter "to" -------------
+
+	err = runtime.BindQueryParameterWithOptions("form", true, false, "to", query, &params.To, runtime.BindQueryParameterOptions{Type: "string", Format: "date-time"})
+	if err != nil {
+		return fiber.NewError(fiber.StatusBadRequest, fmt.Errorf("Invalid format for parameter to: %w", err).Error())
+	}
+
+	// ------------- Optional query parameter "limit" -------------
+
+	err = runtime.BindQueryParameterWithOptions("form", true, false, "limit", query, &params.Limit, runtime.BindQueryParameterOptions{Type: "integer", Format: ""})
+	if err != nil {
+		return fiber.NewError(fiber.StatusBadRequest, fmt.Errorf("Invalid format for parameter limit: %w", err).Error())
+	}
+
+	// ------------- Optional query parameter "cursor" -------------
+
+	err = runtime.BindQueryParameterWithOptions("form", true, false, "cursor", query, &params.Cursor, runtime.BindQueryParameterOptions{Type: "string", Format: ""})
+	if err != nil {
+		return fiber.NewError(fiber.StatusBadRequest, fmt.Errorf("Invalid format for parameter cursor: %w", err).Error())
+	}
+
+	handler := func(c *fiber.Ctx) error {
+		return siw.Handler.ListUsage(c, params)
+	}
+
+	for i := len(siw.HandlerMiddlewares) - 1; i >= 0; i-- {
+		m := siw.HandlerMiddlewares[i]
+		next := handler
+		handler = func(c *fiber.Ctx) error {
+			return m(c, next)
+		}
+	}
+
+	return handler(c)
+}
+
+// ExportUsage operation middleware
+func (siw *ServerInterfaceWrapper) ExportUsage(c *fiber.Ctx) error {
+
+	var err error
+	_ = err
+
+	// Parameter object where we will unmarshal all parameters from the context
+	var params ExportUsageParams
+
+	var query url.Values
+	query, err = url.ParseQuery(string(c.Request().URI().QueryString()))
+	if err != nil {
+		return fiber.NewError(fiber.StatusBadRequest, fmt.Errorf("Invalid format for query string: %w", err).Error())
+	}
+
+	// ------------- Required query parameter "org_id" -------------
+
+	err = runtime.BindQueryParameterWithOptions("form", true, true, "org_id", query, &params.OrgId, runtime.BindQueryParameterOptions{Type: "string", Format: "uuid"})
+	if err != nil {
+		return fiber.NewError(fiber.StatusBadRequest, fmt.Errorf("Invalid format for parameter org_id: %w", err).Error())
+	}
+
+	// ------------- Optional query parameter "project_id" -------------
+
+	err = runtime.BindQueryParameterWithOptions("form", true, false, "project_id", query, &params.ProjectId, runtime.BindQueryParameterOptions{Type: "string", Format: "uuid"})
+	if err != nil {
+		return fiber.NewError(fiber.StatusBadRequest, fmt.Errorf("Invalid format for parameter project_id: %w", err).Error())
+	}
+
+	// ------------- Optional query parameter "from" -------------
+
+	err = runtime.BindQueryParameterWithOptions("form", true, false, "from", query, &params.From, runtime.BindQueryParameterOptions{Type: "string", Format: "date-time"})
+	if err != nil {
+		return fiber.NewError(fiber.StatusBadRequest, fmt.Errorf("Invalid format for parameter from: %w", err).Error())
+	}
+
+	// ------------- Optional query parameter "to" -------------
+
+	err = runtime.BindQueryParameterWithOptions("form", true, false, "to", query, &params.To, runtime.BindQueryParameterOptions{Type: "string", Format: "date-time"})
+	if err != nil {
+		return fiber.NewError(fiber.StatusBadRequest, fmt.Errorf("Invalid format for parameter to: %w", err).Error())
+	}
+
+	handler := func(c *fiber.Ctx) error {
+		return siw.Handler.ExportUsage(c, params)
 	}
 
 	for i := len(siw.HandlerMiddlewares) - 1; i >= 0; i-- {
@@ -2467,6 +3231,96 @@ func (siw *ServerInterfaceWrapper) CreateProject(c *fiber.Ctx) error {
 
 	handler := func(c *fiber.Ctx) error {
 		return siw.Handler.CreateProject(c, orgId, params)
+	}
+
+	for i := len(siw.HandlerMiddlewares) - 1; i >= 0; i-- {
+		m := siw.HandlerMiddlewares[i]
+		next := handler
+		handler = func(c *fiber.Ctx) error {
+			return m(c, next)
+		}
+	}
+
+	return handler(c)
+}
+
+// CreateCheckoutSession operation middleware
+func (siw *ServerInterfaceWrapper) CreateCheckoutSession(c *fiber.Ctx) error {
+
+	var err error
+	_ = err
+
+	// Parameter object where we will unmarshal all parameters from the context
+	var params CreateCheckoutSessionParams
+
+	headers := c.GetReqHeaders()
+
+	// ------------- Optional header parameter "Idempotency-Key" -------------
+	if valueList, found := headers[http.CanonicalHeaderKey("Idempotency-Key")]; found {
+		var IdempotencyKey IdempotencyKey
+		n := len(valueList)
+		if n != 1 {
+			return fiber.NewError(fiber.StatusBadRequest, fmt.Sprintf("Too many values for ParamName Idempotency-Key, 1 is required, but %d found", n))
+		}
+
+		err = runtime.BindStyledParameterWithOptions("simple", "Idempotency-Key", valueList[0], &IdempotencyKey, runtime.BindStyledParameterOptions{ParamLocation: runtime.ParamLocationHeader, Explode: false, Required: false, Type: "string", Format: ""})
+		if err != nil {
+			return fiber.NewError(fiber.StatusBadRequest, fmt.Errorf("Invalid format for parameter Idempotency-Key: %w", err).Error())
+		}
+
+		params.IdempotencyKey = &IdempotencyKey
+
+	}
+
+	handler := func(c *fiber.Ctx) error {
+		return siw.Handler.CreateCheckoutSession(c, params)
+	}
+
+	for i := len(siw.HandlerMiddlewares) - 1; i >= 0; i-- {
+		m := siw.HandlerMiddlewares[i]
+		next := handler
+		handler = func(c *fiber.Ctx) error {
+			return m(c, next)
+		}
+	}
+
+	return handler(c)
+}
+
+// CreatePortalSession operation middleware
+func (siw *ServerInterfaceWrapper) CreatePortalSession(c *fiber.Ctx) error {
+
+	handler := func(c *fiber.Ctx) error {
+		return siw.Handler.CreatePortalSession(c)
+	}
+
+	for i := len(siw.HandlerMiddlewares) - 1; i >= 0; i-- {
+		m := siw.HandlerMiddlewares[i]
+		next := handler
+		handler = func(c *fiber.Ctx) error {
+			return m(c, next)
+		}
+	}
+
+	return handler(c)
+}
+
+// PaymentsWebhook operation middleware
+func (siw *ServerInterfaceWrapper) PaymentsWebhook(c *fiber.Ctx) error {
+
+	var err error
+	_ = err
+
+	// ------------- Path parameter "instance" -------------
+	var instance string
+
+	err = runtime.BindStyledParameterWithOptions("simple", "instance", c.Params("instance"), &instance, runtime.BindStyledParameterOptions{ParamLocation: runtime.ParamLocationPath, Explode: false, Required: true, Type: "string", Format: ""})
+	if err != nil {
+		return fiber.NewError(fiber.StatusBadRequest, fmt.Errorf("Invalid format for parameter instance: %w", err).Error())
+	}
+
+	handler := func(c *fiber.Ctx) error {
+		return siw.Handler.PaymentsWebhook(c, instance)
 	}
 
 	for i := len(siw.HandlerMiddlewares) - 1; i >= 0; i-- {
@@ -3379,6 +4233,26 @@ func RegisterHandlersWithOptions(router fiber.Router, si ServerInterface, option
 
 	router.Put(options.BaseURL+"/api/v1/admin/policies/:key", wrapper.SetPolicyOverride)
 
+	router.Get(options.BaseURL+"/api/v1/billing/balance", wrapper.GetBalance)
+
+	router.Get(options.BaseURL+"/api/v1/billing/ledger", wrapper.ListLedger)
+
+	router.Get(options.BaseURL+"/api/v1/billing/usage", wrapper.ListUsage)
+
+	router.Get(options.BaseURL+"/api/v1/billing/usage.csv", wrapper.ExportUsage)
+
+	router.Post(options.BaseURL+"/api/v1/payments/checkout-session", wrapper.CreateCheckoutSession)
+
+	router.Post(options.BaseURL+"/api/v1/payments/customer-portal-session", wrapper.CreatePortalSession)
+
+	router.Post(options.BaseURL+"/api/v1/payments/webhook/:instance", wrapper.PaymentsWebhook)
+
+	router.Get(options.BaseURL+"/api/v1/admin/payments/sessions", wrapper.AdminListPaymentSessions)
+
+	router.Post(options.BaseURL+"/api/v1/admin/payments/sessions/:session_id/refund", wrapper.AdminRefundPayment)
+
+	router.Post(options.BaseURL+"/api/v1/admin/billing/adjustments", wrapper.AdminAdjustBalance)
+
 }
 
 // Base64 encoded, compressed with deflate, json marshaled OpenAPI spec.
@@ -3386,97 +4260,121 @@ func RegisterHandlersWithOptions(router fiber.Router, si ServerInterface, option
 // const string: with thousands of chunks the chained `+` fold is several
 // times slower for the Go compiler than parsing a slice literal.
 var swaggerSpec = []string{
-	"7H1rc9y2kvZfQfE9VZbqpWbGsp1Nxp98ZCdHGztSWUp2q2ztCCJ7SByRAAOAGk9U+u9buJDDCzjDua6d",
-	"5JM0vACN7kZfHjTARy9gacYoUCm88aOXYY5TkMD1rzd5SOSbQBJG1U9CvbH3ew587vkexSl4Yw+bu74n",
-	"ghhSrB5L8Zf3QCMZe+Pno5HvyXmmnhSSExp5T09+2S7j52+XNMz4hIRdTX/3cnnL1/resrb129XWgeap",
-	"N/7k5QK4ugH8gQQwwUHAcio938NhStRYQ04e9CM4An1DzIWEVF2gjM5TlgvvppO8HzlLuyibqntVmqaM",
-	"p1h6Yy/EEk4kSRXJHQ1fYx6BVG+FIAJOMiM47w0KFF0kwAki4WuE0QNOckBAQ0IjNCMyRs/Gz1CKZRCD",
-	"QPAAfI5IiIhEGYcp+QJi4PlOgqXps0NIL5bI/5p1MUGyTVhwlnPBeHv0Fxn+PQcU6NtIMRhhNawHwnKB",
-	"MhzBM4FuKXyRE/PMbddYze2usb56fuoi6zyENGMSaDD/GeZt8j7gexAIIw6SEwjR5cXVNRJ4Cq+RjAFN",
-	"CRcScRAZowIQEYhDluA5hOhuLgFNGdf/lDTHgEOtm5boSv8nioAO6k9fvfK9lNBy5rrG8jPMKxM2wzJe",
-	"9HMPczNbOfyeEw6hN5Y8B6cg81w/2e7gPUmJQ4EvcQRIkD/AR8+RZOh0NOqSUaJbqPYawhTnifTGr0a+",
-	"GjFJ1Sw/VZqZEmp+LUZLqIQIuKbmgkedw2U82n64lywhWi1+0Y128XVpL6ut7SVn/4ZAdg4lM/e3H86V",
-	"MZhvjL3s7K9hV7fv91cBvLM3Zcy37eJJvWxmoPaL7zg3liZgVCoPMH70cJYlJMBKY4f/FsZhLnr4B4ep",
-	"N/b+33Dhbofmrhjq1t7RB0hYBqa3hv2mCNQzPiJUGwWwDw/08G072mFfnlsjk3GWAZfEEBxwwBLCCZZ9",
-	"DarvwZeMcBBrvUPCHuz0vQQLOcnFmgRRO0laN4yPapuN34ggdwkgITGXiE017+5h7isbwiFgESXKpsqB",
-	"qzsOD+x+LRKfqjr2ydNjt7RZ6v2qJBYRArtTE1B1agSo7F1biERCWv9nmVZZVXgqO8GcY/274uoc7GwO",
-	"QvflJDUML3j0AdI74B/h9xyEmQdhSBT/cXJZoX6KEwF+Y0CQYpK0/NBLlyxYAtUIjc2oib9sQHZHkkQ9",
-	"6nuppscdfVXHZfq2La8entAepCUR+kAkLsLjZdI4Xzz5VBK54h3Tt6bcRZ0169sIoMnWgp2WPt97IDBz",
-	"ctMv7WovC13lfMUgd/M+JfTXTE01Zds3GxwRkyzBUhE3MQNbKPsdYwlgLQshscxFjQuBJA9qroZE4LsE",
-	"Qrc2talWUe17FrX1BJcpVIuNZZrTfVPaTKZ1O2CcQ6K1qquFECQmiehmnXGFrbH0NOQsCHLO17TjNnRy",
-	"W/IyFHHd5uU8LGQl8iAAITzfm2KS5FyLDShxCs33BMt5ABOSOZuXHfnTWSV7QlGWYyzGjxwiwujT+JHx",
-	"6Gn8aCl/Gj+qZp/GjyR86uchqjz066lpJQcu8+wy4bLMaKnBzRLV3IljKdR8f67lTDtJ48E2dC0bBC9F",
-	"fNGMqFdlRdUx6Ta6h3TBo83G46DtdCVtvieS3JgjLCVwpcv/8wmf/DE6+eHG/j25eXzuf3f69I+Vyqrb",
-	"8leN0HqlP/ko65nOZoOt2Zg6kuDI4xbqudEo/S18vUvFlzhvw6GwKxW5Nxf7ha4CAu6yyNcxoFnMEh3O",
-	"D9BVzGYUMRrAayQk4yqmR5TNBivFbbJr241rNG8hAxoCDeZnMQT37fGEOTem11hO2wDNTezme1Dkip0C",
-	"LSSSMSEjDkKrn1R/JKQZ4zhx+jJ27wpo3MJi98ovVih1DVXnof9koSt/ZCH0SmPP1IP7DU1SEMK6seWy",
-	"1UQvnl/02MtlLobT0r4rqcJClOIgJhROOOBQX9CiRqpbDZcWcr3D4YRbE+GrnAEnJJxojMD3cnpP2YxO",
-	"pgSSUAvJwAgwMaqpHzaEqggHwkoTJR6ZU5zLGKjUb6pHpozfkTAE1QVlcjJlOTUhdy5hUr2SgoxZqC/h",
-	"JGEz/XrA6DQhgbSoCQg5kYxNEhV76P5EnmWMq0Q2hZDgImDhinANwelmVKOKO2ogIZb4DguY5BQ/YJIo",
-	"jlVA9vpV5aJZbtiljB1WqZqKG6uUF8Fi9ZpOLurDUxOxdqmJP1Xv4YwoxtefT/JoIvG9YSZOofyBEz26",
-	"SWlDNbBRJKelmDiESjZYq15xVTLbhu3Rwg2VKyaGMcGfobRMSHwvYQFOiiGI6h1GwkDTr4RIotw0obub",
-	"pDhRsVDlCk6ihuzNdaW0gkQUSxNUm6uFthrdNNcWZJrfqrU5yIkeZnl1xhmNJkSIXPOmehHnIQEaLHpJ",
-	"iRCERhORm9lYf5wy86weZ8QxVTqmnluMPuPsgYTAG1pVsJ4sIHE7ksaVCYdcmKlWuUHoZJqQKJZOc1xH",
-	"8VoWtHQDK02otsAtuEK/7rJT/wKcqKCh2WE7r2X3TsIfgAt3dtoMjUyLizdc5JzXIJEOvOeQWGMR9/TI",
-	"xGqYUI0o10jfqxn4nkWEbhb/JerVXuhXhoWYMR62kpPTl6viG9NJpQn3SCKWyy6QC2g4ESCUxCc5T9y8",
-	"bLX5wTEHlJOaGH9T00sSBguzpw20aOhXJWogIkvwfNIJBncrWU+F6YkbKW9k7L6ISdY/fS5BRfWaK4fO",
-	"OKEByXBSAj8r1qVdbCp84yYU1oBFN5UNLWuQ7JvpVBW3i61tHrrpvnGqV4Ggbr/QsYVKdRiXnaCjhTWq",
-	"kVcapxXrCIY/u4B7ChR6b2DPxfnbs3dfghjTCDazpEV2UrGNL0c/fOdCCiSWLYTh1Xd+v0zCvO0cA492",
-	"o4s9bVSnqhZQSA9vV0U6VupT3Wq1hrqAdFdDxiqK7yJf3ewYwj4WgcpF/LLfCn1LII4LvhMkVWnN/uZV",
-	"WVzgwCyKkojH5lqzg+0WsGmrWsCyxqgLyUQJuytStoVRdzqq5uCbPo/o+irld/UE5EbABZShZM0ozFeL",
-	"2mYsxj0V4y8HUefCUm7uQvAL0exb/BcPwDkJoROHc4t1Q2Hqd7vwnlyv561nDot37ty06jI2pcVuVE+P",
-	"pEJV8UKNllonqxm5O/GXotmjDlhZfRWuaQ0fsYYXK034Wu6sHeJu49Lqq5a9H19Sz2Ie6O0JN8bya6Vf",
-	"JStr/TfoXeIVLVN3MkOs4u5vanwEHBIKQjgmRwzBfX9amysEDprbWIxBRVfKp4RcLE3ukUw5iHjDChDz",
-	"skUj64Hx989/OF1FYP19J3ksge2qU1ZQ0KWO9TW6HaWKK2KlA9rINY3OzkyG21ToH9ZAVJnUN1+tC2sX",
-	"JqQh/v1ZkiuQxqFvpuW7ireWb43ojpWKKMncdw3wWs3tj7b+1VXcFIAQCwuyI3B3SYOF0dmk4ZbBczwh",
-	"c04nkrlrhPRKRDNL+Sdg3mfy1HhVa2wl3GzK4X7BKRywtqJvdcuvwgXGaQDQlFw58F69guVU6wODeLvF",
-	"hfUSoIbd16J/4zLEzlWMBm7owl/L8KIqqZW2Wgl7FxZaK82+7LIpHsk5kfMr1Z8h8E7P0ze5WTBrVdlf",
-	"nL89Q2aOIj030dF//tf1sdk0JGNAiyVVRPSarpyjYrHRRxhpnf5M7QJG0UaUiclgMDj2EeMIU/Tm8hzd",
-	"w1zduNc3Bp/LHXRam4w1KccUS5mZfQGETpm7GsaUJSoCJWcJyhJMAX18d3Wtehugd3pLlylQwFTMgAuz",
-	"70tvJ9CXi00Fn+nRbW0x8/YYBZjzOaERwkiY4ofbgIVw+9pyJQSBMAeUECEVbyi6Lesnbgefqem+3MWk",
-	"miMg0O1/n5wtKjFOzt/eoiMIYgbhguW2/gDNYqBIr9/6CBIBn2kEFLhSVMs/SaSKcTzLijeX55W1yrE3",
-	"GjwfjHSQlQHFGfHG3ovBaPBCr47JWOvHEGdk+PB8qCfIEOchkScJi/Q9Wxqq9F2Tex56Y+89EbIoiNTr",
-	"F5X9k5/c6r94ZNjYrfjkr/HG+dt1njeF5/0et9sI+z6utzP2bpv1edRsA+vxoN3z93TT2KBzOhrtbHtO",
-	"rXbWtTtH7yFEbIq0viDOZmJgkoUCZXW2XxJslv2NycrTFPO5alW3lbDIRxRmagLonYA+mpJEgq23wEoz",
-	"i1j+RjXQpcBD+JIxLjv1+J2+/bcmr6fJq9VOwhc5DMRDXd0c+8saFedXvxnzjJHZz6m0anulMmZYb/PV",
-	"xrzQV4QFOrv6zUdCcsBpP+XKVNJjHX+nbaxDnQ69cu3hvO/epure4vhtGRQHoLzUrLCCe9srgOl60aLy",
-	"1FNmor7eAh8+3sP8yYQhCZj11LrkzxLAvIFyr2tR6ntjlehcqlJkr917O9dOq5d2teaBBG01eunYXqK4",
-	"BeH20v0IKXsAhFFWFzM6UoGUCqvRTEWqSA9FBaPquu0SaYUGcexQBd/LcscEL5GPXQn5piw3LcqQdzLh",
-	"WgjNUz2LUCrzdLAJ75rsVyC3F/8VSIfsjd4nc18fFYApYjxSote/UDENekz/XNhTQZzGXm/ZUxb/V/1Y",
-	"LztfZKodBxK87D81izy2Pe37ZdHflgMpE/ClbkPLa1Ot6qcNw0dbrvRkN6YEcYdmLDZzrm0j7O7+fRmH",
-	"jr2mBzYRBgtpi9MQtgPf8BPHVGqTj+8B4RmeowIOQlqiPrIzBGksQP+HkS05XKYOuYyHGvcYlhWtGROu",
-	"eLAsmPX2I8p2Re6BpVhHyl12nkRU4yMbC9RiWt74003N9pOIqmDOJg1aHsgWiKIjjZ3Urhm4xog5rLn8",
-	"XMZOAUfMhABdso3Mfo298bZWpNzNWpbLAfqRcYPlCRLRE0KFjxpVzOq30OFPAd89E2gB27Ed5Fo0NOAY",
-	"TpJq66t5zUgY6P8YJ39Ap8e9IGHwpnyqZVWbJ+jIuDg9ZAZ3Ktgzh2DInKsBIzyVKjA0/EJHBpN7AN8c",
-	"nlEeEzU87jp4Z7Fsss75SE03+WJ02g6QP0JIOARS0akG0IJeFU0mT9aNKDtQLNEuSbp3PAP1ISMY3XE2",
-	"ExVWliirVsiCYnRUCFhTqiFU9P/R5c9n7457agjYmtnuSak0pKis3ZPJdRXv/mWM7o+EEhE7ZH43R1Y6",
-	"auIUELkOufWSgFgtYv3c0K5WdovYFn9c2wXFfYi4UV/ytUn3F5hZpprFCJaEyLLNrr9QhhJGI+Boxvi9",
-	"2LUWXHMcgj7ArdqpkjUtSUNHxvtaHyAQpqE2CMsne6z3dv1RcQHNJSuzknM6GqFZTBIoPJpewSIC5dlr",
-	"ZEqHFBfCslJJGcy6Iv0E8l+2tz1K025Wc4jxukn4rsV0aRtPyANQc2RIwXh7emON9YyvWPW54BvA5F9V",
-	"GllUsS8HH3mEqfVSOwAgL6rNVeIjdAdqjgrl4o9wktjTulI9j+qJSg2h0mLSAJXTPJanbqwtqcaxjfvK",
-	"PlvHgvQyr893qQPO9QdTAbC9vE1DFnYqJf+6LvmApSAQkQIVWzoa4m3My+GjqT976pygP4HcROjmwMd9",
-	"T7ou81fl0La4zWJeuEEZgytsy6Pdz4d2ldOB440O+WyJw/TU56Hd9rjK8di69U1l943BnZW9jEtdlWXe",
-	"7qaO06VUzwXcnwAO5H5cZzge2AM5zll0STkMIURHRsTHiHGkz15U1xaHMB7voOwiDBG2mqTTuBSTxF/0",
-	"Z4ISjafJGOYoxg+AKJM69TOVT3OQ3tozvo6kd62rmgW+A6hfDXNftX5pqNrl+qXlv162TLCQJi5AAaaK",
-	"1XeAuOnSHQmu8HgH5d0e0vHKfooD+8byQNL9LVOcaSSpVIFnAnGWwBJNCCFl0qkJnVPOrnmuKFwpHvpr",
-	"+Njq3q2lTrZg3p69bO0wwW/ezTqPRjywny231O082+ued6YW4eQe5qITw1KTrfjkhJxnEBYVDPqgbpUU",
-	"mo9VqHvmd1mwYldYzB5uhCWaxSSIP1MiUYrnyjrYKohQV2HrQgjlyyO/UOPjAfpNtS6QAKn8vdFCxs36",
-	"mHbsMZvRzzQGDqbMuKvI7Wc1ym8aEKrvcV9uBkoZCR8JfRKcYh/FKewcX42h2p2BOAtE6J6ymfDtIstc",
-	"qwENCw2pYnymhYZ6Wls2fFxsY1uKKWxqjxZfYDiEEV8Cr6rb207z0n2uDLZ2xa4/IcywRFQ7ghoqYlql",
-	"8r1gh/qW+W1k+jf80H96dUEQNWnsVxiHgyKcXzQ4cJjUneNoCGLHCIP9JomV+TNRw4CLcod2jeYGc3sd",
-	"gOGAynVIoGFjB3ZwRvyNGuzL09mzE0+KMrilLq9+hMBfyec5jmNY6vssW8vqwgM4QddB/H8KR7jsCwMH",
-	"dobNMzT2Bh1sM4WHj+0Pyi11cm/19UNqTuvDeP38nSF0BzGHaQjh5jzVybI5eFwjK/cGwnDOwq6c+Gvj",
-	"4+iA2q+y6gZLv7qZoJpoInCrXN1GUNaWkvzWdoUvPtS31DMqzv8feUPztdevTIgHdaL1L0gd2HnWv4Nz",
-	"mCKr4mQRs7mvae31Kpr51g0iwiDb+qs5x94hDJDeN7w6A1Xe6BtQZPMt5L6Jq/62x358gz5KsLtG+MyU",
-	"/17ajwv56Jc311fa8V/brwuhgFH9CToqk7mPAAdxsY9IxIxLFAIOE0Jh8JmaSmOgCCeJXiLh6nF8l8Br",
-	"9Gr0wryni91vy4+/3CKKU0Iju8gzxSQhNPpMF+XI+sAY+3Wegb1/i5iMgc+IcK67/ATyoxn4Ho384pBI",
-	"x/TV3WuRvhq9OODHgCVKQK+EU0BVFgqU01Iau16EKTlRgax0ObVSJLMoZykhsKq02mwdTWHZSssH8PYK",
-	"SXRFc6YmdXuTvGjLLk7VP3NQsMfsqXZyp1/c9mFu/Ms3vvJ4iGjKJZxnAmXABaM4KXynSzzLo65CBl93",
-	"jflfLBZqybVf9NNnQq4Rx2ysGgeMLqpGXiMBbd51MCgFyUkglttx80i/g5KyBBO65lFJl5ylIGPIBVJt",
-	"IPiSMaEPxUTm5MU9bCQqOkzL0bX9Xb2F+tGDn26UZFWsXKiD/rCSPuhvPBw+P/2PwWgwGjwffz/6fqS1",
-	"wLb/6NjaeEIomiZsZnyx2W82WOzL1bvKlJnvcnZFHQ3hpQmsvG7k3X6/vpHnSALFVIpj37Zk3Z1ue1Ey",
-	"VraqS4XajRZFd65W2hBz2VoZFztarG0dIkIa9URHjT1FiNFkflxlmz7pwEmijnvM1jxfxb82MFJEWoWo",
-	"tGMVwiEAU+tUkFGpcKmOzFStPN08/W8AAAD//w==",
+	"7D1rc9s4kn8Fxduq2HW05WSSuVnnUzbJ7uYmM/bFzuxVTXIKRLZErEmAA4BSNC7/9yu8KD5AiZIoTTIz",
+	"n2zxATS6G/1G8z6IWJYzClSK4PI+yDHHGUjg+teLIibyRSQJo+onocFl8EsBfBmEAcUZBJcBNnfDQEQJ",
+	"ZFg9luHPb4HOZBJcPr64CAO5zNWTQnJCZ8HDQ1iOy/ibV2sGZnxM4q6hv326fuRbfW/d2Prt6uhAiyy4",
+	"/DkoBHB1A/icRDDGUcQKKoMwwHFG1FpjTub6ETwDfUMshYRMXaCMLjNWiOBjJ3h/5yzrgmyq7lVhmjKe",
+	"YRlcBjGWcCZJpkDuGPgW8xlI9VYMIuIkN4QLXqBIwUUinCISP0cYzXFaAAIaEzpDCyIT9OjyEcqwjBIQ",
+	"CObAl4jEiEiUc5iSzyDOg9ALsDRzdhDpmzX0v2VdSJBsFxS8LLhgvL36qxz/UgCK9G2kEIywWtacsEKg",
+	"HM/gkUCfKHyWY/PMp661mttda332+IkPrDcxZDmTQKPl97Bsg/cDvgOBMOIgOYEYXV/d3CKBp/AcyQTQ",
+	"lHAhEQeRMyoAEYE45CleQowmSwloyrj+p4Q5ARxr3rRAV+Y/UwB0QP/k2bMwyAgtd65vLd/DsrJhcyyT",
+	"1Tx3sDS7lcMvBeEQB5eSF+AlZFHoJ9sTvCUZ8TDwNZ4BEuRXCNFjJBl6cnHRRaNUj1CdNYYpLlIZXD67",
+	"CNWKSaZ2+RPFmRmh5tdqtYRKmAHX0FzxWedyGZ/tv9wrPvsfDX5rxbcJIMZnmJJfsbqETiRQTOUpWiRM",
+	"AMoYhSWSCRGIdO7NQWC8ZinRrPujHrSL9mtn2awRrjn7N0SyE925uT/AcsxAJdp9eKtNts3gN0ZjvDAK",
+	"o3MxDcWy/6LeC+Cdsylttu8UD+plI4K0YfCacyNqI0alUoGX9wHO85REmltH/xbGYljN8BcO0+Ay+I/R",
+	"yt4YmbtipEd7TeeQshzMbA0FRhGoZ0JEqJaKYB8+18u342iL5fqNlbI5ZzlwSQzAEQcsIR5j2VejhAF8",
+	"zgkHsdU7JO6BzjBIsZDjQmwJELU7sHXDKOm2FPmJCDJJAQmJuURsqnF3B8tQCVEOEZtRopSKPPdNx2HO",
+	"7rYC8aHKYz8Heu0WNgt9WKXEykRiE7Xh1KSGgErgt4lIJGT1f9ZxlWWFh3ISzDnWvyu63oPO5iL0XF5Q",
+	"4/iKz36AbAL8HfxSgDD7II6Jwj9OryvQT3EqIGwsCDJM0pYifuqjBUuhaqKyBTUGqLVIJyRN1aNhkGl4",
+	"/OZndV1mbjvy5uUJrUJbFKFzIrHzD9ZR483qyYcSyA3vmLk15D7orCjfhwBNtDp0WvjCYE5g4cVmWMrV",
+	"XhK6ivmKQO7G/b8LITOgcrd14UwrloxQw+IlgITKb58GbWsndMZCH+nFAVv5XjV/PYrdXWggeIzL5WkB",
+	"wTJm1jWOOMREbmbe0rKpLdS+VQLox2xG6PtcCTGlNXdDLxHjPMVSIWpsWGYlRiaMpYA1lwuJZSFqy48k",
+	"mSsIYyLwJIXYv9Q21Mphestm7R2IS++8hfvSg+6+6cjTuh0xziHV+7VrhBgkJqnoRp0xMlpr6clkLIoK",
+	"zrfUkCsm9ujI0qjz3ealhHO0EkUUgRBBGEwxSQuuyQaUeIkWBoIVPIIxyb3Dyw7X/GXFMUezvMBYXN5z",
+	"mBFGHy7vGZ89XN5byB8u79WwD5f3JH7op3urOAzrUY9KeKUM4ZS+vEVGiw0+rmHNQVS2Y/PDKe2/4RTT",
+	"yAMpFmM2HQOVfNmUg91Cc2JG20rQapLQaNmxqfIUlHkkiIWyH+OnbDF2wMiEg0hYGh9G/neJ4nJdTbSE",
+	"TdyuB9dHtZcJRHesOJ42jBRo6bjgLfPs4ul3awXPRsFm5UrfsXtqvuqoNfC96NQ2uDGQd7Rcd/CNnPvS",
+	"jAZsijpVl6/H6F7SFZ/tth4PbE82whYGIi2MTsZSAlcC/f9+xme/Xpz99aP9e/bx/nH47ZOHv2zcSHqs",
+	"cNMKrdH7O19lPZCy22JriraHqeqQs9Mqwz1cCR+Lr/ENDIbirkjHnbnYzzMWEHGfWXKbAFokLNXRgnN0",
+	"k7AFRYxG8BwJyTggIhFli/ON5DaRQTuNbzWvIAcaK72hZXx7PXHBjf1hzAc7AC2MaxgG4EJRnQR1FMmZ",
+	"kDMOQrOfVH8kZDnjOPUadOzOZ9X7icXulHFYgdS3VB3m+huLfeEpFkOvKNlL9eBh7fMMhLC23HraaqBX",
+	"z69m7GU3rpbT4r4bqXwjlOEoIRTOOOBYX9CkRmpaHfJ2dJ3geMytiAgDQuc4JfFYhyDDoKB3lC3oeEog",
+	"jTWRTJQSxoY19cMGUGXmQ1wZosz3FBQXMgEq9ZvqkSnjExLHoKagTI6nrKDGoy8kjKtXMpAJi/UlnKZs",
+	"oV+PGJ2mJJI2KAtCjiVj41QZ4Ho+UeQ548oQzCAm2FntXAGuUxx6GDWowo5aSIwlnmAB44LiOSapwlgl",
+	"iVm/qlQ0Kwy6lLDDymhQpkUVcucxVa/p2EV9eWoj1i41w9vVezgnCvH159NiNpb4ziATZ1D+wKle3biU",
+	"oTpu6mJfJZk4xIo2WLOeuyqZHcPOaKOZlSvGhjEekIG09MqVhRrh1C1BVO8wEkcafkVEMivMEHq6cYZT",
+	"ZQtVruB01qC9ua6YVpAZxdJ4luaq41bDm+baCkzzW422BDnWyyyvLjijszERotC4qV7ERUxAeRMllEQI",
+	"QmdjUZjdWH+cMvOsXueMY6p4TD23Wn3O2ZzEwBtc5VBPVilHu5LGlTGHQpitVrlB6HiaklkiV/FMLw85",
+	"R0OtQ6esFbkgngHXY1f2lmR5kY9ZIZX7wTHVmyvHywyoHAsQQm37Gsvbe+UCqzcXMEkYuxvbZeq9Oy1o",
+	"7C6MjUm+ul6ne2tso7lWN6JCSJYBd/TxaqV6rqSlSEptuFGTaEXUCgrr133i+p+AU2U7NSdsx7jYnRfw",
+	"OXDhj1Q1LUQz4uoNHzhvaoHnjqj6MTM6zvzrEZWpRd5rQPlW+lZz9mvlO3uCFjt4tpsth12SZe6diT+u",
+	"sSHoUbPU22TTgYNmKNnEisd5waMEC602lR0yjmFCymKdeqjZ7Et/zFnnu4CLDmuwd0hoqzj6FDjYOE+f",
+	"cJ4n1NIIA1RQVR2/juMahWuk62bAIcJ7VVY+XITvrdLcb9mM0N38xlS92ispl2MhFozHraDGk6eb/CIz",
+	"SWUI/0pmOublz70BjUsdZmNJPTIJP/hCn4VMxsZOrQlyEkcrc0kbdqIhkCt7mIg8xctxZ466Wyr33C09",
+	"ky5qkxh7USQk78+cZa5TveZjz5wTGpEcpy1J1FEv6EOTs6l3gbCW7/RD2eCyBsihESNVcvvQ2sahH+6P",
+	"XvZyid396y/2YKkObTxI0tap7xp4pTbfUN5g8DOEMHXJ8YPJ0as3r16+/hwlymzeTZK6qEZFNj69+Ou3",
+	"vgijxLIVmXz2bdgvAmHe9q6Bz4bhxZ4yqpNVXQi1h5avRkg38lNdarWWuoUxor3/LvDVzY4lHKI2pTR0",
+	"ynkr8K0JjV7xQdKQimsOt6+ujbt3Y5XpIDa9TY912AE7WvTrTPYDelJb8GzpShMqJPYb0s7qh+3SoW2/",
+	"llAiiQ3/lQhX3KMTtmarxjYwt4rZmKDimEPEaERqfFsXf4UYr+pqtnEGGh5AxTcoPekaf2yUKXUGHWJD",
+	"NVj+gHvLFSt78giuDPy+h8dpkyhtQkUsbyDAsccsZRMXRl0ZTF5yNxfftCeJdlaVTauJyI3wdOkFJUcZ",
+	"heVmMWqjiMb0c+svF1HHwlpsDsIDJWkOTf6rOXBOYujMjfnJuiMx9btdkZRCF5ptJ3fdOx2RFH10R3Gx",
+	"P9OmV1KByr1Qg6U2yWZEDkf+kjSH5AEucbqbwbpV7EYWnO5bxFEZpXstnZZCp9dfc1y6xrY8/UWYx9uU",
+	"z/S3pEs0b2VSt93sfczqetlh78fXlPqbB3pb4zvXIdROwZSorM3fgHeNZW6ROogksYx7OBHyDnBMKAjh",
+	"2RzKkuoPa7O6wQNz29A0Gd2N9Klbd10rmXIQyY7F8eZlm0mtS7nvHv/1ySYA6+93gFfQ+GhFfb3r1hsL",
+	"aVjYa6rL3YL8EVubpNyyxtQlGf0Whlgph+0s8BXfbWAz+0rYAr8KWjmeFysshf3OZ2xgtC6pUy8jGygq",
+	"ucF1OKIq3FK3DKYZ/BpB/7B6oJ5t6hcarRNrCE3RIP/hFMYNSGPf7sblQ7kf67sjdLsOzmkw930LvFUi",
+	"/J09Aeo7hKJrj0tFMVC4aM2ATrfsMnBLr3UZ95L5z3LoYpmm0/43wLzP5qnhqjbYxlIAc2zpR5zBEct/",
+	"+xZgvxfeHYvTlEXVaoONYmpC0nTLYJ19paDS5IOGCHDqiOE2bDXLa+q0At4hAp8kgnEOfDzLi3HCCr4V",
+	"vrZUHOKu8NseEnO59wFhvyKp842BweJ4zfKb4U9eBjxqLNJgsk52HkIJmX1xON3zXvjyrTrHa46keVL6",
+	"urjRq06OnKcdNvWvq0N1ZcVW8O98TLOzsquRGval2EvvrUqpjTaSIvYwTHnQ1PG/TKXkO4iA5H6722RK",
+	"vOKyLNHuEKcwd92qPD1batWM5sHaiJU0TRtycyKi4EQubxSmDAQTrdlfFKb8sdWZ4urNq5fIaHWktTk6",
+	"+e9/3Z6aTkMyAbSqE0ZEFyrLJXKZqxBhpHfjB2odLTfGLBfj8/Pz0xAxjjBFL67foDtYqht3+sb5h7Lt",
+	"lt4Hxv4o15RImZteGoROmf+IhzlwqgCUnKUoTzEF9O71za2a7Ry91n2gTNU9pmIBXJhmUboFh77sGnF8",
+	"oCefaqWpn05RhDlfEjpDGAlT0f8pYjF8em6xEoNAmANKiZAKNxR9Kg8FfDr/QM30ZesjNRwBgT7979nL",
+	"VQ3j2ZtXn9AJRAmDeIVyW1SPFglQpItzQwSpgA90BhS42mIWf5JI5RUFFhUvrt9UKk8vg4vzx+cXWjnn",
+	"QHFOgsvgm/OL82906ZZMNH+McE5G88cjvbVHuIiJPEvZTN+zh34V82tw38TBZfCWCOmOump1Vmm69rN/",
+	"464eGTVanD2EW7zx5tU2z5tIQb/Hbe+xvo/rHmi9x2Z9HjW9o3o8aBuFPXxsNLV5cnExWEub2qloX0cb",
+	"3XgMsSnS/II4W4hzE15waUrv+CXApojbiKwiyzBfqlH1WCmbhYjCQm0A3T4sRFOSSrCHCLDiTOf9f1QD",
+	"dDHwCD7njMtOPn6tb//Jydtx8ma2k/BZjiIxr7ObpydTo5fAzU9GPGNkmsAprtqfqYwY1gcttDB3/Iqw",
+	"QC9vfgqRkBxw1o+5bC3QaFWWbYLsTHj4S/fqMK1Q3LH9bVms0X3PIF/rBncQb5jt3urX8lA3RiQv4KFF",
+	"+MeDAVArrW6zxjVTKnZ/XnipbSdlkegqe2WX1LvUaSqjFXXVo5Vie2SMr9M+rGKPxYiRNYy69anmE6VU",
+	"61Fuj0DydXsrLfF2I9CDlfwoebG2Y98W3d++LsXoKS5aqx4d8ffnXTtzOWKIJktkiI9OjNFoCEYML/9S",
+	"QAG7cero3hXmk/hhZE+drBdzJnNkYexg3GYXQTfFft0DvxQZWk8G9pKfF4NPrhN3HoZ8Z2sI92dDMxLK",
+	"dUc+jnCaaisQOVGCJMvPilxrctvt0DAQWhAas0UvhmQpiayv3emB1CtyegrLu+4Osv7Onl+ZdGrXPa2V",
+	"TsxhbwDxpKdejaj84SkzUaHeBB/d38HywTj7Ske1Kf8yBcwbxVjbGlX1lrBdusxllbpF09bprrVTbdkr",
+	"vM1GTz3tuRS2htn1GZsDwiivk9loHgqfJVoQZbLrpSjBoK7bKZFmaBA+ZRQGeeHZ4GVGcigiH0jotzKn",
+	"R5b7zbLE9ma/Abk/+W9Aemhv+D5dhrqLt7GlFen1L+S2QY/tXwjbsH+9efxeP9ZLzrtIdkev8Kf9t2a3",
+	"dd0vyv51KZAyQL9WbWh67cpV/bhhdG9PrD3YnkZR0sEZq2aYW8sI23f6cF61t1fnkUWEyZW0yWkAG0A3",
+	"/INj4yhLfAcIL/ASuXQR0hQNkd0hSEfc9X8Y2VOn69ihkMlIZxdG5aFmvwuyOjMdHIaU7UPZR6ZivYLF",
+	"J+fJjOosxM4EtZmj4PLnjzXZT2ZUGXM2NKfpgewZYXSiMxS1ayYpYsgc11R+IRMvgWfMmABdtJ2ZVj8H",
+	"w23tnHo3alkhz9HfGTcZM0Fm9IwoN7xxkF39Ftr8cUmyRwKtkmNsgIgmjU0KCqdpdfTNuGYkjvR/jJNf",
+	"oVPjXpE4elE+1ZKqzY9byMT1tV/ARBl7pj27LLhaMMJTqQxDgy90YjJfcwhNW/fyCy6j067vQKzKmbb5",
+	"dElTTX5z8aRtIL+DmHCIpIJTLaCV4FQwmWi0HuStLerYENoeeAfq9vcYTThbiAoqy1ymZkgHMTpxBDZx",
+	"oIjFgP4TXX//8vVpTw4Be2y6e1MqDnGHqw8kcn3nt/8wQvfvhBKReGg+WSJLHbVxXCJam9w68S42k1g/",
+	"N7JVhN0ktrX3t7bQ70Ahs2p5/5dG3R9hYZFqUv4sjZFFm61yoAyljM6AowXjd2JoLrjlOAb9baXqpIrW",
+	"tAQNnRjt62K3CNNYC4T1m90lsiarftJeVfAP2Dl3VX4d6KAei4POQ7/bBJBd3wC56Xqq6JFwQ6OTGDiZ",
+	"u/INIgUyJw2qBHA9BLw0MI+vDXaa/NgeJPjK/NBK06a1nihQyckQ4cs2eQ1V3Az1ioS+lC1cUXEnYd/b",
+	"3qOHo2vti1F/1rdUqlr7BDrUPxwixuMBmOx9dTidNmnmn1luEs3pEjEKLoZ2ugf3ndtCjDUVML8XHvzK",
+	"K1OqzLauOMVL80T3t/y1Qulmoaepf3xycYEWCUnBeai67pMIVOTPkTmJqayauDz4qRyglknwTzvbAXeo",
+	"bdjZodZrgA9tdl3bwVMyB2o+oeJwbz+UWkM94xtqJa/4DsVlX5S4dI2J1icTK5JsAGF5VR2uEu9AE1A2",
+	"t1Au+4lNP8sEMm0X1wOPtYyTJpNOOHndnfIDDF9qjVbrCxFHLtHSXaU8stFU/A9Sm4UlNFXi8zrlI5aB",
+	"0Da269LVIG9jX47uTUnSwzoHZxeim2+rHnrTdYm/Kob2zcOs9oU/yWLyBPviaPj90D5NeOT4QQd99syr",
+	"9OTnke1kuUnx2DYgu9LuKzPrK+0p16oqi7zhtk5HYdzqC5SHI8DRSoTbXws9sgbyfNHTR+U4hhidGBKf",
+	"IsaR/sqnurb63OfpABGDOEbYcpIOy2aYpOFqPmOU6PyYTGCJEjwHRJnUoVxzXmgJMth6x9cz4111UqZg",
+	"5wjsV8uhb6pHMlANWY9k8a/LkFIspLELUISpQvVE+VN6Sr8luEHjHRV3BwivV/qWHFk3lp++PVzZwUud",
+	"GSpZ4JFAnKWwhhNiyJj0ckLnlrPxlw2FqO6hP4aOrbbCWqtkHfIOrGVr35X76tWs9yt5R9azZYeywb29",
+	"7n1XnkFw51TOKp2h1hHefVrzpqyB+DK998YXQI9N0kb/rI6oWv2ISWiCnsrbdlRB79+9HaCc1BY0mKMC",
+	"z9W8CEt7VkAWXJlH1Rk3BT9XzGM/QXSW686TfXmo3qfyMAxQ7+t59DLh6gK7qK8fGobCV7kxex1LiWox",
+	"lKOSm1HZ5YxEIMKSA83nHcRpb8rbj1uN7l0r7YduotvNIGybh16nlcoO3esOBGw6TbKHbGl2ejgq+zT6",
+	"YXjPF0Wgc+AnpmmFLfmP9Uc3EeAoOT1AlN7UO1nSoxOOF2jC4mWI5sDJVE0/Wda5MOZk3iMzbyrdz+5g",
+	"KTozKsr0Ewh0DkdRJ3b18XewDLXQ1P3I9D3zuzwOYev3TCNrJfkWCYmSD5RIlOGlslVtjX2sO2noMnvl",
+	"Wc7CMiN4jn5SowskQKpVGg5n3FRfajczYQv6gSbAwbSK6DpC9b1a5Vednqg3+l5vlJY0EiES+hOVCn1q",
+	"lw9evaNlajmdYUSXn7ijbCGsglUcYup27OzVjJMZocGe1rIe3a96Tq2NcO9qHdv3Dh3pXmNw2mSfur2v",
+	"0Vk6cxtd/6HQ9TsMeq8h1UCB7wqZNrF8ryB4vR/2PjT9Mxjef3t1BcRr1DgsMY4XGK8t6jfy8Lojbjog",
+	"PnC82+TcnWR+JOplTLaYvn0CcIe9vU24+4jMdcyw984K7OiI+DOGfShNZz/OeOYOWa1VefXG0X8knedp",
+	"wr2hPYt+vjy7dgQlaEJOjd7evwdF6FvYb6QMm53TDxbI3mcLj+4bX1zdpORe6evH5Jz6XL31nQF0AJvD",
+	"DIRwc59qZ5nDnN2BjqzcmRCGdxd2+cRfGh4vjsj9yqtuoPSL2wlqiGYEbpOq2ymUtSclv7bOntdvegXK",
+	"FOZ/I234vW7S9IUR8ahK1BDpN1KeVjUaGI5U8uu6Q5vWMU1pr2s6BEQcJCLCRLZ1ZuE0OIYA0l2pNnug",
+	"Sht9BYz8PSy3cFzVog5kJenvhHWfWHlpDqNcMyFnHESIfnxxe6MV/63aiRynKGLUfC9BpstQZ5ncMR2R",
+	"MC5RDDhOCYXzD9ScewGqG9ZhDoirx/Ekhefo2cU35j19lPoTZXKsYfuEKM4IndkkzxSTlNDZB7o6HKOb",
+	"fscgMUnFub3/CTGZAF8Q4c27/APkO7Pwg7YDdF+A8+bqcLzUJH128c1gU9a6p3tVi0Qp6LosCqiKQoEK",
+	"WlJj6CRMiYlKyEof7lGMZJJyFhICmw76mMZE2drD0j9AcNCQRJc1Z05I7C+SV2PZ5FRWfkeyih7TscuL",
+	"nX522w9Lo1++8szjMawpH3EeCZQDF7onsdWdPvKst7ocDb7sE09/MFuoRdd+1k+fDbmFHbMzaxzRuqgK",
+	"eR0JaOOuA0EZSE4isV6Om0f6HSnOU0zoloeKrznLQCZQCKTGQPA5Z0J/Cg2ZnscHKJhxE2bl6tr6rj5C",
+	"/fMxP39UlFW2smMH/Q1n/bGWy9Ho8ZP/Or84vzh/fPndxXcXmgvs+PeexjlnhKJpyhZGF5tuJueriivd",
+	"s0SJ+S5l5+poCC9FYOV1Q+/2+/VjpScSKKZSnIZ2JKvu9NirAuZqg3PfoK4E3DdKO8Rcjlbaxe0RbVuT",
+	"0LahCO3pcIOp/KzIq+O4GiYPYLXzsERIbhsNNA7KIkbT5WkV+7odn3el2nwy581DZUZb+0qBZvmqMo7l",
+	"Kw8dTcmUA6NSKFNFkCl+efj48P8BAAD//w==",
 }
 
 // decodeSpec returns the embedded OpenAPI spec as raw JSON bytes,

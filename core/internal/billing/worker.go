@@ -101,4 +101,3 @@ func consumerSpec(durable string) events.ConsumerSpec {
 	}
 	panic("billing: consumer " + durable + " is not declared in api/asyncapi.yaml")
 }
-

@@ -4,10 +4,10 @@ package daemon
 
 import (
 	"context"
-	"strings"
 	"errors"
 	"fmt"
 	"net"
+	"strings"
 	"sync"
 	"time"
 

@@ -302,4 +302,3 @@ func validURL(field, v string) error {
 	}
 	return nil
 }
-

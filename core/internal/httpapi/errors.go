@@ -12,10 +12,10 @@ import (
 	"github.com/gpuaas/gpuaas/core/internal/errcode"
 	"github.com/gpuaas/gpuaas/core/internal/httpapi/apigen"
 	"github.com/gpuaas/gpuaas/core/internal/idempotency"
-	"github.com/gpuaas/gpuaas/core/internal/ledger"
-	"github.com/gpuaas/gpuaas/core/internal/payments"
 	"github.com/gpuaas/gpuaas/core/internal/identity"
+	"github.com/gpuaas/gpuaas/core/internal/ledger"
 	"github.com/gpuaas/gpuaas/core/internal/oidc"
+	"github.com/gpuaas/gpuaas/core/internal/payments"
 	"github.com/gpuaas/gpuaas/core/internal/store"
 )
 

@@ -23,8 +23,8 @@ import (
 	"github.com/gpuaas/gpuaas/core/internal/principal"
 	"github.com/gpuaas/gpuaas/core/internal/rid"
 	"github.com/gpuaas/gpuaas/core/internal/store"
-	sdkpay "github.com/gpuaas/gpuaas/sdk/payments"
 	"github.com/gpuaas/gpuaas/sdk/base"
+	sdkpay "github.com/gpuaas/gpuaas/sdk/payments"
 )
 
 // Error codes.
@@ -260,7 +260,6 @@ func (s *Service) List(ctx context.Context, f ListFilter) ([]*Session, error) {
 	}
 	return pgx.CollectRows(rows, func(r pgx.CollectableRow) (*Session, error) { return scanSession(r) })
 }
-
 
 // Portal opens the provider's customer portal for an org that has paid before.
 func (s *Service) Portal(ctx context.Context, org uuid.UUID, returnURL string) (string, error) {

@@ -16,8 +16,8 @@ import (
 	"github.com/gpuaas/gpuaas/core/internal/ledger"
 	"github.com/gpuaas/gpuaas/core/internal/principal"
 	"github.com/gpuaas/gpuaas/core/internal/store"
-	sdkpay "github.com/gpuaas/gpuaas/sdk/payments"
 	"github.com/gpuaas/gpuaas/sdk/base"
+	sdkpay "github.com/gpuaas/gpuaas/sdk/payments"
 )
 
 // SessionUpdated is the payload of payments.session_updated.

@@ -4,9 +4,9 @@ package daemontest
 
 import (
 	"context"
-	"strings"
 	"io"
 	"os"
+	"strings"
 	"testing"
 	"time"
 

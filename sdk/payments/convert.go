@@ -36,6 +36,7 @@ func checkoutToProto(r *CheckoutRequest) *paymentspb.CreateCheckoutRequest {
 		SuccessUrl:  r.SuccessURL,
 		CancelUrl:   r.CancelURL,
 		Metadata:    maps.Clone(r.Metadata),
+		ExpiresAt:   timeToProto(r.ExpiresAt),
 	}
 }
 
@@ -49,15 +50,16 @@ func checkoutFromProto(p *paymentspb.CreateCheckoutRequest) *CheckoutRequest {
 		SuccessURL:  p.GetSuccessUrl(),
 		CancelURL:   p.GetCancelUrl(),
 		Metadata:    maps.Clone(p.GetMetadata()),
+		ExpiresAt:   timeFromProto(p.GetExpiresAt()),
 	}
 }
 
 func sessionToProto(s *CheckoutSession) *paymentspb.CheckoutSession {
-	return &paymentspb.CheckoutSession{SessionId: s.SessionID, Url: s.URL, ExpiresAt: timeToProto(s.ExpiresAt)}
+	return &paymentspb.CheckoutSession{SessionId: s.SessionID, Url: s.URL, ExpiresAt: timeToProto(s.ExpiresAt), CustomerRef: s.CustomerRef}
 }
 
 func sessionFromProto(p *paymentspb.CheckoutSession) *CheckoutSession {
-	return &CheckoutSession{SessionID: p.GetSessionId(), URL: p.GetUrl(), ExpiresAt: timeFromProto(p.GetExpiresAt())}
+	return &CheckoutSession{SessionID: p.GetSessionId(), URL: p.GetUrl(), ExpiresAt: timeFromProto(p.GetExpiresAt()), CustomerRef: p.GetCustomerRef()}
 }
 
 func portalToProto(r *PortalRequest) *paymentspb.CreatePortalRequest {

@@ -53,6 +53,11 @@ type CheckoutRequest struct {
 	SuccessURL  string
 	CancelURL   string
 	Metadata    map[string]string
+	// ExpiresAt, when set, is when the session closes; zero leaves the
+	// provider's default. It is an argument like any other: the core picks
+	// it once per payment session and sends the same value on every retry,
+	// so a retried call stays identical.
+	ExpiresAt time.Time
 }
 
 // CheckoutSession is where the tenant pays.
@@ -60,6 +65,11 @@ type CheckoutSession struct {
 	SessionID string
 	URL       string
 	ExpiresAt time.Time
+	// CustomerRef is the provider's customer the session charges: the
+	// request's CustomerRef, or the customer the driver created for the org
+	// when the request had none. The core stores it for the org and passes
+	// it on later calls, so each org has one customer.
+	CustomerRef string
 }
 
 // PortalRequest asks for a customer portal session.

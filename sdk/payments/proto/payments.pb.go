@@ -189,15 +189,19 @@ func (RefundStatus) EnumDescriptor() ([]byte, []int) {
 }
 
 type CreateCheckoutRequest struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	OperationId   string                 `protobuf:"bytes,1,opt,name=operation_id,json=operationId,proto3" json:"operation_id,omitempty"`
-	OrgId         string                 `protobuf:"bytes,2,opt,name=org_id,json=orgId,proto3" json:"org_id,omitempty"`
-	CustomerRef   string                 `protobuf:"bytes,3,opt,name=customer_ref,json=customerRef,proto3" json:"customer_ref,omitempty"`
-	AmountMinor   int64                  `protobuf:"varint,4,opt,name=amount_minor,json=amountMinor,proto3" json:"amount_minor,omitempty"`
-	Currency      string                 `protobuf:"bytes,5,opt,name=currency,proto3" json:"currency,omitempty"`
-	SuccessUrl    string                 `protobuf:"bytes,6,opt,name=success_url,json=successUrl,proto3" json:"success_url,omitempty"`
-	CancelUrl     string                 `protobuf:"bytes,7,opt,name=cancel_url,json=cancelUrl,proto3" json:"cancel_url,omitempty"`
-	Metadata      map[string]string      `protobuf:"bytes,8,rep,name=metadata,proto3" json:"metadata,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"bytes,2,opt,name=value"`
+	state       protoimpl.MessageState `protogen:"open.v1"`
+	OperationId string                 `protobuf:"bytes,1,opt,name=operation_id,json=operationId,proto3" json:"operation_id,omitempty"`
+	OrgId       string                 `protobuf:"bytes,2,opt,name=org_id,json=orgId,proto3" json:"org_id,omitempty"`
+	CustomerRef string                 `protobuf:"bytes,3,opt,name=customer_ref,json=customerRef,proto3" json:"customer_ref,omitempty"`
+	AmountMinor int64                  `protobuf:"varint,4,opt,name=amount_minor,json=amountMinor,proto3" json:"amount_minor,omitempty"`
+	Currency    string                 `protobuf:"bytes,5,opt,name=currency,proto3" json:"currency,omitempty"`
+	SuccessUrl  string                 `protobuf:"bytes,6,opt,name=success_url,json=successUrl,proto3" json:"success_url,omitempty"`
+	CancelUrl   string                 `protobuf:"bytes,7,opt,name=cancel_url,json=cancelUrl,proto3" json:"cancel_url,omitempty"`
+	Metadata    map[string]string      `protobuf:"bytes,8,rep,name=metadata,proto3" json:"metadata,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"bytes,2,opt,name=value"`
+	// When set, the session closes at this time; unset, the provider's
+	// default applies. The core picks it once per payment session and sends
+	// the same value on every retry.
+	ExpiresAt     *timestamppb.Timestamp `protobuf:"bytes,9,opt,name=expires_at,json=expiresAt,proto3" json:"expires_at,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -288,11 +292,21 @@ func (x *CreateCheckoutRequest) GetMetadata() map[string]string {
 	return nil
 }
 
+func (x *CreateCheckoutRequest) GetExpiresAt() *timestamppb.Timestamp {
+	if x != nil {
+		return x.ExpiresAt
+	}
+	return nil
+}
+
 type CheckoutSession struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	SessionId     string                 `protobuf:"bytes,1,opt,name=session_id,json=sessionId,proto3" json:"session_id,omitempty"`
-	Url           string                 `protobuf:"bytes,2,opt,name=url,proto3" json:"url,omitempty"`
-	ExpiresAt     *timestamppb.Timestamp `protobuf:"bytes,3,opt,name=expires_at,json=expiresAt,proto3" json:"expires_at,omitempty"`
+	state     protoimpl.MessageState `protogen:"open.v1"`
+	SessionId string                 `protobuf:"bytes,1,opt,name=session_id,json=sessionId,proto3" json:"session_id,omitempty"`
+	Url       string                 `protobuf:"bytes,2,opt,name=url,proto3" json:"url,omitempty"`
+	ExpiresAt *timestamppb.Timestamp `protobuf:"bytes,3,opt,name=expires_at,json=expiresAt,proto3" json:"expires_at,omitempty"`
+	// The provider's customer the session charges: the request's
+	// customer_ref, or the customer the driver created for the org.
+	CustomerRef   string `protobuf:"bytes,4,opt,name=customer_ref,json=customerRef,proto3" json:"customer_ref,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -346,6 +360,13 @@ func (x *CheckoutSession) GetExpiresAt() *timestamppb.Timestamp {
 		return x.ExpiresAt
 	}
 	return nil
+}
+
+func (x *CheckoutSession) GetCustomerRef() string {
+	if x != nil {
+		return x.CustomerRef
+	}
+	return ""
 }
 
 type CreatePortalRequest struct {
@@ -880,7 +901,7 @@ var File_sdk_payments_proto_payments_proto protoreflect.FileDescriptor
 
 const file_sdk_payments_proto_payments_proto_rawDesc = "" +
 	"\n" +
-	"!sdk/payments/proto/payments.proto\x12\x16gpuaas.sdk.payments.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\x89\x03\n" +
+	"!sdk/payments/proto/payments.proto\x12\x16gpuaas.sdk.payments.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xc4\x03\n" +
 	"\x15CreateCheckoutRequest\x12!\n" +
 	"\foperation_id\x18\x01 \x01(\tR\voperationId\x12\x15\n" +
 	"\x06org_id\x18\x02 \x01(\tR\x05orgId\x12!\n" +
@@ -891,16 +912,19 @@ const file_sdk_payments_proto_payments_proto_rawDesc = "" +
 	"successUrl\x12\x1d\n" +
 	"\n" +
 	"cancel_url\x18\a \x01(\tR\tcancelUrl\x12W\n" +
-	"\bmetadata\x18\b \x03(\v2;.gpuaas.sdk.payments.v1.CreateCheckoutRequest.MetadataEntryR\bmetadata\x1a;\n" +
+	"\bmetadata\x18\b \x03(\v2;.gpuaas.sdk.payments.v1.CreateCheckoutRequest.MetadataEntryR\bmetadata\x129\n" +
+	"\n" +
+	"expires_at\x18\t \x01(\v2\x1a.google.protobuf.TimestampR\texpiresAt\x1a;\n" +
 	"\rMetadataEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
-	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"}\n" +
+	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"\xa0\x01\n" +
 	"\x0fCheckoutSession\x12\x1d\n" +
 	"\n" +
 	"session_id\x18\x01 \x01(\tR\tsessionId\x12\x10\n" +
 	"\x03url\x18\x02 \x01(\tR\x03url\x129\n" +
 	"\n" +
-	"expires_at\x18\x03 \x01(\v2\x1a.google.protobuf.TimestampR\texpiresAt\"\x91\x01\n" +
+	"expires_at\x18\x03 \x01(\v2\x1a.google.protobuf.TimestampR\texpiresAt\x12!\n" +
+	"\fcustomer_ref\x18\x04 \x01(\tR\vcustomerRef\"\x91\x01\n" +
 	"\x13CreatePortalRequest\x12!\n" +
 	"\foperation_id\x18\x01 \x01(\tR\voperationId\x12\x15\n" +
 	"\x06org_id\x18\x02 \x01(\tR\x05orgId\x12!\n" +
@@ -1009,29 +1033,30 @@ var file_sdk_payments_proto_payments_proto_goTypes = []any{
 }
 var file_sdk_payments_proto_payments_proto_depIdxs = []int32{
 	13, // 0: gpuaas.sdk.payments.v1.CreateCheckoutRequest.metadata:type_name -> gpuaas.sdk.payments.v1.CreateCheckoutRequest.MetadataEntry
-	16, // 1: gpuaas.sdk.payments.v1.CheckoutSession.expires_at:type_name -> google.protobuf.Timestamp
-	16, // 2: gpuaas.sdk.payments.v1.PortalSession.expires_at:type_name -> google.protobuf.Timestamp
-	14, // 3: gpuaas.sdk.payments.v1.WebhookRequest.headers:type_name -> gpuaas.sdk.payments.v1.WebhookRequest.HeadersEntry
-	0,  // 4: gpuaas.sdk.payments.v1.PaymentEvent.type:type_name -> gpuaas.sdk.payments.v1.PaymentEventType
-	1,  // 5: gpuaas.sdk.payments.v1.PaymentEvent.payment_status:type_name -> gpuaas.sdk.payments.v1.PaymentStatus
-	16, // 6: gpuaas.sdk.payments.v1.PaymentEvent.occurred_at:type_name -> google.protobuf.Timestamp
-	15, // 7: gpuaas.sdk.payments.v1.PaymentEvent.metadata:type_name -> gpuaas.sdk.payments.v1.PaymentEvent.MetadataEntry
-	9,  // 8: gpuaas.sdk.payments.v1.WebhookResponse.events:type_name -> gpuaas.sdk.payments.v1.PaymentEvent
-	2,  // 9: gpuaas.sdk.payments.v1.RefundResponse.status:type_name -> gpuaas.sdk.payments.v1.RefundStatus
-	7,  // 10: gpuaas.sdk.payments.v1.WebhookRequest.HeadersEntry.value:type_name -> gpuaas.sdk.payments.v1.Header
-	3,  // 11: gpuaas.sdk.payments.v1.Payments.CreateCheckout:input_type -> gpuaas.sdk.payments.v1.CreateCheckoutRequest
-	5,  // 12: gpuaas.sdk.payments.v1.Payments.CreatePortal:input_type -> gpuaas.sdk.payments.v1.CreatePortalRequest
-	8,  // 13: gpuaas.sdk.payments.v1.Payments.HandleWebhook:input_type -> gpuaas.sdk.payments.v1.WebhookRequest
-	11, // 14: gpuaas.sdk.payments.v1.Payments.Refund:input_type -> gpuaas.sdk.payments.v1.RefundRequest
-	4,  // 15: gpuaas.sdk.payments.v1.Payments.CreateCheckout:output_type -> gpuaas.sdk.payments.v1.CheckoutSession
-	6,  // 16: gpuaas.sdk.payments.v1.Payments.CreatePortal:output_type -> gpuaas.sdk.payments.v1.PortalSession
-	10, // 17: gpuaas.sdk.payments.v1.Payments.HandleWebhook:output_type -> gpuaas.sdk.payments.v1.WebhookResponse
-	12, // 18: gpuaas.sdk.payments.v1.Payments.Refund:output_type -> gpuaas.sdk.payments.v1.RefundResponse
-	15, // [15:19] is the sub-list for method output_type
-	11, // [11:15] is the sub-list for method input_type
-	11, // [11:11] is the sub-list for extension type_name
-	11, // [11:11] is the sub-list for extension extendee
-	0,  // [0:11] is the sub-list for field type_name
+	16, // 1: gpuaas.sdk.payments.v1.CreateCheckoutRequest.expires_at:type_name -> google.protobuf.Timestamp
+	16, // 2: gpuaas.sdk.payments.v1.CheckoutSession.expires_at:type_name -> google.protobuf.Timestamp
+	16, // 3: gpuaas.sdk.payments.v1.PortalSession.expires_at:type_name -> google.protobuf.Timestamp
+	14, // 4: gpuaas.sdk.payments.v1.WebhookRequest.headers:type_name -> gpuaas.sdk.payments.v1.WebhookRequest.HeadersEntry
+	0,  // 5: gpuaas.sdk.payments.v1.PaymentEvent.type:type_name -> gpuaas.sdk.payments.v1.PaymentEventType
+	1,  // 6: gpuaas.sdk.payments.v1.PaymentEvent.payment_status:type_name -> gpuaas.sdk.payments.v1.PaymentStatus
+	16, // 7: gpuaas.sdk.payments.v1.PaymentEvent.occurred_at:type_name -> google.protobuf.Timestamp
+	15, // 8: gpuaas.sdk.payments.v1.PaymentEvent.metadata:type_name -> gpuaas.sdk.payments.v1.PaymentEvent.MetadataEntry
+	9,  // 9: gpuaas.sdk.payments.v1.WebhookResponse.events:type_name -> gpuaas.sdk.payments.v1.PaymentEvent
+	2,  // 10: gpuaas.sdk.payments.v1.RefundResponse.status:type_name -> gpuaas.sdk.payments.v1.RefundStatus
+	7,  // 11: gpuaas.sdk.payments.v1.WebhookRequest.HeadersEntry.value:type_name -> gpuaas.sdk.payments.v1.Header
+	3,  // 12: gpuaas.sdk.payments.v1.Payments.CreateCheckout:input_type -> gpuaas.sdk.payments.v1.CreateCheckoutRequest
+	5,  // 13: gpuaas.sdk.payments.v1.Payments.CreatePortal:input_type -> gpuaas.sdk.payments.v1.CreatePortalRequest
+	8,  // 14: gpuaas.sdk.payments.v1.Payments.HandleWebhook:input_type -> gpuaas.sdk.payments.v1.WebhookRequest
+	11, // 15: gpuaas.sdk.payments.v1.Payments.Refund:input_type -> gpuaas.sdk.payments.v1.RefundRequest
+	4,  // 16: gpuaas.sdk.payments.v1.Payments.CreateCheckout:output_type -> gpuaas.sdk.payments.v1.CheckoutSession
+	6,  // 17: gpuaas.sdk.payments.v1.Payments.CreatePortal:output_type -> gpuaas.sdk.payments.v1.PortalSession
+	10, // 18: gpuaas.sdk.payments.v1.Payments.HandleWebhook:output_type -> gpuaas.sdk.payments.v1.WebhookResponse
+	12, // 19: gpuaas.sdk.payments.v1.Payments.Refund:output_type -> gpuaas.sdk.payments.v1.RefundResponse
+	16, // [16:20] is the sub-list for method output_type
+	12, // [12:16] is the sub-list for method input_type
+	12, // [12:12] is the sub-list for extension type_name
+	12, // [12:12] is the sub-list for extension extendee
+	0,  // [0:12] is the sub-list for field type_name
 }
 
 func init() { file_sdk_payments_proto_payments_proto_init() }

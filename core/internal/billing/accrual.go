@@ -20,6 +20,8 @@ type AccrualResult struct {
 	Records     int
 	DebitsMinor int64
 	Orgs        []uuid.UUID
+	// Phase timings, for metrics and benchmarks.
+	BillTook, EvaluateTook time.Duration
 }
 
 // Accrue bills every usage record up to windowEnd in one transaction, set-based.
@@ -53,6 +55,7 @@ func Accrue(ctx context.Context, pool *pgxpool.Pool, pol *policy.Service, window
 		if err != nil || len(res.Orgs) == 0 {
 			return err
 		}
+		billStart := time.Now()
 		err = tx.QueryRow(ctx, `
 			WITH due AS (
 				SELECT id, org_id, currency, gpus, price_per_gpu_hour_minor AS price, carry,
@@ -84,6 +87,9 @@ func Accrue(ctx context.Context, pool *pgxpool.Pool, pol *policy.Service, window
 		if err := ledger.CheckpointDue(ctx, tx, res.Orgs); err != nil {
 			return err
 		}
+		res.BillTook = time.Since(billStart)
+		evalStart := time.Now()
+		defer func() { res.EvaluateTook = time.Since(evalStart) }()
 		return Evaluate(ctx, tx, pol, res.Orgs, windowEnd)
 	})
 	if err != nil {

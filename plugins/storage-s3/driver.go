@@ -107,8 +107,11 @@ func WithClock(now func() time.Time) Option { return func(d *Driver) { d.now = n
 // (default: the AWS SDK's client, with larger socket buffers).
 func WithHTTPClient(c s3.HTTPClient) Option { return func(d *Driver) { d.httpClient = c } }
 
-// New returns an unconfigured driver that logs to logger.
+// New returns an unconfigured driver that logs to logger (nil: nowhere).
 func New(logger hclog.Logger, opts ...Option) *Driver {
+	if logger == nil {
+		logger = hclog.NewNullLogger()
+	}
 	d := &Driver{
 		logger:        logger,
 		now:           time.Now,

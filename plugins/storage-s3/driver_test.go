@@ -558,6 +558,20 @@ func TestPresign(t *testing.T) {
 			t.Errorf("GET: %d, %d bytes (want 200 and the object's %d)", code, len(body), len(data))
 		}
 	})
+	t.Run("get with a response content type", func(t *testing.T) {
+		u, err := s.d.PresignGet(s.ctx, &storage.PresignRequest{Key: "presign/get", Expiry: time.Minute, ContentType: "text/csv"})
+		if err != nil {
+			t.Fatal(err)
+		}
+		resp, err := client.Get(u.URL)
+		if err != nil {
+			t.Fatal(err)
+		}
+		_ = resp.Body.Close()
+		if resp.StatusCode != http.StatusOK || resp.Header.Get("Content-Type") != "text/csv" {
+			t.Errorf("GET: %d with Content-Type %q, want 200 and text/csv", resp.StatusCode, resp.Header.Get("Content-Type"))
+		}
+	})
 	t.Run("put", func(t *testing.T) {
 		u, err := s.d.PresignPut(s.ctx, &storage.PresignRequest{Key: "presign/put", Expiry: 10 * time.Minute, ContentType: "text/plain"})
 		if err != nil {

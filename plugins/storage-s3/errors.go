@@ -163,7 +163,7 @@ func (s *settings) checkBucket(ctx context.Context) error {
 	case errors.Is(sentinel, base.ErrUnauthenticated):
 		return fmt.Errorf("storage-s3: configure: %s refused the credentials (check access_key_id, secret_access_key and region): %w", s.endpoint, wrapError(ctx, where, err))
 	case errors.Is(sentinel, base.ErrPermissionDenied):
-		return fmt.Errorf("storage-s3: configure: the credentials may not list %s (the driver needs s3:ListBucket, s3:GetObject, s3:PutObject, s3:DeleteObject and multipart permissions): %w", where, wrapError(ctx, where, err))
+		return fmt.Errorf("storage-s3: configure: the credentials may not list %s (the driver needs s3:ListBucket, s3:GetObject, s3:PutObject, s3:DeleteObject and s3:AbortMultipartUpload): %w", where, wrapError(ctx, where, err))
 	case errors.Is(sentinel, base.ErrUnavailable), errors.Is(sentinel, base.ErrDeadlineExceeded):
 		return fmt.Errorf("storage-s3: configure: cannot reach %s: %w", s.endpoint, wrapError(ctx, where, err))
 	}

@@ -69,3 +69,37 @@ func TestClassify(t *testing.T) {
 		})
 	}
 }
+
+func TestPartSizeFor(t *testing.T) {
+	t.Parallel()
+	const mib = 1 << 20
+	for _, c := range []struct {
+		name          string
+		part, size    int64
+		want          int64
+		wantExhausted bool
+	}{
+		{"unknown size", 16 * mib, -1, 16 * mib, false},
+		{"small", 16 * mib, 1000, 16 * mib, false},
+		{"exactly the most parts", 16 * mib, 16 * mib * s3store.MaxParts, 16 * mib, false},
+		{"one byte more: larger parts, in whole MiB", 16 * mib, 16*mib*s3store.MaxParts + 1, 17 * mib, false},
+		{"1 TiB in 5 MiB parts", 5 * mib, 1 << 40, 105 * mib, false},
+		{"more than S3 can hold", 5 * mib, s3store.MaxParts*(5<<30) + 1, 0, true},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			got, err := s3store.PartSizeFor(c.part, c.size)
+			if c.wantExhausted {
+				if !errors.Is(err, base.ErrResourceExhausted) {
+					t.Fatalf("got %d, %v, want base.ErrResourceExhausted", got, err)
+				}
+				return
+			}
+			if err != nil || got != c.want {
+				t.Fatalf("got %d, %v, want %d", got, err, c.want)
+			}
+			if c.size > 0 && (c.size+got-1)/got > s3store.MaxParts {
+				t.Errorf("%d bytes in parts of %d need more than %d parts", c.size, got, s3store.MaxParts)
+			}
+		})
+	}
+}

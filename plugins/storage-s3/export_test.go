@@ -6,3 +6,9 @@ package s3store
 func SetCopyMultipart(d *Driver, threshold, part int64) {
 	d.copyThreshold, d.copyPart = threshold, part
 }
+
+// PartSizeFor is the part size a Put of size bytes uses when
+// part_size_bytes is partSize.
+func PartSizeFor(partSize, size int64) (int64, error) {
+	return (&settings{partSize: partSize}).partSizeFor(size)
+}

@@ -361,3 +361,5 @@ func randomBytes(t testing.TB, n int) []byte {
 	}
 	return b
 }
+
+func nullLogger() hclog.Logger { return hclog.NewNullLogger() }

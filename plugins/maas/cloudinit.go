@@ -1,0 +1,218 @@
+package maas
+
+import (
+	"bytes"
+	"crypto/sha256"
+	"encoding/hex"
+	"encoding/json"
+	"fmt"
+	"regexp"
+	"slices"
+	"strings"
+
+	yaml "go.yaml.in/yaml/v3"
+	"golang.org/x/crypto/ssh"
+
+	"github.com/gpuaas/gpuaas/sdk/base"
+	"github.com/gpuaas/gpuaas/sdk/provisioner"
+)
+
+var (
+	// usernameRE is a portable Linux user name: no shell metacharacters.
+	usernameRE = regexp.MustCompile(`^[a-z_][a-z0-9_-]{0,31}$`)
+	// keyCommentRE is what an SSH key comment may contain.
+	keyCommentRE = regexp.MustCompile(`^[A-Za-z0-9@._+=:/, -]{0,128}$`)
+	// labelRE is what ids written onto the node may contain.
+	labelRE = regexp.MustCompile(`^[A-Za-z0-9._:-]{0,128}$`)
+)
+
+// reservedUsers are accounts the image has or needs.
+func reservedUsers() []string {
+	return []string{
+		"root", "daemon", "bin", "sys", "sync", "games", "man", "lp", "mail", "news", "uucp", "proxy",
+		"www-data", "backup", "list", "irc", "gnats", "nobody", "nogroup", "syslog", "messagebus",
+		"sshd", "ubuntu", "admin", "lxd", "maas", "landscape", "pollinate", "tss", "uuidd", "tcpdump",
+		"usbmux", "dnsmasq", "polkitd", "fwupd-refresh", "_apt", "gpuaas",
+	}
+}
+
+// Key types the driver authorizes.
+func allowedKeyTypes() []string {
+	return []string{
+		ssh.KeyAlgoED25519, ssh.KeyAlgoECDSA256, ssh.KeyAlgoECDSA384, ssh.KeyAlgoECDSA521, ssh.KeyAlgoRSA,
+		ssh.KeyAlgoSKED25519, ssh.KeyAlgoSKECDSA256,
+	}
+}
+
+// tenant is a validated provision request, in canonical form.
+type tenant struct {
+	Username  string   `json:"username"`
+	UID       int      `json:"uid,omitempty"`
+	OrgID     string   `json:"org_id,omitempty"`
+	ProjectID string   `json:"project_id,omitempty"`
+	Alloc     string   `json:"allocation_id,omitempty"`
+	Keys      []string `json:"keys"`
+	Image     string   `json:"image"`
+	NodeID    string   `json:"node_id"`
+}
+
+// canonicalKey validates one authorized_keys line and returns it as
+// "<type> <base64> [comment]". Options (command=..., from=...) are refused.
+func canonicalKey(line string) (string, error) {
+	line = strings.TrimSpace(line)
+	if line == "" || len(line) > 16<<10 {
+		return "", fmt.Errorf("empty or longer than 16 KiB")
+	}
+	for _, r := range line {
+		if r < ' ' || r == 0x7f {
+			return "", fmt.Errorf("contains control characters")
+		}
+	}
+	pub, comment, options, rest, err := ssh.ParseAuthorizedKey([]byte(line))
+	if err != nil {
+		return "", fmt.Errorf("not an OpenSSH public key: %v", err)
+	}
+	if len(options) > 0 || len(bytes.TrimSpace(rest)) > 0 {
+		return "", fmt.Errorf("key options and extra lines are not allowed")
+	}
+	if !slices.Contains(allowedKeyTypes(), pub.Type()) {
+		return "", fmt.Errorf("key type %s is not allowed", pub.Type())
+	}
+	if ck, ok := pub.(ssh.CryptoPublicKey); ok && pub.Type() == ssh.KeyAlgoRSA {
+		type bitser interface{ Size() int }
+		if k, ok := ck.CryptoPublicKey().(bitser); ok && k.Size()*8 < 2048 {
+			return "", fmt.Errorf("RSA key of %d bits; at least 2048 required", k.Size()*8)
+		}
+	}
+	if !keyCommentRE.MatchString(comment) {
+		return "", fmt.Errorf("comment has characters outside [A-Za-z0-9@._+=:/, -]")
+	}
+	out := strings.TrimSpace(string(ssh.MarshalAuthorizedKey(pub)))
+	if comment != "" {
+		out += " " + comment
+	}
+	return out, nil
+}
+
+// validateProvision checks a provision request and returns it canonical.
+// Every field that reaches the node is checked here, so nothing a tenant
+// sends can reach a shell.
+func validateProvision(s *settings, req *provisioner.ProvisionRequest) (*tenant, error) {
+	bad := func(format string, args ...any) error {
+		return fmt.Errorf("maas: provision: %s: %w", fmt.Sprintf(format, args...), base.ErrInvalidArgument)
+	}
+	if !systemIDRE.MatchString(req.NodeID) {
+		return nil, bad("node id %q is not a MAAS system id", req.NodeID)
+	}
+	u := req.User
+	if !usernameRE.MatchString(u.Username) {
+		return nil, bad("user name %q must match %s", u.Username, usernameRE)
+	}
+	if slices.Contains(reservedUsers(), u.Username) || strings.HasPrefix(u.Username, "systemd-") {
+		return nil, bad("user name %q is reserved", u.Username)
+	}
+	if u.UID != 0 && (u.UID < 1000 || u.UID > 59999) {
+		return nil, bad("uid %d outside 1000-59999", u.UID)
+	}
+	for name, v := range map[string]string{"org id": u.OrgID, "project id": u.ProjectID, "allocation id": req.AllocationID} {
+		if !labelRE.MatchString(v) {
+			return nil, bad("%s %q must match %s", name, v, labelRE)
+		}
+	}
+	if len(req.SSHPublicKeys) == 0 || len(req.SSHPublicKeys) > 32 {
+		return nil, bad("want 1 to 32 SSH public keys, have %d", len(req.SSHPublicKeys))
+	}
+	t := &tenant{Username: u.Username, UID: u.UID, OrgID: u.OrgID, ProjectID: u.ProjectID, Alloc: req.AllocationID, NodeID: req.NodeID}
+	for i, k := range req.SSHPublicKeys {
+		ck, err := canonicalKey(k)
+		if err != nil {
+			return nil, bad("SSH key %d: %v", i+1, err)
+		}
+		if !slices.Contains(t.Keys, ck) {
+			t.Keys = append(t.Keys, ck)
+		}
+	}
+	t.Image = req.Image
+	if t.Image == "" {
+		t.Image = s.defaultImage
+	}
+	if !slices.Contains(s.images, t.Image) {
+		return nil, bad("image %q is not offered (have %v)", t.Image, s.images)
+	}
+	return t, nil
+}
+
+// fingerprint identifies the request, to recognize a retry.
+func (t *tenant) fingerprint() string {
+	b, _ := json.Marshal(t)
+	sum := sha256.Sum256(b)
+	return hex.EncodeToString(sum[:16])
+}
+
+// cloud-config document types (cloud-init's schema).
+type cloudConfig struct {
+	Users       []any       `yaml:"users"`
+	SSHPwauth   bool        `yaml:"ssh_pwauth"`
+	DisableRoot bool        `yaml:"disable_root"`
+	WriteFiles  []writeFile `yaml:"write_files"`
+}
+
+type cloudUser struct {
+	Name              string   `yaml:"name"`
+	UID               int      `yaml:"uid,omitempty"`
+	Gecos             string   `yaml:"gecos"`
+	Shell             string   `yaml:"shell"`
+	LockPasswd        bool     `yaml:"lock_passwd"`
+	Sudo              string   `yaml:"sudo,omitempty"`
+	SSHAuthorizedKeys []string `yaml:"ssh_authorized_keys"`
+}
+
+type writeFile struct {
+	Path        string `yaml:"path"`
+	Permissions string `yaml:"permissions"`
+	Owner       string `yaml:"owner"`
+	Content     string `yaml:"content"`
+}
+
+// cloudConfigFor renders the cloud-init user data that creates the tenant
+// user with its keys. The YAML is produced by a YAML encoder, never by
+// string pasting.
+func cloudConfigFor(s *settings, t *tenant) ([]byte, error) {
+	user := cloudUser{
+		Name:              t.Username,
+		UID:               t.UID,
+		Gecos:             "gpuaas tenant",
+		Shell:             "/bin/bash",
+		LockPasswd:        true,
+		SSHAuthorizedKeys: t.Keys,
+	}
+	if s.tenantSudo {
+		user.Sudo = "ALL=(ALL) NOPASSWD:ALL"
+	}
+	meta, err := json.MarshalIndent(map[string]string{
+		"allocation_id": t.Alloc, "org_id": t.OrgID, "project_id": t.ProjectID,
+		"username": t.Username, "instance": s.instance, "driver": "maas " + Version,
+	}, "", "  ")
+	if err != nil {
+		return nil, fmt.Errorf("maas: user data: %w", err)
+	}
+	doc := cloudConfig{
+		Users:       []any{"default", user},
+		SSHPwauth:   false,
+		DisableRoot: true,
+		WriteFiles: []writeFile{{
+			Path: "/etc/gpuaas/allocation.json", Permissions: "0644", Owner: "root:root", Content: string(meta) + "\n",
+		}},
+	}
+	var buf bytes.Buffer
+	buf.WriteString("#cloud-config\n")
+	enc := yaml.NewEncoder(&buf)
+	enc.SetIndent(2)
+	if err := enc.Encode(doc); err != nil {
+		return nil, fmt.Errorf("maas: user data: %w", err)
+	}
+	if err := enc.Close(); err != nil {
+		return nil, fmt.Errorf("maas: user data: %w", err)
+	}
+	return buf.Bytes(), nil
+}

@@ -200,6 +200,17 @@ const (
 	PaymentProviderError    ErrorCode = "payment_provider_error"
 	PaymentProviderNotFound ErrorCode = "payment_provider_not_found"
 	PaymentSessionNotFound  ErrorCode = "payment_session_not_found"
+	PluginIncompatible      ErrorCode = "plugin_incompatible"
+	PluginInstanceConflict  ErrorCode = "plugin_instance_conflict"
+	PluginInstanceDisabled  ErrorCode = "plugin_instance_disabled"
+	PluginInstanceFailed    ErrorCode = "plugin_instance_failed"
+	PluginInstanceNotFound  ErrorCode = "plugin_instance_not_found"
+	PluginInvalid           ErrorCode = "plugin_invalid"
+	PluginKindMismatch      ErrorCode = "plugin_kind_mismatch"
+	PluginNotFound          ErrorCode = "plugin_not_found"
+	PluginTampered          ErrorCode = "plugin_tampered"
+	PluginUnavailable       ErrorCode = "plugin_unavailable"
+	PluginUpgradeRequired   ErrorCode = "plugin_upgrade_required"
 	ProjectNotFound         ErrorCode = "project_not_found"
 	RateLimited             ErrorCode = "rate_limited"
 	RefundInvalidAmount     ErrorCode = "refund_invalid_amount"
@@ -303,6 +314,28 @@ func (e ErrorCode) Valid() bool {
 	case PaymentProviderNotFound:
 		return true
 	case PaymentSessionNotFound:
+		return true
+	case PluginIncompatible:
+		return true
+	case PluginInstanceConflict:
+		return true
+	case PluginInstanceDisabled:
+		return true
+	case PluginInstanceFailed:
+		return true
+	case PluginInstanceNotFound:
+		return true
+	case PluginInvalid:
+		return true
+	case PluginKindMismatch:
+		return true
+	case PluginNotFound:
+		return true
+	case PluginTampered:
+		return true
+	case PluginUnavailable:
+		return true
+	case PluginUpgradeRequired:
 		return true
 	case ProjectNotFound:
 		return true
@@ -492,6 +525,33 @@ func (e PaymentSessionStatus) Valid() bool {
 	case PaymentSessionStatusFailedReconcile:
 		return true
 	case PaymentSessionStatusInitiated:
+		return true
+	default:
+		return false
+	}
+}
+
+// Defines values for PluginInstanceState.
+const (
+	Failed       PluginInstanceState = "failed"
+	Incompatible PluginInstanceState = "incompatible"
+	Running      PluginInstanceState = "running"
+	Starting     PluginInstanceState = "starting"
+	Stopped      PluginInstanceState = "stopped"
+)
+
+// Valid indicates whether the value is a known member of the PluginInstanceState enum.
+func (e PluginInstanceState) Valid() bool {
+	switch e {
+	case Failed:
+		return true
+	case Incompatible:
+		return true
+	case Running:
+		return true
+	case Starting:
+		return true
+	case Stopped:
 		return true
 	default:
 		return false
@@ -969,6 +1029,22 @@ type CheckoutRequest struct {
 	SuccessUrl  string             `json:"success_url"`
 }
 
+// ConfigField defines model for ConfigField.
+type ConfigField struct {
+	Default     interface{} `json:"default,omitempty"`
+	Description *string     `json:"description,omitempty"`
+	Name        string      `json:"name"`
+	Required    bool        `json:"required"`
+	Secret      bool        `json:"secret"`
+	Type        string      `json:"type"`
+}
+
+// ConfigureInstanceRequest defines model for ConfigureInstanceRequest.
+type ConfigureInstanceRequest struct {
+	Config map[string]interface{} `json:"config"`
+	Plugin string                 `json:"plugin"`
+}
+
 // CreateAPIKeyRequest defines model for CreateAPIKeyRequest.
 type CreateAPIKeyRequest struct {
 	ExpiresAt *time.Time `json:"expires_at,omitempty"`
@@ -1016,6 +1092,11 @@ type DependencyCheck struct {
 // DependencyCheckName defines model for DependencyCheck.Name.
 type DependencyCheckName string
 
+// EnableRequest defines model for EnableRequest.
+type EnableRequest struct {
+	Enabled bool `json:"enabled"`
+}
+
 // ErrorBody defines model for ErrorBody.
 type ErrorBody struct {
 	// Code Stable machine-readable error codes.
@@ -1041,6 +1122,15 @@ type Health struct {
 
 // HealthStatus defines model for Health.Status.
 type HealthStatus string
+
+// InstallPluginRequest defines model for InstallPluginRequest.
+type InstallPluginRequest struct {
+	// Path Absolute path of the binary on the core's host.
+	Path string `json:"path"`
+
+	// Upgrade Replace an installed plugin of the same name with this binary.
+	Upgrade *bool `json:"upgrade,omitempty"`
+}
 
 // Invitation defines model for Invitation.
 type Invitation struct {
@@ -1170,6 +1260,53 @@ type PaymentSessionStatus string
 type PaymentSessionPage struct {
 	Items      []PaymentSession `json:"items"`
 	NextCursor *string          `json:"next_cursor,omitempty"`
+}
+
+// Plugin defines model for Plugin.
+type Plugin struct {
+	ApiVersions  []string      `json:"api_versions"`
+	ConfigSchema []ConfigField `json:"config_schema"`
+	Enabled      bool          `json:"enabled"`
+	InstalledAt  time.Time     `json:"installed_at"`
+	InstalledBy  string        `json:"installed_by"`
+	Kind         string        `json:"kind"`
+	Name         string        `json:"name"`
+	Path         string        `json:"path"`
+	Sha256       string        `json:"sha256"`
+	Version      string        `json:"version"`
+}
+
+// PluginInstance defines model for PluginInstance.
+type PluginInstance struct {
+	ApiVersion *string `json:"api_version,omitempty"`
+
+	// Config Non-secret settings.
+	Config        map[string]interface{} `json:"config"`
+	Enabled       bool                   `json:"enabled"`
+	Kind          string                 `json:"kind"`
+	Name          string                 `json:"name"`
+	Plugin        string                 `json:"plugin"`
+	PluginVersion *string                `json:"plugin_version,omitempty"`
+	Restarts      int                    `json:"restarts"`
+
+	// SecretFields Secret settings that hold a value (values are never returned).
+	SecretFields []string            `json:"secret_fields"`
+	State        PluginInstanceState `json:"state"`
+	StateReason  string              `json:"state_reason"`
+	UpdatedAt    time.Time           `json:"updated_at"`
+}
+
+// PluginInstanceState defines model for PluginInstance.State.
+type PluginInstanceState string
+
+// PluginInstanceList defines model for PluginInstanceList.
+type PluginInstanceList struct {
+	Items []PluginInstance `json:"items"`
+}
+
+// PluginList defines model for PluginList.
+type PluginList struct {
+	Items []Plugin `json:"items"`
 }
 
 // PolicyKey defines model for PolicyKey.
@@ -1420,6 +1557,9 @@ type OrgID = openapi_types.UUID
 
 // OrgQuery defines model for OrgQuery.
 type OrgQuery = openapi_types.UUID
+
+// PluginName defines model for PluginName.
+type PluginName = string
 
 // PolicyKeyName defines model for PolicyKeyName.
 type PolicyKeyName = string
@@ -1714,6 +1854,18 @@ type AdminAdjustBalanceJSONRequestBody = AdjustmentRequest
 // AdminRefundPaymentJSONRequestBody defines body for AdminRefundPayment for application/json ContentType.
 type AdminRefundPaymentJSONRequestBody = RefundRequest
 
+// AdminUpdatePluginInstanceJSONRequestBody defines body for AdminUpdatePluginInstance for application/json ContentType.
+type AdminUpdatePluginInstanceJSONRequestBody = EnableRequest
+
+// AdminConfigurePluginInstanceJSONRequestBody defines body for AdminConfigurePluginInstance for application/json ContentType.
+type AdminConfigurePluginInstanceJSONRequestBody = ConfigureInstanceRequest
+
+// AdminInstallPluginJSONRequestBody defines body for AdminInstallPlugin for application/json ContentType.
+type AdminInstallPluginJSONRequestBody = InstallPluginRequest
+
+// AdminUpdatePluginJSONRequestBody defines body for AdminUpdatePlugin for application/json ContentType.
+type AdminUpdatePluginJSONRequestBody = EnableRequest
+
 // SetPolicyOverrideJSONRequestBody defines body for SetPolicyOverride for application/json ContentType.
 type SetPolicyOverrideJSONRequestBody = SetPolicyRequest
 
@@ -1887,6 +2039,72 @@ type ClientInterface interface {
 	//
 	// Corresponds with POST /api/v1/admin/payments/sessions/{session_id}/refund (the `AdminRefundPayment` operationId).
 	AdminRefundPayment(ctx context.Context, sessionId openapi_types.UUID, params *AdminRefundPaymentParams, body AdminRefundPaymentJSONRequestBody, reqEditors ...RequestEditorFn) (*http.Response, error)
+
+	// AdminListPluginInstances Configured plugin instances with state, versions and health (secrets never shown)
+	//
+	// Corresponds with GET /api/v1/admin/plugin-instances (the `AdminListPluginInstances` operationId).
+	AdminListPluginInstances(ctx context.Context, reqEditors ...RequestEditorFn) (*http.Response, error)
+
+	// AdminUpdatePluginInstanceWithBody Enable or disable an instance
+	//
+	// Takes any type of body and a specified content type.
+	//
+	// Corresponds with PATCH /api/v1/admin/plugin-instances/{name} (the `AdminUpdatePluginInstance` operationId).
+	AdminUpdatePluginInstanceWithBody(ctx context.Context, name PluginName, contentType string, body io.Reader, reqEditors ...RequestEditorFn) (*http.Response, error)
+
+	// AdminUpdatePluginInstance Enable or disable an instance
+	//
+	// Takes a body of the `application/json` content type.
+	//
+	// Corresponds with PATCH /api/v1/admin/plugin-instances/{name} (the `AdminUpdatePluginInstance` operationId).
+	AdminUpdatePluginInstance(ctx context.Context, name PluginName, body AdminUpdatePluginInstanceJSONRequestBody, reqEditors ...RequestEditorFn) (*http.Response, error)
+
+	// AdminConfigurePluginInstanceWithBody Create or reconfigure an instance; the config is validated against the plugin's schema
+	//
+	// Takes any type of body and a specified content type.
+	//
+	// Corresponds with PUT /api/v1/admin/plugin-instances/{name} (the `AdminConfigurePluginInstance` operationId).
+	AdminConfigurePluginInstanceWithBody(ctx context.Context, name PluginName, contentType string, body io.Reader, reqEditors ...RequestEditorFn) (*http.Response, error)
+
+	// AdminConfigurePluginInstance Create or reconfigure an instance; the config is validated against the plugin's schema
+	//
+	// Takes a body of the `application/json` content type.
+	//
+	// Corresponds with PUT /api/v1/admin/plugin-instances/{name} (the `AdminConfigurePluginInstance` operationId).
+	AdminConfigurePluginInstance(ctx context.Context, name PluginName, body AdminConfigurePluginInstanceJSONRequestBody, reqEditors ...RequestEditorFn) (*http.Response, error)
+
+	// AdminListPlugins Installed driver plugins
+	//
+	// Corresponds with GET /api/v1/admin/plugins (the `AdminListPlugins` operationId).
+	AdminListPlugins(ctx context.Context, reqEditors ...RequestEditorFn) (*http.Response, error)
+
+	// AdminInstallPluginWithBody Install (or upgrade) a plugin binary found on the core's host; its SHA-256 is recorded and checked at every launch
+	//
+	// Takes any type of body and a specified content type.
+	//
+	// Corresponds with POST /api/v1/admin/plugins (the `AdminInstallPlugin` operationId).
+	AdminInstallPluginWithBody(ctx context.Context, contentType string, body io.Reader, reqEditors ...RequestEditorFn) (*http.Response, error)
+
+	// AdminInstallPlugin Install (or upgrade) a plugin binary found on the core's host; its SHA-256 is recorded and checked at every launch
+	//
+	// Takes a body of the `application/json` content type.
+	//
+	// Corresponds with POST /api/v1/admin/plugins (the `AdminInstallPlugin` operationId).
+	AdminInstallPlugin(ctx context.Context, body AdminInstallPluginJSONRequestBody, reqEditors ...RequestEditorFn) (*http.Response, error)
+
+	// AdminUpdatePluginWithBody Enable or disable a plugin (all its instances)
+	//
+	// Takes any type of body and a specified content type.
+	//
+	// Corresponds with PATCH /api/v1/admin/plugins/{name} (the `AdminUpdatePlugin` operationId).
+	AdminUpdatePluginWithBody(ctx context.Context, name PluginName, contentType string, body io.Reader, reqEditors ...RequestEditorFn) (*http.Response, error)
+
+	// AdminUpdatePlugin Enable or disable a plugin (all its instances)
+	//
+	// Takes a body of the `application/json` content type.
+	//
+	// Corresponds with PATCH /api/v1/admin/plugins/{name} (the `AdminUpdatePlugin` operationId).
+	AdminUpdatePlugin(ctx context.Context, name PluginName, body AdminUpdatePluginJSONRequestBody, reqEditors ...RequestEditorFn) (*http.Response, error)
 
 	// ListPolicyOverrides Policy overrides in force
 	//
@@ -2361,6 +2579,172 @@ func (c *Client) AdminRefundPaymentWithBody(ctx context.Context, sessionId opena
 // Corresponds with POST /api/v1/admin/payments/sessions/{session_id}/refund (the `AdminRefundPayment` operationId).
 func (c *Client) AdminRefundPayment(ctx context.Context, sessionId openapi_types.UUID, params *AdminRefundPaymentParams, body AdminRefundPaymentJSONRequestBody, reqEditors ...RequestEditorFn) (*http.Response, error) {
 	req, err := NewAdminRefundPaymentRequest(c.Server, sessionId, params, body)
+	if err != nil {
+		return nil, err
+	}
+	req = req.WithContext(ctx)
+	if err := c.applyEditors(ctx, req, reqEditors); err != nil {
+		return nil, err
+	}
+	return c.Client.Do(req)
+}
+
+// AdminListPluginInstances Configured plugin instances with state, versions and health (secrets never shown)
+//
+// Corresponds with GET /api/v1/admin/plugin-instances (the `AdminListPluginInstances` operationId).
+func (c *Client) AdminListPluginInstances(ctx context.Context, reqEditors ...RequestEditorFn) (*http.Response, error) {
+	req, err := NewAdminListPluginInstancesRequest(c.Server)
+	if err != nil {
+		return nil, err
+	}
+	req = req.WithContext(ctx)
+	if err := c.applyEditors(ctx, req, reqEditors); err != nil {
+		return nil, err
+	}
+	return c.Client.Do(req)
+}
+
+// AdminUpdatePluginInstanceWithBody Enable or disable an instance
+//
+// Takes any type of body and a specified content type.
+//
+// Corresponds with PATCH /api/v1/admin/plugin-instances/{name} (the `AdminUpdatePluginInstance` operationId).
+func (c *Client) AdminUpdatePluginInstanceWithBody(ctx context.Context, name PluginName, contentType string, body io.Reader, reqEditors ...RequestEditorFn) (*http.Response, error) {
+	req, err := NewAdminUpdatePluginInstanceRequestWithBody(c.Server, name, contentType, body)
+	if err != nil {
+		return nil, err
+	}
+	req = req.WithContext(ctx)
+	if err := c.applyEditors(ctx, req, reqEditors); err != nil {
+		return nil, err
+	}
+	return c.Client.Do(req)
+}
+
+// AdminUpdatePluginInstance Enable or disable an instance
+//
+// Takes a body of the `application/json` content type.
+//
+// Corresponds with PATCH /api/v1/admin/plugin-instances/{name} (the `AdminUpdatePluginInstance` operationId).
+func (c *Client) AdminUpdatePluginInstance(ctx context.Context, name PluginName, body AdminUpdatePluginInstanceJSONRequestBody, reqEditors ...RequestEditorFn) (*http.Response, error) {
+	req, err := NewAdminUpdatePluginInstanceRequest(c.Server, name, body)
+	if err != nil {
+		return nil, err
+	}
+	req = req.WithContext(ctx)
+	if err := c.applyEditors(ctx, req, reqEditors); err != nil {
+		return nil, err
+	}
+	return c.Client.Do(req)
+}
+
+// AdminConfigurePluginInstanceWithBody Create or reconfigure an instance; the config is validated against the plugin's schema
+//
+// Takes any type of body and a specified content type.
+//
+// Corresponds with PUT /api/v1/admin/plugin-instances/{name} (the `AdminConfigurePluginInstance` operationId).
+func (c *Client) AdminConfigurePluginInstanceWithBody(ctx context.Context, name PluginName, contentType string, body io.Reader, reqEditors ...RequestEditorFn) (*http.Response, error) {
+	req, err := NewAdminConfigurePluginInstanceRequestWithBody(c.Server, name, contentType, body)
+	if err != nil {
+		return nil, err
+	}
+	req = req.WithContext(ctx)
+	if err := c.applyEditors(ctx, req, reqEditors); err != nil {
+		return nil, err
+	}
+	return c.Client.Do(req)
+}
+
+// AdminConfigurePluginInstance Create or reconfigure an instance; the config is validated against the plugin's schema
+//
+// Takes a body of the `application/json` content type.
+//
+// Corresponds with PUT /api/v1/admin/plugin-instances/{name} (the `AdminConfigurePluginInstance` operationId).
+func (c *Client) AdminConfigurePluginInstance(ctx context.Context, name PluginName, body AdminConfigurePluginInstanceJSONRequestBody, reqEditors ...RequestEditorFn) (*http.Response, error) {
+	req, err := NewAdminConfigurePluginInstanceRequest(c.Server, name, body)
+	if err != nil {
+		return nil, err
+	}
+	req = req.WithContext(ctx)
+	if err := c.applyEditors(ctx, req, reqEditors); err != nil {
+		return nil, err
+	}
+	return c.Client.Do(req)
+}
+
+// AdminListPlugins Installed driver plugins
+//
+// Corresponds with GET /api/v1/admin/plugins (the `AdminListPlugins` operationId).
+func (c *Client) AdminListPlugins(ctx context.Context, reqEditors ...RequestEditorFn) (*http.Response, error) {
+	req, err := NewAdminListPluginsRequest(c.Server)
+	if err != nil {
+		return nil, err
+	}
+	req = req.WithContext(ctx)
+	if err := c.applyEditors(ctx, req, reqEditors); err != nil {
+		return nil, err
+	}
+	return c.Client.Do(req)
+}
+
+// AdminInstallPluginWithBody Install (or upgrade) a plugin binary found on the core's host; its SHA-256 is recorded and checked at every launch
+//
+// Takes any type of body and a specified content type.
+//
+// Corresponds with POST /api/v1/admin/plugins (the `AdminInstallPlugin` operationId).
+func (c *Client) AdminInstallPluginWithBody(ctx context.Context, contentType string, body io.Reader, reqEditors ...RequestEditorFn) (*http.Response, error) {
+	req, err := NewAdminInstallPluginRequestWithBody(c.Server, contentType, body)
+	if err != nil {
+		return nil, err
+	}
+	req = req.WithContext(ctx)
+	if err := c.applyEditors(ctx, req, reqEditors); err != nil {
+		return nil, err
+	}
+	return c.Client.Do(req)
+}
+
+// AdminInstallPlugin Install (or upgrade) a plugin binary found on the core's host; its SHA-256 is recorded and checked at every launch
+//
+// Takes a body of the `application/json` content type.
+//
+// Corresponds with POST /api/v1/admin/plugins (the `AdminInstallPlugin` operationId).
+func (c *Client) AdminInstallPlugin(ctx context.Context, body AdminInstallPluginJSONRequestBody, reqEditors ...RequestEditorFn) (*http.Response, error) {
+	req, err := NewAdminInstallPluginRequest(c.Server, body)
+	if err != nil {
+		return nil, err
+	}
+	req = req.WithContext(ctx)
+	if err := c.applyEditors(ctx, req, reqEditors); err != nil {
+		return nil, err
+	}
+	return c.Client.Do(req)
+}
+
+// AdminUpdatePluginWithBody Enable or disable a plugin (all its instances)
+//
+// Takes any type of body and a specified content type.
+//
+// Corresponds with PATCH /api/v1/admin/plugins/{name} (the `AdminUpdatePlugin` operationId).
+func (c *Client) AdminUpdatePluginWithBody(ctx context.Context, name PluginName, contentType string, body io.Reader, reqEditors ...RequestEditorFn) (*http.Response, error) {
+	req, err := NewAdminUpdatePluginRequestWithBody(c.Server, name, contentType, body)
+	if err != nil {
+		return nil, err
+	}
+	req = req.WithContext(ctx)
+	if err := c.applyEditors(ctx, req, reqEditors); err != nil {
+		return nil, err
+	}
+	return c.Client.Do(req)
+}
+
+// AdminUpdatePlugin Enable or disable a plugin (all its instances)
+//
+// Takes a body of the `application/json` content type.
+//
+// Corresponds with PATCH /api/v1/admin/plugins/{name} (the `AdminUpdatePlugin` operationId).
+func (c *Client) AdminUpdatePlugin(ctx context.Context, name PluginName, body AdminUpdatePluginJSONRequestBody, reqEditors ...RequestEditorFn) (*http.Response, error) {
+	req, err := NewAdminUpdatePluginRequest(c.Server, name, body)
 	if err != nil {
 		return nil, err
 	}
@@ -3865,6 +4249,241 @@ func NewAdminRefundPaymentRequestWithBody(server string, sessionId openapi_types
 		}
 
 	}
+
+	return req, nil
+}
+
+// NewAdminListPluginInstancesRequest constructs an http.Request for the AdminListPluginInstances method
+func NewAdminListPluginInstancesRequest(server string) (*http.Request, error) {
+	var err error
+
+	serverURL, err := url.Parse(server)
+	if err != nil {
+		return nil, err
+	}
+
+	operationPath := fmt.Sprintf("/api/v1/admin/plugin-instances")
+	if operationPath[0] == '/' {
+		operationPath = "." + operationPath
+	}
+
+	queryURL, err := serverURL.Parse(operationPath)
+	if err != nil {
+		return nil, err
+	}
+
+	req, err := http.NewRequest(http.MethodGet, queryURL.String(), nil)
+	if err != nil {
+		return nil, err
+	}
+
+	return req, nil
+}
+
+// NewAdminUpdatePluginInstanceRequest calls the generic AdminUpdatePluginInstance builder with application/json body
+func NewAdminUpdatePluginInstanceRequest(server string, name PluginName, body AdminUpdatePluginInstanceJSONRequestBody) (*http.Request, error) {
+	var bodyReader io.Reader
+	buf, err := json.Marshal(body)
+	if err != nil {
+		return nil, err
+	}
+	bodyReader = bytes.NewReader(buf)
+	return NewAdminUpdatePluginInstanceRequestWithBody(server, name, "application/json", bodyReader)
+}
+
+// NewAdminUpdatePluginInstanceRequestWithBody constructs an http.Request for the AdminUpdatePluginInstance method, with any body, and a specified content type
+func NewAdminUpdatePluginInstanceRequestWithBody(server string, name PluginName, contentType string, body io.Reader) (*http.Request, error) {
+	var err error
+
+	var pathParam0 string
+
+	pathParam0, err = runtime.StyleParamWithOptions("simple", false, "name", name, runtime.StyleParamOptions{ParamLocation: runtime.ParamLocationPath, Type: "string", Format: ""})
+	if err != nil {
+		return nil, err
+	}
+
+	serverURL, err := url.Parse(server)
+	if err != nil {
+		return nil, err
+	}
+
+	operationPath := fmt.Sprintf("/api/v1/admin/plugin-instances/%s", pathParam0)
+	if operationPath[0] == '/' {
+		operationPath = "." + operationPath
+	}
+
+	queryURL, err := serverURL.Parse(operationPath)
+	if err != nil {
+		return nil, err
+	}
+
+	req, err := http.NewRequest(http.MethodPatch, queryURL.String(), body)
+	if err != nil {
+		return nil, err
+	}
+
+	req.Header.Add("Content-Type", contentType)
+
+	return req, nil
+}
+
+// NewAdminConfigurePluginInstanceRequest calls the generic AdminConfigurePluginInstance builder with application/json body
+func NewAdminConfigurePluginInstanceRequest(server string, name PluginName, body AdminConfigurePluginInstanceJSONRequestBody) (*http.Request, error) {
+	var bodyReader io.Reader
+	buf, err := json.Marshal(body)
+	if err != nil {
+		return nil, err
+	}
+	bodyReader = bytes.NewReader(buf)
+	return NewAdminConfigurePluginInstanceRequestWithBody(server, name, "application/json", bodyReader)
+}
+
+// NewAdminConfigurePluginInstanceRequestWithBody constructs an http.Request for the AdminConfigurePluginInstance method, with any body, and a specified content type
+func NewAdminConfigurePluginInstanceRequestWithBody(server string, name PluginName, contentType string, body io.Reader) (*http.Request, error) {
+	var err error
+
+	var pathParam0 string
+
+	pathParam0, err = runtime.StyleParamWithOptions("simple", false, "name", name, runtime.StyleParamOptions{ParamLocation: runtime.ParamLocationPath, Type: "string", Format: ""})
+	if err != nil {
+		return nil, err
+	}
+
+	serverURL, err := url.Parse(server)
+	if err != nil {
+		return nil, err
+	}
+
+	operationPath := fmt.Sprintf("/api/v1/admin/plugin-instances/%s", pathParam0)
+	if operationPath[0] == '/' {
+		operationPath = "." + operationPath
+	}
+
+	queryURL, err := serverURL.Parse(operationPath)
+	if err != nil {
+		return nil, err
+	}
+
+	req, err := http.NewRequest(http.MethodPut, queryURL.String(), body)
+	if err != nil {
+		return nil, err
+	}
+
+	req.Header.Add("Content-Type", contentType)
+
+	return req, nil
+}
+
+// NewAdminListPluginsRequest constructs an http.Request for the AdminListPlugins method
+func NewAdminListPluginsRequest(server string) (*http.Request, error) {
+	var err error
+
+	serverURL, err := url.Parse(server)
+	if err != nil {
+		return nil, err
+	}
+
+	operationPath := fmt.Sprintf("/api/v1/admin/plugins")
+	if operationPath[0] == '/' {
+		operationPath = "." + operationPath
+	}
+
+	queryURL, err := serverURL.Parse(operationPath)
+	if err != nil {
+		return nil, err
+	}
+
+	req, err := http.NewRequest(http.MethodGet, queryURL.String(), nil)
+	if err != nil {
+		return nil, err
+	}
+
+	return req, nil
+}
+
+// NewAdminInstallPluginRequest calls the generic AdminInstallPlugin builder with application/json body
+func NewAdminInstallPluginRequest(server string, body AdminInstallPluginJSONRequestBody) (*http.Request, error) {
+	var bodyReader io.Reader
+	buf, err := json.Marshal(body)
+	if err != nil {
+		return nil, err
+	}
+	bodyReader = bytes.NewReader(buf)
+	return NewAdminInstallPluginRequestWithBody(server, "application/json", bodyReader)
+}
+
+// NewAdminInstallPluginRequestWithBody constructs an http.Request for the AdminInstallPlugin method, with any body, and a specified content type
+func NewAdminInstallPluginRequestWithBody(server string, contentType string, body io.Reader) (*http.Request, error) {
+	var err error
+
+	serverURL, err := url.Parse(server)
+	if err != nil {
+		return nil, err
+	}
+
+	operationPath := fmt.Sprintf("/api/v1/admin/plugins")
+	if operationPath[0] == '/' {
+		operationPath = "." + operationPath
+	}
+
+	queryURL, err := serverURL.Parse(operationPath)
+	if err != nil {
+		return nil, err
+	}
+
+	req, err := http.NewRequest(http.MethodPost, queryURL.String(), body)
+	if err != nil {
+		return nil, err
+	}
+
+	req.Header.Add("Content-Type", contentType)
+
+	return req, nil
+}
+
+// NewAdminUpdatePluginRequest calls the generic AdminUpdatePlugin builder with application/json body
+func NewAdminUpdatePluginRequest(server string, name PluginName, body AdminUpdatePluginJSONRequestBody) (*http.Request, error) {
+	var bodyReader io.Reader
+	buf, err := json.Marshal(body)
+	if err != nil {
+		return nil, err
+	}
+	bodyReader = bytes.NewReader(buf)
+	return NewAdminUpdatePluginRequestWithBody(server, name, "application/json", bodyReader)
+}
+
+// NewAdminUpdatePluginRequestWithBody constructs an http.Request for the AdminUpdatePlugin method, with any body, and a specified content type
+func NewAdminUpdatePluginRequestWithBody(server string, name PluginName, contentType string, body io.Reader) (*http.Request, error) {
+	var err error
+
+	var pathParam0 string
+
+	pathParam0, err = runtime.StyleParamWithOptions("simple", false, "name", name, runtime.StyleParamOptions{ParamLocation: runtime.ParamLocationPath, Type: "string", Format: ""})
+	if err != nil {
+		return nil, err
+	}
+
+	serverURL, err := url.Parse(server)
+	if err != nil {
+		return nil, err
+	}
+
+	operationPath := fmt.Sprintf("/api/v1/admin/plugins/%s", pathParam0)
+	if operationPath[0] == '/' {
+		operationPath = "." + operationPath
+	}
+
+	queryURL, err := serverURL.Parse(operationPath)
+	if err != nil {
+		return nil, err
+	}
+
+	req, err := http.NewRequest(http.MethodPatch, queryURL.String(), body)
+	if err != nil {
+		return nil, err
+	}
+
+	req.Header.Add("Content-Type", contentType)
 
 	return req, nil
 }
@@ -6577,6 +7196,76 @@ type ClientWithResponsesInterface interface {
 	// Corresponds with POST /api/v1/admin/payments/sessions/{session_id}/refund (the `AdminRefundPayment` operationId).
 	AdminRefundPaymentWithResponse(ctx context.Context, sessionId openapi_types.UUID, params *AdminRefundPaymentParams, body AdminRefundPaymentJSONRequestBody, reqEditors ...RequestEditorFn) (*AdminRefundPaymentResponse, error)
 
+	// AdminListPluginInstancesWithResponse Configured plugin instances with state, versions and health (secrets never shown)
+	//
+	// Returns a wrapper object for the known response body format(s).
+	//
+	// Corresponds with GET /api/v1/admin/plugin-instances (the `AdminListPluginInstances` operationId).
+	AdminListPluginInstancesWithResponse(ctx context.Context, reqEditors ...RequestEditorFn) (*AdminListPluginInstancesResponse, error)
+
+	// AdminUpdatePluginInstanceWithBodyWithResponse Enable or disable an instance
+	//
+	// Takes any type of body and a specified content type, and returns a wrapper object for the known response body format(s).
+	//
+	// Corresponds with PATCH /api/v1/admin/plugin-instances/{name} (the `AdminUpdatePluginInstance` operationId).
+	AdminUpdatePluginInstanceWithBodyWithResponse(ctx context.Context, name PluginName, contentType string, body io.Reader, reqEditors ...RequestEditorFn) (*AdminUpdatePluginInstanceResponse, error)
+
+	// AdminUpdatePluginInstanceWithResponse Enable or disable an instance
+	//
+	// Takes a body of the `application/json` content type, and returns a wrapper object for the known response body format(s).
+	//
+	// Corresponds with PATCH /api/v1/admin/plugin-instances/{name} (the `AdminUpdatePluginInstance` operationId).
+	AdminUpdatePluginInstanceWithResponse(ctx context.Context, name PluginName, body AdminUpdatePluginInstanceJSONRequestBody, reqEditors ...RequestEditorFn) (*AdminUpdatePluginInstanceResponse, error)
+
+	// AdminConfigurePluginInstanceWithBodyWithResponse Create or reconfigure an instance; the config is validated against the plugin's schema
+	//
+	// Takes any type of body and a specified content type, and returns a wrapper object for the known response body format(s).
+	//
+	// Corresponds with PUT /api/v1/admin/plugin-instances/{name} (the `AdminConfigurePluginInstance` operationId).
+	AdminConfigurePluginInstanceWithBodyWithResponse(ctx context.Context, name PluginName, contentType string, body io.Reader, reqEditors ...RequestEditorFn) (*AdminConfigurePluginInstanceResponse, error)
+
+	// AdminConfigurePluginInstanceWithResponse Create or reconfigure an instance; the config is validated against the plugin's schema
+	//
+	// Takes a body of the `application/json` content type, and returns a wrapper object for the known response body format(s).
+	//
+	// Corresponds with PUT /api/v1/admin/plugin-instances/{name} (the `AdminConfigurePluginInstance` operationId).
+	AdminConfigurePluginInstanceWithResponse(ctx context.Context, name PluginName, body AdminConfigurePluginInstanceJSONRequestBody, reqEditors ...RequestEditorFn) (*AdminConfigurePluginInstanceResponse, error)
+
+	// AdminListPluginsWithResponse Installed driver plugins
+	//
+	// Returns a wrapper object for the known response body format(s).
+	//
+	// Corresponds with GET /api/v1/admin/plugins (the `AdminListPlugins` operationId).
+	AdminListPluginsWithResponse(ctx context.Context, reqEditors ...RequestEditorFn) (*AdminListPluginsResponse, error)
+
+	// AdminInstallPluginWithBodyWithResponse Install (or upgrade) a plugin binary found on the core's host; its SHA-256 is recorded and checked at every launch
+	//
+	// Takes any type of body and a specified content type, and returns a wrapper object for the known response body format(s).
+	//
+	// Corresponds with POST /api/v1/admin/plugins (the `AdminInstallPlugin` operationId).
+	AdminInstallPluginWithBodyWithResponse(ctx context.Context, contentType string, body io.Reader, reqEditors ...RequestEditorFn) (*AdminInstallPluginResponse, error)
+
+	// AdminInstallPluginWithResponse Install (or upgrade) a plugin binary found on the core's host; its SHA-256 is recorded and checked at every launch
+	//
+	// Takes a body of the `application/json` content type, and returns a wrapper object for the known response body format(s).
+	//
+	// Corresponds with POST /api/v1/admin/plugins (the `AdminInstallPlugin` operationId).
+	AdminInstallPluginWithResponse(ctx context.Context, body AdminInstallPluginJSONRequestBody, reqEditors ...RequestEditorFn) (*AdminInstallPluginResponse, error)
+
+	// AdminUpdatePluginWithBodyWithResponse Enable or disable a plugin (all its instances)
+	//
+	// Takes any type of body and a specified content type, and returns a wrapper object for the known response body format(s).
+	//
+	// Corresponds with PATCH /api/v1/admin/plugins/{name} (the `AdminUpdatePlugin` operationId).
+	AdminUpdatePluginWithBodyWithResponse(ctx context.Context, name PluginName, contentType string, body io.Reader, reqEditors ...RequestEditorFn) (*AdminUpdatePluginResponse, error)
+
+	// AdminUpdatePluginWithResponse Enable or disable a plugin (all its instances)
+	//
+	// Takes a body of the `application/json` content type, and returns a wrapper object for the known response body format(s).
+	//
+	// Corresponds with PATCH /api/v1/admin/plugins/{name} (the `AdminUpdatePlugin` operationId).
+	AdminUpdatePluginWithResponse(ctx context.Context, name PluginName, body AdminUpdatePluginJSONRequestBody, reqEditors ...RequestEditorFn) (*AdminUpdatePluginResponse, error)
+
 	// ListPolicyOverridesWithResponse Policy overrides in force
 	//
 	// Returns a wrapper object for the known response body format(s).
@@ -7242,6 +7931,294 @@ func (r AdminRefundPaymentResponse) StatusCode() int {
 
 // ContentType is a convenience method to retrieve the Content-Type value from the HTTP response headers
 func (r AdminRefundPaymentResponse) ContentType() string {
+	if r.HTTPResponse != nil {
+		return r.HTTPResponse.Header.Get("Content-Type")
+	}
+	return ""
+}
+
+type AdminListPluginInstancesResponse struct {
+	Body         []byte
+	HTTPResponse *http.Response
+	// JSON200 the response for an HTTP 200 `application/json` response
+	JSON200 *PluginInstanceList
+	// JSONDefault the response for an HTTP default `application/json` response
+	JSONDefault *Error
+}
+
+// GetJSON200 returns the response for an HTTP 200 `application/json` response
+func (r AdminListPluginInstancesResponse) GetJSON200() *PluginInstanceList {
+	return r.JSON200
+}
+
+// GetJSONDefault returns the response for an HTTP default `application/json` response
+func (r AdminListPluginInstancesResponse) GetJSONDefault() *Error {
+	return r.JSONDefault
+}
+
+// GetBody returns the raw response body bytes
+func (r AdminListPluginInstancesResponse) GetBody() []byte {
+	return r.Body
+}
+
+// Status returns HTTPResponse.Status
+func (r AdminListPluginInstancesResponse) Status() string {
+	if r.HTTPResponse != nil {
+		return r.HTTPResponse.Status
+	}
+	return http.StatusText(0)
+}
+
+// StatusCode returns HTTPResponse.StatusCode
+func (r AdminListPluginInstancesResponse) StatusCode() int {
+	if r.HTTPResponse != nil {
+		return r.HTTPResponse.StatusCode
+	}
+	return 0
+}
+
+// ContentType is a convenience method to retrieve the Content-Type value from the HTTP response headers
+func (r AdminListPluginInstancesResponse) ContentType() string {
+	if r.HTTPResponse != nil {
+		return r.HTTPResponse.Header.Get("Content-Type")
+	}
+	return ""
+}
+
+type AdminUpdatePluginInstanceResponse struct {
+	Body         []byte
+	HTTPResponse *http.Response
+	// JSON200 the response for an HTTP 200 `application/json` response
+	JSON200 *PluginInstance
+	// JSONDefault the response for an HTTP default `application/json` response
+	JSONDefault *Error
+}
+
+// GetJSON200 returns the response for an HTTP 200 `application/json` response
+func (r AdminUpdatePluginInstanceResponse) GetJSON200() *PluginInstance {
+	return r.JSON200
+}
+
+// GetJSONDefault returns the response for an HTTP default `application/json` response
+func (r AdminUpdatePluginInstanceResponse) GetJSONDefault() *Error {
+	return r.JSONDefault
+}
+
+// GetBody returns the raw response body bytes
+func (r AdminUpdatePluginInstanceResponse) GetBody() []byte {
+	return r.Body
+}
+
+// Status returns HTTPResponse.Status
+func (r AdminUpdatePluginInstanceResponse) Status() string {
+	if r.HTTPResponse != nil {
+		return r.HTTPResponse.Status
+	}
+	return http.StatusText(0)
+}
+
+// StatusCode returns HTTPResponse.StatusCode
+func (r AdminUpdatePluginInstanceResponse) StatusCode() int {
+	if r.HTTPResponse != nil {
+		return r.HTTPResponse.StatusCode
+	}
+	return 0
+}
+
+// ContentType is a convenience method to retrieve the Content-Type value from the HTTP response headers
+func (r AdminUpdatePluginInstanceResponse) ContentType() string {
+	if r.HTTPResponse != nil {
+		return r.HTTPResponse.Header.Get("Content-Type")
+	}
+	return ""
+}
+
+type AdminConfigurePluginInstanceResponse struct {
+	Body         []byte
+	HTTPResponse *http.Response
+	// JSON200 the response for an HTTP 200 `application/json` response
+	JSON200 *PluginInstance
+	// JSONDefault the response for an HTTP default `application/json` response
+	JSONDefault *Error
+}
+
+// GetJSON200 returns the response for an HTTP 200 `application/json` response
+func (r AdminConfigurePluginInstanceResponse) GetJSON200() *PluginInstance {
+	return r.JSON200
+}
+
+// GetJSONDefault returns the response for an HTTP default `application/json` response
+func (r AdminConfigurePluginInstanceResponse) GetJSONDefault() *Error {
+	return r.JSONDefault
+}
+
+// GetBody returns the raw response body bytes
+func (r AdminConfigurePluginInstanceResponse) GetBody() []byte {
+	return r.Body
+}
+
+// Status returns HTTPResponse.Status
+func (r AdminConfigurePluginInstanceResponse) Status() string {
+	if r.HTTPResponse != nil {
+		return r.HTTPResponse.Status
+	}
+	return http.StatusText(0)
+}
+
+// StatusCode returns HTTPResponse.StatusCode
+func (r AdminConfigurePluginInstanceResponse) StatusCode() int {
+	if r.HTTPResponse != nil {
+		return r.HTTPResponse.StatusCode
+	}
+	return 0
+}
+
+// ContentType is a convenience method to retrieve the Content-Type value from the HTTP response headers
+func (r AdminConfigurePluginInstanceResponse) ContentType() string {
+	if r.HTTPResponse != nil {
+		return r.HTTPResponse.Header.Get("Content-Type")
+	}
+	return ""
+}
+
+type AdminListPluginsResponse struct {
+	Body         []byte
+	HTTPResponse *http.Response
+	// JSON200 the response for an HTTP 200 `application/json` response
+	JSON200 *PluginList
+	// JSONDefault the response for an HTTP default `application/json` response
+	JSONDefault *Error
+}
+
+// GetJSON200 returns the response for an HTTP 200 `application/json` response
+func (r AdminListPluginsResponse) GetJSON200() *PluginList {
+	return r.JSON200
+}
+
+// GetJSONDefault returns the response for an HTTP default `application/json` response
+func (r AdminListPluginsResponse) GetJSONDefault() *Error {
+	return r.JSONDefault
+}
+
+// GetBody returns the raw response body bytes
+func (r AdminListPluginsResponse) GetBody() []byte {
+	return r.Body
+}
+
+// Status returns HTTPResponse.Status
+func (r AdminListPluginsResponse) Status() string {
+	if r.HTTPResponse != nil {
+		return r.HTTPResponse.Status
+	}
+	return http.StatusText(0)
+}
+
+// StatusCode returns HTTPResponse.StatusCode
+func (r AdminListPluginsResponse) StatusCode() int {
+	if r.HTTPResponse != nil {
+		return r.HTTPResponse.StatusCode
+	}
+	return 0
+}
+
+// ContentType is a convenience method to retrieve the Content-Type value from the HTTP response headers
+func (r AdminListPluginsResponse) ContentType() string {
+	if r.HTTPResponse != nil {
+		return r.HTTPResponse.Header.Get("Content-Type")
+	}
+	return ""
+}
+
+type AdminInstallPluginResponse struct {
+	Body         []byte
+	HTTPResponse *http.Response
+	// JSON201 the response for an HTTP 201 `application/json` response
+	JSON201 *Plugin
+	// JSONDefault the response for an HTTP default `application/json` response
+	JSONDefault *Error
+}
+
+// GetJSON201 returns the response for an HTTP 201 `application/json` response
+func (r AdminInstallPluginResponse) GetJSON201() *Plugin {
+	return r.JSON201
+}
+
+// GetJSONDefault returns the response for an HTTP default `application/json` response
+func (r AdminInstallPluginResponse) GetJSONDefault() *Error {
+	return r.JSONDefault
+}
+
+// GetBody returns the raw response body bytes
+func (r AdminInstallPluginResponse) GetBody() []byte {
+	return r.Body
+}
+
+// Status returns HTTPResponse.Status
+func (r AdminInstallPluginResponse) Status() string {
+	if r.HTTPResponse != nil {
+		return r.HTTPResponse.Status
+	}
+	return http.StatusText(0)
+}
+
+// StatusCode returns HTTPResponse.StatusCode
+func (r AdminInstallPluginResponse) StatusCode() int {
+	if r.HTTPResponse != nil {
+		return r.HTTPResponse.StatusCode
+	}
+	return 0
+}
+
+// ContentType is a convenience method to retrieve the Content-Type value from the HTTP response headers
+func (r AdminInstallPluginResponse) ContentType() string {
+	if r.HTTPResponse != nil {
+		return r.HTTPResponse.Header.Get("Content-Type")
+	}
+	return ""
+}
+
+type AdminUpdatePluginResponse struct {
+	Body         []byte
+	HTTPResponse *http.Response
+	// JSON200 the response for an HTTP 200 `application/json` response
+	JSON200 *Plugin
+	// JSONDefault the response for an HTTP default `application/json` response
+	JSONDefault *Error
+}
+
+// GetJSON200 returns the response for an HTTP 200 `application/json` response
+func (r AdminUpdatePluginResponse) GetJSON200() *Plugin {
+	return r.JSON200
+}
+
+// GetJSONDefault returns the response for an HTTP default `application/json` response
+func (r AdminUpdatePluginResponse) GetJSONDefault() *Error {
+	return r.JSONDefault
+}
+
+// GetBody returns the raw response body bytes
+func (r AdminUpdatePluginResponse) GetBody() []byte {
+	return r.Body
+}
+
+// Status returns HTTPResponse.Status
+func (r AdminUpdatePluginResponse) Status() string {
+	if r.HTTPResponse != nil {
+		return r.HTTPResponse.Status
+	}
+	return http.StatusText(0)
+}
+
+// StatusCode returns HTTPResponse.StatusCode
+func (r AdminUpdatePluginResponse) StatusCode() int {
+	if r.HTTPResponse != nil {
+		return r.HTTPResponse.StatusCode
+	}
+	return 0
+}
+
+// ContentType is a convenience method to retrieve the Content-Type value from the HTTP response headers
+func (r AdminUpdatePluginResponse) ContentType() string {
 	if r.HTTPResponse != nil {
 		return r.HTTPResponse.Header.Get("Content-Type")
 	}
@@ -9594,6 +10571,136 @@ func (c *ClientWithResponses) AdminRefundPaymentWithResponse(ctx context.Context
 	return ParseAdminRefundPaymentResponse(rsp)
 }
 
+// AdminListPluginInstancesWithResponse Configured plugin instances with state, versions and health (secrets never shown)
+//
+// Returns a wrapper object for the known response body format(s).
+//
+// Corresponds with GET /api/v1/admin/plugin-instances (the `AdminListPluginInstances` operationId).
+func (c *ClientWithResponses) AdminListPluginInstancesWithResponse(ctx context.Context, reqEditors ...RequestEditorFn) (*AdminListPluginInstancesResponse, error) {
+	rsp, err := c.AdminListPluginInstances(ctx, reqEditors...)
+	if err != nil {
+		return nil, err
+	}
+	return ParseAdminListPluginInstancesResponse(rsp)
+}
+
+// AdminUpdatePluginInstanceWithBodyWithResponse Enable or disable an instance
+//
+// Takes any type of body and a specified content type, and returns a wrapper object for the known response body format(s).
+//
+// Corresponds with PATCH /api/v1/admin/plugin-instances/{name} (the `AdminUpdatePluginInstance` operationId).
+func (c *ClientWithResponses) AdminUpdatePluginInstanceWithBodyWithResponse(ctx context.Context, name PluginName, contentType string, body io.Reader, reqEditors ...RequestEditorFn) (*AdminUpdatePluginInstanceResponse, error) {
+	rsp, err := c.AdminUpdatePluginInstanceWithBody(ctx, name, contentType, body, reqEditors...)
+	if err != nil {
+		return nil, err
+	}
+	return ParseAdminUpdatePluginInstanceResponse(rsp)
+}
+
+// AdminUpdatePluginInstanceWithResponse Enable or disable an instance
+//
+// Takes a body of the `application/json` content type, and returns a wrapper object for the known response body format(s).
+//
+// Corresponds with PATCH /api/v1/admin/plugin-instances/{name} (the `AdminUpdatePluginInstance` operationId).
+func (c *ClientWithResponses) AdminUpdatePluginInstanceWithResponse(ctx context.Context, name PluginName, body AdminUpdatePluginInstanceJSONRequestBody, reqEditors ...RequestEditorFn) (*AdminUpdatePluginInstanceResponse, error) {
+	rsp, err := c.AdminUpdatePluginInstance(ctx, name, body, reqEditors...)
+	if err != nil {
+		return nil, err
+	}
+	return ParseAdminUpdatePluginInstanceResponse(rsp)
+}
+
+// AdminConfigurePluginInstanceWithBodyWithResponse Create or reconfigure an instance; the config is validated against the plugin's schema
+//
+// Takes any type of body and a specified content type, and returns a wrapper object for the known response body format(s).
+//
+// Corresponds with PUT /api/v1/admin/plugin-instances/{name} (the `AdminConfigurePluginInstance` operationId).
+func (c *ClientWithResponses) AdminConfigurePluginInstanceWithBodyWithResponse(ctx context.Context, name PluginName, contentType string, body io.Reader, reqEditors ...RequestEditorFn) (*AdminConfigurePluginInstanceResponse, error) {
+	rsp, err := c.AdminConfigurePluginInstanceWithBody(ctx, name, contentType, body, reqEditors...)
+	if err != nil {
+		return nil, err
+	}
+	return ParseAdminConfigurePluginInstanceResponse(rsp)
+}
+
+// AdminConfigurePluginInstanceWithResponse Create or reconfigure an instance; the config is validated against the plugin's schema
+//
+// Takes a body of the `application/json` content type, and returns a wrapper object for the known response body format(s).
+//
+// Corresponds with PUT /api/v1/admin/plugin-instances/{name} (the `AdminConfigurePluginInstance` operationId).
+func (c *ClientWithResponses) AdminConfigurePluginInstanceWithResponse(ctx context.Context, name PluginName, body AdminConfigurePluginInstanceJSONRequestBody, reqEditors ...RequestEditorFn) (*AdminConfigurePluginInstanceResponse, error) {
+	rsp, err := c.AdminConfigurePluginInstance(ctx, name, body, reqEditors...)
+	if err != nil {
+		return nil, err
+	}
+	return ParseAdminConfigurePluginInstanceResponse(rsp)
+}
+
+// AdminListPluginsWithResponse Installed driver plugins
+//
+// Returns a wrapper object for the known response body format(s).
+//
+// Corresponds with GET /api/v1/admin/plugins (the `AdminListPlugins` operationId).
+func (c *ClientWithResponses) AdminListPluginsWithResponse(ctx context.Context, reqEditors ...RequestEditorFn) (*AdminListPluginsResponse, error) {
+	rsp, err := c.AdminListPlugins(ctx, reqEditors...)
+	if err != nil {
+		return nil, err
+	}
+	return ParseAdminListPluginsResponse(rsp)
+}
+
+// AdminInstallPluginWithBodyWithResponse Install (or upgrade) a plugin binary found on the core's host; its SHA-256 is recorded and checked at every launch
+//
+// Takes any type of body and a specified content type, and returns a wrapper object for the known response body format(s).
+//
+// Corresponds with POST /api/v1/admin/plugins (the `AdminInstallPlugin` operationId).
+func (c *ClientWithResponses) AdminInstallPluginWithBodyWithResponse(ctx context.Context, contentType string, body io.Reader, reqEditors ...RequestEditorFn) (*AdminInstallPluginResponse, error) {
+	rsp, err := c.AdminInstallPluginWithBody(ctx, contentType, body, reqEditors...)
+	if err != nil {
+		return nil, err
+	}
+	return ParseAdminInstallPluginResponse(rsp)
+}
+
+// AdminInstallPluginWithResponse Install (or upgrade) a plugin binary found on the core's host; its SHA-256 is recorded and checked at every launch
+//
+// Takes a body of the `application/json` content type, and returns a wrapper object for the known response body format(s).
+//
+// Corresponds with POST /api/v1/admin/plugins (the `AdminInstallPlugin` operationId).
+func (c *ClientWithResponses) AdminInstallPluginWithResponse(ctx context.Context, body AdminInstallPluginJSONRequestBody, reqEditors ...RequestEditorFn) (*AdminInstallPluginResponse, error) {
+	rsp, err := c.AdminInstallPlugin(ctx, body, reqEditors...)
+	if err != nil {
+		return nil, err
+	}
+	return ParseAdminInstallPluginResponse(rsp)
+}
+
+// AdminUpdatePluginWithBodyWithResponse Enable or disable a plugin (all its instances)
+//
+// Takes any type of body and a specified content type, and returns a wrapper object for the known response body format(s).
+//
+// Corresponds with PATCH /api/v1/admin/plugins/{name} (the `AdminUpdatePlugin` operationId).
+func (c *ClientWithResponses) AdminUpdatePluginWithBodyWithResponse(ctx context.Context, name PluginName, contentType string, body io.Reader, reqEditors ...RequestEditorFn) (*AdminUpdatePluginResponse, error) {
+	rsp, err := c.AdminUpdatePluginWithBody(ctx, name, contentType, body, reqEditors...)
+	if err != nil {
+		return nil, err
+	}
+	return ParseAdminUpdatePluginResponse(rsp)
+}
+
+// AdminUpdatePluginWithResponse Enable or disable a plugin (all its instances)
+//
+// Takes a body of the `application/json` content type, and returns a wrapper object for the known response body format(s).
+//
+// Corresponds with PATCH /api/v1/admin/plugins/{name} (the `AdminUpdatePlugin` operationId).
+func (c *ClientWithResponses) AdminUpdatePluginWithResponse(ctx context.Context, name PluginName, body AdminUpdatePluginJSONRequestBody, reqEditors ...RequestEditorFn) (*AdminUpdatePluginResponse, error) {
+	rsp, err := c.AdminUpdatePlugin(ctx, name, body, reqEditors...)
+	if err != nil {
+		return nil, err
+	}
+	return ParseAdminUpdatePluginResponse(rsp)
+}
+
 // ListPolicyOverridesWithResponse Policy overrides in force
 //
 // Returns a wrapper object for the known response body format(s).
@@ -10574,6 +11681,204 @@ func ParseAdminRefundPaymentResponse(rsp *http.Response) (*AdminRefundPaymentRes
 	switch {
 	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && rsp.StatusCode == 200:
 		var dest RefundResult
+		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
+			return nil, err
+		}
+		response.JSON200 = &dest
+
+	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && true:
+		var dest Error
+		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
+			return nil, err
+		}
+		response.JSONDefault = &dest
+
+	}
+
+	return response, nil
+}
+
+// ParseAdminListPluginInstancesResponse parses an HTTP response from a AdminListPluginInstancesWithResponse call
+func ParseAdminListPluginInstancesResponse(rsp *http.Response) (*AdminListPluginInstancesResponse, error) {
+	bodyBytes, err := io.ReadAll(rsp.Body)
+	defer func() { _ = rsp.Body.Close() }()
+	if err != nil {
+		return nil, err
+	}
+
+	response := &AdminListPluginInstancesResponse{
+		Body:         bodyBytes,
+		HTTPResponse: rsp,
+	}
+
+	switch {
+	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && rsp.StatusCode == 200:
+		var dest PluginInstanceList
+		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
+			return nil, err
+		}
+		response.JSON200 = &dest
+
+	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && true:
+		var dest Error
+		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
+			return nil, err
+		}
+		response.JSONDefault = &dest
+
+	}
+
+	return response, nil
+}
+
+// ParseAdminUpdatePluginInstanceResponse parses an HTTP response from a AdminUpdatePluginInstanceWithResponse call
+func ParseAdminUpdatePluginInstanceResponse(rsp *http.Response) (*AdminUpdatePluginInstanceResponse, error) {
+	bodyBytes, err := io.ReadAll(rsp.Body)
+	defer func() { _ = rsp.Body.Close() }()
+	if err != nil {
+		return nil, err
+	}
+
+	response := &AdminUpdatePluginInstanceResponse{
+		Body:         bodyBytes,
+		HTTPResponse: rsp,
+	}
+
+	switch {
+	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && rsp.StatusCode == 200:
+		var dest PluginInstance
+		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
+			return nil, err
+		}
+		response.JSON200 = &dest
+
+	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && true:
+		var dest Error
+		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
+			return nil, err
+		}
+		response.JSONDefault = &dest
+
+	}
+
+	return response, nil
+}
+
+// ParseAdminConfigurePluginInstanceResponse parses an HTTP response from a AdminConfigurePluginInstanceWithResponse call
+func ParseAdminConfigurePluginInstanceResponse(rsp *http.Response) (*AdminConfigurePluginInstanceResponse, error) {
+	bodyBytes, err := io.ReadAll(rsp.Body)
+	defer func() { _ = rsp.Body.Close() }()
+	if err != nil {
+		return nil, err
+	}
+
+	response := &AdminConfigurePluginInstanceResponse{
+		Body:         bodyBytes,
+		HTTPResponse: rsp,
+	}
+
+	switch {
+	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && rsp.StatusCode == 200:
+		var dest PluginInstance
+		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
+			return nil, err
+		}
+		response.JSON200 = &dest
+
+	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && true:
+		var dest Error
+		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
+			return nil, err
+		}
+		response.JSONDefault = &dest
+
+	}
+
+	return response, nil
+}
+
+// ParseAdminListPluginsResponse parses an HTTP response from a AdminListPluginsWithResponse call
+func ParseAdminListPluginsResponse(rsp *http.Response) (*AdminListPluginsResponse, error) {
+	bodyBytes, err := io.ReadAll(rsp.Body)
+	defer func() { _ = rsp.Body.Close() }()
+	if err != nil {
+		return nil, err
+	}
+
+	response := &AdminListPluginsResponse{
+		Body:         bodyBytes,
+		HTTPResponse: rsp,
+	}
+
+	switch {
+	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && rsp.StatusCode == 200:
+		var dest PluginList
+		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
+			return nil, err
+		}
+		response.JSON200 = &dest
+
+	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && true:
+		var dest Error
+		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
+			return nil, err
+		}
+		response.JSONDefault = &dest
+
+	}
+
+	return response, nil
+}
+
+// ParseAdminInstallPluginResponse parses an HTTP response from a AdminInstallPluginWithResponse call
+func ParseAdminInstallPluginResponse(rsp *http.Response) (*AdminInstallPluginResponse, error) {
+	bodyBytes, err := io.ReadAll(rsp.Body)
+	defer func() { _ = rsp.Body.Close() }()
+	if err != nil {
+		return nil, err
+	}
+
+	response := &AdminInstallPluginResponse{
+		Body:         bodyBytes,
+		HTTPResponse: rsp,
+	}
+
+	switch {
+	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && rsp.StatusCode == 201:
+		var dest Plugin
+		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
+			return nil, err
+		}
+		response.JSON201 = &dest
+
+	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && true:
+		var dest Error
+		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
+			return nil, err
+		}
+		response.JSONDefault = &dest
+
+	}
+
+	return response, nil
+}
+
+// ParseAdminUpdatePluginResponse parses an HTTP response from a AdminUpdatePluginWithResponse call
+func ParseAdminUpdatePluginResponse(rsp *http.Response) (*AdminUpdatePluginResponse, error) {
+	bodyBytes, err := io.ReadAll(rsp.Body)
+	defer func() { _ = rsp.Body.Close() }()
+	if err != nil {
+		return nil, err
+	}
+
+	response := &AdminUpdatePluginResponse{
+		Body:         bodyBytes,
+		HTTPResponse: rsp,
+	}
+
+	switch {
+	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && rsp.StatusCode == 200:
+		var dest Plugin
 		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
 			return nil, err
 		}

@@ -33,6 +33,8 @@ type Config struct {
 	LocalAccounts     bool
 	OIDC              OIDC
 	PaymentsInstance  string
+	// StateDir holds the local KMS master keys (mode 0700).
+	StateDir string
 	// TaskQueue prefixes the Temporal task queues and schedule ids of this
 	// deployment, so deployments (or tests) sharing a namespace stay apart.
 	TaskQueue string
@@ -71,6 +73,7 @@ func Settings() []Setting {
 		{"GPUAAS_DB_MAX_CONNS", "db-max-conns", "20", "Postgres pool size.", false},
 		{"GPUAAS_MIGRATE", "migrate", "true", "Apply database migrations at start.", false},
 		{"GPUAAS_LOCAL_ACCOUNTS", "local-accounts", "false", "Allow password sign-in of local accounts (the embedded default).", false},
+		{"GPUAAS_STATE_DIR", "state-dir", "/var/lib/gpuaas", "Folder for the local KMS master keys (created 0700).", false},
 		{"GPUAAS_TEMPORAL_TASK_QUEUE", "temporal-task-queue", "gpuaas", "Prefix of the Temporal task queues and schedule ids.", false},
 		{"GPUAAS_PAYMENTS_INSTANCE", "payments-instance", "stripe", "Payments driver instance used for top-ups.", false},
 		{"GPUAAS_OIDC_ISSUER", "oidc-issuer", "", "OIDC issuer URL of the identity provider (Keycloak, Dex, Okta...); empty disables OIDC.", false},
@@ -161,6 +164,13 @@ func Load(args []string, getenv func(string) string, stderr io.Writer) (Config, 
 		c.OIDC.Audience = v
 		if v == "" {
 			c.OIDC.Audience = c.OIDC.ClientID
+		}
+		return nil
+	})
+	check("GPUAAS_STATE_DIR", func(v string) error {
+		c.StateDir = v
+		if v == "" {
+			return errors.New("missing")
 		}
 		return nil
 	})

@@ -110,6 +110,14 @@ var matrix = map[string]matrixCase{
 	"adminRefundPayment": {expect: expect{401, 403, 403, 403, 403, 403, 404}, body: func(*world) any {
 		return map[string]any{"amount_minor": 100, "reason": "goodwill"}
 	}},
+	"adminListPlugins":         {expect: adminOnly},
+	"adminListPluginInstances": {expect: adminOnly},
+	"adminInstallPlugin": {expect: expect{401, 403, 403, 403, 403, 403, 400}, body: func(*world) any {
+		return map[string]any{"path": "/nonexistent/gpuaas-plugin-x"}
+	}},
+	"adminUpdatePlugin":            {expect: expect{401, 403, 403, 403, 403, 403, 404}, body: func(*world) any { return map[string]any{"enabled": false} }},
+	"adminUpdatePluginInstance":    {expect: expect{401, 403, 403, 403, 403, 403, 404}, body: func(*world) any { return map[string]any{"enabled": false} }},
+	"adminConfigurePluginInstance": {expect: expect{401, 403, 403, 403, 403, 403, 404}, body: func(*world) any { return map[string]any{"plugin": "nope", "config": map[string]any{}} }},
 	"adminAdjustBalance": {expect: adminOnly, body: func(w *world) any {
 		return map[string]any{"org_id": w.orgA, "amount_minor": 500, "type": "promotional_credit", "reason": "welcome credit"}
 	}},
@@ -129,6 +137,7 @@ func (w *world) fill(tmpl string, r role) string {
 		"{key_id}", key.String(),
 		"{key}", "outbox.max_attempts",
 		"{instance}", "stripe",
+		"{name}", "no-such-plugin",
 		"{session_id}", uuid.NewString(),
 	).Replace(tmpl)
 }

@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"path/filepath"
 	"strings"
 	"sync"
 	"time"
@@ -29,8 +30,10 @@ import (
 	"github.com/gpuaas/gpuaas/core/internal/httpapi"
 	"github.com/gpuaas/gpuaas/core/internal/idempotency"
 	"github.com/gpuaas/gpuaas/core/internal/identity"
+	"github.com/gpuaas/gpuaas/core/internal/kms"
 	"github.com/gpuaas/gpuaas/core/internal/oidc"
 	"github.com/gpuaas/gpuaas/core/internal/payments"
+	"github.com/gpuaas/gpuaas/core/internal/pluginhost"
 	"github.com/gpuaas/gpuaas/core/internal/policy"
 	"github.com/gpuaas/gpuaas/core/internal/principal"
 	"github.com/gpuaas/gpuaas/core/internal/ratelimit"
@@ -42,7 +45,8 @@ type Options struct {
 	Version string
 	// Ready, when set, is called with the HTTP listen address once the API serves.
 	Ready func(addr string)
-	// Payments resolves payments driver instances (nil: no payments provider).
+	// Payments, when set, resolves payments drivers instead of the plugin host
+	// (tests run a driver in-process).
 	Payments payments.Providers
 }
 
@@ -99,6 +103,20 @@ func Run(ctx context.Context, cfg config.Config, log hclog.Logger, opt Options) 
 		},
 	})
 
+	keys, err := kms.NewLocal(filepath.Join(cfg.StateDir, "kms"))
+	if err != nil {
+		return fmt.Errorf("kms: %w (set GPUAAS_STATE_DIR to a writable folder)", err)
+	}
+	plugins, err := pluginhost.New(pool, keys, pluginhost.WithLogger(log.Named("plugins")), pluginhost.WithRegisterer(reg), pluginhost.WithRegion(cfg.Region))
+	if err != nil {
+		return fmt.Errorf("plugin host: %w", err)
+	}
+	defer func() { _ = plugins.Close() }()
+	var providers payments.Providers = plugins
+	if opt.Payments != nil {
+		providers = opt.Payments
+	}
+
 	ids := identity.NewService(pool, cfg.Region, log.Named("identity"), nil)
 	var verifier identity.TokenVerifier
 	var flow httpapi.OIDCFlow
@@ -121,7 +139,8 @@ func Run(ctx context.Context, cfg config.Config, log hclog.Logger, opt Options) 
 		Identity:      ids,
 		Auth:          auth,
 		Authz:         authz.NewLoader(pool),
-		Payments:      payments.NewService(pool, pol, opt.Payments, cfg.Region, cfg.PaymentsInstance, log.Named("payments")),
+		Payments:      payments.NewService(pool, pol, providers, cfg.Region, cfg.PaymentsInstance, log.Named("payments")),
+		Plugins:       plugins,
 		LocalAccounts: cfg.LocalAccounts,
 		OIDC:          flow,
 		Checks: []httpapi.Check{
@@ -171,6 +190,11 @@ func Run(ctx context.Context, cfg config.Config, log hclog.Logger, opt Options) 
 	wg.Go(func() { _ = idem.Run(bg) })
 	wg.Go(func() { _ = limiter.Run(bg) })
 	wg.Go(func() { runWorkers(bg, cfg, tc, pool, pol, js, log.Named("worker")) })
+	wg.Go(func() {
+		if err := plugins.Start(bg); err != nil && bg.Err() == nil {
+			log.Error("plugin host did not start", "error", err)
+		}
+	})
 
 	serveErr := make(chan error, 1)
 	go func() { serveErr <- app.Listener(ln) }()

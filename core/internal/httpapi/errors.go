@@ -16,6 +16,7 @@ import (
 	"github.com/gpuaas/gpuaas/core/internal/ledger"
 	"github.com/gpuaas/gpuaas/core/internal/oidc"
 	"github.com/gpuaas/gpuaas/core/internal/payments"
+	"github.com/gpuaas/gpuaas/core/internal/pluginhost"
 	"github.com/gpuaas/gpuaas/core/internal/store"
 )
 
@@ -62,6 +63,16 @@ func statusFor(code errcode.Code) int {
 		return http.StatusServiceUnavailable
 	case payments.CodeProviderFailed:
 		return http.StatusBadGateway
+	case pluginhost.CodeInvalidPlugin:
+		return http.StatusBadRequest
+	case pluginhost.CodePluginNotFound, pluginhost.CodeInstanceNotFound:
+		return http.StatusNotFound
+	case pluginhost.CodeUpgradeRequired, pluginhost.CodeInstanceConflict, pluginhost.CodeKindMismatch, pluginhost.CodeInstanceDisabled:
+		return http.StatusConflict
+	case pluginhost.CodeIncompatible:
+		return http.StatusUnprocessableEntity
+	case pluginhost.CodeTampered, pluginhost.CodeInstanceFailed, pluginhost.CodeUnavailable:
+		return http.StatusServiceUnavailable
 	case idempotency.KeyReused:
 		return http.StatusUnprocessableEntity
 	case identity.CodeInvalidCredentials, identity.CodeInvalidToken, identity.CodeAPIKeyRevoked, identity.CodeAPIKeyExpired,
@@ -173,7 +184,7 @@ func Codes() []errcode.Code {
 		errcode.NotFound, errcode.RouteNotFound, errcode.MethodNotAllowed, errcode.Conflict,
 		errcode.RequestTooLarge, errcode.UnsupportedMedia, errcode.RateLimited, errcode.NotReady,
 		errcode.DatabaseUnavailable, errcode.ServiceUnavailable, errcode.Timeout, errcode.Internal,
-	}, append(append(append(append(identity.Codes(), idempotency.Codes()...), ledger.Codes()...), payments.Codes()...),
+	}, append(append(append(append(append(identity.Codes(), idempotency.Codes()...), ledger.Codes()...), payments.Codes()...), pluginhost.Codes()...),
 		oidc.CodeTokenMalformed, oidc.CodeTokenAlgNotAllowed, oidc.CodeTokenBadSignature, oidc.CodeTokenUnknownKey,
 		oidc.CodeTokenExpired, oidc.CodeTokenNotYetValid, oidc.CodeTokenWrongIssuer, oidc.CodeTokenWrongAudience,
 		oidc.CodeTokenMissingSubject, oidc.CodeTokenWrongNonce, oidc.CodeGrantRejected, oidc.CodeProviderUnavailable)...)

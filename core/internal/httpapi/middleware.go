@@ -74,13 +74,16 @@ func observe(log hclog.Logger, m *httpMetrics) fiber.Handler {
 			writeError(c, log, err)
 		}
 		status := c.Response().StatusCode()
-		route := c.Route().Path
+		// Fiber's strings alias request buffers that are reused after the request:
+		// metric labels (kept forever) must be copies.
+		method := strings.Clone(c.Method())
+		route := strings.Clone(c.Route().Path)
 		if route == "" || route == "/" && c.Path() != "/" {
 			route = "unmatched"
 		}
 		elapsed := time.Since(start)
-		m.requests.WithLabelValues(c.Method(), route, strconv.Itoa(status)).Inc()
-		m.duration.WithLabelValues(c.Method(), route).Observe(elapsed.Seconds())
+		m.requests.WithLabelValues(method, route, strconv.Itoa(status)).Inc()
+		m.duration.WithLabelValues(method, route).Observe(elapsed.Seconds())
 		level := hclog.Info
 		if quietRoutes[route] {
 			level = hclog.Debug

@@ -43,6 +43,8 @@ type API struct {
 	Auth     *identity.Authenticator
 	Authz    *authz.Loader
 	Payments *payments.Service
+	// Plugins is the plugin host (nil when it is not running).
+	Plugins PluginHost
 	// OIDC is nil when no identity provider is configured.
 	OIDC OIDCFlow
 	// LocalAccounts enables password sign-in of local accounts.

@@ -33,6 +33,9 @@ func Start(t testing.TB, env map[string]string, args ...string) *Instance {
 		// Tests share one Temporal namespace: each core gets its own queues.
 		env["GPUAAS_TEMPORAL_TASK_QUEUE"] = "t" + strings.ReplaceAll(uuid.NewString()[:13], "-", "")
 	}
+	if env["GPUAAS_STATE_DIR"] == "" {
+		env["GPUAAS_STATE_DIR"] = t.TempDir()
+	}
 	if env["TEMPORAL_NAMESPACE"] == "" {
 		env["TEMPORAL_NAMESPACE"] = os.Getenv("TEMPORAL_NAMESPACE")
 	}

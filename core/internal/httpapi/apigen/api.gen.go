@@ -202,6 +202,17 @@ const (
 	PaymentProviderError    ErrorCode = "payment_provider_error"
 	PaymentProviderNotFound ErrorCode = "payment_provider_not_found"
 	PaymentSessionNotFound  ErrorCode = "payment_session_not_found"
+	PluginIncompatible      ErrorCode = "plugin_incompatible"
+	PluginInstanceConflict  ErrorCode = "plugin_instance_conflict"
+	PluginInstanceDisabled  ErrorCode = "plugin_instance_disabled"
+	PluginInstanceFailed    ErrorCode = "plugin_instance_failed"
+	PluginInstanceNotFound  ErrorCode = "plugin_instance_not_found"
+	PluginInvalid           ErrorCode = "plugin_invalid"
+	PluginKindMismatch      ErrorCode = "plugin_kind_mismatch"
+	PluginNotFound          ErrorCode = "plugin_not_found"
+	PluginTampered          ErrorCode = "plugin_tampered"
+	PluginUnavailable       ErrorCode = "plugin_unavailable"
+	PluginUpgradeRequired   ErrorCode = "plugin_upgrade_required"
 	ProjectNotFound         ErrorCode = "project_not_found"
 	RateLimited             ErrorCode = "rate_limited"
 	RefundInvalidAmount     ErrorCode = "refund_invalid_amount"
@@ -305,6 +316,28 @@ func (e ErrorCode) Valid() bool {
 	case PaymentProviderNotFound:
 		return true
 	case PaymentSessionNotFound:
+		return true
+	case PluginIncompatible:
+		return true
+	case PluginInstanceConflict:
+		return true
+	case PluginInstanceDisabled:
+		return true
+	case PluginInstanceFailed:
+		return true
+	case PluginInstanceNotFound:
+		return true
+	case PluginInvalid:
+		return true
+	case PluginKindMismatch:
+		return true
+	case PluginNotFound:
+		return true
+	case PluginTampered:
+		return true
+	case PluginUnavailable:
+		return true
+	case PluginUpgradeRequired:
 		return true
 	case ProjectNotFound:
 		return true
@@ -494,6 +527,33 @@ func (e PaymentSessionStatus) Valid() bool {
 	case PaymentSessionStatusFailedReconcile:
 		return true
 	case PaymentSessionStatusInitiated:
+		return true
+	default:
+		return false
+	}
+}
+
+// Defines values for PluginInstanceState.
+const (
+	Failed       PluginInstanceState = "failed"
+	Incompatible PluginInstanceState = "incompatible"
+	Running      PluginInstanceState = "running"
+	Starting     PluginInstanceState = "starting"
+	Stopped      PluginInstanceState = "stopped"
+)
+
+// Valid indicates whether the value is a known member of the PluginInstanceState enum.
+func (e PluginInstanceState) Valid() bool {
+	switch e {
+	case Failed:
+		return true
+	case Incompatible:
+		return true
+	case Running:
+		return true
+	case Starting:
+		return true
+	case Stopped:
 		return true
 	default:
 		return false
@@ -971,6 +1031,22 @@ type CheckoutRequest struct {
 	SuccessUrl  string             `json:"success_url"`
 }
 
+// ConfigField defines model for ConfigField.
+type ConfigField struct {
+	Default     interface{} `json:"default,omitempty"`
+	Description *string     `json:"description,omitempty"`
+	Name        string      `json:"name"`
+	Required    bool        `json:"required"`
+	Secret      bool        `json:"secret"`
+	Type        string      `json:"type"`
+}
+
+// ConfigureInstanceRequest defines model for ConfigureInstanceRequest.
+type ConfigureInstanceRequest struct {
+	Config map[string]interface{} `json:"config"`
+	Plugin string                 `json:"plugin"`
+}
+
 // CreateAPIKeyRequest defines model for CreateAPIKeyRequest.
 type CreateAPIKeyRequest struct {
 	ExpiresAt *time.Time `json:"expires_at,omitempty"`
@@ -1018,6 +1094,11 @@ type DependencyCheck struct {
 // DependencyCheckName defines model for DependencyCheck.Name.
 type DependencyCheckName string
 
+// EnableRequest defines model for EnableRequest.
+type EnableRequest struct {
+	Enabled bool `json:"enabled"`
+}
+
 // ErrorBody defines model for ErrorBody.
 type ErrorBody struct {
 	// Code Stable machine-readable error codes.
@@ -1043,6 +1124,15 @@ type Health struct {
 
 // HealthStatus defines model for Health.Status.
 type HealthStatus string
+
+// InstallPluginRequest defines model for InstallPluginRequest.
+type InstallPluginRequest struct {
+	// Path Absolute path of the binary on the core's host.
+	Path string `json:"path"`
+
+	// Upgrade Replace an installed plugin of the same name with this binary.
+	Upgrade *bool `json:"upgrade,omitempty"`
+}
 
 // Invitation defines model for Invitation.
 type Invitation struct {
@@ -1172,6 +1262,53 @@ type PaymentSessionStatus string
 type PaymentSessionPage struct {
 	Items      []PaymentSession `json:"items"`
 	NextCursor *string          `json:"next_cursor,omitempty"`
+}
+
+// Plugin defines model for Plugin.
+type Plugin struct {
+	ApiVersions  []string      `json:"api_versions"`
+	ConfigSchema []ConfigField `json:"config_schema"`
+	Enabled      bool          `json:"enabled"`
+	InstalledAt  time.Time     `json:"installed_at"`
+	InstalledBy  string        `json:"installed_by"`
+	Kind         string        `json:"kind"`
+	Name         string        `json:"name"`
+	Path         string        `json:"path"`
+	Sha256       string        `json:"sha256"`
+	Version      string        `json:"version"`
+}
+
+// PluginInstance defines model for PluginInstance.
+type PluginInstance struct {
+	ApiVersion *string `json:"api_version,omitempty"`
+
+	// Config Non-secret settings.
+	Config        map[string]interface{} `json:"config"`
+	Enabled       bool                   `json:"enabled"`
+	Kind          string                 `json:"kind"`
+	Name          string                 `json:"name"`
+	Plugin        string                 `json:"plugin"`
+	PluginVersion *string                `json:"plugin_version,omitempty"`
+	Restarts      int                    `json:"restarts"`
+
+	// SecretFields Secret settings that hold a value (values are never returned).
+	SecretFields []string            `json:"secret_fields"`
+	State        PluginInstanceState `json:"state"`
+	StateReason  string              `json:"state_reason"`
+	UpdatedAt    time.Time           `json:"updated_at"`
+}
+
+// PluginInstanceState defines model for PluginInstance.State.
+type PluginInstanceState string
+
+// PluginInstanceList defines model for PluginInstanceList.
+type PluginInstanceList struct {
+	Items []PluginInstance `json:"items"`
+}
+
+// PluginList defines model for PluginList.
+type PluginList struct {
+	Items []Plugin `json:"items"`
 }
 
 // PolicyKey defines model for PolicyKey.
@@ -1422,6 +1559,9 @@ type OrgID = openapi_types.UUID
 
 // OrgQuery defines model for OrgQuery.
 type OrgQuery = openapi_types.UUID
+
+// PluginName defines model for PluginName.
+type PluginName = string
 
 // PolicyKeyName defines model for PolicyKeyName.
 type PolicyKeyName = string
@@ -1716,6 +1856,18 @@ type AdminAdjustBalanceJSONRequestBody = AdjustmentRequest
 // AdminRefundPaymentJSONRequestBody defines body for AdminRefundPayment for application/json ContentType.
 type AdminRefundPaymentJSONRequestBody = RefundRequest
 
+// AdminUpdatePluginInstanceJSONRequestBody defines body for AdminUpdatePluginInstance for application/json ContentType.
+type AdminUpdatePluginInstanceJSONRequestBody = EnableRequest
+
+// AdminConfigurePluginInstanceJSONRequestBody defines body for AdminConfigurePluginInstance for application/json ContentType.
+type AdminConfigurePluginInstanceJSONRequestBody = ConfigureInstanceRequest
+
+// AdminInstallPluginJSONRequestBody defines body for AdminInstallPlugin for application/json ContentType.
+type AdminInstallPluginJSONRequestBody = InstallPluginRequest
+
+// AdminUpdatePluginJSONRequestBody defines body for AdminUpdatePlugin for application/json ContentType.
+type AdminUpdatePluginJSONRequestBody = EnableRequest
+
 // SetPolicyOverrideJSONRequestBody defines body for SetPolicyOverride for application/json ContentType.
 type SetPolicyOverrideJSONRequestBody = SetPolicyRequest
 
@@ -1790,6 +1942,24 @@ type ServerInterface interface {
 	// AdminRefundPayment Refund part or all of a credited top-up within the refund window
 	// (POST /api/v1/admin/payments/sessions/{session_id}/refund)
 	AdminRefundPayment(c *fiber.Ctx, sessionId openapi_types.UUID, params AdminRefundPaymentParams) error
+	// AdminListPluginInstances Configured plugin instances with state, versions and health (secrets never shown)
+	// (GET /api/v1/admin/plugin-instances)
+	AdminListPluginInstances(c *fiber.Ctx) error
+	// AdminUpdatePluginInstance Enable or disable an instance
+	// (PATCH /api/v1/admin/plugin-instances/{name})
+	AdminUpdatePluginInstance(c *fiber.Ctx, name PluginName) error
+	// AdminConfigurePluginInstance Create or reconfigure an instance; the config is validated against the plugin's schema
+	// (PUT /api/v1/admin/plugin-instances/{name})
+	AdminConfigurePluginInstance(c *fiber.Ctx, name PluginName) error
+	// AdminListPlugins Installed driver plugins
+	// (GET /api/v1/admin/plugins)
+	AdminListPlugins(c *fiber.Ctx) error
+	// AdminInstallPlugin Install (or upgrade) a plugin binary found on the core's host; its SHA-256 is recorded and checked at every launch
+	// (POST /api/v1/admin/plugins)
+	AdminInstallPlugin(c *fiber.Ctx) error
+	// AdminUpdatePlugin Enable or disable a plugin (all its instances)
+	// (PATCH /api/v1/admin/plugins/{name})
+	AdminUpdatePlugin(c *fiber.Ctx, name PluginName) error
 	// ListPolicyOverrides Policy overrides in force
 	// (GET /api/v1/admin/policies)
 	ListPolicyOverrides(c *fiber.Ctx, params ListPolicyOverridesParams) error
@@ -2242,6 +2412,147 @@ func (siw *ServerInterfaceWrapper) AdminRefundPayment(c *fiber.Ctx) error {
 
 	handler := func(c *fiber.Ctx) error {
 		return siw.Handler.AdminRefundPayment(c, sessionId, params)
+	}
+
+	for i := len(siw.HandlerMiddlewares) - 1; i >= 0; i-- {
+		m := siw.HandlerMiddlewares[i]
+		next := handler
+		handler = func(c *fiber.Ctx) error {
+			return m(c, next)
+		}
+	}
+
+	return handler(c)
+}
+
+// AdminListPluginInstances operation middleware
+func (siw *ServerInterfaceWrapper) AdminListPluginInstances(c *fiber.Ctx) error {
+
+	handler := func(c *fiber.Ctx) error {
+		return siw.Handler.AdminListPluginInstances(c)
+	}
+
+	for i := len(siw.HandlerMiddlewares) - 1; i >= 0; i-- {
+		m := siw.HandlerMiddlewares[i]
+		next := handler
+		handler = func(c *fiber.Ctx) error {
+			return m(c, next)
+		}
+	}
+
+	return handler(c)
+}
+
+// AdminUpdatePluginInstance operation middleware
+func (siw *ServerInterfaceWrapper) AdminUpdatePluginInstance(c *fiber.Ctx) error {
+
+	var err error
+	_ = err
+
+	// ------------- Path parameter "name" -------------
+	var name PluginName
+
+	err = runtime.BindStyledParameterWithOptions("simple", "name", c.Params("name"), &name, runtime.BindStyledParameterOptions{ParamLocation: runtime.ParamLocationPath, Explode: false, Required: true, Type: "string", Format: ""})
+	if err != nil {
+		return fiber.NewError(fiber.StatusBadRequest, fmt.Errorf("Invalid format for parameter name: %w", err).Error())
+	}
+
+	handler := func(c *fiber.Ctx) error {
+		return siw.Handler.AdminUpdatePluginInstance(c, name)
+	}
+
+	for i := len(siw.HandlerMiddlewares) - 1; i >= 0; i-- {
+		m := siw.HandlerMiddlewares[i]
+		next := handler
+		handler = func(c *fiber.Ctx) error {
+			return m(c, next)
+		}
+	}
+
+	return handler(c)
+}
+
+// AdminConfigurePluginInstance operation middleware
+func (siw *ServerInterfaceWrapper) AdminConfigurePluginInstance(c *fiber.Ctx) error {
+
+	var err error
+	_ = err
+
+	// ------------- Path parameter "name" -------------
+	var name PluginName
+
+	err = runtime.BindStyledParameterWithOptions("simple", "name", c.Params("name"), &name, runtime.BindStyledParameterOptions{ParamLocation: runtime.ParamLocationPath, Explode: false, Required: true, Type: "string", Format: ""})
+	if err != nil {
+		return fiber.NewError(fiber.StatusBadRequest, fmt.Errorf("Invalid format for parameter name: %w", err).Error())
+	}
+
+	handler := func(c *fiber.Ctx) error {
+		return siw.Handler.AdminConfigurePluginInstance(c, name)
+	}
+
+	for i := len(siw.HandlerMiddlewares) - 1; i >= 0; i-- {
+		m := siw.HandlerMiddlewares[i]
+		next := handler
+		handler = func(c *fiber.Ctx) error {
+			return m(c, next)
+		}
+	}
+
+	return handler(c)
+}
+
+// AdminListPlugins operation middleware
+func (siw *ServerInterfaceWrapper) AdminListPlugins(c *fiber.Ctx) error {
+
+	handler := func(c *fiber.Ctx) error {
+		return siw.Handler.AdminListPlugins(c)
+	}
+
+	for i := len(siw.HandlerMiddlewares) - 1; i >= 0; i-- {
+		m := siw.HandlerMiddlewares[i]
+		next := handler
+		handler = func(c *fiber.Ctx) error {
+			return m(c, next)
+		}
+	}
+
+	return handler(c)
+}
+
+// AdminInstallPlugin operation middleware
+func (siw *ServerInterfaceWrapper) AdminInstallPlugin(c *fiber.Ctx) error {
+
+	handler := func(c *fiber.Ctx) error {
+		return siw.Handler.AdminInstallPlugin(c)
+	}
+
+	for i := len(siw.HandlerMiddlewares) - 1; i >= 0; i-- {
+		m := siw.HandlerMiddlewares[i]
+		next := handler
+		handler = func(c *fiber.Ctx) error {
+			return m(c, next)
+		}
+	}
+
+	return handler(c)
+}
+
+// AdminUpdatePlugin operation middleware
+func (siw *ServerInterfaceWrapper) AdminUpdatePlugin(c *fiber.Ctx) error {
+
+	var err error
+	_ = err
+
+	// ------------- Path parameter "name" -------------
+	var name PluginName
+
+	err = runtime.BindStyledParameterWithOptions("simple", "name", c.Params("name"), &name, runtime.BindStyledParameterOptions{ParamLocation: runtime.ParamLocationPath, Explode: false, Required: true, Type: "string", Format: ""})
+	if err != nil {
+		return fiber.NewError(fiber.StatusBadRequest, fmt.Errorf("Invalid format for parameter name: %w", err).Error())
+	}
+
+	handler := func(c *fiber.Ctx) error {
+		return siw.Handler.AdminUpdatePlugin(c, name)
 	}
 
 	for i := len(siw.HandlerMiddlewares) - 1; i >= 0; i-- {
@@ -4253,6 +4564,18 @@ func RegisterHandlersWithOptions(router fiber.Router, si ServerInterface, option
 
 	router.Post(options.BaseURL+"/api/v1/admin/billing/adjustments", wrapper.AdminAdjustBalance)
 
+	router.Get(options.BaseURL+"/api/v1/admin/plugins", wrapper.AdminListPlugins)
+
+	router.Post(options.BaseURL+"/api/v1/admin/plugins", wrapper.AdminInstallPlugin)
+
+	router.Patch(options.BaseURL+"/api/v1/admin/plugins/:name", wrapper.AdminUpdatePlugin)
+
+	router.Get(options.BaseURL+"/api/v1/admin/plugin-instances", wrapper.AdminListPluginInstances)
+
+	router.Patch(options.BaseURL+"/api/v1/admin/plugin-instances/:name", wrapper.AdminUpdatePluginInstance)
+
+	router.Put(options.BaseURL+"/api/v1/admin/plugin-instances/:name", wrapper.AdminConfigurePluginInstance)
+
 }
 
 // Base64 encoded, compressed with deflate, json marshaled OpenAPI spec.
@@ -4260,121 +4583,135 @@ func RegisterHandlersWithOptions(router fiber.Router, si ServerInterface, option
 // const string: with thousands of chunks the chained `+` fold is several
 // times slower for the Go compiler than parsing a slice literal.
 var swaggerSpec = []string{
-	"7D1rc9s4kn8Fxduq2HW05WSSuVnnUzbJ7uYmM/bFzuxVTXIKRLZErEmAA4BSNC7/9yu8KD5AiZIoTTIz",
-	"n2zxATS6G/1G8z6IWJYzClSK4PI+yDHHGUjg+teLIibyRSQJo+onocFl8EsBfBmEAcUZBJcBNnfDQEQJ",
-	"ZFg9luHPb4HOZBJcPr64CAO5zNWTQnJCZ8HDQ1iOy/ibV2sGZnxM4q6hv326fuRbfW/d2Prt6uhAiyy4",
-	"/DkoBHB1A/icRDDGUcQKKoMwwHFG1FpjTub6ETwDfUMshYRMXaCMLjNWiOBjJ3h/5yzrgmyq7lVhmjKe",
-	"YRlcBjGWcCZJpkDuGPgW8xlI9VYMIuIkN4QLXqBIwUUinCISP0cYzXFaAAIaEzpDCyIT9OjyEcqwjBIQ",
-	"CObAl4jEiEiUc5iSzyDOg9ALsDRzdhDpmzX0v2VdSJBsFxS8LLhgvL36qxz/UgCK9G2kEIywWtacsEKg",
-	"HM/gkUCfKHyWY/PMp661mttda332+IkPrDcxZDmTQKPl97Bsg/cDvgOBMOIgOYEYXV/d3CKBp/AcyQTQ",
-	"lHAhEQeRMyoAEYE45CleQowmSwloyrj+p4Q5ARxr3rRAV+Y/UwB0QP/k2bMwyAgtd65vLd/DsrJhcyyT",
-	"1Tx3sDS7lcMvBeEQB5eSF+AlZFHoJ9sTvCUZ8TDwNZ4BEuRXCNFjJBl6cnHRRaNUj1CdNYYpLlIZXD67",
-	"CNWKSaZ2+RPFmRmh5tdqtYRKmAHX0FzxWedyGZ/tv9wrPvsfDX5rxbcJIMZnmJJfsbqETiRQTOUpWiRM",
-	"AMoYhSWSCRGIdO7NQWC8ZinRrPujHrSL9mtn2awRrjn7N0SyE925uT/AcsxAJdp9eKtNts3gN0ZjvDAK",
-	"o3MxDcWy/6LeC+Cdsylttu8UD+plI4K0YfCacyNqI0alUoGX9wHO85REmltH/xbGYljN8BcO0+Ay+I/R",
-	"yt4YmbtipEd7TeeQshzMbA0FRhGoZ0JEqJaKYB8+18u342iL5fqNlbI5ZzlwSQzAEQcsIR5j2VejhAF8",
-	"zgkHsdU7JO6BzjBIsZDjQmwJELU7sHXDKOm2FPmJCDJJAQmJuURsqnF3B8tQCVEOEZtRopSKPPdNx2HO",
-	"7rYC8aHKYz8Heu0WNgt9WKXEykRiE7Xh1KSGgErgt4lIJGT1f9ZxlWWFh3ISzDnWvyu63oPO5iL0XF5Q",
-	"4/iKz36AbAL8HfxSgDD7II6Jwj9OryvQT3EqIGwsCDJM0pYifuqjBUuhaqKyBTUGqLVIJyRN1aNhkGl4",
-	"/OZndV1mbjvy5uUJrUJbFKFzIrHzD9ZR483qyYcSyA3vmLk15D7orCjfhwBNtDp0WvjCYE5g4cVmWMrV",
-	"XhK6ivmKQO7G/b8LITOgcrd14UwrloxQw+IlgITKb58GbWsndMZCH+nFAVv5XjV/PYrdXWggeIzL5WkB",
-	"wTJm1jWOOMREbmbe0rKpLdS+VQLox2xG6PtcCTGlNXdDLxHjPMVSIWpsWGYlRiaMpYA1lwuJZSFqy48k",
-	"mSsIYyLwJIXYv9Q21Mphestm7R2IS++8hfvSg+6+6cjTuh0xziHV+7VrhBgkJqnoRp0xMlpr6clkLIoK",
-	"zrfUkCsm9ujI0qjz3ealhHO0EkUUgRBBGEwxSQuuyQaUeIkWBoIVPIIxyb3Dyw7X/GXFMUezvMBYXN5z",
-	"mBFGHy7vGZ89XN5byB8u79WwD5f3JH7op3urOAzrUY9KeKUM4ZS+vEVGiw0+rmHNQVS2Y/PDKe2/4RTT",
-	"yAMpFmM2HQOVfNmUg91Cc2JG20rQapLQaNmxqfIUlHkkiIWyH+OnbDF2wMiEg0hYGh9G/neJ4nJdTbSE",
-	"TdyuB9dHtZcJRHesOJ42jBRo6bjgLfPs4ul3awXPRsFm5UrfsXtqvuqoNfC96NQ2uDGQd7Rcd/CNnPvS",
-	"jAZsijpVl6/H6F7SFZ/tth4PbE82whYGIi2MTsZSAlcC/f9+xme/Xpz99aP9e/bx/nH47ZOHv2zcSHqs",
-	"cNMKrdH7O19lPZCy22JriraHqeqQs9Mqwz1cCR+Lr/ENDIbirkjHnbnYzzMWEHGfWXKbAFokLNXRgnN0",
-	"k7AFRYxG8BwJyTggIhFli/ON5DaRQTuNbzWvIAcaK72hZXx7PXHBjf1hzAc7AC2MaxgG4EJRnQR1FMmZ",
-	"kDMOQrOfVH8kZDnjOPUadOzOZ9X7icXulHFYgdS3VB3m+huLfeEpFkOvKNlL9eBh7fMMhLC23HraaqBX",
-	"z69m7GU3rpbT4r4bqXwjlOEoIRTOOOBYX9CkRmpaHfJ2dJ3geMytiAgDQuc4JfFYhyDDoKB3lC3oeEog",
-	"jTWRTJQSxoY19cMGUGXmQ1wZosz3FBQXMgEq9ZvqkSnjExLHoKagTI6nrKDGoy8kjKtXMpAJi/UlnKZs",
-	"oV+PGJ2mJJI2KAtCjiVj41QZ4Ho+UeQ548oQzCAm2FntXAGuUxx6GDWowo5aSIwlnmAB44LiOSapwlgl",
-	"iVm/qlQ0Kwy6lLDDymhQpkUVcucxVa/p2EV9eWoj1i41w9vVezgnCvH159NiNpb4ziATZ1D+wKle3biU",
-	"oTpu6mJfJZk4xIo2WLOeuyqZHcPOaKOZlSvGhjEekIG09MqVhRrh1C1BVO8wEkcafkVEMivMEHq6cYZT",
-	"ZQtVruB01qC9ua6YVpAZxdJ4luaq41bDm+baCkzzW422BDnWyyyvLjijszERotC4qV7ERUxAeRMllEQI",
-	"QmdjUZjdWH+cMvOsXueMY6p4TD23Wn3O2ZzEwBtc5VBPVilHu5LGlTGHQpitVrlB6HiaklkiV/FMLw85",
-	"R0OtQ6esFbkgngHXY1f2lmR5kY9ZIZX7wTHVmyvHywyoHAsQQm37Gsvbe+UCqzcXMEkYuxvbZeq9Oy1o",
-	"7C6MjUm+ul6ne2tso7lWN6JCSJYBd/TxaqV6rqSlSEptuFGTaEXUCgrr133i+p+AU2U7NSdsx7jYnRfw",
-	"OXDhj1Q1LUQz4uoNHzhvaoHnjqj6MTM6zvzrEZWpRd5rQPlW+lZz9mvlO3uCFjt4tpsth12SZe6diT+u",
-	"sSHoUbPU22TTgYNmKNnEisd5waMEC602lR0yjmFCymKdeqjZ7Et/zFnnu4CLDmuwd0hoqzj6FDjYOE+f",
-	"cJ4n1NIIA1RQVR2/juMahWuk62bAIcJ7VVY+XITvrdLcb9mM0N38xlS92ispl2MhFozHraDGk6eb/CIz",
-	"SWUI/0pmOublz70BjUsdZmNJPTIJP/hCn4VMxsZOrQlyEkcrc0kbdqIhkCt7mIg8xctxZ466Wyr33C09",
-	"ky5qkxh7USQk78+cZa5TveZjz5wTGpEcpy1J1FEv6EOTs6l3gbCW7/RD2eCyBsihESNVcvvQ2sahH+6P",
-	"XvZyid396y/2YKkObTxI0tap7xp4pTbfUN5g8DOEMHXJ8YPJ0as3r16+/hwlymzeTZK6qEZFNj69+Ou3",
-	"vgijxLIVmXz2bdgvAmHe9q6Bz4bhxZ4yqpNVXQi1h5avRkg38lNdarWWuoUxor3/LvDVzY4lHKI2pTR0",
-	"ynkr8K0JjV7xQdKQimsOt6+ujbt3Y5XpIDa9TY912AE7WvTrTPYDelJb8GzpShMqJPYb0s7qh+3SoW2/",
-	"llAiiQ3/lQhX3KMTtmarxjYwt4rZmKDimEPEaERqfFsXf4UYr+pqtnEGGh5AxTcoPekaf2yUKXUGHWJD",
-	"NVj+gHvLFSt78giuDPy+h8dpkyhtQkUsbyDAsccsZRMXRl0ZTF5yNxfftCeJdlaVTauJyI3wdOkFJUcZ",
-	"heVmMWqjiMb0c+svF1HHwlpsDsIDJWkOTf6rOXBOYujMjfnJuiMx9btdkZRCF5ptJ3fdOx2RFH10R3Gx",
-	"P9OmV1KByr1Qg6U2yWZEDkf+kjSH5AEucbqbwbpV7EYWnO5bxFEZpXstnZZCp9dfc1y6xrY8/UWYx9uU",
-	"z/S3pEs0b2VSt93sfczqetlh78fXlPqbB3pb4zvXIdROwZSorM3fgHeNZW6ROogksYx7OBHyDnBMKAjh",
-	"2RzKkuoPa7O6wQNz29A0Gd2N9Klbd10rmXIQyY7F8eZlm0mtS7nvHv/1ySYA6+93gFfQ+GhFfb3r1hsL",
-	"aVjYa6rL3YL8EVubpNyyxtQlGf0Whlgph+0s8BXfbWAz+0rYAr8KWjmeFysshf3OZ2xgtC6pUy8jGygq",
-	"ucF1OKIq3FK3DKYZ/BpB/7B6oJ5t6hcarRNrCE3RIP/hFMYNSGPf7sblQ7kf67sjdLsOzmkw930LvFUi",
-	"/J09Aeo7hKJrj0tFMVC4aM2ATrfsMnBLr3UZ95L5z3LoYpmm0/43wLzP5qnhqjbYxlIAc2zpR5zBEct/",
-	"+xZgvxfeHYvTlEXVaoONYmpC0nTLYJ19paDS5IOGCHDqiOE2bDXLa+q0At4hAp8kgnEOfDzLi3HCCr4V",
-	"vrZUHOKu8NseEnO59wFhvyKp842BweJ4zfKb4U9eBjxqLNJgsk52HkIJmX1xON3zXvjyrTrHa46keVL6",
-	"urjRq06OnKcdNvWvq0N1ZcVW8O98TLOzsquRGval2EvvrUqpjTaSIvYwTHnQ1PG/TKXkO4iA5H6722RK",
-	"vOKyLNHuEKcwd92qPD1batWM5sHaiJU0TRtycyKi4EQubxSmDAQTrdlfFKb8sdWZ4urNq5fIaHWktTk6",
-	"+e9/3Z6aTkMyAbSqE0ZEFyrLJXKZqxBhpHfjB2odLTfGLBfj8/Pz0xAxjjBFL67foDtYqht3+sb5h7Lt",
-	"lt4Hxv4o15RImZteGoROmf+IhzlwqgCUnKUoTzEF9O71za2a7Ry91n2gTNU9pmIBXJhmUboFh77sGnF8",
-	"oCefaqWpn05RhDlfEjpDGAlT0f8pYjF8em6xEoNAmANKiZAKNxR9Kg8FfDr/QM30ZesjNRwBgT7979nL",
-	"VQ3j2ZtXn9AJRAmDeIVyW1SPFglQpItzQwSpgA90BhS42mIWf5JI5RUFFhUvrt9UKk8vg4vzx+cXWjnn",
-	"QHFOgsvgm/OL82906ZZMNH+McE5G88cjvbVHuIiJPEvZTN+zh34V82tw38TBZfCWCOmOump1Vmm69rN/",
-	"464eGTVanD2EW7zx5tU2z5tIQb/Hbe+xvo/rHmi9x2Z9HjW9o3o8aBuFPXxsNLV5cnExWEub2qloX0cb",
-	"3XgMsSnS/II4W4hzE15waUrv+CXApojbiKwiyzBfqlH1WCmbhYjCQm0A3T4sRFOSSrCHCLDiTOf9f1QD",
-	"dDHwCD7njMtOPn6tb//Jydtx8ma2k/BZjiIxr7ObpydTo5fAzU9GPGNkmsAprtqfqYwY1gcttDB3/Iqw",
-	"QC9vfgqRkBxw1o+5bC3QaFWWbYLsTHj4S/fqMK1Q3LH9bVms0X3PIF/rBncQb5jt3urX8lA3RiQv4KFF",
-	"+MeDAVArrW6zxjVTKnZ/XnipbSdlkegqe2WX1LvUaSqjFXXVo5Vie2SMr9M+rGKPxYiRNYy69anmE6VU",
-	"61Fuj0DydXsrLfF2I9CDlfwoebG2Y98W3d++LsXoKS5aqx4d8ffnXTtzOWKIJktkiI9OjNFoCEYML/9S",
-	"QAG7cero3hXmk/hhZE+drBdzJnNkYexg3GYXQTfFft0DvxQZWk8G9pKfF4NPrhN3HoZ8Z2sI92dDMxLK",
-	"dUc+jnCaaisQOVGCJMvPilxrctvt0DAQWhAas0UvhmQpiayv3emB1CtyegrLu+4Osv7Onl+ZdGrXPa2V",
-	"TsxhbwDxpKdejaj84SkzUaHeBB/d38HywTj7Ske1Kf8yBcwbxVjbGlX1lrBdusxllbpF09bprrVTbdkr",
-	"vM1GTz3tuRS2htn1GZsDwiivk9loHgqfJVoQZbLrpSjBoK7bKZFmaBA+ZRQGeeHZ4GVGcigiH0jotzKn",
-	"R5b7zbLE9ma/Abk/+W9Aemhv+D5dhrqLt7GlFen1L+S2QY/tXwjbsH+9efxeP9ZLzrtIdkev8Kf9t2a3",
-	"dd0vyv51KZAyQL9WbWh67cpV/bhhdG9PrD3YnkZR0sEZq2aYW8sI23f6cF61t1fnkUWEyZW0yWkAG0A3",
-	"/INj4yhLfAcIL/ASuXQR0hQNkd0hSEfc9X8Y2VOn69ihkMlIZxdG5aFmvwuyOjMdHIaU7UPZR6ZivYLF",
-	"J+fJjOosxM4EtZmj4PLnjzXZT2ZUGXM2NKfpgewZYXSiMxS1ayYpYsgc11R+IRMvgWfMmABdtJ2ZVj8H",
-	"w23tnHo3alkhz9HfGTcZM0Fm9IwoN7xxkF39Ftr8cUmyRwKtkmNsgIgmjU0KCqdpdfTNuGYkjvR/jJNf",
-	"oVPjXpE4elE+1ZKqzY9byMT1tV/ARBl7pj27LLhaMMJTqQxDgy90YjJfcwhNW/fyCy6j067vQKzKmbb5",
-	"dElTTX5z8aRtIL+DmHCIpIJTLaCV4FQwmWi0HuStLerYENoeeAfq9vcYTThbiAoqy1ymZkgHMTpxBDZx",
-	"oIjFgP4TXX//8vVpTw4Be2y6e1MqDnGHqw8kcn3nt/8wQvfvhBKReGg+WSJLHbVxXCJam9w68S42k1g/",
-	"N7JVhN0ktrX3t7bQ70Ahs2p5/5dG3R9hYZFqUv4sjZFFm61yoAyljM6AowXjd2JoLrjlOAb9baXqpIrW",
-	"tAQNnRjt62K3CNNYC4T1m90lsiarftJeVfAP2Dl3VX4d6KAei4POQ7/bBJBd3wC56Xqq6JFwQ6OTGDiZ",
-	"u/INIgUyJw2qBHA9BLw0MI+vDXaa/NgeJPjK/NBK06a1nihQyckQ4cs2eQ1V3Az1ioS+lC1cUXEnYd/b",
-	"3qOHo2vti1F/1rdUqlr7BDrUPxwixuMBmOx9dTidNmnmn1luEs3pEjEKLoZ2ugf3ndtCjDUVML8XHvzK",
-	"K1OqzLauOMVL80T3t/y1Qulmoaepf3xycYEWCUnBeai67pMIVOTPkTmJqayauDz4qRyglknwTzvbAXeo",
-	"bdjZodZrgA9tdl3bwVMyB2o+oeJwbz+UWkM94xtqJa/4DsVlX5S4dI2J1icTK5JsAGF5VR2uEu9AE1A2",
-	"t1Au+4lNP8sEMm0X1wOPtYyTJpNOOHndnfIDDF9qjVbrCxFHLtHSXaU8stFU/A9Sm4UlNFXi8zrlI5aB",
-	"0Da269LVIG9jX47uTUnSwzoHZxeim2+rHnrTdYm/Kob2zcOs9oU/yWLyBPviaPj90D5NeOT4QQd99syr",
-	"9OTnke1kuUnx2DYgu9LuKzPrK+0p16oqi7zhtk5HYdzqC5SHI8DRSoTbXws9sgbyfNHTR+U4hhidGBKf",
-	"IsaR/sqnurb63OfpABGDOEbYcpIOy2aYpOFqPmOU6PyYTGCJEjwHRJnUoVxzXmgJMth6x9cz4111UqZg",
-	"5wjsV8uhb6pHMlANWY9k8a/LkFIspLELUISpQvVE+VN6Sr8luEHjHRV3BwivV/qWHFk3lp++PVzZwUud",
-	"GSpZ4JFAnKWwhhNiyJj0ckLnlrPxlw2FqO6hP4aOrbbCWqtkHfIOrGVr35X76tWs9yt5R9azZYeywb29",
-	"7n1XnkFw51TOKp2h1hHefVrzpqyB+DK998YXQI9N0kb/rI6oWv2ISWiCnsrbdlRB79+9HaCc1BY0mKMC",
-	"z9W8CEt7VkAWXJlH1Rk3BT9XzGM/QXSW686TfXmo3qfyMAxQ7+t59DLh6gK7qK8fGobCV7kxex1LiWox",
-	"lKOSm1HZ5YxEIMKSA83nHcRpb8rbj1uN7l0r7YduotvNIGybh16nlcoO3esOBGw6TbKHbGl2ejgq+zT6",
-	"YXjPF0Wgc+AnpmmFLfmP9Uc3EeAoOT1AlN7UO1nSoxOOF2jC4mWI5sDJVE0/Wda5MOZk3iMzbyrdz+5g",
-	"KTozKsr0Ewh0DkdRJ3b18XewDLXQ1P3I9D3zuzwOYev3TCNrJfkWCYmSD5RIlOGlslVtjX2sO2noMnvl",
-	"Wc7CMiN4jn5SowskQKpVGg5n3FRfajczYQv6gSbAwbSK6DpC9b1a5Vednqg3+l5vlJY0EiES+hOVCn1q",
-	"lw9evaNlajmdYUSXn7ijbCGsglUcYup27OzVjJMZocGe1rIe3a96Tq2NcO9qHdv3Dh3pXmNw2mSfur2v",
-	"0Vk6cxtd/6HQ9TsMeq8h1UCB7wqZNrF8ryB4vR/2PjT9Mxjef3t1BcRr1DgsMY4XGK8t6jfy8Lojbjog",
-	"PnC82+TcnWR+JOplTLaYvn0CcIe9vU24+4jMdcyw984K7OiI+DOGfShNZz/OeOYOWa1VefXG0X8knedp",
-	"wr2hPYt+vjy7dgQlaEJOjd7evwdF6FvYb6QMm53TDxbI3mcLj+4bX1zdpORe6evH5Jz6XL31nQF0AJvD",
-	"DIRwc59qZ5nDnN2BjqzcmRCGdxd2+cRfGh4vjsj9yqtuoPSL2wlqiGYEbpOq2ymUtSclv7bOntdvegXK",
-	"FOZ/I234vW7S9IUR8ahK1BDpN1KeVjUaGI5U8uu6Q5vWMU1pr2s6BEQcJCLCRLZ1ZuE0OIYA0l2pNnug",
-	"Sht9BYz8PSy3cFzVog5kJenvhHWfWHlpDqNcMyFnHESIfnxxe6MV/63aiRynKGLUfC9BpstQZ5ncMR2R",
-	"MC5RDDhOCYXzD9ScewGqG9ZhDoirx/Ekhefo2cU35j19lPoTZXKsYfuEKM4IndkkzxSTlNDZB7o6HKOb",
-	"fscgMUnFub3/CTGZAF8Q4c27/APkO7Pwg7YDdF+A8+bqcLzUJH128c1gU9a6p3tVi0Qp6LosCqiKQoEK",
-	"WlJj6CRMiYlKyEof7lGMZJJyFhICmw76mMZE2drD0j9AcNCQRJc1Z05I7C+SV2PZ5FRWfkeyih7TscuL",
-	"nX522w9Lo1++8szjMawpH3EeCZQDF7onsdWdPvKst7ocDb7sE09/MFuoRdd+1k+fDbmFHbMzaxzRuqgK",
-	"eR0JaOOuA0EZSE4isV6Om0f6HSnOU0zoloeKrznLQCZQCKTGQPA5Z0J/Cg2ZnscHKJhxE2bl6tr6rj5C",
-	"/fMxP39UlFW2smMH/Q1n/bGWy9Ho8ZP/Or84vzh/fPndxXcXmgvs+PeexjlnhKJpyhZGF5tuJueriivd",
-	"s0SJ+S5l5+poCC9FYOV1Q+/2+/VjpScSKKZSnIZ2JKvu9NirAuZqg3PfoK4E3DdKO8Rcjlbaxe0RbVuT",
-	"0LahCO3pcIOp/KzIq+O4GiYPYLXzsERIbhsNNA7KIkbT5WkV+7odn3el2nwy581DZUZb+0qBZvmqMo7l",
-	"Kw8dTcmUA6NSKFNFkCl+efj48P8BAAD//w==",
+	"7H1rcxs3EuBfQfG2ylLd6GHHziXyJ6/j7OriRDrLzl5V7KOhmRaJ1RCYABjRjEr//QpoYDgPgBw+bSf5",
+	"klicGaDR3ehu9Av3g1RMCsGBazU4ux8UVNIJaJD2rxdlxvSLVDPBzZ+MD84Gv5cgZ4NkwOkEBmcDik+T",
+	"gUrHMKHmtQn99Br4SI8HZ49PT5OBnhXmTaUl46PBw0NSjSvk+Q8LBhZyyLLY0N8+XTzyW/ts0dj26/ro",
+	"wMvJ4Oy3QalAmgcg71gKQ5qmouR6kAxoNmFmrZlkd/YVOgL7QM2Uhon5gQs+m4hSDT5EwftRikkMshvz",
+	"rA7TjZATqgdng4xqONJsYkCODPyWyhFo81UGKpWsQMINXpDUwMVSmhOWPSeU3NG8BAI8Y3xEpkyPyaOz",
+	"R2RCdToGReAO5IywjDBNCgk37BOo40ESBFjjnBEifbOA/m9FDAlarIOCl6VUQnZXf1HQ30sgqX1MDIIJ",
+	"Ncu6Y6JUpKAjeKTIRw6f9BDf+RhbKz6OrfXZ4ychsM4zmBRCA09nP8GsC97P9BYUoUSClgwycnlx9ZYo",
+	"egPPiR4DuWFSaSJBFYIrIEwRCUVOZ5CR65kGciOk/UcF8xhoZnnTAV2b/8gAEIH+ybNnyWDCeLVzQ2v5",
+	"CWa1DVtQPZ7Pcwsz3K0Sfi+ZhGxwpmUJQUKWpX2zO8FrNmEBBr6kIyCK/QEJeUy0IE9OT2M0yu0I9Vkz",
+	"uKFlrgdnz04Ts2I2Mbv8ieHMCeP413y1jGsYgbTQXMhRdLlCjjZf7oUc/R8LfmfFb8dAhBxRzv6g5idy",
+	"oIFTrg/JdCwUkIngMCN6zBRh0b25FRgv83LE+C92xCAm7P8WzVFQrUGaD//fb/Tojw/mP6dH3x99uD9N",
+	"vn3y8I/wtCJndscsmPnWsnN84uWK6FKK/0Kqo1Qu8PkWsIgDVdQOkasx2SqDX6GieoF6KrqYlj7bfFHv",
+	"FMjobEaJbjrFg/kYJZ+1R15JiRI+FVwbzXt2P6BFkbPUbpKT/yo0VOYz/EPCzeBs8D9O5mbOCT5VJ3a0",
+	"V/wOclEAztbSm5yAeSchjFthDO7lY7t8N441lC7PnXAvpChAaoYApxKohmxIdV9FlgzgU8EkqJW+YVkP",
+	"dCaDnCo9LNWKAHG3AzsP0DboCq9fmWLXORClqdRE3Fjc3cIsMbJbQipGnBldpo9D00m4E7crgfhQ57Hf",
+	"BnbtDrbEi6caJeaWmbg2G85MigQ0eqZLRKZh0vzHIq5yrPBQTUKlpPbvmokRQGd7EXauIKhZdiFHP8Pk",
+	"GuQb+L0Ehfsgy5jBP80va9Df0FxB0loQTCjLO/r/aYgWIoe6ZSymHO1eZwhfszw3ryaDiYUnbPXW14Vz",
+	"u5GXL09Zzd2hCL9jmvpjySJqnM/ffKiAXPINzm0hD0HnRPkmBGij1aPTwZcM7hhMg9hMKrnaS0LXMV8T",
+	"yHHc/7dUegJcr7cuOrGKZcI4sngFIOP626eDrpGVeBulj/SSQJ18r1vdAcXuf2gheEir5VkBISYC1zVM",
+	"JWRML2feyqBqLNR9VQEYxuyE8XeFEWJGa66HXqaGRU61QdQQWWYuRq6FyIFaLlea6lI1lp9qdmcgzJii",
+	"1zlk4aV2oTbntNdi1N2BtHIKdHBfHdzjDz15Oo9TISXkdr/GRshAU5arOOrQyOispSeTiTQtpVxRQ86Z",
+	"OKAjK6Mu9FhWEs7TSpVpCkoNksENZXkpLdmAsyDRkoESpUxhyIrg8DriEXhZ8weQUVFSqs7uJYyY4A9n",
+	"90KOHs7uHeQPZ/dm2Ieze5Y99NO9dRwmTWdLzatTeY4qF4JDRocNPixgza2obM/mu1Pa/6Q55WkAUqqG",
+	"4mYIXMtZWw7GheY1jraSoLUk4ekssqmKHIx5pJiDsh/j52I69MDosQQ1Fnm2G/kfE8XVutpoSdq4XQxu",
+	"iGovx5DeinJ/2jA1oOXDUnbMs9On3y0UPEsFm5MrfcfuqfnqozbAD6JT8Bs2+pFBnnU3QuWmuW+fw+5X",
+	"OJLMYQ5qRkglisPus4hOauHBnSYqhe+eVEPHl11KOOdKGwytx06pHWZlvVdY/83ylbn3Ej9PcCX2EIUn",
+	"nDWPHmscbj2x2+6cZd7KDt3iS7qQo/XWE4DtyVLYkoHKy1HANXZ69H3NO/Y47h2rL82OlSxboTu1/MlX",
+	"2fSErbfYluxZetbwyFlrlckGZ8GwaIoe7hBDWcxVdYs/9nNtzAVp1209HYvcunuOydVYTDkRPIXnRGkh",
+	"gTBNuJgeLyU3unYXCNUfoACeGcVvlXRAn5QSDUi0/9wAvMSzfTIA70uMEtRTpBBKjyQoy37a/E/DpBCS",
+	"5kGLXNyGFEyYWOLWWPc1SENLfcXNmW1NecvxvLccIv9mEAKDq3+KLOThFBn0crS+NC/u9og3AaXccWAx",
+	"d1mg5+/PZ+x19Jgvp8P/V9ogkUxoOmYcjiTQzP5gmY2YaW2wxnPWNc2G0tE1GTB+R3OWDa0XOxmU/JaL",
+	"KR/eWHvJsAk6umGIm8O+jICak6K1QvwQVaSy5LTUY+DafmleuRHymmUZmCm40MMbUXJ0CpUahvVfJqDH",
+	"IrM/0TwXU/u5sQ5ylmpn/YDSQy3EMDdnODufKotCSHOWmEDGqD/4SQO4Dc7ZYcygBjtmIRnV9JoqGJac",
+	"3lGWG4zVwu/NX42RIEpElxG31NidxjqtQ+4P3fXfrPuruTwjCho/tSMk9We0YAbxzffzcjTU9BaRSSdQ",
+	"/UFzu7phJcWt6927TysyScgMbahlPf+rFm4MN6NziNd+QSsKD9EIaeXYMYeclOZ+Car+RLAstfCn3iK1",
+	"JwUz3XBCc2ON1X6h+ahFe/zdMK1iI041OifwV8+tyJv42xxM/NuMNgM9tMusfp1KwUdDplRpcVP/kZYZ",
+	"A3MgraBkSjE+GqoSd2PzdS7wXbvOkaTc8Jh5b776Qoo7loFscZVHPZsHy91KWr8MJZQKt1rtAePDm5yN",
+	"xnruEg/ykD+rmnXYZAtDLshGIO3Ytb2lRVEWQ1Fqc4KVlNvNVdDZBLgeKlDKbPsGy7tn1QLrD6dwPRbi",
+	"duiWaffuTckz/8MQT3Xz35t074yNunP+IC2VFhOQnj4Df+xogog/MXcKCj0ri5GkGQxrB6v2VzUkuUe3",
+	"jGd1jFZf+MVWPxjdRDVDmrtfNZ0UEJ6qtnXajyqJ6wGvsVPIKGjGGjtatDJGlqpRq4U7utt+HtJV/waa",
+	"G9O1PWHXRyxug4DfgVThU3jbQMcR51+EwLEn4DzHnIL1LBobZe6mOF0rkZcaiHnsQ47XjFM5IwKDt6mQ",
+	"8EiRsVA27liz65+efv9tKNKCzNid7A0UOU2BUE4YLggygozgp1Z0AsRoBMyusokaCE7N9o2ZYnaJYfTV",
+	"416RoN4+A8r+8NLDKdwI/DWACq30tZWKr7iWAZtzHcfacqtznVi9/+Y67FZd4nNd7ONCv2U7koWhqmFR",
+	"ynRMlTW5jA07zOCaVSmKzUgXyvRwyMuG20GqyFmmt0d6pTDeDUhwbuY+0YSAp7flhayhqj5+E8cNCjdI",
+	"F2fAbUQX6qy8uwDDa2P1vRZri9VcOC/h0pyAgio1FTLruOSePF12qsdJakOEVzKyLvdw6B94Vtk/zpXd",
+	"I5D5cyjyUurxEM84DT3IsnRuattDgWrps9oeZqrI6WwY9UfHpXLP3dIz5ms2CZ411JgV/ZmzSrUwn4XY",
+	"s5CMp6ygeUcSRbKkQ2jy57F1IGykW4ShbKvPJsgJipE6uUNo7eIwDPeHIHv5vJLN0782YKmINt5KzohX",
+	"3w3wKm2+JLsK8bMNYepzc3YmRy/Of3j56lM6NkeudeM0WdtZHjEwjcnc8as/+zbp573Cr4NrkKPt8GJP",
+	"GRVlVR8A6KHl6/79pfzUlFqdpa5gjFjPUQx88zCyhF2kxlWGTjVvDb4Fjv0LuZUsCMM1u9tXl+gquHLK",
+	"dCs2vYvOR+yANS36RSb7Dk9SK/Bs5Ybx3ohIJNxY/bBaNkbXLcA408y5jiuEG+6x+SK4VTPn1J37+9A9",
+	"MpSQCp6yiE8EJxvO0/pWOQy0TgC1s0HliGjwx1KZ0mTQbWyoFsvvcG9VIf7WnirY0HljmlBH8iXngKGD",
+	"eDjPo++14Hp+R2DQBbGoZFA5UlbbXNVXkRP4LePZahkk3r/UZdcxffLs2+Cj3k4yJ8otVPPPkialqqkS",
+	"X1LhMddCU2v9bbLFWeW8JjiiLBNJ0OyThNJ0l/0i+BFGcokCrRkfqZoTbA7bQv5Yg5CxxJfKabtooRJs",
+	"9UJ9u9TlpF0OhuZUIAzYXC3RY6rJWORZVXp5YP+nCJVAONyBJBJ0KTlkh7aaq/dOrWzIKn9Ui6LAlCSz",
+	"ADRBZMk5/qsWKqx5w2PiGeLSORmUNp15g0INtxuqzCO3LebcjotrgVKjTcWPbYo0gFu+D14zpTeW9s2d",
+	"teyQukyabw+kTUDxRXgbpuu53JIui6WiaC3Ms/EoF9c+tjs/iQcZtb0l2o4KZr2gRpZYVpK4EXzWhTHQ",
+	"BYfZcvvchTbRp+DXXy2iiYWF2NyKcVGRZod2hZ3j4g6kZBlEU4bCZF2TmPbbmIt+dYkz/yZiIFg5bLg4",
+	"nIBkV1KDyn/QgKUxyXJEbo/8FWl2yQNS03w9T8hKQQGj/TZNTq6NEl9L9AgadSc3PGKxsR1PfxF+l1XS",
+	"wvu7aCo0r+Sr6fpvN/HXNMtper++oIQVX+jt5lk7PbNR3V2hsjF/C94FLh+H1K1IEse4uxMhb4BmjINS",
+	"gc1hjuj9YW0nfUbs4aYHA9PMltKn6TaIreRGghqvWfSJH7v0rqaU++7x90+WAdj8PgJeybO9Fav0rsds",
+	"LaTlullQNekXFA4FusypFWunfOZT2MJQc+WwmmtnzndL2Mx9knTAr4NWjRfEilg3G7hfukZU6jSz67cU",
+	"7lpydNijKlxRt2xNM4Q1gv3D6YFmGkO/mFuTWNvQFC3y705hXIFG+3Y9Lt/W8WNxs7H40cEfGvB5aIFv",
+	"jQh/4zqbhIqrbU1dpSi2FIdYMKDXLesM3NFrMeNei7BHy2bwtg/t/wQq+2yeBq4agy3NMcNy/F/oBPZY",
+	"FdW3Lu2dCu5YmuciraexLRVT18z6h1dR7O6TkmtMNNhG5MyGolZhq1FRRpyvu4iosRSGBcjhqCiHY1HK",
+	"lfC1ouJQt2XY9tBU6o0b34QVSZNvEAaH4wXLb8fVZOXwaLBIi8mi7LwNJYT7Yne6550KJfLY5CFstRDI",
+	"FbMVF0F1sucEoO3mlNmSFZuytxL8a7cfiaYMt3KOQrlb1emtTqmlNpIh9naYcqc5Sf/B8o03kAIrwnY3",
+	"huCD4rKqG4uIU7jzzV8DLRAbVQb4YmPEWvy/CzkGykrJ9OzKYAohuLaa/UUZTOPn5OL8h5cEtTqx2pwc",
+	"/O//vD3Exp2Yx++Llwiz1VN6RnxKREIosbvxPXcHLT/GqFDD4+Pjw4QISSgnLy7PyS3MzINb++D4fdXF",
+	"1u4DtD+qNY21LrBHHOM3Ilz5io1UDIBaipwUOeVA3ry6emtmOyavbFtVLAWkXE1BKl8d4CsEfYO59/zg",
+	"Y6Nk5OMhSamUM8ZHhBKFZYYfU5HBx+cOK5kLJ+ZMaYMbTj5WlYofj99znL7qJGqGY6DIx/979HKeHH90",
+	"/sNHcgDpWEA2R7mr9CPTMXBiq2oSArmC93wEHKTZYg5/mmlzKho4VLy4PK/Fuc8Gp8ePj0+tci6A04IN",
+	"zgbfHJ8ef+NC3ZY/TmjBTu4en9itfULLjOmjXIzsM9fMxjC/Bfc8G5wNXjOlfQsXq85qPYx/C2/c+Ssn",
+	"rY7BD8kKX5z/sMr76Cno97pr5dv3ddtSuPfYos+r2Iq1x4uu7+7Dh1azxienp1tr1djo9hPq1Gj7+BJx",
+	"Qyy/ECmm6hjdCz5MGRy/AhiLq1BklZMJlTMzqh0rF6OEcJiaDWC78SbkhuXa1YxpajjTn/4/mAFiDHwC",
+	"nwohdZSPX9nHf3Pyapy8nO00fNInqbprslug12irR9bVryieKcGeyoarNmcqFMO2VtEKc8+vhCry8urX",
+	"hCgtgU76MZdLMj2Z1/ugk12oAH/ZHnTY4s+3o1qVxVrNrBH5Vjf47gDb2e6dPoQPTWNEyxIeOoR/vDUA",
+	"GjU7Xda4FEbFbs4LL63tZCwSW75l7JJm02dLZTKnrnm1VsVF0Pg67MMqrlZXnTjDKK5PLZ8Ypdr0cgcE",
+	"UqiLcWWJd/vq7yyX1MiLhQ2wV+hq/HUpxkDW6kL16Im/Oe+6masRE3I9I0h8coBGIxKMIS//XkIJ63Hq",
+	"yb2v+GLZw4krZ1ws5jBy5GCMMG67O7afYrOu2F+KDG0GA3vJz9OtT24DdwGGfOOS0zdnQxyJFLbTtCQ0",
+	"z60VSLwoIVoUR2VhNbnr4o0MRKaMZ2LaiyFtHt2RT7fvIzkbyYBqsEsJ0M1kDCAcrQ6/gi1orvkh3BW+",
+	"V9hBo8mmbCbEJzUTyjNjRuV6TA4wV1O5xFc1FlN+uA4dTu7N3n1wXQHScYQg6Odv5WeuavnUrkHY1Y5t",
+	"9nna845tp692WQjRuIUti+u0Vg/6A6tGCq7VS4sPkkFRxjZbxYdfPnmjbSC/OErPN/dWTFyqLbGtPYDj",
+	"1gn+vObUI0wR19YKMkJH1Lxkn+PWf6SIW2NvadFbWO9BSPcQzrVWIpvj/rwaES+sIkW10sAeixtTja4t",
+	"g93sjmBnmD2f+ny+fJdCFSa3RhRyICRxHWYOCfVa1LWssW2RAo1rnhOmFbn694ujJ8++xcugUiEzs1l4",
+	"RuyZyvxbuyu8clpy2xKp72ZZQ6P+rUl7c9EuNahnoAPDW4ZJKiupn2klcpYyWOxkbyad9/QH3MbvHAtf",
+	"yvSVHcC7qf0LD+DCY28LJ3A79XxEwji5ETJoQ0UJfnJ/C7MHjGflgKVkTcq/zIHKVr3Bynu+cZtXzF3j",
+	"E6fip++VM7oWTrXi7ZJdNnoauFnBYGs7B9uJuLMbu0lmdK5w+KTJlGXm/GSWYmSB+d1NSSxDh/d+xJyu",
+	"ku62ReQdyfZOcuC+xXur8qa72a9Ab07+K9AB2iPf57PE3vuI7mJDevsX8dugx/YvlbvidbFp/M6+1kvO",
+	"+2SNyO2ST/tvzbgDuV8iydelQKoclIVqw9JrXa7qxw0n967bT0/z7x32f1pNRrgrA3cXOApes7RnEYHp",
+	"QDu0//4lKcaCNL0FQqd0RnxGFLEUTSrD0CaVOBPRdexaxA6lHp/YBJqTqiFc+GA47ze3owNht6HdnqnY",
+	"TNIOyXk24jbRZm2CuuSowdlvHxqyn424MeZc9NnSg7j+auTAJuE0fsO8H1c231D5pR4HCTwSaALEaDvC",
+	"Fts7w22jx18ctaLUx+RHITEpTLGRdf4mpNUE0Pyt0E3k8sAeKTLP/xLbOHBleBSneV4ffTmuBctS+y8h",
+	"2R8Q1bgXLEtfVG91pGr7OmQ99leSTuHaGHt4s6YupVkwoTfaGIaIL3KAyV13kBDfEgJZ6+QwdnPwPGN/",
+	"lcuu22rym9Mnoea5GZOQagOnWUAnh8/AhAkXdpDXLm95SfbGlnegvbmUkmsppqqGyipdzzKkh5gceAJj",
+	"qDMVGZD/SS5/evnqsCeHgGs5F9+UhkN8Y7odidxQ77u/jND9kXGmxgGaX8+Io47ZOD7X0prcNrdULSex",
+	"fe/EFcrESezKS9+6WpYdRYXrFaxfGnV/galDKoYFRJ4RhzaXyMsFyQUfgSRTIW/VtrngraQZ2Nv465Ma",
+	"WvMKNHKA2tenJ1jfq9k7ize7z9W6nl8FGFQF/4K107Oq++R3emLx0AXo93YMxK1vC+mXzWyoR8oPTQ4y",
+	"kOzOZygzrQgW09YJ4PsvBmmAry90dmIK2AYk+MrOobWG1wtPosC1ZNtwX3bJi1TxMzSTbvtStvR1c1HC",
+	"vnN3/uyOro3L/v9O4a4VbvVxdJh/YFhrC0z2rj6czQxqp1iKAnMp8xkRHLwP7XAD7jt2ucYLkrz/LDz4",
+	"lSdf15ltUf51kOaYzfRHjdLtWiYs8XlyekqmY5aDP6Ha0iamSFk8x5CtMlZNVvU2MQegjknwbzfbDneo",
+	"uysmotYbgG/b7Lp0g+fsDjjefu1xr2ZKw6SJeiGXlANdyDXqJ74ocembOi8OJtYk2RaE5UV9uJq/g1yD",
+	"sbmVObIfuAxLPYaJtYubjsdGxMmSKZ5bUl29+qWWIXTuht1zPortyB2QjVjUurXcrJZKfN6kfComoKyN",
+	"7Tuct8jb2pcn95h1/7DogLMO0S/kqIoc7G7TxcRfHUObxmHm+yIcZME4waY42v5+6DbM2LP/IEKfDeMq",
+	"Pfn5xN0CskzxuE5369LuKzPra1d7LFRVDnnb2zqRdMWsosDuCLC3Krj5Yj6TBmqCEIvWvMgyyMgBkviQ",
+	"CEkYv7PFFwesurHucAsegywj1HGSdctOKMuT+XxolNj4mB7DjIzpHRAutHXlYkn8DPRg5R3fjIzH8qQw",
+	"YWcP7NeIoS/LR0KotpmP5PBv05ByqjTaBSSl3KD62pyn7JRhS3CJxtsr7nbgXhefLe3U34y0w7SDlzYy",
+	"VLHAI0WkyGEBJ2QwETrICdEt5/wvSxJR/Ut/DR1b7/a6UMl65O1Yy+K54bLKNvu61WxjNZ+r8sA34d36",
+	"aS++76oyW1+KfVRrfrqI8C/d+1dVDsSXeXp3YH4ukrZaxEa8as0q6gSdnua07alC3r15vYV0UpfQgNWw",
+	"z828hGpXDosXjzRmXOb8nDOPu/r7qLDN1fvyULMV+24YoNm6fu9pwvUFxqhvX9oOhS8KNHs9S6l6MpSn",
+	"kp/R2OWCpaCSigPxakx12Jvy7lL5k3tfafIQJ7rbDMp1MutVkF+rCI0XBCyrJtlAtrSbme2VfVot34Il",
+	"9CnYGPgB9mVzKf8ZETwFAjQdH+7AS4/5To705EDSKbkW2cwWerMbM/31rMmFWHq4nK1spvvRLcxUNKJi",
+	"TD/lStsMdTKfH38Ls8QKTbxcyTzDv6tyCJe/h3e1GMk3HbN0/J4zTSZ0ZmxVl2Of2WZxNs3enCxHSRUR",
+	"PCa/4p1NCrRZJXK4kO4SJ3PMHIspf8/HIAG7ocVKqH4yq/yqwxPNu2wWG6UVjVRClJAamcTs8q1n71iZ",
+	"Wk3nKoddfOKWi6lyCtZwCObtuNnrESccocWezrI+uZ+3VV3o4V7XOnbf7drTvcDgdME+83hTo7M6zC09",
+	"+m8LXX9Cp/cCUm3J8V0j0zKW7+UEb175sglN/3aG999eMYd4gxq7Jcb+HOONRX2mE17c42Yd4lv2d2PM",
+	"3UvmR6qZxuSS6bsVgGvs7VXc3Xtkrn26vddWYHtHxN8+7F1pOoXXnRz5IquFKq95N8pfSecF7plZ0oHQ",
+	"vl/Vru1BCaLLqXV9zZ9BEYYW9pmUYftyoJ05sjfZwif37peh+2WZkvvB/r5PzmnO1VvfIaBbsDlwIELb",
+	"+9QeliXciVuwnpVbdGEEd2HsTPyl4fF0j9xvTtUtlH5xO8EM0fbALVN1a7myNqTk19a8/vK8l6PMYP4z",
+	"acOfbJOmL4yIe1WiSKTPpDydakQY9pTy6y9AwdYxbWlvczqwTythCj3bNrJwONiHALJdqZafQI02+goY",
+	"+SeYrXBwNYvakZVkr8KNV6y8xGKUS6H0SIJKyC8v3l5Zxf/W7ERJc5IKjleC6XyW2CiTL9NRYyE1yYBm",
+	"OeNw/J5j3Qtw25OZSiDSvE6vc3hOnp1+g9/ZUuqPXOihhe0j4XTC+MgFeW4oyxkfvefz4hh7r00GmrJc",
+	"HbvnH4nQY5BTpoJxl3+BfoML32nHa3/JcTBWR7OZJemz02+21+WwfkFQULVokoPNy+JA6ihUpOQVNbYd",
+	"hKkwUXNZ2eIew0gYlHOQMFhW6IONiSYLi6V/hsFOXRIxaw4rJDYXyfOxXHBqUl2VXkcPduwKYqef3fbz",
+	"DPXLVx553Ic1FSLOI0UKkMpeu+F0Z4g8i60uT4Mvu+LpL2YLdejaz/rpsyFXsGPWZo09Whd1IW89AV3c",
+	"RRA0AS1ZqhbLcXylX0lxkVPGVywqvpRiAnoMpSJmDAKfCqHsbb8Er/XYQcKMn3BSra6r75ojNG9I/O2D",
+	"oayxlT07lDJ39xGenZw8fvK/jk+PT48fn313+t2p5QI3/n2gcc4R4+QmF1PUxdjN5HiecWV7lhgxH1N2",
+	"Po+GyUoE1j5Hene/b5aVHmjglGt1mLiRnLqzY88TmOt3+IQG9SngoVG6LuZqtMou7o7o2pokrg1F4qrD",
+	"EVPFUVnUx/E5TAHAGvWwTGnpGg20CmWJ4PnssI59244vuFJrPmG9eWLMaGdfGdAcX9XGcXwVoCOmTHkw",
+	"aokydQRh8svDh4f/HwAA//8=",
 }
 
 // decodeSpec returns the embedded OpenAPI spec as raw JSON bytes,

@@ -19,10 +19,11 @@ import (
 )
 
 // BenchmarkPutGet measures upload and download throughput of a 64 MiB
-// object through the driver, called in process ("driver") and over the
-// plugin's gRPC stream in process ("plugin"), and reports each as a ratio
-// of a direct PutObject/GetObject of the same bytes to the same server,
-// interleaved in the same iterations.
+// object (16 MiB parts) through the driver, called in process ("driver")
+// and over the plugin's gRPC stream in process ("plugin"), with one and
+// two parts uploading at once, and reports each as a ratio of a direct
+// PutObject/GetObject of the same bytes to the same server, interleaved in
+// the same iterations.
 func BenchmarkPutGet(b *testing.B) {
 	const size = 64 << 20
 	data := randomBytes(b, size)
@@ -45,11 +46,20 @@ func BenchmarkPutGet(b *testing.B) {
 			return c
 		}},
 	}
-	for _, tg := range targets {
-		b.Run(tg.name, func(b *testing.B) {
+	for _, tc := range []struct {
+		name        string
+		connect     func(b *testing.B, cfg map[string]any) storage.Driver
+		concurrency int
+	}{
+		{targets[0].name, targets[0].connect, 1},
+		{targets[1].name, targets[1].connect, 1},
+		{targets[0].name + "/upload_concurrency=2", targets[0].connect, 2},
+		{targets[1].name + "/upload_concurrency=2", targets[1].connect, 2},
+	} {
+		b.Run(tc.name, func(b *testing.B) {
 			ctx := context.Background()
-			cfg := server.config(b, nil)
-			d := tg.connect(b, cfg)
+			cfg := server.config(b, map[string]any{"upload_concurrency": tc.concurrency})
+			d := tc.connect(b, cfg)
 			raw := server.client()
 			directKey := cfg["key_prefix"].(string) + "direct"
 			var direct, driver [2]time.Duration // put, get

@@ -161,6 +161,7 @@ const (
 	fieldPartSize      = "part_size_bytes"
 	fieldKeyPrefix     = "key_prefix"
 	fieldPresignExpiry = "presign_max_expiry"
+	fieldConcurrency   = "upload_concurrency"
 )
 
 // ConfigSchema implements base.BasePlugin.
@@ -173,6 +174,7 @@ func (d *Driver) ConfigSchema(context.Context) (*base.ConfigSchema, error) {
 		{Name: fieldAccessKeyID, Type: base.TypeSecret, Required: true, Description: "Access key id."},
 		{Name: fieldSecretKey, Type: base.TypeSecret, Required: true, Description: "Secret access key."},
 		{Name: fieldPartSize, Type: base.TypeInt, Default: DefaultPartSize, Description: "Multipart part size in bytes (5 MiB to 5 GiB). Objects larger than one part upload in parts; a Put holds at most two parts in memory."},
+		{Name: fieldConcurrency, Type: base.TypeInt, Default: 1, Description: "Parts of one Put that upload at once (1 to 16) while the next part is read; a Put holds upload_concurrency+1 parts in memory."},
 		{Name: fieldKeyPrefix, Type: base.TypeString, Default: "", Description: "Prefix put before every key, ending in '/' (e.g. gpuaas/); empty for none."},
 		{Name: fieldPresignExpiry, Type: base.TypeDuration, Default: MaxPresignExpiry.String(), Description: "Longest lifetime of a presigned URL (at most 1h); longer requests are shortened to it."},
 	}}, nil
@@ -180,13 +182,15 @@ func (d *Driver) ConfigSchema(context.Context) (*base.ConfigSchema, error) {
 
 // settings is one configuration, immutable once built.
 type settings struct {
-	client     *s3.Client
-	presigner  *s3.PresignClient
-	endpoint   string // for messages: the URL, or "AWS S3 (region)"
-	bucket     string
-	prefix     string
-	partSize   int64
-	presignMax time.Duration
+	client    *s3.Client
+	presigner *s3.PresignClient
+	endpoint  string // for messages: the URL, or "AWS S3 (region)"
+	bucket    string
+	prefix    string
+	partSize  int64
+	// concurrency is how many parts of one Put upload at once.
+	concurrency int
+	presignMax  time.Duration
 	// bufs holds *[]byte part buffers of partSize bytes for reuse.
 	bufs *sync.Pool
 }
@@ -200,11 +204,12 @@ var (
 // clients. Errors name the field.
 func (d *Driver) newSettings(cfg *base.Config) (*settings, error) {
 	s := &settings{
-		bucket:     cfg.String(fieldBucket),
-		prefix:     cfg.String(fieldKeyPrefix),
-		partSize:   cfg.Int(fieldPartSize),
-		presignMax: cfg.Duration(fieldPresignExpiry),
-		bufs:       &sync.Pool{},
+		bucket:      cfg.String(fieldBucket),
+		prefix:      cfg.String(fieldKeyPrefix),
+		partSize:    cfg.Int(fieldPartSize),
+		concurrency: int(cfg.Int(fieldConcurrency)),
+		presignMax:  cfg.Duration(fieldPresignExpiry),
+		bufs:        &sync.Pool{},
 	}
 	region := cfg.String(fieldRegion)
 	endpoint := cfg.String(fieldEndpoint)
@@ -237,6 +242,9 @@ func (d *Driver) newSettings(cfg *base.Config) (*settings, error) {
 	}
 	if s.partSize < MinPartSize || s.partSize > MaxPartSize {
 		return nil, &base.ConfigError{Field: fieldPartSize, Reason: fmt.Sprintf("%d: want %d (5 MiB) to %d (5 GiB)", s.partSize, MinPartSize, int64(MaxPartSize))}
+	}
+	if s.concurrency < 1 || s.concurrency > 16 {
+		return nil, &base.ConfigError{Field: fieldConcurrency, Reason: fmt.Sprintf("%d: want 1 to 16", s.concurrency)}
 	}
 	if err := checkKeyPrefix(s.prefix); err != nil {
 		return nil, err

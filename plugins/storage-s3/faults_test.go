@@ -72,6 +72,7 @@ func TestBackendFaults(t *testing.T) {
 		breakResp func(req *http.Request, resp *http.Response) (*http.Response, error)
 		call      func(d *s3store.Driver) error
 		want      error
+		cfg       map[string]any // over s.cfg
 	}{
 		{"connection drops mid-body", func(req *http.Request, resp *http.Response) (*http.Response, error) {
 			if req.Method == http.MethodGet {
@@ -86,19 +87,19 @@ func TestBackendFaults(t *testing.T) {
 			defer func() { _ = obj.Body.Close() }()
 			_, err = io.Copy(io.Discard, obj.Body)
 			return err
-		}, base.ErrUnavailable},
+		}, base.ErrUnavailable, nil},
 		{"server slows down", func(req *http.Request, resp *http.Response) (*http.Response, error) {
 			return s3Error(req, resp, http.StatusServiceUnavailable, "SlowDown")
 		}, func(d *s3store.Driver) error {
 			_, err := d.Stat(s.ctx, "faults/object")
 			return err
-		}, base.ErrUnavailable},
+		}, base.ErrUnavailable, nil},
 		{"access denied", func(req *http.Request, resp *http.Response) (*http.Response, error) {
 			return s3Error(req, resp, http.StatusForbidden, "AccessDenied")
 		}, func(d *s3store.Driver) error {
 			_, err := d.Get(s.ctx, "faults/object")
 			return err
-		}, base.ErrPermissionDenied},
+		}, base.ErrPermissionDenied, nil},
 		{"source changed during the copy", func(req *http.Request, resp *http.Response) (*http.Response, error) {
 			if req.Header.Get("X-Amz-Copy-Source") != "" {
 				return s3Error(req, resp, http.StatusPreconditionFailed, "PreconditionFailed")
@@ -107,7 +108,7 @@ func TestBackendFaults(t *testing.T) {
 		}, func(d *s3store.Driver) error {
 			_, err := d.Copy(s.ctx, &storage.CopyRequest{OperationID: s.op(), SourceKey: "faults/object", DestKey: "faults/copy"})
 			return err
-		}, base.ErrConflict},
+		}, base.ErrConflict, nil},
 		{"a part upload keeps failing", func(req *http.Request, resp *http.Response) (*http.Response, error) {
 			if req.URL.Query().Has("partNumber") {
 				return s3Error(req, resp, http.StatusInternalServerError, "InternalError")
@@ -116,11 +117,20 @@ func TestBackendFaults(t *testing.T) {
 		}, func(d *s3store.Driver) error {
 			_, err := d.Put(s.ctx, &storage.PutRequest{OperationID: s.op(), Key: "faults/multipart", Size: 11 * mib}, bytes.NewReader(make([]byte, 11*mib)))
 			return err
-		}, base.ErrUnavailable},
+		}, base.ErrUnavailable, nil},
+		{"one of three parts in flight fails", func(req *http.Request, resp *http.Response) (*http.Response, error) {
+			if req.URL.Query().Get("partNumber") == "2" {
+				return s3Error(req, resp, http.StatusBadRequest, "InvalidArgument")
+			}
+			return resp, nil
+		}, func(d *s3store.Driver) error {
+			_, err := d.Put(s.ctx, &storage.PutRequest{OperationID: s.op(), Key: "faults/multipart", Size: -1}, bytes.NewReader(make([]byte, 31*mib)))
+			return err
+		}, base.ErrInvalidArgument, map[string]any{"upload_concurrency": 3}},
 	} {
 		t.Run(c.name, func(t *testing.T) {
 			d := s3store.New(nullLogger(), s3store.WithHTTPClient(&faultyHTTP{next: s3store.DefaultHTTPClient(), breakResp: c.breakResp}))
-			if err := configure(s.ctx, d, s.cfg); err != nil {
+			if err := configure(s.ctx, d, maps(s.cfg, c.cfg)); err != nil {
 				t.Fatal(err)
 			}
 			if err := c.call(d); !errors.Is(err, c.want) {

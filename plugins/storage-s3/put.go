@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"time"
 
 	"github.com/aws/aws-sdk-go-v2/aws"
 	"github.com/aws/aws-sdk-go-v2/service/s3"
@@ -15,6 +16,9 @@ import (
 	"github.com/gpuaas/gpuaas/sdk/base"
 	"github.com/gpuaas/gpuaas/sdk/storage"
 )
+
+// abortAttempts bounds the rounds abort takes to make an upload go away.
+const abortAttempts = 6
 
 // defaultContentType is stored when a Put names none, so that every store
 // reports the same.
@@ -196,17 +200,42 @@ func (s *settings) startMultipart(ctx context.Context, key, contentType string, 
 	return &multipart{s: s, logger: logger, key: key, uploadID: *out.UploadId, what: what}, nil
 }
 
-// abort aborts the upload, even when ctx is done, and returns cause.
+// abort aborts the upload, even when ctx is done, and returns cause. It
+// checks that the upload is gone and aborts again if not: a part upload
+// that ctx cut short on this side may still land on the server after the
+// abort and bring the upload back (S3 documents aborting again for this),
+// so after a cancellation it checks a few times over a short while.
 func (mp *multipart) abort(ctx context.Context, cause error) error {
 	actx, cancel := context.WithTimeout(context.WithoutCancel(ctx), recordTimeout)
 	defer cancel()
-	_, err := mp.s.client.AbortMultipartUpload(actx, &s3.AbortMultipartUploadInput{Bucket: &mp.s.bucket, Key: &mp.key, UploadId: &mp.uploadID})
-	if err != nil && !errors.Is(Classify(err), base.ErrNotFound) {
-		mp.logger.Warn("aborting a multipart upload failed; it stays until a bucket lifecycle rule removes incomplete uploads",
-			"key", mp.key, "upload_id", mp.uploadID, "error", err)
-	} else {
-		mp.logger.Debug("multipart upload aborted", "key", mp.key, "upload_id", mp.uploadID, "parts", len(mp.parts), "cause", cause)
+	checks := 1
+	if ctx.Err() != nil {
+		checks = 3
 	}
+	var err error
+	for attempt, gone := 1, 0; attempt <= abortAttempts; attempt++ {
+		_, err = mp.s.client.AbortMultipartUpload(actx, &s3.AbortMultipartUploadInput{Bucket: &mp.s.bucket, Key: &mp.key, UploadId: &mp.uploadID})
+		if err != nil && !errors.Is(Classify(err), base.ErrNotFound) {
+			break
+		}
+		_, err = mp.s.client.ListParts(actx, &s3.ListPartsInput{Bucket: &mp.s.bucket, Key: &mp.key, UploadId: &mp.uploadID, MaxParts: aws.Int32(1)})
+		switch {
+		case err == nil:
+			err = errors.New("the upload is still listed after its abort")
+		case errors.Is(Classify(err), base.ErrNotFound):
+			if gone++; gone >= checks {
+				mp.logger.Debug("multipart upload aborted", "key", mp.key, "upload_id", mp.uploadID, "cause", cause)
+				return cause
+			}
+			err = nil
+		}
+		select {
+		case <-actx.Done():
+		case <-time.After(time.Duration(attempt) * 100 * time.Millisecond):
+		}
+	}
+	mp.logger.Warn("aborting a multipart upload failed; it stays until a bucket lifecycle rule removes incomplete uploads",
+		"key", mp.key, "upload_id", mp.uploadID, "error", err)
 	return cause
 }
 
@@ -224,58 +253,107 @@ func (mp *multipart) complete(ctx context.Context) error {
 }
 
 // uploadParts uploads first (a full part already read) and the rest of
-// the body, then completes the upload. While one part uploads the next is
-// read into the other of two buffers. On any failure it aborts the upload.
+// the body, then completes the upload. Up to s.concurrency parts upload
+// while the next one is read, each from a buffer of its own, so at most
+// s.concurrency+1 parts are in memory. On any failure it lets the parts in
+// flight finish (so that none lands after the abort) and aborts the
+// upload; only ctx cuts them short.
 func (mp *multipart) uploadParts(ctx context.Context, s *settings, br *bodyReader, first []byte, partSize int64) error {
-	spare, release := s.partBuffer(partSize)
-	defer release()
-	uctx, cancel := context.WithCancel(ctx)
-	defer cancel()
 	type result struct {
+		num  int32
+		buf  []byte
 		etag *string
 		err  error
 	}
-	cur, ended := first, false
-	for {
-		num := int32(len(mp.parts) + 1)
-		if num > MaxParts {
-			return mp.abort(ctx, fmt.Errorf("storage-s3: %s: body longer than %d parts of %d bytes (raise part_size_bytes or declare the size): %w",
-				mp.what, MaxParts, partSize, base.ErrResourceExhausted))
+	results := make(chan result, s.concurrency)
+	inflight, allocated := 0, 1
+	free := [][]byte{}
+	etags := make([]*string, 0, 16)
+	var failed error
+	fail := func(err error) {
+		if failed == nil {
+			failed = err
 		}
-		done := make(chan result, 1)
-		go func(part []byte) {
-			out, err := s.client.UploadPart(uctx, &s3.UploadPartInput{
+	}
+	collect := func() {
+		r := <-results
+		inflight--
+		free = append(free, r.buf[:cap(r.buf)])
+		switch {
+		case r.err != nil:
+			fail(wrapError(ctx, fmt.Sprintf("%s: part %d", mp.what, r.num), r.err))
+		case r.etag == nil:
+			fail(fmt.Errorf("storage-s3: %s: part %d: no ETag in the response: %w", mp.what, r.num, base.ErrInternal))
+		default:
+			etags[r.num-1] = r.etag
+		}
+	}
+
+	cur, ended := first, false
+	for num := int32(1); failed == nil; num++ {
+		if num > MaxParts {
+			fail(fmt.Errorf("storage-s3: %s: body longer than %d parts of %d bytes (raise part_size_bytes or declare the size): %w",
+				mp.what, MaxParts, partSize, base.ErrResourceExhausted))
+			break
+		}
+		for inflight >= s.concurrency && failed == nil {
+			collect()
+		}
+		if failed != nil {
+			break
+		}
+		etags = append(etags, nil)
+		inflight++
+		go func(num int32, part []byte) {
+			out, err := s.client.UploadPart(ctx, &s3.UploadPartInput{
 				Bucket: &s.bucket, Key: &mp.key, UploadId: &mp.uploadID, PartNumber: &num,
 				Body: bytes.NewReader(part), ContentLength: aws.Int64(int64(len(part))),
 			})
-			if err != nil {
-				done <- result{err: err}
-				return
+			r := result{num: num, buf: part, err: err}
+			if err == nil {
+				r.etag = out.ETag
 			}
-			done <- result{etag: out.ETag}
-		}(cur)
-
+			results <- r
+		}(num, cur)
+		if ended {
+			break
+		}
 		var next []byte
-		if !ended {
-			n, end, err := br.fill(spare[:partSize])
-			if err != nil {
-				cancel()
-				<-done
-				return mp.abort(ctx, fmt.Errorf("storage-s3: %s: %w", mp.what, err))
+		switch {
+		case len(free) > 0:
+			next, free = free[len(free)-1], free[:len(free)-1]
+		case allocated <= s.concurrency:
+			buf, release := s.partBuffer(partSize)
+			defer release()
+			next, allocated = buf, allocated+1
+		default:
+			collect()
+			if failed != nil {
+				break
 			}
-			next, ended = spare[:n], end
+			next, free = free[len(free)-1], free[:len(free)-1]
 		}
-		res := <-done
-		if res.err != nil {
-			return mp.abort(ctx, wrapError(ctx, fmt.Sprintf("%s: part %d", mp.what, num), res.err))
+		if failed != nil {
+			break
 		}
-		if res.etag == nil {
-			return mp.abort(ctx, fmt.Errorf("storage-s3: %s: part %d: no ETag in the response: %w", mp.what, num, base.ErrInternal))
+		n, end, err := br.fill(next[:partSize])
+		if err != nil {
+			fail(fmt.Errorf("storage-s3: %s: %w", mp.what, err))
+			break
 		}
-		mp.parts = append(mp.parts, types.CompletedPart{ETag: res.etag, PartNumber: aws.Int32(num)})
-		if len(next) == 0 {
-			return mp.complete(ctx)
+		if n == 0 {
+			break // the body ended with the last part
 		}
-		cur, spare = next, cur[:cap(cur)]
+		cur, ended = next[:n], end
 	}
+	for inflight > 0 {
+		collect()
+	}
+	if failed != nil {
+		return mp.abort(ctx, failed)
+	}
+	for i, etag := range etags {
+		mp.parts = append(mp.parts, types.CompletedPart{ETag: etag, PartNumber: aws.Int32(int32(i + 1))})
+	}
+	return mp.complete(ctx)
 }

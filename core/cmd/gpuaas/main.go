@@ -4,6 +4,9 @@
 //	gpuaas whoami            the caller and their memberships
 //	gpuaas orgs              organizations the caller belongs to
 //	gpuaas policy-keys       the platform's policy keys with types and defaults
+//	gpuaas plugin install PATH [--upgrade]
+//	gpuaas plugin list
+//	gpuaas plugin configure INSTANCE PLUGIN CONFIG.json
 //
 // It finds the API through GPUAAS_API_URL (and, later, GPUAAS_TOKEN), taken from the
 // environment or else from .gpuaas/dev.env in this folder or a parent (written by
@@ -46,6 +49,9 @@ commands:
   whoami        the caller and their memberships
   orgs          organizations the caller belongs to
   policy-keys   the platform's policy keys with types and defaults
+  plugin install PATH [--upgrade]            install a driver binary (path on the core's host)
+  plugin list                                installed plugins and their instances
+  plugin configure INSTANCE PLUGIN CFG.json  create or reconfigure an instance
 `
 
 func run(ctx context.Context, args []string, getenv func(string) string, stdout, stderr io.Writer) error {
@@ -82,6 +88,8 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 		return whoami(ctx, c, stdout)
 	case "orgs":
 		return orgs(ctx, c, stdout)
+	case "plugin":
+		return plugin(ctx, c, args[1:], stdout)
 	default:
 		fmt.Fprint(stderr, usage)
 		return fmt.Errorf("unknown command %q", args[0])
@@ -188,6 +196,80 @@ func orgs(ctx context.Context, c *client.ClientWithResponses, out io.Writer) err
 		cursor = resp.JSON200.NextCursor
 	}
 	return tw.Flush()
+}
+
+func plugin(ctx context.Context, c *client.ClientWithResponses, args []string, out io.Writer) error {
+	if len(args) == 0 {
+		return errors.New("plugin: want install, list or configure")
+	}
+	switch args[0] {
+	case "install":
+		if len(args) < 2 {
+			return errors.New("plugin install: want PATH")
+		}
+		path, err := filepath.Abs(args[1])
+		if err != nil {
+			return err
+		}
+		upgrade := len(args) > 2 && args[2] == "--upgrade"
+		resp, err := c.AdminInstallPluginWithResponse(ctx, client.AdminInstallPluginJSONRequestBody{Path: path, Upgrade: &upgrade})
+		if err != nil {
+			return fmt.Errorf("API unreachable: %w", err)
+		}
+		if resp.JSON201 == nil {
+			return apiError(resp.StatusCode(), resp.Body)
+		}
+		p := resp.JSON201
+		fmt.Fprintf(out, "installed %s (%s %s) sha256 %s\n", p.Name, p.Kind, p.Version, p.Sha256)
+		return nil
+	case "list":
+		resp, err := c.AdminListPluginsWithResponse(ctx)
+		if err != nil {
+			return fmt.Errorf("API unreachable: %w", err)
+		}
+		if resp.JSON200 == nil {
+			return apiError(resp.StatusCode(), resp.Body)
+		}
+		tw := tabwriter.NewWriter(out, 0, 4, 2, ' ', 0)
+		fmt.Fprintln(tw, "PLUGIN\tKIND\tVERSION\tENABLED\tSHA256")
+		for _, p := range resp.JSON200.Items {
+			fmt.Fprintf(tw, "%s\t%s\t%s\t%v\t%s\n", p.Name, p.Kind, p.Version, p.Enabled, p.Sha256[:12])
+		}
+		inst, err := c.AdminListPluginInstancesWithResponse(ctx)
+		if err != nil {
+			return fmt.Errorf("API unreachable: %w", err)
+		}
+		if inst.JSON200 == nil {
+			return apiError(inst.StatusCode(), inst.Body)
+		}
+		fmt.Fprintln(tw, "\nINSTANCE\tPLUGIN\tSTATE\tRESTARTS\tREASON")
+		for _, i := range inst.JSON200.Items {
+			fmt.Fprintf(tw, "%s\t%s\t%s\t%d\t%s\n", i.Name, i.Plugin, i.State, i.Restarts, i.StateReason)
+		}
+		return tw.Flush()
+	case "configure":
+		if len(args) != 4 {
+			return errors.New("plugin configure: want INSTANCE PLUGIN CONFIG.json")
+		}
+		raw, err := os.ReadFile(args[3])
+		if err != nil {
+			return err
+		}
+		var cfg map[string]any
+		if err := json.Unmarshal(raw, &cfg); err != nil {
+			return fmt.Errorf("plugin configure: %s: %w", args[3], err)
+		}
+		resp, err := c.AdminConfigurePluginInstanceWithResponse(ctx, args[1], client.AdminConfigurePluginInstanceJSONRequestBody{Plugin: args[2], Config: cfg})
+		if err != nil {
+			return fmt.Errorf("API unreachable: %w", err)
+		}
+		if resp.JSON200 == nil {
+			return apiError(resp.StatusCode(), resp.Body)
+		}
+		fmt.Fprintf(out, "instance %s of %s: %s\n", resp.JSON200.Name, resp.JSON200.Plugin, resp.JSON200.State)
+		return nil
+	}
+	return fmt.Errorf("plugin: unknown command %q", args[0])
 }
 
 // apiError renders the error envelope of a failed call.

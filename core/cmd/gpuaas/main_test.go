@@ -6,6 +6,9 @@ import (
 	"errors"
 	"io"
 	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
 	"strings"
 	"testing"
 
@@ -118,5 +121,58 @@ func TestWhoAmIAndOrgs(t *testing.T) {
 	noTok := func(k string) string { return map[string]string{"GPUAAS_API_URL": d.URL}[k] }
 	if err := run(context.Background(), []string{"whoami"}, noTok, io.Discard, io.Discard); err == nil || !strings.Contains(err.Error(), "unauthenticated") {
 		t.Fatalf("whoami without a token: %v", err)
+	}
+}
+
+// gpuaas plugin install/configure/list against a real core.
+func TestPluginCommands(t *testing.T) {
+	pool, db := testenv.MigratedPool(t)
+	n := testenv.StartNATS(t)
+	d := daemontest.Start(t, map[string]string{"DATABASE_URL": db, "NATS_URL": n.URL(), "TEMPORAL_ADDRESS": testenv.Env(t, "TEMPORAL_ADDRESS")})
+	ctx := principal.With(context.Background(), principal.SystemPrincipal("test"))
+	ids := identity.NewService(pool, "local", testenv.Logger(t), nil)
+	u, err := ids.CreateLocalUser(ctx, "op@example.test", "Operator", "a long enough password", true)
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, tok, err := ids.CreateAPIKey(ctx, identity.KeyOwner{User: &u.ID}, "cli", nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	getenv := func(k string) string { return map[string]string{"GPUAAS_API_URL": d.URL, "GPUAAS_TOKEN": tok}[k] }
+	dir := t.TempDir()
+	bin := filepath.Join(dir, "gpuaas-plugin-instantprov")
+	if out, err := exec.Command("go", "build", "-o", bin, "github.com/gpuaas/gpuaas/sdk/examples/instantprov/cmd/gpuaas-plugin-instantprov").CombinedOutput(); err != nil {
+		t.Fatalf("build: %v\n%s", err, out)
+	}
+	var out bytes.Buffer
+	if err := run(context.Background(), []string{"plugin", "install", bin}, getenv, &out, io.Discard); err != nil {
+		t.Fatal(err)
+	}
+	if !strings.Contains(out.String(), "installed instantprov") {
+		t.Fatalf("install printed %q", out.String())
+	}
+	cfg := filepath.Join(dir, "cfg.json")
+	if err := os.WriteFile(cfg, []byte(`{"webhook_secret":"hush-hush-123"}`), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	out.Reset()
+	if err := run(context.Background(), []string{"plugin", "configure", "prov-a", "instantprov", cfg}, getenv, &out, io.Discard); err != nil {
+		t.Fatal(err)
+	}
+	out.Reset()
+	if err := run(context.Background(), []string{"plugin", "list"}, getenv, &out, io.Discard); err != nil {
+		t.Fatal(err)
+	}
+	if !strings.Contains(out.String(), "prov-a") || strings.Contains(out.String(), "hush-hush") {
+		t.Fatalf("list:\n%s", out.String())
+	}
+	// Bad config: the API's error names the field.
+	if err := os.WriteFile(cfg, []byte(`{"delay":"1s"}`), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	err = run(context.Background(), []string{"plugin", "configure", "prov-b", "instantprov", cfg}, getenv, io.Discard, io.Discard)
+	if err == nil || !strings.Contains(err.Error(), "webhook_secret") {
+		t.Fatalf("bad config: %v", err)
 	}
 }

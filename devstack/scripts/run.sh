@@ -46,7 +46,7 @@ set -a
 # shellcheck disable=SC1090
 . "$stack_env"
 set +a
-export GPUAAS_LOCAL_ACCOUNTS=true
+export GPUAAS_LOCAL_ACCOUNTS=true GPUAAS_STATE_DIR="$state/core"
 "$bin/gpuaasd" --listen-addr "127.0.0.1:$port" >"$state/gpuaasd.log" 2>&1 &
 core_pid=$!
 

@@ -444,7 +444,7 @@ func (d *Driver) Provision(ctx context.Context, req *provisioner.ProvisionReques
 	}
 	defer unlock()
 	if rec := d.op(req.OperationID); rec != nil {
-		if rec.kind != kindProvision || rec.fingerprint != fp {
+		if rec.kind != kindProvision || !d.sameRequest(rec, fp) {
 			return nil, fmt.Errorf("maas: provision: operation %q was used for another request: %w", req.OperationID, base.ErrConflict)
 		}
 		return d.status(ctx, s, req.OperationID, rec)
@@ -538,6 +538,17 @@ func (d *Driver) annotate(ctx context.Context, s *settings, id, opID, fp string,
 	return nil
 }
 
+// sameRequest reports whether fp is the request rec was made by; a record
+// found again in the event log after a restart takes the first request's.
+func (d *Driver) sameRequest(rec *opRecord, fp string) bool {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if rec.fingerprint == "" {
+		rec.fingerprint = fp
+	}
+	return rec.fingerprint == fp
+}
+
 func (d *Driver) op(id string) *opRecord {
 	d.mu.Lock()
 	defer d.mu.Unlock()
@@ -578,7 +589,7 @@ func (d *Driver) Release(ctx context.Context, req *provisioner.ReleaseRequest) (
 	}
 	defer unlock()
 	if rec := d.op(req.OperationID); rec != nil {
-		if rec.kind != kindRelease || rec.fingerprint != fp {
+		if rec.kind != kindRelease || !d.sameRequest(rec, fp) {
 			return nil, fmt.Errorf("maas: release: operation %q was used for another request: %w", req.OperationID, base.ErrConflict)
 		}
 		return d.status(ctx, s, req.OperationID, rec)

@@ -157,17 +157,22 @@ func (s *Server) InjectFailure(systemID string, f Failure) error {
 	return nil
 }
 
-// FailNextCalls makes the next n API calls whose path (below
-// /MAAS/api/2.0/) contains path answer status; retryAfter > 0 adds a
-// Retry-After header. n <= 0 clears all such faults.
-func (s *Server) FailNextCalls(n, status int, path string, retryAfter int) {
+// InjectFault makes the next f.Count matching API calls fail.
+func (s *Server) InjectFault(f Fault) error {
+	if f.Count <= 0 || f.Status < 400 || f.Status > 599 {
+		return fmt.Errorf("maassim: fault needs a positive count and a 4xx or 5xx status")
+	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if n <= 0 {
-		s.faults = nil
-		return
-	}
-	s.faults = append(s.faults, fault{count: n, status: status, path: path, retryAfter: retryAfter})
+	s.faults = append(s.faults, f)
+	return nil
+}
+
+// ClearFaults removes the injected API faults.
+func (s *Server) ClearFaults() {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.faults = nil
 }
 
 // SetLatency delays API calls whose path (below /MAAS/api/2.0/) starts with
@@ -237,7 +242,7 @@ func (s *Server) Script(name string) ([]byte, bool) {
 //	POST /_sim/machines/{id}/advance       end the current phase now
 //	POST /_sim/machines/{id}/failure       set failures (Failure; {} clears)
 //	GET  /_sim/machines/{id}/environment   what a commissioning script sees
-//	POST /_sim/faults                      {"count":3,"status":503,"path":"machines/","retry_after":0}
+//	POST /_sim/faults                      Fault, e.g. {"count":3,"status":503,"op":"deploy","after":true}; count 0 clears
 //	POST /_sim/latency                     {"delay":"2s","paths":["machines/"]}
 //	GET  /_sim/calls | /_sim/deploys[?system_id=] | /_sim/webhooks
 //	GET  /_sim/credentials                 the API key
@@ -313,23 +318,19 @@ func (s *Server) serveControl(w http.ResponseWriter, r *http.Request) {
 		st, _ := s.Machine(parts[1])
 		writeJSON(w, http.StatusOK, st)
 	case len(parts) == 1 && parts[0] == "faults" && post:
-		var f struct {
-			Count      int    `json:"count"`
-			Status     int    `json:"status"`
-			Path       string `json:"path"`
-			RetryAfter int    `json:"retry_after"`
-		}
+		var f Fault
 		if !decode(&f) {
 			return
 		}
 		if f.Status == 0 {
 			f.Status = http.StatusServiceUnavailable
 		}
-		if f.Count > 0 && (f.Status < 400 || f.Status > 599) {
-			fail(fmt.Errorf("maassim: fault status %d is not an error status", f.Status))
+		if f.Count <= 0 {
+			s.ClearFaults()
+		} else if err := s.InjectFault(f); err != nil {
+			fail(err)
 			return
 		}
-		s.FailNextCalls(f.Count, f.Status, f.Path, f.RetryAfter)
 		writeJSON(w, http.StatusOK, map[string]any{"ok": true})
 	case len(parts) == 1 && parts[0] == "latency" && post:
 		var l struct {

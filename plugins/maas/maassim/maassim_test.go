@@ -9,6 +9,8 @@ import (
 	"net/http"
 	"net/http/httptest"
 	"net/url"
+	"os"
+	"path/filepath"
 	"strconv"
 	"strings"
 	"sync"
@@ -284,7 +286,9 @@ func TestFailures(t *testing.T) {
 	t.Run("5xx on the next calls", func(t *testing.T) {
 		t.Parallel()
 		b := setup(t)
-		b.sim.FailNextCalls(2, 502, "machines/", 0)
+		if err := b.sim.InjectFault(maassim.Fault{Count: 2, Status: 502, Path: "machines/"}); err != nil {
+			t.Fatal(err)
+		}
 		for i := 0; i < 2; i++ {
 			_, err := b.cl.Machines.Get(&entity.MachinesParams{})
 			if got := statusOf(t, err); got != 502 {
@@ -466,5 +470,44 @@ func TestControlsOverHTTP(t *testing.T) {
 	calls := b.sim.Calls()
 	if len(calls) == 0 || calls[len(calls)-1].Status != 500 {
 		t.Fatalf("calls %+v", calls)
+	}
+}
+
+func TestLoadSpecs(t *testing.T) {
+	t.Parallel()
+	cases := []struct {
+		name    string
+		file    string
+		content string
+		want    int
+		err     string
+	}{
+		{"yaml", "m.yaml", "machines:\n  - hostname: gpu-a\n    cpu_model: EPYC\n    cpu_count: 8\n    memory_mib: 1024\n    disks: [{name: sda, size_bytes: 1000}]\n    gpus: [{model: NVIDIA A100, pci_name: \"GA100 [A100 SXM4 80GB]\", product_id: \"20b2\", count: 4, memory_mib: 81920}]\n", 1, ""},
+		{"json", "m.json", `{"machines":[{"hostname":"gpu-b","status":"new","cpu_model":"x","cpu_count":1,"memory_mib":1,"disks":[{"name":"sda","size_bytes":1}]}]}`, 1, ""},
+		{"unknown field", "m.json", `{"machines":[{"hostname":"gpu-b","cpus":1}]}`, 0, "unknown field"},
+		{"no disks", "m.yaml", "machines:\n  - {hostname: c, cpu_model: x, cpu_count: 1, memory_mib: 1}\n", 0, "disk"},
+		{"bad status", "m.yaml", "machines:\n  - {hostname: c, status: deployed, cpu_model: x, cpu_count: 1, memory_mib: 1, disks: [{name: sda, size_bytes: 1}]}\n", 0, "status"},
+		{"bad gpu", "m.yaml", "machines:\n  - {hostname: c, cpu_model: x, cpu_count: 1, memory_mib: 1, disks: [{name: sda, size_bytes: 1}], gpus: [{model: x, count: 1}]}\n", 0, "gpu"},
+	}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			p := filepath.Join(t.TempDir(), c.file)
+			if err := os.WriteFile(p, []byte(c.content), 0o644); err != nil {
+				t.Fatal(err)
+			}
+			specs, err := maassim.LoadSpecs(p)
+			if c.err != "" {
+				if err == nil || !strings.Contains(err.Error(), c.err) {
+					t.Fatalf("got %v, want an error about %q", err, c.err)
+				}
+				return
+			}
+			if err != nil || len(specs) != c.want || specs[0].SystemID == "" {
+				t.Fatalf("got %+v %v", specs, err)
+			}
+			if _, err := maassim.New(maassim.WithMachines(specs...)); err != nil {
+				t.Fatal(err)
+			}
+		})
 	}
 }

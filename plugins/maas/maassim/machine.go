@@ -175,18 +175,17 @@ func (p *phase) next() time.Time {
 
 // scriptResult is one script's result in a script set.
 type scriptResult struct {
-	id        int
-	name      string
-	scriptID  int
-	revision  int
-	status    int // 2 passed, 3 failed
-	exit      int
-	stdout    []byte
-	stderr    []byte
-	started   time.Time
-	ended     time.Time
-	hwType    int
-	parameter map[string]any
+	id       int
+	name     string
+	scriptID int
+	revision int
+	status   int // 2 passed, 3 failed
+	exit     int
+	stdout   []byte
+	stderr   []byte
+	started  time.Time
+	ended    time.Time
+	hwType   int
 }
 
 // scriptSet is one run of commissioning (or testing, installation).

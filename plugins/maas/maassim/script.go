@@ -379,7 +379,7 @@ func (m *machine) environment() MachineEnvironment {
 			if g.NvidiaSMI {
 				anySMI = true
 				fmt.Fprintf(&smi, "%s, %d, GPU-%s-%04x-%04x-%04x-%012x, %s\n", g.Model, g.MemoryMiB,
-					deriveSystemID(sp.Hostname+"gpu")+"00", gi, i, bus, bus*4099+i, "0000"+addr)
+					strings.ReplaceAll(deriveMAC(sp.SystemID), ":", "")[4:], gi, i, bus, bus*4099+i, "0000"+addr)
 			}
 			bus += 0x10
 		}

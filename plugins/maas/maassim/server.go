@@ -62,13 +62,20 @@ type Deploy struct {
 	Comment      string    `json:"comment,omitempty"`
 }
 
-// fault makes the next count API calls whose path contains path answer
-// status.
-type fault struct {
-	count      int
-	status     int
-	path       string
-	retryAfter int
+// Fault makes the next Count API calls that match answer Status instead of
+// their result.
+type Fault struct {
+	Count  int `json:"count"`
+	Status int `json:"status"`
+	// Path, if set, must occur in the call's path below /MAAS/api/2.0/.
+	Path string `json:"path,omitempty"`
+	// Op, if set, must be the call's op (deploy, release, allocate, ...).
+	Op string `json:"op,omitempty"`
+	// After carries the call out before answering with Status: the effect
+	// happens but the caller never learns it (a lost response).
+	After bool `json:"after,omitempty"`
+	// RetryAfter > 0 adds a Retry-After header (seconds).
+	RetryAfter int `json:"retry_after,omitempty"`
 }
 
 // Server is a simulated MAAS region controller. It is safe for concurrent
@@ -93,7 +100,7 @@ type Server struct {
 	calls        []Call
 	deploys      []Deploy
 	webhooks     []WebhookDelivery
-	faults       []fault
+	faults       []Fault
 	latency      time.Duration
 	latencyPaths []string
 	nonces       map[string]time.Time
@@ -369,17 +376,30 @@ func (s *Server) serveAPI(w http.ResponseWriter, r *http.Request) {
 	}
 	for i := range s.faults {
 		f := &s.faults[i]
-		if f.count > 0 && strings.Contains(rel, f.path) {
-			f.count--
-			if f.retryAfter > 0 {
-				rec.Header().Set("Retry-After", strconv.Itoa(f.retryAfter))
-			}
-			writeText(rec, f.status, http.StatusText(f.status))
-			return
+		if f.Count <= 0 || !strings.Contains(rel, f.Path) || (f.Op != "" && f.Op != req.op) {
+			continue
 		}
+		f.Count--
+		if f.RetryAfter > 0 {
+			rec.Header().Set("Retry-After", strconv.Itoa(f.RetryAfter))
+		}
+		if f.After {
+			s.route(&apiRequest{w: &discardWriter{header: http.Header{}}, r: r, now: req.now, user: req.user, segments: req.segments, op: req.op, call: req.call})
+		}
+		writeText(rec, f.Status, http.StatusText(f.Status))
+		return
 	}
 	s.route(req)
 }
+
+// discardWriter swallows a response nobody will read.
+type discardWriter struct {
+	header http.Header
+}
+
+func (w *discardWriter) Header() http.Header         { return w.header }
+func (w *discardWriter) Write(b []byte) (int, error) { return len(b), nil }
+func (w *discardWriter) WriteHeader(int)             {}
 
 // delay applies the configured latency, unless the caller goes away.
 func (s *Server) delay(r *http.Request, rel string) error {

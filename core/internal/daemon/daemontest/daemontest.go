@@ -29,6 +29,13 @@ type Instance struct {
 // in env.
 func Start(t testing.TB, env map[string]string, args ...string) *Instance {
 	t.Helper()
+	return StartWith(t, env, daemon.Options{}, args...)
+}
+
+// StartWith is Start with daemon options (for example an in-process payments
+// driver).
+func StartWith(t testing.TB, env map[string]string, opt daemon.Options, args ...string) *Instance {
+	t.Helper()
 	if env["GPUAAS_TEMPORAL_TASK_QUEUE"] == "" {
 		// Tests share one Temporal namespace: each core gets its own queues.
 		env["GPUAAS_TEMPORAL_TASK_QUEUE"] = "t" + strings.ReplaceAll(uuid.NewString()[:13], "-", "")
@@ -48,7 +55,8 @@ func Start(t testing.TB, env map[string]string, args ...string) *Instance {
 	addr := make(chan string, 1)
 	in := &Instance{Done: make(chan error, 1), Stop: cancel}
 	go func() {
-		in.Done <- daemon.Run(ctx, cfg, testenv.Logger(t), daemon.Options{Version: "test", Ready: func(a string) { addr <- a }})
+		opt.Version, opt.Ready = "test", func(a string) { addr <- a }
+		in.Done <- daemon.Run(ctx, cfg, testenv.Logger(t), opt)
 	}()
 	select {
 	case a := <-addr:

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Runs the project's benchmarks against the dev stack (make bench starts it) and
+# prints one summary. Every number is measured next to its baseline in the same
+# run; the targets are those of the design (doc/architecture.md lists them).
+set -euo pipefail
+out=.gpuaas/bench.txt
+: >"$out"
+run() { # package pattern benchtime
+  go test -run '^$' -bench "$2" -benchtime "$3" -count 1 -timeout 30m "$1" 2>&1 | tee -a "$out" | grep -E '^Benchmark|^(ok|FAIL)|^--- FAIL' || true
+}
+echo "== outbox pipeline (ratio of raw JetStream publish, commit→consumer latency)"
+run ./core/internal/events 'BenchmarkOutboxPipeline' 1x
+echo "== authentication cost (ratio of GET /healthz)"
+run ./core/internal/daemon 'BenchmarkAuthCost' 1x
+echo "== accrual of 100,000 open usage records; balance read with 1,000,000 entries vs 100"
+run ./core/internal/billing 'BenchmarkAccrual100k|BenchmarkBalanceRead' 1x
+echo "== plugin unary call overhead (p50/p99 µs, next to in-process) and storage streaming (ratio of a file copy)"
+run ./sdk/sdktest 'BenchmarkPluginUnary|BenchmarkPluginStream' 2000x
+run ./core/internal/pluginhost 'BenchmarkUnaryCall' 2000x
+echo "== storage-s3 driver throughput (ratio of direct S3 to the same server)"
+run ./plugins/storage-s3 'BenchmarkPutGet' 3x
+echo
+echo "summary (from $out):"
+grep -hE '(ratio|/s|_ms|_s|µs|x-filecopy)' "$out" | grep -E '^\s+bench_test.go|^Benchmark' | sed 's/^ *//' | head -40

@@ -45,8 +45,7 @@ func Accrue(ctx context.Context, pool *pgxpool.Pool, pol *policy.Service, window
 		// Lock the ledgers of every org with something to bill, in a fixed order.
 		rows, err := tx.Query(ctx, `
 			SELECT a.org_id FROM billing_accounts a
-			WHERE a.org_id IN (SELECT DISTINCT org_id FROM usage_records
-				WHERE (ended_at IS NULL OR billed_until < ended_at) AND billed_until < $1)
+			WHERE a.org_id IN (SELECT DISTINCT org_id FROM usage_records WHERE NOT settled AND billed_until < $1)
 			ORDER BY a.org_id FOR UPDATE`, windowEnd)
 		if err != nil {
 			return err
@@ -59,17 +58,17 @@ func Accrue(ctx context.Context, pool *pgxpool.Pool, pol *policy.Service, window
 		err = tx.QueryRow(ctx, `
 			WITH due AS (
 				SELECT id, org_id, currency, gpus, price_per_gpu_hour_minor AS price, carry,
-					billed_until AS from_t, least($1::timestamptz, coalesce(ended_at, 'infinity')) AS to_t
+					billed_until AS from_t, ended_at, greatest(billed_until, least($1::timestamptz, coalesce(ended_at, 'infinity'))) AS to_t
 				FROM usage_records
-				WHERE (ended_at IS NULL OR billed_until < ended_at) AND billed_until < $1
-				FOR UPDATE
+				WHERE NOT settled AND billed_until < $1
 			), calc AS (
-				SELECT id, org_id, currency, to_t,
+				SELECT id, org_id, currency, to_t, ended_at,
 					(floor(extract(epoch FROM to_t)) - floor(extract(epoch FROM from_t)))::numeric * gpus * price + carry AS numer
 				FROM due
 			), upd AS (
 				UPDATE usage_records u
-				SET billed_until = c.to_t, carry = mod(c.numer, 3600)::bigint, billed_minor = u.billed_minor + div(c.numer, 3600)::bigint
+				SET billed_until = c.to_t, carry = mod(c.numer, 3600)::bigint, billed_minor = u.billed_minor + div(c.numer, 3600)::bigint,
+					settled = c.ended_at IS NOT NULL AND c.to_t >= c.ended_at
 				FROM calc c WHERE u.id = c.id
 				RETURNING u.id, u.org_id, u.currency, div(c.numer, 3600)::bigint AS debit
 			), ins AS (

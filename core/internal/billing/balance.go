@@ -25,57 +25,87 @@ type BalanceEvent struct {
 }
 
 // Evaluate moves each org's warning state after its balance changed, inside tx,
-// which must hold the orgs' ledger locks (ledger.Post and Accrue take them). It
+// which must hold the orgs' ledger locks (ledger.Post and Accrue take them), so
+// the balances it reads cannot change under it. It
 // raises billing.low_balance once when the balance falls below the threshold (a
 // balance back at or above it re-arms the warning), billing.balance_depleted once
 // when it reaches zero or below, and billing.balance_restored when a depleted
 // balance is positive again.
 func Evaluate(ctx context.Context, tx pgx.Tx, pol *policy.Service, orgs []uuid.UUID, now time.Time) error {
-	for _, org := range orgs {
-		var warned bool
-		var depleted *time.Time
-		err := tx.QueryRow(ctx, `SELECT low_balance_warned, depleted_since FROM billing_accounts WHERE org_id = $1 FOR UPDATE`, org).Scan(&warned, &depleted)
-		if err != nil {
-			return fmt.Errorf("billing: evaluate %s: %w", org, err)
-		}
-		bal, err := ledger.GetBalance(ctx, tx, org)
-		if err != nil {
-			return err
-		}
-		threshold, err := policy.LowBalanceThreshold.Get(ctx, pol, policy.Target{OrgID: org.String()})
-		if err != nil {
-			return err
-		}
-		ev := BalanceEvent{OrgID: org, BalanceMinor: bal.AmountMinor, Currency: bal.Currency, ThresholdMinor: threshold}
+	if len(orgs) == 0 {
+		return nil
+	}
+	ids := make([]string, len(orgs))
+	for i, o := range orgs {
+		ids[i] = o.String()
+	}
+	thresholds, err := policy.LowBalanceThreshold.ForOrgs(ctx, pol, ids)
+	if err != nil {
+		return err
+	}
+	// Every org's balance in one statement: its latest checkpoint plus the entries
+	// after it, read in index order.
+	rows, err := tx.Query(ctx, `
+		SELECT a.org_id, a.currency, a.low_balance_warned, a.depleted_since,
+			coalesce(cp.balance_minor, 0) + coalesce((
+				SELECT sum(amount_minor) FROM (
+					SELECT amount_minor FROM ledger_entries e
+					WHERE e.org_id = a.org_id AND e.id > coalesce(cp.upto_id, 0)
+					ORDER BY e.org_id, e.id LIMIT 1000000000) t), 0)
+		FROM billing_accounts a
+		LEFT JOIN LATERAL (
+			SELECT upto_id, balance_minor FROM ledger_checkpoints c WHERE c.org_id = a.org_id ORDER BY upto_id DESC LIMIT 1
+		) cp ON true
+		WHERE a.org_id = ANY($1)`, orgs)
+	if err != nil {
+		return fmt.Errorf("billing: evaluate: %w", err)
+	}
+	type state struct {
+		org      uuid.UUID
+		currency string
+		warned   bool
+		depleted *time.Time
+		balance  int64
+	}
+	states, err := pgx.CollectRows(rows, func(r pgx.CollectableRow) (state, error) {
+		var st state
+		return st, r.Scan(&st.org, &st.currency, &st.warned, &st.depleted, &st.balance)
+	})
+	if err != nil {
+		return fmt.Errorf("billing: evaluate: %w", err)
+	}
+	for _, st := range states {
+		threshold := thresholds[st.org.String()]
+		ev := BalanceEvent{OrgID: st.org, BalanceMinor: st.balance, Currency: st.currency, ThresholdMinor: threshold}
 		var out []events.Event
-		newWarned, newDepleted := warned, depleted
+		newWarned, newDepleted := st.warned, st.depleted
 		switch {
-		case bal.AmountMinor < threshold && !warned:
+		case st.balance < threshold && !st.warned:
 			newWarned = true
 			out = append(out, events.Event{Subject: events.SubjectBillingLowBalance, Payload: ev})
-		case bal.AmountMinor >= threshold && warned:
+		case st.balance >= threshold && st.warned:
 			newWarned = false
 		}
 		switch {
-		case bal.AmountMinor <= 0 && depleted == nil:
+		case st.balance <= 0 && st.depleted == nil:
 			t := now.UTC()
 			newDepleted = &t
-			grace, err := policy.DepletionGrace.Get(ctx, pol, policy.Target{OrgID: org.String()})
+			grace, err := policy.DepletionGrace.Get(ctx, pol, policy.Target{OrgID: st.org.String()})
 			if err != nil {
 				return err
 			}
 			dev := ev
 			dev.DepletedSince, dev.GraceSeconds = &t, int64(grace/time.Second)
 			out = append(out, events.Event{Subject: events.SubjectBillingBalanceDepleted, Payload: dev})
-		case bal.AmountMinor > 0 && depleted != nil:
+		case st.balance > 0 && st.depleted != nil:
 			newDepleted = nil
 			out = append(out, events.Event{Subject: events.SubjectBillingBalanceRestored, Payload: ev})
 		}
-		if newWarned == warned && sameTime(newDepleted, depleted) {
+		if newWarned == st.warned && sameTime(newDepleted, st.depleted) {
 			continue
 		}
-		if _, err := tx.Exec(ctx, `UPDATE billing_accounts SET low_balance_warned = $2, depleted_since = $3 WHERE org_id = $1`, org, newWarned, newDepleted); err != nil {
-			return fmt.Errorf("billing: evaluate %s: %w", org, err)
+		if _, err := tx.Exec(ctx, `UPDATE billing_accounts SET low_balance_warned = $2, depleted_since = $3 WHERE org_id = $1`, st.org, newWarned, newDepleted); err != nil {
+			return fmt.Errorf("billing: evaluate %s: %w", st.org, err)
 		}
 		if _, err := events.Enqueue(ctx, tx, out...); err != nil {
 			return err

@@ -299,3 +299,35 @@ func (s *Service) Get(ctx context.Context, scope Scope, scopeID, key string) (Ov
 	}
 	return o, nil
 }
+
+// ForOrgs resolves k for many orgs at once (org override, else global override,
+// else the default) in one query: for batch work such as accrual.
+func (k Key[T]) ForOrgs(ctx context.Context, s *Service, orgs []string) (map[string]T, error) {
+	global, err := k.Get(ctx, s, Target{})
+	if err != nil {
+		return nil, err
+	}
+	out := make(map[string]T, len(orgs))
+	for _, o := range orgs {
+		out[o] = global
+	}
+	if !k.def.Allows(ScopeOrg) {
+		return out, nil
+	}
+	rows, err := s.pool.Query(ctx, `SELECT scope_id, value FROM policy_overrides WHERE key = $1 AND scope = 'org' AND scope_id = ANY($2)`, k.def.Key, orgs)
+	if err != nil {
+		return nil, fmt.Errorf("policy %s: read org overrides: %w", k.def.Key, err)
+	}
+	defer rows.Close()
+	for rows.Next() {
+		var org string
+		var raw json.RawMessage
+		if err := rows.Scan(&org, &raw); err != nil {
+			return nil, fmt.Errorf("policy %s: scan: %w", k.def.Key, err)
+		}
+		if v, err := k.def.Decode(raw); err == nil {
+			out[org] = v.(T)
+		}
+	}
+	return out, rows.Err()
+}

@@ -25,7 +25,8 @@ type AccrualResult struct {
 	BillTook, EvaluateTook time.Duration
 }
 
-// Accrue bills every usage record up to windowEnd in one transaction, set-based.
+// Accrue bills every usage record up to windowEnd with set-based statements, one
+// transaction per chunk of orgs.
 //
 // Rounding: a record accrues whole seconds, floor(t) - floor(billed_until), so the
 // seconds of consecutive windows add up exactly; cost = seconds × gpus × price per

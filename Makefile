@@ -26,7 +26,9 @@ deps:
 .PHONY: build
 build:
 	@mkdir -p $(BIN)
-	go build -ldflags "$(LDFLAGS)" -o $(BIN)/ ./core/cmd/gpuaasd ./core/cmd/gpuaas
+	go build -ldflags "$(LDFLAGS)" -o $(BIN)/ ./core/cmd/gpuaasd ./core/cmd/gpuaas \
+		./plugins/stripe/cmd/gpuaas-plugin-stripe ./plugins/storage-s3/cmd/gpuaas-plugin-storage-s3 \
+		./plugins/maas/cmd/gpuaas-plugin-maas ./plugins/maas/cmd/gpuaas-maas-sim
 	go build -C devstack -o $(BIN)/ ./cmd/gpuaas-devstack
 
 .PHONY: run

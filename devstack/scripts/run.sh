@@ -62,6 +62,21 @@ token=$(printf '%s\n' "$admin" | sed -n 's/^GPUAAS_TOKEN=//p')
 password=$(printf '%s\n' "$admin" | sed -n 's/^GPUAAS_ADMIN_PASSWORD=//p')
 umask 077
 printf 'GPUAAS_API_URL=%s\nGPUAAS_TOKEN=%s\n' "$api" "$token" >"$dev_env"
+
+# Drivers: Stripe against stripe-mock (top-ups) and S3 against the stack's gateway.
+whsec="whsec_dev_$(head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \n')"
+cfg="$state/plugin-config"
+mkdir -p "$cfg"
+printf '{"secret_key":"%s","webhook_secret":"%s","api_base":"%s"}\n' "$STRIPE_SECRET_KEY" "$whsec" "$STRIPE_API_BASE" >"$cfg/stripe.json"
+printf '{"endpoint":"%s","region":"%s","bucket":"%s","path_style":true,"access_key_id":"%s","secret_access_key":"%s"}\n' \
+  "$S3_ENDPOINT" "$S3_REGION" "$S3_BUCKET" "$S3_ACCESS_KEY_ID" "$S3_SECRET_ACCESS_KEY" >"$cfg/storage.json"
+plugin_log="$state/plugins.log"
+{
+  GPUAAS_API_URL="$api" GPUAAS_TOKEN="$token" "$bin/gpuaas" plugin install "$bin/gpuaas-plugin-stripe" &&
+  GPUAAS_API_URL="$api" GPUAAS_TOKEN="$token" "$bin/gpuaas" plugin configure stripe stripe "$cfg/stripe.json" &&
+  GPUAAS_API_URL="$api" GPUAAS_TOKEN="$token" "$bin/gpuaas" plugin install "$bin/gpuaas-plugin-storage-s3" &&
+  GPUAAS_API_URL="$api" GPUAAS_TOKEN="$token" "$bin/gpuaas" plugin configure storage storage-s3 "$cfg/storage.json"
+} >"$plugin_log" 2>&1 || echo "gpuaas: installing the dev plugins failed; see $plugin_log" >&2
 cat <<MSG
 
   gpuaas is running.
@@ -69,6 +84,7 @@ cat <<MSG
     Admin:      admin@gpuaas.local / ${password:-"(unchanged)"}   (shown once)
     API key:    in $dev_env as GPUAAS_TOKEN (the gpuaas CLI reads it)
                 curl -H "Authorization: Bearer \$GPUAAS_TOKEN" $api/api/v1/users/me
+    Plugins:    stripe (stripe-mock; webhook secret $whsec), storage (S3 on the stack)
     Logs:       $state/gpuaasd.log, $state/stack/
   Press Ctrl-C to stop.
 

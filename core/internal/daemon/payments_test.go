@@ -126,12 +126,13 @@ func TestTopUpEndToEnd(t *testing.T) {
 		t.Fatalf("checkout: %d %s", r.status, r.body)
 	}
 	var sess struct {
-		ID          string `json:"id"`
-		CheckoutURL string `json:"checkout_url"`
-		Status      string `json:"status"`
+		ID          string    `json:"id"`
+		CheckoutURL string    `json:"checkout_url"`
+		Status      string    `json:"status"`
+		ExpiresAt   time.Time `json:"expires_at"`
 	}
 	r.json(t, &sess)
-	if sess.CheckoutURL == "" || sess.Status != "initiated" {
+	if sess.CheckoutURL == "" || sess.Status != "initiated" || !sess.ExpiresAt.After(time.Now()) {
 		t.Fatalf("session %+v", sess)
 	}
 	var providerSession string

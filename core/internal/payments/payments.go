@@ -76,6 +76,9 @@ func NewService(pool *pgxpool.Pool, pol *policy.Service, providers Providers, re
 	return &Service{pool: pool, pol: pol, providers: providers, ids: rid.Builder{Region: region}, log: log, now: time.Now, Default: defaultInstance}
 }
 
+// checkoutTTL is how long a checkout stays open (Stripe allows 30 min to 24 h).
+const checkoutTTL = time.Hour
+
 // Session is a payment session.
 type Session struct {
 	ID               uuid.UUID  `json:"id"`
@@ -166,17 +169,20 @@ func (s *Service) CreateCheckout(ctx context.Context, req CheckoutRequest) (*Ses
 	if err != nil {
 		return nil, fmt.Errorf("payments: checkout: %w", err)
 	}
+	// The expiry is chosen once per session (the session id's time + 1 h) so a
+	// retried call sends identical arguments.
+	askExpiry := time.Unix(sess.ID.Time().UnixTime()).Add(checkoutTTL).UTC().Truncate(time.Second)
 	cs, err := d.CreateCheckout(ctx, &sdkpay.CheckoutRequest{OperationID: sess.ID.String(), OrgID: req.OrgID.String(), CustomerRef: customer,
 		AmountMinor: req.AmountMinor, Currency: sess.Currency, SuccessURL: req.SuccessURL, CancelURL: req.CancelURL,
-		Metadata: map[string]string{"gpuaas_session": sess.ID.String()}})
+		ExpiresAt: askExpiry, Metadata: map[string]string{"gpuaas_session": sess.ID.String()}})
 	if err != nil {
 		// The session stays initiated without a provider session; the admin queue
 		// shows it and it expires.
 		s.markFailed(ctx, sess.ID, err)
 		return nil, providerError(err)
 	}
-	var expires *time.Time
-	if !cs.ExpiresAt.IsZero() {
+	expires := &askExpiry
+	if cs.ExpiresAt.After(s.now()) {
 		e := cs.ExpiresAt.UTC()
 		expires = &e
 	}

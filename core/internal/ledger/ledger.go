@@ -176,13 +176,19 @@ type Balance struct {
 }
 
 // balanceSQL reads the latest checkpoint and sums the entries after it, in one
-// statement (one snapshot).
+// statement (one snapshot). The tail is read in (org_id, id) order with a limit so
+// every plan, generic or custom, walks the index from the checkpoint on instead of
+// scanning the org's whole ledger.
 const balanceSQL = `
 	WITH cp AS (
 		SELECT upto_id, balance_minor FROM ledger_checkpoints WHERE org_id = $1 ORDER BY upto_id DESC LIMIT 1
 	), tail AS (
-		SELECT coalesce(sum(amount_minor), 0) AS s, max(id) AS upto FROM ledger_entries
-		WHERE org_id = $1 AND id > coalesce((SELECT upto_id FROM cp), 0)
+		SELECT coalesce(sum(amount_minor), 0) AS s, max(id) AS upto FROM (
+			SELECT id, amount_minor FROM ledger_entries
+			WHERE org_id = $1 AND id > coalesce((SELECT upto_id FROM cp), 0)
+			ORDER BY org_id, id
+			LIMIT 1000000000
+		) t
 	)
 	SELECT a.currency,
 		coalesce((SELECT balance_minor FROM cp), 0) + (SELECT s FROM tail),

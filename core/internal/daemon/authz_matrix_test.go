@@ -193,6 +193,10 @@ func TestAuthorizationMatrix(t *testing.T) {
 		})
 	}
 	e.t = t
+	// The core's own guard agrees: no successful mutation went unaudited.
+	if m := e.call("GET", "/metrics", "", nil); !strings.Contains(string(m.body), "gpuaas_audit_missing_total 0") {
+		t.Errorf("gpuaas_audit_missing_total is not 0 after the matrix")
+	}
 	for id := range matrix {
 		if !seen[id] {
 			t.Errorf("matrix entry %s names no operation of the contract", id)

@@ -309,12 +309,13 @@ func TestAuditLogAPI(t *testing.T) {
 				ActorID       string `json:"actor_id"`
 				Result        string `json:"result"`
 				CorrelationID string `json:"correlation_id"`
+				SourceIP      string `json:"source_ip"`
 			}
 			NextCursor string `json:"next_cursor"`
 		}
 		r.json(t, &page)
 		for _, it := range page.Items {
-			if it.Action != "org.update" || it.ActorID != w.users[orgAdmin].String() || it.Result != "success" || it.CorrelationID == "" {
+			if it.Action != "org.update" || it.ActorID != w.users[orgAdmin].String() || it.Result != "success" || it.CorrelationID == "" || it.SourceIP != "127.0.0.1" {
 				t.Fatalf("row %+v", it)
 			}
 			seen = append(seen, it.ID)

@@ -13,11 +13,15 @@ import (
 	"github.com/hashicorp/go-hclog"
 	"github.com/prometheus/client_golang/prometheus"
 
+	"github.com/gpuaas/gpuaas/core/internal/audit"
 	"github.com/gpuaas/gpuaas/core/internal/correlation"
 	"github.com/gpuaas/gpuaas/core/internal/errcode"
 )
 
-const localsCorrelation = "gpuaas.correlation_id"
+const (
+	localsCorrelation  = "gpuaas.correlation_id"
+	localsAuditTracker = "gpuaas.audit_tracker"
+)
 
 // requestContext picks the correlation id (the client's when valid, else a new one),
 // echoes it, and gives the handler a context carrying it with the request deadline.
@@ -26,15 +30,19 @@ func requestContext(timeout time.Duration) fiber.Handler {
 		id := requestCorrelationID(c)
 		ctx, cancel := context.WithTimeout(correlation.With(context.Background(), id), timeout)
 		defer cancel()
+		ctx = audit.WithSourceIP(ctx, c.IP())
+		ctx, tracker := audit.WithTracker(ctx)
+		c.Locals(localsAuditTracker, tracker)
 		c.SetUserContext(ctx)
 		return c.Next()
 	}
 }
 
 type httpMetrics struct {
-	requests *prometheus.CounterVec
-	duration *prometheus.HistogramVec
-	inflight prometheus.Gauge
+	requests     *prometheus.CounterVec
+	duration     *prometheus.HistogramVec
+	inflight     prometheus.Gauge
+	auditMissing prometheus.Counter
 }
 
 func newHTTPMetrics(reg prometheus.Registerer) *httpMetrics {
@@ -42,9 +50,11 @@ func newHTTPMetrics(reg prometheus.Registerer) *httpMetrics {
 		requests: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "gpuaas_http_requests_total", Help: "HTTP requests by method, route and status."}, []string{"method", "route", "status"}),
 		duration: prometheus.NewHistogramVec(prometheus.HistogramOpts{Name: "gpuaas_http_request_duration_seconds", Help: "HTTP request latency by method and route.", Buckets: prometheus.ExponentialBuckets(0.0005, 2, 16)}, []string{"method", "route"}),
 		inflight: prometheus.NewGauge(prometheus.GaugeOpts{Name: "gpuaas_http_requests_in_flight", Help: "HTTP requests being served."}),
+		auditMissing: prometheus.NewCounter(prometheus.CounterOpts{Name: "gpuaas_audit_missing_total",
+			Help: "Successful authenticated mutations that wrote no audit row (a defect to investigate)."}),
 	}
 	if reg != nil {
-		reg.MustRegister(m.requests, m.duration, m.inflight)
+		reg.MustRegister(m.requests, m.duration, m.inflight, m.auditMissing)
 	}
 	return m
 }
@@ -84,6 +94,12 @@ func observe(log hclog.Logger, m *httpMetrics) fiber.Handler {
 		elapsed := time.Since(start)
 		m.requests.WithLabelValues(method, route, strconv.Itoa(status)).Inc()
 		m.duration.WithLabelValues(method, route).Observe(elapsed.Seconds())
+		if t, _ := c.Locals(localsAuditTracker).(*audit.Tracker); t != nil && t.Count() == 0 &&
+			method != fiber.MethodGet && status >= 200 && status < 300 &&
+			PrincipalOf(c) != nil && len(c.Response().Header.Peek("Idempotent-Replayed")) == 0 {
+			m.auditMissing.Inc()
+			log.Error("successful mutation wrote no audit row", "method", method, "route", route, "correlation_id", requestCorrelationID(c))
+		}
 		level := hclog.Info
 		if quietRoutes[route] {
 			level = hclog.Debug

@@ -183,6 +183,7 @@ const (
 	InvalidCursor           ErrorCode = "invalid_cursor"
 	InvalidIdempotencyKey   ErrorCode = "invalid_idempotency_key"
 	InvalidJson             ErrorCode = "invalid_json"
+	InvalidSshKey           ErrorCode = "invalid_ssh_key"
 	InvalidToken            ErrorCode = "invalid_token"
 	LastOwner               ErrorCode = "last_owner"
 	LedgerKeyConflict       ErrorCode = "ledger_key_conflict"
@@ -220,6 +221,9 @@ const (
 	ServiceAccountNotFound  ErrorCode = "service_account_not_found"
 	ServiceUnavailable      ErrorCode = "service_unavailable"
 	SlugTaken               ErrorCode = "slug_taken"
+	SshKeyExists            ErrorCode = "ssh_key_exists"
+	SshKeyNotFound          ErrorCode = "ssh_key_not_found"
+	SshKeyTooWeak           ErrorCode = "ssh_key_too_weak"
 	Timeout                 ErrorCode = "timeout"
 	TokenAlgNotAllowed      ErrorCode = "token_alg_not_allowed"
 	TokenBadSignature       ErrorCode = "token_bad_signature"
@@ -280,6 +284,8 @@ func (e ErrorCode) Valid() bool {
 	case InvalidIdempotencyKey:
 		return true
 	case InvalidJson:
+		return true
+	case InvalidSshKey:
 		return true
 	case InvalidToken:
 		return true
@@ -354,6 +360,12 @@ func (e ErrorCode) Valid() bool {
 	case ServiceUnavailable:
 		return true
 	case SlugTaken:
+		return true
+	case SshKeyExists:
+		return true
+	case SshKeyNotFound:
+		return true
+	case SshKeyTooWeak:
 		return true
 	case Timeout:
 		return true
@@ -663,6 +675,27 @@ func (e ReadinessStatus) Valid() bool {
 	}
 }
 
+// Defines values for SSHKeyType.
+const (
+	Ecdsa   SSHKeyType = "ecdsa"
+	Ed25519 SSHKeyType = "ed25519"
+	Rsa     SSHKeyType = "rsa"
+)
+
+// Valid indicates whether the value is a known member of the SSHKeyType enum.
+func (e SSHKeyType) Valid() bool {
+	switch e {
+	case Ecdsa:
+		return true
+	case Ed25519:
+		return true
+	case Rsa:
+		return true
+	default:
+		return false
+	}
+}
+
 // Defines values for ServiceAccountRole.
 const (
 	ServiceAccountRoleAdmin  ServiceAccountRole = "admin"
@@ -963,6 +996,12 @@ type AddProjectMemberRequest struct {
 
 // AddProjectMemberRequestRole defines model for AddProjectMemberRequest.Role.
 type AddProjectMemberRequestRole string
+
+// AddSSHKeyRequest defines model for AddSSHKeyRequest.
+type AddSSHKeyRequest struct {
+	Name      string `json:"name"`
+	PublicKey string `json:"public_key"`
+}
 
 // AdjustmentRequest defines model for AdjustmentRequest.
 type AdjustmentRequest struct {
@@ -1420,6 +1459,28 @@ type RoleRequest struct {
 	Role string `json:"role"`
 }
 
+// SSHKey defines model for SSHKey.
+type SSHKey struct {
+	Bits      int       `json:"bits"`
+	CreatedAt time.Time `json:"created_at"`
+
+	// Fingerprint SHA256:... as ssh-keygen -l prints it.
+	Fingerprint string             `json:"fingerprint"`
+	Id          openapi_types.UUID `json:"id"`
+	Name        string             `json:"name"`
+	PublicKey   string             `json:"public_key"`
+	Type        SSHKeyType         `json:"type"`
+}
+
+// SSHKeyType defines model for SSHKey.Type.
+type SSHKeyType string
+
+// SSHKeyPage defines model for SSHKeyPage.
+type SSHKeyPage struct {
+	Items      []SSHKey `json:"items"`
+	NextCursor *string  `json:"next_cursor,omitempty"`
+}
+
 // ServiceAccount defines model for ServiceAccount.
 type ServiceAccount struct {
 	CreatedAt   time.Time          `json:"created_at"`
@@ -1833,6 +1894,21 @@ type CreateServiceAccountKeyParams struct {
 	IdempotencyKey *IdempotencyKey `json:"Idempotency-Key,omitempty"`
 }
 
+// ListSSHKeysParams defines parameters for ListSSHKeys.
+type ListSSHKeysParams struct {
+	// Limit Page size, 1 to 200.
+	Limit *Limit `form:"limit,omitempty" json:"limit,omitempty"`
+
+	// Cursor Opaque cursor from a previous page's `next_cursor`.
+	Cursor *Cursor `form:"cursor,omitempty" json:"cursor,omitempty"`
+}
+
+// AddSSHKeyParams defines parameters for AddSSHKey.
+type AddSSHKeyParams struct {
+	// IdempotencyKey Makes a retried POST safe; the first response is replayed byte for byte.
+	IdempotencyKey *IdempotencyKey `json:"Idempotency-Key,omitempty"`
+}
+
 // ListMyAPIKeysParams defines parameters for ListMyAPIKeys.
 type ListMyAPIKeysParams struct {
 	// Limit Page size, 1 to 200.
@@ -1919,6 +1995,9 @@ type CreateServiceAccountJSONRequestBody = CreateServiceAccountRequest
 
 // CreateServiceAccountKeyJSONRequestBody defines body for CreateServiceAccountKey for application/json ContentType.
 type CreateServiceAccountKeyJSONRequestBody = CreateAPIKeyRequest
+
+// AddSSHKeyJSONRequestBody defines body for AddSSHKey for application/json ContentType.
+type AddSSHKeyJSONRequestBody = AddSSHKeyRequest
 
 // CreateMyAPIKeyJSONRequestBody defines body for CreateMyAPIKey for application/json ContentType.
 type CreateMyAPIKeyJSONRequestBody = CreateAPIKeyRequest
@@ -2440,6 +2519,28 @@ type ClientInterface interface {
 	//
 	// Corresponds with GET /api/v1/readyz (the `GetReadyz` operationId).
 	GetReadyz(ctx context.Context, reqEditors ...RequestEditorFn) (*http.Response, error)
+
+	// ListSSHKeys The caller's SSH public keys
+	//
+	// Corresponds with GET /api/v1/ssh-keys (the `ListSSHKeys` operationId).
+	ListSSHKeys(ctx context.Context, params *ListSSHKeysParams, reqEditors ...RequestEditorFn) (*http.Response, error)
+
+	// AddSSHKeyWithBody Add an SSH public key (ed25519, ecdsa, or RSA of at least 3072 bits)
+	//
+	// Takes any type of body and a specified content type.
+	//
+	// Corresponds with POST /api/v1/ssh-keys (the `AddSSHKey` operationId).
+	AddSSHKeyWithBody(ctx context.Context, params *AddSSHKeyParams, contentType string, body io.Reader, reqEditors ...RequestEditorFn) (*http.Response, error)
+
+	// AddSSHKey Add an SSH public key (ed25519, ecdsa, or RSA of at least 3072 bits)
+	//
+	// Takes a body of the `application/json` content type.
+	//
+	// Corresponds with POST /api/v1/ssh-keys (the `AddSSHKey` operationId).
+	AddSSHKey(ctx context.Context, params *AddSSHKeyParams, body AddSSHKeyJSONRequestBody, reqEditors ...RequestEditorFn) (*http.Response, error)
+
+	// DeleteSSHKey performs a DELETE /api/v1/ssh-keys/{key_id} (the `DeleteSSHKey` operationId) request.
+	DeleteSSHKey(ctx context.Context, keyId KeyID, reqEditors ...RequestEditorFn) (*http.Response, error)
 
 	// GetMe The caller, with memberships
 	//
@@ -3690,6 +3791,68 @@ func (c *Client) RevokeServiceAccountKey(ctx context.Context, projectId ProjectI
 // Corresponds with GET /api/v1/readyz (the `GetReadyz` operationId).
 func (c *Client) GetReadyz(ctx context.Context, reqEditors ...RequestEditorFn) (*http.Response, error) {
 	req, err := NewGetReadyzRequest(c.Server)
+	if err != nil {
+		return nil, err
+	}
+	req = req.WithContext(ctx)
+	if err := c.applyEditors(ctx, req, reqEditors); err != nil {
+		return nil, err
+	}
+	return c.Client.Do(req)
+}
+
+// ListSSHKeys The caller's SSH public keys
+//
+// Corresponds with GET /api/v1/ssh-keys (the `ListSSHKeys` operationId).
+func (c *Client) ListSSHKeys(ctx context.Context, params *ListSSHKeysParams, reqEditors ...RequestEditorFn) (*http.Response, error) {
+	req, err := NewListSSHKeysRequest(c.Server, params)
+	if err != nil {
+		return nil, err
+	}
+	req = req.WithContext(ctx)
+	if err := c.applyEditors(ctx, req, reqEditors); err != nil {
+		return nil, err
+	}
+	return c.Client.Do(req)
+}
+
+// AddSSHKeyWithBody Add an SSH public key (ed25519, ecdsa, or RSA of at least 3072 bits)
+//
+// Takes any type of body and a specified content type.
+//
+// Corresponds with POST /api/v1/ssh-keys (the `AddSSHKey` operationId).
+func (c *Client) AddSSHKeyWithBody(ctx context.Context, params *AddSSHKeyParams, contentType string, body io.Reader, reqEditors ...RequestEditorFn) (*http.Response, error) {
+	req, err := NewAddSSHKeyRequestWithBody(c.Server, params, contentType, body)
+	if err != nil {
+		return nil, err
+	}
+	req = req.WithContext(ctx)
+	if err := c.applyEditors(ctx, req, reqEditors); err != nil {
+		return nil, err
+	}
+	return c.Client.Do(req)
+}
+
+// AddSSHKey Add an SSH public key (ed25519, ecdsa, or RSA of at least 3072 bits)
+//
+// Takes a body of the `application/json` content type.
+//
+// Corresponds with POST /api/v1/ssh-keys (the `AddSSHKey` operationId).
+func (c *Client) AddSSHKey(ctx context.Context, params *AddSSHKeyParams, body AddSSHKeyJSONRequestBody, reqEditors ...RequestEditorFn) (*http.Response, error) {
+	req, err := NewAddSSHKeyRequest(c.Server, params, body)
+	if err != nil {
+		return nil, err
+	}
+	req = req.WithContext(ctx)
+	if err := c.applyEditors(ctx, req, reqEditors); err != nil {
+		return nil, err
+	}
+	return c.Client.Do(req)
+}
+
+// DeleteSSHKey performs a DELETE /api/v1/ssh-keys/{key_id} (the `DeleteSSHKey` operationId) request.
+func (c *Client) DeleteSSHKey(ctx context.Context, keyId KeyID, reqEditors ...RequestEditorFn) (*http.Response, error) {
+	req, err := NewDeleteSSHKeyRequest(c.Server, keyId)
 	if err != nil {
 		return nil, err
 	}
@@ -6894,6 +7057,161 @@ func NewGetReadyzRequest(server string) (*http.Request, error) {
 	return req, nil
 }
 
+// NewListSSHKeysRequest constructs an http.Request for the ListSSHKeys method
+func NewListSSHKeysRequest(server string, params *ListSSHKeysParams) (*http.Request, error) {
+	var err error
+
+	serverURL, err := url.Parse(server)
+	if err != nil {
+		return nil, err
+	}
+
+	operationPath := fmt.Sprintf("/api/v1/ssh-keys")
+	if operationPath[0] == '/' {
+		operationPath = "." + operationPath
+	}
+
+	queryURL, err := serverURL.Parse(operationPath)
+	if err != nil {
+		return nil, err
+	}
+
+	if params != nil {
+		// queryValues collects non-styled parameters (passthrough, JSON)
+		// that are safe to round-trip through url.Values.Encode().
+		queryValues := queryURL.Query()
+		// rawQueryFragments collects pre-encoded query fragments from
+		// styled parameters, preserving literal commas as delimiters
+		// per the OpenAPI spec (e.g. "color=blue,black,brown").
+		var rawQueryFragments []string
+
+		if params.Limit != nil {
+
+			if queryFrag, err := runtime.StyleParamWithOptions("form", true, "limit", *params.Limit, runtime.StyleParamOptions{ParamLocation: runtime.ParamLocationQuery, Type: "integer", Format: ""}); err != nil {
+				return nil, err
+			} else {
+				for _, qp := range strings.Split(queryFrag, "&") {
+					rawQueryFragments = append(rawQueryFragments, qp)
+				}
+			}
+
+		}
+
+		if params.Cursor != nil {
+
+			if queryFrag, err := runtime.StyleParamWithOptions("form", true, "cursor", *params.Cursor, runtime.StyleParamOptions{ParamLocation: runtime.ParamLocationQuery, Type: "string", Format: ""}); err != nil {
+				return nil, err
+			} else {
+				for _, qp := range strings.Split(queryFrag, "&") {
+					rawQueryFragments = append(rawQueryFragments, qp)
+				}
+			}
+
+		}
+
+		if encoded := queryValues.Encode(); encoded != "" {
+			rawQueryFragments = append(rawQueryFragments, encoded)
+		}
+		queryURL.RawQuery = strings.Join(rawQueryFragments, "&")
+	}
+
+	req, err := http.NewRequest(http.MethodGet, queryURL.String(), nil)
+	if err != nil {
+		return nil, err
+	}
+
+	return req, nil
+}
+
+// NewAddSSHKeyRequest calls the generic AddSSHKey builder with application/json body
+func NewAddSSHKeyRequest(server string, params *AddSSHKeyParams, body AddSSHKeyJSONRequestBody) (*http.Request, error) {
+	var bodyReader io.Reader
+	buf, err := json.Marshal(body)
+	if err != nil {
+		return nil, err
+	}
+	bodyReader = bytes.NewReader(buf)
+	return NewAddSSHKeyRequestWithBody(server, params, "application/json", bodyReader)
+}
+
+// NewAddSSHKeyRequestWithBody constructs an http.Request for the AddSSHKey method, with any body, and a specified content type
+func NewAddSSHKeyRequestWithBody(server string, params *AddSSHKeyParams, contentType string, body io.Reader) (*http.Request, error) {
+	var err error
+
+	serverURL, err := url.Parse(server)
+	if err != nil {
+		return nil, err
+	}
+
+	operationPath := fmt.Sprintf("/api/v1/ssh-keys")
+	if operationPath[0] == '/' {
+		operationPath = "." + operationPath
+	}
+
+	queryURL, err := serverURL.Parse(operationPath)
+	if err != nil {
+		return nil, err
+	}
+
+	req, err := http.NewRequest(http.MethodPost, queryURL.String(), body)
+	if err != nil {
+		return nil, err
+	}
+
+	req.Header.Add("Content-Type", contentType)
+
+	if params != nil {
+
+		if params.IdempotencyKey != nil {
+			var headerParam0 string
+
+			headerParam0, err = runtime.StyleParamWithOptions("simple", false, "Idempotency-Key", *params.IdempotencyKey, runtime.StyleParamOptions{ParamLocation: runtime.ParamLocationHeader, Type: "string", Format: ""})
+			if err != nil {
+				return nil, err
+			}
+
+			req.Header.Set("Idempotency-Key", headerParam0)
+		}
+
+	}
+
+	return req, nil
+}
+
+// NewDeleteSSHKeyRequest constructs an http.Request for the DeleteSSHKey method
+func NewDeleteSSHKeyRequest(server string, keyId KeyID) (*http.Request, error) {
+	var err error
+
+	var pathParam0 string
+
+	pathParam0, err = runtime.StyleParamWithOptions("simple", false, "key_id", keyId, runtime.StyleParamOptions{ParamLocation: runtime.ParamLocationPath, Type: "string", Format: "uuid"})
+	if err != nil {
+		return nil, err
+	}
+
+	serverURL, err := url.Parse(server)
+	if err != nil {
+		return nil, err
+	}
+
+	operationPath := fmt.Sprintf("/api/v1/ssh-keys/%s", pathParam0)
+	if operationPath[0] == '/' {
+		operationPath = "." + operationPath
+	}
+
+	queryURL, err := serverURL.Parse(operationPath)
+	if err != nil {
+		return nil, err
+	}
+
+	req, err := http.NewRequest(http.MethodDelete, queryURL.String(), nil)
+	if err != nil {
+		return nil, err
+	}
+
+	return req, nil
+}
+
 // NewGetMeRequest constructs an http.Request for the GetMe method
 func NewGetMeRequest(server string) (*http.Request, error) {
 	var err error
@@ -7660,6 +7978,32 @@ type ClientWithResponsesInterface interface {
 	//
 	// Corresponds with GET /api/v1/readyz (the `GetReadyz` operationId).
 	GetReadyzWithResponse(ctx context.Context, reqEditors ...RequestEditorFn) (*GetReadyzResponse, error)
+
+	// ListSSHKeysWithResponse The caller's SSH public keys
+	//
+	// Returns a wrapper object for the known response body format(s).
+	//
+	// Corresponds with GET /api/v1/ssh-keys (the `ListSSHKeys` operationId).
+	ListSSHKeysWithResponse(ctx context.Context, params *ListSSHKeysParams, reqEditors ...RequestEditorFn) (*ListSSHKeysResponse, error)
+
+	// AddSSHKeyWithBodyWithResponse Add an SSH public key (ed25519, ecdsa, or RSA of at least 3072 bits)
+	//
+	// Takes any type of body and a specified content type, and returns a wrapper object for the known response body format(s).
+	//
+	// Corresponds with POST /api/v1/ssh-keys (the `AddSSHKey` operationId).
+	AddSSHKeyWithBodyWithResponse(ctx context.Context, params *AddSSHKeyParams, contentType string, body io.Reader, reqEditors ...RequestEditorFn) (*AddSSHKeyResponse, error)
+
+	// AddSSHKeyWithResponse Add an SSH public key (ed25519, ecdsa, or RSA of at least 3072 bits)
+	//
+	// Takes a body of the `application/json` content type, and returns a wrapper object for the known response body format(s).
+	//
+	// Corresponds with POST /api/v1/ssh-keys (the `AddSSHKey` operationId).
+	AddSSHKeyWithResponse(ctx context.Context, params *AddSSHKeyParams, body AddSSHKeyJSONRequestBody, reqEditors ...RequestEditorFn) (*AddSSHKeyResponse, error)
+
+	// DeleteSSHKeyWithResponse performs a DELETE /api/v1/ssh-keys/{key_id} (the `DeleteSSHKey` operationId) request.
+	//
+	// Returns a wrapper object for the known response body format(s).
+	DeleteSSHKeyWithResponse(ctx context.Context, keyId KeyID, reqEditors ...RequestEditorFn) (*DeleteSSHKeyResponse, error)
 
 	// GetMeWithResponse The caller, with memberships
 	//
@@ -10254,6 +10598,143 @@ func (r GetReadyzResponse) ContentType() string {
 	return ""
 }
 
+type ListSSHKeysResponse struct {
+	Body         []byte
+	HTTPResponse *http.Response
+	// JSON200 the response for an HTTP 200 `application/json` response
+	JSON200 *SSHKeyPage
+	// JSONDefault the response for an HTTP default `application/json` response
+	JSONDefault *Error
+}
+
+// GetJSON200 returns the response for an HTTP 200 `application/json` response
+func (r ListSSHKeysResponse) GetJSON200() *SSHKeyPage {
+	return r.JSON200
+}
+
+// GetJSONDefault returns the response for an HTTP default `application/json` response
+func (r ListSSHKeysResponse) GetJSONDefault() *Error {
+	return r.JSONDefault
+}
+
+// GetBody returns the raw response body bytes
+func (r ListSSHKeysResponse) GetBody() []byte {
+	return r.Body
+}
+
+// Status returns HTTPResponse.Status
+func (r ListSSHKeysResponse) Status() string {
+	if r.HTTPResponse != nil {
+		return r.HTTPResponse.Status
+	}
+	return http.StatusText(0)
+}
+
+// StatusCode returns HTTPResponse.StatusCode
+func (r ListSSHKeysResponse) StatusCode() int {
+	if r.HTTPResponse != nil {
+		return r.HTTPResponse.StatusCode
+	}
+	return 0
+}
+
+// ContentType is a convenience method to retrieve the Content-Type value from the HTTP response headers
+func (r ListSSHKeysResponse) ContentType() string {
+	if r.HTTPResponse != nil {
+		return r.HTTPResponse.Header.Get("Content-Type")
+	}
+	return ""
+}
+
+type AddSSHKeyResponse struct {
+	Body         []byte
+	HTTPResponse *http.Response
+	// JSON201 the response for an HTTP 201 `application/json` response
+	JSON201 *SSHKey
+	// JSONDefault the response for an HTTP default `application/json` response
+	JSONDefault *Error
+}
+
+// GetJSON201 returns the response for an HTTP 201 `application/json` response
+func (r AddSSHKeyResponse) GetJSON201() *SSHKey {
+	return r.JSON201
+}
+
+// GetJSONDefault returns the response for an HTTP default `application/json` response
+func (r AddSSHKeyResponse) GetJSONDefault() *Error {
+	return r.JSONDefault
+}
+
+// GetBody returns the raw response body bytes
+func (r AddSSHKeyResponse) GetBody() []byte {
+	return r.Body
+}
+
+// Status returns HTTPResponse.Status
+func (r AddSSHKeyResponse) Status() string {
+	if r.HTTPResponse != nil {
+		return r.HTTPResponse.Status
+	}
+	return http.StatusText(0)
+}
+
+// StatusCode returns HTTPResponse.StatusCode
+func (r AddSSHKeyResponse) StatusCode() int {
+	if r.HTTPResponse != nil {
+		return r.HTTPResponse.StatusCode
+	}
+	return 0
+}
+
+// ContentType is a convenience method to retrieve the Content-Type value from the HTTP response headers
+func (r AddSSHKeyResponse) ContentType() string {
+	if r.HTTPResponse != nil {
+		return r.HTTPResponse.Header.Get("Content-Type")
+	}
+	return ""
+}
+
+type DeleteSSHKeyResponse struct {
+	Body         []byte
+	HTTPResponse *http.Response
+	// JSONDefault the response for an HTTP default `application/json` response
+	JSONDefault *Error
+}
+
+// GetJSONDefault returns the response for an HTTP default `application/json` response
+func (r DeleteSSHKeyResponse) GetJSONDefault() *Error {
+	return r.JSONDefault
+}
+
+// GetBody returns the raw response body bytes
+func (r DeleteSSHKeyResponse) GetBody() []byte {
+	return r.Body
+}
+
+// Status returns HTTPResponse.Status
+func (r DeleteSSHKeyResponse) Status() string {
+	if r.HTTPResponse != nil {
+		return r.HTTPResponse.Status
+	}
+	return http.StatusText(0)
+}
+
+// StatusCode returns HTTPResponse.StatusCode
+func (r DeleteSSHKeyResponse) StatusCode() int {
+	if r.HTTPResponse != nil {
+		return r.HTTPResponse.StatusCode
+	}
+	return 0
+}
+
+// ContentType is a convenience method to retrieve the Content-Type value from the HTTP response headers
+func (r DeleteSSHKeyResponse) ContentType() string {
+	if r.HTTPResponse != nil {
+		return r.HTTPResponse.Header.Get("Content-Type")
+	}
+	return ""
+}
+
 type GetMeResponse struct {
 	Body         []byte
 	HTTPResponse *http.Response
@@ -11460,6 +11941,56 @@ func (c *ClientWithResponses) GetReadyzWithResponse(ctx context.Context, reqEdit
 		return nil, err
 	}
 	return ParseGetReadyzResponse(rsp)
+}
+
+// ListSSHKeysWithResponse The caller's SSH public keys
+//
+// Returns a wrapper object for the known response body format(s).
+//
+// Corresponds with GET /api/v1/ssh-keys (the `ListSSHKeys` operationId).
+func (c *ClientWithResponses) ListSSHKeysWithResponse(ctx context.Context, params *ListSSHKeysParams, reqEditors ...RequestEditorFn) (*ListSSHKeysResponse, error) {
+	rsp, err := c.ListSSHKeys(ctx, params, reqEditors...)
+	if err != nil {
+		return nil, err
+	}
+	return ParseListSSHKeysResponse(rsp)
+}
+
+// AddSSHKeyWithBodyWithResponse Add an SSH public key (ed25519, ecdsa, or RSA of at least 3072 bits)
+//
+// Takes any type of body and a specified content type, and returns a wrapper object for the known response body format(s).
+//
+// Corresponds with POST /api/v1/ssh-keys (the `AddSSHKey` operationId).
+func (c *ClientWithResponses) AddSSHKeyWithBodyWithResponse(ctx context.Context, params *AddSSHKeyParams, contentType string, body io.Reader, reqEditors ...RequestEditorFn) (*AddSSHKeyResponse, error) {
+	rsp, err := c.AddSSHKeyWithBody(ctx, params, contentType, body, reqEditors...)
+	if err != nil {
+		return nil, err
+	}
+	return ParseAddSSHKeyResponse(rsp)
+}
+
+// AddSSHKeyWithResponse Add an SSH public key (ed25519, ecdsa, or RSA of at least 3072 bits)
+//
+// Takes a body of the `application/json` content type, and returns a wrapper object for the known response body format(s).
+//
+// Corresponds with POST /api/v1/ssh-keys (the `AddSSHKey` operationId).
+func (c *ClientWithResponses) AddSSHKeyWithResponse(ctx context.Context, params *AddSSHKeyParams, body AddSSHKeyJSONRequestBody, reqEditors ...RequestEditorFn) (*AddSSHKeyResponse, error) {
+	rsp, err := c.AddSSHKey(ctx, params, body, reqEditors...)
+	if err != nil {
+		return nil, err
+	}
+	return ParseAddSSHKeyResponse(rsp)
+}
+
+// DeleteSSHKeyWithResponse performs a DELETE /api/v1/ssh-keys/{key_id} (the `DeleteSSHKey` operationId) request.
+//
+// Returns a wrapper object for the known response body format(s).
+func (c *ClientWithResponses) DeleteSSHKeyWithResponse(ctx context.Context, keyId KeyID, reqEditors ...RequestEditorFn) (*DeleteSSHKeyResponse, error) {
+	rsp, err := c.DeleteSSHKey(ctx, keyId, reqEditors...)
+	if err != nil {
+		return nil, err
+	}
+	return ParseDeleteSSHKeyResponse(rsp)
 }
 
 // GetMeWithResponse The caller, with memberships
@@ -13291,6 +13822,101 @@ func ParseGetReadyzResponse(rsp *http.Response) (*GetReadyzResponse, error) {
 			return nil, err
 		}
 		response.JSON503 = &dest
+
+	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && true:
+		var dest Error
+		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
+			return nil, err
+		}
+		response.JSONDefault = &dest
+
+	}
+
+	return response, nil
+}
+
+// ParseListSSHKeysResponse parses an HTTP response from a ListSSHKeysWithResponse call
+func ParseListSSHKeysResponse(rsp *http.Response) (*ListSSHKeysResponse, error) {
+	bodyBytes, err := io.ReadAll(rsp.Body)
+	defer func() { _ = rsp.Body.Close() }()
+	if err != nil {
+		return nil, err
+	}
+
+	response := &ListSSHKeysResponse{
+		Body:         bodyBytes,
+		HTTPResponse: rsp,
+	}
+
+	switch {
+	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && rsp.StatusCode == 200:
+		var dest SSHKeyPage
+		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
+			return nil, err
+		}
+		response.JSON200 = &dest
+
+	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && true:
+		var dest Error
+		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
+			return nil, err
+		}
+		response.JSONDefault = &dest
+
+	}
+
+	return response, nil
+}
+
+// ParseAddSSHKeyResponse parses an HTTP response from a AddSSHKeyWithResponse call
+func ParseAddSSHKeyResponse(rsp *http.Response) (*AddSSHKeyResponse, error) {
+	bodyBytes, err := io.ReadAll(rsp.Body)
+	defer func() { _ = rsp.Body.Close() }()
+	if err != nil {
+		return nil, err
+	}
+
+	response := &AddSSHKeyResponse{
+		Body:         bodyBytes,
+		HTTPResponse: rsp,
+	}
+
+	switch {
+	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && rsp.StatusCode == 201:
+		var dest SSHKey
+		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
+			return nil, err
+		}
+		response.JSON201 = &dest
+
+	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && true:
+		var dest Error
+		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
+			return nil, err
+		}
+		response.JSONDefault = &dest
+
+	}
+
+	return response, nil
+}
+
+// ParseDeleteSSHKeyResponse parses an HTTP response from a DeleteSSHKeyWithResponse call
+func ParseDeleteSSHKeyResponse(rsp *http.Response) (*DeleteSSHKeyResponse, error) {
+	bodyBytes, err := io.ReadAll(rsp.Body)
+	defer func() { _ = rsp.Body.Close() }()
+	if err != nil {
+		return nil, err
+	}
+
+	response := &DeleteSSHKeyResponse{
+		Body:         bodyBytes,
+		HTTPResponse: rsp,
+	}
+
+	switch {
+	case rsp.StatusCode == 204:
+		break // No content-type
 
 	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && true:
 		var dest Error

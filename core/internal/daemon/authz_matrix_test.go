@@ -93,6 +93,10 @@ var matrix = map[string]matrixCase{
 	"setPolicyOverride":   {expect: adminOnly, body: func(*world) any { return map[string]any{"scope": "global", "value": 5} }},
 	"clearPolicyOverride": {expect: adminOnly, query: "?scope=global"},
 
+	"listSSHKeys":  {expect: usersOnly},
+	"addSSHKey":    {expect: usersOnly, body: func(w *world) any { return map[string]string{"name": "laptop", "public_key": w.sshKey} }},
+	"deleteSSHKey": {expect: expect{401, 404, 404, 404, 404, 403, 404}},
+
 	"getBalance":  {expect: billingRead, query: "?org_id={org_id}"},
 	"listLedger":  {expect: billingRead, query: "?org_id={org_id}"},
 	"listUsage":   {expect: billingRead, query: "?org_id={org_id}"},

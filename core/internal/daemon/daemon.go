@@ -37,6 +37,7 @@ import (
 	"github.com/gpuaas/gpuaas/core/internal/policy"
 	"github.com/gpuaas/gpuaas/core/internal/principal"
 	"github.com/gpuaas/gpuaas/core/internal/ratelimit"
+	"github.com/gpuaas/gpuaas/core/internal/sshkeys"
 	"github.com/gpuaas/gpuaas/core/internal/store"
 )
 
@@ -141,6 +142,7 @@ func Run(ctx context.Context, cfg config.Config, log hclog.Logger, opt Options) 
 		Authz:         authz.NewLoader(pool),
 		Payments:      payments.NewService(pool, pol, providers, cfg.Region, cfg.PaymentsInstance, log.Named("payments")),
 		Plugins:       plugins,
+		SSHKeys:       sshkeys.NewService(pool, cfg.Region),
 		LocalAccounts: cfg.LocalAccounts,
 		OIDC:          flow,
 		Checks: []httpapi.Check{

@@ -343,3 +343,36 @@ func TestAuditLogAPI(t *testing.T) {
 		t.Fatalf("limit 500: %d", r.status)
 	}
 }
+
+// SSH keys: add, refuse a duplicate, list, and never touch another user's key.
+func TestSSHKeysAPI(t *testing.T) {
+	e := newEnv(t)
+	w := e.newWorld()
+	tok := w.tokens[member]
+	r := e.send("POST", "/api/v1/ssh-keys", tok, map[string]string{"name": "laptop", "public_key": w.sshKey + " me@laptop"})
+	if r.status != 201 || !strings.Contains(string(r.body), `"fingerprint":"SHA256:`) {
+		t.Fatalf("add: %d %s", r.status, r.body)
+	}
+	var k struct {
+		ID string `json:"id"`
+	}
+	r.json(t, &k)
+	if dup := e.send("POST", "/api/v1/ssh-keys", tok, map[string]string{"name": "again", "public_key": w.sshKey}); dup.status != 409 || dup.code() != "ssh_key_exists" {
+		t.Fatalf("duplicate: %d %s", dup.status, dup.body)
+	}
+	if other := e.send("POST", "/api/v1/ssh-keys", w.tokens[viewer], map[string]string{"name": "same key, other user", "public_key": w.sshKey}); other.status != 201 {
+		t.Fatalf("the same key for another user: %d %s", other.status, other.body)
+	}
+	if bad := e.send("POST", "/api/v1/ssh-keys", tok, map[string]string{"name": "x", "public_key": "ssh-rsa AAAA; rm -rf /"}); bad.status != 400 || bad.code() != "invalid_ssh_key" {
+		t.Fatalf("bad key: %d %s", bad.status, bad.body)
+	}
+	if l := e.call("GET", "/api/v1/ssh-keys", tok, nil); l.status != 200 || strings.Count(string(l.body), `"fingerprint"`) != 1 {
+		t.Fatalf("list: %d %s", l.status, l.body)
+	}
+	if d := e.send("DELETE", "/api/v1/ssh-keys/"+k.ID, w.tokens[viewer], nil); d.status != 404 {
+		t.Fatalf("another user deletes the key: %d", d.status)
+	}
+	if d := e.send("DELETE", "/api/v1/ssh-keys/"+k.ID, tok, nil); d.status != 204 {
+		t.Fatalf("delete: %d %s", d.status, d.body)
+	}
+}

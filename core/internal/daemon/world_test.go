@@ -2,6 +2,8 @@ package daemon_test
 
 import (
 	"context"
+	"crypto/ed25519"
+	"crypto/rand"
 	"encoding/json"
 	"fmt"
 	"io"
@@ -12,6 +14,7 @@ import (
 
 	"github.com/google/uuid"
 	"github.com/jackc/pgx/v5/pgxpool"
+	"golang.org/x/crypto/ssh"
 
 	"github.com/gpuaas/gpuaas/core/internal/daemon/daemontest"
 	"github.com/gpuaas/gpuaas/core/internal/identity"
@@ -131,6 +134,7 @@ type world struct {
 	foreignKey   uuid.UUID // personal key of the org B user
 	foreignUser  uuid.UUID // org B owner
 	strangerMail string
+	sshKey       string // an ed25519 public key line
 }
 
 func (e *env) insertUser(ctx context.Context, email string, admin bool) uuid.UUID {
@@ -215,6 +219,9 @@ func (e *env) newWorld() *world {
 	w.tokens[saOther], w.users[saOther] = tok, s2.ID
 	w.foreignSA = sa(w.pb, w.orgB, "foreign").ID
 	w.strangerMail = "stranger-" + sfx + "@example.test"
+	pub, _, _ := ed25519.GenerateKey(rand.Reader)
+	spk, _ := ssh.NewPublicKey(pub)
+	w.sshKey = strings.TrimSpace(string(ssh.MarshalAuthorizedKey(spk)))
 	return w
 }
 

@@ -17,6 +17,7 @@ import (
 	"github.com/gpuaas/gpuaas/core/internal/oidc"
 	"github.com/gpuaas/gpuaas/core/internal/payments"
 	"github.com/gpuaas/gpuaas/core/internal/pluginhost"
+	"github.com/gpuaas/gpuaas/core/internal/sshkeys"
 	"github.com/gpuaas/gpuaas/core/internal/store"
 )
 
@@ -63,8 +64,12 @@ func statusFor(code errcode.Code) int {
 		return http.StatusServiceUnavailable
 	case payments.CodeProviderFailed:
 		return http.StatusBadGateway
-	case pluginhost.CodeInvalidPlugin:
+	case pluginhost.CodeInvalidPlugin, sshkeys.CodeInvalid, sshkeys.CodeTooWeak:
 		return http.StatusBadRequest
+	case sshkeys.CodeExists:
+		return http.StatusConflict
+	case sshkeys.CodeNotFound:
+		return http.StatusNotFound
 	case pluginhost.CodePluginNotFound, pluginhost.CodeInstanceNotFound:
 		return http.StatusNotFound
 	case pluginhost.CodeUpgradeRequired, pluginhost.CodeInstanceConflict, pluginhost.CodeKindMismatch, pluginhost.CodeInstanceDisabled:
@@ -184,7 +189,7 @@ func Codes() []errcode.Code {
 		errcode.NotFound, errcode.RouteNotFound, errcode.MethodNotAllowed, errcode.Conflict,
 		errcode.RequestTooLarge, errcode.UnsupportedMedia, errcode.RateLimited, errcode.NotReady,
 		errcode.DatabaseUnavailable, errcode.ServiceUnavailable, errcode.Timeout, errcode.Internal,
-	}, append(append(append(append(append(identity.Codes(), idempotency.Codes()...), ledger.Codes()...), payments.Codes()...), pluginhost.Codes()...),
+	}, append(append(append(append(append(identity.Codes(), idempotency.Codes()...), ledger.Codes()...), payments.Codes()...), append(pluginhost.Codes(), sshkeys.Codes()...)...),
 		oidc.CodeTokenMalformed, oidc.CodeTokenAlgNotAllowed, oidc.CodeTokenBadSignature, oidc.CodeTokenUnknownKey,
 		oidc.CodeTokenExpired, oidc.CodeTokenNotYetValid, oidc.CodeTokenWrongIssuer, oidc.CodeTokenWrongAudience,
 		oidc.CodeTokenMissingSubject, oidc.CodeTokenWrongNonce, oidc.CodeGrantRejected, oidc.CodeProviderUnavailable)...)

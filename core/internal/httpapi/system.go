@@ -19,6 +19,7 @@ import (
 	"github.com/gpuaas/gpuaas/core/internal/identity"
 	"github.com/gpuaas/gpuaas/core/internal/payments"
 	"github.com/gpuaas/gpuaas/core/internal/policy"
+	"github.com/gpuaas/gpuaas/core/internal/sshkeys"
 )
 
 // Check probes one dependency for readyz.
@@ -43,6 +44,7 @@ type API struct {
 	Auth     *identity.Authenticator
 	Authz    *authz.Loader
 	Payments *payments.Service
+	SSHKeys  *sshkeys.Service
 	// Plugins is the plugin host (nil when it is not running).
 	Plugins PluginHost
 	// OIDC is nil when no identity provider is configured.

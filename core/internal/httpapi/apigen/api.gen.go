@@ -185,6 +185,7 @@ const (
 	InvalidCursor           ErrorCode = "invalid_cursor"
 	InvalidIdempotencyKey   ErrorCode = "invalid_idempotency_key"
 	InvalidJson             ErrorCode = "invalid_json"
+	InvalidSshKey           ErrorCode = "invalid_ssh_key"
 	InvalidToken            ErrorCode = "invalid_token"
 	LastOwner               ErrorCode = "last_owner"
 	LedgerKeyConflict       ErrorCode = "ledger_key_conflict"
@@ -222,6 +223,9 @@ const (
 	ServiceAccountNotFound  ErrorCode = "service_account_not_found"
 	ServiceUnavailable      ErrorCode = "service_unavailable"
 	SlugTaken               ErrorCode = "slug_taken"
+	SshKeyExists            ErrorCode = "ssh_key_exists"
+	SshKeyNotFound          ErrorCode = "ssh_key_not_found"
+	SshKeyTooWeak           ErrorCode = "ssh_key_too_weak"
 	Timeout                 ErrorCode = "timeout"
 	TokenAlgNotAllowed      ErrorCode = "token_alg_not_allowed"
 	TokenBadSignature       ErrorCode = "token_bad_signature"
@@ -282,6 +286,8 @@ func (e ErrorCode) Valid() bool {
 	case InvalidIdempotencyKey:
 		return true
 	case InvalidJson:
+		return true
+	case InvalidSshKey:
 		return true
 	case InvalidToken:
 		return true
@@ -356,6 +362,12 @@ func (e ErrorCode) Valid() bool {
 	case ServiceUnavailable:
 		return true
 	case SlugTaken:
+		return true
+	case SshKeyExists:
+		return true
+	case SshKeyNotFound:
+		return true
+	case SshKeyTooWeak:
 		return true
 	case Timeout:
 		return true
@@ -665,6 +677,27 @@ func (e ReadinessStatus) Valid() bool {
 	}
 }
 
+// Defines values for SSHKeyType.
+const (
+	Ecdsa   SSHKeyType = "ecdsa"
+	Ed25519 SSHKeyType = "ed25519"
+	Rsa     SSHKeyType = "rsa"
+)
+
+// Valid indicates whether the value is a known member of the SSHKeyType enum.
+func (e SSHKeyType) Valid() bool {
+	switch e {
+	case Ecdsa:
+		return true
+	case Ed25519:
+		return true
+	case Rsa:
+		return true
+	default:
+		return false
+	}
+}
+
 // Defines values for ServiceAccountRole.
 const (
 	ServiceAccountRoleAdmin  ServiceAccountRole = "admin"
@@ -965,6 +998,12 @@ type AddProjectMemberRequest struct {
 
 // AddProjectMemberRequestRole defines model for AddProjectMemberRequest.Role.
 type AddProjectMemberRequestRole string
+
+// AddSSHKeyRequest defines model for AddSSHKeyRequest.
+type AddSSHKeyRequest struct {
+	Name      string `json:"name"`
+	PublicKey string `json:"public_key"`
+}
 
 // AdjustmentRequest defines model for AdjustmentRequest.
 type AdjustmentRequest struct {
@@ -1422,6 +1461,28 @@ type RoleRequest struct {
 	Role string `json:"role"`
 }
 
+// SSHKey defines model for SSHKey.
+type SSHKey struct {
+	Bits      int       `json:"bits"`
+	CreatedAt time.Time `json:"created_at"`
+
+	// Fingerprint SHA256:... as ssh-keygen -l prints it.
+	Fingerprint string             `json:"fingerprint"`
+	Id          openapi_types.UUID `json:"id"`
+	Name        string             `json:"name"`
+	PublicKey   string             `json:"public_key"`
+	Type        SSHKeyType         `json:"type"`
+}
+
+// SSHKeyType defines model for SSHKey.Type.
+type SSHKeyType string
+
+// SSHKeyPage defines model for SSHKeyPage.
+type SSHKeyPage struct {
+	Items      []SSHKey `json:"items"`
+	NextCursor *string  `json:"next_cursor,omitempty"`
+}
+
 // ServiceAccount defines model for ServiceAccount.
 type ServiceAccount struct {
 	CreatedAt   time.Time          `json:"created_at"`
@@ -1835,6 +1896,21 @@ type CreateServiceAccountKeyParams struct {
 	IdempotencyKey *IdempotencyKey `json:"Idempotency-Key,omitempty"`
 }
 
+// ListSSHKeysParams defines parameters for ListSSHKeys.
+type ListSSHKeysParams struct {
+	// Limit Page size, 1 to 200.
+	Limit *Limit `form:"limit,omitempty" json:"limit,omitempty"`
+
+	// Cursor Opaque cursor from a previous page's `next_cursor`.
+	Cursor *Cursor `form:"cursor,omitempty" json:"cursor,omitempty"`
+}
+
+// AddSSHKeyParams defines parameters for AddSSHKey.
+type AddSSHKeyParams struct {
+	// IdempotencyKey Makes a retried POST safe; the first response is replayed byte for byte.
+	IdempotencyKey *IdempotencyKey `json:"Idempotency-Key,omitempty"`
+}
+
 // ListMyAPIKeysParams defines parameters for ListMyAPIKeys.
 type ListMyAPIKeysParams struct {
 	// Limit Page size, 1 to 200.
@@ -1921,6 +1997,9 @@ type CreateServiceAccountJSONRequestBody = CreateServiceAccountRequest
 
 // CreateServiceAccountKeyJSONRequestBody defines body for CreateServiceAccountKey for application/json ContentType.
 type CreateServiceAccountKeyJSONRequestBody = CreateAPIKeyRequest
+
+// AddSSHKeyJSONRequestBody defines body for AddSSHKey for application/json ContentType.
+type AddSSHKeyJSONRequestBody = AddSSHKeyRequest
 
 // CreateMyAPIKeyJSONRequestBody defines body for CreateMyAPIKey for application/json ContentType.
 type CreateMyAPIKeyJSONRequestBody = CreateAPIKeyRequest
@@ -2089,6 +2168,15 @@ type ServerInterface interface {
 	// GetReadyz Readiness of the process and its dependencies
 	// (GET /api/v1/readyz)
 	GetReadyz(c *fiber.Ctx) error
+	// ListSSHKeys The caller's SSH public keys
+	// (GET /api/v1/ssh-keys)
+	ListSSHKeys(c *fiber.Ctx, params ListSSHKeysParams) error
+	// AddSSHKey Add an SSH public key (ed25519, ecdsa, or RSA of at least 3072 bits)
+	// (POST /api/v1/ssh-keys)
+	AddSSHKey(c *fiber.Ctx, params AddSSHKeyParams) error
+
+	// (DELETE /api/v1/ssh-keys/{key_id})
+	DeleteSSHKey(c *fiber.Ctx, keyId KeyID) error
 	// GetMe The caller, with memberships
 	// (GET /api/v1/users/me)
 	GetMe(c *fiber.Ctx) error
@@ -4283,6 +4371,122 @@ func (siw *ServerInterfaceWrapper) GetReadyz(c *fiber.Ctx) error {
 	return handler(c)
 }
 
+// ListSSHKeys operation middleware
+func (siw *ServerInterfaceWrapper) ListSSHKeys(c *fiber.Ctx) error {
+
+	var err error
+	_ = err
+
+	// Parameter object where we will unmarshal all parameters from the context
+	var params ListSSHKeysParams
+
+	var query url.Values
+	query, err = url.ParseQuery(string(c.Request().URI().QueryString()))
+	if err != nil {
+		return fiber.NewError(fiber.StatusBadRequest, fmt.Errorf("Invalid format for query string: %w", err).Error())
+	}
+
+	// ------------- Optional query parameter "limit" -------------
+
+	err = runtime.BindQueryParameterWithOptions("form", true, false, "limit", query, &params.Limit, runtime.BindQueryParameterOptions{Type: "integer", Format: ""})
+	if err != nil {
+		return fiber.NewError(fiber.StatusBadRequest, fmt.Errorf("Invalid format for parameter limit: %w", err).Error())
+	}
+
+	// ------------- Optional query parameter "cursor" -------------
+
+	err = runtime.BindQueryParameterWithOptions("form", true, false, "cursor", query, &params.Cursor, runtime.BindQueryParameterOptions{Type: "string", Format: ""})
+	if err != nil {
+		return fiber.NewError(fiber.StatusBadRequest, fmt.Errorf("Invalid format for parameter cursor: %w", err).Error())
+	}
+
+	handler := func(c *fiber.Ctx) error {
+		return siw.Handler.ListSSHKeys(c, params)
+	}
+
+	for i := len(siw.HandlerMiddlewares) - 1; i >= 0; i-- {
+		m := siw.HandlerMiddlewares[i]
+		next := handler
+		handler = func(c *fiber.Ctx) error {
+			return m(c, next)
+		}
+	}
+
+	return handler(c)
+}
+
+// AddSSHKey operation middleware
+func (siw *ServerInterfaceWrapper) AddSSHKey(c *fiber.Ctx) error {
+
+	var err error
+	_ = err
+
+	// Parameter object where we will unmarshal all parameters from the context
+	var params AddSSHKeyParams
+
+	headers := c.GetReqHeaders()
+
+	// ------------- Optional header parameter "Idempotency-Key" -------------
+	if valueList, found := headers[http.CanonicalHeaderKey("Idempotency-Key")]; found {
+		var IdempotencyKey IdempotencyKey
+		n := len(valueList)
+		if n != 1 {
+			return fiber.NewError(fiber.StatusBadRequest, fmt.Sprintf("Too many values for ParamName Idempotency-Key, 1 is required, but %d found", n))
+		}
+
+		err = runtime.BindStyledParameterWithOptions("simple", "Idempotency-Key", valueList[0], &IdempotencyKey, runtime.BindStyledParameterOptions{ParamLocation: runtime.ParamLocationHeader, Explode: false, Required: false, Type: "string", Format: ""})
+		if err != nil {
+			return fiber.NewError(fiber.StatusBadRequest, fmt.Errorf("Invalid format for parameter Idempotency-Key: %w", err).Error())
+		}
+
+		params.IdempotencyKey = &IdempotencyKey
+
+	}
+
+	handler := func(c *fiber.Ctx) error {
+		return siw.Handler.AddSSHKey(c, params)
+	}
+
+	for i := len(siw.HandlerMiddlewares) - 1; i >= 0; i-- {
+		m := siw.HandlerMiddlewares[i]
+		next := handler
+		handler = func(c *fiber.Ctx) error {
+			return m(c, next)
+		}
+	}
+
+	return handler(c)
+}
+
+// DeleteSSHKey operation middleware
+func (siw *ServerInterfaceWrapper) DeleteSSHKey(c *fiber.Ctx) error {
+
+	var err error
+	_ = err
+
+	// ------------- Path parameter "key_id" -------------
+	var keyId KeyID
+
+	err = runtime.BindStyledParameterWithOptions("simple", "key_id", c.Params("key_id"), &keyId, runtime.BindStyledParameterOptions{ParamLocation: runtime.ParamLocationPath, Explode: false, Required: true, Type: "string", Format: "uuid"})
+	if err != nil {
+		return fiber.NewError(fiber.StatusBadRequest, fmt.Errorf("Invalid format for parameter key_id: %w", err).Error())
+	}
+
+	handler := func(c *fiber.Ctx) error {
+		return siw.Handler.DeleteSSHKey(c, keyId)
+	}
+
+	for i := len(siw.HandlerMiddlewares) - 1; i >= 0; i-- {
+		m := siw.HandlerMiddlewares[i]
+		next := handler
+		handler = func(c *fiber.Ctx) error {
+			return m(c, next)
+		}
+	}
+
+	return handler(c)
+}
+
 // GetMe operation middleware
 func (siw *ServerInterfaceWrapper) GetMe(c *fiber.Ctx) error {
 
@@ -4576,6 +4780,12 @@ func RegisterHandlersWithOptions(router fiber.Router, si ServerInterface, option
 
 	router.Put(options.BaseURL+"/api/v1/admin/plugin-instances/:name", wrapper.AdminConfigurePluginInstance)
 
+	router.Get(options.BaseURL+"/api/v1/ssh-keys", wrapper.ListSSHKeys)
+
+	router.Post(options.BaseURL+"/api/v1/ssh-keys", wrapper.AddSSHKey)
+
+	router.Delete(options.BaseURL+"/api/v1/ssh-keys/:key_id", wrapper.DeleteSSHKey)
+
 }
 
 // Base64 encoded, compressed with deflate, json marshaled OpenAPI spec.
@@ -4583,135 +4793,139 @@ func RegisterHandlersWithOptions(router fiber.Router, si ServerInterface, option
 // const string: with thousands of chunks the chained `+` fold is several
 // times slower for the Go compiler than parsing a slice literal.
 var swaggerSpec = []string{
-	"7H1rcxs3EuBfQfG2ylLd6GHHziXyJ6/j7OriRDrLzl5V7KOhmRaJ1RCYABjRjEr//QpoYDgPgBw+bSf5",
-	"klicGaDR3ehu9Av3g1RMCsGBazU4ux8UVNIJaJD2rxdlxvSLVDPBzZ+MD84Gv5cgZ4NkwOkEBmcDik+T",
-	"gUrHMKHmtQn99Br4SI8HZ49PT5OBnhXmTaUl46PBw0NSjSvk+Q8LBhZyyLLY0N8+XTzyW/ts0dj26/ro",
-	"wMvJ4Oy3QalAmgcg71gKQ5qmouR6kAxoNmFmrZlkd/YVOgL7QM2Uhon5gQs+m4hSDT5EwftRikkMshvz",
-	"rA7TjZATqgdng4xqONJsYkCODPyWyhFo81UGKpWsQMINXpDUwMVSmhOWPSeU3NG8BAI8Y3xEpkyPyaOz",
-	"R2RCdToGReAO5IywjDBNCgk37BOo40ESBFjjnBEifbOA/m9FDAlarIOCl6VUQnZXf1HQ30sgqX1MDIIJ",
-	"Ncu6Y6JUpKAjeKTIRw6f9BDf+RhbKz6OrfXZ4ychsM4zmBRCA09nP8GsC97P9BYUoUSClgwycnlx9ZYo",
-	"egPPiR4DuWFSaSJBFYIrIEwRCUVOZ5CR65kGciOk/UcF8xhoZnnTAV2b/8gAEIH+ybNnyWDCeLVzQ2v5",
-	"CWa1DVtQPZ7Pcwsz3K0Sfi+ZhGxwpmUJQUKWpX2zO8FrNmEBBr6kIyCK/QEJeUy0IE9OT2M0yu0I9Vkz",
-	"uKFlrgdnz04Ts2I2Mbv8ieHMCeP413y1jGsYgbTQXMhRdLlCjjZf7oUc/R8LfmfFb8dAhBxRzv6g5idy",
-	"oIFTrg/JdCwUkIngMCN6zBRh0b25FRgv83LE+C92xCAm7P8WzVFQrUGaD//fb/Tojw/mP6dH3x99uD9N",
-	"vn3y8I/wtCJndscsmPnWsnN84uWK6FKK/0Kqo1Qu8PkWsIgDVdQOkasx2SqDX6GieoF6KrqYlj7bfFHv",
-	"FMjobEaJbjrFg/kYJZ+1R15JiRI+FVwbzXt2P6BFkbPUbpKT/yo0VOYz/EPCzeBs8D9O5mbOCT5VJ3a0",
-	"V/wOclEAztbSm5yAeSchjFthDO7lY7t8N441lC7PnXAvpChAaoYApxKohmxIdV9FlgzgU8EkqJW+YVkP",
-	"dCaDnCo9LNWKAHG3AzsP0DboCq9fmWLXORClqdRE3Fjc3cIsMbJbQipGnBldpo9D00m4E7crgfhQ57Hf",
-	"BnbtDrbEi6caJeaWmbg2G85MigQ0eqZLRKZh0vzHIq5yrPBQTUKlpPbvmokRQGd7EXauIKhZdiFHP8Pk",
-	"GuQb+L0Ehfsgy5jBP80va9Df0FxB0loQTCjLO/r/aYgWIoe6ZSymHO1eZwhfszw3ryaDiYUnbPXW14Vz",
-	"u5GXL09Zzd2hCL9jmvpjySJqnM/ffKiAXPINzm0hD0HnRPkmBGij1aPTwZcM7hhMg9hMKrnaS0LXMV8T",
-	"yHHc/7dUegJcr7cuOrGKZcI4sngFIOP626eDrpGVeBulj/SSQJ18r1vdAcXuf2gheEir5VkBISYC1zVM",
-	"JWRML2feyqBqLNR9VQEYxuyE8XeFEWJGa66HXqaGRU61QdQQWWYuRq6FyIFaLlea6lI1lp9qdmcgzJii",
-	"1zlk4aV2oTbntNdi1N2BtHIKdHBfHdzjDz15Oo9TISXkdr/GRshAU5arOOrQyOispSeTiTQtpVxRQ86Z",
-	"OKAjK6Mu9FhWEs7TSpVpCkoNksENZXkpLdmAsyDRkoESpUxhyIrg8DriEXhZ8weQUVFSqs7uJYyY4A9n",
-	"90KOHs7uHeQPZ/dm2Ieze5Y99NO9dRwmTWdLzatTeY4qF4JDRocNPixgza2obM/mu1Pa/6Q55WkAUqqG",
-	"4mYIXMtZWw7GheY1jraSoLUk4ekssqmKHIx5pJiDsh/j52I69MDosQQ1Fnm2G/kfE8XVutpoSdq4XQxu",
-	"iGovx5DeinJ/2jA1oOXDUnbMs9On3y0UPEsFm5MrfcfuqfnqozbAD6JT8Bs2+pFBnnU3QuWmuW+fw+5X",
-	"OJLMYQ5qRkglisPus4hOauHBnSYqhe+eVEPHl11KOOdKGwytx06pHWZlvVdY/83ylbn3Ej9PcCX2EIUn",
-	"nDWPHmscbj2x2+6cZd7KDt3iS7qQo/XWE4DtyVLYkoHKy1HANXZ69H3NO/Y47h2rL82OlSxboTu1/MlX",
-	"2fSErbfYluxZetbwyFlrlckGZ8GwaIoe7hBDWcxVdYs/9nNtzAVp1209HYvcunuOydVYTDkRPIXnRGkh",
-	"gTBNuJgeLyU3unYXCNUfoACeGcVvlXRAn5QSDUi0/9wAvMSzfTIA70uMEtRTpBBKjyQoy37a/E/DpBCS",
-	"5kGLXNyGFEyYWOLWWPc1SENLfcXNmW1NecvxvLccIv9mEAKDq3+KLOThFBn0crS+NC/u9og3AaXccWAx",
-	"d1mg5+/PZ+x19Jgvp8P/V9ogkUxoOmYcjiTQzP5gmY2YaW2wxnPWNc2G0tE1GTB+R3OWDa0XOxmU/JaL",
-	"KR/eWHvJsAk6umGIm8O+jICak6K1QvwQVaSy5LTUY+DafmleuRHymmUZmCm40MMbUXJ0CpUahvVfJqDH",
-	"IrM/0TwXU/u5sQ5ylmpn/YDSQy3EMDdnODufKotCSHOWmEDGqD/4SQO4Dc7ZYcygBjtmIRnV9JoqGJac",
-	"3lGWG4zVwu/NX42RIEpElxG31NidxjqtQ+4P3fXfrPuruTwjCho/tSMk9We0YAbxzffzcjTU9BaRSSdQ",
-	"/UFzu7phJcWt6927TysyScgMbahlPf+rFm4MN6NziNd+QSsKD9EIaeXYMYeclOZ+Car+RLAstfCn3iK1",
-	"JwUz3XBCc2ON1X6h+ahFe/zdMK1iI041OifwV8+tyJv42xxM/NuMNgM9tMusfp1KwUdDplRpcVP/kZYZ",
-	"A3MgraBkSjE+GqoSd2PzdS7wXbvOkaTc8Jh5b776Qoo7loFscZVHPZsHy91KWr8MJZQKt1rtAePDm5yN",
-	"xnruEg/ykD+rmnXYZAtDLshGIO3Ytb2lRVEWQ1Fqc4KVlNvNVdDZBLgeKlDKbPsGy7tn1QLrD6dwPRbi",
-	"duiWaffuTckz/8MQT3Xz35t074yNunP+IC2VFhOQnj4Df+xogog/MXcKCj0ri5GkGQxrB6v2VzUkuUe3",
-	"jGd1jFZf+MVWPxjdRDVDmrtfNZ0UEJ6qtnXajyqJ6wGvsVPIKGjGGjtatDJGlqpRq4U7utt+HtJV/waa",
-	"G9O1PWHXRyxug4DfgVThU3jbQMcR51+EwLEn4DzHnIL1LBobZe6mOF0rkZcaiHnsQ47XjFM5IwKDt6mQ",
-	"8EiRsVA27liz65+efv9tKNKCzNid7A0UOU2BUE4YLggygozgp1Z0AsRoBMyusokaCE7N9o2ZYnaJYfTV",
-	"416RoN4+A8r+8NLDKdwI/DWACq30tZWKr7iWAZtzHcfacqtznVi9/+Y67FZd4nNd7ONCv2U7koWhqmFR",
-	"ynRMlTW5jA07zOCaVSmKzUgXyvRwyMuG20GqyFmmt0d6pTDeDUhwbuY+0YSAp7flhayhqj5+E8cNCjdI",
-	"F2fAbUQX6qy8uwDDa2P1vRZri9VcOC/h0pyAgio1FTLruOSePF12qsdJakOEVzKyLvdw6B94Vtk/zpXd",
-	"I5D5cyjyUurxEM84DT3IsnRuattDgWrps9oeZqrI6WwY9UfHpXLP3dIz5ms2CZ411JgV/ZmzSrUwn4XY",
-	"s5CMp6ygeUcSRbKkQ2jy57F1IGykW4ShbKvPJsgJipE6uUNo7eIwDPeHIHv5vJLN0782YKmINt5KzohX",
-	"3w3wKm2+JLsK8bMNYepzc3YmRy/Of3j56lM6NkeudeM0WdtZHjEwjcnc8as/+zbp573Cr4NrkKPt8GJP",
-	"GRVlVR8A6KHl6/79pfzUlFqdpa5gjFjPUQx88zCyhF2kxlWGTjVvDb4Fjv0LuZUsCMM1u9tXl+gquHLK",
-	"dCs2vYvOR+yANS36RSb7Dk9SK/Bs5Ybx3ohIJNxY/bBaNkbXLcA408y5jiuEG+6x+SK4VTPn1J37+9A9",
-	"MpSQCp6yiE8EJxvO0/pWOQy0TgC1s0HliGjwx1KZ0mTQbWyoFsvvcG9VIf7WnirY0HljmlBH8iXngKGD",
-	"eDjPo++14Hp+R2DQBbGoZFA5UlbbXNVXkRP4LePZahkk3r/UZdcxffLs2+Cj3k4yJ8otVPPPkialqqkS",
-	"X1LhMddCU2v9bbLFWeW8JjiiLBNJ0OyThNJ0l/0i+BFGcokCrRkfqZoTbA7bQv5Yg5CxxJfKabtooRJs",
-	"9UJ9u9TlpF0OhuZUIAzYXC3RY6rJWORZVXp5YP+nCJVAONyBJBJ0KTlkh7aaq/dOrWzIKn9Ui6LAlCSz",
-	"ADRBZMk5/qsWKqx5w2PiGeLSORmUNp15g0INtxuqzCO3LebcjotrgVKjTcWPbYo0gFu+D14zpTeW9s2d",
-	"teyQukyabw+kTUDxRXgbpuu53JIui6WiaC3Ms/EoF9c+tjs/iQcZtb0l2o4KZr2gRpZYVpK4EXzWhTHQ",
-	"BYfZcvvchTbRp+DXXy2iiYWF2NyKcVGRZod2hZ3j4g6kZBlEU4bCZF2TmPbbmIt+dYkz/yZiIFg5bLg4",
-	"nIBkV1KDyn/QgKUxyXJEbo/8FWl2yQNS03w9T8hKQQGj/TZNTq6NEl9L9AgadSc3PGKxsR1PfxF+l1XS",
-	"wvu7aCo0r+Sr6fpvN/HXNMtper++oIQVX+jt5lk7PbNR3V2hsjF/C94FLh+H1K1IEse4uxMhb4BmjINS",
-	"gc1hjuj9YW0nfUbs4aYHA9PMltKn6TaIreRGghqvWfSJH7v0rqaU++7x90+WAdj8PgJeybO9Fav0rsds",
-	"LaTlullQNekXFA4FusypFWunfOZT2MJQc+WwmmtnzndL2Mx9knTAr4NWjRfEilg3G7hfukZU6jSz67cU",
-	"7lpydNijKlxRt2xNM4Q1gv3D6YFmGkO/mFuTWNvQFC3y705hXIFG+3Y9Lt/W8WNxs7H40cEfGvB5aIFv",
-	"jQh/4zqbhIqrbU1dpSi2FIdYMKDXLesM3NFrMeNei7BHy2bwtg/t/wQq+2yeBq4agy3NMcNy/F/oBPZY",
-	"FdW3Lu2dCu5YmuciraexLRVT18z6h1dR7O6TkmtMNNhG5MyGolZhq1FRRpyvu4iosRSGBcjhqCiHY1HK",
-	"lfC1ouJQt2XY9tBU6o0b34QVSZNvEAaH4wXLb8fVZOXwaLBIi8mi7LwNJYT7Yne6550KJfLY5CFstRDI",
-	"FbMVF0F1sucEoO3mlNmSFZuytxL8a7cfiaYMt3KOQrlb1emtTqmlNpIh9naYcqc5Sf/B8o03kAIrwnY3",
-	"huCD4rKqG4uIU7jzzV8DLRAbVQb4YmPEWvy/CzkGykrJ9OzKYAohuLaa/UUZTOPn5OL8h5cEtTqx2pwc",
-	"/O//vD3Exp2Yx++Llwiz1VN6RnxKREIosbvxPXcHLT/GqFDD4+Pjw4QISSgnLy7PyS3MzINb++D4fdXF",
-	"1u4DtD+qNY21LrBHHOM3Ilz5io1UDIBaipwUOeVA3ry6emtmOyavbFtVLAWkXE1BKl8d4CsEfYO59/zg",
-	"Y6Nk5OMhSamUM8ZHhBKFZYYfU5HBx+cOK5kLJ+ZMaYMbTj5WlYofj99znL7qJGqGY6DIx/979HKeHH90",
-	"/sNHcgDpWEA2R7mr9CPTMXBiq2oSArmC93wEHKTZYg5/mmlzKho4VLy4PK/Fuc8Gp8ePj0+tci6A04IN",
-	"zgbfHJ8ef+NC3ZY/TmjBTu4en9itfULLjOmjXIzsM9fMxjC/Bfc8G5wNXjOlfQsXq85qPYx/C2/c+Ssn",
-	"rY7BD8kKX5z/sMr76Cno97pr5dv3ddtSuPfYos+r2Iq1x4uu7+7Dh1azxienp1tr1djo9hPq1Gj7+BJx",
-	"Qyy/ECmm6hjdCz5MGRy/AhiLq1BklZMJlTMzqh0rF6OEcJiaDWC78SbkhuXa1YxpajjTn/4/mAFiDHwC",
-	"nwohdZSPX9nHf3Pyapy8nO00fNInqbprslug12irR9bVryieKcGeyoarNmcqFMO2VtEKc8+vhCry8urX",
-	"hCgtgU76MZdLMj2Z1/ugk12oAH/ZHnTY4s+3o1qVxVrNrBH5Vjf47gDb2e6dPoQPTWNEyxIeOoR/vDUA",
-	"GjU7Xda4FEbFbs4LL63tZCwSW75l7JJm02dLZTKnrnm1VsVF0Pg67MMqrlZXnTjDKK5PLZ8Ypdr0cgcE",
-	"UqiLcWWJd/vq7yyX1MiLhQ2wV+hq/HUpxkDW6kL16Im/Oe+6masRE3I9I0h8coBGIxKMIS//XkIJ63Hq",
-	"yb2v+GLZw4krZ1ws5jBy5GCMMG67O7afYrOu2F+KDG0GA3vJz9OtT24DdwGGfOOS0zdnQxyJFLbTtCQ0",
-	"z60VSLwoIVoUR2VhNbnr4o0MRKaMZ2LaiyFtHt2RT7fvIzkbyYBqsEsJ0M1kDCAcrQ6/gi1orvkh3BW+",
-	"V9hBo8mmbCbEJzUTyjNjRuV6TA4wV1O5xFc1FlN+uA4dTu7N3n1wXQHScYQg6Odv5WeuavnUrkHY1Y5t",
-	"9nna845tp692WQjRuIUti+u0Vg/6A6tGCq7VS4sPkkFRxjZbxYdfPnmjbSC/OErPN/dWTFyqLbGtPYDj",
-	"1gn+vObUI0wR19YKMkJH1Lxkn+PWf6SIW2NvadFbWO9BSPcQzrVWIpvj/rwaES+sIkW10sAeixtTja4t",
-	"g93sjmBnmD2f+ny+fJdCFSa3RhRyICRxHWYOCfVa1LWssW2RAo1rnhOmFbn694ujJ8++xcugUiEzs1l4",
-	"RuyZyvxbuyu8clpy2xKp72ZZQ6P+rUl7c9EuNahnoAPDW4ZJKiupn2klcpYyWOxkbyad9/QH3MbvHAtf",
-	"yvSVHcC7qf0LD+DCY28LJ3A79XxEwji5ETJoQ0UJfnJ/C7MHjGflgKVkTcq/zIHKVr3Bynu+cZtXzF3j",
-	"E6fip++VM7oWTrXi7ZJdNnoauFnBYGs7B9uJuLMbu0lmdK5w+KTJlGXm/GSWYmSB+d1NSSxDh/d+xJyu",
-	"ku62ReQdyfZOcuC+xXur8qa72a9Ab07+K9AB2iPf57PE3vuI7mJDevsX8dugx/YvlbvidbFp/M6+1kvO",
-	"+2SNyO2ST/tvzbgDuV8iydelQKoclIVqw9JrXa7qxw0n967bT0/z7x32f1pNRrgrA3cXOApes7RnEYHp",
-	"QDu0//4lKcaCNL0FQqd0RnxGFLEUTSrD0CaVOBPRdexaxA6lHp/YBJqTqiFc+GA47ze3owNht6HdnqnY",
-	"TNIOyXk24jbRZm2CuuSowdlvHxqyn424MeZc9NnSg7j+auTAJuE0fsO8H1c231D5pR4HCTwSaALEaDvC",
-	"Fts7w22jx18ctaLUx+RHITEpTLGRdf4mpNUE0Pyt0E3k8sAeKTLP/xLbOHBleBSneV4ffTmuBctS+y8h",
-	"2R8Q1bgXLEtfVG91pGr7OmQ99leSTuHaGHt4s6YupVkwoTfaGIaIL3KAyV13kBDfEgJZ6+QwdnPwPGN/",
-	"lcuu22rym9Mnoea5GZOQagOnWUAnh8/AhAkXdpDXLm95SfbGlnegvbmUkmsppqqGyipdzzKkh5gceAJj",
-	"qDMVGZD/SS5/evnqsCeHgGs5F9+UhkN8Y7odidxQ77u/jND9kXGmxgGaX8+Io47ZOD7X0prcNrdULSex",
-	"fe/EFcrESezKS9+6WpYdRYXrFaxfGnV/galDKoYFRJ4RhzaXyMsFyQUfgSRTIW/VtrngraQZ2Nv465Ma",
-	"WvMKNHKA2tenJ1jfq9k7ize7z9W6nl8FGFQF/4K107Oq++R3emLx0AXo93YMxK1vC+mXzWyoR8oPTQ4y",
-	"kOzOZygzrQgW09YJ4PsvBmmAry90dmIK2AYk+MrOobWG1wtPosC1ZNtwX3bJi1TxMzSTbvtStvR1c1HC",
-	"vnN3/uyOro3L/v9O4a4VbvVxdJh/YFhrC0z2rj6czQxqp1iKAnMp8xkRHLwP7XAD7jt2ucYLkrz/LDz4",
-	"lSdf15ltUf51kOaYzfRHjdLtWiYs8XlyekqmY5aDP6Ha0iamSFk8x5CtMlZNVvU2MQegjknwbzfbDneo",
-	"uysmotYbgG/b7Lp0g+fsDjjefu1xr2ZKw6SJeiGXlANdyDXqJ74ocembOi8OJtYk2RaE5UV9uJq/g1yD",
-	"sbmVObIfuAxLPYaJtYubjsdGxMmSKZ5bUl29+qWWIXTuht1zPortyB2QjVjUurXcrJZKfN6kfComoKyN",
-	"7Tuct8jb2pcn95h1/7DogLMO0S/kqIoc7G7TxcRfHUObxmHm+yIcZME4waY42v5+6DbM2LP/IEKfDeMq",
-	"Pfn5xN0CskzxuE5369LuKzPra1d7LFRVDnnb2zqRdMWsosDuCLC3Krj5Yj6TBmqCEIvWvMgyyMgBkviQ",
-	"CEkYv7PFFwesurHucAsegywj1HGSdctOKMuT+XxolNj4mB7DjIzpHRAutHXlYkn8DPRg5R3fjIzH8qQw",
-	"YWcP7NeIoS/LR0KotpmP5PBv05ByqjTaBSSl3KD62pyn7JRhS3CJxtsr7nbgXhefLe3U34y0w7SDlzYy",
-	"VLHAI0WkyGEBJ2QwETrICdEt5/wvSxJR/Ut/DR1b7/a6UMl65O1Yy+K54bLKNvu61WxjNZ+r8sA34d36",
-	"aS++76oyW1+KfVRrfrqI8C/d+1dVDsSXeXp3YH4ukrZaxEa8as0q6gSdnua07alC3r15vYV0UpfQgNWw",
-	"z828hGpXDosXjzRmXOb8nDOPu/r7qLDN1fvyULMV+24YoNm6fu9pwvUFxqhvX9oOhS8KNHs9S6l6MpSn",
-	"kp/R2OWCpaCSigPxakx12Jvy7lL5k3tfafIQJ7rbDMp1MutVkF+rCI0XBCyrJtlAtrSbme2VfVot34Il",
-	"9CnYGPgB9mVzKf8ZETwFAjQdH+7AS4/5To705EDSKbkW2cwWerMbM/31rMmFWHq4nK1spvvRLcxUNKJi",
-	"TD/lStsMdTKfH38Ls8QKTbxcyTzDv6tyCJe/h3e1GMk3HbN0/J4zTSZ0ZmxVl2Of2WZxNs3enCxHSRUR",
-	"PCa/4p1NCrRZJXK4kO4SJ3PMHIspf8/HIAG7ocVKqH4yq/yqwxPNu2wWG6UVjVRClJAamcTs8q1n71iZ",
-	"Wk3nKoddfOKWi6lyCtZwCObtuNnrESccocWezrI+uZ+3VV3o4V7XOnbf7drTvcDgdME+83hTo7M6zC09",
-	"+m8LXX9Cp/cCUm3J8V0j0zKW7+UEb175sglN/3aG999eMYd4gxq7Jcb+HOONRX2mE17c42Yd4lv2d2PM",
-	"3UvmR6qZxuSS6bsVgGvs7VXc3Xtkrn26vddWYHtHxN8+7F1pOoXXnRz5IquFKq95N8pfSecF7plZ0oHQ",
-	"vl/Vru1BCaLLqXV9zZ9BEYYW9pmUYftyoJ05sjfZwif37peh+2WZkvvB/r5PzmnO1VvfIaBbsDlwIELb",
-	"+9QeliXciVuwnpVbdGEEd2HsTPyl4fF0j9xvTtUtlH5xO8EM0fbALVN1a7myNqTk19a8/vK8l6PMYP4z",
-	"acOfbJOmL4yIe1WiSKTPpDydakQY9pTy6y9AwdYxbWlvczqwTythCj3bNrJwONiHALJdqZafQI02+goY",
-	"+SeYrXBwNYvakZVkr8KNV6y8xGKUS6H0SIJKyC8v3l5Zxf/W7ERJc5IKjleC6XyW2CiTL9NRYyE1yYBm",
-	"OeNw/J5j3Qtw25OZSiDSvE6vc3hOnp1+g9/ZUuqPXOihhe0j4XTC+MgFeW4oyxkfvefz4hh7r00GmrJc",
-	"HbvnH4nQY5BTpoJxl3+BfoML32nHa3/JcTBWR7OZJemz02+21+WwfkFQULVokoPNy+JA6ihUpOQVNbYd",
-	"hKkwUXNZ2eIew0gYlHOQMFhW6IONiSYLi6V/hsFOXRIxaw4rJDYXyfOxXHBqUl2VXkcPduwKYqef3fbz",
-	"DPXLVx553Ic1FSLOI0UKkMpeu+F0Z4g8i60uT4Mvu+LpL2YLdejaz/rpsyFXsGPWZo09Whd1IW89AV3c",
-	"RRA0AS1ZqhbLcXylX0lxkVPGVywqvpRiAnoMpSJmDAKfCqHsbb8Er/XYQcKMn3BSra6r75ojNG9I/O2D",
-	"oayxlT07lDJ39xGenZw8fvK/jk+PT48fn313+t2p5QI3/n2gcc4R4+QmF1PUxdjN5HiecWV7lhgxH1N2",
-	"Po+GyUoE1j5Hene/b5aVHmjglGt1mLiRnLqzY88TmOt3+IQG9SngoVG6LuZqtMou7o7o2pokrg1F4qrD",
-	"EVPFUVnUx/E5TAHAGvWwTGnpGg20CmWJ4PnssI59244vuFJrPmG9eWLMaGdfGdAcX9XGcXwVoCOmTHkw",
-	"aokydQRh8svDh4f/HwAA//8=",
+	"7H37c9u20ui/gtH9ZmLPpR9xHl/r/JST5pz6Nq1946TnzjS5CkSuJRxTAAuAVlSP//dvgAUoPkCJkigl",
+	"aftLG4sksNhd7Au7i/tBLKaZ4MC1GpzfDzIq6RQ0SPvXyzxh+mWsmeDmT8YH54Pfc5DzQTTgdAqD8wHF",
+	"p9FAxROYUvPalH5+A3ysJ4Pzx6en0UDPM/Om0pLx8eDhISrGFfLihyUDCzlkSdvQz58uH/mdfbZsbPt1",
+	"eXTg+XRw/tsgVyDNA5B3LIYhjWORcz2IBjSZMrPWRLI7+wodg32g5krD1PzABZ9PRa4GH1vB+6cU0zbI",
+	"bsyzMkw3Qk6pHpwPEqrhSLOpAbll4HdUjkGbrxJQsWQZEm7wksQGLhbTlLDkBaHkjqY5EOAJ42MyY3pC",
+	"Hp0/IlOq4wkoAncg54QlhGmSSbhhn0EdD6IgwBrnbCHSkyX0fyfakKDFJih4lUslZHP1lxn9PQcS28fE",
+	"IJhQs6w7JnJFMjqGR4p84vBZD/GdT21rxcdta332+CwE1kUC00xo4PH8J5g3wfuZ3oIilEjQkkFCri6v",
+	"3xFFb+AF0RMgN0wqTSSoTHAFhCkiIUvpHBIymmsgN0LafxQwT4Amljcd0KX5jwwALdCfPXsWDaaMFzs3",
+	"tJafYF7asBnVk8U8tzDH3Srh95xJSAbnWuYQJGSe2zebE7xhUxZg4Cs6BqLYHxCRx0QLcnZ62kaj1I5Q",
+	"njWBG5qnenD+7DQyK2ZTs8vPDGdOGce/FqtlXMMYpIXmUo5blyvkePvlXsrx/7XgN1b8bgJEyDHl7A9q",
+	"fiIHGjjl+pDMJkIBmQoOc6InTBHWujd7gfEqzceM/2JHDGLC/m/ZHBnVGqT58P//Ro/++Gj+c3r0/dHH",
+	"+9Po+dnDf4WnFSmzO2bJzLeWndsnXq2IrqT4D8S6lcoZPu8BizhQQe0QuSqTrTP4NSqql6inWhdT02fb",
+	"L+q9Atk6m1Gi207xYD5GyWftkddSooSPBddG857fD2iWpSy2m+TkPwoNlcUM/yXhZnA++F8nCzPnBJ+q",
+	"Ezvaa34HqcgAZ6vpTU7AvBMRxq0wBvfysV2+G8caSlcXTrhnUmQgNUOAYwlUQzKkuqsiiwbwOWMS1Frf",
+	"sKQDOqNBSpUe5mpNgLjbgY0HaBs0hdevTLFRCkRpKjURNxZ3tzCPjOyWEIsxZ0aX6ePQdBLuxO1aID6U",
+	"eey3gV27gy3y4qlEiYVlJkZmw5lJkYBGzzSJyDRMq/9YxlWOFR6KSaiU1P5dMjEC6Kwvws4VBDVJLuX4",
+	"Z5iOQL6F33NQuA+ShBn80/SqBP0NTRVEtQXBlLK0of+fhmghUihbxmLG0e51hvCIpal5NRpMLTxhq7e8",
+	"Lpzbjbx6ecpq7gZF+B3T1Lsly6hxsXjzoQByxTc4t4U8BJ0T5dsQoI5Wj04HXzS4YzALYjMq5GonCV3G",
+	"fEkgL8H99fWPP8F8s2V5QVHXu0vNymiQ5aOUxcNbFKDlj58/+e7pqmW5/V0aJLyy/+RKT4HrzZZGp1Zl",
+	"ThnHzVugnnH9/OmgaT5G3vrqIpclUKe5yv5EwGTxP9RYZ0iL5VnRJ6YC1zWMJSRMr96WhalYWaj7qgAw",
+	"jNkp4+8zI56NPbAZepkaZinVBlFD3AwLATkSIgVq96/SVOeqsvxYszsDYcIUHaWQhJfahNp4oG/EuClb",
+	"aBHuaOC+CEm0P/TkaTyOhZSQWknUNkICmrJUtaMOzafGWjoymYjjXMo1df+CiQPavzBXQ49lIbs9rVQe",
+	"x6DUIBrcUJbm0pINOAsSLRookcsYhiwLDq9bYh2vSpEOMs5yStX5vYQxE/zh/F7I8cP5vYP84fzeDPtw",
+	"fs+Sh25WRRmHUTWMVIpXFTGxIjjikNFgg49LWLMXY8Sz+e7MkX/QlPI4AClVQ3EzBK7lvC4H24XmCEdb",
+	"S9BakvB43rKpshSM4aeYg7Ib46diNvTA6IkENRFpshv53yaKi3XV0RLVcbsc3BDVXk0gvhX5/rRhbEBL",
+	"h7lsGJ6nT79bKnhWCjYnV7qO3VHzlUetgB9Ep+A3bPxPBmnS3AhFAOq+7mHer+FsLWAOakaIJYrD5rMW",
+	"nRS2owqF754UQ7cvO5dwwZU2GNqMnWI7zNp6L7ORqdUrc+9Ffp7gSqx7iL7bhk7VBm77RgZziG7tS7qU",
+	"496M+bMOxrxK83Eg6Hd69H0p7ve4Pe5XXpodK1q1QueP/clXWY3xbbbYmuxZ6Wt45Gy0ymgLLzcsmlrd",
+	"VsRQ0haEc45lt6DNQpA2A/KziUhtIOuYXE/EjBPBY3hBlBYSCNOEi9nxSnJj0HqJUP0BMuCJUfxWSQf0",
+	"SS7RgET7zw3Ac4xaRAPwUdJWgnqKZELpsQRl2U+b/2mYZkLSNGiRi9uQggkTS9wa674EaWipr7nx2TaU",
+	"txz9vdUQ+TeDEBhc/UMkoditSKBTCPmVeXG3Lt4UlHLuwHLuskAv3l/M2Mn1WCynwf/X2iCRTGk8YRyO",
+	"JNDE/mCZjZhp7TGU56wRTYbS0TUaMH5HU5YMbXw+GuT8losZH95Ye8mwCYbwYYibw76MgBpP0Vohfoji",
+	"DDbnNNcT4Np+aV65EXLEkgTMFFzo4Y3IOYa7cg3D8i9T0BOR2J9omoqZ/dxYBymLtbN+QOmhFmKYGh/O",
+	"zqfyLBPS+BJTSBj1jp80gNtjRzuMGdRgxywkoZqOqIJhzukdZanBWCmxoPqrMRJEjugy4pYau9NYp2XI",
+	"vdNd/s0G9qrLM6Kg8lP97Kf8jGbMIL76fpqPh5reIjLpFIo/aGpXNyykuD1U8IHhgkwSEkMbalnP/6qF",
+	"G8PN6EL9pV/QikInGiEtAjvGyYlp6pegyk8ES2ILf+wtUuspmOmGU5oaa6z0C03HNdrj74ZpFRtzqjE4",
+	"gb96bkXexN8WYOLfZrQ56KFdZvHrTAo+HjKlcoub8o80TxgYh7SAkinF+HioctyN1de5wHftOseScsNj",
+	"5r3F6jMp7lgCssZVHvVskQbgVlL7ZSghV7jVSg8YH96kbDzRi2B/kIe8r2rWYdNIDLkgGYO0Y5f2lhZZ",
+	"ng1Fro0HKym3myuj8ylwPVSglNn2FZZ3z4oFlh/OYDQR4nbolmn37k3OE//DEL26xe9VujfGRt25eBDn",
+	"SospSE+fgXc7qiDiT8x5QaFneTaWNIFhybGqf1VCknt0y3hSxmjxhV9s8YPRTVQzpLn7VdNpBuGpSlun",
+	"/qiQuB7wIDspNXFs5P5lZeUM6G3pJ/jMlLUq/A8LvITMi+p5bEMfF2bNSoVs9XnDCrCfh7Tej0BTYwTX",
+	"J2xGm8VtEPA7kCrsz9dNfRxx8UUIHOtLpynmXWxmG9mT+GYa2EiJNNdAzGN/LDtinMo5EXjAHQsJjxSZ",
+	"CGXPZksewtPT75+HTqOQrZuTvYUspTEQygnDBUFCkKX81IpOgRjdghloNpkFwSlZ0W1GnV1iGH3ls8GW",
+	"g899Hrp7N6hDeLlyOFoBKrTSN1a+vuZaBqzXTUJ0q+3XTfIZ/DejcIB2RfR2ebQMI6D1MzE89BpmuYwn",
+	"VFnjzVjDwwRGrEjjrJ6ZoXYIH57ZlASQqsUr6hzbXutA8AYkuIB1l3OJQMy4Fs8soao8fhXHFQpXSNfO",
+	"gH2cU5RZeXdHFW+M/fhGbCxWU+HijSvzJjKq1EzIpBHcO1t5no2TlIYIr2Rsg/fh9AjgSWFJuaB4hyPR",
+	"n0NnOLmeDNFbquhBlsQLo926F6qmz0p7mKkspfNha2S7XSp33C0dT4/NJkGvRU1Y1p05i3QU81mIPTPJ",
+	"eMwymjYkUUsmeQhN3rPbBMJKSkoYyrr6rIIcoRgpkzuE1iYOw3B/DLKXz73ZPkVuC5Zq0ca95NV49V0B",
+	"r9DmKzLQED99CFOfv7QzOXp58cOr15/jiXHeNj3xSeph9xYD05jMjQj9s+dRtzgYfh1cgxz3w4sdZVQr",
+	"q/qjhA5avnxSsJKfqlKrsdQ1jBEbg2oD3zxsWcIu0gcLQ6eYtwTfkiOCS9lLPoXhmt3tqysMOlw7ZdqL",
+	"Te/O+VvsgA0t+mUm+w49qTV4tgjo+LhGy5m6sfphvbyOZliAcaaZC0IXCDfcYzNPcKsmLjy8iBxioGUo",
+	"IRY8ZhW+rYq/XA0XCYLrOAM1D6DkGxSBiAp/rJQpVQbtY0PVWH6He6tIFqjtqYwNXTSmCnVL5uUCMAw1",
+	"Dxe1Bp0WXM4UCQy65FQrGhSBlPU2V/FViwd+y3iyXi6Kjy812XVCz549Dz7qHCRzotxCtfgsqlKqmCry",
+	"ZSceczU01dZfJ1s7q1yUBEcry7SkenZJZ6mGy34R/AjPhIkCrRkfq1IQbAHbUv7YgJBtKTRF+HfZQiXY",
+	"Co/ydinLSbscPORTgQPF6mqJnlBNJiJNivLUA/s/RagEwuEOJJGgc8khObQVb513amFDFpmoWmQZJjeZ",
+	"BaAJInPO8V+lQ8dSXL1NPEO7dI4GuU2M3qKYxae3+xwmty0W3I6Lq4FSok3Bj3WKVIBbvQ/eMKW3lvbV",
+	"nbXKSV0lzfsDaRtQfKHilol/LkulyWKxyGoL82w8TsXInxIvPPEgo9a3RD1QwWwU1MgSy0oSN4LP3zAG",
+	"uuCV0oql2S0upuDXXyyiioWl2OzFuChIs0O7ws5xeQdSsgRak4/CZN2QmPbbthD9+hJn8U2LgWDlsOHi",
+	"cCqTXUkJKv9BBZbKJKsR2R/5C9LskgekpulmkZC1DgWM9ts2zbk0SvtaWl3Q1nByJSLWNrbj6a8i7rJO",
+	"gnn3EE2B5rViNc347TbxmmphTufXl5T54gudwzwbJ3pWKuALVFbmr8G7JOTjkNqLJHGMuzsR8hZowjgo",
+	"FdgcxkXvDms9fbTFHq5GMDBhbSV9qmGDtpXcSFCTDQtj8WOXKFaVct89/v5sFYDV71vAy3myt7KXzpWd",
+	"tYXUQjdL6i/9gsJHgS4Ha80qLJ9DFbYw1EI5rBfaWfDdCjZzn0QN8MugFeMFsSI2zSvulq7RKnWwfrpJ",
+	"iBFr85M3UX43jI9BZpLxQKr69Y8vz549Pz8+PiZUEaUmR7cwHwMnRymxn6i21gvb6tRqJffK2mVIzp49",
+	"e/y9cWfjRFFDXUVXSyELVLVcyWK3Mn8VRys1MJKtD13hGGB3qqJaCdLTgeoK53SPxtaa1ktvtkfY5ijz",
+	"WjVRptupbpVYvfBXlfy75DONHtRmcrQvB3d5y79259S7pfg8tMB3xkh46/oLhRoB2PrPwhTp6aRryYDe",
+	"etlk4Ibl1OY+ahGWzTbbvC6h/wFUdtk8FVxVBluZxYitI36hU9hjBV/XGsr3KrhjaZqKuJwouVJMjZg9",
+	"gVjHdHSf5FxjKksfZ7P2sHMdthpneYvZsoszWxbDMAM5HGf5cCJyuRa+1lQc6jYPW7eaSr11+6mwIqny",
+	"DcLgcLxk+fWTW1mE1CosUmOyVnbuQwnhvtid7nmvQqliNj0N24IEshFtdVBQnew5xazfrEVbXmWTQteC",
+	"f+NWOa1J6bWstlB2YBEfKFNqpY1kiN0PU+406+3fWGr0FmJgWdjuxiSPoLgsahxbxCnc+RbMgUaklToW",
+	"fLEyYinDpAk5HsXmkun5tcGU80etZn+ZBwtFOLm8+OEVQa1OrDYnB//n3+8OsX0uVor4QjvCbKWfnhOf",
+	"dBMRSuxu/MCdK+/HGGdqeHx8fBgRIQnl5OXVBbmFuXlwax8cfyh6Sdt9gPZHsaaJ1hl2amT8RoSrtLHp",
+	"jwFQS5GSLKUcyNvX1+/MbMfktW1ujGWrlKsZSOXrT3w1q2/z+IEffKoUJX06JDGVcs74mFCisCT2UywS",
+	"+PTCYSVxB9YpU9rghpNPRVXtp+MPHKcv+vma4Rgo8un/Hb1alF8cXfzwiRxAPBGQLFDuqlLJbAKc2DKs",
+	"iECq4AMfAwdptpjDn2baeEUDh4qXVxelTIrzwenx4+NTq5wz4DRjg/PBk+PT4ycumcLyxwnN2Mnd4xO7",
+	"tU9onjB9lIqxfeYaLxnmt+BeJIPzwRumtG83ZNVZqZP4b+GNu3jlpNa3+yFa44uLH9Z5H2NR3V53DbW7",
+	"vm4be3ceW3R5FRsid3jRdb9++FhrmXp2etpbw9RKZ6pQv1TbTZuIG2L5hUgxU8cYXvAH4cHxC4CxfA9F",
+	"Vj6dUjk3o9qxUjGOCIeZ2QC2J3ZEbliqXX2jpoYzvff/0QzQxsAn8DkTUrfy8Wv7+G9OXo+TV7Odhs/6",
+	"JFZ3VXYLdPyt9XO7/hXFMyXY2dxw1fZMhWLY1tVaYe75lVBFXl3/GhGlJdBpN+Zyacwni4oyPMYRKsBf",
+	"tl8itqP0rdPWZbFaS3lEvtUNvpNFP9u90TPzoWqMaJnDQ4Pwj3sDoFIV1mSNK2FU7Pa88MraTsYisQWC",
+	"xi6ptl63VCYL6ppXS3WCBI2vwy6s4urK1YkzjNr1qeUTo1Sr5ygBgRTqJV5Y4s3bLXaWrWzkxdI29Gv0",
+	"Fv+2FGMgL3qpevTE35533czFiBEZzQkSnxyg0YgEY8jLv+eQw2acenLvawpZ8nDiCmaXizk8m3QwtjBu",
+	"vUe9n2K73vRfiwytHjd3kp+nvU9uj4YDDPnWlT9sz4Y4Eslsv3dJaJpaK5B4UUK0yI7yzGpy10sfGYjM",
+	"GE/ErBND2kzNI1/Q0UVyVtJN1WCXEqCZKxtAOFodfgU9aK6FE+5aKxTYQaPJJgVHxKfNE8oTY0alekIO",
+	"MBtYudRqNREzfrgJHU7uzd59cH0n4kkLQTDOX8sAXtfyKV1GsqsdW+1JtucdW0+QbrIQorGHLYvrtFYP",
+	"xgOLVh2uLVGND6JBlrdttoIPv37ytrYs/eoovdjcvZi4VFtiW3sAxy0T/EUpqEeYIq4FGySEjql5yT7H",
+	"rf9IEbfGztKis7Deg5DuIJxLzWq2x/1FMSJeG0eyYqWBPdZuTFX6Ag12szuCvYf27PX5iowmhQpM9kYU",
+	"ciAkcT2MDgn1WtQ1RbKtqgKtkV4QphW5/vHl0dmz53glWyxkYjYLT4j1qcy/tbtIL6U5t+27um6WDTTq",
+	"35q0MxftUoN6BjowvGWYpLCSuplWImUxg+VB9mpZQ8d4wG37zX/hq9G+MQe8WTyy1AEXHns9eOB26sWI",
+	"hHFyI2TQhmol+Mn9Lcwf8DwrBSxWrFL+VQpU1ipa1t7zlTv12sI1PnGq3fteO6Nr6VRr3vHaZKOngVtA",
+	"DLb6cWyn4s5u7CqZMbjC4bMmM5YY/8ksxcgC87ubkliGDu/9FnO6SLrri8g7ku2N5MB9i/dabVdzs1+D",
+	"3p7816ADtEe+T+eRvX0Vw8WG9PYv4rdBh+2fK3fR8nLT+L19rZOc98kaLXe8Pu2+NdsDyN0SSb4tBVLk",
+	"oCxVG5Zem3JVN244uXf9pDqaf++xw9h6MsJd3Lm7g6PglWB7FhGYDrRD++9fkuJZkKa3QOiMzonPiCKW",
+	"olFhGNqkEmciup5wy9gh15MTm0BzUrQcDDuGi46GO3IImy0T90zFapJ2SM6zMbeJNhsT1CVHDc5/+1iR",
+	"/WzMjTHnTp8tPYjr4EcObBJO5TfM+3GNGSoqP9eTIIHHAk2ANtqOsR38znBb6SLZjlqR62PyTyExKUyx",
+	"sQ3+RqTWZtL8rTBM5PLAHimyyP8SfThcCbriNE3Lo6/GtWBJbP8lJPsDWjXuJUvil8VbDalav5RcT/zF",
+	"wDMYGWMP77fVuTQLJvRGG8MQ8UUOMLnrDiLim44ga50ctt3fvcjYX+fK+bqafHJ6FmrPnDAJsTZwmgU0",
+	"cvgMTJhwYQd54/KWV2Rv9LwD7f3BlIykmKkSKot0PcuQHmJy4AmMR52xSID8b3L106vXhx05BFxTw/ZN",
+	"aTjEtz7ckcgNdVf8ywjdfzLO1CRA89GcOOqYjeNzLa3JbXNL1WoS2/dOXKFMO4ldAfM7V8uyo1Phco30",
+	"10bdX2DmkIrHAiJNiEObS+TlgqSCj0GSmZC3qm8ueCdpYkyl6qSG1rwAjRyg9vXpCTb2avbO8s3uc7VG",
+	"i2srg6rgX7BxetalHOM9/zv1WDx0Afq9mwBx6+sh/bKaDfVI+aHJQQKS3fkMZaYVwXLtMgF8h88gDfD1",
+	"pcFOTAHbggTfmB9aaqm+1BMFriXrI3zZJC9Sxc9QTbrtStnc1821Eva9u59qd3R1TTs6v/+XSOFeVICt",
+	"CHSYf+CxVg9M9r48nM0MqqdYigxzKdM5ERx8DO1wC+47drnGS5K8/yw8+I0nX5eZbVn+dZDmmM30R4nS",
+	"9VomLPE5Oz0lswlLwXuotrSJKZJnL/DIVhmrJim65xgHqGES/Ohm2+EOdbcRtaj1CuB9m11XbvCU3QHH",
+	"m9o97tVcaZhWUS/kinKgS7lB/cRXJS592/Dlh4klSdaDsLwsD1eKd5ARGJtbGZf9wGVY6glMrV1cDTxW",
+	"TpwsmdpzS4prgr/WMoTGPcZ7zkexPd8DshGLWnvLzaqpxBdVysdiCsra2L6Hfo28tX15co9Z9w/LHJxN",
+	"iH4px8XJwe42XZv4K2No23OYxb4IH7LgOcG2OOp/PzQbZuw5ftBCny3PVTry84m7Z2aV4nG9FDel3Tdm",
+	"1pcuj1mqqhzy+ts6LemKSUGB3RFgb1Vwi8V8IQ1UBaHttOZlkkBCDpDEh0RIwvidLb44YMWdiIc9RAyS",
+	"hFDHSTYsO6UsjRbzoVFiz8f0BOZkQu+AcKFtKBdL4uegB2vv+OrJeFueFCbs7IH9Kmfoq/KREKo+85Ec",
+	"/m0aUkqVRruAxJQbVI+MP2WnDFuCKzTeXnG3g/C6+GJpp/7urR2mHbyyJ0MFCzxSRIoUlnBCAlOhg5zQ",
+	"uuVc/GVFIqp/6a+hY8v9hJcqWY+8HWtZ9Buuimyzb1vNVlbzpSoPfJvn3r299n1XlNn6UuyjUnvdZYR/",
+	"5d6/LnIgvk7v3YH5pUhaa0LcElWrVlFHGPQ03ranCnn/9k0P6aQuoQGrYV+YeQnVrhwWr7apzLgq+Llg",
+	"HndN/VFm2/d35aFqs//dMED1coS9pwmXF9hGfftSPxS+zNDs9SylyslQnkp+RmOXCxaDigoOxMtX1WFn",
+	"ys+wK9nJva80eWgnutsMynUy61SQX6oIbS8IWFVNsoVsqTcz2yv71Fq+BUvoY7Bn4AfYl82l/CdE8BgI",
+	"0HhyuIMoPeY7OdKTA0lnZCSSuS30Zjdm+tG8yoVYeriarWym+9EtzFXriYox/ZQrbTPUSXx+/C3MIys0",
+	"8fou8wz/LsohXP4e3gZkJN9swuLJB840mdK5sVVdjn1im8XZNHvjWY6j4kTwmPyKt4Ip0GaVyOFCumvC",
+	"jJs5ETP+gU9AAnZDayuh+sms8ps+nqjelrTcKC1opCKihNTIJGaX9569Y2VqMZ2rHHbnE7dczJRTsIZD",
+	"MG/HzV4+ccIRauzpLOuT+0Vb1aUR7k2tY/fdriPdSwxOd9hnHm9rdBbO3ErXvy90/QmD3ktI1VPgu0Sm",
+	"VSzfKQhevVRoG5r+HQzvvr3aAuIVauyWGPsLjFcW9YU8vPaImw2I9xzvxjN3L5kfqWoak0umb1YAbrC3",
+	"1wl375G59hn23liB7R0Rf8ewd6XpFF53cuSLrJaqvOrdKH8lnRe4Z2ZFB0L7flG7tgcliCGn2vU1fwZF",
+	"GFrYF1KG9cuBdhbI3mYLn9y7X4bul1VK7gf7+z45pzpXZ32HgPZgc+BAhNb3qXWWJdyJW7CRlVsMYQR3",
+	"YZtP/LXh8XSP3G+86hpKv7qdYIaoR+BWqbqNQllbUvJba15/ddEpUGYw/4W04U+2SdNXRsS9KlEk0hdS",
+	"nk41Igx7Svn1F6Bg65i6tLc5HdinlTCFkW17snA42IcAsl2pVnugRht9A4z8E8zXcFzNonZkJdnLltsr",
+	"Vl5hMcqVUHosQUXkl5fvrq3if2d2oqQpiQXHK8F0Oo/sKZMv01ETITVJgCYp43D8gWPdC3Dbk5lKINK8",
+	"TkcpvCDPTp/gd7aU+hMXemhh+0Q4nTI+doc8N5SljI8/8EVxjL3XJgFNWaqO3fNPROgJyBlTwXOXf4F+",
+	"iwvfacdrf4128KyOJnNL0menT/rrcli+ICioWjRJweZlcSBlFCqS84IafR/CFJgohaxscY9hJDyUc5Aw",
+	"WFXo464QXmGQ2Htvv/EDtdI1wDszEqoHZUUvk+vrHwneX1y36rFL2NLosrt0+Ku9SMQB+KW8Yncl825D",
+	"xLxGQnLg7reOiL3e2qZIv71+aetfvUx4cvrfZ2TEdCXjwxM8sAU7qWTnL2/GE+uoyS393SXrxV5o06X9",
+	"GX6GwU6joG0OJG7ZPre/Ow93kf8Jy9SgE3a6uYo/z9Gk/cZl8z4cuBbZnIFU9qYfZ66vI53R1vc0+LqL",
+	"LP9i7leDrt0cri4bcg3XaWPW2KNDU7YrbfCxibsWBE1BSxar5XIcX+nWxSBLKeNr9jG4kmIKegK5ImYM",
+	"Ap8zoewF4wRvEtpBjp6fcFqsrmliV0eoXsr620dDWeOee3bIZequQD0/OXl89t/Hp8enx4/Pvzv97tRy",
+	"gRv/PtCr64hxcpOKGZr/2EDpeJHkadskGTHfpux86h6ThQgsfY70bn5frWQ/0MAp1+owciM5dWfHXtRM",
+	"lK8NCw3qq05CozRPtYrRCle8OaLrpBS5zjeRa0iBmMqO8qw8jk+bDABWKcFnSkvX26RWm08ET+eHZezb",
+	"DqDBlVqPDVtcRMZzdy6dAc3xVWkcx1cBOmKWpgejlJtXRhDm2z18fPifAAAA//8=",
 }
 
 // decodeSpec returns the embedded OpenAPI spec as raw JSON bytes,

@@ -31,7 +31,9 @@ const (
 )
 
 // Codes lists this package's codes for the contract test.
-func Codes() []errcode.Code { return []errcode.Code{CodeInvalid, CodeTooWeak, CodeExists, CodeNotFound} }
+func Codes() []errcode.Code {
+	return []errcode.Code{CodeInvalid, CodeTooWeak, CodeExists, CodeNotFound}
+}
 
 // MinRSABits is the smallest accepted RSA modulus.
 const MinRSABits = 3072

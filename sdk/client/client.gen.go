@@ -220,6 +220,8 @@ const (
 	RouteNotFound           ErrorCode = "route_not_found"
 	ServiceAccountNotFound  ErrorCode = "service_account_not_found"
 	ServiceUnavailable      ErrorCode = "service_unavailable"
+	SkuExists               ErrorCode = "sku_exists"
+	SkuNotFound             ErrorCode = "sku_not_found"
 	SlugTaken               ErrorCode = "slug_taken"
 	SshKeyExists            ErrorCode = "ssh_key_exists"
 	SshKeyNotFound          ErrorCode = "ssh_key_not_found"
@@ -358,6 +360,10 @@ func (e ErrorCode) Valid() bool {
 	case ServiceAccountNotFound:
 		return true
 	case ServiceUnavailable:
+		return true
+	case SkuExists:
+		return true
+	case SkuNotFound:
 		return true
 	case SlugTaken:
 		return true
@@ -1102,6 +1108,20 @@ type CreateProjectRequest struct {
 	Slug string `json:"slug"`
 }
 
+// CreateSKURequest defines model for CreateSKURequest.
+type CreateSKURequest struct {
+	Active               *bool   `json:"active,omitempty"`
+	CpuCores             int     `json:"cpu_cores"`
+	Currency             string  `json:"currency"`
+	Description          *string `json:"description,omitempty"`
+	DiskGib              int     `json:"disk_gib"`
+	GpuModel             string  `json:"gpu_model"`
+	GpusPerNode          int     `json:"gpus_per_node"`
+	Id                   string  `json:"id"`
+	MemoryGib            int     `json:"memory_gib"`
+	PricePerGpuHourMinor int64   `json:"price_per_gpu_hour_minor"`
+}
+
 // CreateServiceAccountRequest defines model for CreateServiceAccountRequest.
 type CreateServiceAccountRequest struct {
 	Description *string                         `json:"description,omitempty"`
@@ -1459,6 +1479,26 @@ type RoleRequest struct {
 	Role string `json:"role"`
 }
 
+// SKU defines model for SKU.
+type SKU struct {
+	Active               bool   `json:"active"`
+	CpuCores             int    `json:"cpu_cores"`
+	Currency             string `json:"currency"`
+	Description          string `json:"description"`
+	DiskGib              int    `json:"disk_gib"`
+	GpuModel             string `json:"gpu_model"`
+	GpusPerNode          int    `json:"gpus_per_node"`
+	Id                   string `json:"id"`
+	MemoryGib            int    `json:"memory_gib"`
+	PricePerGpuHourMinor int64  `json:"price_per_gpu_hour_minor"`
+}
+
+// SKUPage defines model for SKUPage.
+type SKUPage struct {
+	Items      []SKU   `json:"items"`
+	NextCursor *string `json:"next_cursor,omitempty"`
+}
+
 // SSHKey defines model for SSHKey.
 type SSHKey struct {
 	Bits      int       `json:"bits"`
@@ -1528,6 +1568,13 @@ type TokenResponseTokenType string
 // UpdateNameRequest defines model for UpdateNameRequest.
 type UpdateNameRequest struct {
 	Name string `json:"name"`
+}
+
+// UpdateSKURequest defines model for UpdateSKURequest.
+type UpdateSKURequest struct {
+	Active               *bool   `json:"active,omitempty"`
+	Description          *string `json:"description,omitempty"`
+	PricePerGpuHourMinor *int64  `json:"price_per_gpu_hour_minor,omitempty"`
 }
 
 // Usage defines model for Usage.
@@ -1723,6 +1770,21 @@ type ClearPolicyOverrideParams struct {
 // ClearPolicyOverrideParamsScope defines parameters for ClearPolicyOverride.
 type ClearPolicyOverrideParamsScope string
 
+// AdminListSKUsParams defines parameters for AdminListSKUs.
+type AdminListSKUsParams struct {
+	// Limit Page size, 1 to 200.
+	Limit *Limit `form:"limit,omitempty" json:"limit,omitempty"`
+
+	// Cursor Opaque cursor from a previous page's `next_cursor`.
+	Cursor *Cursor `form:"cursor,omitempty" json:"cursor,omitempty"`
+}
+
+// AdminCreateSKUParams defines parameters for AdminCreateSKU.
+type AdminCreateSKUParams struct {
+	// IdempotencyKey Makes a retried POST safe; the first response is replayed byte for byte.
+	IdempotencyKey *IdempotencyKey `json:"Idempotency-Key,omitempty"`
+}
+
 // AdminListUsersParams defines parameters for AdminListUsers.
 type AdminListUsersParams struct {
 	Email  *string                     `form:"email,omitempty" json:"email,omitempty"`
@@ -1894,6 +1956,15 @@ type CreateServiceAccountKeyParams struct {
 	IdempotencyKey *IdempotencyKey `json:"Idempotency-Key,omitempty"`
 }
 
+// ListSKUsParams defines parameters for ListSKUs.
+type ListSKUsParams struct {
+	// Limit Page size, 1 to 200.
+	Limit *Limit `form:"limit,omitempty" json:"limit,omitempty"`
+
+	// Cursor Opaque cursor from a previous page's `next_cursor`.
+	Cursor *Cursor `form:"cursor,omitempty" json:"cursor,omitempty"`
+}
+
 // ListSSHKeysParams defines parameters for ListSSHKeys.
 type ListSSHKeysParams struct {
 	// Limit Page size, 1 to 200.
@@ -1944,6 +2015,12 @@ type AdminUpdatePluginJSONRequestBody = EnableRequest
 
 // SetPolicyOverrideJSONRequestBody defines body for SetPolicyOverride for application/json ContentType.
 type SetPolicyOverrideJSONRequestBody = SetPolicyRequest
+
+// AdminCreateSKUJSONRequestBody defines body for AdminCreateSKU for application/json ContentType.
+type AdminCreateSKUJSONRequestBody = CreateSKURequest
+
+// AdminUpdateSKUJSONRequestBody defines body for AdminUpdateSKU for application/json ContentType.
+type AdminUpdateSKUJSONRequestBody = UpdateSKURequest
 
 // AdminUpdateUserJSONRequestBody defines body for AdminUpdateUser for application/json ContentType.
 type AdminUpdateUserJSONRequestBody = AdminUpdateUserRequest
@@ -2208,6 +2285,33 @@ type ClientInterface interface {
 	//
 	// Corresponds with PUT /api/v1/admin/policies/{key} (the `SetPolicyOverride` operationId).
 	SetPolicyOverride(ctx context.Context, key PolicyKeyName, body SetPolicyOverrideJSONRequestBody, reqEditors ...RequestEditorFn) (*http.Response, error)
+
+	// AdminListSKUs Every SKU, inactive ones too
+	//
+	// Corresponds with GET /api/v1/admin/skus (the `AdminListSKUs` operationId).
+	AdminListSKUs(ctx context.Context, params *AdminListSKUsParams, reqEditors ...RequestEditorFn) (*http.Response, error)
+
+	// AdminCreateSKUWithBody performs a POST /api/v1/admin/skus (the `AdminCreateSKU` operationId) request,
+	// with any type of body and a specified content type.
+	AdminCreateSKUWithBody(ctx context.Context, params *AdminCreateSKUParams, contentType string, body io.Reader, reqEditors ...RequestEditorFn) (*http.Response, error)
+
+	// AdminCreateSKU performs a POST /api/v1/admin/skus (the `AdminCreateSKU` operationId) request.
+	// Takes a body of the `application/json` content type.
+	AdminCreateSKU(ctx context.Context, params *AdminCreateSKUParams, body AdminCreateSKUJSONRequestBody, reqEditors ...RequestEditorFn) (*http.Response, error)
+
+	// AdminUpdateSKUWithBody Change a SKU's price (new allocations only), availability or description
+	//
+	// Takes any type of body and a specified content type.
+	//
+	// Corresponds with PATCH /api/v1/admin/skus/{sku_id} (the `AdminUpdateSKU` operationId).
+	AdminUpdateSKUWithBody(ctx context.Context, skuId string, contentType string, body io.Reader, reqEditors ...RequestEditorFn) (*http.Response, error)
+
+	// AdminUpdateSKU Change a SKU's price (new allocations only), availability or description
+	//
+	// Takes a body of the `application/json` content type.
+	//
+	// Corresponds with PATCH /api/v1/admin/skus/{sku_id} (the `AdminUpdateSKU` operationId).
+	AdminUpdateSKU(ctx context.Context, skuId string, body AdminUpdateSKUJSONRequestBody, reqEditors ...RequestEditorFn) (*http.Response, error)
 
 	// AdminListUsers performs a GET /api/v1/admin/users (the `AdminListUsers` operationId) request.
 	AdminListUsers(ctx context.Context, params *AdminListUsersParams, reqEditors ...RequestEditorFn) (*http.Response, error)
@@ -2519,6 +2623,11 @@ type ClientInterface interface {
 	//
 	// Corresponds with GET /api/v1/readyz (the `GetReadyz` operationId).
 	GetReadyz(ctx context.Context, reqEditors ...RequestEditorFn) (*http.Response, error)
+
+	// ListSKUs The node shapes on offer, with prices per GPU-hour
+	//
+	// Corresponds with GET /api/v1/skus (the `ListSKUs` operationId).
+	ListSKUs(ctx context.Context, params *ListSKUsParams, reqEditors ...RequestEditorFn) (*http.Response, error)
 
 	// ListSSHKeys The caller's SSH public keys
 	//
@@ -2910,6 +3019,83 @@ func (c *Client) SetPolicyOverrideWithBody(ctx context.Context, key PolicyKeyNam
 // Corresponds with PUT /api/v1/admin/policies/{key} (the `SetPolicyOverride` operationId).
 func (c *Client) SetPolicyOverride(ctx context.Context, key PolicyKeyName, body SetPolicyOverrideJSONRequestBody, reqEditors ...RequestEditorFn) (*http.Response, error) {
 	req, err := NewSetPolicyOverrideRequest(c.Server, key, body)
+	if err != nil {
+		return nil, err
+	}
+	req = req.WithContext(ctx)
+	if err := c.applyEditors(ctx, req, reqEditors); err != nil {
+		return nil, err
+	}
+	return c.Client.Do(req)
+}
+
+// AdminListSKUs Every SKU, inactive ones too
+//
+// Corresponds with GET /api/v1/admin/skus (the `AdminListSKUs` operationId).
+func (c *Client) AdminListSKUs(ctx context.Context, params *AdminListSKUsParams, reqEditors ...RequestEditorFn) (*http.Response, error) {
+	req, err := NewAdminListSKUsRequest(c.Server, params)
+	if err != nil {
+		return nil, err
+	}
+	req = req.WithContext(ctx)
+	if err := c.applyEditors(ctx, req, reqEditors); err != nil {
+		return nil, err
+	}
+	return c.Client.Do(req)
+}
+
+// AdminCreateSKUWithBody performs a POST /api/v1/admin/skus (the `AdminCreateSKU` operationId) request,
+// with any type of body and a specified content type.
+func (c *Client) AdminCreateSKUWithBody(ctx context.Context, params *AdminCreateSKUParams, contentType string, body io.Reader, reqEditors ...RequestEditorFn) (*http.Response, error) {
+	req, err := NewAdminCreateSKURequestWithBody(c.Server, params, contentType, body)
+	if err != nil {
+		return nil, err
+	}
+	req = req.WithContext(ctx)
+	if err := c.applyEditors(ctx, req, reqEditors); err != nil {
+		return nil, err
+	}
+	return c.Client.Do(req)
+}
+
+// AdminCreateSKU performs a POST /api/v1/admin/skus (the `AdminCreateSKU` operationId) request.
+// Takes a body of the `application/json` content type.
+func (c *Client) AdminCreateSKU(ctx context.Context, params *AdminCreateSKUParams, body AdminCreateSKUJSONRequestBody, reqEditors ...RequestEditorFn) (*http.Response, error) {
+	req, err := NewAdminCreateSKURequest(c.Server, params, body)
+	if err != nil {
+		return nil, err
+	}
+	req = req.WithContext(ctx)
+	if err := c.applyEditors(ctx, req, reqEditors); err != nil {
+		return nil, err
+	}
+	return c.Client.Do(req)
+}
+
+// AdminUpdateSKUWithBody Change a SKU's price (new allocations only), availability or description
+//
+// Takes any type of body and a specified content type.
+//
+// Corresponds with PATCH /api/v1/admin/skus/{sku_id} (the `AdminUpdateSKU` operationId).
+func (c *Client) AdminUpdateSKUWithBody(ctx context.Context, skuId string, contentType string, body io.Reader, reqEditors ...RequestEditorFn) (*http.Response, error) {
+	req, err := NewAdminUpdateSKURequestWithBody(c.Server, skuId, contentType, body)
+	if err != nil {
+		return nil, err
+	}
+	req = req.WithContext(ctx)
+	if err := c.applyEditors(ctx, req, reqEditors); err != nil {
+		return nil, err
+	}
+	return c.Client.Do(req)
+}
+
+// AdminUpdateSKU Change a SKU's price (new allocations only), availability or description
+//
+// Takes a body of the `application/json` content type.
+//
+// Corresponds with PATCH /api/v1/admin/skus/{sku_id} (the `AdminUpdateSKU` operationId).
+func (c *Client) AdminUpdateSKU(ctx context.Context, skuId string, body AdminUpdateSKUJSONRequestBody, reqEditors ...RequestEditorFn) (*http.Response, error) {
+	req, err := NewAdminUpdateSKURequest(c.Server, skuId, body)
 	if err != nil {
 		return nil, err
 	}
@@ -3791,6 +3977,21 @@ func (c *Client) RevokeServiceAccountKey(ctx context.Context, projectId ProjectI
 // Corresponds with GET /api/v1/readyz (the `GetReadyz` operationId).
 func (c *Client) GetReadyz(ctx context.Context, reqEditors ...RequestEditorFn) (*http.Response, error) {
 	req, err := NewGetReadyzRequest(c.Server)
+	if err != nil {
+		return nil, err
+	}
+	req = req.WithContext(ctx)
+	if err := c.applyEditors(ctx, req, reqEditors); err != nil {
+		return nil, err
+	}
+	return c.Client.Do(req)
+}
+
+// ListSKUs The node shapes on offer, with prices per GPU-hour
+//
+// Corresponds with GET /api/v1/skus (the `ListSKUs` operationId).
+func (c *Client) ListSKUs(ctx context.Context, params *ListSKUsParams, reqEditors ...RequestEditorFn) (*http.Response, error) {
+	req, err := NewListSKUsRequest(c.Server, params)
 	if err != nil {
 		return nil, err
 	}
@@ -4836,6 +5037,174 @@ func NewSetPolicyOverrideRequestWithBody(server string, key PolicyKeyName, conte
 	}
 
 	req, err := http.NewRequest(http.MethodPut, queryURL.String(), body)
+	if err != nil {
+		return nil, err
+	}
+
+	req.Header.Add("Content-Type", contentType)
+
+	return req, nil
+}
+
+// NewAdminListSKUsRequest constructs an http.Request for the AdminListSKUs method
+func NewAdminListSKUsRequest(server string, params *AdminListSKUsParams) (*http.Request, error) {
+	var err error
+
+	serverURL, err := url.Parse(server)
+	if err != nil {
+		return nil, err
+	}
+
+	operationPath := fmt.Sprintf("/api/v1/admin/skus")
+	if operationPath[0] == '/' {
+		operationPath = "." + operationPath
+	}
+
+	queryURL, err := serverURL.Parse(operationPath)
+	if err != nil {
+		return nil, err
+	}
+
+	if params != nil {
+		// queryValues collects non-styled parameters (passthrough, JSON)
+		// that are safe to round-trip through url.Values.Encode().
+		queryValues := queryURL.Query()
+		// rawQueryFragments collects pre-encoded query fragments from
+		// styled parameters, preserving literal commas as delimiters
+		// per the OpenAPI spec (e.g. "color=blue,black,brown").
+		var rawQueryFragments []string
+
+		if params.Limit != nil {
+
+			if queryFrag, err := runtime.StyleParamWithOptions("form", true, "limit", *params.Limit, runtime.StyleParamOptions{ParamLocation: runtime.ParamLocationQuery, Type: "integer", Format: ""}); err != nil {
+				return nil, err
+			} else {
+				for _, qp := range strings.Split(queryFrag, "&") {
+					rawQueryFragments = append(rawQueryFragments, qp)
+				}
+			}
+
+		}
+
+		if params.Cursor != nil {
+
+			if queryFrag, err := runtime.StyleParamWithOptions("form", true, "cursor", *params.Cursor, runtime.StyleParamOptions{ParamLocation: runtime.ParamLocationQuery, Type: "string", Format: ""}); err != nil {
+				return nil, err
+			} else {
+				for _, qp := range strings.Split(queryFrag, "&") {
+					rawQueryFragments = append(rawQueryFragments, qp)
+				}
+			}
+
+		}
+
+		if encoded := queryValues.Encode(); encoded != "" {
+			rawQueryFragments = append(rawQueryFragments, encoded)
+		}
+		queryURL.RawQuery = strings.Join(rawQueryFragments, "&")
+	}
+
+	req, err := http.NewRequest(http.MethodGet, queryURL.String(), nil)
+	if err != nil {
+		return nil, err
+	}
+
+	return req, nil
+}
+
+// NewAdminCreateSKURequest calls the generic AdminCreateSKU builder with application/json body
+func NewAdminCreateSKURequest(server string, params *AdminCreateSKUParams, body AdminCreateSKUJSONRequestBody) (*http.Request, error) {
+	var bodyReader io.Reader
+	buf, err := json.Marshal(body)
+	if err != nil {
+		return nil, err
+	}
+	bodyReader = bytes.NewReader(buf)
+	return NewAdminCreateSKURequestWithBody(server, params, "application/json", bodyReader)
+}
+
+// NewAdminCreateSKURequestWithBody constructs an http.Request for the AdminCreateSKU method, with any body, and a specified content type
+func NewAdminCreateSKURequestWithBody(server string, params *AdminCreateSKUParams, contentType string, body io.Reader) (*http.Request, error) {
+	var err error
+
+	serverURL, err := url.Parse(server)
+	if err != nil {
+		return nil, err
+	}
+
+	operationPath := fmt.Sprintf("/api/v1/admin/skus")
+	if operationPath[0] == '/' {
+		operationPath = "." + operationPath
+	}
+
+	queryURL, err := serverURL.Parse(operationPath)
+	if err != nil {
+		return nil, err
+	}
+
+	req, err := http.NewRequest(http.MethodPost, queryURL.String(), body)
+	if err != nil {
+		return nil, err
+	}
+
+	req.Header.Add("Content-Type", contentType)
+
+	if params != nil {
+
+		if params.IdempotencyKey != nil {
+			var headerParam0 string
+
+			headerParam0, err = runtime.StyleParamWithOptions("simple", false, "Idempotency-Key", *params.IdempotencyKey, runtime.StyleParamOptions{ParamLocation: runtime.ParamLocationHeader, Type: "string", Format: ""})
+			if err != nil {
+				return nil, err
+			}
+
+			req.Header.Set("Idempotency-Key", headerParam0)
+		}
+
+	}
+
+	return req, nil
+}
+
+// NewAdminUpdateSKURequest calls the generic AdminUpdateSKU builder with application/json body
+func NewAdminUpdateSKURequest(server string, skuId string, body AdminUpdateSKUJSONRequestBody) (*http.Request, error) {
+	var bodyReader io.Reader
+	buf, err := json.Marshal(body)
+	if err != nil {
+		return nil, err
+	}
+	bodyReader = bytes.NewReader(buf)
+	return NewAdminUpdateSKURequestWithBody(server, skuId, "application/json", bodyReader)
+}
+
+// NewAdminUpdateSKURequestWithBody constructs an http.Request for the AdminUpdateSKU method, with any body, and a specified content type
+func NewAdminUpdateSKURequestWithBody(server string, skuId string, contentType string, body io.Reader) (*http.Request, error) {
+	var err error
+
+	var pathParam0 string
+
+	pathParam0, err = runtime.StyleParamWithOptions("simple", false, "sku_id", skuId, runtime.StyleParamOptions{ParamLocation: runtime.ParamLocationPath, Type: "string", Format: ""})
+	if err != nil {
+		return nil, err
+	}
+
+	serverURL, err := url.Parse(server)
+	if err != nil {
+		return nil, err
+	}
+
+	operationPath := fmt.Sprintf("/api/v1/admin/skus/%s", pathParam0)
+	if operationPath[0] == '/' {
+		operationPath = "." + operationPath
+	}
+
+	queryURL, err := serverURL.Parse(operationPath)
+	if err != nil {
+		return nil, err
+	}
+
+	req, err := http.NewRequest(http.MethodPatch, queryURL.String(), body)
 	if err != nil {
 		return nil, err
 	}
@@ -7057,6 +7426,72 @@ func NewGetReadyzRequest(server string) (*http.Request, error) {
 	return req, nil
 }
 
+// NewListSKUsRequest constructs an http.Request for the ListSKUs method
+func NewListSKUsRequest(server string, params *ListSKUsParams) (*http.Request, error) {
+	var err error
+
+	serverURL, err := url.Parse(server)
+	if err != nil {
+		return nil, err
+	}
+
+	operationPath := fmt.Sprintf("/api/v1/skus")
+	if operationPath[0] == '/' {
+		operationPath = "." + operationPath
+	}
+
+	queryURL, err := serverURL.Parse(operationPath)
+	if err != nil {
+		return nil, err
+	}
+
+	if params != nil {
+		// queryValues collects non-styled parameters (passthrough, JSON)
+		// that are safe to round-trip through url.Values.Encode().
+		queryValues := queryURL.Query()
+		// rawQueryFragments collects pre-encoded query fragments from
+		// styled parameters, preserving literal commas as delimiters
+		// per the OpenAPI spec (e.g. "color=blue,black,brown").
+		var rawQueryFragments []string
+
+		if params.Limit != nil {
+
+			if queryFrag, err := runtime.StyleParamWithOptions("form", true, "limit", *params.Limit, runtime.StyleParamOptions{ParamLocation: runtime.ParamLocationQuery, Type: "integer", Format: ""}); err != nil {
+				return nil, err
+			} else {
+				for _, qp := range strings.Split(queryFrag, "&") {
+					rawQueryFragments = append(rawQueryFragments, qp)
+				}
+			}
+
+		}
+
+		if params.Cursor != nil {
+
+			if queryFrag, err := runtime.StyleParamWithOptions("form", true, "cursor", *params.Cursor, runtime.StyleParamOptions{ParamLocation: runtime.ParamLocationQuery, Type: "string", Format: ""}); err != nil {
+				return nil, err
+			} else {
+				for _, qp := range strings.Split(queryFrag, "&") {
+					rawQueryFragments = append(rawQueryFragments, qp)
+				}
+			}
+
+		}
+
+		if encoded := queryValues.Encode(); encoded != "" {
+			rawQueryFragments = append(rawQueryFragments, encoded)
+		}
+		queryURL.RawQuery = strings.Join(rawQueryFragments, "&")
+	}
+
+	req, err := http.NewRequest(http.MethodGet, queryURL.String(), nil)
+	if err != nil {
+		return nil, err
+	}
+
+	return req, nil
+}
+
 // NewListSSHKeysRequest constructs an http.Request for the ListSSHKeys method
 func NewListSSHKeysRequest(server string, params *ListSSHKeysParams) (*http.Request, error) {
 	var err error
@@ -7612,6 +8047,37 @@ type ClientWithResponsesInterface interface {
 	// Corresponds with PUT /api/v1/admin/policies/{key} (the `SetPolicyOverride` operationId).
 	SetPolicyOverrideWithResponse(ctx context.Context, key PolicyKeyName, body SetPolicyOverrideJSONRequestBody, reqEditors ...RequestEditorFn) (*SetPolicyOverrideResponse, error)
 
+	// AdminListSKUsWithResponse Every SKU, inactive ones too
+	//
+	// Returns a wrapper object for the known response body format(s).
+	//
+	// Corresponds with GET /api/v1/admin/skus (the `AdminListSKUs` operationId).
+	AdminListSKUsWithResponse(ctx context.Context, params *AdminListSKUsParams, reqEditors ...RequestEditorFn) (*AdminListSKUsResponse, error)
+
+	// AdminCreateSKUWithBodyWithResponse performs a POST /api/v1/admin/skus (the `AdminCreateSKU` operationId) request,
+	// with any type of body and a specified content type.
+	//
+	// Returns a wrapper object for the known response body format(s).
+	AdminCreateSKUWithBodyWithResponse(ctx context.Context, params *AdminCreateSKUParams, contentType string, body io.Reader, reqEditors ...RequestEditorFn) (*AdminCreateSKUResponse, error)
+
+	// AdminCreateSKUWithResponse performs a POST /api/v1/admin/skus (the `AdminCreateSKU` operationId) request.
+	// Takes a body of the `application/json` content type, and returns a wrapper object for the known response body format(s).
+	AdminCreateSKUWithResponse(ctx context.Context, params *AdminCreateSKUParams, body AdminCreateSKUJSONRequestBody, reqEditors ...RequestEditorFn) (*AdminCreateSKUResponse, error)
+
+	// AdminUpdateSKUWithBodyWithResponse Change a SKU's price (new allocations only), availability or description
+	//
+	// Takes any type of body and a specified content type, and returns a wrapper object for the known response body format(s).
+	//
+	// Corresponds with PATCH /api/v1/admin/skus/{sku_id} (the `AdminUpdateSKU` operationId).
+	AdminUpdateSKUWithBodyWithResponse(ctx context.Context, skuId string, contentType string, body io.Reader, reqEditors ...RequestEditorFn) (*AdminUpdateSKUResponse, error)
+
+	// AdminUpdateSKUWithResponse Change a SKU's price (new allocations only), availability or description
+	//
+	// Takes a body of the `application/json` content type, and returns a wrapper object for the known response body format(s).
+	//
+	// Corresponds with PATCH /api/v1/admin/skus/{sku_id} (the `AdminUpdateSKU` operationId).
+	AdminUpdateSKUWithResponse(ctx context.Context, skuId string, body AdminUpdateSKUJSONRequestBody, reqEditors ...RequestEditorFn) (*AdminUpdateSKUResponse, error)
+
 	// AdminListUsersWithResponse performs a GET /api/v1/admin/users (the `AdminListUsers` operationId) request.
 	//
 	// Returns a wrapper object for the known response body format(s).
@@ -7978,6 +8444,13 @@ type ClientWithResponsesInterface interface {
 	//
 	// Corresponds with GET /api/v1/readyz (the `GetReadyz` operationId).
 	GetReadyzWithResponse(ctx context.Context, reqEditors ...RequestEditorFn) (*GetReadyzResponse, error)
+
+	// ListSKUsWithResponse The node shapes on offer, with prices per GPU-hour
+	//
+	// Returns a wrapper object for the known response body format(s).
+	//
+	// Corresponds with GET /api/v1/skus (the `ListSKUs` operationId).
+	ListSKUsWithResponse(ctx context.Context, params *ListSKUsParams, reqEditors ...RequestEditorFn) (*ListSKUsResponse, error)
 
 	// ListSSHKeysWithResponse The caller's SSH public keys
 	//
@@ -8700,6 +9173,150 @@ func (r SetPolicyOverrideResponse) StatusCode() int {
 
 // ContentType is a convenience method to retrieve the Content-Type value from the HTTP response headers
 func (r SetPolicyOverrideResponse) ContentType() string {
+	if r.HTTPResponse != nil {
+		return r.HTTPResponse.Header.Get("Content-Type")
+	}
+	return ""
+}
+
+type AdminListSKUsResponse struct {
+	Body         []byte
+	HTTPResponse *http.Response
+	// JSON200 the response for an HTTP 200 `application/json` response
+	JSON200 *SKUPage
+	// JSONDefault the response for an HTTP default `application/json` response
+	JSONDefault *Error
+}
+
+// GetJSON200 returns the response for an HTTP 200 `application/json` response
+func (r AdminListSKUsResponse) GetJSON200() *SKUPage {
+	return r.JSON200
+}
+
+// GetJSONDefault returns the response for an HTTP default `application/json` response
+func (r AdminListSKUsResponse) GetJSONDefault() *Error {
+	return r.JSONDefault
+}
+
+// GetBody returns the raw response body bytes
+func (r AdminListSKUsResponse) GetBody() []byte {
+	return r.Body
+}
+
+// Status returns HTTPResponse.Status
+func (r AdminListSKUsResponse) Status() string {
+	if r.HTTPResponse != nil {
+		return r.HTTPResponse.Status
+	}
+	return http.StatusText(0)
+}
+
+// StatusCode returns HTTPResponse.StatusCode
+func (r AdminListSKUsResponse) StatusCode() int {
+	if r.HTTPResponse != nil {
+		return r.HTTPResponse.StatusCode
+	}
+	return 0
+}
+
+// ContentType is a convenience method to retrieve the Content-Type value from the HTTP response headers
+func (r AdminListSKUsResponse) ContentType() string {
+	if r.HTTPResponse != nil {
+		return r.HTTPResponse.Header.Get("Content-Type")
+	}
+	return ""
+}
+
+type AdminCreateSKUResponse struct {
+	Body         []byte
+	HTTPResponse *http.Response
+	// JSON201 the response for an HTTP 201 `application/json` response
+	JSON201 *SKU
+	// JSONDefault the response for an HTTP default `application/json` response
+	JSONDefault *Error
+}
+
+// GetJSON201 returns the response for an HTTP 201 `application/json` response
+func (r AdminCreateSKUResponse) GetJSON201() *SKU {
+	return r.JSON201
+}
+
+// GetJSONDefault returns the response for an HTTP default `application/json` response
+func (r AdminCreateSKUResponse) GetJSONDefault() *Error {
+	return r.JSONDefault
+}
+
+// GetBody returns the raw response body bytes
+func (r AdminCreateSKUResponse) GetBody() []byte {
+	return r.Body
+}
+
+// Status returns HTTPResponse.Status
+func (r AdminCreateSKUResponse) Status() string {
+	if r.HTTPResponse != nil {
+		return r.HTTPResponse.Status
+	}
+	return http.StatusText(0)
+}
+
+// StatusCode returns HTTPResponse.StatusCode
+func (r AdminCreateSKUResponse) StatusCode() int {
+	if r.HTTPResponse != nil {
+		return r.HTTPResponse.StatusCode
+	}
+	return 0
+}
+
+// ContentType is a convenience method to retrieve the Content-Type value from the HTTP response headers
+func (r AdminCreateSKUResponse) ContentType() string {
+	if r.HTTPResponse != nil {
+		return r.HTTPResponse.Header.Get("Content-Type")
+	}
+	return ""
+}
+
+type AdminUpdateSKUResponse struct {
+	Body         []byte
+	HTTPResponse *http.Response
+	// JSON200 the response for an HTTP 200 `application/json` response
+	JSON200 *SKU
+	// JSONDefault the response for an HTTP default `application/json` response
+	JSONDefault *Error
+}
+
+// GetJSON200 returns the response for an HTTP 200 `application/json` response
+func (r AdminUpdateSKUResponse) GetJSON200() *SKU {
+	return r.JSON200
+}
+
+// GetJSONDefault returns the response for an HTTP default `application/json` response
+func (r AdminUpdateSKUResponse) GetJSONDefault() *Error {
+	return r.JSONDefault
+}
+
+// GetBody returns the raw response body bytes
+func (r AdminUpdateSKUResponse) GetBody() []byte {
+	return r.Body
+}
+
+// Status returns HTTPResponse.Status
+func (r AdminUpdateSKUResponse) Status() string {
+	if r.HTTPResponse != nil {
+		return r.HTTPResponse.Status
+	}
+	return http.StatusText(0)
+}
+
+// StatusCode returns HTTPResponse.StatusCode
+func (r AdminUpdateSKUResponse) StatusCode() int {
+	if r.HTTPResponse != nil {
+		return r.HTTPResponse.StatusCode
+	}
+	return 0
+}
+
+// ContentType is a convenience method to retrieve the Content-Type value from the HTTP response headers
+func (r AdminUpdateSKUResponse) ContentType() string {
 	if r.HTTPResponse != nil {
 		return r.HTTPResponse.Header.Get("Content-Type")
 	}
@@ -10598,6 +11215,54 @@ func (r GetReadyzResponse) ContentType() string {
 	return ""
 }
 
+type ListSKUsResponse struct {
+	Body         []byte
+	HTTPResponse *http.Response
+	// JSON200 the response for an HTTP 200 `application/json` response
+	JSON200 *SKUPage
+	// JSONDefault the response for an HTTP default `application/json` response
+	JSONDefault *Error
+}
+
+// GetJSON200 returns the response for an HTTP 200 `application/json` response
+func (r ListSKUsResponse) GetJSON200() *SKUPage {
+	return r.JSON200
+}
+
+// GetJSONDefault returns the response for an HTTP default `application/json` response
+func (r ListSKUsResponse) GetJSONDefault() *Error {
+	return r.JSONDefault
+}
+
+// GetBody returns the raw response body bytes
+func (r ListSKUsResponse) GetBody() []byte {
+	return r.Body
+}
+
+// Status returns HTTPResponse.Status
+func (r ListSKUsResponse) Status() string {
+	if r.HTTPResponse != nil {
+		return r.HTTPResponse.Status
+	}
+	return http.StatusText(0)
+}
+
+// StatusCode returns HTTPResponse.StatusCode
+func (r ListSKUsResponse) StatusCode() int {
+	if r.HTTPResponse != nil {
+		return r.HTTPResponse.StatusCode
+	}
+	return 0
+}
+
+// ContentType is a convenience method to retrieve the Content-Type value from the HTTP response headers
+func (r ListSKUsResponse) ContentType() string {
+	if r.HTTPResponse != nil {
+		return r.HTTPResponse.Header.Get("Content-Type")
+	}
+	return ""
+}
+
 type ListSSHKeysResponse struct {
 	Body         []byte
 	HTTPResponse *http.Response
@@ -11232,6 +11897,67 @@ func (c *ClientWithResponses) SetPolicyOverrideWithResponse(ctx context.Context,
 		return nil, err
 	}
 	return ParseSetPolicyOverrideResponse(rsp)
+}
+
+// AdminListSKUsWithResponse Every SKU, inactive ones too
+//
+// Returns a wrapper object for the known response body format(s).
+//
+// Corresponds with GET /api/v1/admin/skus (the `AdminListSKUs` operationId).
+func (c *ClientWithResponses) AdminListSKUsWithResponse(ctx context.Context, params *AdminListSKUsParams, reqEditors ...RequestEditorFn) (*AdminListSKUsResponse, error) {
+	rsp, err := c.AdminListSKUs(ctx, params, reqEditors...)
+	if err != nil {
+		return nil, err
+	}
+	return ParseAdminListSKUsResponse(rsp)
+}
+
+// AdminCreateSKUWithBodyWithResponse performs a POST /api/v1/admin/skus (the `AdminCreateSKU` operationId) request,
+// with any type of body and a specified content type.
+//
+// Returns a wrapper object for the known response body format(s).
+func (c *ClientWithResponses) AdminCreateSKUWithBodyWithResponse(ctx context.Context, params *AdminCreateSKUParams, contentType string, body io.Reader, reqEditors ...RequestEditorFn) (*AdminCreateSKUResponse, error) {
+	rsp, err := c.AdminCreateSKUWithBody(ctx, params, contentType, body, reqEditors...)
+	if err != nil {
+		return nil, err
+	}
+	return ParseAdminCreateSKUResponse(rsp)
+}
+
+// AdminCreateSKUWithResponse performs a POST /api/v1/admin/skus (the `AdminCreateSKU` operationId) request.
+// Takes a body of the `application/json` content type, and returns a wrapper object for the known response body format(s).
+func (c *ClientWithResponses) AdminCreateSKUWithResponse(ctx context.Context, params *AdminCreateSKUParams, body AdminCreateSKUJSONRequestBody, reqEditors ...RequestEditorFn) (*AdminCreateSKUResponse, error) {
+	rsp, err := c.AdminCreateSKU(ctx, params, body, reqEditors...)
+	if err != nil {
+		return nil, err
+	}
+	return ParseAdminCreateSKUResponse(rsp)
+}
+
+// AdminUpdateSKUWithBodyWithResponse Change a SKU's price (new allocations only), availability or description
+//
+// Takes any type of body and a specified content type, and returns a wrapper object for the known response body format(s).
+//
+// Corresponds with PATCH /api/v1/admin/skus/{sku_id} (the `AdminUpdateSKU` operationId).
+func (c *ClientWithResponses) AdminUpdateSKUWithBodyWithResponse(ctx context.Context, skuId string, contentType string, body io.Reader, reqEditors ...RequestEditorFn) (*AdminUpdateSKUResponse, error) {
+	rsp, err := c.AdminUpdateSKUWithBody(ctx, skuId, contentType, body, reqEditors...)
+	if err != nil {
+		return nil, err
+	}
+	return ParseAdminUpdateSKUResponse(rsp)
+}
+
+// AdminUpdateSKUWithResponse Change a SKU's price (new allocations only), availability or description
+//
+// Takes a body of the `application/json` content type, and returns a wrapper object for the known response body format(s).
+//
+// Corresponds with PATCH /api/v1/admin/skus/{sku_id} (the `AdminUpdateSKU` operationId).
+func (c *ClientWithResponses) AdminUpdateSKUWithResponse(ctx context.Context, skuId string, body AdminUpdateSKUJSONRequestBody, reqEditors ...RequestEditorFn) (*AdminUpdateSKUResponse, error) {
+	rsp, err := c.AdminUpdateSKU(ctx, skuId, body, reqEditors...)
+	if err != nil {
+		return nil, err
+	}
+	return ParseAdminUpdateSKUResponse(rsp)
 }
 
 // AdminListUsersWithResponse performs a GET /api/v1/admin/users (the `AdminListUsers` operationId) request.
@@ -11943,6 +12669,19 @@ func (c *ClientWithResponses) GetReadyzWithResponse(ctx context.Context, reqEdit
 	return ParseGetReadyzResponse(rsp)
 }
 
+// ListSKUsWithResponse The node shapes on offer, with prices per GPU-hour
+//
+// Returns a wrapper object for the known response body format(s).
+//
+// Corresponds with GET /api/v1/skus (the `ListSKUs` operationId).
+func (c *ClientWithResponses) ListSKUsWithResponse(ctx context.Context, params *ListSKUsParams, reqEditors ...RequestEditorFn) (*ListSKUsResponse, error) {
+	rsp, err := c.ListSKUs(ctx, params, reqEditors...)
+	if err != nil {
+		return nil, err
+	}
+	return ParseListSKUsResponse(rsp)
+}
+
 // ListSSHKeysWithResponse The caller's SSH public keys
 //
 // Returns a wrapper object for the known response body format(s).
@@ -12505,6 +13244,105 @@ func ParseSetPolicyOverrideResponse(rsp *http.Response) (*SetPolicyOverrideRespo
 	switch {
 	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && rsp.StatusCode == 200:
 		var dest PolicyOverride
+		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
+			return nil, err
+		}
+		response.JSON200 = &dest
+
+	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && true:
+		var dest Error
+		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
+			return nil, err
+		}
+		response.JSONDefault = &dest
+
+	}
+
+	return response, nil
+}
+
+// ParseAdminListSKUsResponse parses an HTTP response from a AdminListSKUsWithResponse call
+func ParseAdminListSKUsResponse(rsp *http.Response) (*AdminListSKUsResponse, error) {
+	bodyBytes, err := io.ReadAll(rsp.Body)
+	defer func() { _ = rsp.Body.Close() }()
+	if err != nil {
+		return nil, err
+	}
+
+	response := &AdminListSKUsResponse{
+		Body:         bodyBytes,
+		HTTPResponse: rsp,
+	}
+
+	switch {
+	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && rsp.StatusCode == 200:
+		var dest SKUPage
+		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
+			return nil, err
+		}
+		response.JSON200 = &dest
+
+	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && true:
+		var dest Error
+		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
+			return nil, err
+		}
+		response.JSONDefault = &dest
+
+	}
+
+	return response, nil
+}
+
+// ParseAdminCreateSKUResponse parses an HTTP response from a AdminCreateSKUWithResponse call
+func ParseAdminCreateSKUResponse(rsp *http.Response) (*AdminCreateSKUResponse, error) {
+	bodyBytes, err := io.ReadAll(rsp.Body)
+	defer func() { _ = rsp.Body.Close() }()
+	if err != nil {
+		return nil, err
+	}
+
+	response := &AdminCreateSKUResponse{
+		Body:         bodyBytes,
+		HTTPResponse: rsp,
+	}
+
+	switch {
+	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && rsp.StatusCode == 201:
+		var dest SKU
+		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
+			return nil, err
+		}
+		response.JSON201 = &dest
+
+	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && true:
+		var dest Error
+		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
+			return nil, err
+		}
+		response.JSONDefault = &dest
+
+	}
+
+	return response, nil
+}
+
+// ParseAdminUpdateSKUResponse parses an HTTP response from a AdminUpdateSKUWithResponse call
+func ParseAdminUpdateSKUResponse(rsp *http.Response) (*AdminUpdateSKUResponse, error) {
+	bodyBytes, err := io.ReadAll(rsp.Body)
+	defer func() { _ = rsp.Body.Close() }()
+	if err != nil {
+		return nil, err
+	}
+
+	response := &AdminUpdateSKUResponse{
+		Body:         bodyBytes,
+		HTTPResponse: rsp,
+	}
+
+	switch {
+	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && rsp.StatusCode == 200:
+		var dest SKU
 		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
 			return nil, err
 		}
@@ -13822,6 +14660,39 @@ func ParseGetReadyzResponse(rsp *http.Response) (*GetReadyzResponse, error) {
 			return nil, err
 		}
 		response.JSON503 = &dest
+
+	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && true:
+		var dest Error
+		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
+			return nil, err
+		}
+		response.JSONDefault = &dest
+
+	}
+
+	return response, nil
+}
+
+// ParseListSKUsResponse parses an HTTP response from a ListSKUsWithResponse call
+func ParseListSKUsResponse(rsp *http.Response) (*ListSKUsResponse, error) {
+	bodyBytes, err := io.ReadAll(rsp.Body)
+	defer func() { _ = rsp.Body.Close() }()
+	if err != nil {
+		return nil, err
+	}
+
+	response := &ListSKUsResponse{
+		Body:         bodyBytes,
+		HTTPResponse: rsp,
+	}
+
+	switch {
+	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && rsp.StatusCode == 200:
+		var dest SKUPage
+		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
+			return nil, err
+		}
+		response.JSON200 = &dest
 
 	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && true:
 		var dest Error

@@ -93,6 +93,14 @@ var matrix = map[string]matrixCase{
 	"setPolicyOverride":   {expect: adminOnly, body: func(*world) any { return map[string]any{"scope": "global", "value": 5} }},
 	"clearPolicyOverride": {expect: adminOnly, query: "?scope=global"},
 
+	"listSKUs":      {expect: public},
+	"adminListSKUs": {expect: adminOnly},
+	"adminCreateSKU": {expect: adminOnly, body: func(*world) any {
+		return map[string]any{"id": "h100-" + uuid.NewString()[:8], "gpu_model": "NVIDIA H100 80GB", "gpus_per_node": 8, "cpu_cores": 96,
+			"memory_gib": 1024, "disk_gib": 7680, "price_per_gpu_hour_minor": 249, "currency": "USD"}
+	}},
+	"adminUpdateSKU": {expect: expect{401, 403, 403, 403, 403, 403, 404}, body: func(*world) any { return map[string]any{"active": false} }},
+
 	"listSSHKeys":  {expect: usersOnly},
 	"addSSHKey":    {expect: usersOnly, body: func(w *world) any { return map[string]string{"name": "laptop", "public_key": w.sshKey} }},
 	"deleteSSHKey": {expect: expect{401, 404, 404, 404, 404, 403, 404}},
@@ -143,6 +151,7 @@ func (w *world) fill(tmpl string, r role) string {
 		"{instance}", "stripe",
 		"{name}", "no-such-plugin",
 		"{session_id}", uuid.NewString(),
+		"{sku_id}", "no-such-sku",
 	).Replace(tmpl)
 }
 

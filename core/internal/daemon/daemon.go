@@ -24,6 +24,7 @@ import (
 
 	"github.com/gpuaas/gpuaas/core/internal/authz"
 	"github.com/gpuaas/gpuaas/core/internal/billing"
+	"github.com/gpuaas/gpuaas/core/internal/catalog"
 	"github.com/gpuaas/gpuaas/core/internal/config"
 	"github.com/gpuaas/gpuaas/core/internal/errcode"
 	"github.com/gpuaas/gpuaas/core/internal/events"
@@ -143,6 +144,7 @@ func Run(ctx context.Context, cfg config.Config, log hclog.Logger, opt Options) 
 		Payments:      payments.NewService(pool, pol, providers, cfg.Region, cfg.PaymentsInstance, log.Named("payments")),
 		Plugins:       plugins,
 		SSHKeys:       sshkeys.NewService(pool, cfg.Region),
+		Catalog:       catalog.NewService(pool, cfg.Region),
 		LocalAccounts: cfg.LocalAccounts,
 		OIDC:          flow,
 		Checks: []httpapi.Check{

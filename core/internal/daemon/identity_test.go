@@ -376,3 +376,42 @@ func TestSSHKeysAPI(t *testing.T) {
 		t.Fatalf("delete: %d %s", d.status, d.body)
 	}
 }
+
+// The catalog: admins create and change SKUs (validated, audited); everyone sees
+// the active ones.
+func TestCatalogAPI(t *testing.T) {
+	e := newEnv(t)
+	w := e.newWorld()
+	admin := w.tokens[platAdmin]
+	sku := map[string]any{"id": "l40s-x4", "gpu_model": "NVIDIA L40S", "gpus_per_node": 4, "cpu_cores": 48, "memory_gib": 384,
+		"disk_gib": 3840, "price_per_gpu_hour_minor": 119, "currency": "USD"}
+	if r := e.send("POST", "/api/v1/admin/skus", admin, sku); r.status != 201 {
+		t.Fatalf("create: %d %s", r.status, r.body)
+	}
+	if r := e.send("POST", "/api/v1/admin/skus", admin, sku); r.status != 409 || r.code() != "sku_exists" {
+		t.Fatalf("duplicate: %d %s", r.status, r.body)
+	}
+	for field, bad := range map[string]any{"gpus_per_node": 0, "currency": "usd", "price_per_gpu_hour_minor": -1, "id": "Bad Id"} {
+		b := map[string]any{}
+		for k, v := range sku {
+			b[k] = v
+		}
+		b["id"] = "x-" + strings.ReplaceAll(field, "_", "-")
+		b[field] = bad
+		if r := e.send("POST", "/api/v1/admin/skus", admin, b); r.status != 400 || !strings.Contains(string(r.body), field) {
+			t.Errorf("%s=%v: %d %s", field, bad, r.status, r.body)
+		}
+	}
+	if r := e.call("GET", "/api/v1/skus", "", nil); r.status != 200 || !strings.Contains(string(r.body), `"l40s-x4"`) {
+		t.Fatalf("public list: %d %s", r.status, r.body)
+	}
+	if r := e.send("PATCH", "/api/v1/admin/skus/l40s-x4", admin, map[string]any{"active": false, "price_per_gpu_hour_minor": 99}); r.status != 200 || !strings.Contains(string(r.body), `"price_per_gpu_hour_minor":99`) {
+		t.Fatalf("update: %d %s", r.status, r.body)
+	}
+	if r := e.call("GET", "/api/v1/skus", "", nil); strings.Contains(string(r.body), `"l40s-x4"`) {
+		t.Fatalf("an inactive SKU is listed publicly: %s", r.body)
+	}
+	if r := e.call("GET", "/api/v1/admin/skus", admin, nil); !strings.Contains(string(r.body), `"l40s-x4"`) {
+		t.Fatalf("admin list misses the inactive SKU: %s", r.body)
+	}
+}

@@ -8,6 +8,7 @@ import (
 	"github.com/gofiber/fiber/v2"
 	"github.com/hashicorp/go-hclog"
 
+	"github.com/gpuaas/gpuaas/core/internal/catalog"
 	"github.com/gpuaas/gpuaas/core/internal/correlation"
 	"github.com/gpuaas/gpuaas/core/internal/errcode"
 	"github.com/gpuaas/gpuaas/core/internal/httpapi/apigen"
@@ -66,9 +67,9 @@ func statusFor(code errcode.Code) int {
 		return http.StatusBadGateway
 	case pluginhost.CodeInvalidPlugin, sshkeys.CodeInvalid, sshkeys.CodeTooWeak:
 		return http.StatusBadRequest
-	case sshkeys.CodeExists:
+	case sshkeys.CodeExists, catalog.CodeSKUExists:
 		return http.StatusConflict
-	case sshkeys.CodeNotFound:
+	case sshkeys.CodeNotFound, catalog.CodeSKUNotFound:
 		return http.StatusNotFound
 	case pluginhost.CodePluginNotFound, pluginhost.CodeInstanceNotFound:
 		return http.StatusNotFound
@@ -189,7 +190,7 @@ func Codes() []errcode.Code {
 		errcode.NotFound, errcode.RouteNotFound, errcode.MethodNotAllowed, errcode.Conflict,
 		errcode.RequestTooLarge, errcode.UnsupportedMedia, errcode.RateLimited, errcode.NotReady,
 		errcode.DatabaseUnavailable, errcode.ServiceUnavailable, errcode.Timeout, errcode.Internal,
-	}, append(append(append(append(append(identity.Codes(), idempotency.Codes()...), ledger.Codes()...), payments.Codes()...), append(pluginhost.Codes(), sshkeys.Codes()...)...),
+	}, append(append(append(append(append(identity.Codes(), idempotency.Codes()...), ledger.Codes()...), payments.Codes()...), append(append(pluginhost.Codes(), sshkeys.Codes()...), catalog.Codes()...)...),
 		oidc.CodeTokenMalformed, oidc.CodeTokenAlgNotAllowed, oidc.CodeTokenBadSignature, oidc.CodeTokenUnknownKey,
 		oidc.CodeTokenExpired, oidc.CodeTokenNotYetValid, oidc.CodeTokenWrongIssuer, oidc.CodeTokenWrongAudience,
 		oidc.CodeTokenMissingSubject, oidc.CodeTokenWrongNonce, oidc.CodeGrantRejected, oidc.CodeProviderUnavailable)...)

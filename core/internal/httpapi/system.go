@@ -14,6 +14,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 
 	"github.com/gpuaas/gpuaas/core/internal/authz"
+	"github.com/gpuaas/gpuaas/core/internal/catalog"
 	"github.com/gpuaas/gpuaas/core/internal/errcode"
 	"github.com/gpuaas/gpuaas/core/internal/httpapi/apigen"
 	"github.com/gpuaas/gpuaas/core/internal/identity"
@@ -45,6 +46,7 @@ type API struct {
 	Authz    *authz.Loader
 	Payments *payments.Service
 	SSHKeys  *sshkeys.Service
+	Catalog  *catalog.Service
 	// Plugins is the plugin host (nil when it is not running).
 	Plugins PluginHost
 	// OIDC is nil when no identity provider is configured.

@@ -222,6 +222,8 @@ const (
 	RouteNotFound           ErrorCode = "route_not_found"
 	ServiceAccountNotFound  ErrorCode = "service_account_not_found"
 	ServiceUnavailable      ErrorCode = "service_unavailable"
+	SkuExists               ErrorCode = "sku_exists"
+	SkuNotFound             ErrorCode = "sku_not_found"
 	SlugTaken               ErrorCode = "slug_taken"
 	SshKeyExists            ErrorCode = "ssh_key_exists"
 	SshKeyNotFound          ErrorCode = "ssh_key_not_found"
@@ -360,6 +362,10 @@ func (e ErrorCode) Valid() bool {
 	case ServiceAccountNotFound:
 		return true
 	case ServiceUnavailable:
+		return true
+	case SkuExists:
+		return true
+	case SkuNotFound:
 		return true
 	case SlugTaken:
 		return true
@@ -1104,6 +1110,20 @@ type CreateProjectRequest struct {
 	Slug string `json:"slug"`
 }
 
+// CreateSKURequest defines model for CreateSKURequest.
+type CreateSKURequest struct {
+	Active               *bool   `json:"active,omitempty"`
+	CpuCores             int     `json:"cpu_cores"`
+	Currency             string  `json:"currency"`
+	Description          *string `json:"description,omitempty"`
+	DiskGib              int     `json:"disk_gib"`
+	GpuModel             string  `json:"gpu_model"`
+	GpusPerNode          int     `json:"gpus_per_node"`
+	Id                   string  `json:"id"`
+	MemoryGib            int     `json:"memory_gib"`
+	PricePerGpuHourMinor int64   `json:"price_per_gpu_hour_minor"`
+}
+
 // CreateServiceAccountRequest defines model for CreateServiceAccountRequest.
 type CreateServiceAccountRequest struct {
 	Description *string                         `json:"description,omitempty"`
@@ -1461,6 +1481,26 @@ type RoleRequest struct {
 	Role string `json:"role"`
 }
 
+// SKU defines model for SKU.
+type SKU struct {
+	Active               bool   `json:"active"`
+	CpuCores             int    `json:"cpu_cores"`
+	Currency             string `json:"currency"`
+	Description          string `json:"description"`
+	DiskGib              int    `json:"disk_gib"`
+	GpuModel             string `json:"gpu_model"`
+	GpusPerNode          int    `json:"gpus_per_node"`
+	Id                   string `json:"id"`
+	MemoryGib            int    `json:"memory_gib"`
+	PricePerGpuHourMinor int64  `json:"price_per_gpu_hour_minor"`
+}
+
+// SKUPage defines model for SKUPage.
+type SKUPage struct {
+	Items      []SKU   `json:"items"`
+	NextCursor *string `json:"next_cursor,omitempty"`
+}
+
 // SSHKey defines model for SSHKey.
 type SSHKey struct {
 	Bits      int       `json:"bits"`
@@ -1530,6 +1570,13 @@ type TokenResponseTokenType string
 // UpdateNameRequest defines model for UpdateNameRequest.
 type UpdateNameRequest struct {
 	Name string `json:"name"`
+}
+
+// UpdateSKURequest defines model for UpdateSKURequest.
+type UpdateSKURequest struct {
+	Active               *bool   `json:"active,omitempty"`
+	Description          *string `json:"description,omitempty"`
+	PricePerGpuHourMinor *int64  `json:"price_per_gpu_hour_minor,omitempty"`
 }
 
 // Usage defines model for Usage.
@@ -1725,6 +1772,21 @@ type ClearPolicyOverrideParams struct {
 // ClearPolicyOverrideParamsScope defines parameters for ClearPolicyOverride.
 type ClearPolicyOverrideParamsScope string
 
+// AdminListSKUsParams defines parameters for AdminListSKUs.
+type AdminListSKUsParams struct {
+	// Limit Page size, 1 to 200.
+	Limit *Limit `form:"limit,omitempty" json:"limit,omitempty"`
+
+	// Cursor Opaque cursor from a previous page's `next_cursor`.
+	Cursor *Cursor `form:"cursor,omitempty" json:"cursor,omitempty"`
+}
+
+// AdminCreateSKUParams defines parameters for AdminCreateSKU.
+type AdminCreateSKUParams struct {
+	// IdempotencyKey Makes a retried POST safe; the first response is replayed byte for byte.
+	IdempotencyKey *IdempotencyKey `json:"Idempotency-Key,omitempty"`
+}
+
 // AdminListUsersParams defines parameters for AdminListUsers.
 type AdminListUsersParams struct {
 	Email  *string                     `form:"email,omitempty" json:"email,omitempty"`
@@ -1896,6 +1958,15 @@ type CreateServiceAccountKeyParams struct {
 	IdempotencyKey *IdempotencyKey `json:"Idempotency-Key,omitempty"`
 }
 
+// ListSKUsParams defines parameters for ListSKUs.
+type ListSKUsParams struct {
+	// Limit Page size, 1 to 200.
+	Limit *Limit `form:"limit,omitempty" json:"limit,omitempty"`
+
+	// Cursor Opaque cursor from a previous page's `next_cursor`.
+	Cursor *Cursor `form:"cursor,omitempty" json:"cursor,omitempty"`
+}
+
 // ListSSHKeysParams defines parameters for ListSSHKeys.
 type ListSSHKeysParams struct {
 	// Limit Page size, 1 to 200.
@@ -1946,6 +2017,12 @@ type AdminUpdatePluginJSONRequestBody = EnableRequest
 
 // SetPolicyOverrideJSONRequestBody defines body for SetPolicyOverride for application/json ContentType.
 type SetPolicyOverrideJSONRequestBody = SetPolicyRequest
+
+// AdminCreateSKUJSONRequestBody defines body for AdminCreateSKU for application/json ContentType.
+type AdminCreateSKUJSONRequestBody = CreateSKURequest
+
+// AdminUpdateSKUJSONRequestBody defines body for AdminUpdateSKU for application/json ContentType.
+type AdminUpdateSKUJSONRequestBody = UpdateSKURequest
 
 // AdminUpdateUserJSONRequestBody defines body for AdminUpdateUser for application/json ContentType.
 type AdminUpdateUserJSONRequestBody = AdminUpdateUserRequest
@@ -2048,6 +2125,15 @@ type ServerInterface interface {
 	// SetPolicyOverride Set a policy override globally, for an org or for a project
 	// (PUT /api/v1/admin/policies/{key})
 	SetPolicyOverride(c *fiber.Ctx, key PolicyKeyName) error
+	// AdminListSKUs Every SKU, inactive ones too
+	// (GET /api/v1/admin/skus)
+	AdminListSKUs(c *fiber.Ctx, params AdminListSKUsParams) error
+
+	// (POST /api/v1/admin/skus)
+	AdminCreateSKU(c *fiber.Ctx, params AdminCreateSKUParams) error
+	// AdminUpdateSKU Change a SKU's price (new allocations only), availability or description
+	// (PATCH /api/v1/admin/skus/{sku_id})
+	AdminUpdateSKU(c *fiber.Ctx, skuId string) error
 
 	// (GET /api/v1/admin/users)
 	AdminListUsers(c *fiber.Ctx, params AdminListUsersParams) error
@@ -2168,6 +2254,9 @@ type ServerInterface interface {
 	// GetReadyz Readiness of the process and its dependencies
 	// (GET /api/v1/readyz)
 	GetReadyz(c *fiber.Ctx) error
+	// ListSKUs The node shapes on offer, with prices per GPU-hour
+	// (GET /api/v1/skus)
+	ListSKUs(c *fiber.Ctx, params ListSKUsParams) error
 	// ListSSHKeys The caller's SSH public keys
 	// (GET /api/v1/ssh-keys)
 	ListSSHKeys(c *fiber.Ctx, params ListSSHKeysParams) error
@@ -2773,6 +2862,122 @@ func (siw *ServerInterfaceWrapper) SetPolicyOverride(c *fiber.Ctx) error {
 
 	handler := func(c *fiber.Ctx) error {
 		return siw.Handler.SetPolicyOverride(c, key)
+	}
+
+	for i := len(siw.HandlerMiddlewares) - 1; i >= 0; i-- {
+		m := siw.HandlerMiddlewares[i]
+		next := handler
+		handler = func(c *fiber.Ctx) error {
+			return m(c, next)
+		}
+	}
+
+	return handler(c)
+}
+
+// AdminListSKUs operation middleware
+func (siw *ServerInterfaceWrapper) AdminListSKUs(c *fiber.Ctx) error {
+
+	var err error
+	_ = err
+
+	// Parameter object where we will unmarshal all parameters from the context
+	var params AdminListSKUsParams
+
+	var query url.Values
+	query, err = url.ParseQuery(string(c.Request().URI().QueryString()))
+	if err != nil {
+		return fiber.NewError(fiber.StatusBadRequest, fmt.Errorf("Invalid format for query string: %w", err).Error())
+	}
+
+	// ------------- Optional query parameter "limit" -------------
+
+	err = runtime.BindQueryParameterWithOptions("form", true, false, "limit", query, &params.Limit, runtime.BindQueryParameterOptions{Type: "integer", Format: ""})
+	if err != nil {
+		return fiber.NewError(fiber.StatusBadRequest, fmt.Errorf("Invalid format for parameter limit: %w", err).Error())
+	}
+
+	// ------------- Optional query parameter "cursor" -------------
+
+	err = runtime.BindQueryParameterWithOptions("form", true, false, "cursor", query, &params.Cursor, runtime.BindQueryParameterOptions{Type: "string", Format: ""})
+	if err != nil {
+		return fiber.NewError(fiber.StatusBadRequest, fmt.Errorf("Invalid format for parameter cursor: %w", err).Error())
+	}
+
+	handler := func(c *fiber.Ctx) error {
+		return siw.Handler.AdminListSKUs(c, params)
+	}
+
+	for i := len(siw.HandlerMiddlewares) - 1; i >= 0; i-- {
+		m := siw.HandlerMiddlewares[i]
+		next := handler
+		handler = func(c *fiber.Ctx) error {
+			return m(c, next)
+		}
+	}
+
+	return handler(c)
+}
+
+// AdminCreateSKU operation middleware
+func (siw *ServerInterfaceWrapper) AdminCreateSKU(c *fiber.Ctx) error {
+
+	var err error
+	_ = err
+
+	// Parameter object where we will unmarshal all parameters from the context
+	var params AdminCreateSKUParams
+
+	headers := c.GetReqHeaders()
+
+	// ------------- Optional header parameter "Idempotency-Key" -------------
+	if valueList, found := headers[http.CanonicalHeaderKey("Idempotency-Key")]; found {
+		var IdempotencyKey IdempotencyKey
+		n := len(valueList)
+		if n != 1 {
+			return fiber.NewError(fiber.StatusBadRequest, fmt.Sprintf("Too many values for ParamName Idempotency-Key, 1 is required, but %d found", n))
+		}
+
+		err = runtime.BindStyledParameterWithOptions("simple", "Idempotency-Key", valueList[0], &IdempotencyKey, runtime.BindStyledParameterOptions{ParamLocation: runtime.ParamLocationHeader, Explode: false, Required: false, Type: "string", Format: ""})
+		if err != nil {
+			return fiber.NewError(fiber.StatusBadRequest, fmt.Errorf("Invalid format for parameter Idempotency-Key: %w", err).Error())
+		}
+
+		params.IdempotencyKey = &IdempotencyKey
+
+	}
+
+	handler := func(c *fiber.Ctx) error {
+		return siw.Handler.AdminCreateSKU(c, params)
+	}
+
+	for i := len(siw.HandlerMiddlewares) - 1; i >= 0; i-- {
+		m := siw.HandlerMiddlewares[i]
+		next := handler
+		handler = func(c *fiber.Ctx) error {
+			return m(c, next)
+		}
+	}
+
+	return handler(c)
+}
+
+// AdminUpdateSKU operation middleware
+func (siw *ServerInterfaceWrapper) AdminUpdateSKU(c *fiber.Ctx) error {
+
+	var err error
+	_ = err
+
+	// ------------- Path parameter "sku_id" -------------
+	var skuId string
+
+	err = runtime.BindStyledParameterWithOptions("simple", "sku_id", c.Params("sku_id"), &skuId, runtime.BindStyledParameterOptions{ParamLocation: runtime.ParamLocationPath, Explode: false, Required: true, Type: "string", Format: ""})
+	if err != nil {
+		return fiber.NewError(fiber.StatusBadRequest, fmt.Errorf("Invalid format for parameter sku_id: %w", err).Error())
+	}
+
+	handler := func(c *fiber.Ctx) error {
+		return siw.Handler.AdminUpdateSKU(c, skuId)
 	}
 
 	for i := len(siw.HandlerMiddlewares) - 1; i >= 0; i-- {
@@ -4371,6 +4576,50 @@ func (siw *ServerInterfaceWrapper) GetReadyz(c *fiber.Ctx) error {
 	return handler(c)
 }
 
+// ListSKUs operation middleware
+func (siw *ServerInterfaceWrapper) ListSKUs(c *fiber.Ctx) error {
+
+	var err error
+	_ = err
+
+	// Parameter object where we will unmarshal all parameters from the context
+	var params ListSKUsParams
+
+	var query url.Values
+	query, err = url.ParseQuery(string(c.Request().URI().QueryString()))
+	if err != nil {
+		return fiber.NewError(fiber.StatusBadRequest, fmt.Errorf("Invalid format for query string: %w", err).Error())
+	}
+
+	// ------------- Optional query parameter "limit" -------------
+
+	err = runtime.BindQueryParameterWithOptions("form", true, false, "limit", query, &params.Limit, runtime.BindQueryParameterOptions{Type: "integer", Format: ""})
+	if err != nil {
+		return fiber.NewError(fiber.StatusBadRequest, fmt.Errorf("Invalid format for parameter limit: %w", err).Error())
+	}
+
+	// ------------- Optional query parameter "cursor" -------------
+
+	err = runtime.BindQueryParameterWithOptions("form", true, false, "cursor", query, &params.Cursor, runtime.BindQueryParameterOptions{Type: "string", Format: ""})
+	if err != nil {
+		return fiber.NewError(fiber.StatusBadRequest, fmt.Errorf("Invalid format for parameter cursor: %w", err).Error())
+	}
+
+	handler := func(c *fiber.Ctx) error {
+		return siw.Handler.ListSKUs(c, params)
+	}
+
+	for i := len(siw.HandlerMiddlewares) - 1; i >= 0; i-- {
+		m := siw.HandlerMiddlewares[i]
+		next := handler
+		handler = func(c *fiber.Ctx) error {
+			return m(c, next)
+		}
+	}
+
+	return handler(c)
+}
+
 // ListSSHKeys operation middleware
 func (siw *ServerInterfaceWrapper) ListSSHKeys(c *fiber.Ctx) error {
 
@@ -4786,6 +5035,14 @@ func RegisterHandlersWithOptions(router fiber.Router, si ServerInterface, option
 
 	router.Delete(options.BaseURL+"/api/v1/ssh-keys/:key_id", wrapper.DeleteSSHKey)
 
+	router.Get(options.BaseURL+"/api/v1/skus", wrapper.ListSKUs)
+
+	router.Get(options.BaseURL+"/api/v1/admin/skus", wrapper.AdminListSKUs)
+
+	router.Post(options.BaseURL+"/api/v1/admin/skus", wrapper.AdminCreateSKU)
+
+	router.Patch(options.BaseURL+"/api/v1/admin/skus/:sku_id", wrapper.AdminUpdateSKU)
+
 }
 
 // Base64 encoded, compressed with deflate, json marshaled OpenAPI spec.
@@ -4793,139 +5050,145 @@ func RegisterHandlersWithOptions(router fiber.Router, si ServerInterface, option
 // const string: with thousands of chunks the chained `+` fold is several
 // times slower for the Go compiler than parsing a slice literal.
 var swaggerSpec = []string{
-	"7H37c9u20ui/gtH9ZmLPpR9xHl/r/JST5pz6Nq1946TnzjS5CkSuJRxTAAuAVlSP//dvgAUoPkCJkigl",
-	"aftLG4sksNhd7Au7i/tBLKaZ4MC1GpzfDzIq6RQ0SPvXyzxh+mWsmeDmT8YH54Pfc5DzQTTgdAqD8wHF",
-	"p9FAxROYUvPalH5+A3ysJ4Pzx6en0UDPM/Om0pLx8eDhISrGFfLihyUDCzlkSdvQz58uH/mdfbZsbPt1",
-	"eXTg+XRw/tsgVyDNA5B3LIYhjWORcz2IBjSZMrPWRLI7+wodg32g5krD1PzABZ9PRa4GH1vB+6cU0zbI",
-	"bsyzMkw3Qk6pHpwPEqrhSLOpAbll4HdUjkGbrxJQsWQZEm7wksQGLhbTlLDkBaHkjqY5EOAJ42MyY3pC",
-	"Hp0/IlOq4wkoAncg54QlhGmSSbhhn0EdD6IgwBrnbCHSkyX0fyfakKDFJih4lUslZHP1lxn9PQcS28fE",
-	"IJhQs6w7JnJFMjqGR4p84vBZD/GdT21rxcdta332+CwE1kUC00xo4PH8J5g3wfuZ3oIilEjQkkFCri6v",
-	"3xFFb+AF0RMgN0wqTSSoTHAFhCkiIUvpHBIymmsgN0LafxQwT4Amljcd0KX5jwwALdCfPXsWDaaMFzs3",
-	"tJafYF7asBnVk8U8tzDH3Srh95xJSAbnWuYQJGSe2zebE7xhUxZg4Cs6BqLYHxCRx0QLcnZ62kaj1I5Q",
-	"njWBG5qnenD+7DQyK2ZTs8vPDGdOGce/FqtlXMMYpIXmUo5blyvkePvlXsrx/7XgN1b8bgJEyDHl7A9q",
-	"fiIHGjjl+pDMJkIBmQoOc6InTBHWujd7gfEqzceM/2JHDGLC/m/ZHBnVGqT58P//Ro/++Gj+c3r0/dHH",
-	"+9Po+dnDf4WnFSmzO2bJzLeWndsnXq2IrqT4D8S6lcoZPu8BizhQQe0QuSqTrTP4NSqql6inWhdT02fb",
-	"L+q9Atk6m1Gi207xYD5GyWftkddSooSPBddG857fD2iWpSy2m+TkPwoNlcUM/yXhZnA++F8nCzPnBJ+q",
-	"Ezvaa34HqcgAZ6vpTU7AvBMRxq0wBvfysV2+G8caSlcXTrhnUmQgNUOAYwlUQzKkuqsiiwbwOWMS1Frf",
-	"sKQDOqNBSpUe5mpNgLjbgY0HaBs0hdevTLFRCkRpKjURNxZ3tzCPjOyWEIsxZ0aX6ePQdBLuxO1aID6U",
-	"eey3gV27gy3y4qlEiYVlJkZmw5lJkYBGzzSJyDRMq/9YxlWOFR6KSaiU1P5dMjEC6Kwvws4VBDVJLuX4",
-	"Z5iOQL6F33NQuA+ShBn80/SqBP0NTRVEtQXBlLK0of+fhmghUihbxmLG0e51hvCIpal5NRpMLTxhq7e8",
-	"Lpzbjbx6ecpq7gZF+B3T1Lsly6hxsXjzoQByxTc4t4U8BJ0T5dsQoI5Wj04HXzS4YzALYjMq5GonCV3G",
-	"fEkgL8H99fWPP8F8s2V5QVHXu0vNymiQ5aOUxcNbFKDlj58/+e7pqmW5/V0aJLyy/+RKT4HrzZZGp1Zl",
-	"ThnHzVugnnH9/OmgaT5G3vrqIpclUKe5yv5EwGTxP9RYZ0iL5VnRJ6YC1zWMJSRMr96WhalYWaj7qgAw",
-	"jNkp4+8zI56NPbAZepkaZinVBlFD3AwLATkSIgVq96/SVOeqsvxYszsDYcIUHaWQhJfahNp4oG/EuClb",
-	"aBHuaOC+CEm0P/TkaTyOhZSQWknUNkICmrJUtaMOzafGWjoymYjjXMo1df+CiQPavzBXQ49lIbs9rVQe",
-	"x6DUIBrcUJbm0pINOAsSLRookcsYhiwLDq9bYh2vSpEOMs5yStX5vYQxE/zh/F7I8cP5vYP84fzeDPtw",
-	"fs+Sh25WRRmHUTWMVIpXFTGxIjjikNFgg49LWLMXY8Sz+e7MkX/QlPI4AClVQ3EzBK7lvC4H24XmCEdb",
-	"S9BakvB43rKpshSM4aeYg7Ib46diNvTA6IkENRFpshv53yaKi3XV0RLVcbsc3BDVXk0gvhX5/rRhbEBL",
-	"h7lsGJ6nT79bKnhWCjYnV7qO3VHzlUetgB9Ep+A3bPxPBmnS3AhFAOq+7mHer+FsLWAOakaIJYrD5rMW",
-	"nRS2owqF754UQ7cvO5dwwZU2GNqMnWI7zNp6L7ORqdUrc+9Ffp7gSqx7iL7bhk7VBm77RgZziG7tS7qU",
-	"496M+bMOxrxK83Eg6Hd69H0p7ve4Pe5XXpodK1q1QueP/clXWY3xbbbYmuxZ6Wt45Gy0ymgLLzcsmlrd",
-	"VsRQ0haEc45lt6DNQpA2A/KziUhtIOuYXE/EjBPBY3hBlBYSCNOEi9nxSnJj0HqJUP0BMuCJUfxWSQf0",
-	"SS7RgET7zw3Ac4xaRAPwUdJWgnqKZELpsQRl2U+b/2mYZkLSNGiRi9uQggkTS9wa674EaWipr7nx2TaU",
-	"txz9vdUQ+TeDEBhc/UMkoditSKBTCPmVeXG3Lt4UlHLuwHLuskAv3l/M2Mn1WCynwf/X2iCRTGk8YRyO",
-	"JNDE/mCZjZhp7TGU56wRTYbS0TUaMH5HU5YMbXw+GuT8losZH95Ye8mwCYbwYYibw76MgBpP0Vohfoji",
-	"DDbnNNcT4Np+aV65EXLEkgTMFFzo4Y3IOYa7cg3D8i9T0BOR2J9omoqZ/dxYBymLtbN+QOmhFmKYGh/O",
-	"zqfyLBPS+BJTSBj1jp80gNtjRzuMGdRgxywkoZqOqIJhzukdZanBWCmxoPqrMRJEjugy4pYau9NYp2XI",
-	"vdNd/s0G9qrLM6Kg8lP97Kf8jGbMIL76fpqPh5reIjLpFIo/aGpXNyykuD1U8IHhgkwSEkMbalnP/6qF",
-	"G8PN6EL9pV/QikInGiEtAjvGyYlp6pegyk8ES2ILf+wtUuspmOmGU5oaa6z0C03HNdrj74ZpFRtzqjE4",
-	"gb96bkXexN8WYOLfZrQ56KFdZvHrTAo+HjKlcoub8o80TxgYh7SAkinF+HioctyN1de5wHftOseScsNj",
-	"5r3F6jMp7lgCssZVHvVskQbgVlL7ZSghV7jVSg8YH96kbDzRi2B/kIe8r2rWYdNIDLkgGYO0Y5f2lhZZ",
-	"ng1Fro0HKym3myuj8ylwPVSglNn2FZZ3z4oFlh/OYDQR4nbolmn37k3OE//DEL26xe9VujfGRt25eBDn",
-	"SospSE+fgXc7qiDiT8x5QaFneTaWNIFhybGqf1VCknt0y3hSxmjxhV9s8YPRTVQzpLn7VdNpBuGpSlun",
-	"/qiQuB7wIDspNXFs5P5lZeUM6G3pJ/jMlLUq/A8LvITMi+p5bEMfF2bNSoVs9XnDCrCfh7Tej0BTYwTX",
-	"J2xGm8VtEPA7kCrsz9dNfRxx8UUIHOtLpynmXWxmG9mT+GYa2EiJNNdAzGN/LDtinMo5EXjAHQsJjxSZ",
-	"CGXPZksewtPT75+HTqOQrZuTvYUspTEQygnDBUFCkKX81IpOgRjdghloNpkFwSlZ0W1GnV1iGH3ls8GW",
-	"g899Hrp7N6hDeLlyOFoBKrTSN1a+vuZaBqzXTUJ0q+3XTfIZ/DejcIB2RfR2ebQMI6D1MzE89BpmuYwn",
-	"VFnjzVjDwwRGrEjjrJ6ZoXYIH57ZlASQqsUr6hzbXutA8AYkuIB1l3OJQMy4Fs8soao8fhXHFQpXSNfO",
-	"gH2cU5RZeXdHFW+M/fhGbCxWU+HijSvzJjKq1EzIpBHcO1t5no2TlIYIr2Rsg/fh9AjgSWFJuaB4hyPR",
-	"n0NnOLmeDNFbquhBlsQLo926F6qmz0p7mKkspfNha2S7XSp33C0dT4/NJkGvRU1Y1p05i3QU81mIPTPJ",
-	"eMwymjYkUUsmeQhN3rPbBMJKSkoYyrr6rIIcoRgpkzuE1iYOw3B/DLKXz73ZPkVuC5Zq0ca95NV49V0B",
-	"r9DmKzLQED99CFOfv7QzOXp58cOr15/jiXHeNj3xSeph9xYD05jMjQj9s+dRtzgYfh1cgxz3w4sdZVQr",
-	"q/qjhA5avnxSsJKfqlKrsdQ1jBEbg2oD3zxsWcIu0gcLQ6eYtwTfkiOCS9lLPoXhmt3tqysMOlw7ZdqL",
-	"Te/O+VvsgA0t+mUm+w49qTV4tgjo+LhGy5m6sfphvbyOZliAcaaZC0IXCDfcYzNPcKsmLjy8iBxioGUo",
-	"IRY8ZhW+rYq/XA0XCYLrOAM1D6DkGxSBiAp/rJQpVQbtY0PVWH6He6tIFqjtqYwNXTSmCnVL5uUCMAw1",
-	"Dxe1Bp0WXM4UCQy65FQrGhSBlPU2V/FViwd+y3iyXi6Kjy812XVCz549Dz7qHCRzotxCtfgsqlKqmCry",
-	"ZSceczU01dZfJ1s7q1yUBEcry7SkenZJZ6mGy34R/AjPhIkCrRkfq1IQbAHbUv7YgJBtKTRF+HfZQiXY",
-	"Co/ydinLSbscPORTgQPF6mqJnlBNJiJNivLUA/s/RagEwuEOJJGgc8khObQVb513amFDFpmoWmQZJjeZ",
-	"BaAJInPO8V+lQ8dSXL1NPEO7dI4GuU2M3qKYxae3+xwmty0W3I6Lq4FSok3Bj3WKVIBbvQ/eMKW3lvbV",
-	"nbXKSV0lzfsDaRtQfKHilol/LkulyWKxyGoL82w8TsXInxIvPPEgo9a3RD1QwWwU1MgSy0oSN4LP3zAG",
-	"uuCV0oql2S0upuDXXyyiioWl2OzFuChIs0O7ws5xeQdSsgRak4/CZN2QmPbbthD9+hJn8U2LgWDlsOHi",
-	"cCqTXUkJKv9BBZbKJKsR2R/5C9LskgekpulmkZC1DgWM9ts2zbk0SvtaWl3Q1nByJSLWNrbj6a8i7rJO",
-	"gnn3EE2B5rViNc347TbxmmphTufXl5T54gudwzwbJ3pWKuALVFbmr8G7JOTjkNqLJHGMuzsR8hZowjgo",
-	"FdgcxkXvDms9fbTFHq5GMDBhbSV9qmGDtpXcSFCTDQtj8WOXKFaVct89/v5sFYDV71vAy3myt7KXzpWd",
-	"tYXUQjdL6i/9gsJHgS4Ha80qLJ9DFbYw1EI5rBfaWfDdCjZzn0QN8MugFeMFsSI2zSvulq7RKnWwfrpJ",
-	"iBFr85M3UX43jI9BZpLxQKr69Y8vz549Pz8+PiZUEaUmR7cwHwMnRymxn6i21gvb6tRqJffK2mVIzp49",
-	"e/y9cWfjRFFDXUVXSyELVLVcyWK3Mn8VRys1MJKtD13hGGB3qqJaCdLTgeoK53SPxtaa1ktvtkfY5ijz",
-	"WjVRptupbpVYvfBXlfy75DONHtRmcrQvB3d5y79259S7pfg8tMB3xkh46/oLhRoB2PrPwhTp6aRryYDe",
-	"etlk4Ibl1OY+ahGWzTbbvC6h/wFUdtk8FVxVBluZxYitI36hU9hjBV/XGsr3KrhjaZqKuJwouVJMjZg9",
-	"gVjHdHSf5FxjKksfZ7P2sHMdthpneYvZsoszWxbDMAM5HGf5cCJyuRa+1lQc6jYPW7eaSr11+6mwIqny",
-	"DcLgcLxk+fWTW1mE1CosUmOyVnbuQwnhvtid7nmvQqliNj0N24IEshFtdVBQnew5xazfrEVbXmWTQteC",
-	"f+NWOa1J6bWstlB2YBEfKFNqpY1kiN0PU+406+3fWGr0FmJgWdjuxiSPoLgsahxbxCnc+RbMgUaklToW",
-	"fLEyYinDpAk5HsXmkun5tcGU80etZn+ZBwtFOLm8+OEVQa1OrDYnB//n3+8OsX0uVor4QjvCbKWfnhOf",
-	"dBMRSuxu/MCdK+/HGGdqeHx8fBgRIQnl5OXVBbmFuXlwax8cfyh6Sdt9gPZHsaaJ1hl2amT8RoSrtLHp",
-	"jwFQS5GSLKUcyNvX1+/MbMfktW1ujGWrlKsZSOXrT3w1q2/z+IEffKoUJX06JDGVcs74mFCisCT2UywS",
-	"+PTCYSVxB9YpU9rghpNPRVXtp+MPHKcv+vma4Rgo8un/Hb1alF8cXfzwiRxAPBGQLFDuqlLJbAKc2DKs",
-	"iECq4AMfAwdptpjDn2baeEUDh4qXVxelTIrzwenx4+NTq5wz4DRjg/PBk+PT4ycumcLyxwnN2Mnd4xO7",
-	"tU9onjB9lIqxfeYaLxnmt+BeJIPzwRumtG83ZNVZqZP4b+GNu3jlpNa3+yFa44uLH9Z5H2NR3V53DbW7",
-	"vm4be3ceW3R5FRsid3jRdb9++FhrmXp2etpbw9RKZ6pQv1TbTZuIG2L5hUgxU8cYXvAH4cHxC4CxfA9F",
-	"Vj6dUjk3o9qxUjGOCIeZ2QC2J3ZEbliqXX2jpoYzvff/0QzQxsAn8DkTUrfy8Wv7+G9OXo+TV7Odhs/6",
-	"JFZ3VXYLdPyt9XO7/hXFMyXY2dxw1fZMhWLY1tVaYe75lVBFXl3/GhGlJdBpN+Zyacwni4oyPMYRKsBf",
-	"tl8itqP0rdPWZbFaS3lEvtUNvpNFP9u90TPzoWqMaJnDQ4Pwj3sDoFIV1mSNK2FU7Pa88MraTsYisQWC",
-	"xi6ptl63VCYL6ppXS3WCBI2vwy6s4urK1YkzjNr1qeUTo1Sr5ygBgRTqJV5Y4s3bLXaWrWzkxdI29Gv0",
-	"Fv+2FGMgL3qpevTE35533czFiBEZzQkSnxyg0YgEY8jLv+eQw2acenLvawpZ8nDiCmaXizk8m3QwtjBu",
-	"vUe9n2K73vRfiwytHjd3kp+nvU9uj4YDDPnWlT9sz4Y4Eslsv3dJaJpaK5B4UUK0yI7yzGpy10sfGYjM",
-	"GE/ErBND2kzNI1/Q0UVyVtJN1WCXEqCZKxtAOFodfgU9aK6FE+5aKxTYQaPJJgVHxKfNE8oTY0alekIO",
-	"MBtYudRqNREzfrgJHU7uzd59cH0n4kkLQTDOX8sAXtfyKV1GsqsdW+1JtucdW0+QbrIQorGHLYvrtFYP",
-	"xgOLVh2uLVGND6JBlrdttoIPv37ytrYs/eoovdjcvZi4VFtiW3sAxy0T/EUpqEeYIq4FGySEjql5yT7H",
-	"rf9IEbfGztKis7Deg5DuIJxLzWq2x/1FMSJeG0eyYqWBPdZuTFX6Ag12szuCvYf27PX5iowmhQpM9kYU",
-	"ciAkcT2MDgn1WtQ1RbKtqgKtkV4QphW5/vHl0dmz53glWyxkYjYLT4j1qcy/tbtIL6U5t+27um6WDTTq",
-	"35q0MxftUoN6BjowvGWYpLCSuplWImUxg+VB9mpZQ8d4wG37zX/hq9G+MQe8WTyy1AEXHns9eOB26sWI",
-	"hHFyI2TQhmol+Mn9Lcwf8DwrBSxWrFL+VQpU1ipa1t7zlTv12sI1PnGq3fteO6Nr6VRr3vHaZKOngVtA",
-	"DLb6cWyn4s5u7CqZMbjC4bMmM5YY/8ksxcgC87ubkliGDu/9FnO6SLrri8g7ku2N5MB9i/dabVdzs1+D",
-	"3p7816ADtEe+T+eRvX0Vw8WG9PYv4rdBh+2fK3fR8nLT+L19rZOc98kaLXe8Pu2+NdsDyN0SSb4tBVLk",
-	"oCxVG5Zem3JVN244uXf9pDqaf++xw9h6MsJd3Lm7g6PglWB7FhGYDrRD++9fkuJZkKa3QOiMzonPiCKW",
-	"olFhGNqkEmciup5wy9gh15MTm0BzUrQcDDuGi46GO3IImy0T90zFapJ2SM6zMbeJNhsT1CVHDc5/+1iR",
-	"/WzMjTHnTp8tPYjr4EcObBJO5TfM+3GNGSoqP9eTIIHHAk2ANtqOsR38znBb6SLZjlqR62PyTyExKUyx",
-	"sQ3+RqTWZtL8rTBM5PLAHimyyP8SfThcCbriNE3Lo6/GtWBJbP8lJPsDWjXuJUvil8VbDalav5RcT/zF",
-	"wDMYGWMP77fVuTQLJvRGG8MQ8UUOMLnrDiLim44ga50ctt3fvcjYX+fK+bqafHJ6FmrPnDAJsTZwmgU0",
-	"cvgMTJhwYQd54/KWV2Rv9LwD7f3BlIykmKkSKot0PcuQHmJy4AmMR52xSID8b3L106vXhx05BFxTw/ZN",
-	"aTjEtz7ckcgNdVf8ywjdfzLO1CRA89GcOOqYjeNzLa3JbXNL1WoS2/dOXKFMO4ldAfM7V8uyo1Phco30",
-	"10bdX2DmkIrHAiJNiEObS+TlgqSCj0GSmZC3qm8ueCdpYkyl6qSG1rwAjRyg9vXpCTb2avbO8s3uc7VG",
-	"i2srg6rgX7BxetalHOM9/zv1WDx0Afq9mwBx6+sh/bKaDfVI+aHJQQKS3fkMZaYVwXLtMgF8h88gDfD1",
-	"pcFOTAHbggTfmB9aaqm+1BMFriXrI3zZJC9Sxc9QTbrtStnc1821Eva9u59qd3R1TTs6v/+XSOFeVICt",
-	"CHSYf+CxVg9M9r48nM0MqqdYigxzKdM5ERx8DO1wC+47drnGS5K8/yw8+I0nX5eZbVn+dZDmmM30R4nS",
-	"9VomLPE5Oz0lswlLwXuotrSJKZJnL/DIVhmrJim65xgHqGES/Ohm2+EOdbcRtaj1CuB9m11XbvCU3QHH",
-	"m9o97tVcaZhWUS/kinKgS7lB/cRXJS592/Dlh4klSdaDsLwsD1eKd5ARGJtbGZf9wGVY6glMrV1cDTxW",
-	"TpwsmdpzS4prgr/WMoTGPcZ7zkexPd8DshGLWnvLzaqpxBdVysdiCsra2L6Hfo28tX15co9Z9w/LHJxN",
-	"iH4px8XJwe42XZv4K2No23OYxb4IH7LgOcG2OOp/PzQbZuw5ftBCny3PVTry84m7Z2aV4nG9FDel3Tdm",
-	"1pcuj1mqqhzy+ts6LemKSUGB3RFgb1Vwi8V8IQ1UBaHttOZlkkBCDpDEh0RIwvidLb44YMWdiIc9RAyS",
-	"hFDHSTYsO6UsjRbzoVFiz8f0BOZkQu+AcKFtKBdL4uegB2vv+OrJeFueFCbs7IH9Kmfoq/KREKo+85Ec",
-	"/m0aUkqVRruAxJQbVI+MP2WnDFuCKzTeXnG3g/C6+GJpp/7urR2mHbyyJ0MFCzxSRIoUlnBCAlOhg5zQ",
-	"uuVc/GVFIqp/6a+hY8v9hJcqWY+8HWtZ9Buuimyzb1vNVlbzpSoPfJvn3r299n1XlNn6UuyjUnvdZYR/",
-	"5d6/LnIgvk7v3YH5pUhaa0LcElWrVlFHGPQ03ranCnn/9k0P6aQuoQGrYV+YeQnVrhwWr7apzLgq+Llg",
-	"HndN/VFm2/d35aFqs//dMED1coS9pwmXF9hGfftSPxS+zNDs9SylyslQnkp+RmOXCxaDigoOxMtX1WFn",
-	"ys+wK9nJva80eWgnutsMynUy61SQX6oIbS8IWFVNsoVsqTcz2yv71Fq+BUvoY7Bn4AfYl82l/CdE8BgI",
-	"0HhyuIMoPeY7OdKTA0lnZCSSuS30Zjdm+tG8yoVYeriarWym+9EtzFXriYox/ZQrbTPUSXx+/C3MIys0",
-	"8fou8wz/LsohXP4e3gZkJN9swuLJB840mdK5sVVdjn1im8XZNHvjWY6j4kTwmPyKt4Ip0GaVyOFCumvC",
-	"jJs5ETP+gU9AAnZDayuh+sms8ps+nqjelrTcKC1opCKihNTIJGaX9569Y2VqMZ2rHHbnE7dczJRTsIZD",
-	"MG/HzV4+ccIRauzpLOuT+0Vb1aUR7k2tY/fdriPdSwxOd9hnHm9rdBbO3ErXvy90/QmD3ktI1VPgu0Sm",
-	"VSzfKQhevVRoG5r+HQzvvr3aAuIVauyWGPsLjFcW9YU8vPaImw2I9xzvxjN3L5kfqWoak0umb1YAbrC3",
-	"1wl375G59hn23liB7R0Rf8ewd6XpFF53cuSLrJaqvOrdKH8lnRe4Z2ZFB0L7flG7tgcliCGn2vU1fwZF",
-	"GFrYF1KG9cuBdhbI3mYLn9y7X4bul1VK7gf7+z45pzpXZ32HgPZgc+BAhNb3qXWWJdyJW7CRlVsMYQR3",
-	"YZtP/LXh8XSP3G+86hpKv7qdYIaoR+BWqbqNQllbUvJba15/ddEpUGYw/4W04U+2SdNXRsS9KlEk0hdS",
-	"nk41Igx7Svn1F6Bg65i6tLc5HdinlTCFkW17snA42IcAsl2pVnugRht9A4z8E8zXcFzNonZkJdnLltsr",
-	"Vl5hMcqVUHosQUXkl5fvrq3if2d2oqQpiQXHK8F0Oo/sKZMv01ETITVJgCYp43D8gWPdC3Dbk5lKINK8",
-	"TkcpvCDPTp/gd7aU+hMXemhh+0Q4nTI+doc8N5SljI8/8EVxjL3XJgFNWaqO3fNPROgJyBlTwXOXf4F+",
-	"iwvfacdrf4128KyOJnNL0menT/rrcli+ICioWjRJweZlcSBlFCqS84IafR/CFJgohaxscY9hJDyUc5Aw",
-	"WFXo464QXmGQ2Htvv/EDtdI1wDszEqoHZUUvk+vrHwneX1y36rFL2NLosrt0+Ku9SMQB+KW8Yncl825D",
-	"xLxGQnLg7reOiL3e2qZIv71+aetfvUx4cvrfZ2TEdCXjwxM8sAU7qWTnL2/GE+uoyS393SXrxV5o06X9",
-	"GX6GwU6joG0OJG7ZPre/Ow93kf8Jy9SgE3a6uYo/z9Gk/cZl8z4cuBbZnIFU9qYfZ66vI53R1vc0+LqL",
-	"LP9i7leDrt0cri4bcg3XaWPW2KNDU7YrbfCxibsWBE1BSxar5XIcX+nWxSBLKeNr9jG4kmIKegK5ImYM",
-	"Ap8zoewF4wRvEtpBjp6fcFqsrmliV0eoXsr620dDWeOee3bIZequQD0/OXl89t/Hp8enx4/Pvzv97tRy",
-	"gRv/PtCr64hxcpOKGZr/2EDpeJHkadskGTHfpux86h6ThQgsfY70bn5frWQ/0MAp1+owciM5dWfHXtRM",
-	"lK8NCw3qq05CozRPtYrRCle8OaLrpBS5zjeRa0iBmMqO8qw8jk+bDABWKcFnSkvX26RWm08ET+eHZezb",
-	"DqDBlVqPDVtcRMZzdy6dAc3xVWkcx1cBOmKWpgejlJtXRhDm2z18fPifAAAA//8=",
+	"7H17c9u28uhXweiemdhz6UecJqd1/spJ0zY3ae0TJz13pslPgcgVhSMSYAHQiurxd/8NXhQfIEVJlJK0",
+	"/aeNRRJYYBf73sXdKGRpxihQKUaXd6MMc5yCBK7/epZHRD4LJWFU/Uno6HL0ew58OQpGFKcwuhxh8zQY",
+	"iXAGKVavpfjTa6CxnI0uH56fByO5zNSbQnJC49H9fVCMy/jL7zsGZnxMorahn3zTPfJb/axrbP11eXSg",
+	"eTq6/G2UC+DqAfBbEsIYhyHLqRwFIxylRK014uRWv4Jj0A/EUkhI1Q+U0WXKcjH60AreD5ylbZBN1bMy",
+	"TFPGUyxHl6MISziRJFUgtwz8FvMYpPoqAhFykhnEjZ6hUMFFQpwgEj1FGN3iJAcENCI0RgsiZ+jB5QOU",
+	"YhnOQCC4Bb5EJEJEoozDlHwCcToKvABLM2cLkh514P8ta9sEybbZguc5F4w3V3+V4d9zQKF+jNQGI6yW",
+	"dUtYLlCGY3gg0EcKn+TYvPOxba3mcdtaHz+88IH1MoI0YxJouHwFyyZ4P+M5CIQRB8kJROj66uYtEngK",
+	"T5GcAZoSLiTiIDJGBSAiEIcswUuI0GQpAU0Z1/8oYJ4BjjRtWqBL858oAFqgv3j8OBilhBYn17eWV7As",
+	"HdgMy9lqnjkszWnl8HtOOESjS8lz8CIyz/WbzQlek5R4CPgax4AE+QMC9BBJhi7Oz9twlOgRyrNGMMV5",
+	"IkeXj88DtWKSqlN+oSgzJdT8tVotoRJi4BqaKx63LpfxePflXvH43xr8xorfzgAxHmNK/sDqJ3QkgWIq",
+	"j9FixgSglFFYIjkjApHWszkIjNdJHhP6ix7RuxP6f11zZFhK4OrD//kNn/zxQf3n/OS7kw9358GTi/t/",
+	"+KdlCdEnpmPmuSbn9onXC6Jrzv4LoWzFcmaeD7CLZqAC2z50VSbbZPAbI6ieGTnVupiaPNt9Ue8E8NbZ",
+	"lBDddYp79bHhfFofecG54fAho1JJ3su7Ec6yhIT6kJz9VxhFZTXDPzhMR5ej/3O2UnPOzFNxpkd7QW8h",
+	"YRmY2WpykyJQ7wSIUM2Mwb58qpdvx9GK0vVLy9wzzjLgkhiAQw5YQjTGsq8gC0bwKSMcxEbfkKjHdgaj",
+	"BAs5zsWGAFF7AhsPjG7QZF6/EkEmCSAhMZeITfXezWEZKN7NIWQxJUqWyVPfdBxu2XwjEO/LNPbbSK/d",
+	"whY49lTCxEozYxN14NSkBoFKzjSRSCSk1X90UZUlhftiEsw51n+XVAzPdtYXoefyghpFVzz+GdIJ8Dfw",
+	"ew7CnIMoImr/cXJdgn6KEwFBbUGQYpI05P83PlywBMqaMVtQo/daRXhCkkS9GoxSDY9f6y2vy8xtR16/",
+	"PKEldwMj9JZI7MySLmy8XL15XwC55hszt4bcB51l5bsgoL6tbjstfMHolsDCu5tBwVd7cejyzpcYcsfe",
+	"39z89AqW2y3LMYq63O1UK4NRlk8SEo7nhoGWP37y6Ntv1i3Lnu/SIP6V/TcXMgUqt1saTrXITAk1h7fY",
+	"ekLlk29GTfUxcNpXH77MAVvJVbYnPCqL+6FGOmNcLE+zPpYys65xyCEicv2xLFTFykLtVwWA/p1NCX2X",
+	"Kfas9IHttpeIcZZgqTZqbA7DikFOGEsA6/MrJJa5qCw/lORWQRgRgScJRP6lNqFWFuhrFjd5Cy7cHY29",
+	"L1wS7Q8dehqPQ8Y5JJoTtY0QgcQkEe1bZ9Snxlp6EhkLw5zzDWX/iog90r9QV32PecG7Ha5EHoYgxCgY",
+	"TTFJcq7RBpR4kRaMBMt5CGOSeYeXLb6O5yVPB4qzHGNxecchJozeX94xHt9f3lnI7y/v1LD3l3ckuu+n",
+	"VZT3MKi6kUr+qsInVjhH7GY0yOBDB2kOoow4Mt+fOvIvnGAaeiDFYsymY6CSL+t8sJ1pTsxoGzFajRIa",
+	"LlsOVZaAUvwEsVD2I/yELcYOGDnjIGYsifbD/9tYcbGu+rYE9b3tBteHteczCOcsP5w0DBVoyTjnDcXz",
+	"/JtvOxnPWsZm+UrfsXtKvvKoFfC928nolMQ/EEii5kEoHFB3dQvzbgNjawWzVzJCyA07bD5rkUl+PaoQ",
+	"+PZJMXT7snMOL6mQaoe2I6dQD7Ox3Mu0Z2r9yux7gZvHuxJtHhrbbUujaguzfSuF2Ye39iVd8XgwZf6i",
+	"hzIvkjz2OP3OT74r+f0etvv9ykvTYwXrVmjtsT/5Km9evduSVxsN2csZwiwfh4ybFzcWrN2MLCJiPo7J",
+	"xD90nOXjlEWQeL+Ns1yMM+BjyiLwD9CidaaQMr5snzfjJAQ9tIJgxnK+gRTzaYSrhdTBLm9vBbDS3nQA",
+	"VNr+DqqoeH63I5AaItdaoO7IbEX7wQ6+D7/AanVmmB2K2lyz1t3Qz5W3Eq/NMM1ixhLt3jxFNzO2oIjR",
+	"EJ4iIRkHRCSibHG6lgmYUEaHqP0eMqCRIgetunm0jJwbsyItn2aaG19WMALnO29FqMNIxoSMDdVSLNX/",
+	"JKQZ4zjx2mls7mMufmSxuaL+EqS+pb6gypLfUgpT4wVYD5F70wuB2qt/scjn0bccaW1g4bl6cb+GfwpC",
+	"WCOxm7pCw4/c+6sZexmkq+U06P9Gqk1EKQ5nhMIJBxzpHzSxITWtDk46yprgaMwtXoMRobc4IdFYR22C",
+	"UU7nlC3oeKq1aEUmJrADY3M49MsG0CkmidZN3RBFZD6nOJczoFJ/qV6ZMj4hUQRqCsrkeMpyapyguYRx",
+	"+ZcU5IxF+iecJGyhP1c6Y0JCaXViEHIsGRsnyrLX84k8yxhXFmYKEcHOHcAV4DoYrYdRg6rdUQuJsMQT",
+	"LGCcU3yLSaJ2rJRuUv1VqY4sN9ul2C1WgkbZLGXInSum/Jt291aXp1hB5ad6RLD8DGdEbXz1/SSPxxLP",
+	"zWbiFIo/cKJXNy64uA41uXBBgSYOkcIN1qTnfpXMjmFntAGg0i9GtzauFQNp4e5Tpm+IE7cEUX7CSBRq",
+	"+ENnp2j7UU03TnGi5H3pF5zENdyb3xXRChJTLI3LyvzqqNXQpvltBab5W422BDnWyyx+XXBG4zERItd7",
+	"U/4R5xEBGq5mSYkQhMZjkZvTWH2dMvOuXmfMMVU0pt5brT7j7JZEwGtU5baerJJD7Epqv4w55MIctdID",
+	"QsfThMQzuQoBeWnIaTBqHTq5SKELohi4Hrt0tiTL8mzMcjlm0zHHVB+uDC9ToHIsQAh17Cskb58VCyw/",
+	"XMBkxth8bJepz+40p5H7YWxs/dXvVbw3xjayc/UgzIVkKXCHn5EzRqsgmp+ItY19z/Is5jiCccncrn9V",
+	"2iT7aE5oVN7R4gu32OIHJZuwJAbn9leJ0wz8U5WOTv1RwXEd4F5yEmJmycj+S/PKBeB56Sf4RITWKtwP",
+	"FQ4zzxt/2w98ukc1hN8Q1oXOs1Zaa2HfUBH05z6R+BPgRGnI9QmbAQo29wJ+C1z4Lae6dWhGXH3hA0e7",
+	"X5LEpOpspzjp5I1m5uBEsCSXgNRjF8mfEIr5EjGTE6EMnAcCzZjQ4fyS+fDN+XdPfAFMQ/PNyd5AluAQ",
+	"EKaImAVBhAy9uakFTgEpwWOSFnX+kwGnpGK3aXx6if7tK4eTW2Llh8zTcDZSj4hEJZ5eAcq30tea+b6g",
+	"kntU2228uuuV221SYNw3E7/rYSe/hHGa18OoJk46znIezrDQmp1SlccRTEiR+VsNsxrR4Y+36iwW4KLF",
+	"ZOodDtkohjwFDjbG0SeU5Qkz1Fzgpa0qj1/d4wqGK6hrJ8AhQltlUt5fdOu1Ui5fs63ZasKsi3ptqk2G",
+	"hVgwHjX8wRdrUyDMJKUh/CuJdbzHn1EDNCrULBtH6RFF/9kX9svlbGxMqYocJFG40ui17SFq8qziO8wS",
+	"vBy3BkPauXLP09Iz4UAdEmPSiBnJ+hNnkcGkPvORZ8YJDUmGkwYnaik+8G2TM/u2gbCSxeSHsi4+qyAH",
+	"ho2U0e3b1uYe+uH+4CUvl661e1blDiTVIo0HScVy4rsCXiHN1yQtmv0Zgpm6lLe98dGrl98/f/EpnCnL",
+	"btsgYVSP1LQomEplbgR1Hj8J+jnJzNfeNfB4GFrsyaNaSdVFn3pI+XJwaS09VblWY6kbKCPaQdUGvnrY",
+	"soR9ZJwWik4xbwm+jvjBFR8kBUdRzf7O1bXxSNxYYTqITm9TQ1r0gC01+i6VfY+W1AY0W3h7nNOjJQ1D",
+	"af2wWSpQ0y1AKJHEeqiLDVfUo5OVzFGNrO945VY0Xpgxh5DRkFTotsr+cjFe5ZRuYgzULICSbVA4Iir0",
+	"sZanVAl0iANVI/k9nq0iv6R2pjIytt6YKtQtyborwIwferwqT+m14HJykWfQjpBXMCocKZsdruKrFgt8",
+	"Tmi0WfqS8y81yXWGLx4/8T7q7SSzrFxDtfosqGKqmCpwlUpu52rbVFt/HW3tpPKyxDhaSaYlO7hPBlTV",
+	"XfYLoycmYIwESEloLEpOsBVsnfSxBSLbsq4K33DXQjnooqCWhBOzHBMBFJ5oY3W1SM6wRDOWREVF85H+",
+	"n0CYA6JwCxxxkDmnEB3rIsneJ7XQIYvkZcmyzOTDqQUYFYTnlJp/lSKSJad7G3uGdu4cjHKdS79D/ZOr",
+	"iHBpb/ZYrKjdLK4GSgk3BT3WMVIBbv05eE2E3JnbV0/WOiN1HTcfDqRdQHG1rTvmitoUliaJhSyrLcyR",
+	"cZywiQshryxxL6HWj0TdUUG0F1TxEk1K3BwEl9yhFHRGK9U4nakv1qfg1l8soroLnbs5iHJRoGaPeoWe",
+	"4+oWOCcRtGYm+dG6JTL1t20u+s05zuqbFgVB82FFxf48J72SElTugwoslUnWb+Rw6C9Qs08a4BIn23lC",
+	"NgoKKOm3a2Z8aZT2tbSaoK3u5IpHrG1sS9NfhN9lk5qE/i6aYps38tU0/be7+GuqtVy9X++oDDcv9Hbz",
+	"bJ0FWmmaUGxlZf4avB0uH7upg3ASS7j7YyFvAEeEghCew6FM9P6w1nNLW/ThqgfDZLOtxU/VbdC2kikH",
+	"Mduyltp8bLPIqlzu24ffXawDsPp9C3g5jQ5WKdW7GLi2kJrrpqNk1y3IHwq0CVobFu65BCu/hiFWwmEz",
+	"186K7taQmf0kaIBfBq0Yz7srbNuk437pGq1c5+bVO38Z8t9lG1912UZQqk5fY8PcvHo3hNBRlLQ/gWNa",
+	"QzRhnJA2f842StqU0Bh4xgn11Fvc/PTs4vGTy9PTU4QFEmJ2ModlDBSdJEh/Itq6yuyq+1WbVKxtywDR",
+	"xePHD78bBSMII4EVFxJ4vbTUQFUrMfXuVuav7tFaTdGgbRDyMgSwRwqrlDMNFPhfw/AOaBRsqGUPpiP7",
+	"deMyrVUTuvplH1SRNQh9VdG/TzqTxtLfTt4P5Yjp7mba7kRx7hPz3LfAt0qZfWNbp/mUC13aXqjMA0Vk",
+	"OwZ0WvY2Azc0/DY3h2R+3qxLJuoc+l+AeZ/DU9mrymBrs21NV5xfcAoHLE7uWx5ugNtLWfE6lrurNtdc",
+	"i/ByH5wkLCwnJ69luROio36bmGv2k5xKkz42RD6ETjDY5IgoFbZL4R42T2IH7G0sBMU891uUEnO5c5dA",
+	"v1Cs0o2Bwe5xX82/BF6NRGpE9qGNnIcQqOZc7E+OvhO+9EydEmq6N3kygHW5nlc0Hjitc9hMYV3vqBOx",
+	"N4J/645mrYUgtUxSX0Zu4ZMrY2qtvqeQPQxR7jXT9D+m9u8NhEAyvw1hEqu87LIoOm5hp3DrOuWv8TLY",
+	"FysjlrK6mpCb9IecE7m8UTtlbWutpTzLvcVZFF29/P45MhoK0poJOvp//3l7bLqcm+osV/mKiC69lUvk",
+	"Et0ChJE+je+pdZ+5MeJMjE9PT48DxDjCFD27fonmsFQP5vrB6fui5b8+B0aXKtY0kzIzDXUJnTJ/2wTT",
+	"m00BKDlLUJZgCujNi5u3arZT9EL3oDd15JiKBXDhar5cebnrxvueHn2sFAJ+PEYh5nxJaIwwEqZG/WPI",
+	"Ivj41O5KZJNEEiKk2huKPhZl7h9P31MzfdF2XQ1HQKCP///k+ark6eTl9x/REYQzBtFqy22ZOFrMgCJd",
+	"FxkgSAS8pzFQ4OqI2f2TRCoLb2S34tn1y1L20uXo/PTh6bkWzhlQnJHR5ejR6fnpI5vApOnjDGfk7Pbh",
+	"mT7aZziPiDxJWKyf2f54ivg1uC+j0eXoNRHSdYXT4qx04cNv/oO7euWsdr3CfbDBFy+/3+R94//t97q9",
+	"96Dv6/r+hd5jsz6vmr71PV60lxTcf6h1tr44Px+sr3WlgaCvrbW+9ACxKdL0gjhbiFOjt7vkE+/4BcCm",
+	"ZNawrDxNMV+qUfVYCYsDRGGhDoC+uiBAU5JIW3AssaJM58n4oAZoI+Az+JQxLlvp+IV+/Dclb0bJ68lO",
+	"wid5ForbKrl5GrPX2m7e/GrYM0bmAgpFVbsTlWHDutBdM3NHrwgL9Pzm1wAJyQGn/YjLlg6crao4TeiU",
+	"CQ996ba2pmuw63C5KYnVbv4wm69lg2stM8xxb7Q2vq8qI5LncN9A/MPBAKhUYjZJ45opEbs7LTzXupPS",
+	"SHRRrtJLqjdkaCyjFXbVq6XaXGSUr+M+pGIbPYgzqxi1y1NNJ0qoVmOXHobku/Kh0MSblxDtrUJA8YvO",
+	"20I2uALi6xKMnlqETvHokL877dqZixEDNFkig3x0ZJRGgzBiaPn3HHLYjlLP7lwdL4nuz2yRejebM/kA",
+	"FsYWwq1fJeKm2O0KkS+Fh1ZTPHrxz/PBJ9fpGB6CfGNLjnYnQzMSyvS1HBzhJNFaIHKsBEmWneSZluT2",
+	"yhNDQGhBaMQWvQhSZ0efuCKqPpyzkuItRvvkAM38dM+GG63DrWAAybUywm07k2J3jNKkE/ED5EpVEKaR",
+	"UqMSOUNHJgNf2HIGMWMLerwNHs7u1Nm9t71ewlkLQkxYoJZ1v6nmU7ozal8nttok8MAntl6U0CQhs40D",
+	"HFmzTq31GH9g0R7H9gmr0UEwyvK2w1bQ4ZeP3tbO0l8cpleHexAVF0uNbK0PmHHLCH9acuohIpDtiQgR",
+	"wjFWL+nn5ug/EMiusTe36M2sD8CkezDnUoOo3ff+ZTGiud0TZcVKPWesXZmq9OIa7ed0ePt9Hdjqc1VQ",
+	"TQwVOzkYUtAR48j2DTtG2ElR24hM94rztCN7iogU6OanZycXj5+YmzNDxiN1WGiEtE2l/i3tfacJzqnu",
+	"p9f3sGwhUf+WpL2paJ8S1BHQkaItRSSFltRPtWIJCQl0O9mrpUQ9/QHz9gta/TdYfmUGeLNgq9MAZ273",
+	"BrDA9dSrERGhaMq4V4dqRfjZ3RyW9yaelYApEK5i/nkCmNeqyDY+85WrT9vcNS4JrN363jg7rXOqDa/i",
+	"bpLRN57LmtRuDWPYpuxWH+wqmo1zhcIniRYkUvaTWoriBep3OyXSBO0/+y3qdJFAOBSS98TbG4mOh2bv",
+	"tXrK5mG/Abk7+m9AenBv6D5ZBvqSbOMuVqjXfyF3DHocfzHPe2jGN6/ebR6G+qLYs6tC6OTJaplDBXZu",
+	"Xr0LEKEm5QUxCgJJxjbVuIsLUr7UCE3jBpcDq+q6LMRjuZp8n22R2evYnN2JeT4mUU8t2YtEn/9ZD9r3",
+	"8u8nj1rk0/CobmTVHpjhtqB6MGX6ue7gh7A6ug8E0smQ6IjCAq2SJgViNFkeB8i2CCcJkUsTtytXGayl",
+	"n1xoCljHd9/p13qp1y5HzkslvrasrRpRe9yuX/7e1yUYitS/Tsmg8bU3bqJHP7uzrTN78pN3ppnqZlLB",
+	"Xmu/v3i998LcAzMKk4W5R07xI8cmBC/xHBBe4CVyiahIYzQo7HGdy2ctc9v+tosccjk703mLZ0V3Zb92",
+	"sGrevCc/XLM79IGxWK3z8anXJKY6v3FrhNqc1NHlbx8qKjeJqbKhbdKPxgeyzYrRkc59rPxm0i1tD6qK",
+	"pZXLmRfBMTOWVxtuY3Mtzt72ttIwu31rWS5P0Q+Mm1xcQWIdcwtQraO2+lsY77xNv30g0Crtlg3h54qM",
+	"BxQnSXn09XvNSBTqfzFO/oBWiXtFovBZ8VaDq9ayfrCcIRtDXsBE2dhIMtuOTf0LT6Wyx81+oSOTU3sL",
+	"AXL91QxpnZnGbR4ZvCr6ahHojx9erPdLPDq/8N1EEREOoVRwqgU0UqcVTCbPTQ/y2mo+a5LmBj6Bap8Q",
+	"RhPOFqK0lUWWtCZIBzE6cgg2GSYhiwD9X3T96vmL454UArZ/c/uhVBTiujzvieX6Gkn/ZZjuD4QSMfPg",
+	"fLJEFjvq4LgUd+3p0Cn9Yj2K9XtnttayHcW2V8tbWw65p2SccjuYLw27v8DCbqqJxrIkQnbbbP0EZShh",
+	"NAaOFozPxdBU8JbjSKlK1UkVrmkBGjoy0tdlhemQlzo73YfdpchOVpe6e0XBj7B1VuwVj/+tGfleLRYH",
+	"nQd/b2eA7PoGyHqvJqE+EG5odBQBJ7euMIRIgUxnmjICXDNzLw7M650xJpN5uwMKvjI7tHR7TKclClRy",
+	"MkTUqIlegxU3Q7XWoS9mc1eu3IrYd/aezv3h1fYn6/3+X6JyZlV4u8bRof5hsgkGILJ35eF0QmY9s51l",
+	"JoU9WSJGwYUujnegvlNb4tFRW/NnocGvvOalTGxdZS9enJsk0j9KmK6XkJrKyovzc7SYkQSchaorSolA",
+	"efbUZMoIpdVERaNAZQA1VIKf7Gx7PKH24sUWsV4BfGi169oOnpBb0G0XV3svlkJCWt16xtdUYV7x+CuP",
+	"F7obUrpzOEqcbABmeVUeruTvQBNQOrdQJvuRTWyXM0i1Xlx1PFYC/RpN7QFGEyO7MokTX25s8YrHnym2",
+	"qK+3GTy22EiJrYnEp1XMhywFoXVsd11QDb21c3l2Z4qd7rsMnG2QfsXjInKwv0PXxv7KO7RrHGZ1LvxB",
+	"FhMn2HWP9hWALfdcOrD/oAU/O8ZVetLzmb1Sb53gsW2jt8XdV6bWl+7J6xRVdvOGOzotOStRgYH9IeBg",
+	"xcerxXwmCVQFoS1a8yyKIEJHBsXHiHFE6K2ueTsixfXPxwN4DKIIYUtJ2i2bYpIEq/mMUqLjY3IGSzTD",
+	"t4Aok9qVazqRLEGONj7x1ch4W3qqyZM8APlVYujr0kANVEOmgdr919mfCRbS6AUoxFRt9UTZU3pKvya4",
+	"RuIddO/24F5nny3b310zeogEJUMCDwTiLIEOSoggZdJLCa1Hzvpf1uT/u5f+GjK2fHVCp5B1m7dnKWvs",
+	"husiyffrFrOV1Xyugi93o8XeMkmb567obuA6YJyUbhLoQvxz+/5NkQPxZVrvFszPhdLafQstXrVq84rA",
+	"OD2Vte2wgt69eT1AFr9NaDBNCJ6qeRGWtguBucWvMuM65+eKeHIhWQr8JNM3FfWloeq9RvshgOo9UAev",
+	"zigvsA37+qVhMHyVGbXXkZQoJ0M5LLkZlV7OSAgiKCjQ3DMvjntjfmGaQZ7duQK/+3ak28MgbAPJXnno",
+	"pUL8Xpno3iK+HXhLvYfkQcmn1mnT27kkBB0DPzLtMG2lVYQYDQEBDmfHe/DSm3wni3p0xPECTVi01P01",
+	"yFRNP1lWqdBUfK8nK11gdDKHpWiNqCjVT9iKYoWdyJUlzWEZaKZpbipVz8zfRRWazd8zFx8qzreYkXD2",
+	"nhKJUrxUuqotbYp0j05d3aQsyzgoIoKn6FdzAaoAqVZpKJxxeyOqMjNnbEHf0xlwME0o2ypXX6lVftXh",
+	"ierFkN1KaYEjESDBuDREok754Nk7mqcW09mGDTY+MadsIayAVRRi8nbs7OWIkxmhRp5Wsz67W3Wz7vRw",
+	"b6sd2+/27enuUDhtsE893lXpLIy5tab/UNv1J3R6d6BqIMd3CU3rSL6XE7x6f+IuOP3bGd7/eLU5xCvY",
+	"2C8yDucYryzqM1l47R437RAf2N9tYu6OMz8Q1TQmm0zfLLze4mxv4u4+IHEd0u29tQA7+Eb87cPel6QT",
+	"5sasE1dk1Snyqtdr/ZVknueqsjWNX/X7Re3aAYSg7RFQvQHtzyAIfQv7XH0QavfL7c2RvcsRPruzv4zt",
+	"L+uE3Pf690NSTnWu3vLOADqAzmEGQrh+TrWxzOGWzUF7VubGheE9hW028Ze2j+cHpH5lVde29Is7CWqI",
+	"ugdunajbypW1Iya/tjtDrl/2cpSpnf9M0vCV7o33hSHxoELUIOkzCU8rGg0MB0r5dfdOmY5ddW6vczpM",
+	"e2xEhPFs68jC8egQDEg3A1xvgSpp9BUQ8itYbmC4qkXtSUvigKNle8XKc1OMcs2EjDmIAP3y7O2NFvxv",
+	"1UnkOEEho+YmRpksAx1lcmU6Ysa4RBHgKCEUTt9TU/cCVLfCxxwQV6/jSQJP0ePzR+Y7XUr9kTI51rB9",
+	"RBSnhMY2yDPFJCE0fk9XxTH6OrEIJCaJOLXPPyImZ8AXRHjjLj+CfGMWvteLBnBEdOmKN1aHo6VG6ePz",
+	"R8M1ly3fy+YVLRIloPOyKKDyFgqU0wIbQwdhip0ouax0cY8iJBOUs5AQWFfo09kd8C/UGNB28dupP2BH",
+	"zIyqUyhmOAOBGEVsOgVuI2W6C5lAGXD04/W7kxnLyyUgIZY4YbVQrhCzHlqkvu/+a8fd6vr/vWl2VUwV",
+	"DWhubn5CWT5JSFg3xUxrt86QgIH7y710ywL4uVwZZnf27NenNRSiI4guHj9++F2AIIwE1nntb26e6ePv",
+	"GPmj839eoAmRlTQdh3DPEeylR1knx3Y0sYlus6OTomO9poFd2tlU42cY7dV13Wb1myM75PG3rNmGa2Yk",
+	"E6Neu9PPvv95aeyQr5w3H8LqbuHNGXChb8WzNtYm3NkYaA4HX3Zl7F/MZm7gtZ+V3OdAbmDvbk0aB7RC",
+	"y8aA9hg3965lg1KQnISim4+bV/q1nsgSTOiGzSeuOUtBziAXSI2B4FPGBNFxdnPr3h4SK92EabG6pl1U",
+	"HaF6gflvHxRmBfBbRw45T+x14ZdnZw8v/nl6fnp++vDy2/NvzzUV2PHvPA3WTghF04QtjM1mul6drjJz",
+	"dW8rxebbhJ3LtyS8YIGlzw2+m99X2w8cSaCYSnEc2JGsuNNjrwpdylds+gZ1pUK+UZqhyGK0wn/SHPGX",
+	"krF0pCyyYwuSMpRKQzjbqDmCbaAV2IZHge1DYvY6O8mz8jAuW9aztErnBSIkty1tai0ZTMvoMv5041fv",
+	"XmlD3XQ2CRAvLHkFmqXM0jiWMj2UYJJzHRillMzyFps0y/sP9/8bAAD//w==",
 }
 
 // decodeSpec returns the embedded OpenAPI spec as raw JSON bytes,

@@ -7,7 +7,6 @@ import (
 	"time"
 
 	"github.com/gofiber/fiber/v2"
-	"github.com/google/uuid"
 	"github.com/jackc/pgx/v5"
 
 	"github.com/gpuaas/gpuaas/core/internal/audit"
@@ -156,7 +155,7 @@ func (a *API) AdminListUsers(c *fiber.Ctx, params apigen.AdminListUsersParams) e
 	if err != nil {
 		return err
 	}
-	items, next := page(us, limit, func(u *identity.User) uuid.UUID { return u.ID }, userJSON)
+	items, next := Page(us, limit, func(u *identity.User) any { return u.ID }, userJSON)
 	return c.JSON(apigen.UserPage{Items: items, NextCursor: next})
 }
 
@@ -209,17 +208,10 @@ func (a *API) ListPolicyOverrides(c *fiber.Ctx, params apigen.ListPolicyOverride
 	if err != nil {
 		return err
 	}
-	out := apigen.PolicyOverridePage{Items: []apigen.PolicyOverride{}}
-	for i, o := range os {
-		if i == limit {
-			prev := os[i-1]
-			next := EncodeCursor(policy.OverrideCursor{Key: prev.Key, Scope: prev.Scope, ScopeID: prev.ScopeID})
-			out.NextCursor = &next
-			break
-		}
-		out.Items = append(out.Items, overrideJSON(o))
-	}
-	return c.JSON(out)
+	items, next := Page(os, limit, func(o policy.Override) any {
+		return policy.OverrideCursor{Key: o.Key, Scope: o.Scope, ScopeID: o.ScopeID}
+	}, overrideJSON)
+	return c.JSON(apigen.PolicyOverridePage{Items: items, NextCursor: next})
 }
 
 // SetPolicyOverride sets an override.

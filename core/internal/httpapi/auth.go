@@ -338,16 +338,8 @@ func (a *API) listKeys(c *fiber.Ctx, owner identity.KeyOwner, limitP *int, curso
 	if err != nil {
 		return err
 	}
-	page := apigen.APIKeyPage{Items: []apigen.APIKey{}}
-	for i, k := range keys {
-		if i == limit {
-			next := EncodeCursor(keys[i-1].ID)
-			page.NextCursor = &next
-			break
-		}
-		page.Items = append(page.Items, apiKeyJSON(k))
-	}
-	return c.JSON(page)
+	items, next := Page(keys, limit, func(k *identity.APIKey) any { return k.ID }, apiKeyJSON)
+	return c.JSON(apigen.APIKeyPage{Items: items, NextCursor: next})
 }
 
 func apiKeyJSON(k *identity.APIKey) apigen.APIKey {

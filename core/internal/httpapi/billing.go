@@ -71,16 +71,8 @@ func (a *API) ListLedger(c *fiber.Ctx, params apigen.ListLedgerParams) error {
 	if err != nil {
 		return err
 	}
-	out := apigen.LedgerPage{Items: []apigen.LedgerEntry{}}
-	for i, e := range es {
-		if i == limit {
-			next := EncodeCursor(es[i-1].ID)
-			out.NextCursor = &next
-			break
-		}
-		out.Items = append(out.Items, ledgerJSON(e))
-	}
-	return c.JSON(out)
+	items, next := Page(es, limit, func(e ledger.Entry) any { return e.ID }, ledgerJSON)
+	return c.JSON(apigen.LedgerPage{Items: items, NextCursor: next})
 }
 
 func usageFilter(org uuid.UUID, project *uuid.UUID, from, to *time.Time) (billing.UsageFilter, error) {
@@ -124,7 +116,7 @@ func (a *API) ListUsage(c *fiber.Ctx, params apigen.ListUsageParams) error {
 	if err != nil {
 		return err
 	}
-	items, next := page(us, limit, func(u billing.Usage) uuid.UUID { return u.ID }, usageJSON)
+	items, next := Page(us, limit, func(u billing.Usage) any { return u.ID }, usageJSON)
 	return c.JSON(apigen.UsagePage{Items: items, NextCursor: next})
 }
 
@@ -250,7 +242,7 @@ func (a *API) AdminListPaymentSessions(c *fiber.Ctx, params apigen.AdminListPaym
 	if err != nil {
 		return err
 	}
-	items, next := page(ss, limit, func(s *payments.Session) uuid.UUID { return s.ID }, sessionJSON)
+	items, next := Page(ss, limit, func(s *payments.Session) any { return s.ID }, sessionJSON)
 	return c.JSON(apigen.PaymentSessionPage{Items: items, NextCursor: next})
 }
 

@@ -25,16 +25,8 @@ func (a *API) listSKUs(c *fiber.Ctx, all bool, limitP *int, cursor *string) erro
 	if err != nil {
 		return err
 	}
-	out := apigen.SKUPage{Items: []apigen.SKU{}}
-	for i, s := range ss {
-		if i == limit {
-			next := EncodeCursor(ss[i-1].ID)
-			out.NextCursor = &next
-			break
-		}
-		out.Items = append(out.Items, skuJSON(s))
-	}
-	return c.JSON(out)
+	items, next := Page(ss, limit, func(s *catalog.SKU) any { return s.ID }, skuJSON)
+	return c.JSON(apigen.SKUPage{Items: items, NextCursor: next})
 }
 
 // ListSKUs lists the active SKUs (public).

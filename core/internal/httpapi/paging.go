@@ -42,3 +42,19 @@ func DecodeCursor(p *string, v any) (bool, error) {
 	}
 	return true, nil
 }
+
+// Page cuts a result of up to limit+1 items (the store reads one more than the page
+// to know whether another follows) to at most limit items, converted by conv, and
+// the cursor of the next page (nil on the last), made from the sort key of the last
+// item kept.
+func Page[T, J any](items []T, limit int, key func(T) any, conv func(T) J) ([]J, *string) {
+	out := make([]J, 0, min(len(items), limit))
+	for i, it := range items {
+		if i == limit {
+			next := EncodeCursor(key(items[i-1]))
+			return out, &next
+		}
+		out = append(out, conv(it))
+	}
+	return out, nil
+}

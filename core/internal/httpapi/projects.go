@@ -47,7 +47,7 @@ func (a *API) ListProjectMembers(c *fiber.Ctx, projectID apigen.ProjectID, param
 	if err != nil {
 		return err
 	}
-	items, next := page(ms, limit, func(m identity.Member) uuid.UUID { return m.UserID }, memberJSON)
+	items, next := Page(ms, limit, func(m identity.Member) any { return m.UserID }, memberJSON)
 	return c.JSON(apigen.MemberPage{Items: items, NextCursor: next})
 }
 
@@ -115,7 +115,7 @@ func (a *API) ListServiceAccounts(c *fiber.Ctx, projectID apigen.ProjectID, para
 	if err != nil {
 		return err
 	}
-	items, next := page(sas, limit, func(s *identity.ServiceAccount) uuid.UUID { return s.ID }, serviceAccountJSON)
+	items, next := Page(sas, limit, func(s *identity.ServiceAccount) any { return s.ID }, serviceAccountJSON)
 	return c.JSON(apigen.ServiceAccountPage{Items: items, NextCursor: next})
 }
 

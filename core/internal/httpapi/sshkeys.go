@@ -41,7 +41,7 @@ func (a *API) ListSSHKeys(c *fiber.Ctx, params apigen.ListSSHKeysParams) error {
 	if err != nil {
 		return err
 	}
-	items, next := page(ks, limit, func(k *sshkeys.Key) uuid.UUID { return k.ID }, sshKeyJSON)
+	items, next := Page(ks, limit, func(k *sshkeys.Key) any { return k.ID }, sshKeyJSON)
 	return c.JSON(apigen.SSHKeyPage{Items: items, NextCursor: next})
 }
 

@@ -119,23 +119,16 @@ func (a *API) ListPolicyKeys(c *fiber.Ctx, params apigen.ListPolicyKeysParams) e
 	}
 	defs := policy.Catalog()
 	sort.Slice(defs, func(i, j int) bool { return defs[i].Key < defs[j].Key })
-	page := apigen.PolicyKeyPage{Items: []apigen.PolicyKey{}}
-	for _, d := range defs {
-		if d.Key <= after {
-			continue
-		}
-		if len(page.Items) == limit {
-			next := EncodeCursor(page.Items[len(page.Items)-1].Key)
-			page.NextCursor = &next
-			break
-		}
-		scopes := make([]apigen.PolicyKeyScopes, len(d.Scopes))
-		for i, s := range d.Scopes {
-			scopes[i] = apigen.PolicyKeyScopes(s)
-		}
-		page.Items = append(page.Items, apigen.PolicyKey{
-			Key: d.Key, Type: apigen.PolicyKeyType(d.Type), Default: d.DefaultJSON(), Scopes: scopes, Description: d.Description,
-		})
+	first := sort.Search(len(defs), func(i int) bool { return defs[i].Key > after })
+	defs = defs[first:min(len(defs), first+limit+1)]
+	items, next := Page(defs, limit, func(d *policy.Def) any { return d.Key }, policyKeyJSON)
+	return c.JSON(apigen.PolicyKeyPage{Items: items, NextCursor: next})
+}
+
+func policyKeyJSON(d *policy.Def) apigen.PolicyKey {
+	scopes := make([]apigen.PolicyKeyScopes, len(d.Scopes))
+	for i, s := range d.Scopes {
+		scopes[i] = apigen.PolicyKeyScopes(s)
 	}
-	return c.JSON(page)
+	return apigen.PolicyKey{Key: d.Key, Type: apigen.PolicyKeyType(d.Type), Default: d.DefaultJSON(), Scopes: scopes, Description: d.Description}
 }

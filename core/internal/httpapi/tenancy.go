@@ -78,19 +78,6 @@ func memberJSON(m identity.Member) apigen.Member {
 	return apigen.Member{UserId: m.UserID, Email: m.Email, DisplayName: m.DisplayName, Role: m.Role, CreatedAt: m.CreatedAt.UTC()}
 }
 
-// page cuts a limit+1 result to a page and its next cursor.
-func page[T any, J any](items []T, limit int, id func(T) uuid.UUID, conv func(T) J) ([]J, *string) {
-	out := make([]J, 0, min(len(items), limit))
-	for i, it := range items {
-		if i == limit {
-			next := EncodeCursor(id(items[i-1]))
-			return out, &next
-		}
-		out = append(out, conv(it))
-	}
-	return out, nil
-}
-
 // ListOrgs lists the caller's orgs.
 func (a *API) ListOrgs(c *fiber.Ctx, params apigen.ListOrgsParams) error {
 	p, err := caller(c)
@@ -113,7 +100,7 @@ func (a *API) ListOrgs(c *fiber.Ctx, params apigen.ListOrgsParams) error {
 	} else if orgs, err = a.Identity.ListOrgs(c.UserContext(), p.ID, p.IsPlatformAdmin, after, limit); err != nil {
 		return err
 	}
-	items, next := page(orgs, limit, func(o *identity.Org) uuid.UUID { return o.ID }, orgJSON)
+	items, next := Page(orgs, limit, func(o *identity.Org) any { return o.ID }, orgJSON)
 	return c.JSON(apigen.OrgPage{Items: items, NextCursor: next})
 }
 
@@ -174,7 +161,7 @@ func (a *API) ListOrgMembers(c *fiber.Ctx, orgID apigen.OrgID, params apigen.Lis
 	if err != nil {
 		return err
 	}
-	items, next := page(ms, limit, func(m identity.Member) uuid.UUID { return m.UserID }, memberJSON)
+	items, next := Page(ms, limit, func(m identity.Member) any { return m.UserID }, memberJSON)
 	return c.JSON(apigen.MemberPage{Items: items, NextCursor: next})
 }
 
@@ -254,7 +241,7 @@ func (a *API) ListProjects(c *fiber.Ctx, orgID apigen.OrgID, params apigen.ListP
 	if err != nil {
 		return err
 	}
-	items, next := page(ps, limit, func(p *identity.Project) uuid.UUID { return p.ID }, projectJSON)
+	items, next := Page(ps, limit, func(p *identity.Project) any { return p.ID }, projectJSON)
 	return c.JSON(apigen.ProjectPage{Items: items, NextCursor: next})
 }
 

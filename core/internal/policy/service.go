@@ -83,11 +83,6 @@ func NewService(pool *pgxpool.Pool, log hclog.Logger, opts ...Option) *Service {
 	return s
 }
 
-// Lookup returns the definition of key.
-func (s *Service) Lookup(key string) (*Def, bool) {
-	d, ok := s.defs[key]
-	return d, ok
-}
 
 // Get resolves k for t: project override, else org override, else global override,
 // else the default.

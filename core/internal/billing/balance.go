@@ -43,20 +43,11 @@ func Evaluate(ctx context.Context, tx pgx.Tx, pol *policy.Service, orgs []uuid.U
 	if err != nil {
 		return err
 	}
-	// Every org's balance in one statement: its latest checkpoint plus the entries
-	// after it, read in index order.
-	rows, err := tx.Query(ctx, `
-		SELECT a.org_id, a.currency, a.low_balance_warned, a.depleted_since,
-			coalesce(cp.balance_minor, 0) + coalesce((
-				SELECT sum(amount_minor) FROM (
-					SELECT amount_minor FROM ledger_entries e
-					WHERE e.org_id = a.org_id AND e.id > coalesce(cp.upto_id, 0)
-					ORDER BY e.org_id, e.id LIMIT 1000000000) t), 0)
-		FROM billing_accounts a
-		LEFT JOIN LATERAL (
-			SELECT upto_id, balance_minor FROM ledger_checkpoints c WHERE c.org_id = a.org_id ORDER BY upto_id DESC LIMIT 1
-		) cp ON true
-		WHERE a.org_id = ANY($1)`, orgs)
+	balances, err := ledger.Balances(ctx, tx, orgs)
+	if err != nil {
+		return err
+	}
+	rows, err := tx.Query(ctx, `SELECT org_id, low_balance_warned, depleted_since FROM billing_accounts WHERE org_id = ANY($1)`, orgs)
 	if err != nil {
 		return fmt.Errorf("billing: evaluate: %w", err)
 	}
@@ -69,7 +60,12 @@ func Evaluate(ctx context.Context, tx pgx.Tx, pol *policy.Service, orgs []uuid.U
 	}
 	states, err := pgx.CollectRows(rows, func(r pgx.CollectableRow) (state, error) {
 		var st state
-		return st, r.Scan(&st.org, &st.currency, &st.warned, &st.depleted, &st.balance)
+		if err := r.Scan(&st.org, &st.warned, &st.depleted); err != nil {
+			return st, err
+		}
+		b := balances[st.org]
+		st.currency, st.balance = b.Currency, b.AmountMinor
+		return st, nil
 	})
 	if err != nil {
 		return fmt.Errorf("billing: evaluate: %w", err)

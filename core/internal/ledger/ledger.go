@@ -175,35 +175,60 @@ type Balance struct {
 	AsOfEntry int64
 }
 
-// balanceSQL reads the latest checkpoint and sums the entries after it, in one
-// statement (one snapshot). The tail is read in (org_id, id) order with a limit so
-// every plan, generic or custom, walks the index from the checkpoint on instead of
-// scanning the org's whole ledger.
-const balanceSQL = `
-	WITH cp AS (
-		SELECT upto_id, balance_minor FROM ledger_checkpoints WHERE org_id = $1 ORDER BY upto_id DESC LIMIT 1
-	), tail AS (
-		SELECT coalesce(sum(amount_minor), 0) AS s, max(id) AS upto FROM (
-			SELECT id, amount_minor FROM ledger_entries
-			WHERE org_id = $1 AND id > coalesce((SELECT upto_id FROM cp), 0)
-			ORDER BY org_id, id
+// balancesSQL reads, for each org, its latest checkpoint and the sum of the entries
+// after it, in one statement (one snapshot). The tail's bounds are row comparisons
+// on (org_id, id), which only the (org_id, id) index can serve, and which give the
+// scan both its start (just after the checkpoint) and its end (the org's last
+// entry): every plan, generic or custom, reads the tail and nothing else — not the
+// org's older entries, and not other orgs' through the primary key.
+const balancesSQL = `
+	SELECT a.org_id, a.currency,
+		coalesce(cp.balance_minor, 0) + coalesce(t.s, 0),
+		coalesce(t.upto, cp.upto_id, 0)
+	FROM billing_accounts a
+	LEFT JOIN LATERAL (
+		SELECT upto_id, balance_minor FROM ledger_checkpoints c WHERE c.org_id = a.org_id ORDER BY upto_id DESC LIMIT 1
+	) cp ON true
+	LEFT JOIN LATERAL (
+		SELECT sum(amount_minor) AS s, max(id) AS upto FROM (
+			SELECT id, amount_minor FROM ledger_entries e
+			WHERE (e.org_id, e.id) > (a.org_id, coalesce(cp.upto_id, 0))
+				AND (e.org_id, e.id) <= (a.org_id, 9223372036854775807)
+			ORDER BY e.org_id, e.id
 			LIMIT 1000000000
-		) t
-	)
-	SELECT a.currency,
-		coalesce((SELECT balance_minor FROM cp), 0) + (SELECT s FROM tail),
-		coalesce((SELECT upto FROM tail), (SELECT upto_id FROM cp), 0)
-	FROM billing_accounts a WHERE a.org_id = $1`
+		) tail
+	) t ON true
+	WHERE a.org_id = ANY($1)`
+
+// Balances returns the balance of each org that has an account, by org id.
+func Balances(ctx context.Context, db DB, orgs []uuid.UUID) (map[uuid.UUID]Balance, error) {
+	rows, err := db.Query(ctx, balancesSQL, orgs)
+	if err != nil {
+		return nil, fmt.Errorf("ledger: balances: %w", err)
+	}
+	bs, err := pgx.CollectRows(rows, func(r pgx.CollectableRow) (Balance, error) {
+		var b Balance
+		return b, r.Scan(&b.OrgID, &b.Currency, &b.AmountMinor, &b.AsOfEntry)
+	})
+	if err != nil {
+		return nil, fmt.Errorf("ledger: balances: %w", err)
+	}
+	out := make(map[uuid.UUID]Balance, len(bs))
+	for _, b := range bs {
+		out[b.OrgID] = b
+	}
+	return out, nil
+}
 
 // GetBalance returns the org's balance; an org without an account has none.
 func GetBalance(ctx context.Context, db DB, orgID uuid.UUID) (Balance, error) {
-	b := Balance{OrgID: orgID}
-	err := db.QueryRow(ctx, balanceSQL, orgID).Scan(&b.Currency, &b.AmountMinor, &b.AsOfEntry)
-	if errors.Is(err, pgx.ErrNoRows) {
-		return b, errcode.New(CodeAccountNotFound, "the organization has no billing account yet")
-	}
+	bs, err := Balances(ctx, db, []uuid.UUID{orgID})
 	if err != nil {
-		return b, fmt.Errorf("ledger: balance: %w", err)
+		return Balance{OrgID: orgID}, err
+	}
+	b, ok := bs[orgID]
+	if !ok {
+		return Balance{OrgID: orgID}, errcode.New(CodeAccountNotFound, "the organization has no billing account yet")
 	}
 	return b, nil
 }

@@ -83,7 +83,6 @@ func NewService(pool *pgxpool.Pool, log hclog.Logger, opts ...Option) *Service {
 	return s
 }
 
-
 // Get resolves k for t: project override, else org override, else global override,
 // else the default.
 func (k Key[T]) Get(ctx context.Context, s *Service, t Target) (T, error) {

@@ -99,6 +99,39 @@ func (e AdminUpdateUserRequestStatus) Valid() bool {
 	}
 }
 
+// Defines values for AllocationState.
+const (
+	AllocationStateActive        AllocationState = "active"
+	AllocationStateFailed        AllocationState = "failed"
+	AllocationStateProvisioning  AllocationState = "provisioning"
+	AllocationStateReleaseFailed AllocationState = "release_failed"
+	AllocationStateReleased      AllocationState = "released"
+	AllocationStateReleasing     AllocationState = "releasing"
+	AllocationStateRequested     AllocationState = "requested"
+)
+
+// Valid indicates whether the value is a known member of the AllocationState enum.
+func (e AllocationState) Valid() bool {
+	switch e {
+	case AllocationStateActive:
+		return true
+	case AllocationStateFailed:
+		return true
+	case AllocationStateProvisioning:
+		return true
+	case AllocationStateReleaseFailed:
+		return true
+	case AllocationStateReleased:
+		return true
+	case AllocationStateReleasing:
+		return true
+	case AllocationStateRequested:
+		return true
+	default:
+		return false
+	}
+}
+
 // Defines values for AuditLogResult.
 const (
 	Denied  AuditLogResult = "denied"
@@ -164,92 +197,109 @@ func (e DependencyCheckName) Valid() bool {
 
 // Defines values for ErrorCode.
 const (
-	AccountDisabled         ErrorCode = "account_disabled"
-	AlreadyMember           ErrorCode = "already_member"
-	ApiKeyExpired           ErrorCode = "api_key_expired"
-	ApiKeyNotFound          ErrorCode = "api_key_not_found"
-	ApiKeyRevoked           ErrorCode = "api_key_revoked"
-	BadRequest              ErrorCode = "bad_request"
-	BillingAccountNotFound  ErrorCode = "billing_account_not_found"
-	Conflict                ErrorCode = "conflict"
-	CurrencyMismatch        ErrorCode = "currency_mismatch"
-	DatabaseUnavailable     ErrorCode = "database_unavailable"
-	DuplicateKey            ErrorCode = "duplicate_key"
-	Forbidden               ErrorCode = "forbidden"
-	IdempotencyInFlight     ErrorCode = "idempotency_in_flight"
-	IdempotencyKeyReused    ErrorCode = "idempotency_key_reused"
-	Internal                ErrorCode = "internal"
-	InvalidCredentials      ErrorCode = "invalid_credentials"
-	InvalidCursor           ErrorCode = "invalid_cursor"
-	InvalidIdempotencyKey   ErrorCode = "invalid_idempotency_key"
-	InvalidJson             ErrorCode = "invalid_json"
-	InvalidSshKey           ErrorCode = "invalid_ssh_key"
-	InvalidToken            ErrorCode = "invalid_token"
-	LastOwner               ErrorCode = "last_owner"
-	LedgerKeyConflict       ErrorCode = "ledger_key_conflict"
-	LocalAccountsDisabled   ErrorCode = "local_accounts_disabled"
-	MemberNotFound          ErrorCode = "member_not_found"
-	MethodNotAllowed        ErrorCode = "method_not_allowed"
-	NameTaken               ErrorCode = "name_taken"
-	NotFound                ErrorCode = "not_found"
-	NotReady                ErrorCode = "not_ready"
-	OidcGrantRejected       ErrorCode = "oidc_grant_rejected"
-	OidcNotConfigured       ErrorCode = "oidc_not_configured"
-	OidcProviderUnavailable ErrorCode = "oidc_provider_unavailable"
-	OrgNotFound             ErrorCode = "org_not_found"
-	PaymentCustomerMissing  ErrorCode = "payment_customer_missing"
-	PaymentProviderError    ErrorCode = "payment_provider_error"
-	PaymentProviderNotFound ErrorCode = "payment_provider_not_found"
-	PaymentSessionNotFound  ErrorCode = "payment_session_not_found"
-	PluginIncompatible      ErrorCode = "plugin_incompatible"
-	PluginInstanceConflict  ErrorCode = "plugin_instance_conflict"
-	PluginInstanceDisabled  ErrorCode = "plugin_instance_disabled"
-	PluginInstanceFailed    ErrorCode = "plugin_instance_failed"
-	PluginInstanceNotFound  ErrorCode = "plugin_instance_not_found"
-	PluginInvalid           ErrorCode = "plugin_invalid"
-	PluginKindMismatch      ErrorCode = "plugin_kind_mismatch"
-	PluginNotFound          ErrorCode = "plugin_not_found"
-	PluginTampered          ErrorCode = "plugin_tampered"
-	PluginUnavailable       ErrorCode = "plugin_unavailable"
-	PluginUpgradeRequired   ErrorCode = "plugin_upgrade_required"
-	ProjectNotFound         ErrorCode = "project_not_found"
-	RateLimited             ErrorCode = "rate_limited"
-	RefundInvalidAmount     ErrorCode = "refund_invalid_amount"
-	RefundNotAllowed        ErrorCode = "refund_not_allowed"
-	RequestTooLarge         ErrorCode = "request_too_large"
-	RouteNotFound           ErrorCode = "route_not_found"
-	ServiceAccountNotFound  ErrorCode = "service_account_not_found"
-	ServiceUnavailable      ErrorCode = "service_unavailable"
-	SkuExists               ErrorCode = "sku_exists"
-	SkuNotFound             ErrorCode = "sku_not_found"
-	SlugTaken               ErrorCode = "slug_taken"
-	SshKeyExists            ErrorCode = "ssh_key_exists"
-	SshKeyNotFound          ErrorCode = "ssh_key_not_found"
-	SshKeyTooWeak           ErrorCode = "ssh_key_too_weak"
-	Timeout                 ErrorCode = "timeout"
-	TokenAlgNotAllowed      ErrorCode = "token_alg_not_allowed"
-	TokenBadSignature       ErrorCode = "token_bad_signature"
-	TokenExpired            ErrorCode = "token_expired"
-	TokenMalformed          ErrorCode = "token_malformed"
-	TokenMissingSubject     ErrorCode = "token_missing_subject"
-	TokenNotYetValid        ErrorCode = "token_not_yet_valid"
-	TokenUnknownKey         ErrorCode = "token_unknown_key"
-	TokenWrongAudience      ErrorCode = "token_wrong_audience"
-	TokenWrongIssuer        ErrorCode = "token_wrong_issuer"
-	TokenWrongNonce         ErrorCode = "token_wrong_nonce"
-	TopupOutOfRange         ErrorCode = "topup_out_of_range"
-	Unauthenticated         ErrorCode = "unauthenticated"
-	UnknownField            ErrorCode = "unknown_field"
-	UnsupportedMediaType    ErrorCode = "unsupported_media_type"
-	UserNotFound            ErrorCode = "user_not_found"
-	ValidationFailed        ErrorCode = "validation_failed"
-	WebhookInvalid          ErrorCode = "webhook_invalid"
+	AccountDisabled             ErrorCode = "account_disabled"
+	AllocationNotFound          ErrorCode = "allocation_not_found"
+	AllocationQuotaExceeded     ErrorCode = "allocation_quota_exceeded"
+	AlreadyMember               ErrorCode = "already_member"
+	ApiKeyExpired               ErrorCode = "api_key_expired"
+	ApiKeyNotFound              ErrorCode = "api_key_not_found"
+	ApiKeyRevoked               ErrorCode = "api_key_revoked"
+	BadRequest                  ErrorCode = "bad_request"
+	BillingAccountNotFound      ErrorCode = "billing_account_not_found"
+	Conflict                    ErrorCode = "conflict"
+	CurrencyMismatch            ErrorCode = "currency_mismatch"
+	DatabaseUnavailable         ErrorCode = "database_unavailable"
+	DuplicateKey                ErrorCode = "duplicate_key"
+	Forbidden                   ErrorCode = "forbidden"
+	IdempotencyInFlight         ErrorCode = "idempotency_in_flight"
+	IdempotencyKeyReused        ErrorCode = "idempotency_key_reused"
+	InsufficientBalance         ErrorCode = "insufficient_balance"
+	Internal                    ErrorCode = "internal"
+	InvalidAllocationTransition ErrorCode = "invalid_allocation_transition"
+	InvalidCredentials          ErrorCode = "invalid_credentials"
+	InvalidCursor               ErrorCode = "invalid_cursor"
+	InvalidIdempotencyKey       ErrorCode = "invalid_idempotency_key"
+	InvalidJson                 ErrorCode = "invalid_json"
+	InvalidNodeTransition       ErrorCode = "invalid_node_transition"
+	InvalidSshKey               ErrorCode = "invalid_ssh_key"
+	InvalidToken                ErrorCode = "invalid_token"
+	LastOwner                   ErrorCode = "last_owner"
+	LedgerKeyConflict           ErrorCode = "ledger_key_conflict"
+	LocalAccountsDisabled       ErrorCode = "local_accounts_disabled"
+	MemberNotFound              ErrorCode = "member_not_found"
+	MethodNotAllowed            ErrorCode = "method_not_allowed"
+	NameTaken                   ErrorCode = "name_taken"
+	NoCapacity                  ErrorCode = "no_capacity"
+	NodeBusy                    ErrorCode = "node_busy"
+	NodeExists                  ErrorCode = "node_exists"
+	NodeNotFound                ErrorCode = "node_not_found"
+	NodeWebhookInvalid          ErrorCode = "node_webhook_invalid"
+	NotFound                    ErrorCode = "not_found"
+	NotReady                    ErrorCode = "not_ready"
+	OidcGrantRejected           ErrorCode = "oidc_grant_rejected"
+	OidcNotConfigured           ErrorCode = "oidc_not_configured"
+	OidcProviderUnavailable     ErrorCode = "oidc_provider_unavailable"
+	OrgNotFound                 ErrorCode = "org_not_found"
+	PaymentCustomerMissing      ErrorCode = "payment_customer_missing"
+	PaymentProviderError        ErrorCode = "payment_provider_error"
+	PaymentProviderNotFound     ErrorCode = "payment_provider_not_found"
+	PaymentSessionNotFound      ErrorCode = "payment_session_not_found"
+	PluginIncompatible          ErrorCode = "plugin_incompatible"
+	PluginInstanceConflict      ErrorCode = "plugin_instance_conflict"
+	PluginInstanceDisabled      ErrorCode = "plugin_instance_disabled"
+	PluginInstanceFailed        ErrorCode = "plugin_instance_failed"
+	PluginInstanceNotFound      ErrorCode = "plugin_instance_not_found"
+	PluginInvalid               ErrorCode = "plugin_invalid"
+	PluginKindMismatch          ErrorCode = "plugin_kind_mismatch"
+	PluginNotFound              ErrorCode = "plugin_not_found"
+	PluginTampered              ErrorCode = "plugin_tampered"
+	PluginUnavailable           ErrorCode = "plugin_unavailable"
+	PluginUpgradeRequired       ErrorCode = "plugin_upgrade_required"
+	ProjectNotFound             ErrorCode = "project_not_found"
+	ProvisionerFailed           ErrorCode = "provisioner_failed"
+	ProvisionerRejected         ErrorCode = "provisioner_rejected"
+	RateLimited                 ErrorCode = "rate_limited"
+	RefundInvalidAmount         ErrorCode = "refund_invalid_amount"
+	RefundNotAllowed            ErrorCode = "refund_not_allowed"
+	RequestTooLarge             ErrorCode = "request_too_large"
+	RouteNotFound               ErrorCode = "route_not_found"
+	ServiceAccountNotFound      ErrorCode = "service_account_not_found"
+	ServiceUnavailable          ErrorCode = "service_unavailable"
+	SkuExists                   ErrorCode = "sku_exists"
+	SkuNotFound                 ErrorCode = "sku_not_found"
+	SlugTaken                   ErrorCode = "slug_taken"
+	SshKeyExists                ErrorCode = "ssh_key_exists"
+	SshKeyNotFound              ErrorCode = "ssh_key_not_found"
+	SshKeyRequired              ErrorCode = "ssh_key_required"
+	SshKeyTooWeak               ErrorCode = "ssh_key_too_weak"
+	Timeout                     ErrorCode = "timeout"
+	TokenAlgNotAllowed          ErrorCode = "token_alg_not_allowed"
+	TokenBadSignature           ErrorCode = "token_bad_signature"
+	TokenExpired                ErrorCode = "token_expired"
+	TokenMalformed              ErrorCode = "token_malformed"
+	TokenMissingSubject         ErrorCode = "token_missing_subject"
+	TokenNotYetValid            ErrorCode = "token_not_yet_valid"
+	TokenUnknownKey             ErrorCode = "token_unknown_key"
+	TokenWrongAudience          ErrorCode = "token_wrong_audience"
+	TokenWrongIssuer            ErrorCode = "token_wrong_issuer"
+	TokenWrongNonce             ErrorCode = "token_wrong_nonce"
+	TopupOutOfRange             ErrorCode = "topup_out_of_range"
+	Unauthenticated             ErrorCode = "unauthenticated"
+	UnknownField                ErrorCode = "unknown_field"
+	UnsupportedMediaType        ErrorCode = "unsupported_media_type"
+	UserNotFound                ErrorCode = "user_not_found"
+	ValidationFailed            ErrorCode = "validation_failed"
+	WebhookInvalid              ErrorCode = "webhook_invalid"
 )
 
 // Valid indicates whether the value is a known member of the ErrorCode enum.
 func (e ErrorCode) Valid() bool {
 	switch e {
 	case AccountDisabled:
+		return true
+	case AllocationNotFound:
+		return true
+	case AllocationQuotaExceeded:
 		return true
 	case AlreadyMember:
 		return true
@@ -277,7 +327,11 @@ func (e ErrorCode) Valid() bool {
 		return true
 	case IdempotencyKeyReused:
 		return true
+	case InsufficientBalance:
+		return true
 	case Internal:
+		return true
+	case InvalidAllocationTransition:
 		return true
 	case InvalidCredentials:
 		return true
@@ -286,6 +340,8 @@ func (e ErrorCode) Valid() bool {
 	case InvalidIdempotencyKey:
 		return true
 	case InvalidJson:
+		return true
+	case InvalidNodeTransition:
 		return true
 	case InvalidSshKey:
 		return true
@@ -302,6 +358,16 @@ func (e ErrorCode) Valid() bool {
 	case MethodNotAllowed:
 		return true
 	case NameTaken:
+		return true
+	case NoCapacity:
+		return true
+	case NodeBusy:
+		return true
+	case NodeExists:
+		return true
+	case NodeNotFound:
+		return true
+	case NodeWebhookInvalid:
 		return true
 	case NotFound:
 		return true
@@ -347,6 +413,10 @@ func (e ErrorCode) Valid() bool {
 		return true
 	case ProjectNotFound:
 		return true
+	case ProvisionerFailed:
+		return true
+	case ProvisionerRejected:
+		return true
 	case RateLimited:
 		return true
 	case RefundInvalidAmount:
@@ -370,6 +440,8 @@ func (e ErrorCode) Valid() bool {
 	case SshKeyExists:
 		return true
 	case SshKeyNotFound:
+		return true
+	case SshKeyRequired:
 		return true
 	case SshKeyTooWeak:
 		return true
@@ -498,6 +570,36 @@ func (e MePrincipalType) Valid() bool {
 	}
 }
 
+// Defines values for NodeState.
+const (
+	Allocated NodeState = "allocated"
+	Available NodeState = "available"
+	Cleaning  NodeState = "cleaning"
+	Enrolling NodeState = "enrolling"
+	Offline   NodeState = "offline"
+	Retired   NodeState = "retired"
+)
+
+// Valid indicates whether the value is a known member of the NodeState enum.
+func (e NodeState) Valid() bool {
+	switch e {
+	case Allocated:
+		return true
+	case Available:
+		return true
+	case Cleaning:
+		return true
+	case Enrolling:
+		return true
+	case Offline:
+		return true
+	case Retired:
+		return true
+	default:
+		return false
+	}
+}
+
 // Defines values for OrgMembershipRole.
 const (
 	OrgMembershipRoleAdmin   OrgMembershipRole = "admin"
@@ -551,25 +653,25 @@ func (e PaymentSessionStatus) Valid() bool {
 
 // Defines values for PluginInstanceState.
 const (
-	Failed       PluginInstanceState = "failed"
-	Incompatible PluginInstanceState = "incompatible"
-	Running      PluginInstanceState = "running"
-	Starting     PluginInstanceState = "starting"
-	Stopped      PluginInstanceState = "stopped"
+	PluginInstanceStateFailed       PluginInstanceState = "failed"
+	PluginInstanceStateIncompatible PluginInstanceState = "incompatible"
+	PluginInstanceStateRunning      PluginInstanceState = "running"
+	PluginInstanceStateStarting     PluginInstanceState = "starting"
+	PluginInstanceStateStopped      PluginInstanceState = "stopped"
 )
 
 // Valid indicates whether the value is a known member of the PluginInstanceState enum.
 func (e PluginInstanceState) Valid() bool {
 	switch e {
-	case Failed:
+	case PluginInstanceStateFailed:
 		return true
-	case Incompatible:
+	case PluginInstanceStateIncompatible:
 		return true
-	case Running:
+	case PluginInstanceStateRunning:
 		return true
-	case Starting:
+	case PluginInstanceStateStarting:
 		return true
-	case Stopped:
+	case PluginInstanceStateStopped:
 		return true
 	default:
 		return false
@@ -1029,6 +1131,50 @@ type AdminUpdateUserRequest struct {
 // AdminUpdateUserRequestStatus defines model for AdminUpdateUserRequest.Status.
 type AdminUpdateUserRequestStatus string
 
+// Allocation defines model for Allocation.
+type Allocation struct {
+	ActiveAt  *time.Time         `json:"active_at,omitempty"`
+	CreatedAt time.Time          `json:"created_at"`
+	CreatedBy string             `json:"created_by"`
+	Currency  string             `json:"currency"`
+	EndedAt   *time.Time         `json:"ended_at,omitempty"`
+	Gpus      int                `json:"gpus"`
+	Id        openapi_types.UUID `json:"id"`
+	Image     *string            `json:"image,omitempty"`
+	Name      string             `json:"name"`
+
+	// NodeId Admins only.
+	NodeId               *openapi_types.UUID `json:"node_id,omitempty"`
+	OrgId                openapi_types.UUID  `json:"org_id"`
+	PricePerGpuHourMinor int64               `json:"price_per_gpu_hour_minor"`
+	ProjectId            openapi_types.UUID  `json:"project_id"`
+	ReleaseAttempt       *int                `json:"release_attempt,omitempty"`
+	SkuId                string              `json:"sku_id"`
+
+	// SshHost Where to connect, once active.
+	SshHost *string `json:"ssh_host,omitempty"`
+
+	// SshUser The account made for you on the node.
+	SshUser     string          `json:"ssh_user"`
+	State       AllocationState `json:"state"`
+	StateReason string          `json:"state_reason"`
+	UpdatedAt   time.Time       `json:"updated_at"`
+}
+
+// AllocationList defines model for AllocationList.
+type AllocationList struct {
+	Items []Allocation `json:"items"`
+}
+
+// AllocationPage defines model for AllocationPage.
+type AllocationPage struct {
+	Items      []Allocation `json:"items"`
+	NextCursor *string      `json:"next_cursor,omitempty"`
+}
+
+// AllocationState defines model for AllocationState.
+type AllocationState string
+
 // AuditLog defines model for AuditLog.
 type AuditLog struct {
 	Action        string                  `json:"action"`
@@ -1066,6 +1212,20 @@ type Balance struct {
 	OrgId                    openapi_types.UUID `json:"org_id"`
 }
 
+// Capacity defines model for Capacity.
+type Capacity struct {
+	// Available Nodes free right now.
+	Available   int    `json:"available"`
+	GpuModel    string `json:"gpu_model"`
+	GpusPerNode int    `json:"gpus_per_node"`
+	SkuId       string `json:"sku_id"`
+}
+
+// CapacityList defines model for CapacityList.
+type CapacityList struct {
+	Items []Capacity `json:"items"`
+}
+
 // CheckoutRequest defines model for CheckoutRequest.
 type CheckoutRequest struct {
 	AmountMinor int64              `json:"amount_minor"`
@@ -1094,6 +1254,25 @@ type ConfigureInstanceRequest struct {
 type CreateAPIKeyRequest struct {
 	ExpiresAt *time.Time `json:"expires_at,omitempty"`
 	Name      string     `json:"name"`
+}
+
+// CreateAllocationRequest defines model for CreateAllocationRequest.
+type CreateAllocationRequest struct {
+	// Count Nodes to rent (default 1, at most policy allocations.max_per_request).
+	Count     *int               `json:"count,omitempty"`
+	Image     *string            `json:"image,omitempty"`
+	Name      *string            `json:"name,omitempty"`
+	ProjectId openapi_types.UUID `json:"project_id"`
+	SkuId     string             `json:"sku_id"`
+
+	// SshKeyIds Your registered keys to install (default all of them).
+	SshKeyIds *[]openapi_types.UUID `json:"ssh_key_ids,omitempty"`
+
+	// SshPublicKeys authorized_keys lines to install (service accounts have no registered keys).
+	SshPublicKeys *[]string `json:"ssh_public_keys,omitempty"`
+
+	// Username Account made on the node (default from your email, or "tenant").
+	Username *string `json:"username,omitempty"`
 }
 
 // CreateOrgRequest defines model for CreateOrgRequest.
@@ -1264,6 +1443,59 @@ type Member struct {
 type MemberPage struct {
 	Items      []Member `json:"items"`
 	NextCursor *string  `json:"next_cursor,omitempty"`
+}
+
+// Node defines model for Node.
+type Node struct {
+	CpuCores            int                `json:"cpu_cores"`
+	CpuModel            *string            `json:"cpu_model,omitempty"`
+	CreatedAt           time.Time          `json:"created_at"`
+	DiskBytes           int64              `json:"disk_bytes"`
+	ExternalId          string             `json:"external_id"`
+	Gpus                []NodeGPU          `json:"gpus"`
+	HealthMessage       *string            `json:"health_message,omitempty"`
+	Healthy             *bool              `json:"healthy,omitempty"`
+	Hostname            string             `json:"hostname"`
+	Id                  openapi_types.UUID `json:"id"`
+	MemoryBytes         int64              `json:"memory_bytes"`
+	OfflineFrom         *NodeState         `json:"offline_from,omitempty"`
+	Pool                string             `json:"pool"`
+	ProbedAt            *time.Time         `json:"probed_at,omitempty"`
+	ProvisionerInstance string             `json:"provisioner_instance"`
+	SkuId               *string            `json:"sku_id,omitempty"`
+	State               NodeState          `json:"state"`
+	StateReason         string             `json:"state_reason"`
+	Tags                []string           `json:"tags"`
+	UpdatedAt           time.Time          `json:"updated_at"`
+}
+
+// NodeGPU defines model for NodeGPU.
+type NodeGPU struct {
+	Count       int    `json:"count"`
+	MemoryBytes *int64 `json:"memory_bytes,omitempty"`
+	Model       string `json:"model"`
+}
+
+// NodePage defines model for NodePage.
+type NodePage struct {
+	Items      []Node  `json:"items"`
+	NextCursor *string `json:"next_cursor,omitempty"`
+}
+
+// NodeState defines model for NodeState.
+type NodeState string
+
+// NodeSyncResult defines model for NodeSyncResult.
+type NodeSyncResult struct {
+	Added     int `json:"added"`
+	Offline   int `json:"offline"`
+	Recovered int `json:"recovered"`
+	Seen      int `json:"seen"`
+}
+
+// NodeWebhookReceipt defines model for NodeWebhookReceipt.
+type NodeWebhookReceipt struct {
+	Events int `json:"events"`
 }
 
 // OIDCExchangeRequest defines model for OIDCExchangeRequest.
@@ -1455,6 +1687,11 @@ type Readiness struct {
 // ReadinessStatus defines model for Readiness.Status.
 type ReadinessStatus string
 
+// ReasonRequest defines model for ReasonRequest.
+type ReasonRequest struct {
+	Reason *string `json:"reason,omitempty"`
+}
+
 // RefreshRequest defines model for RefreshRequest.
 type RefreshRequest struct {
 	RefreshToken string `json:"refresh_token"`
@@ -1472,6 +1709,18 @@ type RefundResult struct {
 	RefundId      string         `json:"refund_id"`
 	Session       PaymentSession `json:"session"`
 	Status        string         `json:"status"`
+}
+
+// RegisterNodeRequest defines model for RegisterNodeRequest.
+type RegisterNodeRequest struct {
+	// ExternalId The backend's id or address of the node (a MAAS system id or host name).
+	ExternalId          string  `json:"external_id"`
+	Pool                *string `json:"pool,omitempty"`
+	ProvisionerInstance string  `json:"provisioner_instance"`
+
+	// SkuId Default: matched from the node's GPUs or a sku:<id> tag.
+	SkuId *string   `json:"sku_id,omitempty"`
+	Tags  *[]string `json:"tags,omitempty"`
 }
 
 // RoleRequest defines model for RoleRequest.
@@ -1570,6 +1819,11 @@ type UpdateNameRequest struct {
 	Name string `json:"name"`
 }
 
+// UpdateNodeRequest defines model for UpdateNodeRequest.
+type UpdateNodeRequest struct {
+	SkuId string `json:"sku_id"`
+}
+
 // UpdateSKURequest defines model for UpdateSKURequest.
 type UpdateSKURequest struct {
 	Active               *bool   `json:"active,omitempty"`
@@ -1630,6 +1884,12 @@ type WebhookReceipt struct {
 	Events     int `json:"events"`
 }
 
+// AllocationID defines model for AllocationID.
+type AllocationID = openapi_types.UUID
+
+// AllocationStateQuery defines model for AllocationStateQuery.
+type AllocationStateQuery = AllocationState
+
 // AuditAction defines model for AuditAction.
 type AuditAction = string
 
@@ -1660,6 +1920,9 @@ type KeyID = openapi_types.UUID
 // Limit defines model for Limit.
 type Limit = int
 
+// NodeID defines model for NodeID.
+type NodeID = openapi_types.UUID
+
 // OrgID defines model for OrgID.
 type OrgID = openapi_types.UUID
 
@@ -1686,6 +1949,27 @@ type UserID = openapi_types.UUID
 
 // Error defines model for Error.
 type Error = ErrorEnvelope
+
+// AdminListAllocationsParams defines parameters for AdminListAllocations.
+type AdminListAllocationsParams struct {
+	OrgId     *openapi_types.UUID   `form:"org_id,omitempty" json:"org_id,omitempty"`
+	ProjectId *ProjectQuery         `form:"project_id,omitempty" json:"project_id,omitempty"`
+	NodeId    *openapi_types.UUID   `form:"node_id,omitempty" json:"node_id,omitempty"`
+	SkuId     *string               `form:"sku_id,omitempty" json:"sku_id,omitempty"`
+	State     *AllocationStateQuery `form:"state,omitempty" json:"state,omitempty"`
+
+	// Limit Page size, 1 to 200.
+	Limit *Limit `form:"limit,omitempty" json:"limit,omitempty"`
+
+	// Cursor Opaque cursor from a previous page's `next_cursor`.
+	Cursor *Cursor `form:"cursor,omitempty" json:"cursor,omitempty"`
+}
+
+// AdminForceReleaseAllocationParams defines parameters for AdminForceReleaseAllocation.
+type AdminForceReleaseAllocationParams struct {
+	// IdempotencyKey Makes a retried POST safe; the first response is replayed byte for byte.
+	IdempotencyKey *IdempotencyKey `json:"Idempotency-Key,omitempty"`
+}
 
 // ListAuditLogsParams defines parameters for ListAuditLogs.
 type ListAuditLogsParams struct {
@@ -1725,6 +2009,25 @@ type ExportAuditLogsParamsActorType string
 
 // AdminAdjustBalanceParams defines parameters for AdminAdjustBalance.
 type AdminAdjustBalanceParams struct {
+	// IdempotencyKey Makes a retried POST safe; the first response is replayed byte for byte.
+	IdempotencyKey *IdempotencyKey `json:"Idempotency-Key,omitempty"`
+}
+
+// AdminListNodesParams defines parameters for AdminListNodes.
+type AdminListNodesParams struct {
+	State               *NodeState `form:"state,omitempty" json:"state,omitempty"`
+	SkuId               *string    `form:"sku_id,omitempty" json:"sku_id,omitempty"`
+	ProvisionerInstance *string    `form:"provisioner_instance,omitempty" json:"provisioner_instance,omitempty"`
+
+	// Limit Page size, 1 to 200.
+	Limit *Limit `form:"limit,omitempty" json:"limit,omitempty"`
+
+	// Cursor Opaque cursor from a previous page's `next_cursor`.
+	Cursor *Cursor `form:"cursor,omitempty" json:"cursor,omitempty"`
+}
+
+// AdminRegisterNodeParams defines parameters for AdminRegisterNode.
+type AdminRegisterNodeParams struct {
 	// IdempotencyKey Makes a retried POST safe; the first response is replayed byte for byte.
 	IdempotencyKey *IdempotencyKey `json:"Idempotency-Key,omitempty"`
 }
@@ -1799,6 +2102,30 @@ type AdminListUsersParams struct {
 
 // AdminListUsersParamsStatus defines parameters for AdminListUsers.
 type AdminListUsersParamsStatus string
+
+// ListAllocationsParams defines parameters for ListAllocations.
+type ListAllocationsParams struct {
+	ProjectId openapi_types.UUID    `form:"project_id" json:"project_id"`
+	State     *AllocationStateQuery `form:"state,omitempty" json:"state,omitempty"`
+
+	// Limit Page size, 1 to 200.
+	Limit *Limit `form:"limit,omitempty" json:"limit,omitempty"`
+
+	// Cursor Opaque cursor from a previous page's `next_cursor`.
+	Cursor *Cursor `form:"cursor,omitempty" json:"cursor,omitempty"`
+}
+
+// CreateAllocationParams defines parameters for CreateAllocation.
+type CreateAllocationParams struct {
+	// IdempotencyKey Makes a retried POST safe; the first response is replayed byte for byte.
+	IdempotencyKey *IdempotencyKey `json:"Idempotency-Key,omitempty"`
+}
+
+// ReleaseAllocationParams defines parameters for ReleaseAllocation.
+type ReleaseAllocationParams struct {
+	// IdempotencyKey Makes a retried POST safe; the first response is replayed byte for byte.
+	IdempotencyKey *IdempotencyKey `json:"Idempotency-Key,omitempty"`
+}
 
 // OidcAuthorizeParams defines parameters for OidcAuthorize.
 type OidcAuthorizeParams struct {
@@ -1995,8 +2322,23 @@ type CreateMyAPIKeyParams struct {
 	IdempotencyKey *IdempotencyKey `json:"Idempotency-Key,omitempty"`
 }
 
+// MaasWebhookJSONBody defines parameters for MaasWebhook.
+type MaasWebhookJSONBody = map[string]interface{}
+
+// AdminForceReleaseAllocationJSONRequestBody defines body for AdminForceReleaseAllocation for application/json ContentType.
+type AdminForceReleaseAllocationJSONRequestBody = ReasonRequest
+
 // AdminAdjustBalanceJSONRequestBody defines body for AdminAdjustBalance for application/json ContentType.
 type AdminAdjustBalanceJSONRequestBody = AdjustmentRequest
+
+// AdminRegisterNodeJSONRequestBody defines body for AdminRegisterNode for application/json ContentType.
+type AdminRegisterNodeJSONRequestBody = RegisterNodeRequest
+
+// AdminUpdateNodeJSONRequestBody defines body for AdminUpdateNode for application/json ContentType.
+type AdminUpdateNodeJSONRequestBody = UpdateNodeRequest
+
+// AdminRetireNodeJSONRequestBody defines body for AdminRetireNode for application/json ContentType.
+type AdminRetireNodeJSONRequestBody = ReasonRequest
 
 // AdminRefundPaymentJSONRequestBody defines body for AdminRefundPayment for application/json ContentType.
 type AdminRefundPaymentJSONRequestBody = RefundRequest
@@ -2024,6 +2366,9 @@ type AdminUpdateSKUJSONRequestBody = UpdateSKURequest
 
 // AdminUpdateUserJSONRequestBody defines body for AdminUpdateUser for application/json ContentType.
 type AdminUpdateUserJSONRequestBody = AdminUpdateUserRequest
+
+// CreateAllocationJSONRequestBody defines body for CreateAllocation for application/json ContentType.
+type CreateAllocationJSONRequestBody = CreateAllocationRequest
 
 // LocalLoginJSONRequestBody defines body for LocalLogin for application/json ContentType.
 type LocalLoginJSONRequestBody = LocalLoginRequest
@@ -2078,6 +2423,9 @@ type AddSSHKeyJSONRequestBody = AddSSHKeyRequest
 
 // CreateMyAPIKeyJSONRequestBody defines body for CreateMyAPIKey for application/json ContentType.
 type CreateMyAPIKeyJSONRequestBody = CreateAPIKeyRequest
+
+// MaasWebhookJSONRequestBody defines body for MaasWebhook for application/json ContentType.
+type MaasWebhookJSONRequestBody = MaasWebhookJSONBody
 
 // RequestEditorFn is the function signature for the RequestEditor callback function
 type RequestEditorFn func(ctx context.Context, req *http.Request) error
@@ -2153,6 +2501,25 @@ func WithRequestEditorFn(fn RequestEditorFn) ClientOption {
 // The interface specification for the client above.
 type ClientInterface interface {
 
+	// AdminListAllocations Every allocation, filtered, newest first
+	//
+	// Corresponds with GET /api/v1/admin/allocations (the `AdminListAllocations` operationId).
+	AdminListAllocations(ctx context.Context, params *AdminListAllocationsParams, reqEditors ...RequestEditorFn) (*http.Response, error)
+
+	// AdminForceReleaseAllocationWithBody Release any allocation that is active or whose release failed
+	//
+	// Takes any type of body and a specified content type.
+	//
+	// Corresponds with POST /api/v1/admin/allocations/{allocation_id}/force-release (the `AdminForceReleaseAllocation` operationId).
+	AdminForceReleaseAllocationWithBody(ctx context.Context, allocationId AllocationID, params *AdminForceReleaseAllocationParams, contentType string, body io.Reader, reqEditors ...RequestEditorFn) (*http.Response, error)
+
+	// AdminForceReleaseAllocation Release any allocation that is active or whose release failed
+	//
+	// Takes a body of the `application/json` content type.
+	//
+	// Corresponds with POST /api/v1/admin/allocations/{allocation_id}/force-release (the `AdminForceReleaseAllocation` operationId).
+	AdminForceReleaseAllocation(ctx context.Context, allocationId AllocationID, params *AdminForceReleaseAllocationParams, body AdminForceReleaseAllocationJSONRequestBody, reqEditors ...RequestEditorFn) (*http.Response, error)
+
 	// ListAuditLogs Audit log, newest first, filtered
 	//
 	// Corresponds with GET /api/v1/admin/audit-logs (the `ListAuditLogs` operationId).
@@ -2176,6 +2543,61 @@ type ClientInterface interface {
 	//
 	// Corresponds with POST /api/v1/admin/billing/adjustments (the `AdminAdjustBalance` operationId).
 	AdminAdjustBalance(ctx context.Context, params *AdminAdjustBalanceParams, body AdminAdjustBalanceJSONRequestBody, reqEditors ...RequestEditorFn) (*http.Response, error)
+
+	// AdminListNodes The node inventory
+	//
+	// Corresponds with GET /api/v1/admin/nodes (the `AdminListNodes` operationId).
+	AdminListNodes(ctx context.Context, params *AdminListNodesParams, reqEditors ...RequestEditorFn) (*http.Response, error)
+
+	// AdminRegisterNodeWithBody Enroll a node through its provisioner instance and add it
+	//
+	// Takes any type of body and a specified content type.
+	//
+	// Corresponds with POST /api/v1/admin/nodes (the `AdminRegisterNode` operationId).
+	AdminRegisterNodeWithBody(ctx context.Context, params *AdminRegisterNodeParams, contentType string, body io.Reader, reqEditors ...RequestEditorFn) (*http.Response, error)
+
+	// AdminRegisterNode Enroll a node through its provisioner instance and add it
+	//
+	// Takes a body of the `application/json` content type.
+	//
+	// Corresponds with POST /api/v1/admin/nodes (the `AdminRegisterNode` operationId).
+	AdminRegisterNode(ctx context.Context, params *AdminRegisterNodeParams, body AdminRegisterNodeJSONRequestBody, reqEditors ...RequestEditorFn) (*http.Response, error)
+
+	// AdminGetNode performs a GET /api/v1/admin/nodes/{node_id} (the `AdminGetNode` operationId) request.
+	AdminGetNode(ctx context.Context, nodeId NodeID, reqEditors ...RequestEditorFn) (*http.Response, error)
+
+	// AdminUpdateNodeWithBody Assign a node's SKU (only while it is idle)
+	//
+	// Takes any type of body and a specified content type.
+	//
+	// Corresponds with PATCH /api/v1/admin/nodes/{node_id} (the `AdminUpdateNode` operationId).
+	AdminUpdateNodeWithBody(ctx context.Context, nodeId NodeID, contentType string, body io.Reader, reqEditors ...RequestEditorFn) (*http.Response, error)
+
+	// AdminUpdateNode Assign a node's SKU (only while it is idle)
+	//
+	// Takes a body of the `application/json` content type.
+	//
+	// Corresponds with PATCH /api/v1/admin/nodes/{node_id} (the `AdminUpdateNode` operationId).
+	AdminUpdateNode(ctx context.Context, nodeId NodeID, body AdminUpdateNodeJSONRequestBody, reqEditors ...RequestEditorFn) (*http.Response, error)
+
+	// AdminProbeNode Ask the node's driver for its health (unhealthy → offline, healthy → back)
+	//
+	// Corresponds with POST /api/v1/admin/nodes/{node_id}/probe (the `AdminProbeNode` operationId).
+	AdminProbeNode(ctx context.Context, nodeId NodeID, reqEditors ...RequestEditorFn) (*http.Response, error)
+
+	// AdminRetireNodeWithBody Take a node out for good (refused while an allocation holds it)
+	//
+	// Takes any type of body and a specified content type.
+	//
+	// Corresponds with POST /api/v1/admin/nodes/{node_id}/retire (the `AdminRetireNode` operationId).
+	AdminRetireNodeWithBody(ctx context.Context, nodeId NodeID, contentType string, body io.Reader, reqEditors ...RequestEditorFn) (*http.Response, error)
+
+	// AdminRetireNode Take a node out for good (refused while an allocation holds it)
+	//
+	// Takes a body of the `application/json` content type.
+	//
+	// Corresponds with POST /api/v1/admin/nodes/{node_id}/retire (the `AdminRetireNode` operationId).
+	AdminRetireNode(ctx context.Context, nodeId NodeID, body AdminRetireNodeJSONRequestBody, reqEditors ...RequestEditorFn) (*http.Response, error)
 
 	// AdminListPaymentSessions Payment sessions, by status (the reconciliation queue)
 	//
@@ -2228,6 +2650,11 @@ type ClientInterface interface {
 	//
 	// Corresponds with PUT /api/v1/admin/plugin-instances/{name} (the `AdminConfigurePluginInstance` operationId).
 	AdminConfigurePluginInstance(ctx context.Context, name PluginName, body AdminConfigurePluginInstanceJSONRequestBody, reqEditors ...RequestEditorFn) (*http.Response, error)
+
+	// AdminSyncInstanceNodes Reconcile the inventory with a provisioner backend now (nodes it lists, lost or broken)
+	//
+	// Corresponds with POST /api/v1/admin/plugin-instances/{name}/sync (the `AdminSyncInstanceNodes` operationId).
+	AdminSyncInstanceNodes(ctx context.Context, name PluginName, reqEditors ...RequestEditorFn) (*http.Response, error)
 
 	// AdminListPlugins Installed driver plugins
 	//
@@ -2330,6 +2757,45 @@ type ClientInterface interface {
 	// Corresponds with PATCH /api/v1/admin/users/{user_id} (the `AdminUpdateUser` operationId).
 	AdminUpdateUser(ctx context.Context, userId UserID, body AdminUpdateUserJSONRequestBody, reqEditors ...RequestEditorFn) (*http.Response, error)
 
+	// ListAllocations A project's allocations, newest first
+	//
+	// Corresponds with GET /api/v1/allocations (the `ListAllocations` operationId).
+	ListAllocations(ctx context.Context, params *ListAllocationsParams, reqEditors ...RequestEditorFn) (*http.Response, error)
+
+	// CreateAllocationWithBody Rent nodes of a SKU for a project
+	//
+	// One transaction: the project's and the organization's caps (policy
+	// `allocations.*`), a balance above zero, and free nodes of the SKU. The
+	// allocations start `requested`; follow them with GET until `active`.
+	// Errors: 404 sku_not_found, 409 no_capacity, 429 allocation_quota_exceeded,
+	// 402 insufficient_balance, 400 ssh_key_required.
+	//
+	// Takes any type of body and a specified content type.
+	//
+	// Corresponds with POST /api/v1/allocations (the `CreateAllocation` operationId).
+	CreateAllocationWithBody(ctx context.Context, params *CreateAllocationParams, contentType string, body io.Reader, reqEditors ...RequestEditorFn) (*http.Response, error)
+
+	// CreateAllocation Rent nodes of a SKU for a project
+	//
+	// One transaction: the project's and the organization's caps (policy
+	// `allocations.*`), a balance above zero, and free nodes of the SKU. The
+	// allocations start `requested`; follow them with GET until `active`.
+	// Errors: 404 sku_not_found, 409 no_capacity, 429 allocation_quota_exceeded,
+	// 402 insufficient_balance, 400 ssh_key_required.
+	//
+	// Takes a body of the `application/json` content type.
+	//
+	// Corresponds with POST /api/v1/allocations (the `CreateAllocation` operationId).
+	CreateAllocation(ctx context.Context, params *CreateAllocationParams, body CreateAllocationJSONRequestBody, reqEditors ...RequestEditorFn) (*http.Response, error)
+
+	// GetAllocation performs a GET /api/v1/allocations/{allocation_id} (the `GetAllocation` operationId) request.
+	GetAllocation(ctx context.Context, allocationId AllocationID, reqEditors ...RequestEditorFn) (*http.Response, error)
+
+	// ReleaseAllocation Give the node back (active, or retry after release_failed)
+	//
+	// Corresponds with POST /api/v1/allocations/{allocation_id}/release (the `ReleaseAllocation` operationId).
+	ReleaseAllocation(ctx context.Context, allocationId AllocationID, params *ReleaseAllocationParams, reqEditors ...RequestEditorFn) (*http.Response, error)
+
 	// LocalLoginWithBody Sign in with a local account (when local accounts are enabled)
 	//
 	// Takes any type of body and a specified content type.
@@ -2401,6 +2867,11 @@ type ClientInterface interface {
 	//
 	// Corresponds with GET /api/v1/billing/usage.csv (the `ExportUsage` operationId).
 	ExportUsage(ctx context.Context, params *ExportUsageParams, reqEditors ...RequestEditorFn) (*http.Response, error)
+
+	// GetCapacity Free nodes of every active SKU (counts only)
+	//
+	// Corresponds with GET /api/v1/capacity (the `GetCapacity` operationId).
+	GetCapacity(ctx context.Context, reqEditors ...RequestEditorFn) (*http.Response, error)
 
 	// GetHealthz Process liveness
 	//
@@ -2680,10 +3151,73 @@ type ClientInterface interface {
 	// Corresponds with DELETE /api/v1/users/me/api-keys/{key_id} (the `RevokeMyAPIKey` operationId).
 	RevokeMyAPIKey(ctx context.Context, keyId KeyID, reqEditors ...RequestEditorFn) (*http.Response, error)
 
+	// MaasWebhookWithBody MAAS commissioning report (raw body, HMAC verified by the MAAS driver)
+	//
+	// Takes any type of body and a specified content type.
+	//
+	// Corresponds with POST /api/v1/webhooks/maas/{instance} (the `MaasWebhook` operationId).
+	MaasWebhookWithBody(ctx context.Context, instance string, contentType string, body io.Reader, reqEditors ...RequestEditorFn) (*http.Response, error)
+
+	// MaasWebhook MAAS commissioning report (raw body, HMAC verified by the MAAS driver)
+	//
+	// Takes a body of the `application/json` content type.
+	//
+	// Corresponds with POST /api/v1/webhooks/maas/{instance} (the `MaasWebhook` operationId).
+	MaasWebhook(ctx context.Context, instance string, body MaasWebhookJSONRequestBody, reqEditors ...RequestEditorFn) (*http.Response, error)
+
 	// GetMetrics Prometheus metrics
 	//
 	// Corresponds with GET /metrics (the `GetMetrics` operationId).
 	GetMetrics(ctx context.Context, reqEditors ...RequestEditorFn) (*http.Response, error)
+}
+
+// AdminListAllocations Every allocation, filtered, newest first
+//
+// Corresponds with GET /api/v1/admin/allocations (the `AdminListAllocations` operationId).
+func (c *Client) AdminListAllocations(ctx context.Context, params *AdminListAllocationsParams, reqEditors ...RequestEditorFn) (*http.Response, error) {
+	req, err := NewAdminListAllocationsRequest(c.Server, params)
+	if err != nil {
+		return nil, err
+	}
+	req = req.WithContext(ctx)
+	if err := c.applyEditors(ctx, req, reqEditors); err != nil {
+		return nil, err
+	}
+	return c.Client.Do(req)
+}
+
+// AdminForceReleaseAllocationWithBody Release any allocation that is active or whose release failed
+//
+// Takes any type of body and a specified content type.
+//
+// Corresponds with POST /api/v1/admin/allocations/{allocation_id}/force-release (the `AdminForceReleaseAllocation` operationId).
+func (c *Client) AdminForceReleaseAllocationWithBody(ctx context.Context, allocationId AllocationID, params *AdminForceReleaseAllocationParams, contentType string, body io.Reader, reqEditors ...RequestEditorFn) (*http.Response, error) {
+	req, err := NewAdminForceReleaseAllocationRequestWithBody(c.Server, allocationId, params, contentType, body)
+	if err != nil {
+		return nil, err
+	}
+	req = req.WithContext(ctx)
+	if err := c.applyEditors(ctx, req, reqEditors); err != nil {
+		return nil, err
+	}
+	return c.Client.Do(req)
+}
+
+// AdminForceReleaseAllocation Release any allocation that is active or whose release failed
+//
+// Takes a body of the `application/json` content type.
+//
+// Corresponds with POST /api/v1/admin/allocations/{allocation_id}/force-release (the `AdminForceReleaseAllocation` operationId).
+func (c *Client) AdminForceReleaseAllocation(ctx context.Context, allocationId AllocationID, params *AdminForceReleaseAllocationParams, body AdminForceReleaseAllocationJSONRequestBody, reqEditors ...RequestEditorFn) (*http.Response, error) {
+	req, err := NewAdminForceReleaseAllocationRequest(c.Server, allocationId, params, body)
+	if err != nil {
+		return nil, err
+	}
+	req = req.WithContext(ctx)
+	if err := c.applyEditors(ctx, req, reqEditors); err != nil {
+		return nil, err
+	}
+	return c.Client.Do(req)
 }
 
 // ListAuditLogs Audit log, newest first, filtered
@@ -2740,6 +3274,151 @@ func (c *Client) AdminAdjustBalanceWithBody(ctx context.Context, params *AdminAd
 // Corresponds with POST /api/v1/admin/billing/adjustments (the `AdminAdjustBalance` operationId).
 func (c *Client) AdminAdjustBalance(ctx context.Context, params *AdminAdjustBalanceParams, body AdminAdjustBalanceJSONRequestBody, reqEditors ...RequestEditorFn) (*http.Response, error) {
 	req, err := NewAdminAdjustBalanceRequest(c.Server, params, body)
+	if err != nil {
+		return nil, err
+	}
+	req = req.WithContext(ctx)
+	if err := c.applyEditors(ctx, req, reqEditors); err != nil {
+		return nil, err
+	}
+	return c.Client.Do(req)
+}
+
+// AdminListNodes The node inventory
+//
+// Corresponds with GET /api/v1/admin/nodes (the `AdminListNodes` operationId).
+func (c *Client) AdminListNodes(ctx context.Context, params *AdminListNodesParams, reqEditors ...RequestEditorFn) (*http.Response, error) {
+	req, err := NewAdminListNodesRequest(c.Server, params)
+	if err != nil {
+		return nil, err
+	}
+	req = req.WithContext(ctx)
+	if err := c.applyEditors(ctx, req, reqEditors); err != nil {
+		return nil, err
+	}
+	return c.Client.Do(req)
+}
+
+// AdminRegisterNodeWithBody Enroll a node through its provisioner instance and add it
+//
+// Takes any type of body and a specified content type.
+//
+// Corresponds with POST /api/v1/admin/nodes (the `AdminRegisterNode` operationId).
+func (c *Client) AdminRegisterNodeWithBody(ctx context.Context, params *AdminRegisterNodeParams, contentType string, body io.Reader, reqEditors ...RequestEditorFn) (*http.Response, error) {
+	req, err := NewAdminRegisterNodeRequestWithBody(c.Server, params, contentType, body)
+	if err != nil {
+		return nil, err
+	}
+	req = req.WithContext(ctx)
+	if err := c.applyEditors(ctx, req, reqEditors); err != nil {
+		return nil, err
+	}
+	return c.Client.Do(req)
+}
+
+// AdminRegisterNode Enroll a node through its provisioner instance and add it
+//
+// Takes a body of the `application/json` content type.
+//
+// Corresponds with POST /api/v1/admin/nodes (the `AdminRegisterNode` operationId).
+func (c *Client) AdminRegisterNode(ctx context.Context, params *AdminRegisterNodeParams, body AdminRegisterNodeJSONRequestBody, reqEditors ...RequestEditorFn) (*http.Response, error) {
+	req, err := NewAdminRegisterNodeRequest(c.Server, params, body)
+	if err != nil {
+		return nil, err
+	}
+	req = req.WithContext(ctx)
+	if err := c.applyEditors(ctx, req, reqEditors); err != nil {
+		return nil, err
+	}
+	return c.Client.Do(req)
+}
+
+// AdminGetNode performs a GET /api/v1/admin/nodes/{node_id} (the `AdminGetNode` operationId) request.
+func (c *Client) AdminGetNode(ctx context.Context, nodeId NodeID, reqEditors ...RequestEditorFn) (*http.Response, error) {
+	req, err := NewAdminGetNodeRequest(c.Server, nodeId)
+	if err != nil {
+		return nil, err
+	}
+	req = req.WithContext(ctx)
+	if err := c.applyEditors(ctx, req, reqEditors); err != nil {
+		return nil, err
+	}
+	return c.Client.Do(req)
+}
+
+// AdminUpdateNodeWithBody Assign a node's SKU (only while it is idle)
+//
+// Takes any type of body and a specified content type.
+//
+// Corresponds with PATCH /api/v1/admin/nodes/{node_id} (the `AdminUpdateNode` operationId).
+func (c *Client) AdminUpdateNodeWithBody(ctx context.Context, nodeId NodeID, contentType string, body io.Reader, reqEditors ...RequestEditorFn) (*http.Response, error) {
+	req, err := NewAdminUpdateNodeRequestWithBody(c.Server, nodeId, contentType, body)
+	if err != nil {
+		return nil, err
+	}
+	req = req.WithContext(ctx)
+	if err := c.applyEditors(ctx, req, reqEditors); err != nil {
+		return nil, err
+	}
+	return c.Client.Do(req)
+}
+
+// AdminUpdateNode Assign a node's SKU (only while it is idle)
+//
+// Takes a body of the `application/json` content type.
+//
+// Corresponds with PATCH /api/v1/admin/nodes/{node_id} (the `AdminUpdateNode` operationId).
+func (c *Client) AdminUpdateNode(ctx context.Context, nodeId NodeID, body AdminUpdateNodeJSONRequestBody, reqEditors ...RequestEditorFn) (*http.Response, error) {
+	req, err := NewAdminUpdateNodeRequest(c.Server, nodeId, body)
+	if err != nil {
+		return nil, err
+	}
+	req = req.WithContext(ctx)
+	if err := c.applyEditors(ctx, req, reqEditors); err != nil {
+		return nil, err
+	}
+	return c.Client.Do(req)
+}
+
+// AdminProbeNode Ask the node's driver for its health (unhealthy → offline, healthy → back)
+//
+// Corresponds with POST /api/v1/admin/nodes/{node_id}/probe (the `AdminProbeNode` operationId).
+func (c *Client) AdminProbeNode(ctx context.Context, nodeId NodeID, reqEditors ...RequestEditorFn) (*http.Response, error) {
+	req, err := NewAdminProbeNodeRequest(c.Server, nodeId)
+	if err != nil {
+		return nil, err
+	}
+	req = req.WithContext(ctx)
+	if err := c.applyEditors(ctx, req, reqEditors); err != nil {
+		return nil, err
+	}
+	return c.Client.Do(req)
+}
+
+// AdminRetireNodeWithBody Take a node out for good (refused while an allocation holds it)
+//
+// Takes any type of body and a specified content type.
+//
+// Corresponds with POST /api/v1/admin/nodes/{node_id}/retire (the `AdminRetireNode` operationId).
+func (c *Client) AdminRetireNodeWithBody(ctx context.Context, nodeId NodeID, contentType string, body io.Reader, reqEditors ...RequestEditorFn) (*http.Response, error) {
+	req, err := NewAdminRetireNodeRequestWithBody(c.Server, nodeId, contentType, body)
+	if err != nil {
+		return nil, err
+	}
+	req = req.WithContext(ctx)
+	if err := c.applyEditors(ctx, req, reqEditors); err != nil {
+		return nil, err
+	}
+	return c.Client.Do(req)
+}
+
+// AdminRetireNode Take a node out for good (refused while an allocation holds it)
+//
+// Takes a body of the `application/json` content type.
+//
+// Corresponds with POST /api/v1/admin/nodes/{node_id}/retire (the `AdminRetireNode` operationId).
+func (c *Client) AdminRetireNode(ctx context.Context, nodeId NodeID, body AdminRetireNodeJSONRequestBody, reqEditors ...RequestEditorFn) (*http.Response, error) {
+	req, err := NewAdminRetireNodeRequest(c.Server, nodeId, body)
 	if err != nil {
 		return nil, err
 	}
@@ -2872,6 +3551,21 @@ func (c *Client) AdminConfigurePluginInstanceWithBody(ctx context.Context, name 
 // Corresponds with PUT /api/v1/admin/plugin-instances/{name} (the `AdminConfigurePluginInstance` operationId).
 func (c *Client) AdminConfigurePluginInstance(ctx context.Context, name PluginName, body AdminConfigurePluginInstanceJSONRequestBody, reqEditors ...RequestEditorFn) (*http.Response, error) {
 	req, err := NewAdminConfigurePluginInstanceRequest(c.Server, name, body)
+	if err != nil {
+		return nil, err
+	}
+	req = req.WithContext(ctx)
+	if err := c.applyEditors(ctx, req, reqEditors); err != nil {
+		return nil, err
+	}
+	return c.Client.Do(req)
+}
+
+// AdminSyncInstanceNodes Reconcile the inventory with a provisioner backend now (nodes it lists, lost or broken)
+//
+// Corresponds with POST /api/v1/admin/plugin-instances/{name}/sync (the `AdminSyncInstanceNodes` operationId).
+func (c *Client) AdminSyncInstanceNodes(ctx context.Context, name PluginName, reqEditors ...RequestEditorFn) (*http.Response, error) {
+	req, err := NewAdminSyncInstanceNodesRequest(c.Server, name)
 	if err != nil {
 		return nil, err
 	}
@@ -3153,6 +3847,95 @@ func (c *Client) AdminUpdateUser(ctx context.Context, userId UserID, body AdminU
 	return c.Client.Do(req)
 }
 
+// ListAllocations A project's allocations, newest first
+//
+// Corresponds with GET /api/v1/allocations (the `ListAllocations` operationId).
+func (c *Client) ListAllocations(ctx context.Context, params *ListAllocationsParams, reqEditors ...RequestEditorFn) (*http.Response, error) {
+	req, err := NewListAllocationsRequest(c.Server, params)
+	if err != nil {
+		return nil, err
+	}
+	req = req.WithContext(ctx)
+	if err := c.applyEditors(ctx, req, reqEditors); err != nil {
+		return nil, err
+	}
+	return c.Client.Do(req)
+}
+
+// CreateAllocationWithBody Rent nodes of a SKU for a project
+//
+// One transaction: the project's and the organization's caps (policy
+// `allocations.*`), a balance above zero, and free nodes of the SKU. The
+// allocations start `requested`; follow them with GET until `active`.
+// Errors: 404 sku_not_found, 409 no_capacity, 429 allocation_quota_exceeded,
+// 402 insufficient_balance, 400 ssh_key_required.
+//
+// Takes any type of body and a specified content type.
+//
+// Corresponds with POST /api/v1/allocations (the `CreateAllocation` operationId).
+func (c *Client) CreateAllocationWithBody(ctx context.Context, params *CreateAllocationParams, contentType string, body io.Reader, reqEditors ...RequestEditorFn) (*http.Response, error) {
+	req, err := NewCreateAllocationRequestWithBody(c.Server, params, contentType, body)
+	if err != nil {
+		return nil, err
+	}
+	req = req.WithContext(ctx)
+	if err := c.applyEditors(ctx, req, reqEditors); err != nil {
+		return nil, err
+	}
+	return c.Client.Do(req)
+}
+
+// CreateAllocation Rent nodes of a SKU for a project
+//
+// One transaction: the project's and the organization's caps (policy
+// `allocations.*`), a balance above zero, and free nodes of the SKU. The
+// allocations start `requested`; follow them with GET until `active`.
+// Errors: 404 sku_not_found, 409 no_capacity, 429 allocation_quota_exceeded,
+// 402 insufficient_balance, 400 ssh_key_required.
+//
+// Takes a body of the `application/json` content type.
+//
+// Corresponds with POST /api/v1/allocations (the `CreateAllocation` operationId).
+func (c *Client) CreateAllocation(ctx context.Context, params *CreateAllocationParams, body CreateAllocationJSONRequestBody, reqEditors ...RequestEditorFn) (*http.Response, error) {
+	req, err := NewCreateAllocationRequest(c.Server, params, body)
+	if err != nil {
+		return nil, err
+	}
+	req = req.WithContext(ctx)
+	if err := c.applyEditors(ctx, req, reqEditors); err != nil {
+		return nil, err
+	}
+	return c.Client.Do(req)
+}
+
+// GetAllocation performs a GET /api/v1/allocations/{allocation_id} (the `GetAllocation` operationId) request.
+func (c *Client) GetAllocation(ctx context.Context, allocationId AllocationID, reqEditors ...RequestEditorFn) (*http.Response, error) {
+	req, err := NewGetAllocationRequest(c.Server, allocationId)
+	if err != nil {
+		return nil, err
+	}
+	req = req.WithContext(ctx)
+	if err := c.applyEditors(ctx, req, reqEditors); err != nil {
+		return nil, err
+	}
+	return c.Client.Do(req)
+}
+
+// ReleaseAllocation Give the node back (active, or retry after release_failed)
+//
+// Corresponds with POST /api/v1/allocations/{allocation_id}/release (the `ReleaseAllocation` operationId).
+func (c *Client) ReleaseAllocation(ctx context.Context, allocationId AllocationID, params *ReleaseAllocationParams, reqEditors ...RequestEditorFn) (*http.Response, error) {
+	req, err := NewReleaseAllocationRequest(c.Server, allocationId, params)
+	if err != nil {
+		return nil, err
+	}
+	req = req.WithContext(ctx)
+	if err := c.applyEditors(ctx, req, reqEditors); err != nil {
+		return nil, err
+	}
+	return c.Client.Do(req)
+}
+
 // LocalLoginWithBody Sign in with a local account (when local accounts are enabled)
 //
 // Takes any type of body and a specified content type.
@@ -3335,6 +4118,21 @@ func (c *Client) ListUsage(ctx context.Context, params *ListUsageParams, reqEdit
 // Corresponds with GET /api/v1/billing/usage.csv (the `ExportUsage` operationId).
 func (c *Client) ExportUsage(ctx context.Context, params *ExportUsageParams, reqEditors ...RequestEditorFn) (*http.Response, error) {
 	req, err := NewExportUsageRequest(c.Server, params)
+	if err != nil {
+		return nil, err
+	}
+	req = req.WithContext(ctx)
+	if err := c.applyEditors(ctx, req, reqEditors); err != nil {
+		return nil, err
+	}
+	return c.Client.Do(req)
+}
+
+// GetCapacity Free nodes of every active SKU (counts only)
+//
+// Corresponds with GET /api/v1/capacity (the `GetCapacity` operationId).
+func (c *Client) GetCapacity(ctx context.Context, reqEditors ...RequestEditorFn) (*http.Response, error) {
+	req, err := NewGetCapacityRequest(c.Server)
 	if err != nil {
 		return nil, err
 	}
@@ -4143,6 +4941,40 @@ func (c *Client) RevokeMyAPIKey(ctx context.Context, keyId KeyID, reqEditors ...
 	return c.Client.Do(req)
 }
 
+// MaasWebhookWithBody MAAS commissioning report (raw body, HMAC verified by the MAAS driver)
+//
+// Takes any type of body and a specified content type.
+//
+// Corresponds with POST /api/v1/webhooks/maas/{instance} (the `MaasWebhook` operationId).
+func (c *Client) MaasWebhookWithBody(ctx context.Context, instance string, contentType string, body io.Reader, reqEditors ...RequestEditorFn) (*http.Response, error) {
+	req, err := NewMaasWebhookRequestWithBody(c.Server, instance, contentType, body)
+	if err != nil {
+		return nil, err
+	}
+	req = req.WithContext(ctx)
+	if err := c.applyEditors(ctx, req, reqEditors); err != nil {
+		return nil, err
+	}
+	return c.Client.Do(req)
+}
+
+// MaasWebhook MAAS commissioning report (raw body, HMAC verified by the MAAS driver)
+//
+// Takes a body of the `application/json` content type.
+//
+// Corresponds with POST /api/v1/webhooks/maas/{instance} (the `MaasWebhook` operationId).
+func (c *Client) MaasWebhook(ctx context.Context, instance string, body MaasWebhookJSONRequestBody, reqEditors ...RequestEditorFn) (*http.Response, error) {
+	req, err := NewMaasWebhookRequest(c.Server, instance, body)
+	if err != nil {
+		return nil, err
+	}
+	req = req.WithContext(ctx)
+	if err := c.applyEditors(ctx, req, reqEditors); err != nil {
+		return nil, err
+	}
+	return c.Client.Do(req)
+}
+
 // GetMetrics Prometheus metrics
 //
 // Corresponds with GET /metrics (the `GetMetrics` operationId).
@@ -4156,6 +4988,194 @@ func (c *Client) GetMetrics(ctx context.Context, reqEditors ...RequestEditorFn) 
 		return nil, err
 	}
 	return c.Client.Do(req)
+}
+
+// NewAdminListAllocationsRequest constructs an http.Request for the AdminListAllocations method
+func NewAdminListAllocationsRequest(server string, params *AdminListAllocationsParams) (*http.Request, error) {
+	var err error
+
+	serverURL, err := url.Parse(server)
+	if err != nil {
+		return nil, err
+	}
+
+	operationPath := fmt.Sprintf("/api/v1/admin/allocations")
+	if operationPath[0] == '/' {
+		operationPath = "." + operationPath
+	}
+
+	queryURL, err := serverURL.Parse(operationPath)
+	if err != nil {
+		return nil, err
+	}
+
+	if params != nil {
+		// queryValues collects non-styled parameters (passthrough, JSON)
+		// that are safe to round-trip through url.Values.Encode().
+		queryValues := queryURL.Query()
+		// rawQueryFragments collects pre-encoded query fragments from
+		// styled parameters, preserving literal commas as delimiters
+		// per the OpenAPI spec (e.g. "color=blue,black,brown").
+		var rawQueryFragments []string
+
+		if params.OrgId != nil {
+
+			if queryFrag, err := runtime.StyleParamWithOptions("form", true, "org_id", *params.OrgId, runtime.StyleParamOptions{ParamLocation: runtime.ParamLocationQuery, Type: "string", Format: "uuid"}); err != nil {
+				return nil, err
+			} else {
+				for _, qp := range strings.Split(queryFrag, "&") {
+					rawQueryFragments = append(rawQueryFragments, qp)
+				}
+			}
+
+		}
+
+		if params.ProjectId != nil {
+
+			if queryFrag, err := runtime.StyleParamWithOptions("form", true, "project_id", *params.ProjectId, runtime.StyleParamOptions{ParamLocation: runtime.ParamLocationQuery, Type: "string", Format: "uuid"}); err != nil {
+				return nil, err
+			} else {
+				for _, qp := range strings.Split(queryFrag, "&") {
+					rawQueryFragments = append(rawQueryFragments, qp)
+				}
+			}
+
+		}
+
+		if params.NodeId != nil {
+
+			if queryFrag, err := runtime.StyleParamWithOptions("form", true, "node_id", *params.NodeId, runtime.StyleParamOptions{ParamLocation: runtime.ParamLocationQuery, Type: "string", Format: "uuid"}); err != nil {
+				return nil, err
+			} else {
+				for _, qp := range strings.Split(queryFrag, "&") {
+					rawQueryFragments = append(rawQueryFragments, qp)
+				}
+			}
+
+		}
+
+		if params.SkuId != nil {
+
+			if queryFrag, err := runtime.StyleParamWithOptions("form", true, "sku_id", *params.SkuId, runtime.StyleParamOptions{ParamLocation: runtime.ParamLocationQuery, Type: "string", Format: ""}); err != nil {
+				return nil, err
+			} else {
+				for _, qp := range strings.Split(queryFrag, "&") {
+					rawQueryFragments = append(rawQueryFragments, qp)
+				}
+			}
+
+		}
+
+		if params.State != nil {
+
+			if queryFrag, err := runtime.StyleParamWithOptions("form", true, "state", *params.State, runtime.StyleParamOptions{ParamLocation: runtime.ParamLocationQuery, Type: "string", Format: ""}); err != nil {
+				return nil, err
+			} else {
+				for _, qp := range strings.Split(queryFrag, "&") {
+					rawQueryFragments = append(rawQueryFragments, qp)
+				}
+			}
+
+		}
+
+		if params.Limit != nil {
+
+			if queryFrag, err := runtime.StyleParamWithOptions("form", true, "limit", *params.Limit, runtime.StyleParamOptions{ParamLocation: runtime.ParamLocationQuery, Type: "integer", Format: ""}); err != nil {
+				return nil, err
+			} else {
+				for _, qp := range strings.Split(queryFrag, "&") {
+					rawQueryFragments = append(rawQueryFragments, qp)
+				}
+			}
+
+		}
+
+		if params.Cursor != nil {
+
+			if queryFrag, err := runtime.StyleParamWithOptions("form", true, "cursor", *params.Cursor, runtime.StyleParamOptions{ParamLocation: runtime.ParamLocationQuery, Type: "string", Format: ""}); err != nil {
+				return nil, err
+			} else {
+				for _, qp := range strings.Split(queryFrag, "&") {
+					rawQueryFragments = append(rawQueryFragments, qp)
+				}
+			}
+
+		}
+
+		if encoded := queryValues.Encode(); encoded != "" {
+			rawQueryFragments = append(rawQueryFragments, encoded)
+		}
+		queryURL.RawQuery = strings.Join(rawQueryFragments, "&")
+	}
+
+	req, err := http.NewRequest(http.MethodGet, queryURL.String(), nil)
+	if err != nil {
+		return nil, err
+	}
+
+	return req, nil
+}
+
+// NewAdminForceReleaseAllocationRequest calls the generic AdminForceReleaseAllocation builder with application/json body
+func NewAdminForceReleaseAllocationRequest(server string, allocationId AllocationID, params *AdminForceReleaseAllocationParams, body AdminForceReleaseAllocationJSONRequestBody) (*http.Request, error) {
+	var bodyReader io.Reader
+	buf, err := json.Marshal(body)
+	if err != nil {
+		return nil, err
+	}
+	bodyReader = bytes.NewReader(buf)
+	return NewAdminForceReleaseAllocationRequestWithBody(server, allocationId, params, "application/json", bodyReader)
+}
+
+// NewAdminForceReleaseAllocationRequestWithBody constructs an http.Request for the AdminForceReleaseAllocation method, with any body, and a specified content type
+func NewAdminForceReleaseAllocationRequestWithBody(server string, allocationId AllocationID, params *AdminForceReleaseAllocationParams, contentType string, body io.Reader) (*http.Request, error) {
+	var err error
+
+	var pathParam0 string
+
+	pathParam0, err = runtime.StyleParamWithOptions("simple", false, "allocation_id", allocationId, runtime.StyleParamOptions{ParamLocation: runtime.ParamLocationPath, Type: "string", Format: "uuid"})
+	if err != nil {
+		return nil, err
+	}
+
+	serverURL, err := url.Parse(server)
+	if err != nil {
+		return nil, err
+	}
+
+	operationPath := fmt.Sprintf("/api/v1/admin/allocations/%s/force-release", pathParam0)
+	if operationPath[0] == '/' {
+		operationPath = "." + operationPath
+	}
+
+	queryURL, err := serverURL.Parse(operationPath)
+	if err != nil {
+		return nil, err
+	}
+
+	req, err := http.NewRequest(http.MethodPost, queryURL.String(), body)
+	if err != nil {
+		return nil, err
+	}
+
+	req.Header.Add("Content-Type", contentType)
+
+	if params != nil {
+
+		if params.IdempotencyKey != nil {
+			var headerParam0 string
+
+			headerParam0, err = runtime.StyleParamWithOptions("simple", false, "Idempotency-Key", *params.IdempotencyKey, runtime.StyleParamOptions{ParamLocation: runtime.ParamLocationHeader, Type: "string", Format: ""})
+			if err != nil {
+				return nil, err
+			}
+
+			req.Header.Set("Idempotency-Key", headerParam0)
+		}
+
+	}
+
+	return req, nil
 }
 
 // NewListAuditLogsRequest constructs an http.Request for the ListAuditLogs method
@@ -4465,6 +5485,325 @@ func NewAdminAdjustBalanceRequestWithBody(server string, params *AdminAdjustBala
 	return req, nil
 }
 
+// NewAdminListNodesRequest constructs an http.Request for the AdminListNodes method
+func NewAdminListNodesRequest(server string, params *AdminListNodesParams) (*http.Request, error) {
+	var err error
+
+	serverURL, err := url.Parse(server)
+	if err != nil {
+		return nil, err
+	}
+
+	operationPath := fmt.Sprintf("/api/v1/admin/nodes")
+	if operationPath[0] == '/' {
+		operationPath = "." + operationPath
+	}
+
+	queryURL, err := serverURL.Parse(operationPath)
+	if err != nil {
+		return nil, err
+	}
+
+	if params != nil {
+		// queryValues collects non-styled parameters (passthrough, JSON)
+		// that are safe to round-trip through url.Values.Encode().
+		queryValues := queryURL.Query()
+		// rawQueryFragments collects pre-encoded query fragments from
+		// styled parameters, preserving literal commas as delimiters
+		// per the OpenAPI spec (e.g. "color=blue,black,brown").
+		var rawQueryFragments []string
+
+		if params.State != nil {
+
+			if queryFrag, err := runtime.StyleParamWithOptions("form", true, "state", *params.State, runtime.StyleParamOptions{ParamLocation: runtime.ParamLocationQuery, Type: "string", Format: ""}); err != nil {
+				return nil, err
+			} else {
+				for _, qp := range strings.Split(queryFrag, "&") {
+					rawQueryFragments = append(rawQueryFragments, qp)
+				}
+			}
+
+		}
+
+		if params.SkuId != nil {
+
+			if queryFrag, err := runtime.StyleParamWithOptions("form", true, "sku_id", *params.SkuId, runtime.StyleParamOptions{ParamLocation: runtime.ParamLocationQuery, Type: "string", Format: ""}); err != nil {
+				return nil, err
+			} else {
+				for _, qp := range strings.Split(queryFrag, "&") {
+					rawQueryFragments = append(rawQueryFragments, qp)
+				}
+			}
+
+		}
+
+		if params.ProvisionerInstance != nil {
+
+			if queryFrag, err := runtime.StyleParamWithOptions("form", true, "provisioner_instance", *params.ProvisionerInstance, runtime.StyleParamOptions{ParamLocation: runtime.ParamLocationQuery, Type: "string", Format: ""}); err != nil {
+				return nil, err
+			} else {
+				for _, qp := range strings.Split(queryFrag, "&") {
+					rawQueryFragments = append(rawQueryFragments, qp)
+				}
+			}
+
+		}
+
+		if params.Limit != nil {
+
+			if queryFrag, err := runtime.StyleParamWithOptions("form", true, "limit", *params.Limit, runtime.StyleParamOptions{ParamLocation: runtime.ParamLocationQuery, Type: "integer", Format: ""}); err != nil {
+				return nil, err
+			} else {
+				for _, qp := range strings.Split(queryFrag, "&") {
+					rawQueryFragments = append(rawQueryFragments, qp)
+				}
+			}
+
+		}
+
+		if params.Cursor != nil {
+
+			if queryFrag, err := runtime.StyleParamWithOptions("form", true, "cursor", *params.Cursor, runtime.StyleParamOptions{ParamLocation: runtime.ParamLocationQuery, Type: "string", Format: ""}); err != nil {
+				return nil, err
+			} else {
+				for _, qp := range strings.Split(queryFrag, "&") {
+					rawQueryFragments = append(rawQueryFragments, qp)
+				}
+			}
+
+		}
+
+		if encoded := queryValues.Encode(); encoded != "" {
+			rawQueryFragments = append(rawQueryFragments, encoded)
+		}
+		queryURL.RawQuery = strings.Join(rawQueryFragments, "&")
+	}
+
+	req, err := http.NewRequest(http.MethodGet, queryURL.String(), nil)
+	if err != nil {
+		return nil, err
+	}
+
+	return req, nil
+}
+
+// NewAdminRegisterNodeRequest calls the generic AdminRegisterNode builder with application/json body
+func NewAdminRegisterNodeRequest(server string, params *AdminRegisterNodeParams, body AdminRegisterNodeJSONRequestBody) (*http.Request, error) {
+	var bodyReader io.Reader
+	buf, err := json.Marshal(body)
+	if err != nil {
+		return nil, err
+	}
+	bodyReader = bytes.NewReader(buf)
+	return NewAdminRegisterNodeRequestWithBody(server, params, "application/json", bodyReader)
+}
+
+// NewAdminRegisterNodeRequestWithBody constructs an http.Request for the AdminRegisterNode method, with any body, and a specified content type
+func NewAdminRegisterNodeRequestWithBody(server string, params *AdminRegisterNodeParams, contentType string, body io.Reader) (*http.Request, error) {
+	var err error
+
+	serverURL, err := url.Parse(server)
+	if err != nil {
+		return nil, err
+	}
+
+	operationPath := fmt.Sprintf("/api/v1/admin/nodes")
+	if operationPath[0] == '/' {
+		operationPath = "." + operationPath
+	}
+
+	queryURL, err := serverURL.Parse(operationPath)
+	if err != nil {
+		return nil, err
+	}
+
+	req, err := http.NewRequest(http.MethodPost, queryURL.String(), body)
+	if err != nil {
+		return nil, err
+	}
+
+	req.Header.Add("Content-Type", contentType)
+
+	if params != nil {
+
+		if params.IdempotencyKey != nil {
+			var headerParam0 string
+
+			headerParam0, err = runtime.StyleParamWithOptions("simple", false, "Idempotency-Key", *params.IdempotencyKey, runtime.StyleParamOptions{ParamLocation: runtime.ParamLocationHeader, Type: "string", Format: ""})
+			if err != nil {
+				return nil, err
+			}
+
+			req.Header.Set("Idempotency-Key", headerParam0)
+		}
+
+	}
+
+	return req, nil
+}
+
+// NewAdminGetNodeRequest constructs an http.Request for the AdminGetNode method
+func NewAdminGetNodeRequest(server string, nodeId NodeID) (*http.Request, error) {
+	var err error
+
+	var pathParam0 string
+
+	pathParam0, err = runtime.StyleParamWithOptions("simple", false, "node_id", nodeId, runtime.StyleParamOptions{ParamLocation: runtime.ParamLocationPath, Type: "string", Format: "uuid"})
+	if err != nil {
+		return nil, err
+	}
+
+	serverURL, err := url.Parse(server)
+	if err != nil {
+		return nil, err
+	}
+
+	operationPath := fmt.Sprintf("/api/v1/admin/nodes/%s", pathParam0)
+	if operationPath[0] == '/' {
+		operationPath = "." + operationPath
+	}
+
+	queryURL, err := serverURL.Parse(operationPath)
+	if err != nil {
+		return nil, err
+	}
+
+	req, err := http.NewRequest(http.MethodGet, queryURL.String(), nil)
+	if err != nil {
+		return nil, err
+	}
+
+	return req, nil
+}
+
+// NewAdminUpdateNodeRequest calls the generic AdminUpdateNode builder with application/json body
+func NewAdminUpdateNodeRequest(server string, nodeId NodeID, body AdminUpdateNodeJSONRequestBody) (*http.Request, error) {
+	var bodyReader io.Reader
+	buf, err := json.Marshal(body)
+	if err != nil {
+		return nil, err
+	}
+	bodyReader = bytes.NewReader(buf)
+	return NewAdminUpdateNodeRequestWithBody(server, nodeId, "application/json", bodyReader)
+}
+
+// NewAdminUpdateNodeRequestWithBody constructs an http.Request for the AdminUpdateNode method, with any body, and a specified content type
+func NewAdminUpdateNodeRequestWithBody(server string, nodeId NodeID, contentType string, body io.Reader) (*http.Request, error) {
+	var err error
+
+	var pathParam0 string
+
+	pathParam0, err = runtime.StyleParamWithOptions("simple", false, "node_id", nodeId, runtime.StyleParamOptions{ParamLocation: runtime.ParamLocationPath, Type: "string", Format: "uuid"})
+	if err != nil {
+		return nil, err
+	}
+
+	serverURL, err := url.Parse(server)
+	if err != nil {
+		return nil, err
+	}
+
+	operationPath := fmt.Sprintf("/api/v1/admin/nodes/%s", pathParam0)
+	if operationPath[0] == '/' {
+		operationPath = "." + operationPath
+	}
+
+	queryURL, err := serverURL.Parse(operationPath)
+	if err != nil {
+		return nil, err
+	}
+
+	req, err := http.NewRequest(http.MethodPatch, queryURL.String(), body)
+	if err != nil {
+		return nil, err
+	}
+
+	req.Header.Add("Content-Type", contentType)
+
+	return req, nil
+}
+
+// NewAdminProbeNodeRequest constructs an http.Request for the AdminProbeNode method
+func NewAdminProbeNodeRequest(server string, nodeId NodeID) (*http.Request, error) {
+	var err error
+
+	var pathParam0 string
+
+	pathParam0, err = runtime.StyleParamWithOptions("simple", false, "node_id", nodeId, runtime.StyleParamOptions{ParamLocation: runtime.ParamLocationPath, Type: "string", Format: "uuid"})
+	if err != nil {
+		return nil, err
+	}
+
+	serverURL, err := url.Parse(server)
+	if err != nil {
+		return nil, err
+	}
+
+	operationPath := fmt.Sprintf("/api/v1/admin/nodes/%s/probe", pathParam0)
+	if operationPath[0] == '/' {
+		operationPath = "." + operationPath
+	}
+
+	queryURL, err := serverURL.Parse(operationPath)
+	if err != nil {
+		return nil, err
+	}
+
+	req, err := http.NewRequest(http.MethodPost, queryURL.String(), nil)
+	if err != nil {
+		return nil, err
+	}
+
+	return req, nil
+}
+
+// NewAdminRetireNodeRequest calls the generic AdminRetireNode builder with application/json body
+func NewAdminRetireNodeRequest(server string, nodeId NodeID, body AdminRetireNodeJSONRequestBody) (*http.Request, error) {
+	var bodyReader io.Reader
+	buf, err := json.Marshal(body)
+	if err != nil {
+		return nil, err
+	}
+	bodyReader = bytes.NewReader(buf)
+	return NewAdminRetireNodeRequestWithBody(server, nodeId, "application/json", bodyReader)
+}
+
+// NewAdminRetireNodeRequestWithBody constructs an http.Request for the AdminRetireNode method, with any body, and a specified content type
+func NewAdminRetireNodeRequestWithBody(server string, nodeId NodeID, contentType string, body io.Reader) (*http.Request, error) {
+	var err error
+
+	var pathParam0 string
+
+	pathParam0, err = runtime.StyleParamWithOptions("simple", false, "node_id", nodeId, runtime.StyleParamOptions{ParamLocation: runtime.ParamLocationPath, Type: "string", Format: "uuid"})
+	if err != nil {
+		return nil, err
+	}
+
+	serverURL, err := url.Parse(server)
+	if err != nil {
+		return nil, err
+	}
+
+	operationPath := fmt.Sprintf("/api/v1/admin/nodes/%s/retire", pathParam0)
+	if operationPath[0] == '/' {
+		operationPath = "." + operationPath
+	}
+
+	queryURL, err := serverURL.Parse(operationPath)
+	if err != nil {
+		return nil, err
+	}
+
+	req, err := http.NewRequest(http.MethodPost, queryURL.String(), body)
+	if err != nil {
+		return nil, err
+	}
+
+	req.Header.Add("Content-Type", contentType)
+
+	return req, nil
+}
+
 // NewAdminListPaymentSessionsRequest constructs an http.Request for the AdminListPaymentSessions method
 func NewAdminListPaymentSessionsRequest(server string, params *AdminListPaymentSessionsParams) (*http.Request, error) {
 	var err error
@@ -4734,6 +6073,40 @@ func NewAdminConfigurePluginInstanceRequestWithBody(server string, name PluginNa
 	}
 
 	req.Header.Add("Content-Type", contentType)
+
+	return req, nil
+}
+
+// NewAdminSyncInstanceNodesRequest constructs an http.Request for the AdminSyncInstanceNodes method
+func NewAdminSyncInstanceNodesRequest(server string, name PluginName) (*http.Request, error) {
+	var err error
+
+	var pathParam0 string
+
+	pathParam0, err = runtime.StyleParamWithOptions("simple", false, "name", name, runtime.StyleParamOptions{ParamLocation: runtime.ParamLocationPath, Type: "string", Format: ""})
+	if err != nil {
+		return nil, err
+	}
+
+	serverURL, err := url.Parse(server)
+	if err != nil {
+		return nil, err
+	}
+
+	operationPath := fmt.Sprintf("/api/v1/admin/plugin-instances/%s/sync", pathParam0)
+	if operationPath[0] == '/' {
+		operationPath = "." + operationPath
+	}
+
+	queryURL, err := serverURL.Parse(operationPath)
+	if err != nil {
+		return nil, err
+	}
+
+	req, err := http.NewRequest(http.MethodPost, queryURL.String(), nil)
+	if err != nil {
+		return nil, err
+	}
 
 	return req, nil
 }
@@ -5351,6 +6724,230 @@ func NewAdminUpdateUserRequestWithBody(server string, userId UserID, contentType
 	return req, nil
 }
 
+// NewListAllocationsRequest constructs an http.Request for the ListAllocations method
+func NewListAllocationsRequest(server string, params *ListAllocationsParams) (*http.Request, error) {
+	var err error
+
+	serverURL, err := url.Parse(server)
+	if err != nil {
+		return nil, err
+	}
+
+	operationPath := fmt.Sprintf("/api/v1/allocations")
+	if operationPath[0] == '/' {
+		operationPath = "." + operationPath
+	}
+
+	queryURL, err := serverURL.Parse(operationPath)
+	if err != nil {
+		return nil, err
+	}
+
+	if params != nil {
+		// queryValues collects non-styled parameters (passthrough, JSON)
+		// that are safe to round-trip through url.Values.Encode().
+		queryValues := queryURL.Query()
+		// rawQueryFragments collects pre-encoded query fragments from
+		// styled parameters, preserving literal commas as delimiters
+		// per the OpenAPI spec (e.g. "color=blue,black,brown").
+		var rawQueryFragments []string
+
+		if queryFrag, err := runtime.StyleParamWithOptions("form", true, "project_id", params.ProjectId, runtime.StyleParamOptions{ParamLocation: runtime.ParamLocationQuery, Type: "string", Format: "uuid"}); err != nil {
+			return nil, err
+		} else {
+			for _, qp := range strings.Split(queryFrag, "&") {
+				rawQueryFragments = append(rawQueryFragments, qp)
+			}
+		}
+
+		if params.State != nil {
+
+			if queryFrag, err := runtime.StyleParamWithOptions("form", true, "state", *params.State, runtime.StyleParamOptions{ParamLocation: runtime.ParamLocationQuery, Type: "string", Format: ""}); err != nil {
+				return nil, err
+			} else {
+				for _, qp := range strings.Split(queryFrag, "&") {
+					rawQueryFragments = append(rawQueryFragments, qp)
+				}
+			}
+
+		}
+
+		if params.Limit != nil {
+
+			if queryFrag, err := runtime.StyleParamWithOptions("form", true, "limit", *params.Limit, runtime.StyleParamOptions{ParamLocation: runtime.ParamLocationQuery, Type: "integer", Format: ""}); err != nil {
+				return nil, err
+			} else {
+				for _, qp := range strings.Split(queryFrag, "&") {
+					rawQueryFragments = append(rawQueryFragments, qp)
+				}
+			}
+
+		}
+
+		if params.Cursor != nil {
+
+			if queryFrag, err := runtime.StyleParamWithOptions("form", true, "cursor", *params.Cursor, runtime.StyleParamOptions{ParamLocation: runtime.ParamLocationQuery, Type: "string", Format: ""}); err != nil {
+				return nil, err
+			} else {
+				for _, qp := range strings.Split(queryFrag, "&") {
+					rawQueryFragments = append(rawQueryFragments, qp)
+				}
+			}
+
+		}
+
+		if encoded := queryValues.Encode(); encoded != "" {
+			rawQueryFragments = append(rawQueryFragments, encoded)
+		}
+		queryURL.RawQuery = strings.Join(rawQueryFragments, "&")
+	}
+
+	req, err := http.NewRequest(http.MethodGet, queryURL.String(), nil)
+	if err != nil {
+		return nil, err
+	}
+
+	return req, nil
+}
+
+// NewCreateAllocationRequest calls the generic CreateAllocation builder with application/json body
+func NewCreateAllocationRequest(server string, params *CreateAllocationParams, body CreateAllocationJSONRequestBody) (*http.Request, error) {
+	var bodyReader io.Reader
+	buf, err := json.Marshal(body)
+	if err != nil {
+		return nil, err
+	}
+	bodyReader = bytes.NewReader(buf)
+	return NewCreateAllocationRequestWithBody(server, params, "application/json", bodyReader)
+}
+
+// NewCreateAllocationRequestWithBody constructs an http.Request for the CreateAllocation method, with any body, and a specified content type
+func NewCreateAllocationRequestWithBody(server string, params *CreateAllocationParams, contentType string, body io.Reader) (*http.Request, error) {
+	var err error
+
+	serverURL, err := url.Parse(server)
+	if err != nil {
+		return nil, err
+	}
+
+	operationPath := fmt.Sprintf("/api/v1/allocations")
+	if operationPath[0] == '/' {
+		operationPath = "." + operationPath
+	}
+
+	queryURL, err := serverURL.Parse(operationPath)
+	if err != nil {
+		return nil, err
+	}
+
+	req, err := http.NewRequest(http.MethodPost, queryURL.String(), body)
+	if err != nil {
+		return nil, err
+	}
+
+	req.Header.Add("Content-Type", contentType)
+
+	if params != nil {
+
+		if params.IdempotencyKey != nil {
+			var headerParam0 string
+
+			headerParam0, err = runtime.StyleParamWithOptions("simple", false, "Idempotency-Key", *params.IdempotencyKey, runtime.StyleParamOptions{ParamLocation: runtime.ParamLocationHeader, Type: "string", Format: ""})
+			if err != nil {
+				return nil, err
+			}
+
+			req.Header.Set("Idempotency-Key", headerParam0)
+		}
+
+	}
+
+	return req, nil
+}
+
+// NewGetAllocationRequest constructs an http.Request for the GetAllocation method
+func NewGetAllocationRequest(server string, allocationId AllocationID) (*http.Request, error) {
+	var err error
+
+	var pathParam0 string
+
+	pathParam0, err = runtime.StyleParamWithOptions("simple", false, "allocation_id", allocationId, runtime.StyleParamOptions{ParamLocation: runtime.ParamLocationPath, Type: "string", Format: "uuid"})
+	if err != nil {
+		return nil, err
+	}
+
+	serverURL, err := url.Parse(server)
+	if err != nil {
+		return nil, err
+	}
+
+	operationPath := fmt.Sprintf("/api/v1/allocations/%s", pathParam0)
+	if operationPath[0] == '/' {
+		operationPath = "." + operationPath
+	}
+
+	queryURL, err := serverURL.Parse(operationPath)
+	if err != nil {
+		return nil, err
+	}
+
+	req, err := http.NewRequest(http.MethodGet, queryURL.String(), nil)
+	if err != nil {
+		return nil, err
+	}
+
+	return req, nil
+}
+
+// NewReleaseAllocationRequest constructs an http.Request for the ReleaseAllocation method
+func NewReleaseAllocationRequest(server string, allocationId AllocationID, params *ReleaseAllocationParams) (*http.Request, error) {
+	var err error
+
+	var pathParam0 string
+
+	pathParam0, err = runtime.StyleParamWithOptions("simple", false, "allocation_id", allocationId, runtime.StyleParamOptions{ParamLocation: runtime.ParamLocationPath, Type: "string", Format: "uuid"})
+	if err != nil {
+		return nil, err
+	}
+
+	serverURL, err := url.Parse(server)
+	if err != nil {
+		return nil, err
+	}
+
+	operationPath := fmt.Sprintf("/api/v1/allocations/%s/release", pathParam0)
+	if operationPath[0] == '/' {
+		operationPath = "." + operationPath
+	}
+
+	queryURL, err := serverURL.Parse(operationPath)
+	if err != nil {
+		return nil, err
+	}
+
+	req, err := http.NewRequest(http.MethodPost, queryURL.String(), nil)
+	if err != nil {
+		return nil, err
+	}
+
+	if params != nil {
+
+		if params.IdempotencyKey != nil {
+			var headerParam0 string
+
+			headerParam0, err = runtime.StyleParamWithOptions("simple", false, "Idempotency-Key", *params.IdempotencyKey, runtime.StyleParamOptions{ParamLocation: runtime.ParamLocationHeader, Type: "string", Format: ""})
+			if err != nil {
+				return nil, err
+			}
+
+			req.Header.Set("Idempotency-Key", headerParam0)
+		}
+
+	}
+
+	return req, nil
+}
+
 // NewLocalLoginRequest calls the generic LocalLogin builder with application/json body
 func NewLocalLoginRequest(server string, body LocalLoginJSONRequestBody) (*http.Request, error) {
 	var bodyReader io.Reader
@@ -5862,6 +7459,33 @@ func NewExportUsageRequest(server string, params *ExportUsageParams) (*http.Requ
 			rawQueryFragments = append(rawQueryFragments, encoded)
 		}
 		queryURL.RawQuery = strings.Join(rawQueryFragments, "&")
+	}
+
+	req, err := http.NewRequest(http.MethodGet, queryURL.String(), nil)
+	if err != nil {
+		return nil, err
+	}
+
+	return req, nil
+}
+
+// NewGetCapacityRequest constructs an http.Request for the GetCapacity method
+func NewGetCapacityRequest(server string) (*http.Request, error) {
+	var err error
+
+	serverURL, err := url.Parse(server)
+	if err != nil {
+		return nil, err
+	}
+
+	operationPath := fmt.Sprintf("/api/v1/capacity")
+	if operationPath[0] == '/' {
+		operationPath = "." + operationPath
+	}
+
+	queryURL, err := serverURL.Parse(operationPath)
+	if err != nil {
+		return nil, err
 	}
 
 	req, err := http.NewRequest(http.MethodGet, queryURL.String(), nil)
@@ -7829,6 +9453,53 @@ func NewRevokeMyAPIKeyRequest(server string, keyId KeyID) (*http.Request, error)
 	return req, nil
 }
 
+// NewMaasWebhookRequest calls the generic MaasWebhook builder with application/json body
+func NewMaasWebhookRequest(server string, instance string, body MaasWebhookJSONRequestBody) (*http.Request, error) {
+	var bodyReader io.Reader
+	buf, err := json.Marshal(body)
+	if err != nil {
+		return nil, err
+	}
+	bodyReader = bytes.NewReader(buf)
+	return NewMaasWebhookRequestWithBody(server, instance, "application/json", bodyReader)
+}
+
+// NewMaasWebhookRequestWithBody constructs an http.Request for the MaasWebhook method, with any body, and a specified content type
+func NewMaasWebhookRequestWithBody(server string, instance string, contentType string, body io.Reader) (*http.Request, error) {
+	var err error
+
+	var pathParam0 string
+
+	pathParam0, err = runtime.StyleParamWithOptions("simple", false, "instance", instance, runtime.StyleParamOptions{ParamLocation: runtime.ParamLocationPath, Type: "string", Format: ""})
+	if err != nil {
+		return nil, err
+	}
+
+	serverURL, err := url.Parse(server)
+	if err != nil {
+		return nil, err
+	}
+
+	operationPath := fmt.Sprintf("/api/v1/webhooks/maas/%s", pathParam0)
+	if operationPath[0] == '/' {
+		operationPath = "." + operationPath
+	}
+
+	queryURL, err := serverURL.Parse(operationPath)
+	if err != nil {
+		return nil, err
+	}
+
+	req, err := http.NewRequest(http.MethodPost, queryURL.String(), body)
+	if err != nil {
+		return nil, err
+	}
+
+	req.Header.Add("Content-Type", contentType)
+
+	return req, nil
+}
+
 // NewGetMetricsRequest constructs an http.Request for the GetMetrics method
 func NewGetMetricsRequest(server string) (*http.Request, error) {
 	var err error
@@ -7900,6 +9571,27 @@ func WithBaseURL(baseURL string) ClientOption {
 // ClientWithResponsesInterface is the interface specification for the client with responses above.
 type ClientWithResponsesInterface interface {
 
+	// AdminListAllocationsWithResponse Every allocation, filtered, newest first
+	//
+	// Returns a wrapper object for the known response body format(s).
+	//
+	// Corresponds with GET /api/v1/admin/allocations (the `AdminListAllocations` operationId).
+	AdminListAllocationsWithResponse(ctx context.Context, params *AdminListAllocationsParams, reqEditors ...RequestEditorFn) (*AdminListAllocationsResponse, error)
+
+	// AdminForceReleaseAllocationWithBodyWithResponse Release any allocation that is active or whose release failed
+	//
+	// Takes any type of body and a specified content type, and returns a wrapper object for the known response body format(s).
+	//
+	// Corresponds with POST /api/v1/admin/allocations/{allocation_id}/force-release (the `AdminForceReleaseAllocation` operationId).
+	AdminForceReleaseAllocationWithBodyWithResponse(ctx context.Context, allocationId AllocationID, params *AdminForceReleaseAllocationParams, contentType string, body io.Reader, reqEditors ...RequestEditorFn) (*AdminForceReleaseAllocationResponse, error)
+
+	// AdminForceReleaseAllocationWithResponse Release any allocation that is active or whose release failed
+	//
+	// Takes a body of the `application/json` content type, and returns a wrapper object for the known response body format(s).
+	//
+	// Corresponds with POST /api/v1/admin/allocations/{allocation_id}/force-release (the `AdminForceReleaseAllocation` operationId).
+	AdminForceReleaseAllocationWithResponse(ctx context.Context, allocationId AllocationID, params *AdminForceReleaseAllocationParams, body AdminForceReleaseAllocationJSONRequestBody, reqEditors ...RequestEditorFn) (*AdminForceReleaseAllocationResponse, error)
+
 	// ListAuditLogsWithResponse Audit log, newest first, filtered
 	//
 	// Returns a wrapper object for the known response body format(s).
@@ -7927,6 +9619,67 @@ type ClientWithResponsesInterface interface {
 	//
 	// Corresponds with POST /api/v1/admin/billing/adjustments (the `AdminAdjustBalance` operationId).
 	AdminAdjustBalanceWithResponse(ctx context.Context, params *AdminAdjustBalanceParams, body AdminAdjustBalanceJSONRequestBody, reqEditors ...RequestEditorFn) (*AdminAdjustBalanceResponse, error)
+
+	// AdminListNodesWithResponse The node inventory
+	//
+	// Returns a wrapper object for the known response body format(s).
+	//
+	// Corresponds with GET /api/v1/admin/nodes (the `AdminListNodes` operationId).
+	AdminListNodesWithResponse(ctx context.Context, params *AdminListNodesParams, reqEditors ...RequestEditorFn) (*AdminListNodesResponse, error)
+
+	// AdminRegisterNodeWithBodyWithResponse Enroll a node through its provisioner instance and add it
+	//
+	// Takes any type of body and a specified content type, and returns a wrapper object for the known response body format(s).
+	//
+	// Corresponds with POST /api/v1/admin/nodes (the `AdminRegisterNode` operationId).
+	AdminRegisterNodeWithBodyWithResponse(ctx context.Context, params *AdminRegisterNodeParams, contentType string, body io.Reader, reqEditors ...RequestEditorFn) (*AdminRegisterNodeResponse, error)
+
+	// AdminRegisterNodeWithResponse Enroll a node through its provisioner instance and add it
+	//
+	// Takes a body of the `application/json` content type, and returns a wrapper object for the known response body format(s).
+	//
+	// Corresponds with POST /api/v1/admin/nodes (the `AdminRegisterNode` operationId).
+	AdminRegisterNodeWithResponse(ctx context.Context, params *AdminRegisterNodeParams, body AdminRegisterNodeJSONRequestBody, reqEditors ...RequestEditorFn) (*AdminRegisterNodeResponse, error)
+
+	// AdminGetNodeWithResponse performs a GET /api/v1/admin/nodes/{node_id} (the `AdminGetNode` operationId) request.
+	//
+	// Returns a wrapper object for the known response body format(s).
+	AdminGetNodeWithResponse(ctx context.Context, nodeId NodeID, reqEditors ...RequestEditorFn) (*AdminGetNodeResponse, error)
+
+	// AdminUpdateNodeWithBodyWithResponse Assign a node's SKU (only while it is idle)
+	//
+	// Takes any type of body and a specified content type, and returns a wrapper object for the known response body format(s).
+	//
+	// Corresponds with PATCH /api/v1/admin/nodes/{node_id} (the `AdminUpdateNode` operationId).
+	AdminUpdateNodeWithBodyWithResponse(ctx context.Context, nodeId NodeID, contentType string, body io.Reader, reqEditors ...RequestEditorFn) (*AdminUpdateNodeResponse, error)
+
+	// AdminUpdateNodeWithResponse Assign a node's SKU (only while it is idle)
+	//
+	// Takes a body of the `application/json` content type, and returns a wrapper object for the known response body format(s).
+	//
+	// Corresponds with PATCH /api/v1/admin/nodes/{node_id} (the `AdminUpdateNode` operationId).
+	AdminUpdateNodeWithResponse(ctx context.Context, nodeId NodeID, body AdminUpdateNodeJSONRequestBody, reqEditors ...RequestEditorFn) (*AdminUpdateNodeResponse, error)
+
+	// AdminProbeNodeWithResponse Ask the node's driver for its health (unhealthy → offline, healthy → back)
+	//
+	// Returns a wrapper object for the known response body format(s).
+	//
+	// Corresponds with POST /api/v1/admin/nodes/{node_id}/probe (the `AdminProbeNode` operationId).
+	AdminProbeNodeWithResponse(ctx context.Context, nodeId NodeID, reqEditors ...RequestEditorFn) (*AdminProbeNodeResponse, error)
+
+	// AdminRetireNodeWithBodyWithResponse Take a node out for good (refused while an allocation holds it)
+	//
+	// Takes any type of body and a specified content type, and returns a wrapper object for the known response body format(s).
+	//
+	// Corresponds with POST /api/v1/admin/nodes/{node_id}/retire (the `AdminRetireNode` operationId).
+	AdminRetireNodeWithBodyWithResponse(ctx context.Context, nodeId NodeID, contentType string, body io.Reader, reqEditors ...RequestEditorFn) (*AdminRetireNodeResponse, error)
+
+	// AdminRetireNodeWithResponse Take a node out for good (refused while an allocation holds it)
+	//
+	// Takes a body of the `application/json` content type, and returns a wrapper object for the known response body format(s).
+	//
+	// Corresponds with POST /api/v1/admin/nodes/{node_id}/retire (the `AdminRetireNode` operationId).
+	AdminRetireNodeWithResponse(ctx context.Context, nodeId NodeID, body AdminRetireNodeJSONRequestBody, reqEditors ...RequestEditorFn) (*AdminRetireNodeResponse, error)
 
 	// AdminListPaymentSessionsWithResponse Payment sessions, by status (the reconciliation queue)
 	//
@@ -7983,6 +9736,13 @@ type ClientWithResponsesInterface interface {
 	//
 	// Corresponds with PUT /api/v1/admin/plugin-instances/{name} (the `AdminConfigurePluginInstance` operationId).
 	AdminConfigurePluginInstanceWithResponse(ctx context.Context, name PluginName, body AdminConfigurePluginInstanceJSONRequestBody, reqEditors ...RequestEditorFn) (*AdminConfigurePluginInstanceResponse, error)
+
+	// AdminSyncInstanceNodesWithResponse Reconcile the inventory with a provisioner backend now (nodes it lists, lost or broken)
+	//
+	// Returns a wrapper object for the known response body format(s).
+	//
+	// Corresponds with POST /api/v1/admin/plugin-instances/{name}/sync (the `AdminSyncInstanceNodes` operationId).
+	AdminSyncInstanceNodesWithResponse(ctx context.Context, name PluginName, reqEditors ...RequestEditorFn) (*AdminSyncInstanceNodesResponse, error)
 
 	// AdminListPluginsWithResponse Installed driver plugins
 	//
@@ -8097,6 +9857,51 @@ type ClientWithResponsesInterface interface {
 	// Corresponds with PATCH /api/v1/admin/users/{user_id} (the `AdminUpdateUser` operationId).
 	AdminUpdateUserWithResponse(ctx context.Context, userId UserID, body AdminUpdateUserJSONRequestBody, reqEditors ...RequestEditorFn) (*AdminUpdateUserResponse, error)
 
+	// ListAllocationsWithResponse A project's allocations, newest first
+	//
+	// Returns a wrapper object for the known response body format(s).
+	//
+	// Corresponds with GET /api/v1/allocations (the `ListAllocations` operationId).
+	ListAllocationsWithResponse(ctx context.Context, params *ListAllocationsParams, reqEditors ...RequestEditorFn) (*ListAllocationsResponse, error)
+
+	// CreateAllocationWithBodyWithResponse Rent nodes of a SKU for a project
+	//
+	// One transaction: the project's and the organization's caps (policy
+	// `allocations.*`), a balance above zero, and free nodes of the SKU. The
+	// allocations start `requested`; follow them with GET until `active`.
+	// Errors: 404 sku_not_found, 409 no_capacity, 429 allocation_quota_exceeded,
+	// 402 insufficient_balance, 400 ssh_key_required.
+	//
+	// Takes any type of body and a specified content type, and returns a wrapper object for the known response body format(s).
+	//
+	// Corresponds with POST /api/v1/allocations (the `CreateAllocation` operationId).
+	CreateAllocationWithBodyWithResponse(ctx context.Context, params *CreateAllocationParams, contentType string, body io.Reader, reqEditors ...RequestEditorFn) (*CreateAllocationResponse, error)
+
+	// CreateAllocationWithResponse Rent nodes of a SKU for a project
+	//
+	// One transaction: the project's and the organization's caps (policy
+	// `allocations.*`), a balance above zero, and free nodes of the SKU. The
+	// allocations start `requested`; follow them with GET until `active`.
+	// Errors: 404 sku_not_found, 409 no_capacity, 429 allocation_quota_exceeded,
+	// 402 insufficient_balance, 400 ssh_key_required.
+	//
+	// Takes a body of the `application/json` content type, and returns a wrapper object for the known response body format(s).
+	//
+	// Corresponds with POST /api/v1/allocations (the `CreateAllocation` operationId).
+	CreateAllocationWithResponse(ctx context.Context, params *CreateAllocationParams, body CreateAllocationJSONRequestBody, reqEditors ...RequestEditorFn) (*CreateAllocationResponse, error)
+
+	// GetAllocationWithResponse performs a GET /api/v1/allocations/{allocation_id} (the `GetAllocation` operationId) request.
+	//
+	// Returns a wrapper object for the known response body format(s).
+	GetAllocationWithResponse(ctx context.Context, allocationId AllocationID, reqEditors ...RequestEditorFn) (*GetAllocationResponse, error)
+
+	// ReleaseAllocationWithResponse Give the node back (active, or retry after release_failed)
+	//
+	// Returns a wrapper object for the known response body format(s).
+	//
+	// Corresponds with POST /api/v1/allocations/{allocation_id}/release (the `ReleaseAllocation` operationId).
+	ReleaseAllocationWithResponse(ctx context.Context, allocationId AllocationID, params *ReleaseAllocationParams, reqEditors ...RequestEditorFn) (*ReleaseAllocationResponse, error)
+
 	// LocalLoginWithBodyWithResponse Sign in with a local account (when local accounts are enabled)
 	//
 	// Takes any type of body and a specified content type, and returns a wrapper object for the known response body format(s).
@@ -8180,6 +9985,13 @@ type ClientWithResponsesInterface interface {
 	//
 	// Corresponds with GET /api/v1/billing/usage.csv (the `ExportUsage` operationId).
 	ExportUsageWithResponse(ctx context.Context, params *ExportUsageParams, reqEditors ...RequestEditorFn) (*ExportUsageResponse, error)
+
+	// GetCapacityWithResponse Free nodes of every active SKU (counts only)
+	//
+	// Returns a wrapper object for the known response body format(s).
+	//
+	// Corresponds with GET /api/v1/capacity (the `GetCapacity` operationId).
+	GetCapacityWithResponse(ctx context.Context, reqEditors ...RequestEditorFn) (*GetCapacityResponse, error)
 
 	// GetHealthzWithResponse Process liveness
 	//
@@ -8513,12 +10325,122 @@ type ClientWithResponsesInterface interface {
 	// Corresponds with DELETE /api/v1/users/me/api-keys/{key_id} (the `RevokeMyAPIKey` operationId).
 	RevokeMyAPIKeyWithResponse(ctx context.Context, keyId KeyID, reqEditors ...RequestEditorFn) (*RevokeMyAPIKeyResponse, error)
 
+	// MaasWebhookWithBodyWithResponse MAAS commissioning report (raw body, HMAC verified by the MAAS driver)
+	//
+	// Takes any type of body and a specified content type, and returns a wrapper object for the known response body format(s).
+	//
+	// Corresponds with POST /api/v1/webhooks/maas/{instance} (the `MaasWebhook` operationId).
+	MaasWebhookWithBodyWithResponse(ctx context.Context, instance string, contentType string, body io.Reader, reqEditors ...RequestEditorFn) (*MaasWebhookResponse, error)
+
+	// MaasWebhookWithResponse MAAS commissioning report (raw body, HMAC verified by the MAAS driver)
+	//
+	// Takes a body of the `application/json` content type, and returns a wrapper object for the known response body format(s).
+	//
+	// Corresponds with POST /api/v1/webhooks/maas/{instance} (the `MaasWebhook` operationId).
+	MaasWebhookWithResponse(ctx context.Context, instance string, body MaasWebhookJSONRequestBody, reqEditors ...RequestEditorFn) (*MaasWebhookResponse, error)
+
 	// GetMetricsWithResponse Prometheus metrics
 	//
 	// Returns a wrapper object for the known response body format(s).
 	//
 	// Corresponds with GET /metrics (the `GetMetrics` operationId).
 	GetMetricsWithResponse(ctx context.Context, reqEditors ...RequestEditorFn) (*GetMetricsResponse, error)
+}
+
+type AdminListAllocationsResponse struct {
+	Body         []byte
+	HTTPResponse *http.Response
+	// JSON200 the response for an HTTP 200 `application/json` response
+	JSON200 *AllocationPage
+	// JSONDefault the response for an HTTP default `application/json` response
+	JSONDefault *Error
+}
+
+// GetJSON200 returns the response for an HTTP 200 `application/json` response
+func (r AdminListAllocationsResponse) GetJSON200() *AllocationPage {
+	return r.JSON200
+}
+
+// GetJSONDefault returns the response for an HTTP default `application/json` response
+func (r AdminListAllocationsResponse) GetJSONDefault() *Error {
+	return r.JSONDefault
+}
+
+// GetBody returns the raw response body bytes
+func (r AdminListAllocationsResponse) GetBody() []byte {
+	return r.Body
+}
+
+// Status returns HTTPResponse.Status
+func (r AdminListAllocationsResponse) Status() string {
+	if r.HTTPResponse != nil {
+		return r.HTTPResponse.Status
+	}
+	return http.StatusText(0)
+}
+
+// StatusCode returns HTTPResponse.StatusCode
+func (r AdminListAllocationsResponse) StatusCode() int {
+	if r.HTTPResponse != nil {
+		return r.HTTPResponse.StatusCode
+	}
+	return 0
+}
+
+// ContentType is a convenience method to retrieve the Content-Type value from the HTTP response headers
+func (r AdminListAllocationsResponse) ContentType() string {
+	if r.HTTPResponse != nil {
+		return r.HTTPResponse.Header.Get("Content-Type")
+	}
+	return ""
+}
+
+type AdminForceReleaseAllocationResponse struct {
+	Body         []byte
+	HTTPResponse *http.Response
+	// JSON202 the response for an HTTP 202 `application/json` response
+	JSON202 *Allocation
+	// JSONDefault the response for an HTTP default `application/json` response
+	JSONDefault *Error
+}
+
+// GetJSON202 returns the response for an HTTP 202 `application/json` response
+func (r AdminForceReleaseAllocationResponse) GetJSON202() *Allocation {
+	return r.JSON202
+}
+
+// GetJSONDefault returns the response for an HTTP default `application/json` response
+func (r AdminForceReleaseAllocationResponse) GetJSONDefault() *Error {
+	return r.JSONDefault
+}
+
+// GetBody returns the raw response body bytes
+func (r AdminForceReleaseAllocationResponse) GetBody() []byte {
+	return r.Body
+}
+
+// Status returns HTTPResponse.Status
+func (r AdminForceReleaseAllocationResponse) Status() string {
+	if r.HTTPResponse != nil {
+		return r.HTTPResponse.Status
+	}
+	return http.StatusText(0)
+}
+
+// StatusCode returns HTTPResponse.StatusCode
+func (r AdminForceReleaseAllocationResponse) StatusCode() int {
+	if r.HTTPResponse != nil {
+		return r.HTTPResponse.StatusCode
+	}
+	return 0
+}
+
+// ContentType is a convenience method to retrieve the Content-Type value from the HTTP response headers
+func (r AdminForceReleaseAllocationResponse) ContentType() string {
+	if r.HTTPResponse != nil {
+		return r.HTTPResponse.Header.Get("Content-Type")
+	}
+	return ""
 }
 
 type ListAuditLogsResponse struct {
@@ -8652,6 +10574,294 @@ func (r AdminAdjustBalanceResponse) StatusCode() int {
 
 // ContentType is a convenience method to retrieve the Content-Type value from the HTTP response headers
 func (r AdminAdjustBalanceResponse) ContentType() string {
+	if r.HTTPResponse != nil {
+		return r.HTTPResponse.Header.Get("Content-Type")
+	}
+	return ""
+}
+
+type AdminListNodesResponse struct {
+	Body         []byte
+	HTTPResponse *http.Response
+	// JSON200 the response for an HTTP 200 `application/json` response
+	JSON200 *NodePage
+	// JSONDefault the response for an HTTP default `application/json` response
+	JSONDefault *Error
+}
+
+// GetJSON200 returns the response for an HTTP 200 `application/json` response
+func (r AdminListNodesResponse) GetJSON200() *NodePage {
+	return r.JSON200
+}
+
+// GetJSONDefault returns the response for an HTTP default `application/json` response
+func (r AdminListNodesResponse) GetJSONDefault() *Error {
+	return r.JSONDefault
+}
+
+// GetBody returns the raw response body bytes
+func (r AdminListNodesResponse) GetBody() []byte {
+	return r.Body
+}
+
+// Status returns HTTPResponse.Status
+func (r AdminListNodesResponse) Status() string {
+	if r.HTTPResponse != nil {
+		return r.HTTPResponse.Status
+	}
+	return http.StatusText(0)
+}
+
+// StatusCode returns HTTPResponse.StatusCode
+func (r AdminListNodesResponse) StatusCode() int {
+	if r.HTTPResponse != nil {
+		return r.HTTPResponse.StatusCode
+	}
+	return 0
+}
+
+// ContentType is a convenience method to retrieve the Content-Type value from the HTTP response headers
+func (r AdminListNodesResponse) ContentType() string {
+	if r.HTTPResponse != nil {
+		return r.HTTPResponse.Header.Get("Content-Type")
+	}
+	return ""
+}
+
+type AdminRegisterNodeResponse struct {
+	Body         []byte
+	HTTPResponse *http.Response
+	// JSON201 the response for an HTTP 201 `application/json` response
+	JSON201 *Node
+	// JSONDefault the response for an HTTP default `application/json` response
+	JSONDefault *Error
+}
+
+// GetJSON201 returns the response for an HTTP 201 `application/json` response
+func (r AdminRegisterNodeResponse) GetJSON201() *Node {
+	return r.JSON201
+}
+
+// GetJSONDefault returns the response for an HTTP default `application/json` response
+func (r AdminRegisterNodeResponse) GetJSONDefault() *Error {
+	return r.JSONDefault
+}
+
+// GetBody returns the raw response body bytes
+func (r AdminRegisterNodeResponse) GetBody() []byte {
+	return r.Body
+}
+
+// Status returns HTTPResponse.Status
+func (r AdminRegisterNodeResponse) Status() string {
+	if r.HTTPResponse != nil {
+		return r.HTTPResponse.Status
+	}
+	return http.StatusText(0)
+}
+
+// StatusCode returns HTTPResponse.StatusCode
+func (r AdminRegisterNodeResponse) StatusCode() int {
+	if r.HTTPResponse != nil {
+		return r.HTTPResponse.StatusCode
+	}
+	return 0
+}
+
+// ContentType is a convenience method to retrieve the Content-Type value from the HTTP response headers
+func (r AdminRegisterNodeResponse) ContentType() string {
+	if r.HTTPResponse != nil {
+		return r.HTTPResponse.Header.Get("Content-Type")
+	}
+	return ""
+}
+
+type AdminGetNodeResponse struct {
+	Body         []byte
+	HTTPResponse *http.Response
+	// JSON200 the response for an HTTP 200 `application/json` response
+	JSON200 *Node
+	// JSONDefault the response for an HTTP default `application/json` response
+	JSONDefault *Error
+}
+
+// GetJSON200 returns the response for an HTTP 200 `application/json` response
+func (r AdminGetNodeResponse) GetJSON200() *Node {
+	return r.JSON200
+}
+
+// GetJSONDefault returns the response for an HTTP default `application/json` response
+func (r AdminGetNodeResponse) GetJSONDefault() *Error {
+	return r.JSONDefault
+}
+
+// GetBody returns the raw response body bytes
+func (r AdminGetNodeResponse) GetBody() []byte {
+	return r.Body
+}
+
+// Status returns HTTPResponse.Status
+func (r AdminGetNodeResponse) Status() string {
+	if r.HTTPResponse != nil {
+		return r.HTTPResponse.Status
+	}
+	return http.StatusText(0)
+}
+
+// StatusCode returns HTTPResponse.StatusCode
+func (r AdminGetNodeResponse) StatusCode() int {
+	if r.HTTPResponse != nil {
+		return r.HTTPResponse.StatusCode
+	}
+	return 0
+}
+
+// ContentType is a convenience method to retrieve the Content-Type value from the HTTP response headers
+func (r AdminGetNodeResponse) ContentType() string {
+	if r.HTTPResponse != nil {
+		return r.HTTPResponse.Header.Get("Content-Type")
+	}
+	return ""
+}
+
+type AdminUpdateNodeResponse struct {
+	Body         []byte
+	HTTPResponse *http.Response
+	// JSON200 the response for an HTTP 200 `application/json` response
+	JSON200 *Node
+	// JSONDefault the response for an HTTP default `application/json` response
+	JSONDefault *Error
+}
+
+// GetJSON200 returns the response for an HTTP 200 `application/json` response
+func (r AdminUpdateNodeResponse) GetJSON200() *Node {
+	return r.JSON200
+}
+
+// GetJSONDefault returns the response for an HTTP default `application/json` response
+func (r AdminUpdateNodeResponse) GetJSONDefault() *Error {
+	return r.JSONDefault
+}
+
+// GetBody returns the raw response body bytes
+func (r AdminUpdateNodeResponse) GetBody() []byte {
+	return r.Body
+}
+
+// Status returns HTTPResponse.Status
+func (r AdminUpdateNodeResponse) Status() string {
+	if r.HTTPResponse != nil {
+		return r.HTTPResponse.Status
+	}
+	return http.StatusText(0)
+}
+
+// StatusCode returns HTTPResponse.StatusCode
+func (r AdminUpdateNodeResponse) StatusCode() int {
+	if r.HTTPResponse != nil {
+		return r.HTTPResponse.StatusCode
+	}
+	return 0
+}
+
+// ContentType is a convenience method to retrieve the Content-Type value from the HTTP response headers
+func (r AdminUpdateNodeResponse) ContentType() string {
+	if r.HTTPResponse != nil {
+		return r.HTTPResponse.Header.Get("Content-Type")
+	}
+	return ""
+}
+
+type AdminProbeNodeResponse struct {
+	Body         []byte
+	HTTPResponse *http.Response
+	// JSON200 the response for an HTTP 200 `application/json` response
+	JSON200 *Node
+	// JSONDefault the response for an HTTP default `application/json` response
+	JSONDefault *Error
+}
+
+// GetJSON200 returns the response for an HTTP 200 `application/json` response
+func (r AdminProbeNodeResponse) GetJSON200() *Node {
+	return r.JSON200
+}
+
+// GetJSONDefault returns the response for an HTTP default `application/json` response
+func (r AdminProbeNodeResponse) GetJSONDefault() *Error {
+	return r.JSONDefault
+}
+
+// GetBody returns the raw response body bytes
+func (r AdminProbeNodeResponse) GetBody() []byte {
+	return r.Body
+}
+
+// Status returns HTTPResponse.Status
+func (r AdminProbeNodeResponse) Status() string {
+	if r.HTTPResponse != nil {
+		return r.HTTPResponse.Status
+	}
+	return http.StatusText(0)
+}
+
+// StatusCode returns HTTPResponse.StatusCode
+func (r AdminProbeNodeResponse) StatusCode() int {
+	if r.HTTPResponse != nil {
+		return r.HTTPResponse.StatusCode
+	}
+	return 0
+}
+
+// ContentType is a convenience method to retrieve the Content-Type value from the HTTP response headers
+func (r AdminProbeNodeResponse) ContentType() string {
+	if r.HTTPResponse != nil {
+		return r.HTTPResponse.Header.Get("Content-Type")
+	}
+	return ""
+}
+
+type AdminRetireNodeResponse struct {
+	Body         []byte
+	HTTPResponse *http.Response
+	// JSON200 the response for an HTTP 200 `application/json` response
+	JSON200 *Node
+	// JSONDefault the response for an HTTP default `application/json` response
+	JSONDefault *Error
+}
+
+// GetJSON200 returns the response for an HTTP 200 `application/json` response
+func (r AdminRetireNodeResponse) GetJSON200() *Node {
+	return r.JSON200
+}
+
+// GetJSONDefault returns the response for an HTTP default `application/json` response
+func (r AdminRetireNodeResponse) GetJSONDefault() *Error {
+	return r.JSONDefault
+}
+
+// GetBody returns the raw response body bytes
+func (r AdminRetireNodeResponse) GetBody() []byte {
+	return r.Body
+}
+
+// Status returns HTTPResponse.Status
+func (r AdminRetireNodeResponse) Status() string {
+	if r.HTTPResponse != nil {
+		return r.HTTPResponse.Status
+	}
+	return http.StatusText(0)
+}
+
+// StatusCode returns HTTPResponse.StatusCode
+func (r AdminRetireNodeResponse) StatusCode() int {
+	if r.HTTPResponse != nil {
+		return r.HTTPResponse.StatusCode
+	}
+	return 0
+}
+
+// ContentType is a convenience method to retrieve the Content-Type value from the HTTP response headers
+func (r AdminRetireNodeResponse) ContentType() string {
 	if r.HTTPResponse != nil {
 		return r.HTTPResponse.Header.Get("Content-Type")
 	}
@@ -8892,6 +11102,54 @@ func (r AdminConfigurePluginInstanceResponse) StatusCode() int {
 
 // ContentType is a convenience method to retrieve the Content-Type value from the HTTP response headers
 func (r AdminConfigurePluginInstanceResponse) ContentType() string {
+	if r.HTTPResponse != nil {
+		return r.HTTPResponse.Header.Get("Content-Type")
+	}
+	return ""
+}
+
+type AdminSyncInstanceNodesResponse struct {
+	Body         []byte
+	HTTPResponse *http.Response
+	// JSON200 the response for an HTTP 200 `application/json` response
+	JSON200 *NodeSyncResult
+	// JSONDefault the response for an HTTP default `application/json` response
+	JSONDefault *Error
+}
+
+// GetJSON200 returns the response for an HTTP 200 `application/json` response
+func (r AdminSyncInstanceNodesResponse) GetJSON200() *NodeSyncResult {
+	return r.JSON200
+}
+
+// GetJSONDefault returns the response for an HTTP default `application/json` response
+func (r AdminSyncInstanceNodesResponse) GetJSONDefault() *Error {
+	return r.JSONDefault
+}
+
+// GetBody returns the raw response body bytes
+func (r AdminSyncInstanceNodesResponse) GetBody() []byte {
+	return r.Body
+}
+
+// Status returns HTTPResponse.Status
+func (r AdminSyncInstanceNodesResponse) Status() string {
+	if r.HTTPResponse != nil {
+		return r.HTTPResponse.Status
+	}
+	return http.StatusText(0)
+}
+
+// StatusCode returns HTTPResponse.StatusCode
+func (r AdminSyncInstanceNodesResponse) StatusCode() int {
+	if r.HTTPResponse != nil {
+		return r.HTTPResponse.StatusCode
+	}
+	return 0
+}
+
+// ContentType is a convenience method to retrieve the Content-Type value from the HTTP response headers
+func (r AdminSyncInstanceNodesResponse) ContentType() string {
 	if r.HTTPResponse != nil {
 		return r.HTTPResponse.Header.Get("Content-Type")
 	}
@@ -9419,6 +11677,198 @@ func (r AdminUpdateUserResponse) ContentType() string {
 	return ""
 }
 
+type ListAllocationsResponse struct {
+	Body         []byte
+	HTTPResponse *http.Response
+	// JSON200 the response for an HTTP 200 `application/json` response
+	JSON200 *AllocationPage
+	// JSONDefault the response for an HTTP default `application/json` response
+	JSONDefault *Error
+}
+
+// GetJSON200 returns the response for an HTTP 200 `application/json` response
+func (r ListAllocationsResponse) GetJSON200() *AllocationPage {
+	return r.JSON200
+}
+
+// GetJSONDefault returns the response for an HTTP default `application/json` response
+func (r ListAllocationsResponse) GetJSONDefault() *Error {
+	return r.JSONDefault
+}
+
+// GetBody returns the raw response body bytes
+func (r ListAllocationsResponse) GetBody() []byte {
+	return r.Body
+}
+
+// Status returns HTTPResponse.Status
+func (r ListAllocationsResponse) Status() string {
+	if r.HTTPResponse != nil {
+		return r.HTTPResponse.Status
+	}
+	return http.StatusText(0)
+}
+
+// StatusCode returns HTTPResponse.StatusCode
+func (r ListAllocationsResponse) StatusCode() int {
+	if r.HTTPResponse != nil {
+		return r.HTTPResponse.StatusCode
+	}
+	return 0
+}
+
+// ContentType is a convenience method to retrieve the Content-Type value from the HTTP response headers
+func (r ListAllocationsResponse) ContentType() string {
+	if r.HTTPResponse != nil {
+		return r.HTTPResponse.Header.Get("Content-Type")
+	}
+	return ""
+}
+
+type CreateAllocationResponse struct {
+	Body         []byte
+	HTTPResponse *http.Response
+	// JSON201 the response for an HTTP 201 `application/json` response
+	JSON201 *AllocationList
+	// JSONDefault the response for an HTTP default `application/json` response
+	JSONDefault *Error
+}
+
+// GetJSON201 returns the response for an HTTP 201 `application/json` response
+func (r CreateAllocationResponse) GetJSON201() *AllocationList {
+	return r.JSON201
+}
+
+// GetJSONDefault returns the response for an HTTP default `application/json` response
+func (r CreateAllocationResponse) GetJSONDefault() *Error {
+	return r.JSONDefault
+}
+
+// GetBody returns the raw response body bytes
+func (r CreateAllocationResponse) GetBody() []byte {
+	return r.Body
+}
+
+// Status returns HTTPResponse.Status
+func (r CreateAllocationResponse) Status() string {
+	if r.HTTPResponse != nil {
+		return r.HTTPResponse.Status
+	}
+	return http.StatusText(0)
+}
+
+// StatusCode returns HTTPResponse.StatusCode
+func (r CreateAllocationResponse) StatusCode() int {
+	if r.HTTPResponse != nil {
+		return r.HTTPResponse.StatusCode
+	}
+	return 0
+}
+
+// ContentType is a convenience method to retrieve the Content-Type value from the HTTP response headers
+func (r CreateAllocationResponse) ContentType() string {
+	if r.HTTPResponse != nil {
+		return r.HTTPResponse.Header.Get("Content-Type")
+	}
+	return ""
+}
+
+type GetAllocationResponse struct {
+	Body         []byte
+	HTTPResponse *http.Response
+	// JSON200 the response for an HTTP 200 `application/json` response
+	JSON200 *Allocation
+	// JSONDefault the response for an HTTP default `application/json` response
+	JSONDefault *Error
+}
+
+// GetJSON200 returns the response for an HTTP 200 `application/json` response
+func (r GetAllocationResponse) GetJSON200() *Allocation {
+	return r.JSON200
+}
+
+// GetJSONDefault returns the response for an HTTP default `application/json` response
+func (r GetAllocationResponse) GetJSONDefault() *Error {
+	return r.JSONDefault
+}
+
+// GetBody returns the raw response body bytes
+func (r GetAllocationResponse) GetBody() []byte {
+	return r.Body
+}
+
+// Status returns HTTPResponse.Status
+func (r GetAllocationResponse) Status() string {
+	if r.HTTPResponse != nil {
+		return r.HTTPResponse.Status
+	}
+	return http.StatusText(0)
+}
+
+// StatusCode returns HTTPResponse.StatusCode
+func (r GetAllocationResponse) StatusCode() int {
+	if r.HTTPResponse != nil {
+		return r.HTTPResponse.StatusCode
+	}
+	return 0
+}
+
+// ContentType is a convenience method to retrieve the Content-Type value from the HTTP response headers
+func (r GetAllocationResponse) ContentType() string {
+	if r.HTTPResponse != nil {
+		return r.HTTPResponse.Header.Get("Content-Type")
+	}
+	return ""
+}
+
+type ReleaseAllocationResponse struct {
+	Body         []byte
+	HTTPResponse *http.Response
+	// JSON202 the response for an HTTP 202 `application/json` response
+	JSON202 *Allocation
+	// JSONDefault the response for an HTTP default `application/json` response
+	JSONDefault *Error
+}
+
+// GetJSON202 returns the response for an HTTP 202 `application/json` response
+func (r ReleaseAllocationResponse) GetJSON202() *Allocation {
+	return r.JSON202
+}
+
+// GetJSONDefault returns the response for an HTTP default `application/json` response
+func (r ReleaseAllocationResponse) GetJSONDefault() *Error {
+	return r.JSONDefault
+}
+
+// GetBody returns the raw response body bytes
+func (r ReleaseAllocationResponse) GetBody() []byte {
+	return r.Body
+}
+
+// Status returns HTTPResponse.Status
+func (r ReleaseAllocationResponse) Status() string {
+	if r.HTTPResponse != nil {
+		return r.HTTPResponse.Status
+	}
+	return http.StatusText(0)
+}
+
+// StatusCode returns HTTPResponse.StatusCode
+func (r ReleaseAllocationResponse) StatusCode() int {
+	if r.HTTPResponse != nil {
+		return r.HTTPResponse.StatusCode
+	}
+	return 0
+}
+
+// ContentType is a convenience method to retrieve the Content-Type value from the HTTP response headers
+func (r ReleaseAllocationResponse) ContentType() string {
+	if r.HTTPResponse != nil {
+		return r.HTTPResponse.Header.Get("Content-Type")
+	}
+	return ""
+}
+
 type LocalLoginResponse struct {
 	Body         []byte
 	HTTPResponse *http.Response
@@ -9838,6 +12288,54 @@ func (r ExportUsageResponse) StatusCode() int {
 
 // ContentType is a convenience method to retrieve the Content-Type value from the HTTP response headers
 func (r ExportUsageResponse) ContentType() string {
+	if r.HTTPResponse != nil {
+		return r.HTTPResponse.Header.Get("Content-Type")
+	}
+	return ""
+}
+
+type GetCapacityResponse struct {
+	Body         []byte
+	HTTPResponse *http.Response
+	// JSON200 the response for an HTTP 200 `application/json` response
+	JSON200 *CapacityList
+	// JSONDefault the response for an HTTP default `application/json` response
+	JSONDefault *Error
+}
+
+// GetJSON200 returns the response for an HTTP 200 `application/json` response
+func (r GetCapacityResponse) GetJSON200() *CapacityList {
+	return r.JSON200
+}
+
+// GetJSONDefault returns the response for an HTTP default `application/json` response
+func (r GetCapacityResponse) GetJSONDefault() *Error {
+	return r.JSONDefault
+}
+
+// GetBody returns the raw response body bytes
+func (r GetCapacityResponse) GetBody() []byte {
+	return r.Body
+}
+
+// Status returns HTTPResponse.Status
+func (r GetCapacityResponse) Status() string {
+	if r.HTTPResponse != nil {
+		return r.HTTPResponse.Status
+	}
+	return http.StatusText(0)
+}
+
+// StatusCode returns HTTPResponse.StatusCode
+func (r GetCapacityResponse) StatusCode() int {
+	if r.HTTPResponse != nil {
+		return r.HTTPResponse.StatusCode
+	}
+	return 0
+}
+
+// ContentType is a convenience method to retrieve the Content-Type value from the HTTP response headers
+func (r GetCapacityResponse) ContentType() string {
 	if r.HTTPResponse != nil {
 		return r.HTTPResponse.Header.Get("Content-Type")
 	}
@@ -11585,6 +14083,54 @@ func (r RevokeMyAPIKeyResponse) ContentType() string {
 	return ""
 }
 
+type MaasWebhookResponse struct {
+	Body         []byte
+	HTTPResponse *http.Response
+	// JSON200 the response for an HTTP 200 `application/json` response
+	JSON200 *NodeWebhookReceipt
+	// JSONDefault the response for an HTTP default `application/json` response
+	JSONDefault *Error
+}
+
+// GetJSON200 returns the response for an HTTP 200 `application/json` response
+func (r MaasWebhookResponse) GetJSON200() *NodeWebhookReceipt {
+	return r.JSON200
+}
+
+// GetJSONDefault returns the response for an HTTP default `application/json` response
+func (r MaasWebhookResponse) GetJSONDefault() *Error {
+	return r.JSONDefault
+}
+
+// GetBody returns the raw response body bytes
+func (r MaasWebhookResponse) GetBody() []byte {
+	return r.Body
+}
+
+// Status returns HTTPResponse.Status
+func (r MaasWebhookResponse) Status() string {
+	if r.HTTPResponse != nil {
+		return r.HTTPResponse.Status
+	}
+	return http.StatusText(0)
+}
+
+// StatusCode returns HTTPResponse.StatusCode
+func (r MaasWebhookResponse) StatusCode() int {
+	if r.HTTPResponse != nil {
+		return r.HTTPResponse.StatusCode
+	}
+	return 0
+}
+
+// ContentType is a convenience method to retrieve the Content-Type value from the HTTP response headers
+func (r MaasWebhookResponse) ContentType() string {
+	if r.HTTPResponse != nil {
+		return r.HTTPResponse.Header.Get("Content-Type")
+	}
+	return ""
+}
+
 type GetMetricsResponse struct {
 	Body         []byte
 	HTTPResponse *http.Response
@@ -11624,6 +14170,45 @@ func (r GetMetricsResponse) ContentType() string {
 		return r.HTTPResponse.Header.Get("Content-Type")
 	}
 	return ""
+}
+
+// AdminListAllocationsWithResponse Every allocation, filtered, newest first
+//
+// Returns a wrapper object for the known response body format(s).
+//
+// Corresponds with GET /api/v1/admin/allocations (the `AdminListAllocations` operationId).
+func (c *ClientWithResponses) AdminListAllocationsWithResponse(ctx context.Context, params *AdminListAllocationsParams, reqEditors ...RequestEditorFn) (*AdminListAllocationsResponse, error) {
+	rsp, err := c.AdminListAllocations(ctx, params, reqEditors...)
+	if err != nil {
+		return nil, err
+	}
+	return ParseAdminListAllocationsResponse(rsp)
+}
+
+// AdminForceReleaseAllocationWithBodyWithResponse Release any allocation that is active or whose release failed
+//
+// Takes any type of body and a specified content type, and returns a wrapper object for the known response body format(s).
+//
+// Corresponds with POST /api/v1/admin/allocations/{allocation_id}/force-release (the `AdminForceReleaseAllocation` operationId).
+func (c *ClientWithResponses) AdminForceReleaseAllocationWithBodyWithResponse(ctx context.Context, allocationId AllocationID, params *AdminForceReleaseAllocationParams, contentType string, body io.Reader, reqEditors ...RequestEditorFn) (*AdminForceReleaseAllocationResponse, error) {
+	rsp, err := c.AdminForceReleaseAllocationWithBody(ctx, allocationId, params, contentType, body, reqEditors...)
+	if err != nil {
+		return nil, err
+	}
+	return ParseAdminForceReleaseAllocationResponse(rsp)
+}
+
+// AdminForceReleaseAllocationWithResponse Release any allocation that is active or whose release failed
+//
+// Takes a body of the `application/json` content type, and returns a wrapper object for the known response body format(s).
+//
+// Corresponds with POST /api/v1/admin/allocations/{allocation_id}/force-release (the `AdminForceReleaseAllocation` operationId).
+func (c *ClientWithResponses) AdminForceReleaseAllocationWithResponse(ctx context.Context, allocationId AllocationID, params *AdminForceReleaseAllocationParams, body AdminForceReleaseAllocationJSONRequestBody, reqEditors ...RequestEditorFn) (*AdminForceReleaseAllocationResponse, error) {
+	rsp, err := c.AdminForceReleaseAllocation(ctx, allocationId, params, body, reqEditors...)
+	if err != nil {
+		return nil, err
+	}
+	return ParseAdminForceReleaseAllocationResponse(rsp)
 }
 
 // ListAuditLogsWithResponse Audit log, newest first, filtered
@@ -11676,6 +14261,121 @@ func (c *ClientWithResponses) AdminAdjustBalanceWithResponse(ctx context.Context
 		return nil, err
 	}
 	return ParseAdminAdjustBalanceResponse(rsp)
+}
+
+// AdminListNodesWithResponse The node inventory
+//
+// Returns a wrapper object for the known response body format(s).
+//
+// Corresponds with GET /api/v1/admin/nodes (the `AdminListNodes` operationId).
+func (c *ClientWithResponses) AdminListNodesWithResponse(ctx context.Context, params *AdminListNodesParams, reqEditors ...RequestEditorFn) (*AdminListNodesResponse, error) {
+	rsp, err := c.AdminListNodes(ctx, params, reqEditors...)
+	if err != nil {
+		return nil, err
+	}
+	return ParseAdminListNodesResponse(rsp)
+}
+
+// AdminRegisterNodeWithBodyWithResponse Enroll a node through its provisioner instance and add it
+//
+// Takes any type of body and a specified content type, and returns a wrapper object for the known response body format(s).
+//
+// Corresponds with POST /api/v1/admin/nodes (the `AdminRegisterNode` operationId).
+func (c *ClientWithResponses) AdminRegisterNodeWithBodyWithResponse(ctx context.Context, params *AdminRegisterNodeParams, contentType string, body io.Reader, reqEditors ...RequestEditorFn) (*AdminRegisterNodeResponse, error) {
+	rsp, err := c.AdminRegisterNodeWithBody(ctx, params, contentType, body, reqEditors...)
+	if err != nil {
+		return nil, err
+	}
+	return ParseAdminRegisterNodeResponse(rsp)
+}
+
+// AdminRegisterNodeWithResponse Enroll a node through its provisioner instance and add it
+//
+// Takes a body of the `application/json` content type, and returns a wrapper object for the known response body format(s).
+//
+// Corresponds with POST /api/v1/admin/nodes (the `AdminRegisterNode` operationId).
+func (c *ClientWithResponses) AdminRegisterNodeWithResponse(ctx context.Context, params *AdminRegisterNodeParams, body AdminRegisterNodeJSONRequestBody, reqEditors ...RequestEditorFn) (*AdminRegisterNodeResponse, error) {
+	rsp, err := c.AdminRegisterNode(ctx, params, body, reqEditors...)
+	if err != nil {
+		return nil, err
+	}
+	return ParseAdminRegisterNodeResponse(rsp)
+}
+
+// AdminGetNodeWithResponse performs a GET /api/v1/admin/nodes/{node_id} (the `AdminGetNode` operationId) request.
+//
+// Returns a wrapper object for the known response body format(s).
+func (c *ClientWithResponses) AdminGetNodeWithResponse(ctx context.Context, nodeId NodeID, reqEditors ...RequestEditorFn) (*AdminGetNodeResponse, error) {
+	rsp, err := c.AdminGetNode(ctx, nodeId, reqEditors...)
+	if err != nil {
+		return nil, err
+	}
+	return ParseAdminGetNodeResponse(rsp)
+}
+
+// AdminUpdateNodeWithBodyWithResponse Assign a node's SKU (only while it is idle)
+//
+// Takes any type of body and a specified content type, and returns a wrapper object for the known response body format(s).
+//
+// Corresponds with PATCH /api/v1/admin/nodes/{node_id} (the `AdminUpdateNode` operationId).
+func (c *ClientWithResponses) AdminUpdateNodeWithBodyWithResponse(ctx context.Context, nodeId NodeID, contentType string, body io.Reader, reqEditors ...RequestEditorFn) (*AdminUpdateNodeResponse, error) {
+	rsp, err := c.AdminUpdateNodeWithBody(ctx, nodeId, contentType, body, reqEditors...)
+	if err != nil {
+		return nil, err
+	}
+	return ParseAdminUpdateNodeResponse(rsp)
+}
+
+// AdminUpdateNodeWithResponse Assign a node's SKU (only while it is idle)
+//
+// Takes a body of the `application/json` content type, and returns a wrapper object for the known response body format(s).
+//
+// Corresponds with PATCH /api/v1/admin/nodes/{node_id} (the `AdminUpdateNode` operationId).
+func (c *ClientWithResponses) AdminUpdateNodeWithResponse(ctx context.Context, nodeId NodeID, body AdminUpdateNodeJSONRequestBody, reqEditors ...RequestEditorFn) (*AdminUpdateNodeResponse, error) {
+	rsp, err := c.AdminUpdateNode(ctx, nodeId, body, reqEditors...)
+	if err != nil {
+		return nil, err
+	}
+	return ParseAdminUpdateNodeResponse(rsp)
+}
+
+// AdminProbeNodeWithResponse Ask the node's driver for its health (unhealthy → offline, healthy → back)
+//
+// Returns a wrapper object for the known response body format(s).
+//
+// Corresponds with POST /api/v1/admin/nodes/{node_id}/probe (the `AdminProbeNode` operationId).
+func (c *ClientWithResponses) AdminProbeNodeWithResponse(ctx context.Context, nodeId NodeID, reqEditors ...RequestEditorFn) (*AdminProbeNodeResponse, error) {
+	rsp, err := c.AdminProbeNode(ctx, nodeId, reqEditors...)
+	if err != nil {
+		return nil, err
+	}
+	return ParseAdminProbeNodeResponse(rsp)
+}
+
+// AdminRetireNodeWithBodyWithResponse Take a node out for good (refused while an allocation holds it)
+//
+// Takes any type of body and a specified content type, and returns a wrapper object for the known response body format(s).
+//
+// Corresponds with POST /api/v1/admin/nodes/{node_id}/retire (the `AdminRetireNode` operationId).
+func (c *ClientWithResponses) AdminRetireNodeWithBodyWithResponse(ctx context.Context, nodeId NodeID, contentType string, body io.Reader, reqEditors ...RequestEditorFn) (*AdminRetireNodeResponse, error) {
+	rsp, err := c.AdminRetireNodeWithBody(ctx, nodeId, contentType, body, reqEditors...)
+	if err != nil {
+		return nil, err
+	}
+	return ParseAdminRetireNodeResponse(rsp)
+}
+
+// AdminRetireNodeWithResponse Take a node out for good (refused while an allocation holds it)
+//
+// Takes a body of the `application/json` content type, and returns a wrapper object for the known response body format(s).
+//
+// Corresponds with POST /api/v1/admin/nodes/{node_id}/retire (the `AdminRetireNode` operationId).
+func (c *ClientWithResponses) AdminRetireNodeWithResponse(ctx context.Context, nodeId NodeID, body AdminRetireNodeJSONRequestBody, reqEditors ...RequestEditorFn) (*AdminRetireNodeResponse, error) {
+	rsp, err := c.AdminRetireNode(ctx, nodeId, body, reqEditors...)
+	if err != nil {
+		return nil, err
+	}
+	return ParseAdminRetireNodeResponse(rsp)
 }
 
 // AdminListPaymentSessionsWithResponse Payment sessions, by status (the reconciliation queue)
@@ -11780,6 +14480,19 @@ func (c *ClientWithResponses) AdminConfigurePluginInstanceWithResponse(ctx conte
 		return nil, err
 	}
 	return ParseAdminConfigurePluginInstanceResponse(rsp)
+}
+
+// AdminSyncInstanceNodesWithResponse Reconcile the inventory with a provisioner backend now (nodes it lists, lost or broken)
+//
+// Returns a wrapper object for the known response body format(s).
+//
+// Corresponds with POST /api/v1/admin/plugin-instances/{name}/sync (the `AdminSyncInstanceNodes` operationId).
+func (c *ClientWithResponses) AdminSyncInstanceNodesWithResponse(ctx context.Context, name PluginName, reqEditors ...RequestEditorFn) (*AdminSyncInstanceNodesResponse, error) {
+	rsp, err := c.AdminSyncInstanceNodes(ctx, name, reqEditors...)
+	if err != nil {
+		return nil, err
+	}
+	return ParseAdminSyncInstanceNodesResponse(rsp)
 }
 
 // AdminListPluginsWithResponse Installed driver plugins
@@ -11997,6 +14710,81 @@ func (c *ClientWithResponses) AdminUpdateUserWithResponse(ctx context.Context, u
 	return ParseAdminUpdateUserResponse(rsp)
 }
 
+// ListAllocationsWithResponse A project's allocations, newest first
+//
+// Returns a wrapper object for the known response body format(s).
+//
+// Corresponds with GET /api/v1/allocations (the `ListAllocations` operationId).
+func (c *ClientWithResponses) ListAllocationsWithResponse(ctx context.Context, params *ListAllocationsParams, reqEditors ...RequestEditorFn) (*ListAllocationsResponse, error) {
+	rsp, err := c.ListAllocations(ctx, params, reqEditors...)
+	if err != nil {
+		return nil, err
+	}
+	return ParseListAllocationsResponse(rsp)
+}
+
+// CreateAllocationWithBodyWithResponse Rent nodes of a SKU for a project
+//
+// One transaction: the project's and the organization's caps (policy
+// `allocations.*`), a balance above zero, and free nodes of the SKU. The
+// allocations start `requested`; follow them with GET until `active`.
+// Errors: 404 sku_not_found, 409 no_capacity, 429 allocation_quota_exceeded,
+// 402 insufficient_balance, 400 ssh_key_required.
+//
+// Takes any type of body and a specified content type, and returns a wrapper object for the known response body format(s).
+//
+// Corresponds with POST /api/v1/allocations (the `CreateAllocation` operationId).
+func (c *ClientWithResponses) CreateAllocationWithBodyWithResponse(ctx context.Context, params *CreateAllocationParams, contentType string, body io.Reader, reqEditors ...RequestEditorFn) (*CreateAllocationResponse, error) {
+	rsp, err := c.CreateAllocationWithBody(ctx, params, contentType, body, reqEditors...)
+	if err != nil {
+		return nil, err
+	}
+	return ParseCreateAllocationResponse(rsp)
+}
+
+// CreateAllocationWithResponse Rent nodes of a SKU for a project
+//
+// One transaction: the project's and the organization's caps (policy
+// `allocations.*`), a balance above zero, and free nodes of the SKU. The
+// allocations start `requested`; follow them with GET until `active`.
+// Errors: 404 sku_not_found, 409 no_capacity, 429 allocation_quota_exceeded,
+// 402 insufficient_balance, 400 ssh_key_required.
+//
+// Takes a body of the `application/json` content type, and returns a wrapper object for the known response body format(s).
+//
+// Corresponds with POST /api/v1/allocations (the `CreateAllocation` operationId).
+func (c *ClientWithResponses) CreateAllocationWithResponse(ctx context.Context, params *CreateAllocationParams, body CreateAllocationJSONRequestBody, reqEditors ...RequestEditorFn) (*CreateAllocationResponse, error) {
+	rsp, err := c.CreateAllocation(ctx, params, body, reqEditors...)
+	if err != nil {
+		return nil, err
+	}
+	return ParseCreateAllocationResponse(rsp)
+}
+
+// GetAllocationWithResponse performs a GET /api/v1/allocations/{allocation_id} (the `GetAllocation` operationId) request.
+//
+// Returns a wrapper object for the known response body format(s).
+func (c *ClientWithResponses) GetAllocationWithResponse(ctx context.Context, allocationId AllocationID, reqEditors ...RequestEditorFn) (*GetAllocationResponse, error) {
+	rsp, err := c.GetAllocation(ctx, allocationId, reqEditors...)
+	if err != nil {
+		return nil, err
+	}
+	return ParseGetAllocationResponse(rsp)
+}
+
+// ReleaseAllocationWithResponse Give the node back (active, or retry after release_failed)
+//
+// Returns a wrapper object for the known response body format(s).
+//
+// Corresponds with POST /api/v1/allocations/{allocation_id}/release (the `ReleaseAllocation` operationId).
+func (c *ClientWithResponses) ReleaseAllocationWithResponse(ctx context.Context, allocationId AllocationID, params *ReleaseAllocationParams, reqEditors ...RequestEditorFn) (*ReleaseAllocationResponse, error) {
+	rsp, err := c.ReleaseAllocation(ctx, allocationId, params, reqEditors...)
+	if err != nil {
+		return nil, err
+	}
+	return ParseReleaseAllocationResponse(rsp)
+}
+
 // LocalLoginWithBodyWithResponse Sign in with a local account (when local accounts are enabled)
 //
 // Takes any type of body and a specified content type, and returns a wrapper object for the known response body format(s).
@@ -12151,6 +14939,19 @@ func (c *ClientWithResponses) ExportUsageWithResponse(ctx context.Context, param
 		return nil, err
 	}
 	return ParseExportUsageResponse(rsp)
+}
+
+// GetCapacityWithResponse Free nodes of every active SKU (counts only)
+//
+// Returns a wrapper object for the known response body format(s).
+//
+// Corresponds with GET /api/v1/capacity (the `GetCapacity` operationId).
+func (c *ClientWithResponses) GetCapacityWithResponse(ctx context.Context, reqEditors ...RequestEditorFn) (*GetCapacityResponse, error) {
+	rsp, err := c.GetCapacity(ctx, reqEditors...)
+	if err != nil {
+		return nil, err
+	}
+	return ParseGetCapacityResponse(rsp)
 }
 
 // GetHealthzWithResponse Process liveness
@@ -12797,6 +15598,32 @@ func (c *ClientWithResponses) RevokeMyAPIKeyWithResponse(ctx context.Context, ke
 	return ParseRevokeMyAPIKeyResponse(rsp)
 }
 
+// MaasWebhookWithBodyWithResponse MAAS commissioning report (raw body, HMAC verified by the MAAS driver)
+//
+// Takes any type of body and a specified content type, and returns a wrapper object for the known response body format(s).
+//
+// Corresponds with POST /api/v1/webhooks/maas/{instance} (the `MaasWebhook` operationId).
+func (c *ClientWithResponses) MaasWebhookWithBodyWithResponse(ctx context.Context, instance string, contentType string, body io.Reader, reqEditors ...RequestEditorFn) (*MaasWebhookResponse, error) {
+	rsp, err := c.MaasWebhookWithBody(ctx, instance, contentType, body, reqEditors...)
+	if err != nil {
+		return nil, err
+	}
+	return ParseMaasWebhookResponse(rsp)
+}
+
+// MaasWebhookWithResponse MAAS commissioning report (raw body, HMAC verified by the MAAS driver)
+//
+// Takes a body of the `application/json` content type, and returns a wrapper object for the known response body format(s).
+//
+// Corresponds with POST /api/v1/webhooks/maas/{instance} (the `MaasWebhook` operationId).
+func (c *ClientWithResponses) MaasWebhookWithResponse(ctx context.Context, instance string, body MaasWebhookJSONRequestBody, reqEditors ...RequestEditorFn) (*MaasWebhookResponse, error) {
+	rsp, err := c.MaasWebhook(ctx, instance, body, reqEditors...)
+	if err != nil {
+		return nil, err
+	}
+	return ParseMaasWebhookResponse(rsp)
+}
+
 // GetMetricsWithResponse Prometheus metrics
 //
 // Returns a wrapper object for the known response body format(s).
@@ -12808,6 +15635,72 @@ func (c *ClientWithResponses) GetMetricsWithResponse(ctx context.Context, reqEdi
 		return nil, err
 	}
 	return ParseGetMetricsResponse(rsp)
+}
+
+// ParseAdminListAllocationsResponse parses an HTTP response from a AdminListAllocationsWithResponse call
+func ParseAdminListAllocationsResponse(rsp *http.Response) (*AdminListAllocationsResponse, error) {
+	bodyBytes, err := io.ReadAll(rsp.Body)
+	defer func() { _ = rsp.Body.Close() }()
+	if err != nil {
+		return nil, err
+	}
+
+	response := &AdminListAllocationsResponse{
+		Body:         bodyBytes,
+		HTTPResponse: rsp,
+	}
+
+	switch {
+	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && rsp.StatusCode == 200:
+		var dest AllocationPage
+		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
+			return nil, err
+		}
+		response.JSON200 = &dest
+
+	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && true:
+		var dest Error
+		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
+			return nil, err
+		}
+		response.JSONDefault = &dest
+
+	}
+
+	return response, nil
+}
+
+// ParseAdminForceReleaseAllocationResponse parses an HTTP response from a AdminForceReleaseAllocationWithResponse call
+func ParseAdminForceReleaseAllocationResponse(rsp *http.Response) (*AdminForceReleaseAllocationResponse, error) {
+	bodyBytes, err := io.ReadAll(rsp.Body)
+	defer func() { _ = rsp.Body.Close() }()
+	if err != nil {
+		return nil, err
+	}
+
+	response := &AdminForceReleaseAllocationResponse{
+		Body:         bodyBytes,
+		HTTPResponse: rsp,
+	}
+
+	switch {
+	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && rsp.StatusCode == 202:
+		var dest Allocation
+		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
+			return nil, err
+		}
+		response.JSON202 = &dest
+
+	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && true:
+		var dest Error
+		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
+			return nil, err
+		}
+		response.JSONDefault = &dest
+
+	}
+
+	return response, nil
 }
 
 // ParseListAuditLogsResponse parses an HTTP response from a ListAuditLogsWithResponse call
@@ -12889,6 +15782,204 @@ func ParseAdminAdjustBalanceResponse(rsp *http.Response) (*AdminAdjustBalanceRes
 			return nil, err
 		}
 		response.JSON201 = &dest
+
+	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && true:
+		var dest Error
+		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
+			return nil, err
+		}
+		response.JSONDefault = &dest
+
+	}
+
+	return response, nil
+}
+
+// ParseAdminListNodesResponse parses an HTTP response from a AdminListNodesWithResponse call
+func ParseAdminListNodesResponse(rsp *http.Response) (*AdminListNodesResponse, error) {
+	bodyBytes, err := io.ReadAll(rsp.Body)
+	defer func() { _ = rsp.Body.Close() }()
+	if err != nil {
+		return nil, err
+	}
+
+	response := &AdminListNodesResponse{
+		Body:         bodyBytes,
+		HTTPResponse: rsp,
+	}
+
+	switch {
+	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && rsp.StatusCode == 200:
+		var dest NodePage
+		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
+			return nil, err
+		}
+		response.JSON200 = &dest
+
+	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && true:
+		var dest Error
+		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
+			return nil, err
+		}
+		response.JSONDefault = &dest
+
+	}
+
+	return response, nil
+}
+
+// ParseAdminRegisterNodeResponse parses an HTTP response from a AdminRegisterNodeWithResponse call
+func ParseAdminRegisterNodeResponse(rsp *http.Response) (*AdminRegisterNodeResponse, error) {
+	bodyBytes, err := io.ReadAll(rsp.Body)
+	defer func() { _ = rsp.Body.Close() }()
+	if err != nil {
+		return nil, err
+	}
+
+	response := &AdminRegisterNodeResponse{
+		Body:         bodyBytes,
+		HTTPResponse: rsp,
+	}
+
+	switch {
+	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && rsp.StatusCode == 201:
+		var dest Node
+		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
+			return nil, err
+		}
+		response.JSON201 = &dest
+
+	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && true:
+		var dest Error
+		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
+			return nil, err
+		}
+		response.JSONDefault = &dest
+
+	}
+
+	return response, nil
+}
+
+// ParseAdminGetNodeResponse parses an HTTP response from a AdminGetNodeWithResponse call
+func ParseAdminGetNodeResponse(rsp *http.Response) (*AdminGetNodeResponse, error) {
+	bodyBytes, err := io.ReadAll(rsp.Body)
+	defer func() { _ = rsp.Body.Close() }()
+	if err != nil {
+		return nil, err
+	}
+
+	response := &AdminGetNodeResponse{
+		Body:         bodyBytes,
+		HTTPResponse: rsp,
+	}
+
+	switch {
+	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && rsp.StatusCode == 200:
+		var dest Node
+		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
+			return nil, err
+		}
+		response.JSON200 = &dest
+
+	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && true:
+		var dest Error
+		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
+			return nil, err
+		}
+		response.JSONDefault = &dest
+
+	}
+
+	return response, nil
+}
+
+// ParseAdminUpdateNodeResponse parses an HTTP response from a AdminUpdateNodeWithResponse call
+func ParseAdminUpdateNodeResponse(rsp *http.Response) (*AdminUpdateNodeResponse, error) {
+	bodyBytes, err := io.ReadAll(rsp.Body)
+	defer func() { _ = rsp.Body.Close() }()
+	if err != nil {
+		return nil, err
+	}
+
+	response := &AdminUpdateNodeResponse{
+		Body:         bodyBytes,
+		HTTPResponse: rsp,
+	}
+
+	switch {
+	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && rsp.StatusCode == 200:
+		var dest Node
+		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
+			return nil, err
+		}
+		response.JSON200 = &dest
+
+	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && true:
+		var dest Error
+		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
+			return nil, err
+		}
+		response.JSONDefault = &dest
+
+	}
+
+	return response, nil
+}
+
+// ParseAdminProbeNodeResponse parses an HTTP response from a AdminProbeNodeWithResponse call
+func ParseAdminProbeNodeResponse(rsp *http.Response) (*AdminProbeNodeResponse, error) {
+	bodyBytes, err := io.ReadAll(rsp.Body)
+	defer func() { _ = rsp.Body.Close() }()
+	if err != nil {
+		return nil, err
+	}
+
+	response := &AdminProbeNodeResponse{
+		Body:         bodyBytes,
+		HTTPResponse: rsp,
+	}
+
+	switch {
+	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && rsp.StatusCode == 200:
+		var dest Node
+		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
+			return nil, err
+		}
+		response.JSON200 = &dest
+
+	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && true:
+		var dest Error
+		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
+			return nil, err
+		}
+		response.JSONDefault = &dest
+
+	}
+
+	return response, nil
+}
+
+// ParseAdminRetireNodeResponse parses an HTTP response from a AdminRetireNodeWithResponse call
+func ParseAdminRetireNodeResponse(rsp *http.Response) (*AdminRetireNodeResponse, error) {
+	bodyBytes, err := io.ReadAll(rsp.Body)
+	defer func() { _ = rsp.Body.Close() }()
+	if err != nil {
+		return nil, err
+	}
+
+	response := &AdminRetireNodeResponse{
+		Body:         bodyBytes,
+		HTTPResponse: rsp,
+	}
+
+	switch {
+	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && rsp.StatusCode == 200:
+		var dest Node
+		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
+			return nil, err
+		}
+		response.JSON200 = &dest
 
 	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && true:
 		var dest Error
@@ -13050,6 +16141,39 @@ func ParseAdminConfigurePluginInstanceResponse(rsp *http.Response) (*AdminConfig
 	switch {
 	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && rsp.StatusCode == 200:
 		var dest PluginInstance
+		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
+			return nil, err
+		}
+		response.JSON200 = &dest
+
+	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && true:
+		var dest Error
+		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
+			return nil, err
+		}
+		response.JSONDefault = &dest
+
+	}
+
+	return response, nil
+}
+
+// ParseAdminSyncInstanceNodesResponse parses an HTTP response from a AdminSyncInstanceNodesWithResponse call
+func ParseAdminSyncInstanceNodesResponse(rsp *http.Response) (*AdminSyncInstanceNodesResponse, error) {
+	bodyBytes, err := io.ReadAll(rsp.Body)
+	defer func() { _ = rsp.Body.Close() }()
+	if err != nil {
+		return nil, err
+	}
+
+	response := &AdminSyncInstanceNodesResponse{
+		Body:         bodyBytes,
+		HTTPResponse: rsp,
+	}
+
+	switch {
+	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && rsp.StatusCode == 200:
+		var dest NodeSyncResult
 		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
 			return nil, err
 		}
@@ -13426,6 +16550,138 @@ func ParseAdminUpdateUserResponse(rsp *http.Response) (*AdminUpdateUserResponse,
 	return response, nil
 }
 
+// ParseListAllocationsResponse parses an HTTP response from a ListAllocationsWithResponse call
+func ParseListAllocationsResponse(rsp *http.Response) (*ListAllocationsResponse, error) {
+	bodyBytes, err := io.ReadAll(rsp.Body)
+	defer func() { _ = rsp.Body.Close() }()
+	if err != nil {
+		return nil, err
+	}
+
+	response := &ListAllocationsResponse{
+		Body:         bodyBytes,
+		HTTPResponse: rsp,
+	}
+
+	switch {
+	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && rsp.StatusCode == 200:
+		var dest AllocationPage
+		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
+			return nil, err
+		}
+		response.JSON200 = &dest
+
+	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && true:
+		var dest Error
+		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
+			return nil, err
+		}
+		response.JSONDefault = &dest
+
+	}
+
+	return response, nil
+}
+
+// ParseCreateAllocationResponse parses an HTTP response from a CreateAllocationWithResponse call
+func ParseCreateAllocationResponse(rsp *http.Response) (*CreateAllocationResponse, error) {
+	bodyBytes, err := io.ReadAll(rsp.Body)
+	defer func() { _ = rsp.Body.Close() }()
+	if err != nil {
+		return nil, err
+	}
+
+	response := &CreateAllocationResponse{
+		Body:         bodyBytes,
+		HTTPResponse: rsp,
+	}
+
+	switch {
+	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && rsp.StatusCode == 201:
+		var dest AllocationList
+		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
+			return nil, err
+		}
+		response.JSON201 = &dest
+
+	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && true:
+		var dest Error
+		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
+			return nil, err
+		}
+		response.JSONDefault = &dest
+
+	}
+
+	return response, nil
+}
+
+// ParseGetAllocationResponse parses an HTTP response from a GetAllocationWithResponse call
+func ParseGetAllocationResponse(rsp *http.Response) (*GetAllocationResponse, error) {
+	bodyBytes, err := io.ReadAll(rsp.Body)
+	defer func() { _ = rsp.Body.Close() }()
+	if err != nil {
+		return nil, err
+	}
+
+	response := &GetAllocationResponse{
+		Body:         bodyBytes,
+		HTTPResponse: rsp,
+	}
+
+	switch {
+	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && rsp.StatusCode == 200:
+		var dest Allocation
+		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
+			return nil, err
+		}
+		response.JSON200 = &dest
+
+	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && true:
+		var dest Error
+		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
+			return nil, err
+		}
+		response.JSONDefault = &dest
+
+	}
+
+	return response, nil
+}
+
+// ParseReleaseAllocationResponse parses an HTTP response from a ReleaseAllocationWithResponse call
+func ParseReleaseAllocationResponse(rsp *http.Response) (*ReleaseAllocationResponse, error) {
+	bodyBytes, err := io.ReadAll(rsp.Body)
+	defer func() { _ = rsp.Body.Close() }()
+	if err != nil {
+		return nil, err
+	}
+
+	response := &ReleaseAllocationResponse{
+		Body:         bodyBytes,
+		HTTPResponse: rsp,
+	}
+
+	switch {
+	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && rsp.StatusCode == 202:
+		var dest Allocation
+		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
+			return nil, err
+		}
+		response.JSON202 = &dest
+
+	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && true:
+		var dest Error
+		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
+			return nil, err
+		}
+		response.JSONDefault = &dest
+
+	}
+
+	return response, nil
+}
+
 // ParseLocalLoginResponse parses an HTTP response from a LocalLoginWithResponse call
 func ParseLocalLoginResponse(rsp *http.Response) (*LocalLoginResponse, error) {
 	bodyBytes, err := io.ReadAll(rsp.Body)
@@ -13713,6 +16969,39 @@ func ParseExportUsageResponse(rsp *http.Response) (*ExportUsageResponse, error) 
 	}
 
 	switch {
+	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && true:
+		var dest Error
+		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
+			return nil, err
+		}
+		response.JSONDefault = &dest
+
+	}
+
+	return response, nil
+}
+
+// ParseGetCapacityResponse parses an HTTP response from a GetCapacityWithResponse call
+func ParseGetCapacityResponse(rsp *http.Response) (*GetCapacityResponse, error) {
+	bodyBytes, err := io.ReadAll(rsp.Body)
+	defer func() { _ = rsp.Body.Close() }()
+	if err != nil {
+		return nil, err
+	}
+
+	response := &GetCapacityResponse{
+		Body:         bodyBytes,
+		HTTPResponse: rsp,
+	}
+
+	switch {
+	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && rsp.StatusCode == 200:
+		var dest CapacityList
+		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
+			return nil, err
+		}
+		response.JSON200 = &dest
+
 	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && true:
 		var dest Error
 		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
@@ -14916,6 +18205,39 @@ func ParseRevokeMyAPIKeyResponse(rsp *http.Response) (*RevokeMyAPIKeyResponse, e
 	switch {
 	case rsp.StatusCode == 204:
 		break // No content-type
+
+	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && true:
+		var dest Error
+		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
+			return nil, err
+		}
+		response.JSONDefault = &dest
+
+	}
+
+	return response, nil
+}
+
+// ParseMaasWebhookResponse parses an HTTP response from a MaasWebhookWithResponse call
+func ParseMaasWebhookResponse(rsp *http.Response) (*MaasWebhookResponse, error) {
+	bodyBytes, err := io.ReadAll(rsp.Body)
+	defer func() { _ = rsp.Body.Close() }()
+	if err != nil {
+		return nil, err
+	}
+
+	response := &MaasWebhookResponse{
+		Body:         bodyBytes,
+		HTTPResponse: rsp,
+	}
+
+	switch {
+	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && rsp.StatusCode == 200:
+		var dest NodeWebhookReceipt
+		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
+			return nil, err
+		}
+		response.JSON200 = &dest
 
 	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && true:
 		var dest Error

@@ -31,6 +31,7 @@ var (
 	saRead         = expect{401, 404, 403, ok, ok, 404, ok}
 	projectManage  = expect{401, 404, 403, 403, ok, 404, ok}
 	billingRead    = expect{401, 404, 403, 403, ok, 403, ok}
+	projectWrite   = expect{401, 404, 403, ok, ok, 404, ok}
 )
 
 type matrixCase struct {
@@ -130,6 +131,27 @@ var matrix = map[string]matrixCase{
 	"adminUpdatePlugin":            {expect: expect{401, 403, 403, 403, 403, 403, 404}, body: func(*world) any { return map[string]any{"enabled": false} }},
 	"adminUpdatePluginInstance":    {expect: expect{401, 403, 403, 403, 403, 403, 404}, body: func(*world) any { return map[string]any{"enabled": false} }},
 	"adminConfigurePluginInstance": {expect: expect{401, 403, 403, 403, 403, 403, 404}, body: func(*world) any { return map[string]any{"plugin": "nope", "config": map[string]any{}} }},
+	"getCapacity":                  {expect: public},
+	"listAllocations":              {expect: projectRead, query: "?project_id={project_id}"},
+	"getAllocation":                {expect: projectRead},
+	"releaseAllocation":            {expect: projectWrite},
+	"createAllocation": {expect: projectWrite, body: func(w *world) any {
+		return map[string]any{"project_id": w.p1, "sku_id": w.sku, "ssh_public_keys": []string{w.sshKey}}
+	}},
+	"adminListAllocations":        {expect: adminOnly},
+	"adminForceReleaseAllocation": {expect: adminOnly, body: func(*world) any { return map[string]any{"reason": "maintenance"} }},
+	"adminListNodes":              {expect: adminOnly},
+	"adminGetNode":                {expect: adminOnly},
+	"adminUpdateNode":             {expect: adminOnly, body: func(w *world) any { return map[string]any{"sku_id": w.sku} }},
+	"adminRetireNode":             {expect: adminOnly, body: func(*world) any { return map[string]any{"reason": "decommissioned"} }},
+	// The fixture's provisioner instances are not configured: allowed callers
+	// reach the driver lookup (404), refused ones never do.
+	"adminProbeNode":         {expect: expect{401, 403, 403, 403, 403, 403, 404}},
+	"adminSyncInstanceNodes": {expect: expect{401, 403, 403, 403, 403, 403, 404}},
+	"adminRegisterNode": {expect: expect{401, 403, 403, 403, 403, 403, 404}, body: func(*world) any {
+		return map[string]any{"provisioner_instance": "no-such-instance", "external_id": "abc123"}
+	}},
+	"maasWebhook": {expect: expect{404, 404, 404, 404, 404, 404, 404}, body: func(*world) any { return map[string]any{} }},
 	"adminAdjustBalance": {expect: adminOnly, body: func(w *world) any {
 		return map[string]any{"org_id": w.orgA, "amount_minor": 500, "type": "promotional_credit", "reason": "welcome credit"}
 	}},
@@ -152,6 +174,8 @@ func (w *world) fill(tmpl string, r role) string {
 		"{name}", "no-such-plugin",
 		"{session_id}", uuid.NewString(),
 		"{sku_id}", "no-such-sku",
+		"{allocation_id}", w.alloc.String(),
+		"{node_id}", w.nodeFree.String(),
 	).Replace(tmpl)
 }
 

@@ -22,6 +22,7 @@ import (
 	"go.temporal.io/sdk/client"
 	"go.temporal.io/sdk/worker"
 
+	"github.com/gpuaas/gpuaas/core/internal/allocations"
 	"github.com/gpuaas/gpuaas/core/internal/authz"
 	"github.com/gpuaas/gpuaas/core/internal/billing"
 	"github.com/gpuaas/gpuaas/core/internal/catalog"
@@ -31,6 +32,7 @@ import (
 	"github.com/gpuaas/gpuaas/core/internal/httpapi"
 	"github.com/gpuaas/gpuaas/core/internal/idempotency"
 	"github.com/gpuaas/gpuaas/core/internal/identity"
+	"github.com/gpuaas/gpuaas/core/internal/inventory"
 	"github.com/gpuaas/gpuaas/core/internal/kms"
 	"github.com/gpuaas/gpuaas/core/internal/oidc"
 	"github.com/gpuaas/gpuaas/core/internal/payments"
@@ -40,6 +42,7 @@ import (
 	"github.com/gpuaas/gpuaas/core/internal/ratelimit"
 	"github.com/gpuaas/gpuaas/core/internal/sshkeys"
 	"github.com/gpuaas/gpuaas/core/internal/store"
+	"github.com/gpuaas/gpuaas/sdk/base"
 )
 
 // Options are what Run needs besides the config.
@@ -50,6 +53,11 @@ type Options struct {
 	// Payments, when set, resolves payments drivers instead of the plugin host
 	// (tests run a driver in-process).
 	Payments payments.Providers
+	// Provisioners, when set, resolves provisioner drivers instead of the
+	// plugin host, and ProvisionerInstances lists the instances the inventory
+	// reconciles (tests run drivers in-process).
+	Provisioners         inventory.Provisioners
+	ProvisionerInstances func(context.Context) ([]string, error)
 }
 
 // Run serves until ctx is done, then stops accepting, drains in-flight requests,
@@ -119,6 +127,23 @@ func Run(ctx context.Context, cfg config.Config, log hclog.Logger, opt Options) 
 		providers = opt.Payments
 	}
 
+	var drivers inventory.Provisioners = plugins
+	listInstances := func(ctx context.Context) ([]string, error) {
+		insts, err := plugins.Instances(ctx)
+		var names []string
+		for _, i := range insts {
+			if i.Kind == base.KindProvisioner && i.Enabled && i.PluginEnabled {
+				names = append(names, i.Name)
+			}
+		}
+		return names, err
+	}
+	if opt.Provisioners != nil {
+		drivers, listInstances = opt.Provisioners, opt.ProvisionerInstances
+	}
+	nodes := inventory.NewService(pool, cfg.Region, drivers, log.Named("inventory"))
+	allocs := allocations.NewService(pool, pol, cfg.Region, log.Named("allocations"))
+
 	ids := identity.NewService(pool, cfg.Region, log.Named("identity"), nil)
 	var verifier identity.TokenVerifier
 	var flow httpapi.OIDCFlow
@@ -145,6 +170,8 @@ func Run(ctx context.Context, cfg config.Config, log hclog.Logger, opt Options) 
 		Plugins:       plugins,
 		SSHKeys:       sshkeys.NewService(pool, cfg.Region),
 		Catalog:       catalog.NewService(pool, cfg.Region),
+		Inventory:     nodes,
+		Allocations:   allocs,
 		LocalAccounts: cfg.LocalAccounts,
 		OIDC:          flow,
 		Checks: []httpapi.Check{
@@ -174,8 +201,10 @@ func Run(ctx context.Context, cfg config.Config, log hclog.Logger, opt Options) 
 			return errcode.New(errcode.RateLimited, "too many requests; retry in %s", d.RetryAfter.Round(time.Second)).
 				WithDetails("retry_after_seconds", int(d.RetryAfter.Seconds()+0.999))
 		})},
-		MaxBodyBytes:   cfg.MaxBodyBytes,
-		RawBody:        func(path string) bool { return strings.HasPrefix(path, "/api/v1/payments/webhook/") },
+		MaxBodyBytes: cfg.MaxBodyBytes,
+		RawBody: func(path string) bool {
+			return strings.HasPrefix(path, "/api/v1/payments/webhook/") || strings.HasPrefix(path, "/api/v1/webhooks/")
+		},
 		RequestTimeout: cfg.RequestTimeout,
 		Registerer:     reg,
 		AfterAuth:      []fiber.Handler{idem.Middleware(principalActor)},
@@ -194,6 +223,16 @@ func Run(ctx context.Context, cfg config.Config, log hclog.Logger, opt Options) 
 	wg.Go(func() { _ = idem.Run(bg) })
 	wg.Go(func() { _ = limiter.Run(bg) })
 	wg.Go(func() { runWorkers(bg, cfg, tc, pool, pol, js, log.Named("worker")) })
+	wg.Go(func() {
+		runProvisioning(bg, cfg, tc, pool, pol, js, &allocations.Activities{Pool: pool, Policy: pol, Drivers: drivers, Service: allocs,
+			Log: log.Named("provisioning")}, log.Named("provisioning"))
+	})
+	wg.Go(func() {
+		nodes.SyncLoop(bg, func(ctx context.Context) time.Duration {
+			return policy.InventorySyncInterval.Value(ctx, pol, policy.Target{})
+		},
+			listInstances)
+	})
 	wg.Go(func() {
 		if err := plugins.Start(bg); err != nil && bg.Err() == nil {
 			log.Error("plugin host did not start", "error", err)
@@ -292,6 +331,36 @@ func runWorkers(ctx context.Context, cfg config.Config, tc client.Client, pool *
 		case <-time.After(time.Minute):
 		}
 	}
+}
+
+// runProvisioning runs the Temporal worker of the provisioning workflows, the
+// consumers that start them and release depleted orgs, and the reconciler of
+// stranded allocations, until ctx is done.
+func runProvisioning(ctx context.Context, cfg config.Config, tc client.Client, pool *pgxpool.Pool, pol *policy.Service,
+	js jetstream.JetStream, acts *allocations.Activities, log hclog.Logger) {
+	w := worker.New(tc, allocations.TaskQueue(cfg.TaskQueue), worker.Options{})
+	allocations.Register(w, acts)
+	for {
+		err := w.Start()
+		if err == nil {
+			break
+		}
+		log.Warn("temporal worker did not start; retrying", "error", err)
+		select {
+		case <-ctx.Done():
+			return
+		case <-time.After(2 * time.Second):
+		}
+	}
+	defer w.Stop()
+	starter := &allocations.Starter{Temporal: tc, Prefix: cfg.TaskQueue}
+	var wg sync.WaitGroup
+	wg.Go(func() { _ = allocations.FollowRequests(ctx, pool, js, starter, log.Named("requests")) })
+	wg.Go(func() { _ = allocations.FollowAutoReleases(ctx, pool, js, acts.Service, log.Named("auto-release")) })
+	wg.Go(func() {
+		(&allocations.Reconciler{Pool: pool, Policy: pol, Starter: starter, Log: log.Named("reconciler")}).Run(ctx)
+	})
+	wg.Wait()
 }
 
 // migrate applies migrations, waiting for the database for up to a minute so the

@@ -20,6 +20,8 @@ func Streams() []StreamSpec {
 func Consumers() []ConsumerSpec {
 	return []ConsumerSpec{
 		{Durable: "billing-depletion", Stream: "BILLING", Description: "Starts the grace-period timer that releases a depleted org's allocations.", FilterSubjects: []string{"billing.balance_depleted"}, AckWait: 30 * time.Second, MaxDeliver: 50},
+		{Durable: "provisioning-workflows", Stream: "PROVISIONING", Description: "Starts the provisioning and release workflow of each allocation (idempotent by workflow id).", FilterSubjects: []string{"provisioning.allocation_requested", "provisioning.release_requested"}, AckWait: 30 * time.Second, MaxDeliver: 100},
+		{Durable: "allocations-auto-release", Stream: "BILLING", Description: "Releases every active allocation of an org whose depletion grace period ended.", FilterSubjects: []string{"billing.auto_release_requested"}, AckWait: 30 * time.Second, MaxDeliver: 50},
 	}
 }
 
@@ -35,8 +37,22 @@ const (
 	SubjectBillingLedgerPosted = "billing.ledger_posted"
 	// An org's balance fell below its low-balance threshold (once per crossing; a top-up re-arms it).
 	SubjectBillingLowBalance = "billing.low_balance"
+	// A node moved in its lifecycle.
+	SubjectNodesStateChanged = "nodes.state_changed"
 	// A payment session changed state (credited, expired, failed_reconcile).
 	SubjectPaymentsSessionUpdated = "payments.session_updated"
+	// An allocation's node is handed to the tenant; metering started.
+	SubjectProvisioningAllocationActive = "provisioning.allocation_active"
+	// Provisioning failed; nothing was charged and the node is being cleaned.
+	SubjectProvisioningAllocationFailed = "provisioning.allocation_failed"
+	// The node was taken back and cleaned; metering stopped.
+	SubjectProvisioningAllocationReleased = "provisioning.allocation_released"
+	// An allocation was created and holds a node; its provisioning workflow starts.
+	SubjectProvisioningAllocationRequested = "provisioning.allocation_requested"
+	// The release failed (metering stopped); the tenant may retry and an admin may force-release.
+	SubjectProvisioningReleaseFailed = "provisioning.release_failed"
+	// A release (by the tenant, an admin or the depletion timer) was asked for; the release workflow of this attempt starts.
+	SubjectProvisioningReleaseRequested = "provisioning.release_requested"
 	// An API key or session was revoked; every core instance drops it from its authentication cache.
 	SubjectSystemCredentialsRevoked = "system.credentials.revoked"
 	// A probe event written by operators or tests to measure the outbox pipeline end to end.

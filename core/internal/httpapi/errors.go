@@ -8,12 +8,14 @@ import (
 	"github.com/gofiber/fiber/v2"
 	"github.com/hashicorp/go-hclog"
 
+	"github.com/gpuaas/gpuaas/core/internal/allocations"
 	"github.com/gpuaas/gpuaas/core/internal/catalog"
 	"github.com/gpuaas/gpuaas/core/internal/correlation"
 	"github.com/gpuaas/gpuaas/core/internal/errcode"
 	"github.com/gpuaas/gpuaas/core/internal/httpapi/apigen"
 	"github.com/gpuaas/gpuaas/core/internal/idempotency"
 	"github.com/gpuaas/gpuaas/core/internal/identity"
+	"github.com/gpuaas/gpuaas/core/internal/inventory"
 	"github.com/gpuaas/gpuaas/core/internal/ledger"
 	"github.com/gpuaas/gpuaas/core/internal/oidc"
 	"github.com/gpuaas/gpuaas/core/internal/payments"
@@ -92,6 +94,21 @@ func statusFor(code errcode.Code) int {
 		return http.StatusUnauthorized
 	case oidc.CodeProviderUnavailable:
 		return http.StatusBadGateway
+	case inventory.CodeNodeNotFound, allocations.CodeNotFound:
+		return http.StatusNotFound
+	case inventory.CodeNodeExists, inventory.CodeNodeBusy, inventory.CodeInvalidTransition, inventory.CodeProvisionerRejected,
+		allocations.CodeInvalidTransition, allocations.CodeNoCapacity:
+		return http.StatusConflict
+	case inventory.CodeProvisionerFailed:
+		return http.StatusBadGateway
+	case inventory.CodeWebhookInvalid:
+		return http.StatusUnauthorized
+	case allocations.CodeQuotaExceeded:
+		return http.StatusTooManyRequests
+	case allocations.CodeInsufficientFunds:
+		return http.StatusPaymentRequired
+	case allocations.CodeSSHKeyRequired:
+		return http.StatusBadRequest
 	}
 	return http.StatusInternalServerError
 }
@@ -184,14 +201,19 @@ func requestCorrelationID(c *fiber.Ctx) string {
 // Codes lists every code statusFor knows; the contract test checks each is declared
 // in api/openapi.yaml.
 func Codes() []errcode.Code {
-	return append([]errcode.Code{
+	codes := []errcode.Code{
 		errcode.BadRequest, errcode.InvalidJSON, errcode.UnknownField, errcode.DuplicateKey,
 		errcode.ValidationFailed, errcode.InvalidCursor, errcode.Unauthenticated, errcode.Forbidden,
 		errcode.NotFound, errcode.RouteNotFound, errcode.MethodNotAllowed, errcode.Conflict,
 		errcode.RequestTooLarge, errcode.UnsupportedMedia, errcode.RateLimited, errcode.NotReady,
 		errcode.DatabaseUnavailable, errcode.ServiceUnavailable, errcode.Timeout, errcode.Internal,
-	}, append(append(append(append(append(identity.Codes(), idempotency.Codes()...), ledger.Codes()...), payments.Codes()...), append(append(pluginhost.Codes(), sshkeys.Codes()...), catalog.Codes()...)...),
 		oidc.CodeTokenMalformed, oidc.CodeTokenAlgNotAllowed, oidc.CodeTokenBadSignature, oidc.CodeTokenUnknownKey,
 		oidc.CodeTokenExpired, oidc.CodeTokenNotYetValid, oidc.CodeTokenWrongIssuer, oidc.CodeTokenWrongAudience,
-		oidc.CodeTokenMissingSubject, oidc.CodeTokenWrongNonce, oidc.CodeGrantRejected, oidc.CodeProviderUnavailable)...)
+		oidc.CodeTokenMissingSubject, oidc.CodeTokenWrongNonce, oidc.CodeGrantRejected, oidc.CodeProviderUnavailable,
+	}
+	for _, pkg := range [][]errcode.Code{identity.Codes(), idempotency.Codes(), ledger.Codes(), payments.Codes(), pluginhost.Codes(),
+		sshkeys.Codes(), catalog.Codes(), inventory.Codes(), allocations.Codes()} {
+		codes = append(codes, pkg...)
+	}
+	return codes
 }

@@ -13,11 +13,13 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 
+	"github.com/gpuaas/gpuaas/core/internal/allocations"
 	"github.com/gpuaas/gpuaas/core/internal/authz"
 	"github.com/gpuaas/gpuaas/core/internal/catalog"
 	"github.com/gpuaas/gpuaas/core/internal/errcode"
 	"github.com/gpuaas/gpuaas/core/internal/httpapi/apigen"
 	"github.com/gpuaas/gpuaas/core/internal/identity"
+	"github.com/gpuaas/gpuaas/core/internal/inventory"
 	"github.com/gpuaas/gpuaas/core/internal/payments"
 	"github.com/gpuaas/gpuaas/core/internal/policy"
 	"github.com/gpuaas/gpuaas/core/internal/sshkeys"
@@ -47,6 +49,9 @@ type API struct {
 	Payments *payments.Service
 	SSHKeys  *sshkeys.Service
 	Catalog  *catalog.Service
+	// Inventory keeps the nodes; Allocations rents them.
+	Inventory   *inventory.Service
+	Allocations *allocations.Service
 	// Plugins is the plugin host (nil when it is not running).
 	Plugins PluginHost
 	// OIDC is nil when no identity provider is configured.

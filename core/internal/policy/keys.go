@@ -36,6 +36,33 @@ var (
 	RefundWindow = Duration("billing.refund_window", 30*24*time.Hour, 0, 365*24*time.Hour,
 		"How long after payment a top-up may be refunded.", ScopeGlobal, ScopeOrg)
 
+	AllocMaxPerProject = Int("allocations.max_per_project", 8, 0, 100_000,
+		"Live allocations one project may hold at once.", ScopeGlobal, ScopeOrg, ScopeProject)
+	AllocMaxGPUsPerProject = Int("allocations.max_gpus_per_project", 64, 0, 10_000_000,
+		"GPUs one project's live allocations may hold at once.", ScopeGlobal, ScopeOrg, ScopeProject)
+	AllocMaxPerOrg = Int("allocations.max_per_org", 32, 0, 1_000_000,
+		"Live allocations one organization may hold at once.", ScopeGlobal, ScopeOrg)
+	AllocMaxGPUsPerOrg = Int("allocations.max_gpus_per_org", 256, 0, 100_000_000,
+		"GPUs one organization's live allocations may hold at once.", ScopeGlobal, ScopeOrg)
+	AllocMaxPerRequest = Int("allocations.max_per_request", 8, 1, 64,
+		"Nodes one create request may ask for.")
+	ProvisionTimeout = Duration("provisioning.timeout", 30*time.Minute, time.Second, 24*time.Hour,
+		"How long a node may take to be handed over before the allocation fails.")
+	ReleaseTimeout = Duration("provisioning.release_timeout", time.Hour, time.Second, 24*time.Hour,
+		"How long a release (revoke, wipe or reimage) may take before it fails.")
+	ProvisionPollInterval = Duration("provisioning.poll_interval", 2*time.Second, 10*time.Millisecond, time.Minute,
+		"Longest pause between two progress checks of a driver operation (checks start fast and slow down to it).")
+	ProvisionHeartbeat = Duration("provisioning.heartbeat_timeout", 30*time.Second, time.Second, 10*time.Minute,
+		"A worker that stops reporting progress for this long loses the operation to another worker.")
+	ProvisionMaxAttempts = Int("provisioning.max_attempts", 10, 1, 1000,
+		"Attempts of a driver call that fails with a transient error before the operation fails.")
+	ReconcileInterval = Duration("provisioning.reconcile_interval", time.Minute, time.Second, time.Hour,
+		"How often stranded allocations (no running workflow) are looked for and resumed.")
+	StrandedAfter = Duration("provisioning.stranded_after", 2*time.Minute, time.Second, 24*time.Hour,
+		"How long an allocation may sit in requested, provisioning or releasing before the reconciler checks its workflow.")
+	InventorySyncInterval = Duration("inventory.sync_interval", 5*time.Minute, time.Second, 24*time.Hour,
+		"How often each provisioner backend that can list its nodes is polled to catch lost webhooks.")
+
 	IdempotencyTTL = Duration("idempotency.ttl", 24*time.Hour, time.Minute, 30*24*time.Hour,
 		"How long an Idempotency-Key is remembered.")
 )
@@ -54,6 +81,19 @@ func Catalog() []*Def {
 		RefreshTTL.Def(),
 		OIDCLoginTTL.Def(),
 		IdempotencyTTL.Def(),
+		AllocMaxPerProject.Def(),
+		AllocMaxGPUsPerProject.Def(),
+		AllocMaxPerOrg.Def(),
+		AllocMaxGPUsPerOrg.Def(),
+		AllocMaxPerRequest.Def(),
+		ProvisionTimeout.Def(),
+		ReleaseTimeout.Def(),
+		ProvisionPollInterval.Def(),
+		ProvisionHeartbeat.Def(),
+		ProvisionMaxAttempts.Def(),
+		ReconcileInterval.Def(),
+		StrandedAfter.Def(),
+		InventorySyncInterval.Def(),
 		OutboxMaxAttempts.Def(),
 		OutboxRetention.Def(),
 		RateLimitPerIP.Def(),

@@ -159,3 +159,34 @@ func (s *Service) Delete(ctx context.Context, user, id uuid.UUID) error {
 	}
 	return nil
 }
+
+// PublicKeys returns the user's keys named by ids (every key of the user when
+// ids is empty) as authorized_keys lines. An id that is not one of the user's
+// keys is a validation error naming it.
+func (s *Service) PublicKeys(ctx context.Context, user uuid.UUID, ids []uuid.UUID) ([]string, error) {
+	rows, err := s.pool.Query(ctx, `SELECT id, public_key FROM ssh_keys WHERE user_id = $1 AND (cardinality($2::uuid[]) = 0 OR id = ANY($2)) ORDER BY id`, user, ids)
+	if err != nil {
+		return nil, fmt.Errorf("sshkeys: public keys: %w", err)
+	}
+	found := map[uuid.UUID]string{}
+	var keys []string
+	for rows.Next() {
+		var id uuid.UUID
+		var k string
+		if err := rows.Scan(&id, &k); err != nil {
+			rows.Close()
+			return nil, fmt.Errorf("sshkeys: public keys: %w", err)
+		}
+		found[id] = k
+		keys = append(keys, k)
+	}
+	if err := rows.Err(); err != nil {
+		return nil, fmt.Errorf("sshkeys: public keys: %w", err)
+	}
+	for _, id := range ids {
+		if _, ok := found[id]; !ok {
+			return nil, errcode.New(errcode.ValidationFailed, "ssh key %s is not one of your keys", id).WithDetails("field", "ssh_key_ids")
+		}
+	}
+	return keys, nil
+}

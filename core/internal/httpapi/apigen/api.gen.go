@@ -101,6 +101,39 @@ func (e AdminUpdateUserRequestStatus) Valid() bool {
 	}
 }
 
+// Defines values for AllocationState.
+const (
+	AllocationStateActive        AllocationState = "active"
+	AllocationStateFailed        AllocationState = "failed"
+	AllocationStateProvisioning  AllocationState = "provisioning"
+	AllocationStateReleaseFailed AllocationState = "release_failed"
+	AllocationStateReleased      AllocationState = "released"
+	AllocationStateReleasing     AllocationState = "releasing"
+	AllocationStateRequested     AllocationState = "requested"
+)
+
+// Valid indicates whether the value is a known member of the AllocationState enum.
+func (e AllocationState) Valid() bool {
+	switch e {
+	case AllocationStateActive:
+		return true
+	case AllocationStateFailed:
+		return true
+	case AllocationStateProvisioning:
+		return true
+	case AllocationStateReleaseFailed:
+		return true
+	case AllocationStateReleased:
+		return true
+	case AllocationStateReleasing:
+		return true
+	case AllocationStateRequested:
+		return true
+	default:
+		return false
+	}
+}
+
 // Defines values for AuditLogResult.
 const (
 	Denied  AuditLogResult = "denied"
@@ -166,92 +199,109 @@ func (e DependencyCheckName) Valid() bool {
 
 // Defines values for ErrorCode.
 const (
-	AccountDisabled         ErrorCode = "account_disabled"
-	AlreadyMember           ErrorCode = "already_member"
-	ApiKeyExpired           ErrorCode = "api_key_expired"
-	ApiKeyNotFound          ErrorCode = "api_key_not_found"
-	ApiKeyRevoked           ErrorCode = "api_key_revoked"
-	BadRequest              ErrorCode = "bad_request"
-	BillingAccountNotFound  ErrorCode = "billing_account_not_found"
-	Conflict                ErrorCode = "conflict"
-	CurrencyMismatch        ErrorCode = "currency_mismatch"
-	DatabaseUnavailable     ErrorCode = "database_unavailable"
-	DuplicateKey            ErrorCode = "duplicate_key"
-	Forbidden               ErrorCode = "forbidden"
-	IdempotencyInFlight     ErrorCode = "idempotency_in_flight"
-	IdempotencyKeyReused    ErrorCode = "idempotency_key_reused"
-	Internal                ErrorCode = "internal"
-	InvalidCredentials      ErrorCode = "invalid_credentials"
-	InvalidCursor           ErrorCode = "invalid_cursor"
-	InvalidIdempotencyKey   ErrorCode = "invalid_idempotency_key"
-	InvalidJson             ErrorCode = "invalid_json"
-	InvalidSshKey           ErrorCode = "invalid_ssh_key"
-	InvalidToken            ErrorCode = "invalid_token"
-	LastOwner               ErrorCode = "last_owner"
-	LedgerKeyConflict       ErrorCode = "ledger_key_conflict"
-	LocalAccountsDisabled   ErrorCode = "local_accounts_disabled"
-	MemberNotFound          ErrorCode = "member_not_found"
-	MethodNotAllowed        ErrorCode = "method_not_allowed"
-	NameTaken               ErrorCode = "name_taken"
-	NotFound                ErrorCode = "not_found"
-	NotReady                ErrorCode = "not_ready"
-	OidcGrantRejected       ErrorCode = "oidc_grant_rejected"
-	OidcNotConfigured       ErrorCode = "oidc_not_configured"
-	OidcProviderUnavailable ErrorCode = "oidc_provider_unavailable"
-	OrgNotFound             ErrorCode = "org_not_found"
-	PaymentCustomerMissing  ErrorCode = "payment_customer_missing"
-	PaymentProviderError    ErrorCode = "payment_provider_error"
-	PaymentProviderNotFound ErrorCode = "payment_provider_not_found"
-	PaymentSessionNotFound  ErrorCode = "payment_session_not_found"
-	PluginIncompatible      ErrorCode = "plugin_incompatible"
-	PluginInstanceConflict  ErrorCode = "plugin_instance_conflict"
-	PluginInstanceDisabled  ErrorCode = "plugin_instance_disabled"
-	PluginInstanceFailed    ErrorCode = "plugin_instance_failed"
-	PluginInstanceNotFound  ErrorCode = "plugin_instance_not_found"
-	PluginInvalid           ErrorCode = "plugin_invalid"
-	PluginKindMismatch      ErrorCode = "plugin_kind_mismatch"
-	PluginNotFound          ErrorCode = "plugin_not_found"
-	PluginTampered          ErrorCode = "plugin_tampered"
-	PluginUnavailable       ErrorCode = "plugin_unavailable"
-	PluginUpgradeRequired   ErrorCode = "plugin_upgrade_required"
-	ProjectNotFound         ErrorCode = "project_not_found"
-	RateLimited             ErrorCode = "rate_limited"
-	RefundInvalidAmount     ErrorCode = "refund_invalid_amount"
-	RefundNotAllowed        ErrorCode = "refund_not_allowed"
-	RequestTooLarge         ErrorCode = "request_too_large"
-	RouteNotFound           ErrorCode = "route_not_found"
-	ServiceAccountNotFound  ErrorCode = "service_account_not_found"
-	ServiceUnavailable      ErrorCode = "service_unavailable"
-	SkuExists               ErrorCode = "sku_exists"
-	SkuNotFound             ErrorCode = "sku_not_found"
-	SlugTaken               ErrorCode = "slug_taken"
-	SshKeyExists            ErrorCode = "ssh_key_exists"
-	SshKeyNotFound          ErrorCode = "ssh_key_not_found"
-	SshKeyTooWeak           ErrorCode = "ssh_key_too_weak"
-	Timeout                 ErrorCode = "timeout"
-	TokenAlgNotAllowed      ErrorCode = "token_alg_not_allowed"
-	TokenBadSignature       ErrorCode = "token_bad_signature"
-	TokenExpired            ErrorCode = "token_expired"
-	TokenMalformed          ErrorCode = "token_malformed"
-	TokenMissingSubject     ErrorCode = "token_missing_subject"
-	TokenNotYetValid        ErrorCode = "token_not_yet_valid"
-	TokenUnknownKey         ErrorCode = "token_unknown_key"
-	TokenWrongAudience      ErrorCode = "token_wrong_audience"
-	TokenWrongIssuer        ErrorCode = "token_wrong_issuer"
-	TokenWrongNonce         ErrorCode = "token_wrong_nonce"
-	TopupOutOfRange         ErrorCode = "topup_out_of_range"
-	Unauthenticated         ErrorCode = "unauthenticated"
-	UnknownField            ErrorCode = "unknown_field"
-	UnsupportedMediaType    ErrorCode = "unsupported_media_type"
-	UserNotFound            ErrorCode = "user_not_found"
-	ValidationFailed        ErrorCode = "validation_failed"
-	WebhookInvalid          ErrorCode = "webhook_invalid"
+	AccountDisabled             ErrorCode = "account_disabled"
+	AllocationNotFound          ErrorCode = "allocation_not_found"
+	AllocationQuotaExceeded     ErrorCode = "allocation_quota_exceeded"
+	AlreadyMember               ErrorCode = "already_member"
+	ApiKeyExpired               ErrorCode = "api_key_expired"
+	ApiKeyNotFound              ErrorCode = "api_key_not_found"
+	ApiKeyRevoked               ErrorCode = "api_key_revoked"
+	BadRequest                  ErrorCode = "bad_request"
+	BillingAccountNotFound      ErrorCode = "billing_account_not_found"
+	Conflict                    ErrorCode = "conflict"
+	CurrencyMismatch            ErrorCode = "currency_mismatch"
+	DatabaseUnavailable         ErrorCode = "database_unavailable"
+	DuplicateKey                ErrorCode = "duplicate_key"
+	Forbidden                   ErrorCode = "forbidden"
+	IdempotencyInFlight         ErrorCode = "idempotency_in_flight"
+	IdempotencyKeyReused        ErrorCode = "idempotency_key_reused"
+	InsufficientBalance         ErrorCode = "insufficient_balance"
+	Internal                    ErrorCode = "internal"
+	InvalidAllocationTransition ErrorCode = "invalid_allocation_transition"
+	InvalidCredentials          ErrorCode = "invalid_credentials"
+	InvalidCursor               ErrorCode = "invalid_cursor"
+	InvalidIdempotencyKey       ErrorCode = "invalid_idempotency_key"
+	InvalidJson                 ErrorCode = "invalid_json"
+	InvalidNodeTransition       ErrorCode = "invalid_node_transition"
+	InvalidSshKey               ErrorCode = "invalid_ssh_key"
+	InvalidToken                ErrorCode = "invalid_token"
+	LastOwner                   ErrorCode = "last_owner"
+	LedgerKeyConflict           ErrorCode = "ledger_key_conflict"
+	LocalAccountsDisabled       ErrorCode = "local_accounts_disabled"
+	MemberNotFound              ErrorCode = "member_not_found"
+	MethodNotAllowed            ErrorCode = "method_not_allowed"
+	NameTaken                   ErrorCode = "name_taken"
+	NoCapacity                  ErrorCode = "no_capacity"
+	NodeBusy                    ErrorCode = "node_busy"
+	NodeExists                  ErrorCode = "node_exists"
+	NodeNotFound                ErrorCode = "node_not_found"
+	NodeWebhookInvalid          ErrorCode = "node_webhook_invalid"
+	NotFound                    ErrorCode = "not_found"
+	NotReady                    ErrorCode = "not_ready"
+	OidcGrantRejected           ErrorCode = "oidc_grant_rejected"
+	OidcNotConfigured           ErrorCode = "oidc_not_configured"
+	OidcProviderUnavailable     ErrorCode = "oidc_provider_unavailable"
+	OrgNotFound                 ErrorCode = "org_not_found"
+	PaymentCustomerMissing      ErrorCode = "payment_customer_missing"
+	PaymentProviderError        ErrorCode = "payment_provider_error"
+	PaymentProviderNotFound     ErrorCode = "payment_provider_not_found"
+	PaymentSessionNotFound      ErrorCode = "payment_session_not_found"
+	PluginIncompatible          ErrorCode = "plugin_incompatible"
+	PluginInstanceConflict      ErrorCode = "plugin_instance_conflict"
+	PluginInstanceDisabled      ErrorCode = "plugin_instance_disabled"
+	PluginInstanceFailed        ErrorCode = "plugin_instance_failed"
+	PluginInstanceNotFound      ErrorCode = "plugin_instance_not_found"
+	PluginInvalid               ErrorCode = "plugin_invalid"
+	PluginKindMismatch          ErrorCode = "plugin_kind_mismatch"
+	PluginNotFound              ErrorCode = "plugin_not_found"
+	PluginTampered              ErrorCode = "plugin_tampered"
+	PluginUnavailable           ErrorCode = "plugin_unavailable"
+	PluginUpgradeRequired       ErrorCode = "plugin_upgrade_required"
+	ProjectNotFound             ErrorCode = "project_not_found"
+	ProvisionerFailed           ErrorCode = "provisioner_failed"
+	ProvisionerRejected         ErrorCode = "provisioner_rejected"
+	RateLimited                 ErrorCode = "rate_limited"
+	RefundInvalidAmount         ErrorCode = "refund_invalid_amount"
+	RefundNotAllowed            ErrorCode = "refund_not_allowed"
+	RequestTooLarge             ErrorCode = "request_too_large"
+	RouteNotFound               ErrorCode = "route_not_found"
+	ServiceAccountNotFound      ErrorCode = "service_account_not_found"
+	ServiceUnavailable          ErrorCode = "service_unavailable"
+	SkuExists                   ErrorCode = "sku_exists"
+	SkuNotFound                 ErrorCode = "sku_not_found"
+	SlugTaken                   ErrorCode = "slug_taken"
+	SshKeyExists                ErrorCode = "ssh_key_exists"
+	SshKeyNotFound              ErrorCode = "ssh_key_not_found"
+	SshKeyRequired              ErrorCode = "ssh_key_required"
+	SshKeyTooWeak               ErrorCode = "ssh_key_too_weak"
+	Timeout                     ErrorCode = "timeout"
+	TokenAlgNotAllowed          ErrorCode = "token_alg_not_allowed"
+	TokenBadSignature           ErrorCode = "token_bad_signature"
+	TokenExpired                ErrorCode = "token_expired"
+	TokenMalformed              ErrorCode = "token_malformed"
+	TokenMissingSubject         ErrorCode = "token_missing_subject"
+	TokenNotYetValid            ErrorCode = "token_not_yet_valid"
+	TokenUnknownKey             ErrorCode = "token_unknown_key"
+	TokenWrongAudience          ErrorCode = "token_wrong_audience"
+	TokenWrongIssuer            ErrorCode = "token_wrong_issuer"
+	TokenWrongNonce             ErrorCode = "token_wrong_nonce"
+	TopupOutOfRange             ErrorCode = "topup_out_of_range"
+	Unauthenticated             ErrorCode = "unauthenticated"
+	UnknownField                ErrorCode = "unknown_field"
+	UnsupportedMediaType        ErrorCode = "unsupported_media_type"
+	UserNotFound                ErrorCode = "user_not_found"
+	ValidationFailed            ErrorCode = "validation_failed"
+	WebhookInvalid              ErrorCode = "webhook_invalid"
 )
 
 // Valid indicates whether the value is a known member of the ErrorCode enum.
 func (e ErrorCode) Valid() bool {
 	switch e {
 	case AccountDisabled:
+		return true
+	case AllocationNotFound:
+		return true
+	case AllocationQuotaExceeded:
 		return true
 	case AlreadyMember:
 		return true
@@ -279,7 +329,11 @@ func (e ErrorCode) Valid() bool {
 		return true
 	case IdempotencyKeyReused:
 		return true
+	case InsufficientBalance:
+		return true
 	case Internal:
+		return true
+	case InvalidAllocationTransition:
 		return true
 	case InvalidCredentials:
 		return true
@@ -288,6 +342,8 @@ func (e ErrorCode) Valid() bool {
 	case InvalidIdempotencyKey:
 		return true
 	case InvalidJson:
+		return true
+	case InvalidNodeTransition:
 		return true
 	case InvalidSshKey:
 		return true
@@ -304,6 +360,16 @@ func (e ErrorCode) Valid() bool {
 	case MethodNotAllowed:
 		return true
 	case NameTaken:
+		return true
+	case NoCapacity:
+		return true
+	case NodeBusy:
+		return true
+	case NodeExists:
+		return true
+	case NodeNotFound:
+		return true
+	case NodeWebhookInvalid:
 		return true
 	case NotFound:
 		return true
@@ -349,6 +415,10 @@ func (e ErrorCode) Valid() bool {
 		return true
 	case ProjectNotFound:
 		return true
+	case ProvisionerFailed:
+		return true
+	case ProvisionerRejected:
+		return true
 	case RateLimited:
 		return true
 	case RefundInvalidAmount:
@@ -372,6 +442,8 @@ func (e ErrorCode) Valid() bool {
 	case SshKeyExists:
 		return true
 	case SshKeyNotFound:
+		return true
+	case SshKeyRequired:
 		return true
 	case SshKeyTooWeak:
 		return true
@@ -500,6 +572,36 @@ func (e MePrincipalType) Valid() bool {
 	}
 }
 
+// Defines values for NodeState.
+const (
+	Allocated NodeState = "allocated"
+	Available NodeState = "available"
+	Cleaning  NodeState = "cleaning"
+	Enrolling NodeState = "enrolling"
+	Offline   NodeState = "offline"
+	Retired   NodeState = "retired"
+)
+
+// Valid indicates whether the value is a known member of the NodeState enum.
+func (e NodeState) Valid() bool {
+	switch e {
+	case Allocated:
+		return true
+	case Available:
+		return true
+	case Cleaning:
+		return true
+	case Enrolling:
+		return true
+	case Offline:
+		return true
+	case Retired:
+		return true
+	default:
+		return false
+	}
+}
+
 // Defines values for OrgMembershipRole.
 const (
 	OrgMembershipRoleAdmin   OrgMembershipRole = "admin"
@@ -553,25 +655,25 @@ func (e PaymentSessionStatus) Valid() bool {
 
 // Defines values for PluginInstanceState.
 const (
-	Failed       PluginInstanceState = "failed"
-	Incompatible PluginInstanceState = "incompatible"
-	Running      PluginInstanceState = "running"
-	Starting     PluginInstanceState = "starting"
-	Stopped      PluginInstanceState = "stopped"
+	PluginInstanceStateFailed       PluginInstanceState = "failed"
+	PluginInstanceStateIncompatible PluginInstanceState = "incompatible"
+	PluginInstanceStateRunning      PluginInstanceState = "running"
+	PluginInstanceStateStarting     PluginInstanceState = "starting"
+	PluginInstanceStateStopped      PluginInstanceState = "stopped"
 )
 
 // Valid indicates whether the value is a known member of the PluginInstanceState enum.
 func (e PluginInstanceState) Valid() bool {
 	switch e {
-	case Failed:
+	case PluginInstanceStateFailed:
 		return true
-	case Incompatible:
+	case PluginInstanceStateIncompatible:
 		return true
-	case Running:
+	case PluginInstanceStateRunning:
 		return true
-	case Starting:
+	case PluginInstanceStateStarting:
 		return true
-	case Stopped:
+	case PluginInstanceStateStopped:
 		return true
 	default:
 		return false
@@ -1031,6 +1133,50 @@ type AdminUpdateUserRequest struct {
 // AdminUpdateUserRequestStatus defines model for AdminUpdateUserRequest.Status.
 type AdminUpdateUserRequestStatus string
 
+// Allocation defines model for Allocation.
+type Allocation struct {
+	ActiveAt  *time.Time         `json:"active_at,omitempty"`
+	CreatedAt time.Time          `json:"created_at"`
+	CreatedBy string             `json:"created_by"`
+	Currency  string             `json:"currency"`
+	EndedAt   *time.Time         `json:"ended_at,omitempty"`
+	Gpus      int                `json:"gpus"`
+	Id        openapi_types.UUID `json:"id"`
+	Image     *string            `json:"image,omitempty"`
+	Name      string             `json:"name"`
+
+	// NodeId Admins only.
+	NodeId               *openapi_types.UUID `json:"node_id,omitempty"`
+	OrgId                openapi_types.UUID  `json:"org_id"`
+	PricePerGpuHourMinor int64               `json:"price_per_gpu_hour_minor"`
+	ProjectId            openapi_types.UUID  `json:"project_id"`
+	ReleaseAttempt       *int                `json:"release_attempt,omitempty"`
+	SkuId                string              `json:"sku_id"`
+
+	// SshHost Where to connect, once active.
+	SshHost *string `json:"ssh_host,omitempty"`
+
+	// SshUser The account made for you on the node.
+	SshUser     string          `json:"ssh_user"`
+	State       AllocationState `json:"state"`
+	StateReason string          `json:"state_reason"`
+	UpdatedAt   time.Time       `json:"updated_at"`
+}
+
+// AllocationList defines model for AllocationList.
+type AllocationList struct {
+	Items []Allocation `json:"items"`
+}
+
+// AllocationPage defines model for AllocationPage.
+type AllocationPage struct {
+	Items      []Allocation `json:"items"`
+	NextCursor *string      `json:"next_cursor,omitempty"`
+}
+
+// AllocationState defines model for AllocationState.
+type AllocationState string
+
 // AuditLog defines model for AuditLog.
 type AuditLog struct {
 	Action        string                  `json:"action"`
@@ -1068,6 +1214,20 @@ type Balance struct {
 	OrgId                    openapi_types.UUID `json:"org_id"`
 }
 
+// Capacity defines model for Capacity.
+type Capacity struct {
+	// Available Nodes free right now.
+	Available   int    `json:"available"`
+	GpuModel    string `json:"gpu_model"`
+	GpusPerNode int    `json:"gpus_per_node"`
+	SkuId       string `json:"sku_id"`
+}
+
+// CapacityList defines model for CapacityList.
+type CapacityList struct {
+	Items []Capacity `json:"items"`
+}
+
 // CheckoutRequest defines model for CheckoutRequest.
 type CheckoutRequest struct {
 	AmountMinor int64              `json:"amount_minor"`
@@ -1096,6 +1256,25 @@ type ConfigureInstanceRequest struct {
 type CreateAPIKeyRequest struct {
 	ExpiresAt *time.Time `json:"expires_at,omitempty"`
 	Name      string     `json:"name"`
+}
+
+// CreateAllocationRequest defines model for CreateAllocationRequest.
+type CreateAllocationRequest struct {
+	// Count Nodes to rent (default 1, at most policy allocations.max_per_request).
+	Count     *int               `json:"count,omitempty"`
+	Image     *string            `json:"image,omitempty"`
+	Name      *string            `json:"name,omitempty"`
+	ProjectId openapi_types.UUID `json:"project_id"`
+	SkuId     string             `json:"sku_id"`
+
+	// SshKeyIds Your registered keys to install (default all of them).
+	SshKeyIds *[]openapi_types.UUID `json:"ssh_key_ids,omitempty"`
+
+	// SshPublicKeys authorized_keys lines to install (service accounts have no registered keys).
+	SshPublicKeys *[]string `json:"ssh_public_keys,omitempty"`
+
+	// Username Account made on the node (default from your email, or "tenant").
+	Username *string `json:"username,omitempty"`
 }
 
 // CreateOrgRequest defines model for CreateOrgRequest.
@@ -1266,6 +1445,59 @@ type Member struct {
 type MemberPage struct {
 	Items      []Member `json:"items"`
 	NextCursor *string  `json:"next_cursor,omitempty"`
+}
+
+// Node defines model for Node.
+type Node struct {
+	CpuCores            int                `json:"cpu_cores"`
+	CpuModel            *string            `json:"cpu_model,omitempty"`
+	CreatedAt           time.Time          `json:"created_at"`
+	DiskBytes           int64              `json:"disk_bytes"`
+	ExternalId          string             `json:"external_id"`
+	Gpus                []NodeGPU          `json:"gpus"`
+	HealthMessage       *string            `json:"health_message,omitempty"`
+	Healthy             *bool              `json:"healthy,omitempty"`
+	Hostname            string             `json:"hostname"`
+	Id                  openapi_types.UUID `json:"id"`
+	MemoryBytes         int64              `json:"memory_bytes"`
+	OfflineFrom         *NodeState         `json:"offline_from,omitempty"`
+	Pool                string             `json:"pool"`
+	ProbedAt            *time.Time         `json:"probed_at,omitempty"`
+	ProvisionerInstance string             `json:"provisioner_instance"`
+	SkuId               *string            `json:"sku_id,omitempty"`
+	State               NodeState          `json:"state"`
+	StateReason         string             `json:"state_reason"`
+	Tags                []string           `json:"tags"`
+	UpdatedAt           time.Time          `json:"updated_at"`
+}
+
+// NodeGPU defines model for NodeGPU.
+type NodeGPU struct {
+	Count       int    `json:"count"`
+	MemoryBytes *int64 `json:"memory_bytes,omitempty"`
+	Model       string `json:"model"`
+}
+
+// NodePage defines model for NodePage.
+type NodePage struct {
+	Items      []Node  `json:"items"`
+	NextCursor *string `json:"next_cursor,omitempty"`
+}
+
+// NodeState defines model for NodeState.
+type NodeState string
+
+// NodeSyncResult defines model for NodeSyncResult.
+type NodeSyncResult struct {
+	Added     int `json:"added"`
+	Offline   int `json:"offline"`
+	Recovered int `json:"recovered"`
+	Seen      int `json:"seen"`
+}
+
+// NodeWebhookReceipt defines model for NodeWebhookReceipt.
+type NodeWebhookReceipt struct {
+	Events int `json:"events"`
 }
 
 // OIDCExchangeRequest defines model for OIDCExchangeRequest.
@@ -1457,6 +1689,11 @@ type Readiness struct {
 // ReadinessStatus defines model for Readiness.Status.
 type ReadinessStatus string
 
+// ReasonRequest defines model for ReasonRequest.
+type ReasonRequest struct {
+	Reason *string `json:"reason,omitempty"`
+}
+
 // RefreshRequest defines model for RefreshRequest.
 type RefreshRequest struct {
 	RefreshToken string `json:"refresh_token"`
@@ -1474,6 +1711,18 @@ type RefundResult struct {
 	RefundId      string         `json:"refund_id"`
 	Session       PaymentSession `json:"session"`
 	Status        string         `json:"status"`
+}
+
+// RegisterNodeRequest defines model for RegisterNodeRequest.
+type RegisterNodeRequest struct {
+	// ExternalId The backend's id or address of the node (a MAAS system id or host name).
+	ExternalId          string  `json:"external_id"`
+	Pool                *string `json:"pool,omitempty"`
+	ProvisionerInstance string  `json:"provisioner_instance"`
+
+	// SkuId Default: matched from the node's GPUs or a sku:<id> tag.
+	SkuId *string   `json:"sku_id,omitempty"`
+	Tags  *[]string `json:"tags,omitempty"`
 }
 
 // RoleRequest defines model for RoleRequest.
@@ -1572,6 +1821,11 @@ type UpdateNameRequest struct {
 	Name string `json:"name"`
 }
 
+// UpdateNodeRequest defines model for UpdateNodeRequest.
+type UpdateNodeRequest struct {
+	SkuId string `json:"sku_id"`
+}
+
 // UpdateSKURequest defines model for UpdateSKURequest.
 type UpdateSKURequest struct {
 	Active               *bool   `json:"active,omitempty"`
@@ -1632,6 +1886,12 @@ type WebhookReceipt struct {
 	Events     int `json:"events"`
 }
 
+// AllocationID defines model for AllocationID.
+type AllocationID = openapi_types.UUID
+
+// AllocationStateQuery defines model for AllocationStateQuery.
+type AllocationStateQuery = AllocationState
+
 // AuditAction defines model for AuditAction.
 type AuditAction = string
 
@@ -1662,6 +1922,9 @@ type KeyID = openapi_types.UUID
 // Limit defines model for Limit.
 type Limit = int
 
+// NodeID defines model for NodeID.
+type NodeID = openapi_types.UUID
+
 // OrgID defines model for OrgID.
 type OrgID = openapi_types.UUID
 
@@ -1688,6 +1951,27 @@ type UserID = openapi_types.UUID
 
 // Error defines model for Error.
 type Error = ErrorEnvelope
+
+// AdminListAllocationsParams defines parameters for AdminListAllocations.
+type AdminListAllocationsParams struct {
+	OrgId     *openapi_types.UUID   `form:"org_id,omitempty" json:"org_id,omitempty"`
+	ProjectId *ProjectQuery         `form:"project_id,omitempty" json:"project_id,omitempty"`
+	NodeId    *openapi_types.UUID   `form:"node_id,omitempty" json:"node_id,omitempty"`
+	SkuId     *string               `form:"sku_id,omitempty" json:"sku_id,omitempty"`
+	State     *AllocationStateQuery `form:"state,omitempty" json:"state,omitempty"`
+
+	// Limit Page size, 1 to 200.
+	Limit *Limit `form:"limit,omitempty" json:"limit,omitempty"`
+
+	// Cursor Opaque cursor from a previous page's `next_cursor`.
+	Cursor *Cursor `form:"cursor,omitempty" json:"cursor,omitempty"`
+}
+
+// AdminForceReleaseAllocationParams defines parameters for AdminForceReleaseAllocation.
+type AdminForceReleaseAllocationParams struct {
+	// IdempotencyKey Makes a retried POST safe; the first response is replayed byte for byte.
+	IdempotencyKey *IdempotencyKey `json:"Idempotency-Key,omitempty"`
+}
 
 // ListAuditLogsParams defines parameters for ListAuditLogs.
 type ListAuditLogsParams struct {
@@ -1727,6 +2011,25 @@ type ExportAuditLogsParamsActorType string
 
 // AdminAdjustBalanceParams defines parameters for AdminAdjustBalance.
 type AdminAdjustBalanceParams struct {
+	// IdempotencyKey Makes a retried POST safe; the first response is replayed byte for byte.
+	IdempotencyKey *IdempotencyKey `json:"Idempotency-Key,omitempty"`
+}
+
+// AdminListNodesParams defines parameters for AdminListNodes.
+type AdminListNodesParams struct {
+	State               *NodeState `form:"state,omitempty" json:"state,omitempty"`
+	SkuId               *string    `form:"sku_id,omitempty" json:"sku_id,omitempty"`
+	ProvisionerInstance *string    `form:"provisioner_instance,omitempty" json:"provisioner_instance,omitempty"`
+
+	// Limit Page size, 1 to 200.
+	Limit *Limit `form:"limit,omitempty" json:"limit,omitempty"`
+
+	// Cursor Opaque cursor from a previous page's `next_cursor`.
+	Cursor *Cursor `form:"cursor,omitempty" json:"cursor,omitempty"`
+}
+
+// AdminRegisterNodeParams defines parameters for AdminRegisterNode.
+type AdminRegisterNodeParams struct {
 	// IdempotencyKey Makes a retried POST safe; the first response is replayed byte for byte.
 	IdempotencyKey *IdempotencyKey `json:"Idempotency-Key,omitempty"`
 }
@@ -1801,6 +2104,30 @@ type AdminListUsersParams struct {
 
 // AdminListUsersParamsStatus defines parameters for AdminListUsers.
 type AdminListUsersParamsStatus string
+
+// ListAllocationsParams defines parameters for ListAllocations.
+type ListAllocationsParams struct {
+	ProjectId openapi_types.UUID    `form:"project_id" json:"project_id"`
+	State     *AllocationStateQuery `form:"state,omitempty" json:"state,omitempty"`
+
+	// Limit Page size, 1 to 200.
+	Limit *Limit `form:"limit,omitempty" json:"limit,omitempty"`
+
+	// Cursor Opaque cursor from a previous page's `next_cursor`.
+	Cursor *Cursor `form:"cursor,omitempty" json:"cursor,omitempty"`
+}
+
+// CreateAllocationParams defines parameters for CreateAllocation.
+type CreateAllocationParams struct {
+	// IdempotencyKey Makes a retried POST safe; the first response is replayed byte for byte.
+	IdempotencyKey *IdempotencyKey `json:"Idempotency-Key,omitempty"`
+}
+
+// ReleaseAllocationParams defines parameters for ReleaseAllocation.
+type ReleaseAllocationParams struct {
+	// IdempotencyKey Makes a retried POST safe; the first response is replayed byte for byte.
+	IdempotencyKey *IdempotencyKey `json:"Idempotency-Key,omitempty"`
+}
 
 // OidcAuthorizeParams defines parameters for OidcAuthorize.
 type OidcAuthorizeParams struct {
@@ -1997,8 +2324,23 @@ type CreateMyAPIKeyParams struct {
 	IdempotencyKey *IdempotencyKey `json:"Idempotency-Key,omitempty"`
 }
 
+// MaasWebhookJSONBody defines parameters for MaasWebhook.
+type MaasWebhookJSONBody = map[string]interface{}
+
+// AdminForceReleaseAllocationJSONRequestBody defines body for AdminForceReleaseAllocation for application/json ContentType.
+type AdminForceReleaseAllocationJSONRequestBody = ReasonRequest
+
 // AdminAdjustBalanceJSONRequestBody defines body for AdminAdjustBalance for application/json ContentType.
 type AdminAdjustBalanceJSONRequestBody = AdjustmentRequest
+
+// AdminRegisterNodeJSONRequestBody defines body for AdminRegisterNode for application/json ContentType.
+type AdminRegisterNodeJSONRequestBody = RegisterNodeRequest
+
+// AdminUpdateNodeJSONRequestBody defines body for AdminUpdateNode for application/json ContentType.
+type AdminUpdateNodeJSONRequestBody = UpdateNodeRequest
+
+// AdminRetireNodeJSONRequestBody defines body for AdminRetireNode for application/json ContentType.
+type AdminRetireNodeJSONRequestBody = ReasonRequest
 
 // AdminRefundPaymentJSONRequestBody defines body for AdminRefundPayment for application/json ContentType.
 type AdminRefundPaymentJSONRequestBody = RefundRequest
@@ -2026,6 +2368,9 @@ type AdminUpdateSKUJSONRequestBody = UpdateSKURequest
 
 // AdminUpdateUserJSONRequestBody defines body for AdminUpdateUser for application/json ContentType.
 type AdminUpdateUserJSONRequestBody = AdminUpdateUserRequest
+
+// CreateAllocationJSONRequestBody defines body for CreateAllocation for application/json ContentType.
+type CreateAllocationJSONRequestBody = CreateAllocationRequest
 
 // LocalLoginJSONRequestBody defines body for LocalLogin for application/json ContentType.
 type LocalLoginJSONRequestBody = LocalLoginRequest
@@ -2081,8 +2426,17 @@ type AddSSHKeyJSONRequestBody = AddSSHKeyRequest
 // CreateMyAPIKeyJSONRequestBody defines body for CreateMyAPIKey for application/json ContentType.
 type CreateMyAPIKeyJSONRequestBody = CreateAPIKeyRequest
 
+// MaasWebhookJSONRequestBody defines body for MaasWebhook for application/json ContentType.
+type MaasWebhookJSONRequestBody = MaasWebhookJSONBody
+
 // ServerInterface represents all server handlers.
 type ServerInterface interface {
+	// AdminListAllocations Every allocation, filtered, newest first
+	// (GET /api/v1/admin/allocations)
+	AdminListAllocations(c *fiber.Ctx, params AdminListAllocationsParams) error
+	// AdminForceReleaseAllocation Release any allocation that is active or whose release failed
+	// (POST /api/v1/admin/allocations/{allocation_id}/force-release)
+	AdminForceReleaseAllocation(c *fiber.Ctx, allocationId AllocationID, params AdminForceReleaseAllocationParams) error
 	// ListAuditLogs Audit log, newest first, filtered
 	// (GET /api/v1/admin/audit-logs)
 	ListAuditLogs(c *fiber.Ctx, params ListAuditLogsParams) error
@@ -2092,6 +2446,24 @@ type ServerInterface interface {
 	// AdminAdjustBalance Credit or debit an organization (admin adjustment or promotional credit)
 	// (POST /api/v1/admin/billing/adjustments)
 	AdminAdjustBalance(c *fiber.Ctx, params AdminAdjustBalanceParams) error
+	// AdminListNodes The node inventory
+	// (GET /api/v1/admin/nodes)
+	AdminListNodes(c *fiber.Ctx, params AdminListNodesParams) error
+	// AdminRegisterNode Enroll a node through its provisioner instance and add it
+	// (POST /api/v1/admin/nodes)
+	AdminRegisterNode(c *fiber.Ctx, params AdminRegisterNodeParams) error
+
+	// (GET /api/v1/admin/nodes/{node_id})
+	AdminGetNode(c *fiber.Ctx, nodeId NodeID) error
+	// AdminUpdateNode Assign a node's SKU (only while it is idle)
+	// (PATCH /api/v1/admin/nodes/{node_id})
+	AdminUpdateNode(c *fiber.Ctx, nodeId NodeID) error
+	// AdminProbeNode Ask the node's driver for its health (unhealthy → offline, healthy → back)
+	// (POST /api/v1/admin/nodes/{node_id}/probe)
+	AdminProbeNode(c *fiber.Ctx, nodeId NodeID) error
+	// AdminRetireNode Take a node out for good (refused while an allocation holds it)
+	// (POST /api/v1/admin/nodes/{node_id}/retire)
+	AdminRetireNode(c *fiber.Ctx, nodeId NodeID) error
 	// AdminListPaymentSessions Payment sessions, by status (the reconciliation queue)
 	// (GET /api/v1/admin/payments/sessions)
 	AdminListPaymentSessions(c *fiber.Ctx, params AdminListPaymentSessionsParams) error
@@ -2107,6 +2479,9 @@ type ServerInterface interface {
 	// AdminConfigurePluginInstance Create or reconfigure an instance; the config is validated against the plugin's schema
 	// (PUT /api/v1/admin/plugin-instances/{name})
 	AdminConfigurePluginInstance(c *fiber.Ctx, name PluginName) error
+	// AdminSyncInstanceNodes Reconcile the inventory with a provisioner backend now (nodes it lists, lost or broken)
+	// (POST /api/v1/admin/plugin-instances/{name}/sync)
+	AdminSyncInstanceNodes(c *fiber.Ctx, name PluginName) error
 	// AdminListPlugins Installed driver plugins
 	// (GET /api/v1/admin/plugins)
 	AdminListPlugins(c *fiber.Ctx) error
@@ -2140,6 +2515,18 @@ type ServerInterface interface {
 	// AdminUpdateUser Grant or take away platform admin, disable or enable a user
 	// (PATCH /api/v1/admin/users/{user_id})
 	AdminUpdateUser(c *fiber.Ctx, userId UserID) error
+	// ListAllocations A project's allocations, newest first
+	// (GET /api/v1/allocations)
+	ListAllocations(c *fiber.Ctx, params ListAllocationsParams) error
+	// CreateAllocation Rent nodes of a SKU for a project
+	// (POST /api/v1/allocations)
+	CreateAllocation(c *fiber.Ctx, params CreateAllocationParams) error
+
+	// (GET /api/v1/allocations/{allocation_id})
+	GetAllocation(c *fiber.Ctx, allocationId AllocationID) error
+	// ReleaseAllocation Give the node back (active, or retry after release_failed)
+	// (POST /api/v1/allocations/{allocation_id}/release)
+	ReleaseAllocation(c *fiber.Ctx, allocationId AllocationID, params ReleaseAllocationParams) error
 	// LocalLogin Sign in with a local account (when local accounts are enabled)
 	// (POST /api/v1/auth/local/login)
 	LocalLogin(c *fiber.Ctx) error
@@ -2167,6 +2554,9 @@ type ServerInterface interface {
 	// ExportUsage Every matching usage record as CSV, streamed
 	// (GET /api/v1/billing/usage.csv)
 	ExportUsage(c *fiber.Ctx, params ExportUsageParams) error
+	// GetCapacity Free nodes of every active SKU (counts only)
+	// (GET /api/v1/capacity)
+	GetCapacity(c *fiber.Ctx) error
 	// GetHealthz Process liveness
 	// (GET /api/v1/healthz)
 	GetHealthz(c *fiber.Ctx) error
@@ -2278,6 +2668,9 @@ type ServerInterface interface {
 	// RevokeMyAPIKey Revoke a personal API key
 	// (DELETE /api/v1/users/me/api-keys/{key_id})
 	RevokeMyAPIKey(c *fiber.Ctx, keyId KeyID) error
+	// MaasWebhook MAAS commissioning report (raw body, HMAC verified by the MAAS driver)
+	// (POST /api/v1/webhooks/maas/{instance})
+	MaasWebhook(c *fiber.Ctx, instance string) error
 	// GetMetrics Prometheus metrics
 	// (GET /metrics)
 	GetMetrics(c *fiber.Ctx) error
@@ -2291,6 +2684,136 @@ type ServerInterfaceWrapper struct {
 
 type MiddlewareFunc fiber.Handler
 type HandlerMiddlewareFunc func(c *fiber.Ctx, next fiber.Handler) error
+
+// AdminListAllocations operation middleware
+func (siw *ServerInterfaceWrapper) AdminListAllocations(c *fiber.Ctx) error {
+
+	var err error
+	_ = err
+
+	// Parameter object where we will unmarshal all parameters from the context
+	var params AdminListAllocationsParams
+
+	var query url.Values
+	query, err = url.ParseQuery(string(c.Request().URI().QueryString()))
+	if err != nil {
+		return fiber.NewError(fiber.StatusBadRequest, fmt.Errorf("Invalid format for query string: %w", err).Error())
+	}
+
+	// ------------- Optional query parameter "org_id" -------------
+
+	err = runtime.BindQueryParameterWithOptions("form", true, false, "org_id", query, &params.OrgId, runtime.BindQueryParameterOptions{Type: "string", Format: "uuid"})
+	if err != nil {
+		return fiber.NewError(fiber.StatusBadRequest, fmt.Errorf("Invalid format for parameter org_id: %w", err).Error())
+	}
+
+	// ------------- Optional query parameter "project_id" -------------
+
+	err = runtime.BindQueryParameterWithOptions("form", true, false, "project_id", query, &params.ProjectId, runtime.BindQueryParameterOptions{Type: "string", Format: "uuid"})
+	if err != nil {
+		return fiber.NewError(fiber.StatusBadRequest, fmt.Errorf("Invalid format for parameter project_id: %w", err).Error())
+	}
+
+	// ------------- Optional query parameter "node_id" -------------
+
+	err = runtime.BindQueryParameterWithOptions("form", true, false, "node_id", query, &params.NodeId, runtime.BindQueryParameterOptions{Type: "string", Format: "uuid"})
+	if err != nil {
+		return fiber.NewError(fiber.StatusBadRequest, fmt.Errorf("Invalid format for parameter node_id: %w", err).Error())
+	}
+
+	// ------------- Optional query parameter "sku_id" -------------
+
+	err = runtime.BindQueryParameterWithOptions("form", true, false, "sku_id", query, &params.SkuId, runtime.BindQueryParameterOptions{Type: "string", Format: ""})
+	if err != nil {
+		return fiber.NewError(fiber.StatusBadRequest, fmt.Errorf("Invalid format for parameter sku_id: %w", err).Error())
+	}
+
+	// ------------- Optional query parameter "state" -------------
+
+	err = runtime.BindQueryParameterWithOptions("form", true, false, "state", query, &params.State, runtime.BindQueryParameterOptions{Type: "string", Format: ""})
+	if err != nil {
+		return fiber.NewError(fiber.StatusBadRequest, fmt.Errorf("Invalid format for parameter state: %w", err).Error())
+	}
+
+	// ------------- Optional query parameter "limit" -------------
+
+	err = runtime.BindQueryParameterWithOptions("form", true, false, "limit", query, &params.Limit, runtime.BindQueryParameterOptions{Type: "integer", Format: ""})
+	if err != nil {
+		return fiber.NewError(fiber.StatusBadRequest, fmt.Errorf("Invalid format for parameter limit: %w", err).Error())
+	}
+
+	// ------------- Optional query parameter "cursor" -------------
+
+	err = runtime.BindQueryParameterWithOptions("form", true, false, "cursor", query, &params.Cursor, runtime.BindQueryParameterOptions{Type: "string", Format: ""})
+	if err != nil {
+		return fiber.NewError(fiber.StatusBadRequest, fmt.Errorf("Invalid format for parameter cursor: %w", err).Error())
+	}
+
+	handler := func(c *fiber.Ctx) error {
+		return siw.Handler.AdminListAllocations(c, params)
+	}
+
+	for i := len(siw.HandlerMiddlewares) - 1; i >= 0; i-- {
+		m := siw.HandlerMiddlewares[i]
+		next := handler
+		handler = func(c *fiber.Ctx) error {
+			return m(c, next)
+		}
+	}
+
+	return handler(c)
+}
+
+// AdminForceReleaseAllocation operation middleware
+func (siw *ServerInterfaceWrapper) AdminForceReleaseAllocation(c *fiber.Ctx) error {
+
+	var err error
+	_ = err
+
+	// ------------- Path parameter "allocation_id" -------------
+	var allocationId AllocationID
+
+	err = runtime.BindStyledParameterWithOptions("simple", "allocation_id", c.Params("allocation_id"), &allocationId, runtime.BindStyledParameterOptions{ParamLocation: runtime.ParamLocationPath, Explode: false, Required: true, Type: "string", Format: "uuid"})
+	if err != nil {
+		return fiber.NewError(fiber.StatusBadRequest, fmt.Errorf("Invalid format for parameter allocation_id: %w", err).Error())
+	}
+
+	// Parameter object where we will unmarshal all parameters from the context
+	var params AdminForceReleaseAllocationParams
+
+	headers := c.GetReqHeaders()
+
+	// ------------- Optional header parameter "Idempotency-Key" -------------
+	if valueList, found := headers[http.CanonicalHeaderKey("Idempotency-Key")]; found {
+		var IdempotencyKey IdempotencyKey
+		n := len(valueList)
+		if n != 1 {
+			return fiber.NewError(fiber.StatusBadRequest, fmt.Sprintf("Too many values for ParamName Idempotency-Key, 1 is required, but %d found", n))
+		}
+
+		err = runtime.BindStyledParameterWithOptions("simple", "Idempotency-Key", valueList[0], &IdempotencyKey, runtime.BindStyledParameterOptions{ParamLocation: runtime.ParamLocationHeader, Explode: false, Required: false, Type: "string", Format: ""})
+		if err != nil {
+			return fiber.NewError(fiber.StatusBadRequest, fmt.Errorf("Invalid format for parameter Idempotency-Key: %w", err).Error())
+		}
+
+		params.IdempotencyKey = &IdempotencyKey
+
+	}
+
+	handler := func(c *fiber.Ctx) error {
+		return siw.Handler.AdminForceReleaseAllocation(c, allocationId, params)
+	}
+
+	for i := len(siw.HandlerMiddlewares) - 1; i >= 0; i-- {
+		m := siw.HandlerMiddlewares[i]
+		next := handler
+		handler = func(c *fiber.Ctx) error {
+			return m(c, next)
+		}
+	}
+
+	return handler(c)
+}
 
 // ListAuditLogs operation middleware
 func (siw *ServerInterfaceWrapper) ListAuditLogs(c *fiber.Ctx) error {
@@ -2493,6 +3016,230 @@ func (siw *ServerInterfaceWrapper) AdminAdjustBalance(c *fiber.Ctx) error {
 	return handler(c)
 }
 
+// AdminListNodes operation middleware
+func (siw *ServerInterfaceWrapper) AdminListNodes(c *fiber.Ctx) error {
+
+	var err error
+	_ = err
+
+	// Parameter object where we will unmarshal all parameters from the context
+	var params AdminListNodesParams
+
+	var query url.Values
+	query, err = url.ParseQuery(string(c.Request().URI().QueryString()))
+	if err != nil {
+		return fiber.NewError(fiber.StatusBadRequest, fmt.Errorf("Invalid format for query string: %w", err).Error())
+	}
+
+	// ------------- Optional query parameter "state" -------------
+
+	err = runtime.BindQueryParameterWithOptions("form", true, false, "state", query, &params.State, runtime.BindQueryParameterOptions{Type: "string", Format: ""})
+	if err != nil {
+		return fiber.NewError(fiber.StatusBadRequest, fmt.Errorf("Invalid format for parameter state: %w", err).Error())
+	}
+
+	// ------------- Optional query parameter "sku_id" -------------
+
+	err = runtime.BindQueryParameterWithOptions("form", true, false, "sku_id", query, &params.SkuId, runtime.BindQueryParameterOptions{Type: "string", Format: ""})
+	if err != nil {
+		return fiber.NewError(fiber.StatusBadRequest, fmt.Errorf("Invalid format for parameter sku_id: %w", err).Error())
+	}
+
+	// ------------- Optional query parameter "provisioner_instance" -------------
+
+	err = runtime.BindQueryParameterWithOptions("form", true, false, "provisioner_instance", query, &params.ProvisionerInstance, runtime.BindQueryParameterOptions{Type: "string", Format: ""})
+	if err != nil {
+		return fiber.NewError(fiber.StatusBadRequest, fmt.Errorf("Invalid format for parameter provisioner_instance: %w", err).Error())
+	}
+
+	// ------------- Optional query parameter "limit" -------------
+
+	err = runtime.BindQueryParameterWithOptions("form", true, false, "limit", query, &params.Limit, runtime.BindQueryParameterOptions{Type: "integer", Format: ""})
+	if err != nil {
+		return fiber.NewError(fiber.StatusBadRequest, fmt.Errorf("Invalid format for parameter limit: %w", err).Error())
+	}
+
+	// ------------- Optional query parameter "cursor" -------------
+
+	err = runtime.BindQueryParameterWithOptions("form", true, false, "cursor", query, &params.Cursor, runtime.BindQueryParameterOptions{Type: "string", Format: ""})
+	if err != nil {
+		return fiber.NewError(fiber.StatusBadRequest, fmt.Errorf("Invalid format for parameter cursor: %w", err).Error())
+	}
+
+	handler := func(c *fiber.Ctx) error {
+		return siw.Handler.AdminListNodes(c, params)
+	}
+
+	for i := len(siw.HandlerMiddlewares) - 1; i >= 0; i-- {
+		m := siw.HandlerMiddlewares[i]
+		next := handler
+		handler = func(c *fiber.Ctx) error {
+			return m(c, next)
+		}
+	}
+
+	return handler(c)
+}
+
+// AdminRegisterNode operation middleware
+func (siw *ServerInterfaceWrapper) AdminRegisterNode(c *fiber.Ctx) error {
+
+	var err error
+	_ = err
+
+	// Parameter object where we will unmarshal all parameters from the context
+	var params AdminRegisterNodeParams
+
+	headers := c.GetReqHeaders()
+
+	// ------------- Optional header parameter "Idempotency-Key" -------------
+	if valueList, found := headers[http.CanonicalHeaderKey("Idempotency-Key")]; found {
+		var IdempotencyKey IdempotencyKey
+		n := len(valueList)
+		if n != 1 {
+			return fiber.NewError(fiber.StatusBadRequest, fmt.Sprintf("Too many values for ParamName Idempotency-Key, 1 is required, but %d found", n))
+		}
+
+		err = runtime.BindStyledParameterWithOptions("simple", "Idempotency-Key", valueList[0], &IdempotencyKey, runtime.BindStyledParameterOptions{ParamLocation: runtime.ParamLocationHeader, Explode: false, Required: false, Type: "string", Format: ""})
+		if err != nil {
+			return fiber.NewError(fiber.StatusBadRequest, fmt.Errorf("Invalid format for parameter Idempotency-Key: %w", err).Error())
+		}
+
+		params.IdempotencyKey = &IdempotencyKey
+
+	}
+
+	handler := func(c *fiber.Ctx) error {
+		return siw.Handler.AdminRegisterNode(c, params)
+	}
+
+	for i := len(siw.HandlerMiddlewares) - 1; i >= 0; i-- {
+		m := siw.HandlerMiddlewares[i]
+		next := handler
+		handler = func(c *fiber.Ctx) error {
+			return m(c, next)
+		}
+	}
+
+	return handler(c)
+}
+
+// AdminGetNode operation middleware
+func (siw *ServerInterfaceWrapper) AdminGetNode(c *fiber.Ctx) error {
+
+	var err error
+	_ = err
+
+	// ------------- Path parameter "node_id" -------------
+	var nodeId NodeID
+
+	err = runtime.BindStyledParameterWithOptions("simple", "node_id", c.Params("node_id"), &nodeId, runtime.BindStyledParameterOptions{ParamLocation: runtime.ParamLocationPath, Explode: false, Required: true, Type: "string", Format: "uuid"})
+	if err != nil {
+		return fiber.NewError(fiber.StatusBadRequest, fmt.Errorf("Invalid format for parameter node_id: %w", err).Error())
+	}
+
+	handler := func(c *fiber.Ctx) error {
+		return siw.Handler.AdminGetNode(c, nodeId)
+	}
+
+	for i := len(siw.HandlerMiddlewares) - 1; i >= 0; i-- {
+		m := siw.HandlerMiddlewares[i]
+		next := handler
+		handler = func(c *fiber.Ctx) error {
+			return m(c, next)
+		}
+	}
+
+	return handler(c)
+}
+
+// AdminUpdateNode operation middleware
+func (siw *ServerInterfaceWrapper) AdminUpdateNode(c *fiber.Ctx) error {
+
+	var err error
+	_ = err
+
+	// ------------- Path parameter "node_id" -------------
+	var nodeId NodeID
+
+	err = runtime.BindStyledParameterWithOptions("simple", "node_id", c.Params("node_id"), &nodeId, runtime.BindStyledParameterOptions{ParamLocation: runtime.ParamLocationPath, Explode: false, Required: true, Type: "string", Format: "uuid"})
+	if err != nil {
+		return fiber.NewError(fiber.StatusBadRequest, fmt.Errorf("Invalid format for parameter node_id: %w", err).Error())
+	}
+
+	handler := func(c *fiber.Ctx) error {
+		return siw.Handler.AdminUpdateNode(c, nodeId)
+	}
+
+	for i := len(siw.HandlerMiddlewares) - 1; i >= 0; i-- {
+		m := siw.HandlerMiddlewares[i]
+		next := handler
+		handler = func(c *fiber.Ctx) error {
+			return m(c, next)
+		}
+	}
+
+	return handler(c)
+}
+
+// AdminProbeNode operation middleware
+func (siw *ServerInterfaceWrapper) AdminProbeNode(c *fiber.Ctx) error {
+
+	var err error
+	_ = err
+
+	// ------------- Path parameter "node_id" -------------
+	var nodeId NodeID
+
+	err = runtime.BindStyledParameterWithOptions("simple", "node_id", c.Params("node_id"), &nodeId, runtime.BindStyledParameterOptions{ParamLocation: runtime.ParamLocationPath, Explode: false, Required: true, Type: "string", Format: "uuid"})
+	if err != nil {
+		return fiber.NewError(fiber.StatusBadRequest, fmt.Errorf("Invalid format for parameter node_id: %w", err).Error())
+	}
+
+	handler := func(c *fiber.Ctx) error {
+		return siw.Handler.AdminProbeNode(c, nodeId)
+	}
+
+	for i := len(siw.HandlerMiddlewares) - 1; i >= 0; i-- {
+		m := siw.HandlerMiddlewares[i]
+		next := handler
+		handler = func(c *fiber.Ctx) error {
+			return m(c, next)
+		}
+	}
+
+	return handler(c)
+}
+
+// AdminRetireNode operation middleware
+func (siw *ServerInterfaceWrapper) AdminRetireNode(c *fiber.Ctx) error {
+
+	var err error
+	_ = err
+
+	// ------------- Path parameter "node_id" -------------
+	var nodeId NodeID
+
+	err = runtime.BindStyledParameterWithOptions("simple", "node_id", c.Params("node_id"), &nodeId, runtime.BindStyledParameterOptions{ParamLocation: runtime.ParamLocationPath, Explode: false, Required: true, Type: "string", Format: "uuid"})
+	if err != nil {
+		return fiber.NewError(fiber.StatusBadRequest, fmt.Errorf("Invalid format for parameter node_id: %w", err).Error())
+	}
+
+	handler := func(c *fiber.Ctx) error {
+		return siw.Handler.AdminRetireNode(c, nodeId)
+	}
+
+	for i := len(siw.HandlerMiddlewares) - 1; i >= 0; i-- {
+		m := siw.HandlerMiddlewares[i]
+		next := handler
+		handler = func(c *fiber.Ctx) error {
+			return m(c, next)
+		}
+	}
+
+	return handler(c)
+}
+
 // AdminListPaymentSessions operation middleware
 func (siw *ServerInterfaceWrapper) AdminListPaymentSessions(c *fiber.Ctx) error {
 
@@ -2665,6 +3412,35 @@ func (siw *ServerInterfaceWrapper) AdminConfigurePluginInstance(c *fiber.Ctx) er
 
 	handler := func(c *fiber.Ctx) error {
 		return siw.Handler.AdminConfigurePluginInstance(c, name)
+	}
+
+	for i := len(siw.HandlerMiddlewares) - 1; i >= 0; i-- {
+		m := siw.HandlerMiddlewares[i]
+		next := handler
+		handler = func(c *fiber.Ctx) error {
+			return m(c, next)
+		}
+	}
+
+	return handler(c)
+}
+
+// AdminSyncInstanceNodes operation middleware
+func (siw *ServerInterfaceWrapper) AdminSyncInstanceNodes(c *fiber.Ctx) error {
+
+	var err error
+	_ = err
+
+	// ------------- Path parameter "name" -------------
+	var name PluginName
+
+	err = runtime.BindStyledParameterWithOptions("simple", "name", c.Params("name"), &name, runtime.BindStyledParameterOptions{ParamLocation: runtime.ParamLocationPath, Explode: false, Required: true, Type: "string", Format: ""})
+	if err != nil {
+		return fiber.NewError(fiber.StatusBadRequest, fmt.Errorf("Invalid format for parameter name: %w", err).Error())
+	}
+
+	handler := func(c *fiber.Ctx) error {
+		return siw.Handler.AdminSyncInstanceNodes(c, name)
 	}
 
 	for i := len(siw.HandlerMiddlewares) - 1; i >= 0; i-- {
@@ -3078,6 +3854,187 @@ func (siw *ServerInterfaceWrapper) AdminUpdateUser(c *fiber.Ctx) error {
 	return handler(c)
 }
 
+// ListAllocations operation middleware
+func (siw *ServerInterfaceWrapper) ListAllocations(c *fiber.Ctx) error {
+
+	var err error
+	_ = err
+
+	// Parameter object where we will unmarshal all parameters from the context
+	var params ListAllocationsParams
+
+	var query url.Values
+	query, err = url.ParseQuery(string(c.Request().URI().QueryString()))
+	if err != nil {
+		return fiber.NewError(fiber.StatusBadRequest, fmt.Errorf("Invalid format for query string: %w", err).Error())
+	}
+
+	// ------------- Required query parameter "project_id" -------------
+
+	err = runtime.BindQueryParameterWithOptions("form", true, true, "project_id", query, &params.ProjectId, runtime.BindQueryParameterOptions{Type: "string", Format: "uuid"})
+	if err != nil {
+		return fiber.NewError(fiber.StatusBadRequest, fmt.Errorf("Invalid format for parameter project_id: %w", err).Error())
+	}
+
+	// ------------- Optional query parameter "state" -------------
+
+	err = runtime.BindQueryParameterWithOptions("form", true, false, "state", query, &params.State, runtime.BindQueryParameterOptions{Type: "string", Format: ""})
+	if err != nil {
+		return fiber.NewError(fiber.StatusBadRequest, fmt.Errorf("Invalid format for parameter state: %w", err).Error())
+	}
+
+	// ------------- Optional query parameter "limit" -------------
+
+	err = runtime.BindQueryParameterWithOptions("form", true, false, "limit", query, &params.Limit, runtime.BindQueryParameterOptions{Type: "integer", Format: ""})
+	if err != nil {
+		return fiber.NewError(fiber.StatusBadRequest, fmt.Errorf("Invalid format for parameter limit: %w", err).Error())
+	}
+
+	// ------------- Optional query parameter "cursor" -------------
+
+	err = runtime.BindQueryParameterWithOptions("form", true, false, "cursor", query, &params.Cursor, runtime.BindQueryParameterOptions{Type: "string", Format: ""})
+	if err != nil {
+		return fiber.NewError(fiber.StatusBadRequest, fmt.Errorf("Invalid format for parameter cursor: %w", err).Error())
+	}
+
+	handler := func(c *fiber.Ctx) error {
+		return siw.Handler.ListAllocations(c, params)
+	}
+
+	for i := len(siw.HandlerMiddlewares) - 1; i >= 0; i-- {
+		m := siw.HandlerMiddlewares[i]
+		next := handler
+		handler = func(c *fiber.Ctx) error {
+			return m(c, next)
+		}
+	}
+
+	return handler(c)
+}
+
+// CreateAllocation operation middleware
+func (siw *ServerInterfaceWrapper) CreateAllocation(c *fiber.Ctx) error {
+
+	var err error
+	_ = err
+
+	// Parameter object where we will unmarshal all parameters from the context
+	var params CreateAllocationParams
+
+	headers := c.GetReqHeaders()
+
+	// ------------- Optional header parameter "Idempotency-Key" -------------
+	if valueList, found := headers[http.CanonicalHeaderKey("Idempotency-Key")]; found {
+		var IdempotencyKey IdempotencyKey
+		n := len(valueList)
+		if n != 1 {
+			return fiber.NewError(fiber.StatusBadRequest, fmt.Sprintf("Too many values for ParamName Idempotency-Key, 1 is required, but %d found", n))
+		}
+
+		err = runtime.BindStyledParameterWithOptions("simple", "Idempotency-Key", valueList[0], &IdempotencyKey, runtime.BindStyledParameterOptions{ParamLocation: runtime.ParamLocationHeader, Explode: false, Required: false, Type: "string", Format: ""})
+		if err != nil {
+			return fiber.NewError(fiber.StatusBadRequest, fmt.Errorf("Invalid format for parameter Idempotency-Key: %w", err).Error())
+		}
+
+		params.IdempotencyKey = &IdempotencyKey
+
+	}
+
+	handler := func(c *fiber.Ctx) error {
+		return siw.Handler.CreateAllocation(c, params)
+	}
+
+	for i := len(siw.HandlerMiddlewares) - 1; i >= 0; i-- {
+		m := siw.HandlerMiddlewares[i]
+		next := handler
+		handler = func(c *fiber.Ctx) error {
+			return m(c, next)
+		}
+	}
+
+	return handler(c)
+}
+
+// GetAllocation operation middleware
+func (siw *ServerInterfaceWrapper) GetAllocation(c *fiber.Ctx) error {
+
+	var err error
+	_ = err
+
+	// ------------- Path parameter "allocation_id" -------------
+	var allocationId AllocationID
+
+	err = runtime.BindStyledParameterWithOptions("simple", "allocation_id", c.Params("allocation_id"), &allocationId, runtime.BindStyledParameterOptions{ParamLocation: runtime.ParamLocationPath, Explode: false, Required: true, Type: "string", Format: "uuid"})
+	if err != nil {
+		return fiber.NewError(fiber.StatusBadRequest, fmt.Errorf("Invalid format for parameter allocation_id: %w", err).Error())
+	}
+
+	handler := func(c *fiber.Ctx) error {
+		return siw.Handler.GetAllocation(c, allocationId)
+	}
+
+	for i := len(siw.HandlerMiddlewares) - 1; i >= 0; i-- {
+		m := siw.HandlerMiddlewares[i]
+		next := handler
+		handler = func(c *fiber.Ctx) error {
+			return m(c, next)
+		}
+	}
+
+	return handler(c)
+}
+
+// ReleaseAllocation operation middleware
+func (siw *ServerInterfaceWrapper) ReleaseAllocation(c *fiber.Ctx) error {
+
+	var err error
+	_ = err
+
+	// ------------- Path parameter "allocation_id" -------------
+	var allocationId AllocationID
+
+	err = runtime.BindStyledParameterWithOptions("simple", "allocation_id", c.Params("allocation_id"), &allocationId, runtime.BindStyledParameterOptions{ParamLocation: runtime.ParamLocationPath, Explode: false, Required: true, Type: "string", Format: "uuid"})
+	if err != nil {
+		return fiber.NewError(fiber.StatusBadRequest, fmt.Errorf("Invalid format for parameter allocation_id: %w", err).Error())
+	}
+
+	// Parameter object where we will unmarshal all parameters from the context
+	var params ReleaseAllocationParams
+
+	headers := c.GetReqHeaders()
+
+	// ------------- Optional header parameter "Idempotency-Key" -------------
+	if valueList, found := headers[http.CanonicalHeaderKey("Idempotency-Key")]; found {
+		var IdempotencyKey IdempotencyKey
+		n := len(valueList)
+		if n != 1 {
+			return fiber.NewError(fiber.StatusBadRequest, fmt.Sprintf("Too many values for ParamName Idempotency-Key, 1 is required, but %d found", n))
+		}
+
+		err = runtime.BindStyledParameterWithOptions("simple", "Idempotency-Key", valueList[0], &IdempotencyKey, runtime.BindStyledParameterOptions{ParamLocation: runtime.ParamLocationHeader, Explode: false, Required: false, Type: "string", Format: ""})
+		if err != nil {
+			return fiber.NewError(fiber.StatusBadRequest, fmt.Errorf("Invalid format for parameter Idempotency-Key: %w", err).Error())
+		}
+
+		params.IdempotencyKey = &IdempotencyKey
+
+	}
+
+	handler := func(c *fiber.Ctx) error {
+		return siw.Handler.ReleaseAllocation(c, allocationId, params)
+	}
+
+	for i := len(siw.HandlerMiddlewares) - 1; i >= 0; i-- {
+		m := siw.HandlerMiddlewares[i]
+		next := handler
+		handler = func(c *fiber.Ctx) error {
+			return m(c, next)
+		}
+	}
+
+	return handler(c)
+}
+
 // LocalLogin operation middleware
 func (siw *ServerInterfaceWrapper) LocalLogin(c *fiber.Ctx) error {
 
@@ -3392,6 +4349,24 @@ func (siw *ServerInterfaceWrapper) ExportUsage(c *fiber.Ctx) error {
 
 	handler := func(c *fiber.Ctx) error {
 		return siw.Handler.ExportUsage(c, params)
+	}
+
+	for i := len(siw.HandlerMiddlewares) - 1; i >= 0; i-- {
+		m := siw.HandlerMiddlewares[i]
+		next := handler
+		handler = func(c *fiber.Ctx) error {
+			return m(c, next)
+		}
+	}
+
+	return handler(c)
+}
+
+// GetCapacity operation middleware
+func (siw *ServerInterfaceWrapper) GetCapacity(c *fiber.Ctx) error {
+
+	handler := func(c *fiber.Ctx) error {
+		return siw.Handler.GetCapacity(c)
 	}
 
 	for i := len(siw.HandlerMiddlewares) - 1; i >= 0; i-- {
@@ -4870,6 +5845,35 @@ func (siw *ServerInterfaceWrapper) RevokeMyAPIKey(c *fiber.Ctx) error {
 	return handler(c)
 }
 
+// MaasWebhook operation middleware
+func (siw *ServerInterfaceWrapper) MaasWebhook(c *fiber.Ctx) error {
+
+	var err error
+	_ = err
+
+	// ------------- Path parameter "instance" -------------
+	var instance string
+
+	err = runtime.BindStyledParameterWithOptions("simple", "instance", c.Params("instance"), &instance, runtime.BindStyledParameterOptions{ParamLocation: runtime.ParamLocationPath, Explode: false, Required: true, Type: "string", Format: ""})
+	if err != nil {
+		return fiber.NewError(fiber.StatusBadRequest, fmt.Errorf("Invalid format for parameter instance: %w", err).Error())
+	}
+
+	handler := func(c *fiber.Ctx) error {
+		return siw.Handler.MaasWebhook(c, instance)
+	}
+
+	for i := len(siw.HandlerMiddlewares) - 1; i >= 0; i-- {
+		m := siw.HandlerMiddlewares[i]
+		next := handler
+		handler = func(c *fiber.Ctx) error {
+			return m(c, next)
+		}
+	}
+
+	return handler(c)
+}
+
 // GetMetrics operation middleware
 func (siw *ServerInterfaceWrapper) GetMetrics(c *fiber.Ctx) error {
 
@@ -5043,6 +6047,36 @@ func RegisterHandlersWithOptions(router fiber.Router, si ServerInterface, option
 
 	router.Patch(options.BaseURL+"/api/v1/admin/skus/:sku_id", wrapper.AdminUpdateSKU)
 
+	router.Get(options.BaseURL+"/api/v1/capacity", wrapper.GetCapacity)
+
+	router.Get(options.BaseURL+"/api/v1/allocations", wrapper.ListAllocations)
+
+	router.Post(options.BaseURL+"/api/v1/allocations", wrapper.CreateAllocation)
+
+	router.Get(options.BaseURL+"/api/v1/allocations/:allocation_id", wrapper.GetAllocation)
+
+	router.Post(options.BaseURL+"/api/v1/allocations/:allocation_id/release", wrapper.ReleaseAllocation)
+
+	router.Get(options.BaseURL+"/api/v1/admin/allocations", wrapper.AdminListAllocations)
+
+	router.Post(options.BaseURL+"/api/v1/admin/allocations/:allocation_id/force-release", wrapper.AdminForceReleaseAllocation)
+
+	router.Get(options.BaseURL+"/api/v1/admin/nodes", wrapper.AdminListNodes)
+
+	router.Post(options.BaseURL+"/api/v1/admin/nodes", wrapper.AdminRegisterNode)
+
+	router.Get(options.BaseURL+"/api/v1/admin/nodes/:node_id", wrapper.AdminGetNode)
+
+	router.Patch(options.BaseURL+"/api/v1/admin/nodes/:node_id", wrapper.AdminUpdateNode)
+
+	router.Post(options.BaseURL+"/api/v1/admin/nodes/:node_id/probe", wrapper.AdminProbeNode)
+
+	router.Post(options.BaseURL+"/api/v1/admin/nodes/:node_id/retire", wrapper.AdminRetireNode)
+
+	router.Post(options.BaseURL+"/api/v1/admin/plugin-instances/:name/sync", wrapper.AdminSyncInstanceNodes)
+
+	router.Post(options.BaseURL+"/api/v1/webhooks/maas/:instance", wrapper.MaasWebhook)
+
 }
 
 // Base64 encoded, compressed with deflate, json marshaled OpenAPI spec.
@@ -5050,145 +6084,178 @@ func RegisterHandlersWithOptions(router fiber.Router, si ServerInterface, option
 // const string: with thousands of chunks the chained `+` fold is several
 // times slower for the Go compiler than parsing a slice literal.
 var swaggerSpec = []string{
-	"7H17c9u28uhXweiemdhz6UecJqd1/spJ0zY3ae0TJz13pslPgcgVhSMSYAHQiurxd/8NXhQfIEVJlJK0",
-	"/aeNRRJYYBf73sXdKGRpxihQKUaXd6MMc5yCBK7/epZHRD4LJWFU/Uno6HL0ew58OQpGFKcwuhxh8zQY",
-	"iXAGKVavpfjTa6CxnI0uH56fByO5zNSbQnJC49H9fVCMy/jL7zsGZnxMorahn3zTPfJb/axrbP11eXSg",
-	"eTq6/G2UC+DqAfBbEsIYhyHLqRwFIxylRK014uRWv4Jj0A/EUkhI1Q+U0WXKcjH60AreD5ylbZBN1bMy",
-	"TFPGUyxHl6MISziRJFUgtwz8FvMYpPoqAhFykhnEjZ6hUMFFQpwgEj1FGN3iJAcENCI0RgsiZ+jB5QOU",
-	"YhnOQCC4Bb5EJEJEoozDlHwCcToKvABLM2cLkh514P8ta9sEybbZguc5F4w3V3+V4d9zQKF+jNQGI6yW",
-	"dUtYLlCGY3gg0EcKn+TYvPOxba3mcdtaHz+88IH1MoI0YxJouHwFyyZ4P+M5CIQRB8kJROj66uYtEngK",
-	"T5GcAZoSLiTiIDJGBSAiEIcswUuI0GQpAU0Z1/8oYJ4BjjRtWqBL858oAFqgv3j8OBilhBYn17eWV7As",
-	"HdgMy9lqnjkszWnl8HtOOESjS8lz8CIyz/WbzQlek5R4CPgax4AE+QMC9BBJhi7Oz9twlOgRyrNGMMV5",
-	"IkeXj88DtWKSqlN+oSgzJdT8tVotoRJi4BqaKx63LpfxePflXvH43xr8xorfzgAxHmNK/sDqJ3QkgWIq",
-	"j9FixgSglFFYIjkjApHWszkIjNdJHhP6ix7RuxP6f11zZFhK4OrD//kNn/zxQf3n/OS7kw9358GTi/t/",
-	"+KdlCdEnpmPmuSbn9onXC6Jrzv4LoWzFcmaeD7CLZqAC2z50VSbbZPAbI6ieGTnVupiaPNt9Ue8E8NbZ",
-	"lBDddYp79bHhfFofecG54fAho1JJ3su7Ec6yhIT6kJz9VxhFZTXDPzhMR5ej/3O2UnPOzFNxpkd7QW8h",
-	"YRmY2WpykyJQ7wSIUM2Mwb58qpdvx9GK0vVLy9wzzjLgkhiAQw5YQjTGsq8gC0bwKSMcxEbfkKjHdgaj",
-	"BAs5zsWGAFF7AhsPjG7QZF6/EkEmCSAhMZeITfXezWEZKN7NIWQxJUqWyVPfdBxu2XwjEO/LNPbbSK/d",
-	"whY49lTCxEozYxN14NSkBoFKzjSRSCSk1X90UZUlhftiEsw51n+XVAzPdtYXoefyghpFVzz+GdIJ8Dfw",
-	"ew7CnIMoImr/cXJdgn6KEwFBbUGQYpI05P83PlywBMqaMVtQo/daRXhCkkS9GoxSDY9f6y2vy8xtR16/",
-	"PKEldwMj9JZI7MySLmy8XL15XwC55hszt4bcB51l5bsgoL6tbjstfMHolsDCu5tBwVd7cejyzpcYcsfe",
-	"39z89AqW2y3LMYq63O1UK4NRlk8SEo7nhoGWP37y6Ntv1i3Lnu/SIP6V/TcXMgUqt1saTrXITAk1h7fY",
-	"ekLlk29GTfUxcNpXH77MAVvJVbYnPCqL+6FGOmNcLE+zPpYys65xyCEicv2xLFTFykLtVwWA/p1NCX2X",
-	"Kfas9IHttpeIcZZgqTZqbA7DikFOGEsA6/MrJJa5qCw/lORWQRgRgScJRP6lNqFWFuhrFjd5Cy7cHY29",
-	"L1wS7Q8dehqPQ8Y5JJoTtY0QgcQkEe1bZ9Snxlp6EhkLw5zzDWX/iog90r9QV32PecG7Ha5EHoYgxCgY",
-	"TTFJcq7RBpR4kRaMBMt5CGOSeYeXLb6O5yVPB4qzHGNxecchJozeX94xHt9f3lnI7y/v1LD3l3ckuu+n",
-	"VZT3MKi6kUr+qsInVjhH7GY0yOBDB2kOoow4Mt+fOvIvnGAaeiDFYsymY6CSL+t8sJ1pTsxoGzFajRIa",
-	"LlsOVZaAUvwEsVD2I/yELcYOGDnjIGYsifbD/9tYcbGu+rYE9b3tBteHteczCOcsP5w0DBVoyTjnDcXz",
-	"/JtvOxnPWsZm+UrfsXtKvvKoFfC928nolMQ/EEii5kEoHFB3dQvzbgNjawWzVzJCyA07bD5rkUl+PaoQ",
-	"+PZJMXT7snMOL6mQaoe2I6dQD7Ox3Mu0Z2r9yux7gZvHuxJtHhrbbUujaguzfSuF2Ye39iVd8XgwZf6i",
-	"hzIvkjz2OP3OT74r+f0etvv9ykvTYwXrVmjtsT/5Km9evduSVxsN2csZwiwfh4ybFzcWrN2MLCJiPo7J",
-	"xD90nOXjlEWQeL+Ns1yMM+BjyiLwD9CidaaQMr5snzfjJAQ9tIJgxnK+gRTzaYSrhdTBLm9vBbDS3nQA",
-	"VNr+DqqoeH63I5AaItdaoO7IbEX7wQ6+D7/AanVmmB2K2lyz1t3Qz5W3Eq/NMM1ixhLt3jxFNzO2oIjR",
-	"EJ4iIRkHRCSibHG6lgmYUEaHqP0eMqCRIgetunm0jJwbsyItn2aaG19WMALnO29FqMNIxoSMDdVSLNX/",
-	"JKQZ4zjx2mls7mMufmSxuaL+EqS+pb6gypLfUgpT4wVYD5F70wuB2qt/scjn0bccaW1g4bl6cb+GfwpC",
-	"WCOxm7pCw4/c+6sZexmkq+U06P9Gqk1EKQ5nhMIJBxzpHzSxITWtDk46yprgaMwtXoMRobc4IdFYR22C",
-	"UU7nlC3oeKq1aEUmJrADY3M49MsG0CkmidZN3RBFZD6nOJczoFJ/qV6ZMj4hUQRqCsrkeMpyapyguYRx",
-	"+ZcU5IxF+iecJGyhP1c6Y0JCaXViEHIsGRsnyrLX84k8yxhXFmYKEcHOHcAV4DoYrYdRg6rdUQuJsMQT",
-	"LGCcU3yLSaJ2rJRuUv1VqY4sN9ul2C1WgkbZLGXInSum/Jt291aXp1hB5ad6RLD8DGdEbXz1/SSPxxLP",
-	"zWbiFIo/cKJXNy64uA41uXBBgSYOkcIN1qTnfpXMjmFntAGg0i9GtzauFQNp4e5Tpm+IE7cEUX7CSBRq",
-	"+ENnp2j7UU03TnGi5H3pF5zENdyb3xXRChJTLI3LyvzqqNXQpvltBab5W422BDnWyyx+XXBG4zERItd7",
-	"U/4R5xEBGq5mSYkQhMZjkZvTWH2dMvOuXmfMMVU0pt5brT7j7JZEwGtU5baerJJD7Epqv4w55MIctdID",
-	"QsfThMQzuQoBeWnIaTBqHTq5SKELohi4Hrt0tiTL8mzMcjlm0zHHVB+uDC9ToHIsQAh17Cskb58VCyw/",
-	"XMBkxth8bJepz+40p5H7YWxs/dXvVbw3xjayc/UgzIVkKXCHn5EzRqsgmp+ItY19z/Is5jiCccncrn9V",
-	"2iT7aE5oVN7R4gu32OIHJZuwJAbn9leJ0wz8U5WOTv1RwXEd4F5yEmJmycj+S/PKBeB56Sf4RITWKtwP",
-	"FQ4zzxt/2w98ukc1hN8Q1oXOs1Zaa2HfUBH05z6R+BPgRGnI9QmbAQo29wJ+C1z4Lae6dWhGXH3hA0e7",
-	"X5LEpOpspzjp5I1m5uBEsCSXgNRjF8mfEIr5EjGTE6EMnAcCzZjQ4fyS+fDN+XdPfAFMQ/PNyd5AluAQ",
-	"EKaImAVBhAy9uakFTgEpwWOSFnX+kwGnpGK3aXx6if7tK4eTW2Llh8zTcDZSj4hEJZ5eAcq30tea+b6g",
-	"kntU2228uuuV221SYNw3E7/rYSe/hHGa18OoJk46znIezrDQmp1SlccRTEiR+VsNsxrR4Y+36iwW4KLF",
-	"ZOodDtkohjwFDjbG0SeU5Qkz1Fzgpa0qj1/d4wqGK6hrJ8AhQltlUt5fdOu1Ui5fs63ZasKsi3ptqk2G",
-	"hVgwHjX8wRdrUyDMJKUh/CuJdbzHn1EDNCrULBtH6RFF/9kX9svlbGxMqYocJFG40ui17SFq8qziO8wS",
-	"vBy3BkPauXLP09Iz4UAdEmPSiBnJ+hNnkcGkPvORZ8YJDUmGkwYnaik+8G2TM/u2gbCSxeSHsi4+qyAH",
-	"ho2U0e3b1uYe+uH+4CUvl661e1blDiTVIo0HScVy4rsCXiHN1yQtmv0Zgpm6lLe98dGrl98/f/EpnCnL",
-	"btsgYVSP1LQomEplbgR1Hj8J+jnJzNfeNfB4GFrsyaNaSdVFn3pI+XJwaS09VblWY6kbKCPaQdUGvnrY",
-	"soR9ZJwWik4xbwm+jvjBFR8kBUdRzf7O1bXxSNxYYTqITm9TQ1r0gC01+i6VfY+W1AY0W3h7nNOjJQ1D",
-	"af2wWSpQ0y1AKJHEeqiLDVfUo5OVzFGNrO945VY0Xpgxh5DRkFTotsr+cjFe5ZRuYgzULICSbVA4Iir0",
-	"sZanVAl0iANVI/k9nq0iv6R2pjIytt6YKtQtyborwIwferwqT+m14HJykWfQjpBXMCocKZsdruKrFgt8",
-	"Tmi0WfqS8y81yXWGLx4/8T7q7SSzrFxDtfosqGKqmCpwlUpu52rbVFt/HW3tpPKyxDhaSaYlO7hPBlTV",
-	"XfYLoycmYIwESEloLEpOsBVsnfSxBSLbsq4K33DXQjnooqCWhBOzHBMBFJ5oY3W1SM6wRDOWREVF85H+",
-	"n0CYA6JwCxxxkDmnEB3rIsneJ7XQIYvkZcmyzOTDqQUYFYTnlJp/lSKSJad7G3uGdu4cjHKdS79D/ZOr",
-	"iHBpb/ZYrKjdLK4GSgk3BT3WMVIBbv05eE2E3JnbV0/WOiN1HTcfDqRdQHG1rTvmitoUliaJhSyrLcyR",
-	"cZywiQshryxxL6HWj0TdUUG0F1TxEk1K3BwEl9yhFHRGK9U4nakv1qfg1l8soroLnbs5iHJRoGaPeoWe",
-	"4+oWOCcRtGYm+dG6JTL1t20u+s05zuqbFgVB82FFxf48J72SElTugwoslUnWb+Rw6C9Qs08a4BIn23lC",
-	"NgoKKOm3a2Z8aZT2tbSaoK3u5IpHrG1sS9NfhN9lk5qE/i6aYps38tU0/be7+GuqtVy9X++oDDcv9Hbz",
-	"bJ0FWmmaUGxlZf4avB0uH7upg3ASS7j7YyFvAEeEghCew6FM9P6w1nNLW/ThqgfDZLOtxU/VbdC2kikH",
-	"Mduyltp8bLPIqlzu24ffXawDsPp9C3g5jQ5WKdW7GLi2kJrrpqNk1y3IHwq0CVobFu65BCu/hiFWwmEz",
-	"186K7taQmf0kaIBfBq0Yz7srbNuk437pGq1c5+bVO38Z8t9lG1912UZQqk5fY8PcvHo3hNBRlLQ/gWNa",
-	"QzRhnJA2f842StqU0Bh4xgn11Fvc/PTs4vGTy9PTU4QFEmJ2ModlDBSdJEh/Itq6yuyq+1WbVKxtywDR",
-	"xePHD78bBSMII4EVFxJ4vbTUQFUrMfXuVuav7tFaTdGgbRDyMgSwRwqrlDMNFPhfw/AOaBRsqGUPpiP7",
-	"deMyrVUTuvplH1SRNQh9VdG/TzqTxtLfTt4P5Yjp7mba7kRx7hPz3LfAt0qZfWNbp/mUC13aXqjMA0Vk",
-	"OwZ0WvY2Azc0/DY3h2R+3qxLJuoc+l+AeZ/DU9mrymBrs21NV5xfcAoHLE7uWx5ugNtLWfE6lrurNtdc",
-	"i/ByH5wkLCwnJ69luROio36bmGv2k5xKkz42RD6ETjDY5IgoFbZL4R42T2IH7G0sBMU891uUEnO5c5dA",
-	"v1Cs0o2Bwe5xX82/BF6NRGpE9qGNnIcQqOZc7E+OvhO+9EydEmq6N3kygHW5nlc0Hjitc9hMYV3vqBOx",
-	"N4J/645mrYUgtUxSX0Zu4ZMrY2qtvqeQPQxR7jXT9D+m9u8NhEAyvw1hEqu87LIoOm5hp3DrOuWv8TLY",
-	"FysjlrK6mpCb9IecE7m8UTtlbWutpTzLvcVZFF29/P45MhoK0poJOvp//3l7bLqcm+osV/mKiC69lUvk",
-	"Et0ChJE+je+pdZ+5MeJMjE9PT48DxDjCFD27fonmsFQP5vrB6fui5b8+B0aXKtY0kzIzDXUJnTJ/2wTT",
-	"m00BKDlLUJZgCujNi5u3arZT9EL3oDd15JiKBXDhar5cebnrxvueHn2sFAJ+PEYh5nxJaIwwEqZG/WPI",
-	"Ivj41O5KZJNEEiKk2huKPhZl7h9P31MzfdF2XQ1HQKCP///k+ark6eTl9x/REYQzBtFqy22ZOFrMgCJd",
-	"FxkgSAS8pzFQ4OqI2f2TRCoLb2S34tn1y1L20uXo/PTh6bkWzhlQnJHR5ejR6fnpI5vApOnjDGfk7Pbh",
-	"mT7aZziPiDxJWKyf2f54ivg1uC+j0eXoNRHSdYXT4qx04cNv/oO7euWsdr3CfbDBFy+/3+R94//t97q9",
-	"96Dv6/r+hd5jsz6vmr71PV60lxTcf6h1tr44Px+sr3WlgaCvrbW+9ACxKdL0gjhbiFOjt7vkE+/4BcCm",
-	"ZNawrDxNMV+qUfVYCYsDRGGhDoC+uiBAU5JIW3AssaJM58n4oAZoI+Az+JQxLlvp+IV+/Dclb0bJ68lO",
-	"wid5ForbKrl5GrPX2m7e/GrYM0bmAgpFVbsTlWHDutBdM3NHrwgL9Pzm1wAJyQGn/YjLlg6crao4TeiU",
-	"CQ996ba2pmuw63C5KYnVbv4wm69lg2stM8xxb7Q2vq8qI5LncN9A/MPBAKhUYjZJ45opEbs7LTzXupPS",
-	"SHRRrtJLqjdkaCyjFXbVq6XaXGSUr+M+pGIbPYgzqxi1y1NNJ0qoVmOXHobku/Kh0MSblxDtrUJA8YvO",
-	"20I2uALi6xKMnlqETvHokL877dqZixEDNFkig3x0ZJRGgzBiaPn3HHLYjlLP7lwdL4nuz2yRejebM/kA",
-	"FsYWwq1fJeKm2O0KkS+Fh1ZTPHrxz/PBJ9fpGB6CfGNLjnYnQzMSyvS1HBzhJNFaIHKsBEmWneSZluT2",
-	"yhNDQGhBaMQWvQhSZ0efuCKqPpyzkuItRvvkAM38dM+GG63DrWAAybUywm07k2J3jNKkE/ED5EpVEKaR",
-	"UqMSOUNHJgNf2HIGMWMLerwNHs7u1Nm9t71ewlkLQkxYoJZ1v6nmU7ozal8nttok8MAntl6U0CQhs40D",
-	"HFmzTq31GH9g0R7H9gmr0UEwyvK2w1bQ4ZeP3tbO0l8cpleHexAVF0uNbK0PmHHLCH9acuohIpDtiQgR",
-	"wjFWL+nn5ug/EMiusTe36M2sD8CkezDnUoOo3ff+ZTGiud0TZcVKPWesXZmq9OIa7ed0ePt9Hdjqc1VQ",
-	"TQwVOzkYUtAR48j2DTtG2ElR24hM94rztCN7iogU6OanZycXj5+YmzNDxiN1WGiEtE2l/i3tfacJzqnu",
-	"p9f3sGwhUf+WpL2paJ8S1BHQkaItRSSFltRPtWIJCQl0O9mrpUQ9/QHz9gta/TdYfmUGeLNgq9MAZ273",
-	"BrDA9dSrERGhaMq4V4dqRfjZ3RyW9yaelYApEK5i/nkCmNeqyDY+85WrT9vcNS4JrN363jg7rXOqDa/i",
-	"bpLRN57LmtRuDWPYpuxWH+wqmo1zhcIniRYkUvaTWoriBep3OyXSBO0/+y3qdJFAOBSS98TbG4mOh2bv",
-	"tXrK5mG/Abk7+m9AenBv6D5ZBvqSbOMuVqjXfyF3DHocfzHPe2jGN6/ebR6G+qLYs6tC6OTJaplDBXZu",
-	"Xr0LEKEm5QUxCgJJxjbVuIsLUr7UCE3jBpcDq+q6LMRjuZp8n22R2evYnN2JeT4mUU8t2YtEn/9ZD9r3",
-	"8u8nj1rk0/CobmTVHpjhtqB6MGX6ue7gh7A6ug8E0smQ6IjCAq2SJgViNFkeB8i2CCcJkUsTtytXGayl",
-	"n1xoCljHd9/p13qp1y5HzkslvrasrRpRe9yuX/7e1yUYitS/Tsmg8bU3bqJHP7uzrTN78pN3ppnqZlLB",
-	"Xmu/v3i998LcAzMKk4W5R07xI8cmBC/xHBBe4CVyiahIYzQo7HGdy2ctc9v+tosccjk703mLZ0V3Zb92",
-	"sGrevCc/XLM79IGxWK3z8anXJKY6v3FrhNqc1NHlbx8qKjeJqbKhbdKPxgeyzYrRkc59rPxm0i1tD6qK",
-	"pZXLmRfBMTOWVxtuY3Mtzt72ttIwu31rWS5P0Q+Mm1xcQWIdcwtQraO2+lsY77xNv30g0Crtlg3h54qM",
-	"BxQnSXn09XvNSBTqfzFO/oBWiXtFovBZ8VaDq9ayfrCcIRtDXsBE2dhIMtuOTf0LT6Wyx81+oSOTU3sL",
-	"AXL91QxpnZnGbR4ZvCr6ahHojx9erPdLPDq/8N1EEREOoVRwqgU0UqcVTCbPTQ/y2mo+a5LmBj6Bap8Q",
-	"RhPOFqK0lUWWtCZIBzE6cgg2GSYhiwD9X3T96vmL454UArZ/c/uhVBTiujzvieX6Gkn/ZZjuD4QSMfPg",
-	"fLJEFjvq4LgUd+3p0Cn9Yj2K9XtnttayHcW2V8tbWw65p2SccjuYLw27v8DCbqqJxrIkQnbbbP0EZShh",
-	"NAaOFozPxdBU8JbjSKlK1UkVrmkBGjoy0tdlhemQlzo73YfdpchOVpe6e0XBj7B1VuwVj/+tGfleLRYH",
-	"nQd/b2eA7PoGyHqvJqE+EG5odBQBJ7euMIRIgUxnmjICXDNzLw7M650xJpN5uwMKvjI7tHR7TKclClRy",
-	"MkTUqIlegxU3Q7XWoS9mc1eu3IrYd/aezv3h1fYn6/3+X6JyZlV4u8bRof5hsgkGILJ35eF0QmY9s51l",
-	"JoU9WSJGwYUujnegvlNb4tFRW/NnocGvvOalTGxdZS9enJsk0j9KmK6XkJrKyovzc7SYkQSchaorSolA",
-	"efbUZMoIpdVERaNAZQA1VIKf7Gx7PKH24sUWsV4BfGi169oOnpBb0G0XV3svlkJCWt16xtdUYV7x+CuP",
-	"F7obUrpzOEqcbABmeVUeruTvQBNQOrdQJvuRTWyXM0i1Xlx1PFYC/RpN7QFGEyO7MokTX25s8YrHnym2",
-	"qK+3GTy22EiJrYnEp1XMhywFoXVsd11QDb21c3l2Z4qd7rsMnG2QfsXjInKwv0PXxv7KO7RrHGZ1LvxB",
-	"FhMn2HWP9hWALfdcOrD/oAU/O8ZVetLzmb1Sb53gsW2jt8XdV6bWl+7J6xRVdvOGOzotOStRgYH9IeBg",
-	"xcerxXwmCVQFoS1a8yyKIEJHBsXHiHFE6K2ueTsixfXPxwN4DKIIYUtJ2i2bYpIEq/mMUqLjY3IGSzTD",
-	"t4Aok9qVazqRLEGONj7x1ch4W3qqyZM8APlVYujr0kANVEOmgdr919mfCRbS6AUoxFRt9UTZU3pKvya4",
-	"RuIddO/24F5nny3b310zeogEJUMCDwTiLIEOSoggZdJLCa1Hzvpf1uT/u5f+GjK2fHVCp5B1m7dnKWvs",
-	"husiyffrFrOV1Xyugi93o8XeMkmb567obuA6YJyUbhLoQvxz+/5NkQPxZVrvFszPhdLafQstXrVq84rA",
-	"OD2Vte2wgt69eT1AFr9NaDBNCJ6qeRGWtguBucWvMuM65+eKeHIhWQr8JNM3FfWloeq9RvshgOo9UAev",
-	"zigvsA37+qVhMHyVGbXXkZQoJ0M5LLkZlV7OSAgiKCjQ3DMvjntjfmGaQZ7duQK/+3ak28MgbAPJXnno",
-	"pUL8Xpno3iK+HXhLvYfkQcmn1mnT27kkBB0DPzLtMG2lVYQYDQEBDmfHe/DSm3wni3p0xPECTVi01P01",
-	"yFRNP1lWqdBUfK8nK11gdDKHpWiNqCjVT9iKYoWdyJUlzWEZaKZpbipVz8zfRRWazd8zFx8qzreYkXD2",
-	"nhKJUrxUuqotbYp0j05d3aQsyzgoIoKn6FdzAaoAqVZpKJxxeyOqMjNnbEHf0xlwME0o2ypXX6lVftXh",
-	"ierFkN1KaYEjESDBuDREok754Nk7mqcW09mGDTY+MadsIayAVRRi8nbs7OWIkxmhRp5Wsz67W3Wz7vRw",
-	"b6sd2+/27enuUDhtsE893lXpLIy5tab/UNv1J3R6d6BqIMd3CU3rSL6XE7x6f+IuOP3bGd7/eLU5xCvY",
-	"2C8yDucYryzqM1l47R437RAf2N9tYu6OMz8Q1TQmm0zfLLze4mxv4u4+IHEd0u29tQA7+Eb87cPel6QT",
-	"5sasE1dk1Snyqtdr/ZVknueqsjWNX/X7Re3aAYSg7RFQvQHtzyAIfQv7XH0QavfL7c2RvcsRPruzv4zt",
-	"L+uE3Pf690NSTnWu3vLOADqAzmEGQrh+TrWxzOGWzUF7VubGheE9hW028Ze2j+cHpH5lVde29Is7CWqI",
-	"ugdunajbypW1Iya/tjtDrl/2cpSpnf9M0vCV7o33hSHxoELUIOkzCU8rGg0MB0r5dfdOmY5ddW6vczpM",
-	"e2xEhPFs68jC8egQDEg3A1xvgSpp9BUQ8itYbmC4qkXtSUvigKNle8XKc1OMcs2EjDmIAP3y7O2NFvxv",
-	"1UnkOEEho+YmRpksAx1lcmU6Ysa4RBHgKCEUTt9TU/cCVLfCxxwQV6/jSQJP0ePzR+Y7XUr9kTI51rB9",
-	"RBSnhMY2yDPFJCE0fk9XxTH6OrEIJCaJOLXPPyImZ8AXRHjjLj+CfGMWvteLBnBEdOmKN1aHo6VG6ePz",
-	"R8M1ly3fy+YVLRIloPOyKKDyFgqU0wIbQwdhip0ouax0cY8iJBOUs5AQWFfo09kd8C/UGNB28dupP2BH",
-	"zIyqUyhmOAOBGEVsOgVuI2W6C5lAGXD04/W7kxnLyyUgIZY4YbVQrhCzHlqkvu/+a8fd6vr/vWl2VUwV",
-	"DWhubn5CWT5JSFg3xUxrt86QgIH7y710ywL4uVwZZnf27NenNRSiI4guHj9++F2AIIwE1nntb26e6ePv",
-	"GPmj839eoAmRlTQdh3DPEeylR1knx3Y0sYlus6OTomO9poFd2tlU42cY7dV13Wb1myM75PG3rNmGa2Yk",
-	"E6Neu9PPvv95aeyQr5w3H8LqbuHNGXChb8WzNtYm3NkYaA4HX3Zl7F/MZm7gtZ+V3OdAbmDvbk0aB7RC",
-	"y8aA9hg3965lg1KQnISim4+bV/q1nsgSTOiGzSeuOUtBziAXSI2B4FPGBNFxdnPr3h4SK92EabG6pl1U",
-	"HaF6gflvHxRmBfBbRw45T+x14ZdnZw8v/nl6fnp++vDy2/NvzzUV2PHvPA3WTghF04QtjM1mul6drjJz",
-	"dW8rxebbhJ3LtyS8YIGlzw2+m99X2w8cSaCYSnEc2JGsuNNjrwpdylds+gZ1pUK+UZqhyGK0wn/SHPGX",
-	"krF0pCyyYwuSMpRKQzjbqDmCbaAV2IZHge1DYvY6O8mz8jAuW9aztErnBSIkty1tai0ZTMvoMv5041fv",
-	"XmlD3XQ2CRAvLHkFmqXM0jiWMj2UYJJzHRillMzyFps0y/sP9/8bAAD//w==",
+	"7H3rlts20uCr4Gi/c9y9q764beebtH/1OI7jtWP3uu2Z3RN7ZYgsSRhRAAOALSt9+u8+wD7iPske3EiQ",
+	"BEVKomR7kj+JWyRxqSrUvQp3g4gtUkaBSjG4vBukmOMFSOD6r6skYRGWhNGXP6m/CR1cDlIsZ4PhgOIF",
+	"DC4HOH9lROLBcMDh94xwiAeXkmcwHIhoBgusPp4wvsBycDnIMv2mXKVqACE5odPB/f3Qm+5GYgn/IwO+",
+	"yqf9Xf+VzyvUGwN//P/gMBlcDv7LWbGjM/NUnFVGNrNlMZFXkfqxaRJsnvqzLPCX10Cncja4fHh+HtyF",
+	"HZdxD2j1gRk3AAsO/cPj9SO/18/Wja2/9kcHmi0Gl78NMgFcPQB+SyIY4ShiGZWD4QDHC6L2GnNyq1/B",
+	"U9APxEpIWKgfKKOrBcvE4FPj8n7mbNG0sol6FiSJGEs4kWQBg8aB32M+Bam+ikFEnKQGcYMrFKl1kQgn",
+	"iMRPEUa3OMkAAY0JnaIlkTP04PIBWmAZzUAguAW+QiRGRKKUw4R8AXE6GAYXLM2cDUh6tAb/71kTECTb",
+	"BgTPMi4Yr+/+bYp/zwBF+jFSAEZYbeuWsEygFE/hgUCfKXyRI/PO56a9msdNe33y8CK0rJcxLFImgUar",
+	"V7CqL+9XPAeBMOIgOYEYXb+9eY8EnsBTJGeAJoQLiTiIlFEBiAjEIU3wCmI0XklAE8b1P/I1zwDHmjbt",
+	"or35T9QCGlZ/8eTJcLAgND+5ob28glUjl5vDanf29posSICAr/EUkCB/wBA9RJKhi/PzJhwlegR/1hgm",
+	"OEvk4PLJ+VDtmCzUKb9QlLkg1PxV7JZQCVPgejVvWAyN+6Usht03/JZPG2dgfNrLBLmQKAP1/QwQ41NM",
+	"yR+a7aMjCRRTeYyWMyYALRiFFZIzIhBpPP69rPE6yaaEvtEjhmGN9ZlvniPFUgJXH/7v3/DJH5/Uf85P",
+	"fjz5dHc+/OHi/j/C07KE6EO5Zua5PjHNE7fLumvO/gWRbMRyap73AEUz0FqVoDTZJoPfGFl4ZURh42Yq",
+	"InP3TX0QwBtnU3J61ynu1ceGuWp97jnnRohEjEol3C/vBjhNE2J0o7N/CaMLdVOq9GjP6S0kLAUzW0U0",
+	"UwTqnSEiVPN7sC+f6u3bcbSief3Syo+UsxS4JGbBEQcsIR5h2VVWDgfwJSUcxEbfkLgDOIeDBAs5ysSG",
+	"C6L2BNYeGPWjzrz+QQQZJ4CExFwiNtGwm8NqqMQDh4hNKVHiUp6GpuNwy+YbLfHep7HfBnrvdm1Dx548",
+	"TBTKHxurA6cmNQhUoqyORCJhUf7HWlXdkMJ9PgnmHOu/PS0mAM7qJvRcwaXG8Vs+/RUWY+Dv4PcMhDkH",
+	"cUwU/HFy7a1+ghMBw8qGYIFJUlMxHodwwRLwlW+2pEa1trr2mCSJenU4WOj1hBVrf19mbjty+/aEVg5q",
+	"GKG3RGJn+azDxsvizft8kS3fmLn1ykOrs6x8FwRUwerAadc3HNwSWAahOcz5aicO7UPeY8hrYH9z88sr",
+	"WG23LccoqnJ3reY6HKTZOCHRaG4YqP/xD4/+9rhtW/Z8e4OEd/avTMgFULnd1vBCi8wFoebw5qAnVP7w",
+	"eFDXUIdO++rClzlgK7l8kyWgsrgfKqQzwvn2NOtjC2b2NYo4xES2H8tcVSxt1H6VLzAM2QWhH1LFnpU+",
+	"sB14iRilCZYKUCNzGAoGOWYsAazPr5BYZqK0/UiSW7XCmAg8TiAOb7W+6tyhUucuZsyNROQ2ct59M14F",
+	"hWuUca7swuBDoPGGs01TA7g6nXakUbKwwrG7fuCssLrPQ6FYIEaTlVIBWufe4CilXKm4KfDRNM1GM5bx",
+	"jQ6tp4N3O7gJYKFoRcIilWEAi3lmx6t9L8RsNGMiYFX/cwYclL4UMUohkkPEaATI0GZQb1JjaedY0Ji0",
+	"Sj9a4Nj4JVYsQ8yotQpP4SG1s3FT36T9blRwtboQ0/xiVx0vZ1oly8kKBAt1S/lrCMM7asPCLevvwINt",
+	"6diWzn1pU5/WspzXRMid1cyCgdVUze6qZD5IL5rvmiX1p/1WqM2TBdyIHrAUcUsEYdRop7mYMAfW/GgP",
+	"r3p9gkkCcfHbyP4QUsC0f/Q1m4YFRwPB5w7z5odOstclAeMckjxGEXolBolJIpqlrrG8a9DsyOZYpI/I",
+	"ZhKnYNoBJu1z2QBXdWq/Q63IogiEsJjKuJb4QEkDigTLeAQjkgaHlw2e+GeeHx5N0wxjcXnHYUoYvb+8",
+	"Y3x6f3lnV35/eaeGvb+8I/F9R2blwXBYDnJ40ZQ8YpO77i0wamQQPByWNHs5zY7M93eW/44TTKPASrEY",
+	"sckIqOSrqiRuFt1jM9pG4n6tkhVDmoBi6ILYVXYj/IQtR24xcsZBzFgS78d0aNLiPYlWBsuwCtv1yw1h",
+	"7RlOcURkwNuFbzFJlBZeP1tvWAwCTTgA4mQ6k4iy5Wlw70o6L1gMSRAnSphrIa50lg3VrQqwfAXBzlgd",
+	"f+htaR0o+hDoOVi3F+fPZhDNWXY4EzdSRJOMMl7zJp0//ttuerzl+F3H7mjO+qOWlh8EJ6MTMv2ZQBLX",
+	"kZsHru6qbuNNLKRizUFzFyIOMvysQVsIO0dyK94+yYdu3nbG4SUVUkFoO3KK9DAbaySpDje178y+N3Tz",
+	"BHeitXPjkN3SU7qFL34rL1gIb2u2lCvB2+Imo7KJSWsfPZXoyJI4ejhEWKIFExKlOiqHiqQZcbrAXzTD",
+	"tNr3cZir596DlphcM/halMh2hpKLBT9P5VGDIW0C5qIOo//FMo6UUigkcIjRHFYaZEQdliQpoKb+MKGP",
+	"hYZJLgRaV1rVttR6CvdmYE04kzPGyR8Q6xdQQiiUF2VDf84LINAM3yq7v7qT8kpbV6ZMYoeviofHdzd4",
+	"boYCPjrXY6WgqUMCQ8Q4+jgwUe6Pg+PTVmWnHC412G0+Mm/5tDen9kUHp7ZIsmkg+H1+8qMX/37YHP8u",
+	"aSpqrGEbU7BxiX/zXd68+rClemNcAEFhGqXZKGIcGjykLVbCetkfEzEfTck4PPTO2m6DCb2ABeOr5nl3",
+	"cpOGzNt1SnQB3tLCPNh0c8+toYpSBsR2BFJBZGskxh2ZrWh/uEMMMKzjNQb1DITiphQFG3brFtIuNNK6",
+	"h3k5Y4kO85+imxlbUu2wfoqEZBwQqVp8DZsxKT1rtNOfIAUaK3LQ1k5AMc+48ZGUZBjNTEx3OACXQ9KI",
+	"UIeRlAk5NVRLsVT/k7BIGcdJ0OnE5iHmEkYWmyvq91Ya2upzqgzPLRVXaqJh7StybwZXoGD1dxaHMlss",
+	"R2pNsHmmXtyvF3MBQoSDU5W9RoYfufeLGTt514rt1Oj/RiogogWOZoTCCQcc6x80sSE1rU7Sc5Q1xrHT",
+	"l3Xq3i1OSDz6l4k1ZHRO2ZKOJtrwVGRiEpxgZA6HftksNHdbuyHyJNiMKqUQqNRfxibINiZxDGoKyuRo",
+	"wjJqkgEyCSP/lwXIGYv1T0rRX+rPlZmVkEhaMxKEHEnGRgnmGpAZFVmaMi4hHi0gJtj5NrlauM771MOo",
+	"QRV01EZiLPEYCxhltHCzFJnd5V+VtcUyAy7FbnFiA0D+yp1K6P+m0x7K21OsoPRTNTPOf4ZToq2B0vtJ",
+	"Nh1JPDfAxAvI/8CJ3t0o5+I65cqlzeRo4hAr3GBNeu5XyewYdkabCOX9YsxR4yc2K83D3sOBMskStwXh",
+	"P2EkjvT6I2faa7tDTTda4ETJe+8XnEwruDe/K6IVZEqxNP5386ujVkOb5rdimeZvNdoK5EhvM/91yRmd",
+	"jogQmYaN/yPOYgI0KmZZECEInY5EZk5j+XXKzLt6n1OOqaIx9V6xex0PioFXqMqBnhR52HYnlV9GHDIT",
+	"KvIfEDqaJGQ6k0UqVJCGnAaj9qHz+BW6IJ4C12N7Z0uyNEtHLJMjNhlxTPXhSvFqAVSOBAihjn2J5O2z",
+	"fIP+wyWMZ4zNR3ab+uxOMhq7H0bGPVb8XsZ7bWwjO4sHUSYkWwB3+Bk4/015ieYnYt1JoWdZOuU4hpHn",
+	"oap+5QHJPpoTGvsQzb9wm81/ULIJS2Jwbn+VeJFCeCrv6FQf5RzXLTxITtaDMCh8CYpXLgHPvZ/gCxFa",
+	"q3A/lDjMPKv9nX+g8yr8p/qH8uNxJlbeivRvkmMqiA0w5RFS7bvJT4v/c75Z/XWdmLzaKX81OXEVj0sz",
+	"UzaKnLO7NMjvGZN4BF8igNiKNZFNJiQiithsjMIDWE4tIXWsnN1b019yNbBVgdH6T01r0p+HtIRfACfK",
+	"aKhOWM9dYvPgwm+Bi7AxWTWYzYjFF6HlvDQuIJPFv50uqfO66x6esWBJJgGpxy7Jd0wo5ivn8FE23wOB",
+	"ZkzoTF/Ponp8/uMPodxGwwbqk72DNMERIEydTwtiZI6gm1rgBSAli03JlC6NMMvxrI4mJVhvMQw+P9O0",
+	"IY32kCnczmzsEHEupdqWFhXa6Wstj55TyUORvS1iQ+36/qGz5tpcNSYoWs2wNCmUozTj0QwLrewq62EU",
+	"w5jkdYflDEwjTcOpmDrBHbhosCI7h7s3Si+dAAcbw94kr8oLI1cCaR6o/PHLMK7kR3moaybAPlIXfFLe",
+	"X/bCa6Vvv2Zbs9WE2UBXaxZ+ioVYMh7XwiIXrdnRZhJviPBOpjpqHE62BxrnmqeNxnZIsP01lNaRydnI",
+	"WJclOUjiqDBytDkmKvKs5E5NE7waNYZUm7ly10TXbrnI6pAYK0/MSNqdOPPiBvVZiDxTTmhEUpzUOFFD",
+	"6fOnNcGxbVZYKnAIr7IWiikteWjYiI/uEFjrMAyv+1OQvFwlx+4FVzuQVIM07qVKw4nv0vJyad5Sz2Tg",
+	"0wczddUwe+Ojb6xHrYLIlpDM2rjJllQwH41XEkRHAQxfjB+qSbtxGfedoKyA8OL6QwjMM21QjJqdnO6V",
+	"VZhRKfW7kbQ78kQbtdkEPGwySQiF0cQ2VGjbfZ48njKWNGWNjjdEqm/NOhs+nIi/Jke/SxJ8aQet6e8S",
+	"T8uk0R5p7yVhPgiOMiV79NKYDW8z6gNhPUMgpcNkEWo3vVnKvDsVgeiDTWCp090WpNrESCogdOHNqtQt",
+	"r7cPnvvGxkz2yHFr2fNAOXPFnL5Py/pnTBBA8RTzij3eWvuXjU4YPdOKRk26JY7jUpCqzj/CDzlE7BZ4",
+	"07cCgIaeVB0oYPztsfE2+VtywzeB75/GGfYOIiBpSGm+dR2JWtZgXwzN8/blT8+ef4lmmE63zsGLq1kd",
+	"DZ6XnMmVjJEfht0Caubr4B74tB8lraOgahR0LlOlA5f0E1FaFa2yOl/b6gZWug5mNS1fPWzYwj6qtHMP",
+	"QD6vt741uQZveS+1B4pq9sf+rk304sZamb04u2zmdYOBvKWra20F6P5cjBtVW9rI0FrlyrjDYLMaiLq/",
+	"nFAiiZNEDuCKenSVhjmqsY0zFyFIE8QYKZZOI1Ki2zL7y0SzyrbWS1ZxjVWqCY2q5NNHK08pE2gfB6pC",
+	"8ns8W3n6duVMpWRkwxQbar4mZj0qWrp0q6bwcvcDg65Jj9FRJxNh2Oxw5V81uKbnhMabVQe4wEudXGf4",
+	"4skPwUedo0eWletVFZ8Ny5jKpxq67j4OchUwVfZfRVszqbz0GEcjyTSURXYpMKhmuNMTk1yGBEhJ6FR4",
+	"0aFibWvpYwtENhU15HHkdRvloBvpiCZdV23HZAsFcsNvyrtFcoYlmrEkzhsNHun/CYQ5IAq3wBEHmXEK",
+	"8YbZ4KJqUgjJ0tSUm6gN2KrbjFoTwste8gL0Tex5v/XkrouIqyqxx6Kg9gZTOMdNTo9VjLQaueVz0Ecp",
+	"WeVkbV9QZgbqb0m7LMX1g9uxFMumu9ZJLGJpZWOOjKcJG7t0s8JFHSTU6pGoevCJDg+OjUPEflYkgioF",
+	"ndFSB5u1abLW2e72n2+iDIW10OxFuchRs0e9Qs/x9hY4JyF38Vq0bolM/W2TV3BzjlN806AgaD6sqDic",
+	"E6134q3KfVBaS2mSdkD2h/4cNfukAS5xsp0nZKNouZJ+uxaeeqM076XRBG2Ms5ZCRU1jW5r+Jvwum5T8",
+	"dnfR5GDeyFdTD2zu4q/ZsP4wz01u7qZoXujs5tm6YqRUOVdromNBWlrvGpePBWovnMQS7v5YyDvAMaEg",
+	"ROBwKBO9+1qrdSgN+nDZg2Ey31vxU3YbNO5EbFv+27nd3H1w4gkHMdt2Zv2xTXUvL+BvD3+8aINM+fsw",
+	"XCYZjQ/WAWETUPobqfiM1vTXcxsKB1BsFvmGrVJcFnhDwLOQSpv5lAqCb6Fv+8mwtnx/afl4YaiYuuU3",
+	"LN62Qqocvq/Xs41xNAcaPxCIxIhxhOOYgxAu39RUM2P069XVDTJXDNgXZ0xInYl6XMl61W3c63zfxru7",
+	"FLwHg9mt9ex5bLu8yZ+M3XBprxaITUm229sDgV5cfxB650jMs8uP2fn5o4jE+v+AJJ5WthecfNNQd11U",
+	"tUWsg+TBti2c65Zf2ygNb159aGoo+Vfp8Xdceuy1kGuzrW9efehDGVKUtD9FyLT5ra9xTJr8jNsYDxNC",
+	"p8BTTkLdRm5+ubp48sPl6ekpwgIJMTuZw2oKFJ0kSH8imjqE72qTlBsOt7bYhfjiyZOHPyq2E8UCKyEl",
+	"cLsW5zejtJ4aDd3S/GUYtVowBm29kJchgD1SWKkkv6dMzRaGd0BjddNGsX3Zbu2NT8sZ+N3SRcvI6oW+",
+	"yujfJ51J44HaTt735SBcf/lVs3PPufXM89AG3ytb5529BiOkXOiOZrlF1VOmwJoBnRG2zcA1A7DJ/SZZ",
+	"mDfrst8qh/47YN7l8JRgVRqstTzKdDh/gxdwwAY7XbuC2cVtbQt17Y0V7qDYvKK9NOtpEwK76pf1vYgg",
+	"PyzfHNhFCIyJjo9v4l+wn2RUmgqEPjKHDt87/pvt3y7mWVPON99Xf/LqjZNqDZt3Ked5wKdEIhUi+9RE",
+	"zn2IeHMu9ifZP4hQhY+uKjINngNFZLoJRlBYH7gyqN9iM91FRNfybbT+re/LaKwlrhQjhYq6cu+1j6lW",
+	"DVQhux+i3GuxUlved56CGGSXeSufBna6adZ4aUQv/7G+cpMolHEiVzcKUtba13rTVRas76fo7cufniGj",
+	"MyGtK6Gj//7P98eFn7DoJ4OIbmgjV8ilhA4RRvo0fqTW3+vGmKZidHp6eqxbPmKKrq5fojms1IO5fnD6",
+	"Mb+zVp8Do93le5pJmZrr2gidsLDz1rRvVwuUnCUoTTAF9O75zXs12yl6ri9RNd2ZMBVL4MK1DXBNm9xd",
+	"bx/p0edSL4nPxyjCnK8InSKMhOn89DliMXx+aqES23SqhAipYEPR57x51OfTj9RMn98bqoYjINDn/3ny",
+	"rKiaP3n502d0BNGM+a5Z23wJLWdAke6zMUSQCPhIp0CBqyNm4SeJVDbnwILi6vqll+d3OTg/fXh6roVz",
+	"ChSnZHA5eHR6fvrIpvpp+jjDKTm7fXimj/aZ1/VVPbQ99BX1myuWY3ezy2si5JX38rB0LfNvd+svq9zg",
+	"BsIwKygmOytdu6jeD81cXBa60dTBW51dT/HwrciPttlD8FbpDt+Z61o7vGjv5r3/VLlt8eL8vLe7Fis3",
+	"jYQuW9S3/SI2KXUXNgq/y+8KTpGv2bRrMbwuWywwXw0uB+aoFUMO0YQkuuHtEFFYqqOkb/F1BWq5b+aT",
+	"GqfxAJzdldS4+7MJ4xGc2OtDtFyw1/oEzsfP6t135lXv0pTaMelMGC9/6oLnymXHBt+am7gWf72guhyZ",
+	"vq/f4nlxfrEHugrR1Dt328vudGTRhTD1qcmk0xJh72VSAs3cz2sJAeU5ru3ElcVEniRs2sxcNV+113KI",
+	"zcmlfPt6F87j3wS/wfsmHNztdXstetfX9fXsncdm3x+f9G9wWc8l1ZuIs2UPTFLPihI2LfPEglduRsBn",
+	"8CVlXDbS8XP9+C9K3oyS28lOwhd5FonbMrkFLlWu3Ht08w+j/GJk7qdXVNWX5NW5BVpVdvSKsEDPbv4x",
+	"REJywItuxGVLGM+KNkuiRciaGz//njeN24zEDiQr69eS3pdNPckzqMvPh70toNQqqU4a10wZMLvTwjNt",
+	"mSrxqLtmKauvfLu9xjIqsKte9ZpnIWPaHnchFaXOdzBQ9GUX3UyTvPajE0i9VhC9mgkNV8aH0mN6tD6+",
+	"KemY91dYKxmpabe8K82+d0lehN4ClUzDvUp9w3UsyE9S+1Y5UCiR7sA8yHS7CGnv7m6SHoSR7m6BsMGo",
+	"nHGWTWeISIG8I4TcEUKYxgjHMSKyM8c5u7N+hPv1vOcFyK3oQX2klJd9n68QJt7nl8Ruh4fAqdE9e8MQ",
+	"KqKZuwGp/8NSj7N2Oir7R5BZWA/n5EoIMqX2nDwQ6ObVB3TEaLJCyxlJ9D0ORCASJ3C8xck40y2cWhS3",
+	"a/XOd3tEEJ5I4NpVqzfbB0rmflJuzMktcH2Fs2JfpvUXOsqobQKG/t//+b/ItrIZIv/HMY7mW2HNdPhp",
+	"Qds7/dK3eGo7OKTODyDMdJekHtQSPAcnx1gmNSFMGYvREYdJJiC2JxVT3081Y0ksUEcN2rZ3F2c2cNNB",
+	"my4XA2ygV+tIYQHavff6aNKk9xJ++KaU50BXkbVqtEP+7iRrZ85HHKLxChnkoyMT1DIII4ZYf88gg+0o",
+	"9ezOtao1jEv3YW5jXOolu8YGwrXNLxzd5lMMqsK/X/o5mA3g10wdWKUp1TcFGadpHtSHC1+NhFLMtXvB",
+	"XtCIkWMlSLL0JEu1L4xQG23VnywJjdmyE0HqPgcnzpDowjlLzRrEYJ8coN5pIgBw47dzO+jB91MkCdiO",
+	"/Tl0jNtRu1eGyDWd0caXU2tMLw1hG5OIGVvS423wcHanzu69vc6gxfSo9M/YVJ0xn79RvGJfJ7Z8NdiB",
+	"T2y1vcgezRGzT+03NPlK+Q0Q9nagumGZNR22nA6/ffQ2XsH8zWG6ONy9OImx1MjW+oAZ10f4Uy/pSJmh",
+	"9iY0iBGeYvWSMbv0oh8IZPe4Pbc4EysatWgPNysaOQA1uJQ3pac9WiZeL9YAMv85wxKZfqO9iFurhWus",
+	"5E5UF2ry/W621BZRtkRH2vpEROrsKTFECRNaXo85m8Mm3L+z8D2A0O0gbL07bXYH/st8ROsvSPOdbuTC",
+	"Ll0fNNgPtwteUXRgH7TrT1XHUA7J3pCCjhhH9qqjY3USjFZk707St2gFblB6qt09N79cnVw8+UFxP8Uk",
+	"eayYH42RtpHVvyUCTVIJzqi+Fa3rYdlCQ/pLM+pMRfvUiBwBHSnaUkSSy7FuzJIlJCKwPu2o3OSpo3/H",
+	"Na4KBCMfBltkfGcOlXorrbUOFeag14NHRU9djIgIRToDcROEn93NYXVv8qcTMK0by5h/lgDmlf5eG595",
+	"1x3OHPumiLgtg2z2pmxcn7l2qnXh98ClSnUyelzPO9fQ6kdzWrBbfbDLaDbOMgpfJFqSWNnDaiuKF6jf",
+	"7ZRIE3T47DeYR3kJbV9I3hNvr5X6Hpq9Vzrd1Q/7Dcjd0X8DMoB7Q/fJaqg9/iaBRqFe/4XcMehw/MU8",
+	"66AZ37z6sLkp802xZ9eHYy1PVtvsK9Xt5tWHISLUpQJTEEgytqnGbazgm1cfvtWMkXyBX0lV141RAp4I",
+	"U1/WV4pC8Nic3ZnMrY5achCJoXiCSwdrln4teVx7zXfYFNXn+0Z1b8r0M+3rQFgd3QcC6eJbdERh6deg",
+	"IEaT1fEQ2UtxSELkymQy+n02WuknE5oC2vjuB/1aJ/Xa1WQGqSR0k2SjRtQch+1WL/p9CYa81HStZND4",
+	"2hs30aOf3dnb/jrykw/m/sfNpIL6aI/JFZXlfSVGYap+98gpXnBskpKlTr9Y4hVyhc9IY3SY2+O6dtRa",
+	"5vbGznXk0KGocqt6ylLPgX0Gqf+qT9wpu8up7g+EP3BzcaJHB74mWV7sWwpI37mPdQ3LpctHcxPRWP/i",
+	"5+A/ECjCqUBHxvD4SD/7+/yvn5UERPYOfoTHykD9Azgb6sEmHEyCWt4e8+bVh1P0fgYfqS9KdeMK9Nky",
+	"Iog/P0UTliRsqb5ZmNDAi+fvkW5mgT4b6aMrphXoxCV6fP4YKXWJMjnSntIhenz+I6JsFOEUR0Suhujx",
+	"xY8eKEe/Z0ziEXyJAGKIhx/p4/MLRKjIJhMSEaByZHelhjpHQsxGc1iN3JExxdQVv4jWNXco3Tyoql6s",
+	"8ytp7MUCmsIgOyrvvuuEyoIQtWLXbCGXjlKYJ1frfBt59AuQvZXyHobRNWWxFhveWfvZAsBnrSXU30jh",
+	"9Pde0PyC3ELRyHiMozk6Mvx2aELwkq9sMrNFycikVx53OkKZnJ3p9h9n+T33YXQW1+jvKbxYv6f/wMpp",
+	"uYFfyGtIplS3Cdkaq7a1y+Dyt08lTyKZUkSoC7lrfCB7bTw60i1ESr+ZriX20qMSnjM5CyJ4yoxDuQm3",
+	"+vkeYWtmaE5psKBlmTxFPzNuWtoIMtXJHkMENB65bM6MJ+pv4XQl3cXmgUBF9xrWR/jOaF4RThJ/9HZY",
+	"MxJH+l+Mkz+gUQ69JXF0lb9V44yV8k4sZ8imOi5hjHCaIsns/V/qX+b8W3ihI9OaRnEId6GXIa0zc1NY",
+	"wAopujk2+CmePLxoD7c8Mgy2ygtjwiGSap06w6TagUityRQ060FeO766vjq65xOoFV6MxpwthQfKvNmQ",
+	"Jki3YnTkEGwSoSPFmv8bun717PlxRwoBe2Fw86FUFOKuFd4Tyw3dXPynYbo/E0rELIDz8QpZ7KiD4zpF",
+	"afVUd8YS7SjW753ZJqrrVCT9wnvb53RPOeP+NSDfGnbfwNIC1SQNsiRGFmy2DRllKGF0ChwtGZ+Lvqng",
+	"PccxIFyZVOGa5ktDR0b6uuIFbUqrs7P+sLteCNZsXWeSbNv+4C2fWj/OPm0Rt7oGQ8TurwcfC616Opwf",
+	"4ygGTm5dfzUiBTI3kvgIcLdnB3FgXl/ruTMtFnZAwXfmSjP7bXejAZWc9JEMU0evwYqbodGXthazmev6",
+	"24hY0/90n3itta/7q0WSbTvbJX6j/mGSJHsgsg/+cNq3VG1hwlLTqyRZIUZzb+vxDtR3anv5rGmi9O9C",
+	"g995cyOf2Nb1Nwri3Hmu1wnyZ+6dPR4sN0ejk9Y+Rylw7d/vW3EuBRFMGrNNptFtCKyLQofjPZhGWOKE",
+	"VWBq6sf+8EBa7W5rmr5enJ/bemlr9etmt0SgLH1qkqqF0hTj/La/01ow4AXIX+xse0SOmaJJVSotvG+8",
+	"XNvBE3IL+u7EAvbm3rMy6BlvaWH4lk+/89Syt7xDgz5fOvQggN76w3k+JDQGZccIJJnJADcBuIW2Ncox",
+	"6lJOqEZTcy6aici8NTm2325s6y2ffqWglgLNPiNZthquomY8LWM+YgtdKyUQW9JSqoFFb+Vcnt2ZPgdr",
+	"41jbIP0tn+47ctUA8PeVOPauQaviXITzcUxKya4w2ltvIu+CmgP7ZBrws2MKTkd6PjMXabUKHnv387a4",
+	"+85MJbPbdlFlgdff0WlIb45zDOwPAQfr3Fls5mulVZSW0BQBu4pjiNGRQfExYhwReqvbXRzpf+iZj3vw",
+	"wsQxwpaStKt7gUkyLOazGT4z0OGmFZrhW6XtS+0eN5ckrEAONj7x5STKpkomU1JzAPIrpVu2VQyZVfVZ",
+	"MWThrwuFEiyk0QtQhKkC9VjZqHrKsCbYIvEOCrs9hCzYVysMtZA7SC67IYEHAnGWwBpKiGHBZJASGo+c",
+	"9Wm1lIq6l/4cMtZut13IOuDtWcoau+E6z3b7vsVsaTdfqzeAheX+io7q5y5vbOaa3514t/KvQ/wz+/5N",
+	"nlfybVrvdplfC6WlXniNXrVy37qhcSQra9thBX1497qHgk+bJGL6jz1V8yIsbQMymXGlHvkztjmUC+LJ",
+	"hGQL4Ccp4xInXWnoWr9dUNA+CMDM8dUKef0NNmFfv9QPht+mRu11JCX8BDOHJTej0ssZiUAMcwpcgJyx",
+	"WBx3xvzS3FN3dud6Qdw3I90eBmHvtutUsuj14OpUtBjs97ADb6leb3dQ8qlcAhjM041A5xUcmZv6bFF+",
+	"jBiNAAGOZsd78NKbHDKLenTE8RKNWbzSrfXIRE0/XpWp0DQHaicrXRJyMoeVaIyoKNVP2KiNwk7sKtjn",
+	"sBpqpqmvuNbPzN95wwKbE6m7GQjF+ZYzEs0+UiLRAq+Urmqr4GN9faAuhFeW5XSYR1lP0T/U6AIJkGqX",
+	"hsIZNxmt2sycsSX9SGfAIVTSUTQ5eaV2+V2HJ/J9dFBKcxyJIRKMS0Mk6pT3nhGleWo+ne3VZuMTc8qW",
+	"wgpYRSEmF8rO7keczAgV8rSa9dldUfS21sO9rXZsv9u3p3uNwvm+qOPaVenMjblW078vcP0bOr3XoKon",
+	"x7eHpjaS7+QEtyve1hHu4fQvZ3j349XkEC9hY7/IOJxjvLSpr2ThNXvctEO8Z3+3LXotKmxLqWG2QKFe",
+	"gbjF2d7E3X1A4jqk23trAXZwQPzlw96XpBPAb0kEJ65wba3IuzEvX7l3/zwyr7zzLnc+6PfzesADCEHb",
+	"Tqq00H8LQRja2NdqmVWG7v4c2bsc4bM7+8vI/tIm5H7Svx+ScspzdZZ3ZqE96BxmIISr51Qbyxxu2Ry0",
+	"Z2VuXBjBU9hkE39rcDw/IPUrq7oC0m/uJKghqh64NlG3lStrR0x+b41/rl92cpQpyH8lafhKt1H+xpB4",
+	"2A42GklfSXha0WjWcKCU36vrl4ribOuaKrfXOR3mZhxEhPFs68jC8eAQDEj3jW63QJU0+g4I+RWsNjBc",
+	"1ab2pCVxwPGquWLlmSlGuWZCTjmIIXpz9f5GC/736iRynKCI0SjjHKhMVkMdZXKlT2LGuEQx4DghFE4/",
+	"UlP3AvqOQB0i4ep1PE7gKXpy/sh8p8vTP1MmR3ptnxHFC0KnNsgzwSQhdPqRFsUxiFD0OQaJSSJO7fPP",
+	"iMkZ8CURwbjLC5DvzMb3escYjokuXQnG6nC80ih9cv6ov3sIFNaf01tIWBoWLRIloPOyKCAfhAJlNMdG",
+	"30GYHBKey0oX9yhCMkE5uxICbYU+axtJ/4l6SBc1amIfMTPdn0nMcAoCMYrYZALcRsp0w1qh6/FeXH84",
+	"mbGMtxXGCTHroEXe/PL9R0HNJvar2ZUxlTf1ubn5BaXZOCFR1RQzXYDXhgTMur/VxK18gV/LlWGgs2e/",
+	"Pq2gEB1BfPHkycMfhwiiWGCd1/7u5koff8fIH53/5wUaE1lK03EIDxzBTnqUdXJsRxOb6DY7OinW7Nf0",
+	"Ol6sbVTyKwz26rpusvrNke3z+FvWbMM1M5KKQSfodLPvf10ZO+Q7582HsLobeHMKXDCKE2djbcKdjYHm",
+	"cPCNd339c9nMNbx2s5K7HMgN7N2tSeOAVqhvDGiPcR126wFkEwzF2QJj0SnD9FeM/8ou3eSezu4Zpn1b",
+	"HL9eXd2giC0WRCdHK3OfQ8q49PNJf/n16lktqVR/WU8o9XveL0ByEon1ioB5pVs/mDTBhG7YEeaaswXI",
+	"GWQCqTEQfEmZIDpRwzTD30Nmrptwke+ubliXR7gbjAFz4FeZIvDfPilyFsBv3anJeDK4HMykTC/Pzh5e",
+	"/Ofp+en56cPLv53/7VyzETv+XaDr4QmhaJKwpe0Dr1vRnRaHTzecU3pCk7bkEnYJz2Wo97lhGPXvy/0r",
+	"jiRQTKU4HtqRrL6kxy4qpfJRdYVMfVBXaxYapR7Lrt6NEBrxjWdtHymT/tguSVna3hDOuK6P8HfXTd50",
+	"IRva5kAG1ulJlvrDuHTr8EIE4kDNzfRFB/OhaVZneZvp16r7M/s49PoyB6BW6gpChOS2hVWlXYhpteMP",
+	"q89yEA3aiWS67gwRz71MateW6L1xLNEHiMwkjrtleOnCPvZMCvD9p/v/HwAA//8=",
 }
 
 // decodeSpec returns the embedded OpenAPI spec as raw JSON bytes,

@@ -77,6 +77,7 @@ type Driver struct {
 var (
 	_ provisioner.Driver         = (*Driver)(nil)
 	_ provisioner.WebhookHandler = (*Driver)(nil)
+	_ provisioner.Discoverer     = (*Driver)(nil)
 )
 
 // settings is one validated configuration.
@@ -374,10 +375,9 @@ func (d *Driver) Enroll(ctx context.Context, req *provisioner.EnrollRequest) (*p
 	return &provisioner.Enrollment{Facts: facts, Secret: enrollmentSecret(s, req.OperationID, m.SystemID)}, nil
 }
 
-// machineFacts are a machine's facts: CPU, memory, disks and pool from
-// MAAS; GPUs from the commissioning script's report, else from the PCI
-// devices MAAS found.
-func (d *Driver) machineFacts(ctx context.Context, s *settings, m *machine) (provisioner.NodeFacts, error) {
+// listedFacts are the facts MAAS shows of a machine itself: host name,
+// CPU, memory, disks and pool; no GPUs, no tags.
+func listedFacts(m *entity.Machine) provisioner.NodeFacts {
 	f := provisioner.NodeFacts{
 		NodeID:      m.SystemID,
 		Hostname:    m.Hostname,
@@ -394,6 +394,13 @@ func (d *Driver) machineFacts(ctx context.Context, s *settings, m *machine) (pro
 	if f.DiskBytes == 0 && m.Storage > 0 {
 		f.DiskBytes = uint64(m.Storage * 1e6)
 	}
+	return f
+}
+
+// machineFacts are a machine's facts: listedFacts, with GPUs from the
+// commissioning script's report, else from the PCI devices MAAS found.
+func (d *Driver) machineFacts(ctx context.Context, s *settings, m *machine) (provisioner.NodeFacts, error) {
+	f := listedFacts(&m.Machine)
 	r, err := d.scriptReport(ctx, s, m.SystemID)
 	if err != nil {
 		return f, err

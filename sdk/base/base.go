@@ -27,10 +27,11 @@ func Kinds() []Kind { return []Kind{KindProvisioner, KindPayments, KindStorage} 
 // Optional capabilities a driver may implement, reported in Info.Capabilities.
 // The SDK fills them in from the optional Go interfaces the driver satisfies.
 const (
-	CapabilityWebhook = "webhook" // provisioner.WebhookHandler
-	CapabilityPortal  = "portal"  // payments.PortalCreator
-	CapabilityRefund  = "refund"  // payments.Refunder
-	CapabilityPresign = "presign" // storage.Presigner
+	CapabilityWebhook  = "webhook"  // provisioner.WebhookHandler
+	CapabilityDiscover = "discover" // provisioner.Discoverer
+	CapabilityPortal   = "portal"   // payments.PortalCreator
+	CapabilityRefund   = "refund"   // payments.Refunder
+	CapabilityPresign  = "presign"  // storage.Presigner
 )
 
 // Handshake values. ProtocolVersion changes only on a wire break; the driver

@@ -10,9 +10,9 @@ import (
 	provisionerpb "github.com/gpuaas/gpuaas/sdk/provisioner/proto"
 )
 
-// Client is the host's side of a provisioner plugin. It implements Driver
-// and WebhookHandler; without the capability HandleWebhook returns
-// base.ErrUnimplemented.
+// Client is the host's side of a provisioner plugin. It implements Driver,
+// WebhookHandler and Discoverer; without the capability HandleWebhook and
+// Discover return base.ErrUnimplemented.
 type Client struct {
 	*base.Client
 
@@ -22,6 +22,7 @@ type Client struct {
 var (
 	_ Driver         = (*Client)(nil)
 	_ WebhookHandler = (*Client)(nil)
+	_ Discoverer     = (*Client)(nil)
 )
 
 // NewClient returns a client on conn. doneCtx is done when the plugin
@@ -91,4 +92,13 @@ func (c *Client) HandleWebhook(ctx context.Context, hook *Webhook) ([]NodeEvent,
 		return nil, fmt.Errorf("provisioner: handle webhook: %w", c.Err(ctx, err))
 	}
 	return eventsFromProto(resp), nil
+}
+
+// Discover implements Discoverer.
+func (c *Client) Discover(ctx context.Context, req *DiscoverRequest) (*DiscoverPage, error) {
+	resp, err := c.rpc.Discover(ctx, discoverToProto(req))
+	if err != nil {
+		return nil, fmt.Errorf("provisioner: discover: %w", c.Err(ctx, err))
+	}
+	return discoverPageFromProto(resp), nil
 }

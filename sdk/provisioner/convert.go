@@ -331,3 +331,36 @@ func eventsFromProto(p *provisionerpb.WebhookResponse) []NodeEvent {
 	}
 	return out
 }
+
+func discoverToProto(r *DiscoverRequest) *provisionerpb.DiscoverRequest {
+	return &provisionerpb.DiscoverRequest{Cursor: r.Cursor, Limit: int32(min(max(r.Limit, -1), 1<<30))}
+}
+
+func discoverFromProto(p *provisionerpb.DiscoverRequest) *DiscoverRequest {
+	return &DiscoverRequest{Cursor: p.GetCursor(), Limit: int(p.GetLimit())}
+}
+
+func discoverPageToProto(p *DiscoverPage) *provisionerpb.DiscoverResponse {
+	out := &provisionerpb.DiscoverResponse{NextCursor: p.NextCursor, Nodes: make([]*provisionerpb.DiscoveredNode, 0, len(p.Nodes))}
+	for i := range p.Nodes {
+		n := &p.Nodes[i]
+		pn := &provisionerpb.DiscoveredNode{NodeId: n.NodeID, Ready: n.Ready, Broken: n.Broken, State: n.State}
+		if n.Facts != nil {
+			pn.Facts = factsToProto(n.Facts)
+		}
+		out.Nodes = append(out.Nodes, pn)
+	}
+	return out
+}
+
+func discoverPageFromProto(p *provisionerpb.DiscoverResponse) *DiscoverPage {
+	out := &DiscoverPage{NextCursor: p.GetNextCursor(), Nodes: make([]DiscoveredNode, 0, len(p.GetNodes()))}
+	for _, pn := range p.GetNodes() {
+		n := DiscoveredNode{NodeID: pn.GetNodeId(), Ready: pn.GetReady(), Broken: pn.GetBroken(), State: pn.GetState()}
+		if pn.GetFacts() != nil {
+			n.Facts = factsFromProto(pn.GetFacts())
+		}
+		out.Nodes = append(out.Nodes, n)
+	}
+	return out
+}

@@ -45,6 +45,18 @@ type WebhookHandler interface {
 	HandleWebhook(ctx context.Context, hook *Webhook) ([]NodeEvent, error)
 }
 
+// Discoverer is the optional capability (base.CapabilityDiscover) to list
+// the nodes the backend has, so the core can reconcile its inventory by
+// polling: nodes Ready to enroll that it does not know yet, nodes that
+// broke, nodes that vanished (for example when a commissioning webhook was
+// lost). A listing is paged: pass the NextCursor of one page as the Cursor
+// of the next, until it is empty. Every node appears once in a listing;
+// nodes added or removed while it runs may or may not appear. A cursor the
+// driver cannot read is base.ErrInvalidArgument.
+type Discoverer interface {
+	Discover(ctx context.Context, req *DiscoverRequest) (*DiscoverPage, error)
+}
+
 // ReleaseMode says how thoroughly Release cleans a node.
 type ReleaseMode string
 
@@ -202,4 +214,36 @@ type NodeEvent struct {
 	Facts      *NodeFacts
 	Operation  *Operation
 	Health     *Health
+}
+
+// DiscoverRequest asks for one page of the backend's nodes.
+type DiscoverRequest struct {
+	// Cursor is the NextCursor of the previous page; empty for the first.
+	Cursor string
+	// Limit caps the nodes of the page; 0 means the driver's default (for
+	// example 500). Negative is base.ErrInvalidArgument.
+	Limit int
+}
+
+// DiscoveredNode is one node as the backend sees it.
+type DiscoveredNode struct {
+	// NodeID is the backend's id of the node: the NodeID Enroll takes and
+	// NodeFacts.NodeID reports (the MAAS system id).
+	NodeID string
+	// Ready means the node can be enrolled, or is idle and healthy.
+	Ready bool
+	// Broken means the backend marks the node broken or failed.
+	Broken bool
+	// State is the backend's own name of the node's state, for messages.
+	State string
+	// Facts are the node's facts when the backend lists them cheaply; nil
+	// otherwise. They may lack what needs a per-node query (GPUs on MAAS).
+	Facts *NodeFacts
+}
+
+// DiscoverPage is one page of a discovery.
+type DiscoverPage struct {
+	Nodes []DiscoveredNode
+	// NextCursor continues the listing; empty on the last page.
+	NextCursor string
 }

@@ -29,6 +29,9 @@ func OptionalCapabilities(d Driver) []string {
 	if _, ok := d.(WebhookHandler); ok {
 		caps = append(caps, base.CapabilityWebhook)
 	}
+	if _, ok := d.(Discoverer); ok {
+		caps = append(caps, base.CapabilityDiscover)
+	}
 	return caps
 }
 

@@ -137,3 +137,23 @@ func (s *Server) HandleWebhook(ctx context.Context, req *provisionerpb.WebhookRe
 	}
 	return eventsToProto(events), nil
 }
+
+// Discover implements provisionerpb.ProvisionerServer.
+func (s *Server) Discover(ctx context.Context, req *provisionerpb.DiscoverRequest) (*provisionerpb.DiscoverResponse, error) {
+	d, ok := s.impl.(Discoverer)
+	if !ok {
+		return nil, base.StatusFromError(fmt.Errorf("provisioner: discover: driver cannot list its nodes: %w", base.ErrUnimplemented))
+	}
+	r := discoverFromProto(req)
+	if r.Limit < 0 {
+		return nil, base.StatusFromError(fmt.Errorf("provisioner: discover: limit %d: %w", r.Limit, base.ErrInvalidArgument))
+	}
+	page, err := d.Discover(ctx, r)
+	if err != nil {
+		return nil, base.StatusFromError(err)
+	}
+	if page == nil {
+		return nil, nothing("discover")
+	}
+	return discoverPageToProto(page), nil
+}

@@ -40,6 +40,7 @@ func TestKitRejectsBrokenDrivers(t *testing.T) {
 		{"storage-keeps-short-body", "Put of 50 bytes declared as 100"},
 		{"storage-claims-presign", "PresignGet: storage: presign get"},
 		{"provisioner-enroll-not-idempotent", "minted another secret"},
+		{"provisioner-discover-ignores-cursor", "the cursor must continue after the previous page"},
 		{"payments-webhook-unverified", "one body byte changed"},
 		{"payments-refund-not-idempotent", "Refund retried with the same operation id made refund"},
 	} {
@@ -82,6 +83,10 @@ func TestBrokenDriverHelper(t *testing.T) {
 	case "provisioner-enroll-not-idempotent":
 		instantprovSuite().Run(t, sdktest.InProcess(func(testing.TB) base.BasePlugin {
 			return &freshOpProvisioner{Driver: instantprov.New(hclog.NewNullLogger())}
+		}))
+	case "provisioner-discover-ignores-cursor":
+		instantprovSuite().Run(t, sdktest.InProcess(func(testing.TB) base.BasePlugin {
+			return &cursorlessDiscoverer{Driver: instantprov.New(hclog.NewNullLogger())}
 		}))
 	case "payments-webhook-unverified":
 		instantpaySuite().Run(t, sdktest.InProcess(func(testing.TB) base.BasePlugin {
@@ -148,6 +153,24 @@ func (f *freshOpProvisioner) Enroll(ctx context.Context, req *provisioner.Enroll
 	r := *req
 	r.OperationID = freshOp(r.OperationID)
 	return f.Driver.Enroll(ctx, &r)
+}
+
+// cursorlessDiscoverer starts every discovery page from the beginning.
+type cursorlessDiscoverer struct{ *instantprov.Driver }
+
+var (
+	_ provisioner.Driver     = (*cursorlessDiscoverer)(nil)
+	_ provisioner.Discoverer = (*cursorlessDiscoverer)(nil)
+)
+
+func (c *cursorlessDiscoverer) Discover(ctx context.Context, req *provisioner.DiscoverRequest) (*provisioner.DiscoverPage, error) {
+	r := *req
+	r.Cursor = ""
+	page, err := c.Driver.Discover(ctx, &r)
+	if err == nil && page.NextCursor != "" {
+		page.NextCursor += "-" + rand.Text() // a fresh cursor, so only the repeat shows
+	}
+	return page, err
 }
 
 // resigningPayments accepts any body: it signs what it received itself.

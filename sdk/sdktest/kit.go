@@ -28,7 +28,9 @@
 // capabilities answer base.ErrUnimplemented exactly when Info says they are
 // absent. Storage adds streaming (an 8 MiB object round-trips byte for
 // byte, a short body leaves no object) and listing; provisioner adds
-// operation progress; payments adds webhook verification.
+// operation progress and, with the discover capability, a paged discovery
+// that lists the enrolled nodes once each; payments adds webhook
+// verification.
 package sdktest
 
 import (

@@ -77,6 +77,21 @@ func TestInstantprovConformance(t *testing.T) {
 	})
 }
 
+// bareProvisioner hides the optional capabilities of the driver it wraps.
+type bareProvisioner struct{ provisioner.Driver }
+
+var _ provisioner.Driver = bareProvisioner{}
+
+// TestProvisionerWithoutOptionalCapabilities checks that a driver without
+// the webhook and discover capabilities passes, its calls answering
+// base.ErrUnimplemented.
+func TestProvisionerWithoutOptionalCapabilities(t *testing.T) {
+	t.Parallel()
+	instantprovSuite().Run(t, sdktest.InProcess(func(testing.TB) base.BasePlugin {
+		return bareProvisioner{instantprov.New(hclog.NewNullLogger())}
+	}))
+}
+
 func instantpaySuite() sdktest.PaymentsSuite {
 	return sdktest.PaymentsSuite{
 		Config: func(testing.TB) map[string]any {

@@ -19,7 +19,8 @@ type ProvisionerSuite struct {
 	// plugin instance, under which operations succeed.
 	Config func(t testing.TB) map[string]any
 	// Node returns the enroll request of the i-th node the driver can
-	// bring in (the kit fills OperationID). The kit uses nodes 0 and 1.
+	// bring in (the kit fills OperationID). The kit uses nodes 0 and 1;
+	// it enrolls node 1 when the driver has the discover capability.
 	Node func(t testing.TB, i int) provisioner.EnrollRequest
 	// Provision is the template of a provision request; the kit fills
 	// OperationID and NodeID. User.Username is required.
@@ -52,7 +53,7 @@ func (s ProvisionerSuite) Run(t *testing.T, target Target) {
 	}
 	d := ConnectProvisioner(t, target)
 	info := runBaseChecks(t, d, base.KindProvisioner, provisioner.SupportedAPIVersions(),
-		[]string{base.CapabilityWebhook}, s.Config(t))
+		[]string{base.CapabilityWebhook, base.CapabilityDiscover}, s.Config(t))
 	if t.Failed() {
 		t.FailNow()
 	}
@@ -224,6 +225,30 @@ func (s ProvisionerSuite) Run(t *testing.T, target Target) {
 		})
 	})
 
+	t.Run("optional discover", func(t *testing.T) {
+		if !info.HasCapability(base.CapabilityDiscover) {
+			_, err := d.Discover(ctx, &provisioner.DiscoverRequest{})
+			wantErr(t, "Discover without the discover capability", err, base.ErrUnimplemented)
+			return
+		}
+		_, err := d.Discover(ctx, &provisioner.DiscoverRequest{Limit: -1})
+		wantErr(t, "Discover with a negative limit", err, base.ErrInvalidArgument)
+		req := node1
+		req.OperationID = ids.next("enroll")
+		_, err = d.Enroll(ctx, &req)
+		wantOK(t, "Enroll of the second node", err)
+		nodes := discoverAll(t, d)
+		for _, id := range []string{nodeID, node1.NodeID} {
+			n, ok := nodes[id]
+			switch {
+			case !ok:
+				t.Errorf("Discover did not list node %q, which the kit enrolled (%d nodes listed)", id, len(nodes))
+			case !n.Ready || n.Broken:
+				t.Errorf("Discover lists node %q, enrolled, idle and healthy, as ready=%v broken=%v (state %q)", id, n.Ready, n.Broken, n.State)
+			}
+		}
+	})
+
 	t.Run("cancellation", func(t *testing.T) {
 		preCancelled(t, "Status", func(ctx context.Context) error {
 			_, err := d.Status(ctx, "sdktest-anything")
@@ -269,6 +294,64 @@ func (i *injectedProvisioner) Status(ctx context.Context, operationID string) (*
 		return nil, err
 	}
 	return i.Driver.Status(ctx, operationID)
+}
+
+// discoverAll walks a whole discovery: its first pages one node at a time,
+// so the cursor is exercised whatever the backend's size, the rest at the
+// driver's default page size. It checks every page and node and returns
+// the nodes by id.
+func discoverAll(t testing.TB, d provisioner.Discoverer) map[string]provisioner.DiscoveredNode {
+	t.Helper()
+	const smallPages, maxPages = 3, 10000
+	ctx := testContext(t)
+	nodes := map[string]provisioner.DiscoveredNode{}
+	cursors := map[string]bool{"": true}
+	cursor := ""
+	for pages := 0; ; pages++ {
+		if pages == maxPages {
+			t.Fatalf("Discover did not finish after %d pages (%d nodes)", maxPages, len(nodes))
+		}
+		limit := 0
+		if pages < smallPages {
+			limit = 1
+		}
+		page, err := d.Discover(ctx, &provisioner.DiscoverRequest{Cursor: cursor, Limit: limit})
+		wantOK(t, fmt.Sprintf("Discover page %d (limit %d)", pages+1, limit), err)
+		if limit > 0 && len(page.Nodes) > limit {
+			t.Errorf("Discover with limit %d returned %d nodes", limit, len(page.Nodes))
+		}
+		for _, n := range page.Nodes {
+			if _, dup := nodes[n.NodeID]; dup {
+				t.Fatalf("Discover listed node %q twice (page %d, cursor %q): the cursor must continue after the previous page", n.NodeID, pages+1, cursor)
+			}
+			checkDiscovered(t, &n)
+			nodes[n.NodeID] = n
+		}
+		if page.NextCursor == "" {
+			return nodes
+		}
+		if cursors[page.NextCursor] {
+			t.Fatalf("Discover page %d returned cursor %q again: the listing would never end", pages+1, page.NextCursor)
+		}
+		cursors[page.NextCursor] = true
+		cursor = page.NextCursor
+	}
+}
+
+func checkDiscovered(t testing.TB, n *provisioner.DiscoveredNode) {
+	t.Helper()
+	if n.NodeID == "" {
+		t.Errorf("Discover: node %+v without id", n)
+	}
+	if n.State == "" {
+		t.Errorf("Discover: node %q without the backend's state", n.NodeID)
+	}
+	if n.Ready && n.Broken {
+		t.Errorf("Discover: node %q is both ready and broken (state %q)", n.NodeID, n.State)
+	}
+	if n.Facts != nil && n.Facts.NodeID != n.NodeID {
+		t.Errorf("Discover: node %q has the facts of node %q", n.NodeID, n.Facts.NodeID)
+	}
 }
 
 func checkFacts(t testing.TB, f *provisioner.NodeFacts, nodeID string) {

@@ -59,7 +59,7 @@ func EnsureSchedule(ctx context.Context, tc client.Client, prefix string, every 
 	err = h.Update(ctx, client.ScheduleUpdateOptions{DoUpdate: func(in client.ScheduleUpdateInput) (*client.ScheduleUpdate, error) {
 		s := in.Description.Schedule
 		if len(s.Spec.Intervals) == 1 && s.Spec.Intervals[0].Every == every {
-			return nil, nil // unchanged
+			return nil, temporal.ErrSkipScheduleUpdate // unchanged
 		}
 		s.Spec = &client.ScheduleSpec{Intervals: []client.ScheduleIntervalSpec{{Every: every}}}
 		return &client.ScheduleUpdate{Schedule: &s}, nil

@@ -319,7 +319,9 @@ func runWorkers(ctx context.Context, cfg config.Config, tc client.Client, pool *
 		}
 	}
 	defer w.Stop()
-	go func() { _ = billing.FollowDepletions(ctx, pool, js, tc, cfg.TaskQueue, log.Named("depletion")) }()
+	go keep(ctx, log.Named("depletion"), func(ctx context.Context) error {
+		return billing.FollowDepletions(ctx, pool, js, tc, cfg.TaskQueue, log.Named("depletion"))
+	})
 	for {
 		every := policy.BillingWindow.Value(ctx, pol, policy.Target{})
 		if err := billing.EnsureSchedule(ctx, tc, cfg.TaskQueue, every); err != nil {
@@ -355,12 +357,34 @@ func runProvisioning(ctx context.Context, cfg config.Config, tc client.Client, p
 	defer w.Stop()
 	starter := &allocations.Starter{Temporal: tc, Prefix: cfg.TaskQueue}
 	var wg sync.WaitGroup
-	wg.Go(func() { _ = allocations.FollowRequests(ctx, pool, js, starter, log.Named("requests")) })
-	wg.Go(func() { _ = allocations.FollowAutoReleases(ctx, pool, js, acts.Service, log.Named("auto-release")) })
+	wg.Go(func() {
+		keep(ctx, log.Named("requests"), func(ctx context.Context) error {
+			return allocations.FollowRequests(ctx, pool, js, starter, log.Named("requests"))
+		})
+	})
+	wg.Go(func() {
+		keep(ctx, log.Named("auto-release"), func(ctx context.Context) error {
+			return allocations.FollowAutoReleases(ctx, pool, js, acts.Service, log.Named("auto-release"))
+		})
+	})
 	wg.Go(func() {
 		(&allocations.Reconciler{Pool: pool, Policy: pol, Starter: starter, Log: log.Named("reconciler")}).Run(ctx)
 	})
 	wg.Wait()
+}
+
+// keep runs a consumer until ctx is done, starting it again a second after it
+// fails (its stream may not be declared yet, or NATS may be away).
+func keep(ctx context.Context, log hclog.Logger, run func(context.Context) error) {
+	for ctx.Err() == nil {
+		if err := run(ctx); err != nil && ctx.Err() == nil {
+			log.Warn("consumer stopped; restarting", "error", err)
+		}
+		select {
+		case <-ctx.Done():
+		case <-time.After(time.Second):
+		}
+	}
 }
 
 // migrate applies migrations, waiting for the database for up to a minute so the

@@ -486,8 +486,8 @@ func (s *Service) upsert(ctx context.Context, tx pgx.Tx, instance string, nf pro
 }
 
 // matchSKU finds the SKU of a node: a tag "sku:<id>" or "gpuaas-sku=<id>" names
-// it; else the active SKU whose GPU model the node's GPU model contains (ignoring
-// case and punctuation) with the same GPU count. Several matches pick the first
+// it; else the active SKU with the node's GPU count whose GPU model's words all
+// occur in the node's GPU model (ignoring case and punctuation). Several matches pick the first
 // by id; none returns "".
 func matchSKU(ctx context.Context, tx pgx.Tx, f Facts, tags []string) (string, error) {
 	for _, t := range tags {
@@ -521,11 +521,23 @@ func matchSKU(ctx context.Context, tx pgx.Tx, f Facts, tags []string) (string, e
 	}
 	model := squash(f.GPUs[0].Model)
 	for _, k := range skus {
-		if m := squash(k.model); m != "" && strings.Contains(model, m) {
+		if modelMatches(model, k.model) {
 			return k.id, nil
 		}
 	}
 	return "", nil
+}
+
+// modelMatches reports whether every word of a SKU's GPU model ("H100 80GB")
+// occurs in a node's squashed GPU model ("nvidiacorporationgh100h100sxm580gb").
+func modelMatches(node, sku string) bool {
+	words := strings.FieldsFunc(sku, func(r rune) bool { return squash(string(r)) == "" })
+	for _, w := range words {
+		if !strings.Contains(node, squash(w)) {
+			return false
+		}
+	}
+	return len(words) > 0
 }
 
 func squash(s string) string {

@@ -18,8 +18,10 @@ import (
 // starting its plugin if it is not running. Each call on the driver is
 // measured and, when the plugin process dies during it, retried once on a
 // restarted process with the same arguments. The driver also implements
-// provisioner.WebhookHandler (base.ErrUnimplemented without the capability).
-// Configure on it is refused: instances are configured with Host.Configure.
+// provisioner.WebhookHandler and provisioner.Discoverer, measured and
+// retried the same way (Discover is a read); without the capability they
+// return base.ErrUnimplemented. Configure on it is refused: instances are
+// configured with Host.Configure.
 func (h *Host) Provisioner(ctx context.Context, instance string) (provisioner.Driver, error) {
 	p, err := h.driverProc(ctx, instance, base.KindProvisioner)
 	if err != nil {
@@ -136,6 +138,7 @@ type provisionerDriver struct{ p *proc }
 var (
 	_ provisioner.Driver         = (*provisionerDriver)(nil)
 	_ provisioner.WebhookHandler = (*provisionerDriver)(nil)
+	_ provisioner.Discoverer     = (*provisionerDriver)(nil)
 )
 
 func (d *provisionerDriver) Info(ctx context.Context) (*base.Info, error) {
@@ -191,6 +194,12 @@ func (d *provisionerDriver) Probe(ctx context.Context, nodeID string) (*provisio
 func (d *provisionerDriver) HandleWebhook(ctx context.Context, hook *provisioner.Webhook) ([]provisioner.NodeEvent, error) {
 	return invoke(ctx, d.p, "HandleWebhook", nil, func(ctx context.Context, drv provisioner.WebhookHandler) ([]provisioner.NodeEvent, error) {
 		return drv.HandleWebhook(ctx, hook)
+	})
+}
+
+func (d *provisionerDriver) Discover(ctx context.Context, req *provisioner.DiscoverRequest) (*provisioner.DiscoverPage, error) {
+	return invoke(ctx, d.p, "Discover", nil, func(ctx context.Context, drv provisioner.Discoverer) (*provisioner.DiscoverPage, error) {
+		return drv.Discover(ctx, req)
 	})
 }
 

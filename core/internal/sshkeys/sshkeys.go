@@ -164,7 +164,7 @@ func (s *Service) Delete(ctx context.Context, user, id uuid.UUID) error {
 // ids is empty) as authorized_keys lines. An id that is not one of the user's
 // keys is a validation error naming it.
 func (s *Service) PublicKeys(ctx context.Context, user uuid.UUID, ids []uuid.UUID) ([]string, error) {
-	rows, err := s.pool.Query(ctx, `SELECT id, public_key FROM ssh_keys WHERE user_id = $1 AND (cardinality($2::uuid[]) = 0 OR id = ANY($2)) ORDER BY id`, user, ids)
+	rows, err := s.pool.Query(ctx, `SELECT id, public_key FROM ssh_keys WHERE user_id = $1 AND (coalesce(cardinality($2::uuid[]), 0) = 0 OR id = ANY($2)) ORDER BY id`, user, ids)
 	if err != nil {
 		return nil, fmt.Errorf("sshkeys: public keys: %w", err)
 	}

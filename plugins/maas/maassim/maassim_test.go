@@ -226,6 +226,34 @@ func TestLifecycle(t *testing.T) {
 	}
 }
 
+func TestDeleteMachine(t *testing.T) {
+	t.Parallel()
+	admin := maassim.Credential{Username: "admin", ConsumerKey: "ck1", TokenKey: "tk1", TokenSecret: "ts1"}
+	user := maassim.Credential{Username: "alice", ConsumerKey: "ck2", TokenKey: "tk2", TokenSecret: "ts2"}
+	b := setup(t, maassim.WithCredential(admin), maassim.WithCredential(user))
+	alice, err := gomaas.GetClient(b.srv.URL+"/MAAS/", user.APIKey(), "2.0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	id := b.n.SystemID
+	if err := alice.Machine.Delete(id); statusOf(t, err) != http.StatusForbidden {
+		t.Fatalf("delete by a user who is no admin: %v", err)
+	}
+	if err := b.cl.Machine.Delete(id); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := b.cl.Machine.Get(id); statusOf(t, err) != http.StatusNotFound {
+		t.Fatalf("deleted machine: %v", err)
+	}
+	ms, err := b.cl.Machines.Get(&entity.MachinesParams{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(ms) != 1 || ms[0].SystemID != b.h.SystemID {
+		t.Fatalf("machines after the delete: %d, want only %s", len(ms), b.h.SystemID)
+	}
+}
+
 func TestFailures(t *testing.T) {
 	t.Parallel()
 	cases := []struct {

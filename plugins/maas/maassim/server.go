@@ -741,6 +741,14 @@ func (s *Server) machineResource(req *apiRequest, id string) {
 		default:
 			req.badOp()
 		}
+	case http.MethodDelete:
+		if !s.isSuperuserLocked(req.user) {
+			writeText(req.w, http.StatusForbidden, "You do not have permission to delete this machine.")
+			return
+		}
+		s.stopPhaseLocked(m)
+		delete(s.machines, m.id())
+		req.w.WriteHeader(http.StatusNoContent)
 	default:
 		req.methodNotAllowed()
 	}

@@ -54,6 +54,7 @@ type Driver struct {
 var (
 	_ provisioner.Driver         = (*Driver)(nil)
 	_ provisioner.WebhookHandler = (*Driver)(nil)
+	_ provisioner.Discoverer     = (*Driver)(nil)
 )
 
 type settings struct {
@@ -314,6 +315,47 @@ func (d *Driver) Probe(ctx context.Context, nodeID string) (*provisioner.Health,
 		return &provisioner.Health{Healthy: false, Message: fmt.Sprintf("injected failure for node %q", nodeID)}, nil
 	}
 	return &provisioner.Health{Healthy: true, Message: "ok"}, nil
+}
+
+// DefaultDiscoverLimit is the page size of Discover when the request sets none.
+const DefaultDiscoverLimit = 500
+
+// Discover implements provisioner.Discoverer: the enrolled nodes in node id
+// order, paged by the last node id returned. A node in fail_nodes is
+// broken, every other one ready.
+func (d *Driver) Discover(ctx context.Context, req *provisioner.DiscoverRequest) (*provisioner.DiscoverPage, error) {
+	s, err := d.enter(ctx)
+	if err != nil {
+		return nil, err
+	}
+	limit := req.Limit
+	if limit <= 0 {
+		limit = DefaultDiscoverLimit
+	}
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	ids := make([]string, 0, len(d.nodes))
+	for id := range d.nodes {
+		if id > req.Cursor {
+			ids = append(ids, id)
+		}
+	}
+	slices.Sort(ids)
+	page := &provisioner.DiscoverPage{}
+	if len(ids) > limit {
+		ids = ids[:limit]
+		page.NextCursor = ids[limit-1]
+	}
+	for _, id := range ids {
+		facts := *d.nodes[id]
+		facts.GPUs, facts.Tags = slices.Clone(facts.GPUs), slices.Clone(facts.Tags)
+		n := provisioner.DiscoveredNode{NodeID: id, Ready: true, State: "ready", Facts: &facts}
+		if slices.Contains(s.failNodes, id) {
+			n.Ready, n.Broken, n.State = false, true, "failed"
+		}
+		page.Nodes = append(page.Nodes, n)
+	}
+	return page, nil
 }
 
 // WebhookEvent is the JSON body of an instantprov webhook.

@@ -1305,6 +1305,188 @@ func (x *WebhookResponse) GetEvents() []*NodeEvent {
 	return nil
 }
 
+type DiscoverRequest struct {
+	state  protoimpl.MessageState `protogen:"open.v1"`
+	Cursor string                 `protobuf:"bytes,1,opt,name=cursor,proto3" json:"cursor,omitempty"`
+	// 0: the driver's default.
+	Limit         int32 `protobuf:"varint,2,opt,name=limit,proto3" json:"limit,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *DiscoverRequest) Reset() {
+	*x = DiscoverRequest{}
+	mi := &file_sdk_provisioner_proto_provisioner_proto_msgTypes[18]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *DiscoverRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*DiscoverRequest) ProtoMessage() {}
+
+func (x *DiscoverRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_sdk_provisioner_proto_provisioner_proto_msgTypes[18]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use DiscoverRequest.ProtoReflect.Descriptor instead.
+func (*DiscoverRequest) Descriptor() ([]byte, []int) {
+	return file_sdk_provisioner_proto_provisioner_proto_rawDescGZIP(), []int{18}
+}
+
+func (x *DiscoverRequest) GetCursor() string {
+	if x != nil {
+		return x.Cursor
+	}
+	return ""
+}
+
+func (x *DiscoverRequest) GetLimit() int32 {
+	if x != nil {
+		return x.Limit
+	}
+	return 0
+}
+
+type DiscoveredNode struct {
+	state  protoimpl.MessageState `protogen:"open.v1"`
+	NodeId string                 `protobuf:"bytes,1,opt,name=node_id,json=nodeId,proto3" json:"node_id,omitempty"`
+	Ready  bool                   `protobuf:"varint,2,opt,name=ready,proto3" json:"ready,omitempty"`
+	Broken bool                   `protobuf:"varint,3,opt,name=broken,proto3" json:"broken,omitempty"`
+	State  string                 `protobuf:"bytes,4,opt,name=state,proto3" json:"state,omitempty"`
+	// Unset when the backend does not list facts cheaply.
+	Facts         *NodeFacts `protobuf:"bytes,5,opt,name=facts,proto3" json:"facts,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *DiscoveredNode) Reset() {
+	*x = DiscoveredNode{}
+	mi := &file_sdk_provisioner_proto_provisioner_proto_msgTypes[19]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *DiscoveredNode) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*DiscoveredNode) ProtoMessage() {}
+
+func (x *DiscoveredNode) ProtoReflect() protoreflect.Message {
+	mi := &file_sdk_provisioner_proto_provisioner_proto_msgTypes[19]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use DiscoveredNode.ProtoReflect.Descriptor instead.
+func (*DiscoveredNode) Descriptor() ([]byte, []int) {
+	return file_sdk_provisioner_proto_provisioner_proto_rawDescGZIP(), []int{19}
+}
+
+func (x *DiscoveredNode) GetNodeId() string {
+	if x != nil {
+		return x.NodeId
+	}
+	return ""
+}
+
+func (x *DiscoveredNode) GetReady() bool {
+	if x != nil {
+		return x.Ready
+	}
+	return false
+}
+
+func (x *DiscoveredNode) GetBroken() bool {
+	if x != nil {
+		return x.Broken
+	}
+	return false
+}
+
+func (x *DiscoveredNode) GetState() string {
+	if x != nil {
+		return x.State
+	}
+	return ""
+}
+
+func (x *DiscoveredNode) GetFacts() *NodeFacts {
+	if x != nil {
+		return x.Facts
+	}
+	return nil
+}
+
+type DiscoverResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Nodes         []*DiscoveredNode      `protobuf:"bytes,1,rep,name=nodes,proto3" json:"nodes,omitempty"`
+	NextCursor    string                 `protobuf:"bytes,2,opt,name=next_cursor,json=nextCursor,proto3" json:"next_cursor,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *DiscoverResponse) Reset() {
+	*x = DiscoverResponse{}
+	mi := &file_sdk_provisioner_proto_provisioner_proto_msgTypes[20]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *DiscoverResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*DiscoverResponse) ProtoMessage() {}
+
+func (x *DiscoverResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_sdk_provisioner_proto_provisioner_proto_msgTypes[20]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use DiscoverResponse.ProtoReflect.Descriptor instead.
+func (*DiscoverResponse) Descriptor() ([]byte, []int) {
+	return file_sdk_provisioner_proto_provisioner_proto_rawDescGZIP(), []int{20}
+}
+
+func (x *DiscoverResponse) GetNodes() []*DiscoveredNode {
+	if x != nil {
+		return x.Nodes
+	}
+	return nil
+}
+
+func (x *DiscoverResponse) GetNextCursor() string {
+	if x != nil {
+		return x.NextCursor
+	}
+	return ""
+}
+
 var File_sdk_provisioner_proto_provisioner_proto protoreflect.FileDescriptor
 
 const file_sdk_provisioner_proto_provisioner_proto_rawDesc = "" +
@@ -1397,7 +1579,20 @@ const file_sdk_provisioner_proto_provisioner_proto_rawDesc = "" +
 	"\toperation\x18\x06 \x01(\v2$.gpuaas.sdk.provisioner.v1.OperationR\toperation\x12@\n" +
 	"\x06health\x18\a \x01(\v2(.gpuaas.sdk.provisioner.v1.ProbeResponseR\x06health\"O\n" +
 	"\x0fWebhookResponse\x12<\n" +
-	"\x06events\x18\x01 \x03(\v2$.gpuaas.sdk.provisioner.v1.NodeEventR\x06events*u\n" +
+	"\x06events\x18\x01 \x03(\v2$.gpuaas.sdk.provisioner.v1.NodeEventR\x06events\"?\n" +
+	"\x0fDiscoverRequest\x12\x16\n" +
+	"\x06cursor\x18\x01 \x01(\tR\x06cursor\x12\x14\n" +
+	"\x05limit\x18\x02 \x01(\x05R\x05limit\"\xa9\x01\n" +
+	"\x0eDiscoveredNode\x12\x17\n" +
+	"\anode_id\x18\x01 \x01(\tR\x06nodeId\x12\x14\n" +
+	"\x05ready\x18\x02 \x01(\bR\x05ready\x12\x16\n" +
+	"\x06broken\x18\x03 \x01(\bR\x06broken\x12\x14\n" +
+	"\x05state\x18\x04 \x01(\tR\x05state\x12:\n" +
+	"\x05facts\x18\x05 \x01(\v2$.gpuaas.sdk.provisioner.v1.NodeFactsR\x05facts\"t\n" +
+	"\x10DiscoverResponse\x12?\n" +
+	"\x05nodes\x18\x01 \x03(\v2).gpuaas.sdk.provisioner.v1.DiscoveredNodeR\x05nodes\x12\x1f\n" +
+	"\vnext_cursor\x18\x02 \x01(\tR\n" +
+	"nextCursor*u\n" +
 	"\vReleaseMode\x12\x1c\n" +
 	"\x18RELEASE_MODE_UNSPECIFIED\x10\x00\x12\x17\n" +
 	"\x13RELEASE_MODE_REVOKE\x10\x01\x12\x15\n" +
@@ -1413,7 +1608,7 @@ const file_sdk_provisioner_proto_provisioner_proto_rawDesc = "" +
 	"\x1bNODE_EVENT_TYPE_UNSPECIFIED\x10\x00\x12\x19\n" +
 	"\x15NODE_EVENT_TYPE_FACTS\x10\x01\x12\x1d\n" +
 	"\x19NODE_EVENT_TYPE_OPERATION\x10\x02\x12\x1a\n" +
-	"\x16NODE_EVENT_TYPE_HEALTH\x10\x032\xb7\x05\n" +
+	"\x16NODE_EVENT_TYPE_HEALTH\x10\x032\x9c\x06\n" +
 	"\vProvisioner\x12o\n" +
 	"\fCapabilities\x12..gpuaas.sdk.provisioner.v1.CapabilitiesRequest\x1a/.gpuaas.sdk.provisioner.v1.CapabilitiesResponse\x12]\n" +
 	"\x06Enroll\x12(.gpuaas.sdk.provisioner.v1.EnrollRequest\x1a).gpuaas.sdk.provisioner.v1.EnrollResponse\x12^\n" +
@@ -1421,7 +1616,8 @@ const file_sdk_provisioner_proto_provisioner_proto_rawDesc = "" +
 	"\aRelease\x12).gpuaas.sdk.provisioner.v1.ReleaseRequest\x1a$.gpuaas.sdk.provisioner.v1.Operation\x12X\n" +
 	"\x06Status\x12(.gpuaas.sdk.provisioner.v1.StatusRequest\x1a$.gpuaas.sdk.provisioner.v1.Operation\x12Z\n" +
 	"\x05Probe\x12'.gpuaas.sdk.provisioner.v1.ProbeRequest\x1a(.gpuaas.sdk.provisioner.v1.ProbeResponse\x12f\n" +
-	"\rHandleWebhook\x12).gpuaas.sdk.provisioner.v1.WebhookRequest\x1a*.gpuaas.sdk.provisioner.v1.WebhookResponseB>Z<github.com/gpuaas/gpuaas/sdk/provisioner/proto;provisionerpbb\x06proto3"
+	"\rHandleWebhook\x12).gpuaas.sdk.provisioner.v1.WebhookRequest\x1a*.gpuaas.sdk.provisioner.v1.WebhookResponse\x12c\n" +
+	"\bDiscover\x12*.gpuaas.sdk.provisioner.v1.DiscoverRequest\x1a+.gpuaas.sdk.provisioner.v1.DiscoverResponseB>Z<github.com/gpuaas/gpuaas/sdk/provisioner/proto;provisionerpbb\x06proto3"
 
 var (
 	file_sdk_provisioner_proto_provisioner_proto_rawDescOnce sync.Once
@@ -1436,7 +1632,7 @@ func file_sdk_provisioner_proto_provisioner_proto_rawDescGZIP() []byte {
 }
 
 var file_sdk_provisioner_proto_provisioner_proto_enumTypes = make([]protoimpl.EnumInfo, 3)
-var file_sdk_provisioner_proto_provisioner_proto_msgTypes = make([]protoimpl.MessageInfo, 20)
+var file_sdk_provisioner_proto_provisioner_proto_msgTypes = make([]protoimpl.MessageInfo, 23)
 var file_sdk_provisioner_proto_provisioner_proto_goTypes = []any{
 	(ReleaseMode)(0),              // 0: gpuaas.sdk.provisioner.v1.ReleaseMode
 	(OperationState)(0),           // 1: gpuaas.sdk.provisioner.v1.OperationState
@@ -1459,47 +1655,54 @@ var file_sdk_provisioner_proto_provisioner_proto_goTypes = []any{
 	(*WebhookRequest)(nil),        // 18: gpuaas.sdk.provisioner.v1.WebhookRequest
 	(*NodeEvent)(nil),             // 19: gpuaas.sdk.provisioner.v1.NodeEvent
 	(*WebhookResponse)(nil),       // 20: gpuaas.sdk.provisioner.v1.WebhookResponse
-	nil,                           // 21: gpuaas.sdk.provisioner.v1.EnrollRequest.ParamsEntry
-	nil,                           // 22: gpuaas.sdk.provisioner.v1.WebhookRequest.HeadersEntry
-	(*timestamppb.Timestamp)(nil), // 23: google.protobuf.Timestamp
+	(*DiscoverRequest)(nil),       // 21: gpuaas.sdk.provisioner.v1.DiscoverRequest
+	(*DiscoveredNode)(nil),        // 22: gpuaas.sdk.provisioner.v1.DiscoveredNode
+	(*DiscoverResponse)(nil),      // 23: gpuaas.sdk.provisioner.v1.DiscoverResponse
+	nil,                           // 24: gpuaas.sdk.provisioner.v1.EnrollRequest.ParamsEntry
+	nil,                           // 25: gpuaas.sdk.provisioner.v1.WebhookRequest.HeadersEntry
+	(*timestamppb.Timestamp)(nil), // 26: google.protobuf.Timestamp
 }
 var file_sdk_provisioner_proto_provisioner_proto_depIdxs = []int32{
 	0,  // 0: gpuaas.sdk.provisioner.v1.CapabilitiesResponse.release_modes:type_name -> gpuaas.sdk.provisioner.v1.ReleaseMode
-	21, // 1: gpuaas.sdk.provisioner.v1.EnrollRequest.params:type_name -> gpuaas.sdk.provisioner.v1.EnrollRequest.ParamsEntry
+	24, // 1: gpuaas.sdk.provisioner.v1.EnrollRequest.params:type_name -> gpuaas.sdk.provisioner.v1.EnrollRequest.ParamsEntry
 	6,  // 2: gpuaas.sdk.provisioner.v1.NodeFacts.gpus:type_name -> gpuaas.sdk.provisioner.v1.GPU
 	7,  // 3: gpuaas.sdk.provisioner.v1.NodeFacts.cpu:type_name -> gpuaas.sdk.provisioner.v1.CPU
 	8,  // 4: gpuaas.sdk.provisioner.v1.EnrollResponse.facts:type_name -> gpuaas.sdk.provisioner.v1.NodeFacts
 	10, // 5: gpuaas.sdk.provisioner.v1.ProvisionRequest.user:type_name -> gpuaas.sdk.provisioner.v1.TenantUser
 	0,  // 6: gpuaas.sdk.provisioner.v1.ReleaseRequest.mode:type_name -> gpuaas.sdk.provisioner.v1.ReleaseMode
 	1,  // 7: gpuaas.sdk.provisioner.v1.Operation.state:type_name -> gpuaas.sdk.provisioner.v1.OperationState
-	23, // 8: gpuaas.sdk.provisioner.v1.Operation.updated_at:type_name -> google.protobuf.Timestamp
-	22, // 9: gpuaas.sdk.provisioner.v1.WebhookRequest.headers:type_name -> gpuaas.sdk.provisioner.v1.WebhookRequest.HeadersEntry
+	26, // 8: gpuaas.sdk.provisioner.v1.Operation.updated_at:type_name -> google.protobuf.Timestamp
+	25, // 9: gpuaas.sdk.provisioner.v1.WebhookRequest.headers:type_name -> gpuaas.sdk.provisioner.v1.WebhookRequest.HeadersEntry
 	2,  // 10: gpuaas.sdk.provisioner.v1.NodeEvent.type:type_name -> gpuaas.sdk.provisioner.v1.NodeEventType
-	23, // 11: gpuaas.sdk.provisioner.v1.NodeEvent.occurred_at:type_name -> google.protobuf.Timestamp
+	26, // 11: gpuaas.sdk.provisioner.v1.NodeEvent.occurred_at:type_name -> google.protobuf.Timestamp
 	8,  // 12: gpuaas.sdk.provisioner.v1.NodeEvent.facts:type_name -> gpuaas.sdk.provisioner.v1.NodeFacts
 	14, // 13: gpuaas.sdk.provisioner.v1.NodeEvent.operation:type_name -> gpuaas.sdk.provisioner.v1.Operation
 	16, // 14: gpuaas.sdk.provisioner.v1.NodeEvent.health:type_name -> gpuaas.sdk.provisioner.v1.ProbeResponse
 	19, // 15: gpuaas.sdk.provisioner.v1.WebhookResponse.events:type_name -> gpuaas.sdk.provisioner.v1.NodeEvent
-	17, // 16: gpuaas.sdk.provisioner.v1.WebhookRequest.HeadersEntry.value:type_name -> gpuaas.sdk.provisioner.v1.Header
-	3,  // 17: gpuaas.sdk.provisioner.v1.Provisioner.Capabilities:input_type -> gpuaas.sdk.provisioner.v1.CapabilitiesRequest
-	5,  // 18: gpuaas.sdk.provisioner.v1.Provisioner.Enroll:input_type -> gpuaas.sdk.provisioner.v1.EnrollRequest
-	11, // 19: gpuaas.sdk.provisioner.v1.Provisioner.Provision:input_type -> gpuaas.sdk.provisioner.v1.ProvisionRequest
-	12, // 20: gpuaas.sdk.provisioner.v1.Provisioner.Release:input_type -> gpuaas.sdk.provisioner.v1.ReleaseRequest
-	13, // 21: gpuaas.sdk.provisioner.v1.Provisioner.Status:input_type -> gpuaas.sdk.provisioner.v1.StatusRequest
-	15, // 22: gpuaas.sdk.provisioner.v1.Provisioner.Probe:input_type -> gpuaas.sdk.provisioner.v1.ProbeRequest
-	18, // 23: gpuaas.sdk.provisioner.v1.Provisioner.HandleWebhook:input_type -> gpuaas.sdk.provisioner.v1.WebhookRequest
-	4,  // 24: gpuaas.sdk.provisioner.v1.Provisioner.Capabilities:output_type -> gpuaas.sdk.provisioner.v1.CapabilitiesResponse
-	9,  // 25: gpuaas.sdk.provisioner.v1.Provisioner.Enroll:output_type -> gpuaas.sdk.provisioner.v1.EnrollResponse
-	14, // 26: gpuaas.sdk.provisioner.v1.Provisioner.Provision:output_type -> gpuaas.sdk.provisioner.v1.Operation
-	14, // 27: gpuaas.sdk.provisioner.v1.Provisioner.Release:output_type -> gpuaas.sdk.provisioner.v1.Operation
-	14, // 28: gpuaas.sdk.provisioner.v1.Provisioner.Status:output_type -> gpuaas.sdk.provisioner.v1.Operation
-	16, // 29: gpuaas.sdk.provisioner.v1.Provisioner.Probe:output_type -> gpuaas.sdk.provisioner.v1.ProbeResponse
-	20, // 30: gpuaas.sdk.provisioner.v1.Provisioner.HandleWebhook:output_type -> gpuaas.sdk.provisioner.v1.WebhookResponse
-	24, // [24:31] is the sub-list for method output_type
-	17, // [17:24] is the sub-list for method input_type
-	17, // [17:17] is the sub-list for extension type_name
-	17, // [17:17] is the sub-list for extension extendee
-	0,  // [0:17] is the sub-list for field type_name
+	8,  // 16: gpuaas.sdk.provisioner.v1.DiscoveredNode.facts:type_name -> gpuaas.sdk.provisioner.v1.NodeFacts
+	22, // 17: gpuaas.sdk.provisioner.v1.DiscoverResponse.nodes:type_name -> gpuaas.sdk.provisioner.v1.DiscoveredNode
+	17, // 18: gpuaas.sdk.provisioner.v1.WebhookRequest.HeadersEntry.value:type_name -> gpuaas.sdk.provisioner.v1.Header
+	3,  // 19: gpuaas.sdk.provisioner.v1.Provisioner.Capabilities:input_type -> gpuaas.sdk.provisioner.v1.CapabilitiesRequest
+	5,  // 20: gpuaas.sdk.provisioner.v1.Provisioner.Enroll:input_type -> gpuaas.sdk.provisioner.v1.EnrollRequest
+	11, // 21: gpuaas.sdk.provisioner.v1.Provisioner.Provision:input_type -> gpuaas.sdk.provisioner.v1.ProvisionRequest
+	12, // 22: gpuaas.sdk.provisioner.v1.Provisioner.Release:input_type -> gpuaas.sdk.provisioner.v1.ReleaseRequest
+	13, // 23: gpuaas.sdk.provisioner.v1.Provisioner.Status:input_type -> gpuaas.sdk.provisioner.v1.StatusRequest
+	15, // 24: gpuaas.sdk.provisioner.v1.Provisioner.Probe:input_type -> gpuaas.sdk.provisioner.v1.ProbeRequest
+	18, // 25: gpuaas.sdk.provisioner.v1.Provisioner.HandleWebhook:input_type -> gpuaas.sdk.provisioner.v1.WebhookRequest
+	21, // 26: gpuaas.sdk.provisioner.v1.Provisioner.Discover:input_type -> gpuaas.sdk.provisioner.v1.DiscoverRequest
+	4,  // 27: gpuaas.sdk.provisioner.v1.Provisioner.Capabilities:output_type -> gpuaas.sdk.provisioner.v1.CapabilitiesResponse
+	9,  // 28: gpuaas.sdk.provisioner.v1.Provisioner.Enroll:output_type -> gpuaas.sdk.provisioner.v1.EnrollResponse
+	14, // 29: gpuaas.sdk.provisioner.v1.Provisioner.Provision:output_type -> gpuaas.sdk.provisioner.v1.Operation
+	14, // 30: gpuaas.sdk.provisioner.v1.Provisioner.Release:output_type -> gpuaas.sdk.provisioner.v1.Operation
+	14, // 31: gpuaas.sdk.provisioner.v1.Provisioner.Status:output_type -> gpuaas.sdk.provisioner.v1.Operation
+	16, // 32: gpuaas.sdk.provisioner.v1.Provisioner.Probe:output_type -> gpuaas.sdk.provisioner.v1.ProbeResponse
+	20, // 33: gpuaas.sdk.provisioner.v1.Provisioner.HandleWebhook:output_type -> gpuaas.sdk.provisioner.v1.WebhookResponse
+	23, // 34: gpuaas.sdk.provisioner.v1.Provisioner.Discover:output_type -> gpuaas.sdk.provisioner.v1.DiscoverResponse
+	27, // [27:35] is the sub-list for method output_type
+	19, // [19:27] is the sub-list for method input_type
+	19, // [19:19] is the sub-list for extension type_name
+	19, // [19:19] is the sub-list for extension extendee
+	0,  // [0:19] is the sub-list for field type_name
 }
 
 func init() { file_sdk_provisioner_proto_provisioner_proto_init() }
@@ -1513,7 +1716,7 @@ func file_sdk_provisioner_proto_provisioner_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_sdk_provisioner_proto_provisioner_proto_rawDesc), len(file_sdk_provisioner_proto_provisioner_proto_rawDesc)),
 			NumEnums:      3,
-			NumMessages:   20,
+			NumMessages:   23,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

@@ -30,6 +30,7 @@ const (
 	Provisioner_Status_FullMethodName        = "/gpuaas.sdk.provisioner.v1.Provisioner/Status"
 	Provisioner_Probe_FullMethodName         = "/gpuaas.sdk.provisioner.v1.Provisioner/Probe"
 	Provisioner_HandleWebhook_FullMethodName = "/gpuaas.sdk.provisioner.v1.Provisioner/HandleWebhook"
+	Provisioner_Discover_FullMethodName      = "/gpuaas.sdk.provisioner.v1.Provisioner/Discover"
 )
 
 // ProvisionerClient is the client API for Provisioner service.
@@ -44,6 +45,8 @@ type ProvisionerClient interface {
 	Probe(ctx context.Context, in *ProbeRequest, opts ...grpc.CallOption) (*ProbeResponse, error)
 	// Optional: UNIMPLEMENTED when the driver takes no webhooks.
 	HandleWebhook(ctx context.Context, in *WebhookRequest, opts ...grpc.CallOption) (*WebhookResponse, error)
+	// Optional: UNIMPLEMENTED when the driver cannot list its nodes.
+	Discover(ctx context.Context, in *DiscoverRequest, opts ...grpc.CallOption) (*DiscoverResponse, error)
 }
 
 type provisionerClient struct {
@@ -124,6 +127,16 @@ func (c *provisionerClient) HandleWebhook(ctx context.Context, in *WebhookReques
 	return out, nil
 }
 
+func (c *provisionerClient) Discover(ctx context.Context, in *DiscoverRequest, opts ...grpc.CallOption) (*DiscoverResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(DiscoverResponse)
+	err := c.cc.Invoke(ctx, Provisioner_Discover_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // ProvisionerServer is the server API for Provisioner service.
 // All implementations must embed UnimplementedProvisionerServer
 // for forward compatibility.
@@ -136,6 +149,8 @@ type ProvisionerServer interface {
 	Probe(context.Context, *ProbeRequest) (*ProbeResponse, error)
 	// Optional: UNIMPLEMENTED when the driver takes no webhooks.
 	HandleWebhook(context.Context, *WebhookRequest) (*WebhookResponse, error)
+	// Optional: UNIMPLEMENTED when the driver cannot list its nodes.
+	Discover(context.Context, *DiscoverRequest) (*DiscoverResponse, error)
 	mustEmbedUnimplementedProvisionerServer()
 }
 
@@ -166,6 +181,9 @@ func (UnimplementedProvisionerServer) Probe(context.Context, *ProbeRequest) (*Pr
 }
 func (UnimplementedProvisionerServer) HandleWebhook(context.Context, *WebhookRequest) (*WebhookResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method HandleWebhook not implemented")
+}
+func (UnimplementedProvisionerServer) Discover(context.Context, *DiscoverRequest) (*DiscoverResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method Discover not implemented")
 }
 func (UnimplementedProvisionerServer) mustEmbedUnimplementedProvisionerServer() {}
 func (UnimplementedProvisionerServer) testEmbeddedByValue()                     {}
@@ -314,6 +332,24 @@ func _Provisioner_HandleWebhook_Handler(srv interface{}, ctx context.Context, de
 	return interceptor(ctx, in, info, handler)
 }
 
+func _Provisioner_Discover_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(DiscoverRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(ProvisionerServer).Discover(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Provisioner_Discover_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(ProvisionerServer).Discover(ctx, req.(*DiscoverRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // Provisioner_ServiceDesc is the grpc.ServiceDesc for Provisioner service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -348,6 +384,10 @@ var Provisioner_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "HandleWebhook",
 			Handler:    _Provisioner_HandleWebhook_Handler,
+		},
+		{
+			MethodName: "Discover",
+			Handler:    _Provisioner_Discover_Handler,
 		},
 	},
 	Streams:  []grpc.StreamDesc{},

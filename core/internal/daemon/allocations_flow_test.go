@@ -9,6 +9,7 @@ import (
 	"testing"
 	"time"
 
+	gomaas "github.com/canonical/gomaasclient/client"
 	"github.com/google/uuid"
 	"github.com/jackc/pgx/v5"
 
@@ -488,4 +489,127 @@ func jsonBody(v any) string {
 		panic(err)
 	}
 	return string(b)
+}
+
+// Nodes come in by the commissioning webhook (MAAS runs the driver's script,
+// which calls the core) and by the reconciling poll, which also takes away
+// machines MAAS lost or broke and brings them back.
+func TestNodeDiscovery(t *testing.T) {
+	p := newProvEnv(t, provOptions{timing: fastTiming(), h100: 2})
+	nodes := p.registerAll()
+
+	// A forged webhook is refused and audited.
+	r := p.call("POST", "/api/v1/webhooks/maas/maas-a", "", map[string]any{"system_id": "abc123"})
+	if r.status != 401 || r.code() != "node_webhook_invalid" {
+		t.Fatalf("forged webhook: %d %s; want 401 node_webhook_invalid", r.status, r.body)
+	}
+	var denied int
+	_ = p.pool.QueryRow(t.Context(), `SELECT count(*) FROM audit_log WHERE action = 'node.webhook' AND result = 'denied'`).Scan(&denied)
+	if denied != 1 {
+		t.Fatalf("%d denied webhook audit rows; want 1", denied)
+	}
+
+	// Commissioning a new machine registers it through the webhook.
+	spec, err := maassim.NewMachine(maassim.SKUL40S, 7, "new")
+	if err != nil {
+		t.Fatal(err)
+	}
+	newID, err := p.sim.AddMachine(spec)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := p.sim.Commission(newID); err != nil {
+		t.Fatal(err)
+	}
+	var node uuid.UUID
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		var state string
+		err := p.pool.QueryRow(t.Context(), `SELECT id, state FROM nodes WHERE external_id = $1`, newID).Scan(&node, &state)
+		if err == nil && state == "available" {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("commissioned machine %s not available in the inventory (state %q, %v); webhooks: %+v", newID, state, err, p.sim.Webhooks())
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	if r := p.call("GET", "/api/v1/admin/nodes/"+node.String(), p.admin, nil); !strings.Contains(string(r.body), `"sku_id":"l40s"`) {
+		t.Fatalf("webhook node: %s", r.body)
+	}
+
+	// A machine MAAS has but the core missed (lost webhook) comes in by the
+	// poll; a machine MAAS marks broken, and one it deleted, go offline.
+	spec, err = maassim.NewMachine(maassim.SKUH100, 9, "ready")
+	if err != nil {
+		t.Fatal(err)
+	}
+	missed, err := p.sim.AddMachine(spec)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cl, err := gomaas.GetClient(p.simURL, p.sim.APIKey(), "2.0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var broken, gone string
+	for sys := range nodes {
+		if broken == "" {
+			broken = sys
+		} else {
+			gone = sys
+		}
+	}
+	if _, err := cl.Machine.MarkBroken(broken, "PSU failure"); err != nil {
+		t.Fatal(err)
+	}
+	if err := cl.Machine.Delete(gone); err != nil {
+		t.Fatal(err)
+	}
+	r = p.call("POST", "/api/v1/admin/plugin-instances/maas-a/sync", p.admin, nil)
+	if r.status != 200 || !strings.Contains(string(r.body), `"added":1`) || !strings.Contains(string(r.body), `"offline":2`) {
+		t.Fatalf("sync: %d %s; want 1 added, 2 offline", r.status, r.body)
+	}
+	if s := p.nodeState(nodes[broken]); s != "offline" {
+		t.Fatalf("broken machine's node is %s", s)
+	}
+	if s := p.nodeState(nodes[gone]); s != "offline" {
+		t.Fatalf("deleted machine's node is %s", s)
+	}
+	var missedState string
+	_ = p.pool.QueryRow(t.Context(), `SELECT state FROM nodes WHERE external_id = $1`, missed).Scan(&missedState)
+	if missedState != "available" {
+		t.Fatalf("missed machine's node is %q; want available", missedState)
+	}
+	// Offline nodes are not rented; the broken one comes back when fixed.
+	if r := p.call("GET", "/api/v1/capacity", "", nil); !strings.Contains(string(r.body), `"available":1,"gpu_model":"H100 80GB"`) {
+		t.Fatalf("capacity with two H100 offline: %s", r.body)
+	}
+	if _, err := cl.Machine.MarkFixed(broken, "PSU replaced"); err != nil {
+		t.Fatal(err)
+	}
+	r = p.call("POST", "/api/v1/admin/plugin-instances/maas-a/sync", p.admin, nil)
+	if r.status != 200 || !strings.Contains(string(r.body), `"recovered":1`) {
+		t.Fatalf("sync after fix: %d %s; want 1 recovered", r.status, r.body)
+	}
+	if s := p.nodeState(nodes[broken]); s != "available" {
+		t.Fatalf("fixed machine's node is %s", s)
+	}
+
+	// Retire: refused while allocated, done when idle.
+	_, list := p.create(p.user, map[string]any{"sku_id": "h100"})
+	if len(list) != 1 {
+		t.Fatal("create failed")
+	}
+	a := p.await(list[0].ID, "active", 30*time.Second)
+	if r := p.call("POST", "/api/v1/admin/nodes/"+a.NodeID.String()+"/retire", p.admin, nil); r.status != 409 || r.code() != "node_busy" {
+		t.Fatalf("retire an allocated node: %d %s; want 409 node_busy", r.status, r.body)
+	}
+	if r := p.call("POST", "/api/v1/admin/nodes/"+nodes[gone].String()+"/retire", p.admin, map[string]any{"reason": "gone from MAAS"}); r.status != 200 ||
+		!strings.Contains(string(r.body), `"state":"retired"`) {
+		t.Fatalf("retire: %d %s", r.status, r.body)
+	}
+	if r := p.call("POST", "/api/v1/admin/nodes/"+a.NodeID.String()+"/probe", p.admin, nil); r.status != 200 || !strings.Contains(string(r.body), `"healthy":true`) {
+		t.Fatalf("probe: %d %s", r.status, r.body)
+	}
 }

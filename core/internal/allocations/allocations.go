@@ -16,6 +16,7 @@ import (
 	"github.com/google/uuid"
 	"github.com/hashicorp/go-hclog"
 	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/jackc/pgx/v5/pgxpool"
 
 	"github.com/gpuaas/gpuaas/core/internal/audit"
@@ -361,15 +362,20 @@ func (s *Service) Create(ctx context.Context, req CreateRequest) ([]*Allocation,
 	var out []*Allocation
 	err = store.Transact(ctx, s.pool, store.TxOptions{}, func(tx pgx.Tx) error {
 		out = out[:0]
-		if _, err := tx.Exec(ctx, `SELECT pg_advisory_xact_lock(hashtextextended('alloc-org:' || $1::text, 0)),
-			pg_advisory_xact_lock(hashtextextended('alloc-project:' || $2::text, 0))`, req.OrgID, req.ProjectID); err != nil {
-			return err
-		}
+		// One round trip: the org's and the project's create locks (caps are
+		// counted under them), the live counts, and the balance.
 		var projN, projGPUs, orgN, orgGPUs int64
-		if err := tx.QueryRow(ctx, `SELECT count(*) FILTER (WHERE project_id = $2), coalesce(sum(gpus) FILTER (WHERE project_id = $2), 0),
+		var bal ledger.Balance
+		var hasAccount bool
+		batch := &pgx.Batch{}
+		batch.Queue(`SELECT pg_advisory_xact_lock(hashtextextended('alloc-org:' || $1::text, 0)),
+			pg_advisory_xact_lock(hashtextextended('alloc-project:' || $2::text, 0))`, req.OrgID, req.ProjectID).Exec(func(pgconn.CommandTag) error { return nil })
+		batch.Queue(`SELECT count(*) FILTER (WHERE project_id = $2), coalesce(sum(gpus) FILTER (WHERE project_id = $2), 0),
 				count(*), coalesce(sum(gpus), 0)
 			FROM allocations WHERE org_id = $1 AND state NOT IN ('released', 'failed')`, req.OrgID, req.ProjectID).
-			Scan(&projN, &projGPUs, &orgN, &orgGPUs); err != nil {
+			QueryRow(func(row pgx.Row) error { return row.Scan(&projN, &projGPUs, &orgN, &orgGPUs) })
+		ledger.QueueBalance(batch, req.OrgID, func(b ledger.Balance, found bool) { bal, hasAccount = b, found })
+		if err := tx.SendBatch(ctx, batch).Close(); err != nil {
 			return err
 		}
 		n, gpus := int64(req.Count), int64(req.Count*sku.GPUsPerNode)
@@ -383,31 +389,14 @@ func (s *Service) Create(ctx context.Context, req CreateRequest) ([]*Allocation,
 		case orgGPUs+gpus > c.gpusPerOrg:
 			return quota("organization", "GPUs", c.gpusPerOrg, orgGPUs, gpus)
 		}
-		bal, err := ledger.GetBalance(ctx, tx, req.OrgID)
-		if errcode.Of(err) == ledger.CodeAccountNotFound || (err == nil && bal.AmountMinor <= 0) {
+		if !hasAccount || bal.AmountMinor <= 0 {
 			return errcode.New(CodeInsufficientFunds, "the organization's balance must be above zero to start an allocation; top up first").
 				WithDetails("balance_minor", bal.AmountMinor)
-		}
-		if err != nil {
-			return err
 		}
 		if bal.Currency != sku.Currency {
 			return errcode.New(ledger.CodeCurrencyMismatch, "SKU %s is priced in %s but the organization pays in %s", sku.ID, sku.Currency, bal.Currency)
 		}
-		rows, err := tx.Query(ctx, `UPDATE nodes SET state = 'allocated', state_reason = '', updated_at = now()
-			WHERE id IN (SELECT id FROM nodes WHERE sku_id = $1 AND state = 'available' ORDER BY id LIMIT $2 FOR UPDATE SKIP LOCKED)
-			RETURNING id, provisioner_instance, external_id, hostname`, sku.ID, req.Count)
-		if err != nil {
-			return err
-		}
-		type taken struct {
-			id                           uuid.UUID
-			instance, external, hostname string
-		}
-		nodes, err := pgx.CollectRows(rows, func(r pgx.CollectableRow) (taken, error) {
-			var t taken
-			return t, r.Scan(&t.id, &t.instance, &t.external, &t.hostname)
-		})
+		nodes, err := takeNodes(ctx, tx, sku.ID, req.Count)
 		if err != nil {
 			return err
 		}
@@ -442,6 +431,39 @@ func (s *Service) Create(ctx context.Context, req CreateRequest) ([]*Allocation,
 	})
 	if err != nil {
 		return nil, fmt.Errorf("allocations: create: %w", err)
+	}
+	return out, nil
+}
+
+type takenNode struct {
+	id                           uuid.UUID
+	instance, external, hostname string
+}
+
+// takeNodes moves up to n free nodes of a SKU to allocated and returns them.
+// Concurrent creates start their search at random points of the free pool
+// (wrapping around), so they rarely meet on the same rows, and skip rows
+// another transaction holds.
+func takeNodes(ctx context.Context, tx pgx.Tx, sku string, n int) ([]takenNode, error) {
+	pivot := uuid.New()
+	var out []takenNode
+	for _, cmp := range []string{">=", "<"} {
+		rows, err := tx.Query(ctx, `UPDATE nodes SET state = 'allocated', state_reason = '', updated_at = now()
+			WHERE id IN (SELECT id FROM nodes WHERE sku_id = $1 AND state = 'available' AND id `+cmp+` $3 ORDER BY id LIMIT $2 FOR UPDATE SKIP LOCKED)
+			RETURNING id, provisioner_instance, external_id, hostname`, sku, n-len(out), pivot)
+		if err != nil {
+			return nil, err
+		}
+		got, err := pgx.CollectRows(rows, func(r pgx.CollectableRow) (takenNode, error) {
+			var t takenNode
+			return t, r.Scan(&t.id, &t.instance, &t.external, &t.hostname)
+		})
+		if err != nil {
+			return nil, err
+		}
+		if out = append(out, got...); len(out) == n {
+			break
+		}
 	}
 	return out, nil
 }

@@ -30,9 +30,12 @@ type Config struct {
 	ShutdownTimeout   time.Duration
 	DBMaxConns        int
 	Migrate           bool
-	LocalAccounts     bool
-	OIDC              OIDC
-	PaymentsInstance  string
+	// Workers runs the background work (workflows, consumers, reconcilers) in
+	// this process; false serves the API only.
+	Workers          bool
+	LocalAccounts    bool
+	OIDC             OIDC
+	PaymentsInstance string
 	// StateDir holds the local KMS master keys (mode 0700).
 	StateDir string
 	// TaskQueue prefixes the Temporal task queues and schedule ids of this
@@ -72,6 +75,7 @@ func Settings() []Setting {
 		{"GPUAAS_SHUTDOWN_TIMEOUT", "shutdown-timeout", "10s", "How long SIGTERM waits for in-flight requests.", false},
 		{"GPUAAS_DB_MAX_CONNS", "db-max-conns", "20", "Postgres pool size.", false},
 		{"GPUAAS_MIGRATE", "migrate", "true", "Apply database migrations at start.", false},
+		{"GPUAAS_WORKERS", "workers", "true", "Run the background workers (Temporal workflows, event consumers, reconcilers) here; false serves the API only, so API and workers scale apart.", false},
 		{"GPUAAS_LOCAL_ACCOUNTS", "local-accounts", "false", "Allow password sign-in of local accounts (the embedded default).", false},
 		{"GPUAAS_STATE_DIR", "state-dir", "/var/lib/gpuaas", "Folder for the local KMS master keys (created 0700).", false},
 		{"GPUAAS_TEMPORAL_TASK_QUEUE", "temporal-task-queue", "gpuaas", "Prefix of the Temporal task queues and schedule ids.", false},
@@ -145,6 +149,7 @@ func Load(args []string, getenv func(string) string, stderr io.Writer) (Config, 
 	})
 	check("GPUAAS_DB_MAX_CONNS", func(v string) (err error) { c.DBMaxConns, err = intIn(v, 2, 1000); return })
 	check("GPUAAS_MIGRATE", func(v string) (err error) { c.Migrate, err = strconv.ParseBool(v); return })
+	check("GPUAAS_WORKERS", func(v string) (err error) { c.Workers, err = strconv.ParseBool(v); return })
 	check("GPUAAS_LOCAL_ACCOUNTS", func(v string) (err error) { c.LocalAccounts, err = strconv.ParseBool(v); return })
 	check("GPUAAS_OIDC_ISSUER", func(v string) error {
 		c.OIDC.Issuer = v

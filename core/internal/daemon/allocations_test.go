@@ -4,6 +4,7 @@ import (
 	"context"
 	"crypto/ed25519"
 	"crypto/rand"
+	"maps"
 	"net/http/httptest"
 	"strings"
 	"sync"
@@ -67,7 +68,7 @@ const maasWebhookSecret = "allocation-test-webhook-secret-0123456789"
 // provEnv is a core with a MAAS simulator behind the "maas-a" instance, two
 // SKUs, an org with credit and a member with an SSH key.
 type provEnv struct {
-	t        *testing.T
+	t        testing.TB
 	url      string
 	env      map[string]string
 	pool     *pgxpool.Pool
@@ -88,9 +89,10 @@ type provOptions struct {
 	l40s     int
 	policies map[string]string // key → JSON value (global overrides)
 	credit   int64
+	env      map[string]string // extra core settings
 }
 
-func newProvEnv(t *testing.T, o provOptions) *provEnv {
+func newProvEnv(t testing.TB, o provOptions) *provEnv {
 	t.Helper()
 	if o.credit == 0 {
 		o.credit = 1_000_000
@@ -127,6 +129,7 @@ func newProvEnv(t *testing.T, o provOptions) *provEnv {
 
 	n := testenv.StartNATS(t)
 	p.env = map[string]string{"DATABASE_URL": dbURL, "NATS_URL": n.URL(), "TEMPORAL_ADDRESS": testenv.Env(t, "TEMPORAL_ADDRESS")}
+	maps.Copy(p.env, o.env)
 	p.start()
 	p.configureMAAS("maas-a")
 
@@ -341,7 +344,7 @@ func (p *provEnv) accrue() {
 	}
 }
 
-func debits(t *testing.T, pool *pgxpool.Pool, org uuid.UUID) int64 {
+func debits(t testing.TB, pool *pgxpool.Pool, org uuid.UUID) int64 {
 	t.Helper()
 	var sum int64
 	if err := pool.QueryRow(t.Context(), `SELECT coalesce(sum(amount_minor), 0) FROM ledger_entries WHERE org_id = $1 AND entry_type = 'usage_debit'`, org).Scan(&sum); err != nil {

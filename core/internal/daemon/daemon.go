@@ -222,17 +222,19 @@ func Run(ctx context.Context, cfg config.Config, log hclog.Logger, opt Options) 
 	wg.Go(func() { auth.Run(bg, js, 30*time.Second) })
 	wg.Go(func() { _ = idem.Run(bg) })
 	wg.Go(func() { _ = limiter.Run(bg) })
-	wg.Go(func() { runWorkers(bg, cfg, tc, pool, pol, js, log.Named("worker")) })
-	wg.Go(func() {
-		runProvisioning(bg, cfg, tc, pool, pol, js, &allocations.Activities{Pool: pool, Policy: pol, Drivers: drivers, Service: allocs,
-			Log: log.Named("provisioning")}, log.Named("provisioning"))
-	})
-	wg.Go(func() {
-		nodes.SyncLoop(bg, func(ctx context.Context) time.Duration {
-			return policy.InventorySyncInterval.Value(ctx, pol, policy.Target{})
-		},
-			listInstances)
-	})
+	if cfg.Workers {
+		wg.Go(func() { runWorkers(bg, cfg, tc, pool, pol, js, log.Named("worker")) })
+		wg.Go(func() {
+			runProvisioning(bg, cfg, tc, pool, pol, js, &allocations.Activities{Pool: pool, Policy: pol, Drivers: drivers, Service: allocs,
+				Log: log.Named("provisioning")}, log.Named("provisioning"))
+		})
+		wg.Go(func() {
+			nodes.SyncLoop(bg, func(ctx context.Context) time.Duration {
+				return policy.InventorySyncInterval.Value(ctx, pol, policy.Target{})
+			},
+				listInstances)
+		})
+	}
 	wg.Go(func() {
 		if err := plugins.Start(bg); err != nil && bg.Err() == nil {
 			log.Error("plugin host did not start", "error", err)

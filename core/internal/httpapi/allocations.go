@@ -62,7 +62,7 @@ func (a *API) allowAllocation(c *fiber.Ctx, id uuid.UUID, action authz.Action) (
 
 // ListAllocations lists a project's allocations.
 func (a *API) ListAllocations(c *fiber.Ctx, params apigen.ListAllocationsParams) error {
-	if _, _, err := a.allowProject(c, params.ProjectId, authz.ResourceRead); err != nil {
+	if _, err := a.allowInProject(c, params.ProjectId, authz.ResourceRead); err != nil {
 		return err
 	}
 	limit, before, err := pageArgs(params.Limit, params.Cursor)
@@ -110,12 +110,12 @@ func (a *API) CreateAllocation(c *fiber.Ctx, _ apigen.CreateAllocationParams) er
 	if err := DecodeStrict(c.Body(), &req); err != nil {
 		return err
 	}
-	proj, _, err := a.allowProject(c, req.ProjectId, authz.ResourceWrite)
+	rel, err := a.allowInProject(c, req.ProjectId, authz.ResourceWrite)
 	if err != nil {
 		return err
 	}
 	p := principal.From(c.UserContext())
-	cr := allocations.CreateRequest{OrgID: proj.OrgID, ProjectID: proj.ID, SKU: req.SkuId, Count: 1, Username: defaultUsername(p), CreatedBy: p.Actor()}
+	cr := allocations.CreateRequest{OrgID: rel.OrgID, ProjectID: req.ProjectId, SKU: req.SkuId, Count: 1, Username: defaultUsername(p), CreatedBy: p.Actor()}
 	if req.Count != nil {
 		cr.Count = *req.Count
 	}

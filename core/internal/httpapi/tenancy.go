@@ -48,6 +48,23 @@ func (a *API) allowProject(c *fiber.Ctx, projectID uuid.UUID, action authz.Actio
 	return proj, rel, err
 }
 
+// allowInProject decides action on a project for the caller, like
+// allowProject, without loading the project (one query on hot paths).
+func (a *API) allowInProject(c *fiber.Ctx, projectID uuid.UUID, action authz.Action) (authz.Relation, error) {
+	p, err := caller(c)
+	if err != nil {
+		return authz.Relation{}, err
+	}
+	rel, err := a.Authz.Project(c.UserContext(), p, projectID)
+	if err != nil {
+		return rel, err
+	}
+	if err := authz.Decide(p, action, rel); err != nil {
+		return rel, a.denied(c, err, action, a.Identity.IDs().Project(rel.OrgID.String(), projectID.String()))
+	}
+	return rel, nil
+}
+
 // denied audits a 403 on a mutating request and maps 404s to the resource's own code.
 func (a *API) denied(c *fiber.Ctx, err error, action authz.Action, target rid.ID) error {
 	if errcode.Of(err) == errcode.Forbidden && c.Method() != fiber.MethodGet {

@@ -220,6 +220,23 @@ func Balances(ctx context.Context, db DB, orgs []uuid.UUID) (map[uuid.UUID]Balan
 	return out, nil
 }
 
+// QueueBalance adds the org's balance read to a batch; fn gets it, and whether
+// the org has an account, when the batch's results are read.
+func QueueBalance(b *pgx.Batch, orgID uuid.UUID, fn func(Balance, bool)) {
+	b.Queue(balancesSQL, []uuid.UUID{orgID}).Query(func(rows pgx.Rows) error {
+		bal := Balance{OrgID: orgID}
+		found := false
+		for rows.Next() {
+			if err := rows.Scan(&bal.OrgID, &bal.Currency, &bal.AmountMinor, &bal.AsOfEntry); err != nil {
+				return fmt.Errorf("ledger: balance: %w", err)
+			}
+			found = true
+		}
+		fn(bal, found)
+		return rows.Err()
+	})
+}
+
 // GetBalance returns the org's balance; an org without an account has none.
 func GetBalance(ctx context.Context, db DB, orgID uuid.UUID) (Balance, error) {
 	bs, err := Balances(ctx, db, []uuid.UUID{orgID})

@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/google/uuid"
+	"github.com/hashicorp/go-hclog"
 
 	"github.com/gpuaas/gpuaas/core/internal/config"
 	"github.com/gpuaas/gpuaas/core/internal/daemon"
@@ -56,7 +57,11 @@ func StartWith(t testing.TB, env map[string]string, opt daemon.Options, args ...
 	in := &Instance{Done: make(chan error, 1), Stop: cancel}
 	go func() {
 		opt.Version, opt.Ready = "test", func(a string) { addr <- a }
-		in.Done <- daemon.Run(ctx, cfg, testenv.Logger(t), opt)
+		log := testenv.Logger(t)
+		if lvl := env["GPUAAS_LOG_LEVEL"]; lvl != "" {
+			log.SetLevel(hclog.LevelFromString(lvl)) // benchmarks keep the log quiet
+		}
+		in.Done <- daemon.Run(ctx, cfg, log, opt)
 	}()
 	select {
 	case a := <-addr:

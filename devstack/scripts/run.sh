@@ -14,11 +14,16 @@ rm -f "$stack_env"
 
 stack_pid=""
 core_pid=""
+maas_pid=""
 cleanup() {
   trap - INT TERM EXIT
   if [ -n "$core_pid" ] && kill -0 "$core_pid" 2>/dev/null; then
     kill -TERM "$core_pid" 2>/dev/null || true
     wait "$core_pid" 2>/dev/null || true
+  fi
+  if [ -n "$maas_pid" ] && kill -0 "$maas_pid" 2>/dev/null; then
+    kill -TERM "$maas_pid" 2>/dev/null || true
+    wait "$maas_pid" 2>/dev/null || true
   fi
   if [ -n "$stack_pid" ] && kill -0 "$stack_pid" 2>/dev/null; then
     kill -TERM "$stack_pid" 2>/dev/null || true
@@ -41,6 +46,19 @@ port_in_use() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 port=${GPUAAS_PORT:-8080}
 while port_in_use "$port"; do port=$((port + 1)); done
 api="http://127.0.0.1:$port"
+
+# A simulated MAAS region with three H100 and two L40S machines, commissioned
+# and Ready; deploys take a few seconds (see plugins/maas/README.md).
+maas_port=${GPUAAS_MAAS_PORT:-5240}
+while port_in_use "$maas_port" || [ "$maas_port" = "$port" ]; do maas_port=$((maas_port + 1)); done
+maas_key="$state/maas.key"
+rm -f "$maas_key"
+"$bin/gpuaas-maas-sim" -listen "127.0.0.1:$maas_port" -sku h100=3,l40s=2 -timing fast -timing-scale 5 \
+  -api-key-file "$maas_key" >"$state/maas-sim.out" 2>"$state/maas-sim.log" &
+maas_pid=$!
+for _ in $(seq 1 100); do [ -s "$maas_key" ] && break; sleep 0.1; done
+[ -s "$maas_key" ] || { echo "gpuaas: the MAAS simulator did not start; see $state/maas-sim.log" >&2; exit 1; }
+maas_url="http://127.0.0.1:$maas_port/MAAS"
 
 set -a
 # shellcheck disable=SC1090
@@ -77,6 +95,15 @@ plugin_log="$state/plugins.log"
   GPUAAS_API_URL="$api" GPUAAS_TOKEN="$token" "$bin/gpuaas" plugin install "$bin/gpuaas-plugin-storage-s3" &&
   GPUAAS_API_URL="$api" GPUAAS_TOKEN="$token" "$bin/gpuaas" plugin configure storage storage-s3 "$cfg/storage.json"
 } >"$plugin_log" 2>&1 || echo "gpuaas: installing the dev plugins failed; see $plugin_log" >&2
+
+# The MAAS driver against the simulator, the catalog, the nodes, and a demo
+# org with credit to rent them with.
+maas_secret="$state/maas-webhook.secret"
+[ -s "$maas_secret" ] || (umask 077; head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' >"$maas_secret")
+seed_log="$state/seed.log"
+seed=$(GPUAAS_API_URL="$api" GPUAAS_TOKEN="$token" "$bin/gpuaas" dev seed --maas-url "$maas_url" --maas-api-key-file "$maas_key" \
+  --webhook-secret-file "$maas_secret" --plugin-path "$bin/gpuaas-plugin-maas" --instance maas 2>"$seed_log") ||
+  echo "gpuaas: seeding the development data failed; see $seed_log" >&2
 cat <<MSG
 
   gpuaas is running.
@@ -84,10 +111,13 @@ cat <<MSG
     Admin:      admin@gpuaas.local / ${password:-"(unchanged)"}   (shown once)
     API key:    in $dev_env as GPUAAS_TOKEN (the gpuaas CLI reads it)
                 curl -H "Authorization: Bearer \$GPUAAS_TOKEN" $api/api/v1/users/me
-    Plugins:    stripe (stripe-mock; webhook secret $whsec), storage (S3 on the stack)
-    Logs:       $state/gpuaasd.log, $state/stack/
+    Plugins:    stripe (stripe-mock; webhook secret $whsec), storage (S3 on the stack),
+                maas (simulated MAAS at $maas_url)
+    Logs:       $state/gpuaasd.log, $state/stack/, $state/maas-sim.log
+
+$seed
   Press Ctrl-C to stop.
 
 MSG
-wait -n "$core_pid" "$stack_pid" || true
+wait -n "$core_pid" "$stack_pid" "$maas_pid" || true
 echo "gpuaas: a process exited; stopping the rest" >&2

@@ -60,24 +60,29 @@ type Outcome struct {
 	Message   string
 }
 
-// dbOptions run the short database steps: retried until they succeed (the
-// database may be away for a while), each try bounded.
-func dbOptions(ctx workflow.Context) workflow.Context {
-	return workflow.WithActivityOptions(ctx, workflow.ActivityOptions{
+// db runs a short database step as a local activity (in the workflow's
+// worker, no round trip through the Temporal server), retried until it
+// succeeds (the database may be away for a while), each try bounded.
+func db(ctx workflow.Context, fn any, args ...any) workflow.Future {
+	ctx = workflow.WithLocalActivityOptions(ctx, workflow.LocalActivityOptions{
 		StartToCloseTimeout: 30 * time.Second,
 		RetryPolicy: &temporal.RetryPolicy{InitialInterval: 200 * time.Millisecond, BackoffCoefficient: 2, MaximumInterval: 10 * time.Second,
 			NonRetryableErrorTypes: []string{errGone}},
 	})
+	return workflow.ExecuteLocalActivity(ctx, fn, args...)
 }
 
-// driverOptions run a driver call that starts an operation: transient failures
-// are retried up to the policy's attempts with the same operation id.
-func driverOptions(ctx workflow.Context, p Plan) workflow.Context {
-	return workflow.WithActivityOptions(ctx, workflow.ActivityOptions{
+// startOperation runs the driver call that starts an operation, as a local
+// activity: transient failures are retried up to the policy's attempts with
+// the same operation id, so a retry (or a rerun after a worker died) is the
+// same operation.
+func startOperation(ctx workflow.Context, p Plan, fn any) workflow.Future {
+	ctx = workflow.WithLocalActivityOptions(ctx, workflow.LocalActivityOptions{
 		StartToCloseTimeout: 2 * time.Minute,
 		RetryPolicy: &temporal.RetryPolicy{InitialInterval: 500 * time.Millisecond, BackoffCoefficient: 2, MaximumInterval: 30 * time.Second,
 			MaximumAttempts: int32(p.MaxAttempts), NonRetryableErrorTypes: []string{errRejected}},
 	})
+	return workflow.ExecuteLocalActivity(ctx, fn, p)
 }
 
 // awaitOptions follow an operation until it ends, within the policy's timeout;
@@ -96,7 +101,7 @@ func awaitOptions(ctx workflow.Context, p Plan) workflow.Context {
 // that refuses, fails or does not finish in time gives a failed Outcome.
 func runOperation(ctx workflow.Context, p Plan, start any) Outcome {
 	var a *Activities
-	if err := workflow.ExecuteActivity(driverOptions(ctx, p), start, p).Get(ctx, nil); err != nil {
+	if err := startOperation(ctx, p, start).Get(ctx, nil); err != nil {
 		return Outcome{Message: failureMessage(err)}
 	}
 	var out Outcome
@@ -128,7 +133,7 @@ func failureMessage(err error) string {
 func ProvisionAllocation(ctx workflow.Context, in Input) (State, error) {
 	var a *Activities
 	var p Plan
-	if err := workflow.ExecuteActivity(dbOptions(ctx), a.BeginProvisioning, in).Get(ctx, &p); err != nil {
+	if err := db(ctx, a.BeginProvisioning, in).Get(ctx, &p); err != nil {
 		return "", err
 	}
 	if p.Skip {
@@ -137,10 +142,10 @@ func ProvisionAllocation(ctx workflow.Context, in Input) (State, error) {
 	out := runOperation(ctx, p, a.StartProvision)
 	if out.Succeeded {
 		var st State
-		err := workflow.ExecuteActivity(dbOptions(ctx), a.Activate, in).Get(ctx, &st)
+		err := db(ctx, a.Activate, in).Get(ctx, &st)
 		return st, err
 	}
-	if err := workflow.ExecuteActivity(dbOptions(ctx), a.FailProvisioning, in, out.Message).Get(ctx, nil); err != nil {
+	if err := db(ctx, a.FailProvisioning, in, out.Message).Get(ctx, nil); err != nil {
 		return "", err
 	}
 	return Failed, cleanNode(ctx, in)
@@ -154,14 +159,14 @@ func CleanNode(ctx workflow.Context, in Input) error { return cleanNode(ctx, in)
 func cleanNode(ctx workflow.Context, in Input) error {
 	var a *Activities
 	var p Plan
-	if err := workflow.ExecuteActivity(dbOptions(ctx), a.BeginCleaning, in).Get(ctx, &p); err != nil {
+	if err := db(ctx, a.BeginCleaning, in).Get(ctx, &p); err != nil {
 		return err
 	}
 	if p.Skip {
 		return nil
 	}
 	out := runOperation(ctx, p, a.StartRelease)
-	return workflow.ExecuteActivity(dbOptions(ctx), a.NodeCleaned, in, out).Get(ctx, nil)
+	return db(ctx, a.NodeCleaned, in, out).Get(ctx, nil)
 }
 
 // ReleaseAllocation carries out one release attempt: the driver's Release
@@ -171,7 +176,7 @@ func cleanNode(ctx workflow.Context, in Input) error {
 func ReleaseAllocation(ctx workflow.Context, in Input) (State, error) {
 	var a *Activities
 	var p Plan
-	if err := workflow.ExecuteActivity(dbOptions(ctx), a.BeginRelease, in).Get(ctx, &p); err != nil {
+	if err := db(ctx, a.BeginRelease, in).Get(ctx, &p); err != nil {
 		return "", err
 	}
 	if p.Skip {
@@ -179,6 +184,6 @@ func ReleaseAllocation(ctx workflow.Context, in Input) (State, error) {
 	}
 	out := runOperation(ctx, p, a.StartRelease)
 	var st State
-	err := workflow.ExecuteActivity(dbOptions(ctx), a.FinishRelease, in, out).Get(ctx, &st)
+	err := db(ctx, a.FinishRelease, in, out).Get(ctx, &st)
 	return st, err
 }

@@ -342,19 +342,6 @@ func (s *Service) Create(ctx context.Context, req CreateRequest) ([]*Allocation,
 	if err := req.validate(maxCount); err != nil {
 		return nil, err
 	}
-	var sku *catalog.SKU
-	{
-		var k catalog.SKU
-		err := s.pool.QueryRow(ctx, `SELECT id, gpus_per_node, price_per_gpu_hour_minor, currency, active FROM skus WHERE id = $1`, req.SKU).
-			Scan(&k.ID, &k.GPUsPerNode, &k.PricePerGPUHourMinor, &k.Currency, &k.Active)
-		if errors.Is(err, pgx.ErrNoRows) || (err == nil && !k.Active) {
-			return nil, errcode.New(catalog.CodeSKUNotFound, "no SKU %q", req.SKU).WithDetails("field", "sku_id")
-		}
-		if err != nil {
-			return nil, fmt.Errorf("allocations: create: %w", err)
-		}
-		sku = &k
-	}
 	c, err := s.caps(ctx, req.OrgID, req.ProjectID)
 	if err != nil {
 		return nil, err
@@ -363,7 +350,7 @@ func (s *Service) Create(ctx context.Context, req CreateRequest) ([]*Allocation,
 	err = store.Transact(ctx, s.pool, store.TxOptions{}, func(tx pgx.Tx) error {
 		out = out[:0]
 		// One round trip: the org's and the project's create locks (caps are
-		// counted under them), the live counts, and the balance.
+		// counted under them), the live counts, the balance and the SKU.
 		var projN, projGPUs, orgN, orgGPUs int64
 		var bal ledger.Balance
 		var hasAccount bool
@@ -375,8 +362,21 @@ func (s *Service) Create(ctx context.Context, req CreateRequest) ([]*Allocation,
 			FROM allocations WHERE org_id = $1 AND state NOT IN ('released', 'failed')`, req.OrgID, req.ProjectID).
 			QueryRow(func(row pgx.Row) error { return row.Scan(&projN, &projGPUs, &orgN, &orgGPUs) })
 		ledger.QueueBalance(batch, req.OrgID, func(b ledger.Balance, found bool) { bal, hasAccount = b, found })
+		sku := &catalog.SKU{}
+		batch.Queue(`SELECT id, gpus_per_node, price_per_gpu_hour_minor, currency, active FROM skus WHERE id = $1`, req.SKU).
+			Query(func(rows pgx.Rows) error {
+				for rows.Next() {
+					if err := rows.Scan(&sku.ID, &sku.GPUsPerNode, &sku.PricePerGPUHourMinor, &sku.Currency, &sku.Active); err != nil {
+						return err
+					}
+				}
+				return rows.Err()
+			})
 		if err := tx.SendBatch(ctx, batch).Close(); err != nil {
 			return err
+		}
+		if !sku.Active {
+			return errcode.New(catalog.CodeSKUNotFound, "no SKU %q", req.SKU).WithDetails("field", "sku_id")
 		}
 		n, gpus := int64(req.Count), int64(req.Count*sku.GPUsPerNode)
 		switch {
@@ -404,30 +404,33 @@ func (s *Service) Create(ctx context.Context, req CreateRequest) ([]*Allocation,
 			return errcode.New(CodeNoCapacity, "no free %s node right now (asked for %d, %d free); try again later or another SKU", sku.ID, req.Count, len(nodes)).
 				WithDetails("sku_id", sku.ID)
 		}
+		// One round trip for the writes: the rows, their events, their audit.
+		writes := &pgx.Batch{}
+		deferred := store.Deferred{Batch: writes}
 		evs := make([]events.Event, 0, 2*len(nodes))
 		for _, nd := range nodes {
 			a := &Allocation{ID: uuid.Must(uuid.NewV7()), OrgID: req.OrgID, ProjectID: req.ProjectID, Name: req.Name, SKU: sku.ID, NodeID: nd.id,
 				NodeInstance: nd.instance, NodeExternalID: nd.external, NodeHostname: nd.hostname, GPUs: sku.GPUsPerNode,
 				PricePerGPUHourMinor: sku.PricePerGPUHourMinor, Currency: sku.Currency, State: Requested, Username: req.Username,
 				SSHPublicKeys: req.SSHPublicKeys, Image: req.Image, CreatedBy: req.CreatedBy}
-			if err := tx.QueryRow(ctx, `INSERT INTO allocations (id, org_id, project_id, name, sku_id, node_id, gpus, price_per_gpu_hour_minor, currency,
+			writes.Queue(`INSERT INTO allocations (id, org_id, project_id, name, sku_id, node_id, gpus, price_per_gpu_hour_minor, currency,
 					state, username, ssh_public_keys, image, created_by)
 				VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, 'requested', $10, $11, $12, $13) RETURNING created_at, updated_at`,
 				a.ID, a.OrgID, a.ProjectID, a.Name, a.SKU, a.NodeID, a.GPUs, a.PricePerGPUHourMinor, a.Currency,
-				a.Username, a.SSHPublicKeys, a.Image, a.CreatedBy).Scan(&a.CreatedAt, &a.UpdatedAt); err != nil {
-				return err
-			}
+				a.Username, a.SSHPublicKeys, a.Image, a.CreatedBy).QueryRow(func(row pgx.Row) error { return row.Scan(&a.CreatedAt, &a.UpdatedAt) })
 			evs = append(evs, eventOf(events.SubjectProvisioningAllocationRequested, a),
 				events.Event{Subject: events.SubjectNodesStateChanged, Payload: inventory.NodeChanged{NodeID: nd.id, Instance: nd.instance, SKU: sku.ID,
 					From: inventory.Available, To: inventory.Allocated, Reason: "allocation " + a.ID.String()}})
-			if err := audit.Record(ctx, tx, audit.Entry{Action: "allocation.create", Target: s.Target(a),
+			if err := audit.Record(ctx, deferred, audit.Entry{Action: "allocation.create", Target: s.Target(a),
 				Details: map[string]any{"sku_id": sku.ID, "node_id": nd.id.String(), "gpus": a.GPUs, "price_per_gpu_hour_minor": a.PricePerGPUHourMinor}}); err != nil {
 				return err
 			}
 			out = append(out, a)
 		}
-		_, err = events.Enqueue(ctx, tx, evs...)
-		return err
+		if _, err := events.Enqueue(ctx, deferred, evs...); err != nil {
+			return err
+		}
+		return tx.SendBatch(ctx, writes).Close()
 	})
 	if err != nil {
 		return nil, fmt.Errorf("allocations: create: %w", err)

@@ -40,7 +40,7 @@ func pgbenchTPS(b *testing.B, clients int, d time.Duration) float64 {
 		}
 		return string(out)
 	}
-	run("-i", "-q", "-s", "10")
+	run("-i", "-q", "-s", strconv.Itoa(clients)) // scale >= clients, as pgbench's documentation asks
 	out := run("-b", "tpcb-like", "-c", strconv.Itoa(clients), "-j", "2", "-T", strconv.Itoa(int(d.Seconds())), "-n")
 	m := regexp.MustCompile(`tps = ([0-9.]+) \(without initial connection time\)`).FindStringSubmatch(out)
 	if m == nil {

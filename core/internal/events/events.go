@@ -11,7 +11,7 @@ import (
 	"time"
 
 	"github.com/google/uuid"
-	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/gpuaas/gpuaas/core/internal/correlation"
@@ -86,9 +86,15 @@ type Event struct {
 	Headers map[string]string
 }
 
+// Execer runs a statement: a transaction, or a store.Deferred that queues it on
+// the transaction's next batch.
+type Execer interface {
+	Exec(ctx context.Context, sql string, args ...any) (pgconn.CommandTag, error)
+}
+
 // Enqueue writes events to the outbox inside tx. They are published after tx commits,
 // in id order, each exactly once per dedupe window. It returns the row ids.
-func Enqueue(ctx context.Context, tx pgx.Tx, evs ...Event) ([]uuid.UUID, error) {
+func Enqueue(ctx context.Context, tx Execer, evs ...Event) ([]uuid.UUID, error) {
 	if len(evs) == 0 {
 		return nil, nil
 	}

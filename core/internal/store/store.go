@@ -61,6 +61,17 @@ type TxOptions struct {
 	ReadOnly    bool
 }
 
+// Deferred queues the statements given to its Exec on a batch instead of
+// running them, so several writes of a transaction share one round trip; their
+// errors come from the batch (tx.SendBatch(ctx, b).Close()).
+type Deferred struct{ Batch *pgx.Batch }
+
+// Exec queues sql on the batch and reports success for now.
+func (d Deferred) Exec(_ context.Context, sql string, args ...any) (pgconn.CommandTag, error) {
+	d.Batch.Queue(sql, args...)
+	return pgconn.CommandTag{}, nil
+}
+
 // Beginner is what Transact needs: a pool or a single connection.
 type Beginner interface {
 	BeginTx(ctx context.Context, opts pgx.TxOptions) (pgx.Tx, error)

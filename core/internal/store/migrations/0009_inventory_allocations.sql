@@ -29,7 +29,6 @@ CREATE TABLE nodes (
 );
 -- The free pool of a SKU, in the order allocations take it.
 CREATE INDEX nodes_free ON nodes (sku_id, id) WHERE state = 'available';
-CREATE INDEX nodes_state ON nodes (state, id);
 
 -- Allocations: requested → provisioning → active → releasing → released;
 -- provisioning → failed; releasing → release_failed → releasing.
@@ -38,7 +37,9 @@ CREATE TABLE allocations (
     org_id                   uuid NOT NULL REFERENCES orgs (id),
     project_id               uuid NOT NULL REFERENCES projects (id),
     name                     text NOT NULL DEFAULT '',
-    sku_id                   text NOT NULL REFERENCES skus (id),
+    -- No foreign key to skus: every create would take a share lock on the one
+    -- row of a popular SKU (a multixact per insert); SKUs are never deleted.
+    sku_id                   text NOT NULL,
     node_id                  uuid NOT NULL REFERENCES nodes (id),
     gpus                     integer NOT NULL CHECK (gpus > 0),
     price_per_gpu_hour_minor bigint NOT NULL CHECK (price_per_gpu_hour_minor >= 0),
@@ -60,6 +61,6 @@ CREATE TABLE allocations (
 -- One node is held by at most one live allocation.
 CREATE UNIQUE INDEX allocations_node_live ON allocations (node_id) WHERE state NOT IN ('released', 'failed');
 CREATE INDEX allocations_project ON allocations (project_id, id DESC);
+-- Caps count an org's live allocations (and, among them, the project's).
 CREATE INDEX allocations_org_live ON allocations (org_id) WHERE state NOT IN ('released', 'failed');
-CREATE INDEX allocations_project_live ON allocations (project_id) WHERE state NOT IN ('released', 'failed');
 CREATE INDEX allocations_state ON allocations (state, updated_at) WHERE state IN ('requested', 'provisioning', 'releasing');

@@ -14,6 +14,8 @@ echo "== authentication cost (ratio of GET /healthz)"
 run ./core/internal/daemon 'BenchmarkAuthCost' 1x
 echo "== accrual of 100,000 open usage records; balance read with 1,000,000 entries vs 100"
 run ./core/internal/billing 'BenchmarkAccrual100k|BenchmarkBalanceRead' 1x
+echo "== allocation create throughput (ratio of pgbench TPC-B-like, 50 clients, same Postgres) and time to active (instant MAAS simulator)"
+run ./core/internal/daemon 'BenchmarkAllocationCreate|BenchmarkTimeToActive' 1x
 echo "== plugin unary call overhead (p50/p99 µs, next to in-process) and storage streaming (ratio of a file copy)"
 run ./sdk/sdktest 'BenchmarkPluginUnary' 2000x
 run ./sdk/sdktest 'BenchmarkPluginStream' 3x
@@ -22,4 +24,4 @@ echo "== storage-s3 driver throughput (ratio of direct S3 to the same server)"
 run ./plugins/storage-s3 'BenchmarkPutGet' 3x
 echo
 echo "summary (from $out):"
-grep -hE '(ratio|/s|_ms|_s|µs|x-filecopy)' "$out" | grep -E '^\s+bench_test.go|^Benchmark' | sed 's/^ *//' | head -40
+grep -hE '(ratio|/s|_ms|_s|µs|x-filecopy)' "$out" | grep -E '^\s+bench[a-z_]*_test.go|^Benchmark' | sed 's/^ *//' | head -40

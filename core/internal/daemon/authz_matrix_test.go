@@ -210,6 +210,7 @@ func TestAuthorizationMatrix(t *testing.T) {
 			e.t = t
 			for i, r := range roles {
 				w := e.newWorld()
+				e.rentable(w)
 				var body any
 				if c.body != nil {
 					body = c.body(w)

@@ -227,6 +227,16 @@ func (e *env) newWorld() *world {
 	spk, _ := ssh.NewPublicKey(pub)
 	w.sshKey = strings.TrimSpace(string(ssh.MarshalAuthorizedKey(spk)))
 
+	return w
+}
+
+// rentable adds to a world what allocations need: a SKU with a free node and
+// a held one of a fixture provisioner instance, credit for org A, and an
+// active allocation of P1 on the held node.
+func (e *env) rentable(w *world) {
+	e.t.Helper()
+	ctx := principal.With(context.Background(), principal.SystemPrincipal("fixture"))
+	sfx := uuid.NewString()[:8]
 	w.sku, w.nodeFree, w.nodeHeld, w.alloc = "w-"+sfx, uuid.Must(uuid.NewV7()), uuid.Must(uuid.NewV7()), uuid.Must(uuid.NewV7())
 	e.exec(ctx, `INSERT INTO skus (id, gpu_model, gpus_per_node, cpu_cores, memory_gib, disk_gib, price_per_gpu_hour_minor, currency)
 		VALUES ($1, 'Fixture GPU', 1, 8, 64, 100, 100, 'USD')`, w.sku)
@@ -240,7 +250,6 @@ func (e *env) newWorld() *world {
 			username, ssh_public_keys, created_by, active_at)
 		VALUES ($1, $2, $3, $4, $5, 1, 100, 'USD', 'active', 'tenant', ARRAY[$6], 'fixture', now())`,
 		w.alloc, w.orgA, w.p1, w.sku, w.nodeHeld, w.sshKey)
-	return w
 }
 
 func (e *env) auditCount(result string) int {

@@ -37,6 +37,7 @@ type Activities struct {
 	Drivers inventory.Provisioners
 	Service *Service
 	Log     hclog.Logger
+	Metrics *Metrics // optional
 }
 
 // sys is the context of an activity's writes: the platform acting.
@@ -230,7 +231,9 @@ func (a *Activities) Activate(ctx context.Context, in Input) (State, error) {
 		return "", err
 	}
 	var st State
+	var done *Allocation
 	err = a.transact(ctx, func(ctx context.Context, tx pgx.Tx) error {
+		done = nil
 		al, err := lock(ctx, tx, id)
 		if err != nil {
 			return err
@@ -241,7 +244,7 @@ func (a *Activities) Activate(ctx context.Context, in Input) (State, error) {
 		if err := move(ctx, tx, al, Active, "", events.SubjectProvisioningAllocationActive); err != nil {
 			return err
 		}
-		st = Active
+		st, done = Active, al
 		if _, err := billing.OpenUsage(ctx, tx, billing.Usage{OrgID: al.OrgID, ProjectID: al.ProjectID, AllocationID: al.ID, SKU: al.SKU,
 			GPUs: al.GPUs, PricePerGPUHourMinor: al.PricePerGPUHourMinor, Currency: al.Currency, StartedAt: *al.ActiveAt}); err != nil {
 			return err
@@ -249,6 +252,9 @@ func (a *Activities) Activate(ctx context.Context, in Input) (State, error) {
 		return audit.Record(ctx, tx, audit.Entry{Action: "allocation.active", Target: a.Service.Target(al),
 			Details: map[string]any{"node_id": al.NodeID.String()}})
 	})
+	if err == nil && done != nil {
+		a.Metrics.provisioned(done, Active)
+	}
 	return st, err
 }
 
@@ -259,7 +265,9 @@ func (a *Activities) FailProvisioning(ctx context.Context, in Input, reason stri
 	if err != nil {
 		return err
 	}
-	return a.transact(ctx, func(ctx context.Context, tx pgx.Tx) error {
+	var done *Allocation
+	err = a.transact(ctx, func(ctx context.Context, tx pgx.Tx) error {
+		done = nil
 		al, err := lock(ctx, tx, id)
 		if err != nil {
 			return err
@@ -267,6 +275,7 @@ func (a *Activities) FailProvisioning(ctx context.Context, in Input, reason stri
 		if al.State != Provisioning && al.State != Requested {
 			return nil
 		}
+		done = al
 		if al.State == Requested {
 			if err := move(ctx, tx, al, Provisioning, "", ""); err != nil {
 				return err
@@ -287,6 +296,10 @@ func (a *Activities) FailProvisioning(ctx context.Context, in Input, reason stri
 		return audit.Record(ctx, tx, audit.Entry{Action: "allocation.failed", Target: a.Service.Target(al),
 			Details: map[string]any{"reason": truncate(reason), "node_id": al.NodeID.String()}})
 	})
+	if err == nil && done != nil {
+		a.Metrics.provisioned(done, Failed)
+	}
+	return err
 }
 
 // BeginCleaning plans the cleaning of a failed allocation's node; a node no
@@ -368,7 +381,9 @@ func (a *Activities) FinishRelease(ctx context.Context, in Input, out Outcome) (
 		return "", err
 	}
 	var st State
+	var done *Allocation
 	err = a.transact(ctx, func(ctx context.Context, tx pgx.Tx) error {
+		done = nil
 		al, err := lock(ctx, tx, id)
 		if err != nil {
 			return err
@@ -392,12 +407,15 @@ func (a *Activities) FinishRelease(ctx context.Context, in Input, out Outcome) (
 		} else if err := move(ctx, tx, al, ReleaseFailed, out.Message, events.SubjectProvisioningReleaseFailed); err != nil {
 			return err
 		}
-		st = al.State
+		st, done = al.State, al
 		if err := billing.CloseUsage(ctx, tx, al.ID, time.Now()); err != nil && errcode.Of(err) != billing.CodeUsageNotFound {
 			return err
 		}
 		return audit.Record(ctx, tx, audit.Entry{Action: "allocation." + string(al.State), Target: a.Service.Target(al),
 			Details: map[string]any{"attempt": al.ReleaseAttempt, "reason": truncate(out.Message)}})
 	})
+	if err == nil && done != nil {
+		a.Metrics.releaseEnded(done)
+	}
 	return st, err
 }

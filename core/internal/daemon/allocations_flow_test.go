@@ -123,7 +123,20 @@ func TestAllocationLifecycle(t *testing.T) {
 		t.Fatalf("create l40s: %d %s", r.status, r.body)
 	}
 	p.await(list[0].ID, "active", 30*time.Second)
-	_ = nodes
+	m := string(p.call("GET", "/metrics", "", nil).body)
+	for _, want := range []string{
+		`gpuaas_provisioning_seconds_count{outcome="active",sku="h100"} 1`,
+		`gpuaas_releases_total{outcome="released",sku="h100"} 1`,
+		`gpuaas_allocations{sku="l40s",state="active"} 1`,
+		`gpuaas_nodes{sku="h100",state="available"} 2`,
+	} {
+		if !strings.Contains(m, want) {
+			t.Errorf("metrics lack %s", want)
+		}
+	}
+	if len(nodes) != 3 {
+		t.Fatalf("%d nodes registered", len(nodes))
+	}
 }
 
 // Bad input is refused with a stable code and nothing is written.

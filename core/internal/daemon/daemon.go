@@ -143,6 +143,7 @@ func Run(ctx context.Context, cfg config.Config, log hclog.Logger, opt Options) 
 	}
 	nodes := inventory.NewService(pool, cfg.Region, drivers, log.Named("inventory"))
 	allocs := allocations.NewService(pool, pol, cfg.Region, log.Named("allocations"))
+	allocMetrics := allocations.NewMetrics(reg, pool)
 
 	ids := identity.NewService(pool, cfg.Region, log.Named("identity"), nil)
 	var verifier identity.TokenVerifier
@@ -226,7 +227,7 @@ func Run(ctx context.Context, cfg config.Config, log hclog.Logger, opt Options) 
 		wg.Go(func() { runWorkers(bg, cfg, tc, pool, pol, js, log.Named("worker")) })
 		wg.Go(func() {
 			runProvisioning(bg, cfg, tc, pool, pol, js, &allocations.Activities{Pool: pool, Policy: pol, Drivers: drivers, Service: allocs,
-				Log: log.Named("provisioning")}, log.Named("provisioning"))
+				Log: log.Named("provisioning"), Metrics: allocMetrics}, log.Named("provisioning"))
 		})
 		wg.Go(func() {
 			nodes.SyncLoop(bg, func(ctx context.Context) time.Duration {

@@ -8,10 +8,12 @@ package protocol
 import (
 	"bytes"
 	"crypto/ed25519"
+	"crypto/x509"
 	"encoding/binary"
 	"encoding/json"
 	"errors"
 	"fmt"
+	"strings"
 	"sync"
 	"time"
 )
@@ -190,6 +192,27 @@ func (c *NonceCache) Use(nonce string, expires, now time.Time) bool {
 	}
 	c.seen[nonce] = expires
 	return true
+}
+
+// NodeURI is the URI SAN that names a node in its agent certificate; the core
+// binds every mTLS call to the node it names.
+func NodeURI(nodeID string) string { return "spiffe://gpuaas/node/" + nodeID }
+
+// NodeIDOf returns the node a certificate names (its one gpuaas node URI SAN).
+func NodeIDOf(cert *x509.Certificate) (string, error) {
+	id := ""
+	for _, u := range cert.URIs {
+		if u.Scheme == "spiffe" && u.Host == "gpuaas" && strings.HasPrefix(u.Path, "/node/") {
+			if id != "" {
+				return "", errors.New("protocol: certificate names more than one node")
+			}
+			id = strings.TrimPrefix(u.Path, "/node/")
+		}
+	}
+	if id == "" || strings.Contains(id, "/") {
+		return "", errors.New("protocol: certificate names no node")
+	}
+	return id, nil
 }
 
 // Enrollment is the body of POST /agent/v1/enroll (no client certificate: the

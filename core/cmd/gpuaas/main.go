@@ -7,10 +7,22 @@
 //	gpuaas plugin install PATH [--upgrade]
 //	gpuaas plugin list
 //	gpuaas plugin configure INSTANCE PLUGIN CONFIG.json
+//	gpuaas skus              SKUs on offer with their price and free nodes
+//	gpuaas ssh-key add NAME PATH_TO_PUBKEY
+//	gpuaas ssh-key list
+//	gpuaas ssh-key rm ID
+//	gpuaas alloc create --project PROJECT_ID --sku SKU [--count N] [--name NAME] [--wait]
+//	gpuaas alloc list --project PROJECT_ID [--state STATE]
+//	gpuaas alloc get ID
+//	gpuaas alloc release ID [--wait]
+//	gpuaas dev seed [--maas-url URL --maas-api-key-file FILE --webhook-secret-file FILE [--plugin-path PATH]]
+//	                [--instance maas] [--credit-minor 10000]
 //
-// It finds the API through GPUAAS_API_URL (and, later, GPUAAS_TOKEN), taken from the
+// It finds the API through GPUAAS_API_URL and GPUAAS_TOKEN, taken from the
 // environment or else from .gpuaas/dev.env in this folder or a parent (written by
-// `make run`).
+// `make run`). Every POST carries a random Idempotency-Key, so the CLI repeats a
+// POST whose answer was lost (a network error, 502/503/504, or the API still
+// running the first try) without doing the work twice.
 package main
 
 import (
@@ -18,6 +30,7 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"flag"
 	"fmt"
 	"io"
 	"net/http"
@@ -28,6 +41,8 @@ import (
 	"syscall"
 	"text/tabwriter"
 	"time"
+
+	"github.com/google/uuid"
 
 	"github.com/gpuaas/gpuaas/sdk/client"
 )
@@ -52,6 +67,23 @@ commands:
   plugin install PATH [--upgrade]            install a driver binary (path on the core's host)
   plugin list                                installed plugins and their instances
   plugin configure INSTANCE PLUGIN CFG.json  create or reconfigure an instance
+  skus                                       SKUs on offer with price and free nodes
+  ssh-key add NAME PATH_TO_PUBKEY            register an SSH public key
+  ssh-key list                               your SSH keys
+  ssh-key rm ID                              remove an SSH key
+  alloc create --project PROJECT_ID --sku SKU [--count N] [--name NAME] [--wait]
+                                             rent nodes; --wait follows them until active or failed
+  alloc list --project PROJECT_ID [--state STATE]
+                                             a project's allocations, newest first
+  alloc get ID                               one allocation, with its ssh command once active
+  alloc release ID [--wait]                  give the node back; --wait follows it until released
+  dev seed [--maas-url URL --maas-api-key-file FILE --webhook-secret-file FILE [--plugin-path PATH]]
+           [--instance maas] [--credit-minor 10000]
+                                             development data for make run (safe to run again):
+                                             SKUs h100 and l40s, the MAAS driver (installed from
+                                             --plugin-path, configured with --maas-url) and the
+                                             instance's nodes, org demo with project ml, and its
+                                             promotional credit once
 `
 
 func run(ctx context.Context, args []string, getenv func(string) string, stdout, stderr io.Writer) error {
@@ -66,19 +98,22 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 	if settings["GPUAAS_API_URL"] == "" {
 		return errors.New("GPUAAS_API_URL is not set and no .gpuaas/dev.env was found; start the platform with `make run` or export GPUAAS_API_URL")
 	}
-	var opts []client.ClientOption
-	if tok := settings["GPUAAS_TOKEN"]; tok != "" {
-		opts = append(opts, client.WithRequestEditorFn(func(_ context.Context, req *http.Request) error {
-			req.Header.Set("Authorization", "Bearer "+tok)
+	apiURL := strings.TrimRight(settings["GPUAAS_API_URL"], "/")
+	tok := settings["GPUAAS_TOKEN"]
+	c, err := client.NewClientWithResponses(apiURL,
+		client.WithHTTPClient(&retrying{hc: &http.Client{Timeout: requestTimeout}, repeats: 3, pause: 500 * time.Millisecond}),
+		client.WithRequestEditorFn(func(_ context.Context, req *http.Request) error {
+			if tok != "" {
+				req.Header.Set("Authorization", "Bearer "+tok)
+			}
+			if req.Method == http.MethodPost && req.Header.Get(idempotencyKey) == "" {
+				req.Header.Set(idempotencyKey, uuid.NewString())
+			}
 			return nil
 		}))
-	}
-	c, err := client.NewClientWithResponses(settings["GPUAAS_API_URL"], opts...)
 	if err != nil {
 		return err
 	}
-	ctx, cancel := context.WithTimeout(ctx, 30*time.Second)
-	defer cancel()
 	switch args[0] {
 	case "status":
 		return status(ctx, c, stdout)
@@ -90,6 +125,17 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 		return orgs(ctx, c, stdout)
 	case "plugin":
 		return plugin(ctx, c, args[1:], stdout)
+	case "skus":
+		return skus(ctx, c, stdout)
+	case "ssh-key":
+		return sshKey(ctx, c, args[1:], stdout)
+	case "alloc":
+		return alloc(ctx, c, args[1:], stdout)
+	case "dev":
+		if len(args) < 2 || args[1] != "seed" {
+			return errors.New("dev: want seed")
+		}
+		return devSeed(ctx, c, apiURL, args[2:], stdout)
 	default:
 		fmt.Fprint(stderr, usage)
 		return fmt.Errorf("unknown command %q", args[0])
@@ -316,4 +362,94 @@ func loadSettings(getenv func(string) string) (map[string]string, error) {
 		}
 	}
 	return s, nil
+}
+
+// errorCode is the code in the error envelope of a failed call ("" if none).
+func errorCode(body []byte) client.ErrorCode {
+	var env client.ErrorEnvelope
+	if json.Unmarshal(body, &env) != nil {
+		return ""
+	}
+	return env.Error.Code
+}
+
+const (
+	idempotencyKey = "Idempotency-Key"
+	requestTimeout = 30 * time.Second
+)
+
+// retrying sends the CLI's requests, each bounded by the HTTP client's
+// timeout. A request with an Idempotency-Key (every POST) is repeated with the
+// same key after a network error, a 502/503/504, or a 409 with Retry-After
+// (the API is still running the first try): the API replays the first answer
+// instead of doing the work again.
+type retrying struct {
+	hc      *http.Client
+	repeats int           // at most, after the first try
+	pause   time.Duration // before the first repeat; doubled for each next one
+}
+
+var _ client.HttpRequestDoer = (*retrying)(nil)
+
+func (r *retrying) Do(req *http.Request) (*http.Response, error) {
+	try, pause := req, r.pause
+	for attempt := 0; ; attempt++ {
+		resp, err := r.hc.Do(try)
+		if attempt == r.repeats || req.Header.Get(idempotencyKey) == "" || req.Context().Err() != nil || !lost(resp, err) {
+			return resp, err
+		}
+		if resp != nil {
+			_, _ = io.Copy(io.Discard, resp.Body)
+			resp.Body.Close()
+		}
+		select {
+		case <-req.Context().Done():
+			return nil, req.Context().Err()
+		case <-time.After(pause):
+		}
+		pause *= 2
+		try = req.Clone(req.Context())
+		if req.GetBody != nil {
+			if try.Body, err = req.GetBody(); err != nil {
+				return nil, err
+			}
+		}
+	}
+}
+
+// lost reports whether a request may not have been answered by the core.
+func lost(resp *http.Response, err error) bool {
+	if err != nil {
+		return true
+	}
+	switch resp.StatusCode {
+	case http.StatusBadGateway, http.StatusServiceUnavailable, http.StatusGatewayTimeout:
+		return true
+	case http.StatusConflict:
+		return resp.Header.Get("Retry-After") != ""
+	}
+	return false
+}
+
+// parseFlags parses fs from args, with flags before, between or after the
+// positional arguments, and returns the positional arguments.
+func parseFlags(fs *flag.FlagSet, args []string) ([]string, error) {
+	var pos []string
+	for {
+		if err := fs.Parse(args); err != nil {
+			return nil, fmt.Errorf("%s: %w", fs.Name(), err)
+		}
+		if fs.NArg() == 0 {
+			return pos, nil
+		}
+		pos = append(pos, fs.Arg(0))
+		args = fs.Args()[1:]
+	}
+}
+
+// newFlags is a flag set that reports errors to its caller and prints nothing.
+func newFlags(name string) *flag.FlagSet {
+	fs := flag.NewFlagSet(name, flag.ContinueOnError)
+	fs.SetOutput(io.Discard)
+	return fs
 }

@@ -17,30 +17,55 @@ import (
 
 // Config is everything gpuaasd needs to start.
 type Config struct {
-	ListenAddr        string
-	DatabaseURL       string
-	NATSURL           string
-	TemporalAddress   string
-	TemporalNamespace string
-	Region            string
-	LogFormat         string
-	LogLevel          string
-	MaxBodyBytes      int
-	RequestTimeout    time.Duration
-	ShutdownTimeout   time.Duration
-	DBMaxConns        int
-	Migrate           bool
+	ListenAddr string
+	// AgentListenAddr serves the node agent protocol (mTLS); "" disables it.
+	AgentListenAddr string
+	// AgentTLSCert and AgentTLSKey are the agent listener's certificate files;
+	// empty makes a self-signed one under StateDir.
+	AgentTLSCert, AgentTLSKey string
+	DatabaseURL               string
+	NATSURL                   string
+	TemporalAddress           string
+	TemporalNamespace         string
+	Region                    string
+	LogFormat                 string
+	LogLevel                  string
+	MaxBodyBytes              int
+	RequestTimeout            time.Duration
+	ShutdownTimeout           time.Duration
+	DBMaxConns                int
+	Migrate                   bool
 	// Workers runs the background work (workflows, consumers, reconcilers) in
 	// this process; false serves the API only.
 	Workers          bool
 	LocalAccounts    bool
 	OIDC             OIDC
 	PaymentsInstance string
+	// StorageInstance is the storage driver instance of project storage;
+	// StorageTransferTimeout bounds one upload or download through the core.
+	StorageInstance        string
+	StorageTransferTimeout time.Duration
 	// StateDir holds the local KMS master keys (mode 0700).
 	StateDir string
 	// TaskQueue prefixes the Temporal task queues and schedule ids of this
 	// deployment, so deployments (or tests) sharing a namespace stay apart.
 	TaskQueue string
+	// PKI chooses the PKI/KMS backend: node certificates, task signing, the
+	// SSH CA and the keys that seal secrets at rest.
+	PKI PKI
+}
+
+// PKI configures the PKI/KMS backend.
+type PKI struct {
+	// Backend is "local" (Go crypto, keys under StateDir) or "vault".
+	Backend string
+	// VaultAddr and either VaultToken or VaultRoleID + VaultSecretID
+	// (AppRole) reach Vault.
+	VaultAddr, VaultToken, VaultRoleID, VaultSecretID string
+	// Mounts, roles and the Transit data key in Vault.
+	VaultAppRoleMount, VaultPKIMount, VaultPKIRole string
+	VaultTransitMount, VaultDataKey                string
+	VaultSSHMount, VaultSSHRole                    string
 }
 
 // OIDC configures the identity provider. Issuer empty means none: only API keys
@@ -67,6 +92,9 @@ func Settings() []Setting {
 		{"TEMPORAL_ADDRESS", "temporal-address", "", "Temporal frontend host:port.", true},
 		{"TEMPORAL_NAMESPACE", "temporal-namespace", "gpuaas", "Temporal namespace for workflows.", false},
 		{"GPUAAS_LISTEN_ADDR", "listen-addr", "127.0.0.1:8080", "HTTP listen address host:port.", false},
+		{"GPUAAS_AGENT_LISTEN_ADDR", "agent-listen-addr", "", "Listen address of the node agent protocol (HTTPS with client certificates); empty disables it.", false},
+		{"GPUAAS_AGENT_TLS_CERT", "agent-tls-cert", "", "PEM certificate of the agent listener (default: self-signed, kept in GPUAAS_STATE_DIR/agents).", false},
+		{"GPUAAS_AGENT_TLS_KEY", "agent-tls-key", "", "PEM key of the agent listener's certificate.", false},
 		{"GPUAAS_REGION", "region", "local", "Region name used in canonical resource ids (gpuaas:{region}:...).", false},
 		{"GPUAAS_LOG_FORMAT", "log-format", "text", "Log format: text or json.", false},
 		{"GPUAAS_LOG_LEVEL", "log-level", "info", "Log level: trace, debug, info, warn, error.", false},
@@ -80,11 +108,25 @@ func Settings() []Setting {
 		{"GPUAAS_STATE_DIR", "state-dir", "/var/lib/gpuaas", "Folder for the local KMS master keys (created 0700).", false},
 		{"GPUAAS_TEMPORAL_TASK_QUEUE", "temporal-task-queue", "gpuaas", "Prefix of the Temporal task queues and schedule ids.", false},
 		{"GPUAAS_PAYMENTS_INSTANCE", "payments-instance", "stripe", "Payments driver instance used for top-ups.", false},
+		{"GPUAAS_STORAGE_INSTANCE", "storage-instance", "storage", "Storage driver instance that holds project storage.", false},
+		{"GPUAAS_STORAGE_TRANSFER_TIMEOUT", "storage-transfer-timeout", "12h", "Longest upload or download through the core (a transfer that stalls for GPUAAS_REQUEST_TIMEOUT ends sooner).", false},
 		{"GPUAAS_OIDC_ISSUER", "oidc-issuer", "", "OIDC issuer URL of the identity provider (Keycloak, Dex, Okta...); empty disables OIDC.", false},
 		{"GPUAAS_OIDC_AUDIENCE", "oidc-audience", "", "Audience bearer tokens must carry (default: the client id).", false},
 		{"GPUAAS_OIDC_CLIENT_ID", "oidc-client-id", "", "OIDC client id for the browser sign-in.", false},
 		{"GPUAAS_OIDC_CLIENT_SECRET", "oidc-client-secret", "", "OIDC client secret (confidential clients only).", false},
 		{"GPUAAS_OIDC_REDIRECT_URL", "oidc-redirect-url", "", "Where the identity provider sends the browser back (the web app's callback).", false},
+		{"GPUAAS_PKI_BACKEND", "pki-backend", "", "PKI/KMS backend: local (keys under GPUAAS_STATE_DIR) or vault; default vault when VAULT_ADDR is set, else local.", false},
+		{"VAULT_ADDR", "vault-addr", "", "Vault address (https://vault:8200); required with the vault backend.", false},
+		{"VAULT_TOKEN", "vault-token", "", "Vault token (renewed while renewable); or use VAULT_ROLE_ID and VAULT_SECRET_ID.", false},
+		{"VAULT_ROLE_ID", "vault-role-id", "", "Vault AppRole role id (logs in again when the token reaches its max TTL).", false},
+		{"VAULT_SECRET_ID", "vault-secret-id", "", "Vault AppRole secret id.", false},
+		{"GPUAAS_VAULT_APPROLE_MOUNT", "vault-approle-mount", "approle", "Vault AppRole auth mount.", false},
+		{"GPUAAS_VAULT_PKI_MOUNT", "vault-pki-mount", "pki", "Vault PKI mount that signs node certificates.", false},
+		{"GPUAAS_VAULT_PKI_ROLE", "vault-pki-role", "gpuaas-node", "Vault PKI role for node certificates.", false},
+		{"GPUAAS_VAULT_TRANSIT_MOUNT", "vault-transit-mount", "transit", "Vault Transit mount (task signing keys, data keys).", false},
+		{"GPUAAS_VAULT_DATA_KEY", "vault-data-key", "gpuaas-secrets", "Vault Transit aes256-gcm96 key that wraps the data keys of secrets at rest.", false},
+		{"GPUAAS_VAULT_SSH_MOUNT", "vault-ssh-mount", "ssh", "Vault SSH mount (user CA for the browser terminal).", false},
+		{"GPUAAS_VAULT_SSH_ROLE", "vault-ssh-role", "gpuaas-terminal", "Vault SSH role for terminal certificates.", false},
 	}
 }
 
@@ -132,6 +174,20 @@ func Load(args []string, getenv func(string) string, stderr io.Writer) (Config, 
 	check("TEMPORAL_ADDRESS", func(v string) error { c.TemporalAddress = v; return validHostPort(v, true) })
 	check("TEMPORAL_NAMESPACE", func(v string) error { c.TemporalNamespace = v; return validName(v) })
 	check("GPUAAS_LISTEN_ADDR", func(v string) error { c.ListenAddr = v; return validHostPort(v, false) })
+	check("GPUAAS_AGENT_LISTEN_ADDR", func(v string) error {
+		if c.AgentListenAddr = v; v == "" {
+			return nil
+		}
+		return validHostPort(v, false)
+	})
+	check("GPUAAS_AGENT_TLS_CERT", func(v string) error { c.AgentTLSCert = v; return nil })
+	check("GPUAAS_AGENT_TLS_KEY", func(v string) error {
+		c.AgentTLSKey = v
+		if (v == "") != (c.AgentTLSCert == "") {
+			return errors.New("GPUAAS_AGENT_TLS_CERT and GPUAAS_AGENT_TLS_KEY go together")
+		}
+		return nil
+	})
 	check("GPUAAS_REGION", func(v string) error { c.Region = v; return validName(v) })
 	check("GPUAAS_LOG_FORMAT", func(v string) error { c.LogFormat = v; return oneOf(v, "text", "json") })
 	check("GPUAAS_LOG_LEVEL", func(v string) error {
@@ -181,6 +237,11 @@ func Load(args []string, getenv func(string) string, stderr io.Writer) (Config, 
 	})
 	check("GPUAAS_TEMPORAL_TASK_QUEUE", func(v string) error { c.TaskQueue = v; return validName(v) })
 	check("GPUAAS_PAYMENTS_INSTANCE", func(v string) error { c.PaymentsInstance = v; return validName(v) })
+	check("GPUAAS_STORAGE_INSTANCE", func(v string) error { c.StorageInstance = v; return validName(v) })
+	check("GPUAAS_STORAGE_TRANSFER_TIMEOUT", func(v string) (err error) {
+		c.StorageTransferTimeout, err = durationIn(v, time.Second, 7*24*time.Hour)
+		return
+	})
 	check("GPUAAS_OIDC_CLIENT_SECRET", func(v string) error { c.OIDC.ClientSecret = v; return nil })
 	check("GPUAAS_OIDC_REDIRECT_URL", func(v string) error {
 		c.OIDC.RedirectURL = v
@@ -189,10 +250,73 @@ func Load(args []string, getenv func(string) string, stderr io.Writer) (Config, 
 		}
 		return validURL(v, "https", "http")
 	})
+	check("GPUAAS_PKI_BACKEND", func(v string) error {
+		if v == "" {
+			v = "local"
+			if get("VAULT_ADDR") != "" {
+				v = "vault"
+			}
+		}
+		c.PKI.Backend = v
+		return oneOf(v, "local", "vault")
+	})
+	vault := c.PKI.Backend == "vault"
+	check("VAULT_ADDR", func(v string) error {
+		c.PKI.VaultAddr = v
+		if v == "" && !vault {
+			return nil
+		}
+		if err := validURL(v, "https", "http"); err != nil {
+			if v == "" {
+				return errors.New("missing (required when GPUAAS_PKI_BACKEND is vault)")
+			}
+			return err
+		}
+		return nil
+	})
+	check("VAULT_ROLE_ID", func(v string) error { c.PKI.VaultRoleID = v; return nil })
+	check("VAULT_SECRET_ID", func(v string) error {
+		c.PKI.VaultSecretID = v
+		if (c.PKI.VaultRoleID == "") != (v == "") {
+			return errors.New("VAULT_ROLE_ID and VAULT_SECRET_ID go together")
+		}
+		return nil
+	})
+	check("VAULT_TOKEN", func(v string) error {
+		c.PKI.VaultToken = v
+		if vault && v == "" && c.PKI.VaultRoleID == "" {
+			return errors.New("missing (the vault backend needs VAULT_TOKEN, or VAULT_ROLE_ID and VAULT_SECRET_ID)")
+		}
+		return nil
+	})
+	for _, m := range []struct {
+		env string
+		dst *string
+	}{
+		{"GPUAAS_VAULT_APPROLE_MOUNT", &c.PKI.VaultAppRoleMount},
+		{"GPUAAS_VAULT_PKI_MOUNT", &c.PKI.VaultPKIMount},
+		{"GPUAAS_VAULT_PKI_ROLE", &c.PKI.VaultPKIRole},
+		{"GPUAAS_VAULT_TRANSIT_MOUNT", &c.PKI.VaultTransitMount},
+		{"GPUAAS_VAULT_DATA_KEY", &c.PKI.VaultDataKey},
+		{"GPUAAS_VAULT_SSH_MOUNT", &c.PKI.VaultSSHMount},
+		{"GPUAAS_VAULT_SSH_ROLE", &c.PKI.VaultSSHRole},
+	} {
+		check(m.env, func(v string) error { *m.dst = v; return validVaultPath(v) })
+	}
 	if len(errs) > 0 {
 		return Config{}, errs
 	}
 	return c, nil
+}
+
+var vaultPathRE = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9_.-]*(/[A-Za-z0-9][A-Za-z0-9_.-]*)*$`)
+
+// validVaultPath accepts a Vault mount path or a role or key name.
+func validVaultPath(v string) error {
+	if !vaultPathRE.MatchString(v) || len(v) > 128 {
+		return errors.New("want letters, digits, '_', '.', '-' and '/' between parts")
+	}
+	return nil
 }
 
 // Errors is every bad setting, printed on one line.

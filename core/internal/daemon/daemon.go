@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"net/http"
 	"path/filepath"
 	"strings"
 	"sync"
@@ -22,6 +23,7 @@ import (
 	"go.temporal.io/sdk/client"
 	"go.temporal.io/sdk/worker"
 
+	"github.com/gpuaas/gpuaas/core/internal/agents"
 	"github.com/gpuaas/gpuaas/core/internal/allocations"
 	"github.com/gpuaas/gpuaas/core/internal/authz"
 	"github.com/gpuaas/gpuaas/core/internal/billing"
@@ -33,9 +35,9 @@ import (
 	"github.com/gpuaas/gpuaas/core/internal/idempotency"
 	"github.com/gpuaas/gpuaas/core/internal/identity"
 	"github.com/gpuaas/gpuaas/core/internal/inventory"
-	"github.com/gpuaas/gpuaas/core/internal/kms"
 	"github.com/gpuaas/gpuaas/core/internal/oidc"
 	"github.com/gpuaas/gpuaas/core/internal/payments"
+	"github.com/gpuaas/gpuaas/core/internal/pki"
 	"github.com/gpuaas/gpuaas/core/internal/pluginhost"
 	"github.com/gpuaas/gpuaas/core/internal/policy"
 	"github.com/gpuaas/gpuaas/core/internal/principal"
@@ -113,11 +115,21 @@ func Run(ctx context.Context, cfg config.Config, log hclog.Logger, opt Options) 
 		},
 	})
 
-	keys, err := kms.NewLocal(filepath.Join(cfg.StateDir, "kms"))
+	trust, err := pki.Open(ctx, pki.Config{
+		Backend:  cfg.PKI.Backend,
+		StateDir: cfg.StateDir,
+		Vault: pki.VaultConfig{
+			Addr: cfg.PKI.VaultAddr, Token: cfg.PKI.VaultToken, RoleID: cfg.PKI.VaultRoleID, SecretID: cfg.PKI.VaultSecretID,
+			AppRoleMount: cfg.PKI.VaultAppRoleMount, PKIMount: cfg.PKI.VaultPKIMount, PKIRole: cfg.PKI.VaultPKIRole,
+			TransitMount: cfg.PKI.VaultTransitMount, DataKey: cfg.PKI.VaultDataKey,
+			SSHMount: cfg.PKI.VaultSSHMount, SSHRole: cfg.PKI.VaultSSHRole,
+		},
+	}, pki.WithLogger(log.Named("pki")))
 	if err != nil {
-		return fmt.Errorf("kms: %w (set GPUAAS_STATE_DIR to a writable folder)", err)
+		return fmt.Errorf("pki/kms backend %s: %w (check GPUAAS_STATE_DIR, or the Vault settings)", cfg.PKI.Backend, err)
 	}
-	plugins, err := pluginhost.New(pool, keys, pluginhost.WithLogger(log.Named("plugins")), pluginhost.WithRegisterer(reg), pluginhost.WithRegion(cfg.Region))
+	defer func() { _ = trust.Close() }()
+	plugins, err := pluginhost.New(pool, trust.Keys, pluginhost.WithLogger(log.Named("plugins")), pluginhost.WithRegisterer(reg), pluginhost.WithRegion(cfg.Region))
 	if err != nil {
 		return fmt.Errorf("plugin host: %w", err)
 	}
@@ -210,6 +222,38 @@ func Run(ctx context.Context, cfg config.Config, log hclog.Logger, opt Options) 
 		Registerer:     reg,
 		AfterAuth:      []fiber.Handler{idem.Middleware(principalActor)},
 	})
+	agentSvc := agents.NewService(pool, trust.CA, trust.Signer, cfg.Region, agents.Settings{}, log.Named("agents"))
+	var agentSrv *http.Server
+	agentCtx, stopAgents := context.WithCancel(context.WithoutCancel(ctx))
+	defer stopAgents()
+	if cfg.AgentListenAddr != "" {
+		host, _, _ := net.SplitHostPort(cfg.AgentListenAddr)
+		cert, _, err := agents.ServerCertificate(cfg.AgentTLSCert, cfg.AgentTLSKey, filepath.Join(cfg.StateDir, "agents"), []string{host, "localhost", "127.0.0.1"})
+		if err != nil {
+			return err
+		}
+		chain, err := trust.CA.CAChain(ctx)
+		if err != nil {
+			return fmt.Errorf("agents: CA chain: %w", err)
+		}
+		tlsCfg, err := agents.TLSConfig(cert, chain)
+		if err != nil {
+			return err
+		}
+		aln, err := net.Listen("tcp", cfg.AgentListenAddr)
+		if err != nil {
+			return fmt.Errorf("agents: listen on %s: %w", cfg.AgentListenAddr, err)
+		}
+		agentSrv = &http.Server{Handler: agentSvc.Handler(pki.NewRevocationChecker(trust.CA)), TLSConfig: tlsCfg,
+			ReadHeaderTimeout: 10 * time.Second, BaseContext: func(net.Listener) context.Context { return agentCtx }, ErrorLog: log.Named("agents").StandardLogger(&hclog.StandardLoggerOptions{InferLevels: true})}
+		go func() {
+			if err := agentSrv.ServeTLS(aln, "", ""); err != nil && !errors.Is(err, http.ErrServerClosed) {
+				log.Error("agent listener stopped", "error", err)
+			}
+		}()
+		log.Info("serving the agent protocol", "addr", aln.Addr().String())
+	}
+
 	ln, err := net.Listen("tcp", cfg.ListenAddr)
 	if err != nil {
 		return fmt.Errorf("http: listen on %s: %w", cfg.ListenAddr, err)
@@ -223,6 +267,7 @@ func Run(ctx context.Context, cfg config.Config, log hclog.Logger, opt Options) 
 	wg.Go(func() { auth.Run(bg, js, 30*time.Second) })
 	wg.Go(func() { _ = idem.Run(bg) })
 	wg.Go(func() { _ = limiter.Run(bg) })
+	wg.Go(func() { agentSvc.Run(bg) })
 	if cfg.Workers {
 		wg.Go(func() { runWorkers(bg, cfg, tc, pool, pol, js, log.Named("worker")) })
 		wg.Go(func() {
@@ -259,6 +304,12 @@ func Run(ctx context.Context, cfg config.Config, log hclog.Logger, opt Options) 
 	start := time.Now()
 	if err := app.ShutdownWithTimeout(cfg.ShutdownTimeout); err != nil {
 		log.Warn("http shutdown did not drain in time", "error", err)
+	}
+	if agentSrv != nil {
+		sctx, cancel := context.WithTimeout(context.Background(), cfg.ShutdownTimeout)
+		stopAgents() // ends the long polls
+		_ = agentSrv.Shutdown(sctx)
+		cancel()
 	}
 	stopBG()
 	wg.Wait()

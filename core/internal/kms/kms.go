@@ -4,8 +4,9 @@
 // ciphertext in an Envelope. Rotating the master key makes a new version
 // encrypt; envelopes made under older versions still decrypt.
 //
-// Local keeps master keys in files on disk; a Vault transit backend will
-// implement the same Keyring.
+// Local keeps master keys in files on disk; Vault takes its data keys from a
+// Vault Transit key (transit/datakey) and has Transit unwrap them. Chain
+// seals with one keyring and opens what older keyrings sealed.
 package kms
 
 import (
@@ -43,12 +44,13 @@ const envelopeFormat = 1
 // encrypted with wrapped by master key KeyID at KeyVersion, and the nonce.
 // It serialises to JSON (byte fields as base64) with Marshal.
 type Envelope struct {
-	// KeyID names the master key (for Local, "local"; for Vault, the transit
-	// key's name).
+	// KeyID names the master key (for Local, "local"; for Vault,
+	// "vault:<transit mount>/<key name>").
 	KeyID string `json:"key_id"`
 	// KeyVersion is the master key version that wrapped the data key.
 	KeyVersion int `json:"key_version"`
-	// WrappedKey is the data key encrypted by the master key.
+	// WrappedKey is the data key encrypted by the master key (for Vault, the
+	// Transit ciphertext "vault:vN:...").
 	WrappedKey []byte `json:"wrapped_key"`
 	// Nonce is the AES-GCM nonce of Ciphertext.
 	Nonce []byte `json:"nonce"`

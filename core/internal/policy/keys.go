@@ -65,6 +65,17 @@ var (
 
 	IdempotencyTTL = Duration("idempotency.ttl", 24*time.Hour, time.Minute, 30*24*time.Hour,
 		"How long an Idempotency-Key is remembered.")
+
+	StorageQuota = Int("storage.quota_bytes", 100<<30, 0, 1<<50,
+		"Bytes one project may keep in project storage (objects plus uploads in flight).", ScopeGlobal, ScopeOrg, ScopeProject)
+	StorageMaxUpload = Int("storage.max_upload_bytes", 1<<40, 1, 5<<40,
+		"Largest single upload, also the cap on an upload of unknown length (chunked).", ScopeGlobal, ScopeOrg, ScopeProject)
+	StoragePrice = Money("storage.price_per_gb_month_minor", 0, 0, 1<<40,
+		"Price of storing one GiB for 30 days (minor units); 0 meters nothing.", ScopeGlobal, ScopeOrg)
+	StorageMeterWindow = Duration("storage.metering_window", time.Hour, time.Minute, 24*time.Hour,
+		"How often stored bytes are billed (one ledger debit per project and window).")
+	StoragePresignExpiry = Duration("storage.presign_expiry", 15*time.Minute, time.Minute, time.Hour,
+		"Lifetime of presigned download and upload URLs; an upload not confirmed by then is removed.", ScopeGlobal, ScopeOrg)
 )
 
 // Catalog returns every key.
@@ -98,5 +109,10 @@ func Catalog() []*Def {
 		OutboxRetention.Def(),
 		RateLimitPerIP.Def(),
 		RateLimitPerPrincipal.Def(),
+		StorageQuota.Def(),
+		StorageMaxUpload.Def(),
+		StoragePrice.Def(),
+		StorageMeterWindow.Def(),
+		StoragePresignExpiry.Def(),
 	}
 }

@@ -130,11 +130,20 @@ func actor(ctx context.Context) string {
 // Enroll consumes a token (atomically: a token works once) and signs the
 // agent's CSR for the token's node.
 func (s *Service) Enroll(ctx context.Context, token, csrPEM string) (*protocol.Certificate, error) {
+	if len(token) < 16 {
+		return nil, errcode.New(CodeTokenInvalid, "the enrollment token is unknown, used or expired")
+	}
 	var nodeID uuid.UUID
 	var cert pki.Certificate
 	err := store.Transact(ctx, s.pool, store.TxOptions{}, func(tx pgx.Tx) error {
 		err := tx.QueryRow(ctx, `UPDATE node_enrollment_tokens SET used_at = now()
 			WHERE token_sha256 = $1 AND used_at IS NULL AND expires_at > now() RETURNING node_id`, hashToken(token)).Scan(&nodeID)
+		if errors.Is(err, pgx.ErrNoRows) {
+			// The secret a provisioner driver's Enroll returned for the node
+			// (the core keeps its hash) works once too.
+			err = tx.QueryRow(ctx, `UPDATE nodes SET enrollment_secret_sha256 = NULL
+				WHERE enrollment_secret_sha256 = $1 AND state <> 'retired' RETURNING id`, hashToken(token)).Scan(&nodeID)
+		}
 		if errors.Is(err, pgx.ErrNoRows) {
 			return errcode.New(CodeTokenInvalid, "the enrollment token is unknown, used or expired")
 		}

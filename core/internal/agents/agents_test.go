@@ -340,3 +340,25 @@ func TestSilentNodeGoesOffline(t *testing.T) {
 		t.Fatalf("heartbeat reply: %s", b)
 	}
 }
+
+// The secret a provisioner driver's Enroll returned (the inventory keeps its
+// hash) enrolls the node's agent once.
+func TestEnrollWithDriverSecret(t *testing.T) {
+	f := newFixture(t, agents.Settings{})
+	id := uuid.Must(uuid.NewV7())
+	secret := "driver-secret-" + uuid.NewString()
+	if _, err := f.pool.Exec(f.ctx, `INSERT INTO nodes (id, provisioner_instance, external_id, state, enrollment_secret_sha256)
+		VALUES ($1, 'manual', 'host-1', 'enrolling', sha256(convert_to($2, 'UTF8')))`, id, secret); err != nil {
+		t.Fatal(err)
+	}
+	a := f.agent(secret, prefixSystem(t))
+	if err := a.Enroll(t.Context()); err != nil || a.NodeID() != id.String() {
+		t.Fatalf("enroll with the driver's secret: %v (node %q)", err, a.NodeID())
+	}
+	if err := f.agent(secret, prefixSystem(t)).Enroll(t.Context()); err == nil {
+		t.Fatal("the driver's secret enrolled twice")
+	}
+	if err := f.agent("short", prefixSystem(t)).Enroll(t.Context()); err == nil || !strings.Contains(err.Error(), "401") {
+		t.Fatalf("a short token: %v; want 401", err)
+	}
+}

@@ -394,7 +394,7 @@ func (s *Service) Register(ctx context.Context, req RegisterRequest) (*Node, err
 		if err != nil {
 			return err
 		}
-		if _, err := tx.Exec(ctx, `UPDATE nodes SET enrollment_secret_sha256 = sha256(convert_to($2, 'UTF8')), pool = coalesce(nullif($3, ''), pool),
+		if _, err := tx.Exec(ctx, `UPDATE nodes SET enrollment_secret_sha256 = CASE WHEN $2 = '' THEN NULL ELSE sha256(convert_to($2, 'UTF8')) END, pool = coalesce(nullif($3, ''), pool),
 			tags = CASE WHEN cardinality($4::text[]) > 0 THEN $4 ELSE tags END WHERE id = $1`, n.ID, enr.Secret, req.Pool, req.Tags); err != nil {
 			return err
 		}

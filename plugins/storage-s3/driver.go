@@ -93,8 +93,9 @@ type Driver struct {
 }
 
 var (
-	_ storage.Driver    = (*Driver)(nil)
-	_ storage.Presigner = (*Driver)(nil)
+	_ storage.Driver      = (*Driver)(nil)
+	_ storage.Presigner   = (*Driver)(nil)
+	_ storage.RangeGetter = (*Driver)(nil)
 )
 
 // Option configures a Driver.

@@ -606,6 +606,29 @@ func TestPresign(t *testing.T) {
 			t.Errorf("Stat: %+v, %v, want content type text/plain", st, err)
 		}
 	})
+	t.Run("put of a signed length", func(t *testing.T) {
+		u, err := s.d.PresignPut(s.ctx, &storage.PresignRequest{Key: "presign/sized", Expiry: 10 * time.Minute, ContentLength: 10})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if !strings.Contains(strings.ToLower(u.URL), "content-length") {
+			t.Errorf("URL %s does not sign content-length", u.URL)
+		}
+		for _, body := range []string{"too long, far too long", "short"} {
+			if code, _ := do(t, u, []byte(body)); code == http.StatusOK {
+				t.Errorf("PUT of %d bytes with a URL signed for 10: %d, want a refusal", len(body), code)
+			}
+		}
+		if _, err := s.d.Stat(s.ctx, "presign/sized"); !errors.Is(err, base.ErrNotFound) {
+			t.Fatalf("Stat after refused PUTs: %v, want ErrNotFound", err)
+		}
+		if code, body := do(t, u, []byte("just right")); code != http.StatusOK {
+			t.Fatalf("PUT of the signed length: %d %s", code, body)
+		}
+		if got := s.get(t, "presign/sized"); string(got) != "just right" {
+			t.Errorf("the uploaded object holds %q", got)
+		}
+	})
 	t.Run("tampered", func(t *testing.T) {
 		u, err := s.d.PresignGet(s.ctx, &storage.PresignRequest{Key: "presign/get", Expiry: time.Minute})
 		if err != nil {
@@ -743,4 +766,50 @@ func maps(a, b map[string]any) map[string]any {
 		out[k] = v
 	}
 	return out
+}
+
+// GetRange sends a Range header and reports the object's size from the
+// Content-Range; a range past the end is an empty body.
+func TestGetRange(t *testing.T) {
+	t.Parallel()
+	s := newSetup(t, nil)
+	data := randomBytes(t, 100_000)
+	s.put(t, "ranged", data, "application/x-test")
+	s.put(t, "ranged-empty", nil, "")
+	n := int64(len(data))
+	for _, c := range []struct {
+		key string
+		r   storage.Range
+	}{
+		{"ranged", storage.Range{Offset: 0, Length: storage.ToEnd}},
+		{"ranged", storage.Range{Offset: 10, Length: 20}},
+		{"ranged", storage.Range{Offset: n - 1, Length: 5}},
+		{"ranged", storage.Range{Offset: n - 500, Length: storage.ToEnd}},
+		{"ranged", storage.Range{Offset: n, Length: storage.ToEnd}},
+		{"ranged", storage.Range{Offset: n + 100, Length: 1}},
+		{"ranged-empty", storage.Range{Offset: 0, Length: storage.ToEnd}},
+	} {
+		obj, err := s.d.GetRange(s.ctx, c.key, c.r)
+		if err != nil {
+			t.Fatalf("GetRange(%s, %+v): %v", c.key, c.r, err)
+		}
+		got, err := io.ReadAll(obj.Body)
+		_ = obj.Body.Close()
+		full := data
+		if c.key == "ranged-empty" {
+			full = nil
+		}
+		size := int64(len(full))
+		off := min(c.r.Offset, size)
+		want := full[off : off+c.r.Clip(size)]
+		if err != nil || !bytes.Equal(got, want) || obj.Info.Size != size || obj.Info.ETag == "" {
+			t.Errorf("GetRange(%s, %+v): %d bytes (%v), info %+v; want %d bytes and size %d", c.key, c.r, len(got), err, obj.Info, len(want), size)
+		}
+	}
+	if _, err := s.d.GetRange(s.ctx, "no-such-key", storage.Range{Offset: 0, Length: 1}); !errors.Is(err, base.ErrNotFound) {
+		t.Errorf("GetRange of a missing key: %v, want ErrNotFound", err)
+	}
+	if _, err := s.d.GetRange(s.ctx, "ranged", storage.Range{Offset: -1, Length: 1}); !errors.Is(err, base.ErrInvalidArgument) {
+		t.Errorf("GetRange with a negative offset: %v, want ErrInvalidArgument", err)
+	}
 }

@@ -8,6 +8,7 @@ import (
 	"io"
 	"mime"
 	"regexp"
+	"strconv"
 	"strings"
 	"time"
 	"unicode/utf8"
@@ -15,6 +16,7 @@ import (
 	"github.com/aws/aws-sdk-go-v2/aws"
 	"github.com/aws/aws-sdk-go-v2/service/s3"
 	"github.com/aws/aws-sdk-go-v2/service/s3/types"
+	"github.com/aws/smithy-go"
 
 	"github.com/gpuaas/gpuaas/sdk/base"
 	"github.com/gpuaas/gpuaas/sdk/storage"
@@ -164,6 +166,66 @@ func (d *Driver) Get(ctx context.Context, key string) (*storage.Object, error) {
 	}
 	m := s.describe(key, out.ContentLength, out.ETag, out.ContentType, out.LastModified, out.Metadata)
 	return &storage.Object{Info: m.ObjectInfo, Body: &objectBody{ctx: ctx, key: key, rc: out.Body, remaining: m.Size}}, nil
+}
+
+// GetRange implements storage.RangeGetter: a GetObject with a Range
+// header. Info.Size is the object's size, from the Content-Range of the
+// response. A range that starts at or past the end (S3 answers 416) yields
+// an empty body.
+func (d *Driver) GetRange(ctx context.Context, key string, r storage.Range) (*storage.Object, error) {
+	s, err := d.settings()
+	if err != nil {
+		return nil, err
+	}
+	if err := s.checkKey("get: key", key); err != nil {
+		return nil, err
+	}
+	if err := r.Check(); err != nil {
+		return nil, fmt.Errorf("storage-s3: get %q: %w", key, err)
+	}
+	k := s.objectKey(key)
+	header := fmt.Sprintf("bytes=%d-", r.Offset)
+	if r.Length != storage.ToEnd {
+		header += strconv.FormatInt(r.Offset+r.Length-1, 10)
+	}
+	what := fmt.Sprintf("get %q %s", key, header)
+	out, err := s.client.GetObject(ctx, &s3.GetObjectInput{Bucket: &s.bucket, Key: &k, Range: &header})
+	if err != nil {
+		var apiErr smithy.APIError
+		if ctx.Err() == nil && errors.As(err, &apiErr) && apiErr.ErrorCode() == "InvalidRange" {
+			// Nothing of the object lies in the range: describe it.
+			m, serr := s.stat(ctx, key)
+			if serr != nil {
+				return nil, serr
+			}
+			return &storage.Object{Info: m.ObjectInfo, Body: io.NopCloser(strings.NewReader(""))}, nil
+		}
+		return nil, wrapError(ctx, what, err)
+	}
+	if out.ContentLength == nil || *out.ContentLength < 0 {
+		_ = out.Body.Close()
+		return nil, fmt.Errorf("storage-s3: %s: the response has no content length: %w", what, base.ErrInternal)
+	}
+	size := *out.ContentLength // a store that ignores Range sends the whole object
+	start := int64(0)
+	if cr := aws.ToString(out.ContentRange); cr != "" {
+		var end int64
+		if _, err := fmt.Sscanf(cr, "bytes %d-%d/%d", &start, &end, &size); err != nil || end-start+1 != *out.ContentLength {
+			_ = out.Body.Close()
+			return nil, fmt.Errorf("storage-s3: %s: Content-Range %q does not match %d bytes: %w", what, cr, *out.ContentLength, base.ErrInternal)
+		}
+	}
+	m := s.describe(key, &size, out.ETag, out.ContentType, out.LastModified, out.Metadata)
+	obj := &storage.Object{Info: m.ObjectInfo, Body: &objectBody{ctx: ctx, key: key, rc: out.Body, remaining: *out.ContentLength}}
+	if start != r.Offset || *out.ContentLength != r.Clip(size) {
+		if start != 0 || *out.ContentLength != size {
+			_ = obj.Body.Close()
+			return nil, fmt.Errorf("storage-s3: %s: the store sent bytes %d+%d of %d: %w", what, start, *out.ContentLength, size, base.ErrInternal)
+		}
+		// A store that ignores Range: cut the range out of the object.
+		return storage.CutRange(obj, r)
+	}
+	return obj, nil
 }
 
 var _ io.ReadCloser = (*objectBody)(nil)

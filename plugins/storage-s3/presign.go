@@ -49,7 +49,8 @@ func (d *Driver) PresignGet(ctx context.Context, req *storage.PresignRequest) (*
 
 // PresignPut implements storage.Presigner: a PUT URL for the object, valid
 // for req.Expiry capped at presign_max_expiry. A ContentType in the
-// request is signed: the upload must send it (it is in Header).
+// request is signed: the upload must send it (it is in Header). So is a
+// ContentLength above 0: the store refuses a body of any other length.
 func (d *Driver) PresignPut(ctx context.Context, req *storage.PresignRequest) (*storage.PresignedURL, error) {
 	s, err := d.settings()
 	if err != nil {
@@ -64,8 +65,11 @@ func (d *Driver) PresignPut(ctx context.Context, req *storage.PresignRequest) (*
 	}
 	key := s.objectKey(req.Key)
 	now := d.now()
-	out, err := s.presigner.PresignPutObject(ctx, &s3.PutObjectInput{Bucket: &s.bucket, Key: &key, ContentType: nonEmpty(req.ContentType)},
-		s3.WithPresignExpires(expiry))
+	in := &s3.PutObjectInput{Bucket: &s.bucket, Key: &key, ContentType: nonEmpty(req.ContentType)}
+	if req.ContentLength > 0 {
+		in.ContentLength = &req.ContentLength
+	}
+	out, err := s.presigner.PresignPutObject(ctx, in, s3.WithPresignExpires(expiry))
 	if err != nil {
 		return nil, wrapError(ctx, fmt.Sprintf("presign put %q", req.Key), err)
 	}

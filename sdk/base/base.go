@@ -32,6 +32,7 @@ const (
 	CapabilityPortal   = "portal"   // payments.PortalCreator
 	CapabilityRefund   = "refund"   // payments.Refunder
 	CapabilityPresign  = "presign"  // storage.Presigner
+	CapabilityRange    = "range"    // storage.RangeGetter
 )
 
 // Handshake values. ProtocolVersion changes only on a wire break; the driver

@@ -195,6 +195,30 @@ func (e DependencyCheckName) Valid() bool {
 	}
 }
 
+// Defines values for EnqueueNodeTaskRequestType.
+const (
+	AllocationProvisionUser EnqueueNodeTaskRequestType = "allocation.provision_user"
+	AllocationRevokeUser    EnqueueNodeTaskRequestType = "allocation.revoke_user"
+	NodeInventory           EnqueueNodeTaskRequestType = "node.inventory"
+	NodeWipe                EnqueueNodeTaskRequestType = "node.wipe"
+)
+
+// Valid indicates whether the value is a known member of the EnqueueNodeTaskRequestType enum.
+func (e EnqueueNodeTaskRequestType) Valid() bool {
+	switch e {
+	case AllocationProvisionUser:
+		return true
+	case AllocationRevokeUser:
+		return true
+	case NodeInventory:
+		return true
+	case NodeWipe:
+		return true
+	default:
+		return false
+	}
+}
+
 // Defines values for ErrorCode.
 const (
 	AccountDisabled             ErrorCode = "account_disabled"
@@ -207,9 +231,11 @@ const (
 	BadRequest                  ErrorCode = "bad_request"
 	BillingAccountNotFound      ErrorCode = "billing_account_not_found"
 	Conflict                    ErrorCode = "conflict"
+	CsrInvalid                  ErrorCode = "csr_invalid"
 	CurrencyMismatch            ErrorCode = "currency_mismatch"
 	DatabaseUnavailable         ErrorCode = "database_unavailable"
 	DuplicateKey                ErrorCode = "duplicate_key"
+	EnrollmentTokenInvalid      ErrorCode = "enrollment_token_invalid"
 	Forbidden                   ErrorCode = "forbidden"
 	IdempotencyInFlight         ErrorCode = "idempotency_in_flight"
 	IdempotencyKeyReused        ErrorCode = "idempotency_key_reused"
@@ -221,6 +247,7 @@ const (
 	InvalidIdempotencyKey       ErrorCode = "invalid_idempotency_key"
 	InvalidJson                 ErrorCode = "invalid_json"
 	InvalidNodeTransition       ErrorCode = "invalid_node_transition"
+	InvalidObjectKey            ErrorCode = "invalid_object_key"
 	InvalidSshKey               ErrorCode = "invalid_ssh_key"
 	InvalidToken                ErrorCode = "invalid_token"
 	LastOwner                   ErrorCode = "last_owner"
@@ -232,7 +259,10 @@ const (
 	NoCapacity                  ErrorCode = "no_capacity"
 	NodeBusy                    ErrorCode = "node_busy"
 	NodeExists                  ErrorCode = "node_exists"
+	NodeNotEnrollable           ErrorCode = "node_not_enrollable"
 	NodeNotFound                ErrorCode = "node_not_found"
+	NodeTaskConflict            ErrorCode = "node_task_conflict"
+	NodeTaskNotFound            ErrorCode = "node_task_not_found"
 	NodeWebhookInvalid          ErrorCode = "node_webhook_invalid"
 	NotFound                    ErrorCode = "not_found"
 	NotReady                    ErrorCode = "not_ready"
@@ -272,6 +302,17 @@ const (
 	SshKeyNotFound              ErrorCode = "ssh_key_not_found"
 	SshKeyRequired              ErrorCode = "ssh_key_required"
 	SshKeyTooWeak               ErrorCode = "ssh_key_too_weak"
+	StorageBackendError         ErrorCode = "storage_backend_error"
+	StorageFolderNotEmpty       ErrorCode = "storage_folder_not_empty"
+	StorageObjectExists         ErrorCode = "storage_object_exists"
+	StorageObjectNotFound       ErrorCode = "storage_object_not_found"
+	StoragePathBusy             ErrorCode = "storage_path_busy"
+	StoragePathTraversal        ErrorCode = "storage_path_traversal"
+	StorageQuotaExceeded        ErrorCode = "storage_quota_exceeded"
+	StorageRangeNotSatisfiable  ErrorCode = "storage_range_not_satisfiable"
+	StorageUnavailable          ErrorCode = "storage_unavailable"
+	StorageUploadIncomplete     ErrorCode = "storage_upload_incomplete"
+	StorageUploadNotFound       ErrorCode = "storage_upload_not_found"
 	Timeout                     ErrorCode = "timeout"
 	TokenAlgNotAllowed          ErrorCode = "token_alg_not_allowed"
 	TokenBadSignature           ErrorCode = "token_bad_signature"
@@ -315,11 +356,15 @@ func (e ErrorCode) Valid() bool {
 		return true
 	case Conflict:
 		return true
+	case CsrInvalid:
+		return true
 	case CurrencyMismatch:
 		return true
 	case DatabaseUnavailable:
 		return true
 	case DuplicateKey:
+		return true
+	case EnrollmentTokenInvalid:
 		return true
 	case Forbidden:
 		return true
@@ -343,6 +388,8 @@ func (e ErrorCode) Valid() bool {
 		return true
 	case InvalidNodeTransition:
 		return true
+	case InvalidObjectKey:
+		return true
 	case InvalidSshKey:
 		return true
 	case InvalidToken:
@@ -365,7 +412,13 @@ func (e ErrorCode) Valid() bool {
 		return true
 	case NodeExists:
 		return true
+	case NodeNotEnrollable:
+		return true
 	case NodeNotFound:
+		return true
+	case NodeTaskConflict:
+		return true
+	case NodeTaskNotFound:
 		return true
 	case NodeWebhookInvalid:
 		return true
@@ -444,6 +497,28 @@ func (e ErrorCode) Valid() bool {
 	case SshKeyRequired:
 		return true
 	case SshKeyTooWeak:
+		return true
+	case StorageBackendError:
+		return true
+	case StorageFolderNotEmpty:
+		return true
+	case StorageObjectExists:
+		return true
+	case StorageObjectNotFound:
+		return true
+	case StoragePathBusy:
+		return true
+	case StoragePathTraversal:
+		return true
+	case StorageQuotaExceeded:
+		return true
+	case StorageRangeNotSatisfiable:
+		return true
+	case StorageUnavailable:
+		return true
+	case StorageUploadIncomplete:
+		return true
+	case StorageUploadNotFound:
 		return true
 	case Timeout:
 		return true
@@ -594,6 +669,33 @@ func (e NodeState) Valid() bool {
 	case Offline:
 		return true
 	case Retired:
+		return true
+	default:
+		return false
+	}
+}
+
+// Defines values for NodeTaskState.
+const (
+	NodeTaskStateExpired   NodeTaskState = "expired"
+	NodeTaskStateFailed    NodeTaskState = "failed"
+	NodeTaskStateLeased    NodeTaskState = "leased"
+	NodeTaskStateQueued    NodeTaskState = "queued"
+	NodeTaskStateSucceeded NodeTaskState = "succeeded"
+)
+
+// Valid indicates whether the value is a known member of the NodeTaskState enum.
+func (e NodeTaskState) Valid() bool {
+	switch e {
+	case NodeTaskStateExpired:
+		return true
+	case NodeTaskStateFailed:
+		return true
+	case NodeTaskStateLeased:
+		return true
+	case NodeTaskStateQueued:
+		return true
+	case NodeTaskStateSucceeded:
 		return true
 	default:
 		return false
@@ -1335,6 +1437,31 @@ type EnableRequest struct {
 	Enabled bool `json:"enabled"`
 }
 
+// EnqueueNodeTaskRequest defines model for EnqueueNodeTaskRequest.
+type EnqueueNodeTaskRequest struct {
+	ExternalId  string                     `json:"external_id"`
+	MaxAttempts *int                       `json:"max_attempts,omitempty"`
+	OperationId string                     `json:"operation_id"`
+	Params      *map[string]interface{}    `json:"params,omitempty"`
+	TtlSeconds  *int                       `json:"ttl_seconds,omitempty"`
+	Type        EnqueueNodeTaskRequestType `json:"type"`
+}
+
+// EnqueueNodeTaskRequestType defines model for EnqueueNodeTaskRequest.Type.
+type EnqueueNodeTaskRequestType string
+
+// EnrollmentToken defines model for EnrollmentToken.
+type EnrollmentToken struct {
+	ExpiresAt time.Time `json:"expires_at"`
+	Token     string    `json:"token"`
+}
+
+// EnrollmentTokenRequest defines model for EnrollmentTokenRequest.
+type EnrollmentTokenRequest struct {
+	// TtlSeconds Default: policy agents.enrollment_token_ttl.
+	TtlSeconds *int `json:"ttl_seconds,omitempty"`
+}
+
 // ErrorBody defines model for ErrorBody.
 type ErrorBody struct {
 	// Code Stable machine-readable error codes.
@@ -1447,14 +1574,19 @@ type MemberPage struct {
 
 // Node defines model for Node.
 type Node struct {
-	CpuCores            int                `json:"cpu_cores"`
-	CpuModel            *string            `json:"cpu_model,omitempty"`
-	CreatedAt           time.Time          `json:"created_at"`
-	DiskBytes           int64              `json:"disk_bytes"`
-	ExternalId          string             `json:"external_id"`
-	Gpus                []NodeGPU          `json:"gpus"`
-	HealthMessage       *string            `json:"health_message,omitempty"`
-	Healthy             *bool              `json:"healthy,omitempty"`
+	// AgentFacts What the node's agent last reported.
+	AgentFacts    *map[string]interface{} `json:"agent_facts,omitempty"`
+	CpuCores      int                     `json:"cpu_cores"`
+	CpuModel      *string                 `json:"cpu_model,omitempty"`
+	CreatedAt     time.Time               `json:"created_at"`
+	DiskBytes     int64                   `json:"disk_bytes"`
+	ExternalId    string                  `json:"external_id"`
+	Gpus          []NodeGPU               `json:"gpus"`
+	HealthMessage *string                 `json:"health_message,omitempty"`
+	Healthy       *bool                   `json:"healthy,omitempty"`
+
+	// HeartbeatAt The agent's last heartbeat (agent-managed nodes).
+	HeartbeatAt         *time.Time         `json:"heartbeat_at,omitempty"`
 	Hostname            string             `json:"hostname"`
 	Id                  openapi_types.UUID `json:"id"`
 	MemoryBytes         int64              `json:"memory_bytes"`
@@ -1492,6 +1624,25 @@ type NodeSyncResult struct {
 	Recovered int `json:"recovered"`
 	Seen      int `json:"seen"`
 }
+
+// NodeTask defines model for NodeTask.
+type NodeTask struct {
+	Attempts    int                     `json:"attempts"`
+	CreatedAt   time.Time               `json:"created_at"`
+	Error       string                  `json:"error"`
+	ExpiresAt   time.Time               `json:"expires_at"`
+	ExternalId  string                  `json:"external_id"`
+	Id          openapi_types.UUID      `json:"id"`
+	NodeId      openapi_types.UUID      `json:"node_id"`
+	OperationId string                  `json:"operation_id"`
+	Output      *map[string]interface{} `json:"output,omitempty"`
+	State       NodeTaskState           `json:"state"`
+	Type        string                  `json:"type"`
+	UpdatedAt   time.Time               `json:"updated_at"`
+}
+
+// NodeTaskState defines model for NodeTask.State.
+type NodeTaskState string
 
 // NodeWebhookReceipt defines model for NodeWebhookReceipt.
 type NodeWebhookReceipt struct {
@@ -1651,6 +1802,29 @@ type PortalSession struct {
 	Url string `json:"url"`
 }
 
+// PresignedURL defines model for PresignedURL.
+type PresignedURL struct {
+	ExpiresAt time.Time `json:"expires_at"`
+
+	// Headers Headers the request must carry.
+	Headers map[string]string `json:"headers"`
+	Method  string            `json:"method"`
+	Url     string            `json:"url"`
+}
+
+// PresignedUpload defines model for PresignedUpload.
+type PresignedUpload struct {
+	// ConfirmBy Confirm before this or the upload is removed.
+	ConfirmBy time.Time          `json:"confirm_by"`
+	ExpiresAt time.Time          `json:"expires_at"`
+	Headers   map[string]string  `json:"headers"`
+	Method    string             `json:"method"`
+	Path      string             `json:"path"`
+	Size      int64              `json:"size"`
+	UploadId  openapi_types.UUID `json:"upload_id"`
+	Url       string             `json:"url"`
+}
+
 // Project defines model for Project.
 type Project struct {
 	CreatedAt time.Time          `json:"created_at"`
@@ -1800,6 +1974,82 @@ type SetPolicyRequest struct {
 // SetPolicyRequestScope defines model for SetPolicyRequest.Scope.
 type SetPolicyRequestScope string
 
+// StorageChange defines model for StorageChange.
+type StorageChange struct {
+	Bytes  int64          `json:"bytes"`
+	Object *StorageObject `json:"object,omitempty"`
+
+	// Objects Objects renamed or deleted.
+	Objects int `json:"objects"`
+}
+
+// StorageEntry defines model for StorageEntry.
+type StorageEntry struct {
+	Folder bool `json:"folder"`
+
+	// Name The last segment (a folder's with its '/').
+	Name   string         `json:"name"`
+	Object *StorageObject `json:"object,omitempty"`
+
+	// Path Relative to the project; a folder's ends with '/'.
+	Path string `json:"path"`
+}
+
+// StorageObject defines model for StorageObject.
+type StorageObject struct {
+	ContentType string             `json:"content_type"`
+	CreatedAt   time.Time          `json:"created_at"`
+	CreatedBy   string             `json:"created_by"`
+	Etag        string             `json:"etag"`
+	Folder      bool               `json:"folder"`
+	Id          openapi_types.UUID `json:"id"`
+
+	// Path Relative to the project; a folder's ends with '/'.
+	Path      string    `json:"path"`
+	Size      int64     `json:"size"`
+	UpdatedAt time.Time `json:"updated_at"`
+}
+
+// StoragePage defines model for StoragePage.
+type StoragePage struct {
+	Items      []StorageEntry `json:"items"`
+	NextCursor *string        `json:"next_cursor,omitempty"`
+	Prefix     string         `json:"prefix"`
+}
+
+// StoragePathRequest defines model for StoragePathRequest.
+type StoragePathRequest struct {
+	Path      string             `json:"path"`
+	ProjectId openapi_types.UUID `json:"project_id"`
+}
+
+// StoragePresignUploadRequest defines model for StoragePresignUploadRequest.
+type StoragePresignUploadRequest struct {
+	ContentType *string            `json:"content_type,omitempty"`
+	Path        string             `json:"path"`
+	ProjectId   openapi_types.UUID `json:"project_id"`
+
+	// Size The file's exact length; the URL is signed for it.
+	Size int64 `json:"size"`
+}
+
+// StorageRenameRequest defines model for StorageRenameRequest.
+type StorageRenameRequest struct {
+	From      string             `json:"from"`
+	ProjectId openapi_types.UUID `json:"project_id"`
+	To        string             `json:"to"`
+}
+
+// StorageUsage defines model for StorageUsage.
+type StorageUsage struct {
+	// BytesReserved Held by uploads in flight.
+	BytesReserved int64              `json:"bytes_reserved"`
+	BytesUsed     int64              `json:"bytes_used"`
+	Objects       int64              `json:"objects"`
+	ProjectId     openapi_types.UUID `json:"project_id"`
+	QuotaBytes    int64              `json:"quota_bytes"`
+}
+
 // TokenResponse defines model for TokenResponse.
 type TokenResponse struct {
 	AccessToken      string                 `json:"access_token"`
@@ -1911,6 +2161,9 @@ type AuditTo = time.Time
 // Cursor defines model for Cursor.
 type Cursor = string
 
+// ExternalID defines model for ExternalID.
+type ExternalID = string
+
 // IdempotencyKey defines model for IdempotencyKey.
 type IdempotencyKey = string
 
@@ -1943,6 +2196,12 @@ type ProjectQuery = openapi_types.UUID
 
 // ServiceAccountID defines model for ServiceAccountID.
 type ServiceAccountID = openapi_types.UUID
+
+// StoragePathQuery defines model for StoragePathQuery.
+type StoragePathQuery = string
+
+// StorageProjectQuery defines model for StorageProjectQuery.
+type StorageProjectQuery = openapi_types.UUID
 
 // UserID defines model for UserID.
 type UserID = openapi_types.UUID
@@ -2307,6 +2566,89 @@ type AddSSHKeyParams struct {
 	IdempotencyKey *IdempotencyKey `json:"Idempotency-Key,omitempty"`
 }
 
+// DeleteStorageParams defines parameters for DeleteStorage.
+type DeleteStorageParams struct {
+	// ProjectId The project whose storage this is.
+	ProjectId StorageProjectQuery `form:"project_id" json:"project_id"`
+
+	// Path A path relative to the project (`reports/q1.csv`); a folder's ends
+	// with `/`. NFC-normalised; `.`/`..` segments (in any encoding), a
+	// leading `/`, backslashes, control and bidirectional-override
+	// characters, empty segments and paths over 936 bytes are refused.
+	Path      StoragePathQuery `form:"path" json:"path"`
+	Recursive *bool            `form:"recursive,omitempty" json:"recursive,omitempty"`
+}
+
+// DownloadStorageObjectParams defines parameters for DownloadStorageObject.
+type DownloadStorageObjectParams struct {
+	// ProjectId The project whose storage this is.
+	ProjectId StorageProjectQuery `form:"project_id" json:"project_id"`
+
+	// Path A path relative to the project (`reports/q1.csv`); a folder's ends
+	// with `/`. NFC-normalised; `.`/`..` segments (in any encoding), a
+	// leading `/`, backslashes, control and bidirectional-override
+	// characters, empty segments and paths over 936 bytes are refused.
+	Path    StoragePathQuery `form:"path" json:"path"`
+	Range   *string          `json:"Range,omitempty"`
+	IfRange *string          `json:"If-Range,omitempty"`
+}
+
+// ListStorageParams defines parameters for ListStorage.
+type ListStorageParams struct {
+	// ProjectId The project whose storage this is.
+	ProjectId StorageProjectQuery `form:"project_id" json:"project_id"`
+	Prefix    *string             `form:"prefix,omitempty" json:"prefix,omitempty"`
+	Recursive *bool               `form:"recursive,omitempty" json:"recursive,omitempty"`
+
+	// Limit Page size, 1 to 200.
+	Limit *Limit `form:"limit,omitempty" json:"limit,omitempty"`
+
+	// Cursor Opaque cursor from a previous page's `next_cursor`.
+	Cursor *Cursor `form:"cursor,omitempty" json:"cursor,omitempty"`
+}
+
+// MkdirStorageParams defines parameters for MkdirStorage.
+type MkdirStorageParams struct {
+	// IdempotencyKey Makes a retried POST safe; the first response is replayed byte for byte.
+	IdempotencyKey *IdempotencyKey `json:"Idempotency-Key,omitempty"`
+}
+
+// PresignStorageUploadParams defines parameters for PresignStorageUpload.
+type PresignStorageUploadParams struct {
+	// IdempotencyKey Makes a retried POST safe; the first response is replayed byte for byte.
+	IdempotencyKey *IdempotencyKey `json:"Idempotency-Key,omitempty"`
+}
+
+// RenameStorageParams defines parameters for RenameStorage.
+type RenameStorageParams struct {
+	// IdempotencyKey Makes a retried POST safe; the first response is replayed byte for byte.
+	IdempotencyKey *IdempotencyKey `json:"Idempotency-Key,omitempty"`
+}
+
+// UploadStorageObjectParams defines parameters for UploadStorageObject.
+type UploadStorageObjectParams struct {
+	// ProjectId The project whose storage this is.
+	ProjectId StorageProjectQuery `form:"project_id" json:"project_id"`
+
+	// Path A path relative to the project (`reports/q1.csv`); a folder's ends
+	// with `/`. NFC-normalised; `.`/`..` segments (in any encoding), a
+	// leading `/`, backslashes, control and bidirectional-override
+	// characters, empty segments and paths over 936 bytes are refused.
+	Path StoragePathQuery `form:"path" json:"path"`
+}
+
+// CompleteStorageUploadParams defines parameters for CompleteStorageUpload.
+type CompleteStorageUploadParams struct {
+	// IdempotencyKey Makes a retried POST safe; the first response is replayed byte for byte.
+	IdempotencyKey *IdempotencyKey `json:"Idempotency-Key,omitempty"`
+}
+
+// GetStorageUsageParams defines parameters for GetStorageUsage.
+type GetStorageUsageParams struct {
+	// ProjectId The project whose storage this is.
+	ProjectId StorageProjectQuery `form:"project_id" json:"project_id"`
+}
+
 // ListMyAPIKeysParams defines parameters for ListMyAPIKeys.
 type ListMyAPIKeysParams struct {
 	// Limit Page size, 1 to 200.
@@ -2337,6 +2679,9 @@ type AdminRegisterNodeJSONRequestBody = RegisterNodeRequest
 // AdminUpdateNodeJSONRequestBody defines body for AdminUpdateNode for application/json ContentType.
 type AdminUpdateNodeJSONRequestBody = UpdateNodeRequest
 
+// AdminMintEnrollmentTokenJSONRequestBody defines body for AdminMintEnrollmentToken for application/json ContentType.
+type AdminMintEnrollmentTokenJSONRequestBody = EnrollmentTokenRequest
+
 // AdminRetireNodeJSONRequestBody defines body for AdminRetireNode for application/json ContentType.
 type AdminRetireNodeJSONRequestBody = ReasonRequest
 
@@ -2348,6 +2693,9 @@ type AdminUpdatePluginInstanceJSONRequestBody = EnableRequest
 
 // AdminConfigurePluginInstanceJSONRequestBody defines body for AdminConfigurePluginInstance for application/json ContentType.
 type AdminConfigurePluginInstanceJSONRequestBody = ConfigureInstanceRequest
+
+// AdminEnqueueNodeTaskJSONRequestBody defines body for AdminEnqueueNodeTask for application/json ContentType.
+type AdminEnqueueNodeTaskJSONRequestBody = EnqueueNodeTaskRequest
 
 // AdminInstallPluginJSONRequestBody defines body for AdminInstallPlugin for application/json ContentType.
 type AdminInstallPluginJSONRequestBody = InstallPluginRequest
@@ -2420,6 +2768,18 @@ type CreateServiceAccountKeyJSONRequestBody = CreateAPIKeyRequest
 
 // AddSSHKeyJSONRequestBody defines body for AddSSHKey for application/json ContentType.
 type AddSSHKeyJSONRequestBody = AddSSHKeyRequest
+
+// MkdirStorageJSONRequestBody defines body for MkdirStorage for application/json ContentType.
+type MkdirStorageJSONRequestBody = StoragePathRequest
+
+// PresignStorageDownloadJSONRequestBody defines body for PresignStorageDownload for application/json ContentType.
+type PresignStorageDownloadJSONRequestBody = StoragePathRequest
+
+// PresignStorageUploadJSONRequestBody defines body for PresignStorageUpload for application/json ContentType.
+type PresignStorageUploadJSONRequestBody = StoragePresignUploadRequest
+
+// RenameStorageJSONRequestBody defines body for RenameStorage for application/json ContentType.
+type RenameStorageJSONRequestBody = StorageRenameRequest
 
 // CreateMyAPIKeyJSONRequestBody defines body for CreateMyAPIKey for application/json ContentType.
 type CreateMyAPIKeyJSONRequestBody = CreateAPIKeyRequest
@@ -2580,6 +2940,20 @@ type ClientInterface interface {
 	// Corresponds with PATCH /api/v1/admin/nodes/{node_id} (the `AdminUpdateNode` operationId).
 	AdminUpdateNode(ctx context.Context, nodeId NodeID, body AdminUpdateNodeJSONRequestBody, reqEditors ...RequestEditorFn) (*http.Response, error)
 
+	// AdminMintEnrollmentTokenWithBody A single-use token the node's agent enrolls with (shown once)
+	//
+	// Takes any type of body and a specified content type.
+	//
+	// Corresponds with POST /api/v1/admin/nodes/{node_id}/enrollment-token (the `AdminMintEnrollmentToken` operationId).
+	AdminMintEnrollmentTokenWithBody(ctx context.Context, nodeId NodeID, contentType string, body io.Reader, reqEditors ...RequestEditorFn) (*http.Response, error)
+
+	// AdminMintEnrollmentToken A single-use token the node's agent enrolls with (shown once)
+	//
+	// Takes a body of the `application/json` content type.
+	//
+	// Corresponds with POST /api/v1/admin/nodes/{node_id}/enrollment-token (the `AdminMintEnrollmentToken` operationId).
+	AdminMintEnrollmentToken(ctx context.Context, nodeId NodeID, body AdminMintEnrollmentTokenJSONRequestBody, reqEditors ...RequestEditorFn) (*http.Response, error)
+
 	// AdminProbeNode Ask the node's driver for its health (unhealthy → offline, healthy → back)
 	//
 	// Corresponds with POST /api/v1/admin/nodes/{node_id}/probe (the `AdminProbeNode` operationId).
@@ -2650,6 +3024,30 @@ type ClientInterface interface {
 	//
 	// Corresponds with PUT /api/v1/admin/plugin-instances/{name} (the `AdminConfigurePluginInstance` operationId).
 	AdminConfigurePluginInstance(ctx context.Context, name PluginName, body AdminConfigurePluginInstanceJSONRequestBody, reqEditors ...RequestEditorFn) (*http.Response, error)
+
+	// AdminEnqueueNodeTaskWithBody Queue a signed task for a node's agent (drivers; idempotent by operation_id)
+	//
+	// Takes any type of body and a specified content type.
+	//
+	// Corresponds with POST /api/v1/admin/plugin-instances/{name}/node-tasks (the `AdminEnqueueNodeTask` operationId).
+	AdminEnqueueNodeTaskWithBody(ctx context.Context, name PluginName, contentType string, body io.Reader, reqEditors ...RequestEditorFn) (*http.Response, error)
+
+	// AdminEnqueueNodeTask Queue a signed task for a node's agent (drivers; idempotent by operation_id)
+	//
+	// Takes a body of the `application/json` content type.
+	//
+	// Corresponds with POST /api/v1/admin/plugin-instances/{name}/node-tasks (the `AdminEnqueueNodeTask` operationId).
+	AdminEnqueueNodeTask(ctx context.Context, name PluginName, body AdminEnqueueNodeTaskJSONRequestBody, reqEditors ...RequestEditorFn) (*http.Response, error)
+
+	// AdminGetNodeTask A driver's task by its operation id
+	//
+	// Corresponds with GET /api/v1/admin/plugin-instances/{name}/node-tasks/{operation_id} (the `AdminGetNodeTask` operationId).
+	AdminGetNodeTask(ctx context.Context, name PluginName, operationId string, reqEditors ...RequestEditorFn) (*http.Response, error)
+
+	// AdminGetInstanceNode A node by the id its provisioner instance knows it by (for drivers)
+	//
+	// Corresponds with GET /api/v1/admin/plugin-instances/{name}/nodes/{external_id} (the `AdminGetInstanceNode` operationId).
+	AdminGetInstanceNode(ctx context.Context, name PluginName, externalId ExternalID, reqEditors ...RequestEditorFn) (*http.Response, error)
 
 	// AdminSyncInstanceNodes Reconcile the inventory with a provisioner backend now (nodes it lists, lost or broken)
 	//
@@ -3122,6 +3520,162 @@ type ClientInterface interface {
 	// DeleteSSHKey performs a DELETE /api/v1/ssh-keys/{key_id} (the `DeleteSSHKey` operationId) request.
 	DeleteSSHKey(ctx context.Context, keyId KeyID, reqEditors ...RequestEditorFn) (*http.Response, error)
 
+	// DeleteStorage Delete a file, or a folder (with its contents only when recursive=true)
+	//
+	// A folder's path ends with `/`. An empty folder deletes without
+	// `recursive`; one with contents answers 409 storage_folder_not_empty
+	// unless `recursive=true` confirms. Errors: 404 storage_object_not_found,
+	// 409 storage_path_busy (objects held by other operations stay; run it
+	// again).
+	//
+	// Corresponds with DELETE /api/v1/storage/delete (the `DeleteStorage` operationId).
+	DeleteStorage(ctx context.Context, params *DeleteStorageParams, reqEditors ...RequestEditorFn) (*http.Response, error)
+
+	// DownloadStorageObject A file's content, streamed (Range requests honoured)
+	//
+	// Streams the file with its Content-Type, Content-Length, ETag and
+	// Last-Modified, as an attachment. One byte range (`Range: bytes=a-b`,
+	// `a-` or `-n`) answers 206 with Content-Range; a range that starts past
+	// the end answers 416 storage_range_not_satisfiable with
+	// `Content-Range: bytes */size`; several ranges, a malformed Range, or
+	// an If-Range that does not match the ETag answer the whole file (200).
+	// Errors: 404 storage_object_not_found.
+	//
+	// Corresponds with GET /api/v1/storage/download (the `DownloadStorageObject` operationId).
+	DownloadStorageObject(ctx context.Context, params *DownloadStorageObjectParams, reqEditors ...RequestEditorFn) (*http.Response, error)
+
+	// ListStorage The files and folders of a project's storage folder, in path order
+	//
+	// Lists the folder `prefix` (the root when empty; a prefix always ends
+	// with `/`, added when missing): its files and the folders directly in
+	// it, or with `recursive=true` every object under it. Paths are relative
+	// to the project, bytewise ordered. Errors: 400 storage_path_traversal or
+	// invalid_object_key for an unsafe prefix.
+	//
+	// Corresponds with GET /api/v1/storage/list (the `ListStorage` operationId).
+	ListStorage(ctx context.Context, params *ListStorageParams, reqEditors ...RequestEditorFn) (*http.Response, error)
+
+	// MkdirStorageWithBody Make a folder (an empty folder lists too); an existing folder is fine
+	//
+	// Takes any type of body and a specified content type.
+	//
+	// Corresponds with POST /api/v1/storage/mkdir (the `MkdirStorage` operationId).
+	MkdirStorageWithBody(ctx context.Context, params *MkdirStorageParams, contentType string, body io.Reader, reqEditors ...RequestEditorFn) (*http.Response, error)
+
+	// MkdirStorage Make a folder (an empty folder lists too); an existing folder is fine
+	//
+	// Takes a body of the `application/json` content type.
+	//
+	// Corresponds with POST /api/v1/storage/mkdir (the `MkdirStorage` operationId).
+	MkdirStorage(ctx context.Context, params *MkdirStorageParams, body MkdirStorageJSONRequestBody, reqEditors ...RequestEditorFn) (*http.Response, error)
+
+	// PresignStorageDownloadWithBody A URL that reads a file straight from the store, for a while
+	//
+	// Valid for policy `storage.presign_expiry`. Errors: 404
+	// storage_object_not_found, 503 storage_unavailable (the store cannot
+	// presign).
+	//
+	// Takes any type of body and a specified content type.
+	//
+	// Corresponds with POST /api/v1/storage/presign-download (the `PresignStorageDownload` operationId).
+	PresignStorageDownloadWithBody(ctx context.Context, contentType string, body io.Reader, reqEditors ...RequestEditorFn) (*http.Response, error)
+
+	// PresignStorageDownload A URL that reads a file straight from the store, for a while
+	//
+	// Valid for policy `storage.presign_expiry`. Errors: 404
+	// storage_object_not_found, 503 storage_unavailable (the store cannot
+	// presign).
+	//
+	// Takes a body of the `application/json` content type.
+	//
+	// Corresponds with POST /api/v1/storage/presign-download (the `PresignStorageDownload` operationId).
+	PresignStorageDownload(ctx context.Context, body PresignStorageDownloadJSONRequestBody, reqEditors ...RequestEditorFn) (*http.Response, error)
+
+	// PresignStorageUploadWithBody A URL that uploads a large file straight to the store
+	//
+	// Reserves `size` bytes of the quota and returns a PUT URL signed for
+	// exactly that many bytes (send the returned headers). The path must be
+	// free (409 storage_object_exists). After the PUT, confirm with
+	// `POST /api/v1/storage/uploads/{upload_id}/complete` before
+	// `confirm_by`; an upload not confirmed by then is removed. Errors: 413
+	// storage_quota_exceeded, 409 storage_path_busy.
+	//
+	// Takes any type of body and a specified content type.
+	//
+	// Corresponds with POST /api/v1/storage/presign-upload (the `PresignStorageUpload` operationId).
+	PresignStorageUploadWithBody(ctx context.Context, params *PresignStorageUploadParams, contentType string, body io.Reader, reqEditors ...RequestEditorFn) (*http.Response, error)
+
+	// PresignStorageUpload A URL that uploads a large file straight to the store
+	//
+	// Reserves `size` bytes of the quota and returns a PUT URL signed for
+	// exactly that many bytes (send the returned headers). The path must be
+	// free (409 storage_object_exists). After the PUT, confirm with
+	// `POST /api/v1/storage/uploads/{upload_id}/complete` before
+	// `confirm_by`; an upload not confirmed by then is removed. Errors: 413
+	// storage_quota_exceeded, 409 storage_path_busy.
+	//
+	// Takes a body of the `application/json` content type.
+	//
+	// Corresponds with POST /api/v1/storage/presign-upload (the `PresignStorageUpload` operationId).
+	PresignStorageUpload(ctx context.Context, params *PresignStorageUploadParams, body PresignStorageUploadJSONRequestBody, reqEditors ...RequestEditorFn) (*http.Response, error)
+
+	// RenameStorageWithBody Rename (move) a file, or a folder with everything in it
+	//
+	// A folder's paths end with `/` (both `from` and `to`). The destination
+	// must be free: 409 storage_object_exists otherwise. Objects another
+	// operation holds stay, and the rename answers 409 storage_path_busy
+	// after moving the rest (run it again). Errors: 404
+	// storage_object_not_found.
+	//
+	// Takes any type of body and a specified content type.
+	//
+	// Corresponds with POST /api/v1/storage/rename (the `RenameStorage` operationId).
+	RenameStorageWithBody(ctx context.Context, params *RenameStorageParams, contentType string, body io.Reader, reqEditors ...RequestEditorFn) (*http.Response, error)
+
+	// RenameStorage Rename (move) a file, or a folder with everything in it
+	//
+	// A folder's paths end with `/` (both `from` and `to`). The destination
+	// must be free: 409 storage_object_exists otherwise. Objects another
+	// operation holds stay, and the rename answers 409 storage_path_busy
+	// after moving the rest (run it again). Errors: 404
+	// storage_object_not_found.
+	//
+	// Takes a body of the `application/json` content type.
+	//
+	// Corresponds with POST /api/v1/storage/rename (the `RenameStorage` operationId).
+	RenameStorage(ctx context.Context, params *RenameStorageParams, body RenameStorageJSONRequestBody, reqEditors ...RequestEditorFn) (*http.Response, error)
+
+	// UploadStorageObjectWithBody Store a file, streamed (replaces the file at the path)
+	//
+	// The body is the file, of any content type (kept as the file's
+	// Content-Type), streamed to the store as it arrives. Send
+	// Content-Length, or `Transfer-Encoding: chunked` for a body of unknown
+	// length (capped by policy `storage.max_upload_bytes`). The bytes are
+	// reserved against the project's quota (policy `storage.quota_bytes`)
+	// before they are stored. Errors: 400 storage_path_traversal or
+	// invalid_object_key, 413 storage_quota_exceeded (nothing is stored), 413
+	// request_too_large, 409 storage_path_busy (another operation on the
+	// path), 409 storage_object_exists (a folder has the name).
+	//
+	// Takes any type of body and a specified content type.
+	//
+	// Corresponds with PUT /api/v1/storage/upload (the `UploadStorageObject` operationId).
+	UploadStorageObjectWithBody(ctx context.Context, params *UploadStorageObjectParams, contentType string, body io.Reader, reqEditors ...RequestEditorFn) (*http.Response, error)
+
+	// CompleteStorageUpload Confirm a presigned upload; the file becomes part of the project
+	//
+	// Errors: 404 storage_upload_not_found (unknown, confirmed or expired),
+	// 409 storage_upload_incomplete (nothing uploaded yet; or a body of
+	// another size, which is removed and ends the upload).
+	//
+	// Corresponds with POST /api/v1/storage/uploads/{upload_id}/complete (the `CompleteStorageUpload` operationId).
+	CompleteStorageUpload(ctx context.Context, uploadId openapi_types.UUID, params *CompleteStorageUploadParams, reqEditors ...RequestEditorFn) (*http.Response, error)
+
+	// GetStorageUsage What a project stores against its quota
+	//
+	// Corresponds with GET /api/v1/storage/usage (the `GetStorageUsage` operationId).
+	GetStorageUsage(ctx context.Context, params *GetStorageUsageParams, reqEditors ...RequestEditorFn) (*http.Response, error)
+
 	// GetMe The caller, with memberships
 	//
 	// Corresponds with GET /api/v1/users/me (the `GetMe` operationId).
@@ -3380,6 +3934,40 @@ func (c *Client) AdminUpdateNode(ctx context.Context, nodeId NodeID, body AdminU
 	return c.Client.Do(req)
 }
 
+// AdminMintEnrollmentTokenWithBody A single-use token the node's agent enrolls with (shown once)
+//
+// Takes any type of body and a specified content type.
+//
+// Corresponds with POST /api/v1/admin/nodes/{node_id}/enrollment-token (the `AdminMintEnrollmentToken` operationId).
+func (c *Client) AdminMintEnrollmentTokenWithBody(ctx context.Context, nodeId NodeID, contentType string, body io.Reader, reqEditors ...RequestEditorFn) (*http.Response, error) {
+	req, err := NewAdminMintEnrollmentTokenRequestWithBody(c.Server, nodeId, contentType, body)
+	if err != nil {
+		return nil, err
+	}
+	req = req.WithContext(ctx)
+	if err := c.applyEditors(ctx, req, reqEditors); err != nil {
+		return nil, err
+	}
+	return c.Client.Do(req)
+}
+
+// AdminMintEnrollmentToken A single-use token the node's agent enrolls with (shown once)
+//
+// Takes a body of the `application/json` content type.
+//
+// Corresponds with POST /api/v1/admin/nodes/{node_id}/enrollment-token (the `AdminMintEnrollmentToken` operationId).
+func (c *Client) AdminMintEnrollmentToken(ctx context.Context, nodeId NodeID, body AdminMintEnrollmentTokenJSONRequestBody, reqEditors ...RequestEditorFn) (*http.Response, error) {
+	req, err := NewAdminMintEnrollmentTokenRequest(c.Server, nodeId, body)
+	if err != nil {
+		return nil, err
+	}
+	req = req.WithContext(ctx)
+	if err := c.applyEditors(ctx, req, reqEditors); err != nil {
+		return nil, err
+	}
+	return c.Client.Do(req)
+}
+
 // AdminProbeNode Ask the node's driver for its health (unhealthy → offline, healthy → back)
 //
 // Corresponds with POST /api/v1/admin/nodes/{node_id}/probe (the `AdminProbeNode` operationId).
@@ -3551,6 +4139,70 @@ func (c *Client) AdminConfigurePluginInstanceWithBody(ctx context.Context, name 
 // Corresponds with PUT /api/v1/admin/plugin-instances/{name} (the `AdminConfigurePluginInstance` operationId).
 func (c *Client) AdminConfigurePluginInstance(ctx context.Context, name PluginName, body AdminConfigurePluginInstanceJSONRequestBody, reqEditors ...RequestEditorFn) (*http.Response, error) {
 	req, err := NewAdminConfigurePluginInstanceRequest(c.Server, name, body)
+	if err != nil {
+		return nil, err
+	}
+	req = req.WithContext(ctx)
+	if err := c.applyEditors(ctx, req, reqEditors); err != nil {
+		return nil, err
+	}
+	return c.Client.Do(req)
+}
+
+// AdminEnqueueNodeTaskWithBody Queue a signed task for a node's agent (drivers; idempotent by operation_id)
+//
+// Takes any type of body and a specified content type.
+//
+// Corresponds with POST /api/v1/admin/plugin-instances/{name}/node-tasks (the `AdminEnqueueNodeTask` operationId).
+func (c *Client) AdminEnqueueNodeTaskWithBody(ctx context.Context, name PluginName, contentType string, body io.Reader, reqEditors ...RequestEditorFn) (*http.Response, error) {
+	req, err := NewAdminEnqueueNodeTaskRequestWithBody(c.Server, name, contentType, body)
+	if err != nil {
+		return nil, err
+	}
+	req = req.WithContext(ctx)
+	if err := c.applyEditors(ctx, req, reqEditors); err != nil {
+		return nil, err
+	}
+	return c.Client.Do(req)
+}
+
+// AdminEnqueueNodeTask Queue a signed task for a node's agent (drivers; idempotent by operation_id)
+//
+// Takes a body of the `application/json` content type.
+//
+// Corresponds with POST /api/v1/admin/plugin-instances/{name}/node-tasks (the `AdminEnqueueNodeTask` operationId).
+func (c *Client) AdminEnqueueNodeTask(ctx context.Context, name PluginName, body AdminEnqueueNodeTaskJSONRequestBody, reqEditors ...RequestEditorFn) (*http.Response, error) {
+	req, err := NewAdminEnqueueNodeTaskRequest(c.Server, name, body)
+	if err != nil {
+		return nil, err
+	}
+	req = req.WithContext(ctx)
+	if err := c.applyEditors(ctx, req, reqEditors); err != nil {
+		return nil, err
+	}
+	return c.Client.Do(req)
+}
+
+// AdminGetNodeTask A driver's task by its operation id
+//
+// Corresponds with GET /api/v1/admin/plugin-instances/{name}/node-tasks/{operation_id} (the `AdminGetNodeTask` operationId).
+func (c *Client) AdminGetNodeTask(ctx context.Context, name PluginName, operationId string, reqEditors ...RequestEditorFn) (*http.Response, error) {
+	req, err := NewAdminGetNodeTaskRequest(c.Server, name, operationId)
+	if err != nil {
+		return nil, err
+	}
+	req = req.WithContext(ctx)
+	if err := c.applyEditors(ctx, req, reqEditors); err != nil {
+		return nil, err
+	}
+	return c.Client.Do(req)
+}
+
+// AdminGetInstanceNode A node by the id its provisioner instance knows it by (for drivers)
+//
+// Corresponds with GET /api/v1/admin/plugin-instances/{name}/nodes/{external_id} (the `AdminGetInstanceNode` operationId).
+func (c *Client) AdminGetInstanceNode(ctx context.Context, name PluginName, externalId ExternalID, reqEditors ...RequestEditorFn) (*http.Response, error) {
+	req, err := NewAdminGetInstanceNodeRequest(c.Server, name, externalId)
 	if err != nil {
 		return nil, err
 	}
@@ -4862,6 +5514,302 @@ func (c *Client) DeleteSSHKey(ctx context.Context, keyId KeyID, reqEditors ...Re
 	return c.Client.Do(req)
 }
 
+// DeleteStorage Delete a file, or a folder (with its contents only when recursive=true)
+//
+// A folder's path ends with `/`. An empty folder deletes without
+// `recursive`; one with contents answers 409 storage_folder_not_empty
+// unless `recursive=true` confirms. Errors: 404 storage_object_not_found,
+// 409 storage_path_busy (objects held by other operations stay; run it
+// again).
+//
+// Corresponds with DELETE /api/v1/storage/delete (the `DeleteStorage` operationId).
+func (c *Client) DeleteStorage(ctx context.Context, params *DeleteStorageParams, reqEditors ...RequestEditorFn) (*http.Response, error) {
+	req, err := NewDeleteStorageRequest(c.Server, params)
+	if err != nil {
+		return nil, err
+	}
+	req = req.WithContext(ctx)
+	if err := c.applyEditors(ctx, req, reqEditors); err != nil {
+		return nil, err
+	}
+	return c.Client.Do(req)
+}
+
+// DownloadStorageObject A file's content, streamed (Range requests honoured)
+//
+// Streams the file with its Content-Type, Content-Length, ETag and
+// Last-Modified, as an attachment. One byte range (`Range: bytes=a-b`,
+// `a-` or `-n`) answers 206 with Content-Range; a range that starts past
+// the end answers 416 storage_range_not_satisfiable with
+// `Content-Range: bytes */size`; several ranges, a malformed Range, or
+// an If-Range that does not match the ETag answer the whole file (200).
+// Errors: 404 storage_object_not_found.
+//
+// Corresponds with GET /api/v1/storage/download (the `DownloadStorageObject` operationId).
+func (c *Client) DownloadStorageObject(ctx context.Context, params *DownloadStorageObjectParams, reqEditors ...RequestEditorFn) (*http.Response, error) {
+	req, err := NewDownloadStorageObjectRequest(c.Server, params)
+	if err != nil {
+		return nil, err
+	}
+	req = req.WithContext(ctx)
+	if err := c.applyEditors(ctx, req, reqEditors); err != nil {
+		return nil, err
+	}
+	return c.Client.Do(req)
+}
+
+// ListStorage The files and folders of a project's storage folder, in path order
+//
+// Lists the folder `prefix` (the root when empty; a prefix always ends
+// with `/`, added when missing): its files and the folders directly in
+// it, or with `recursive=true` every object under it. Paths are relative
+// to the project, bytewise ordered. Errors: 400 storage_path_traversal or
+// invalid_object_key for an unsafe prefix.
+//
+// Corresponds with GET /api/v1/storage/list (the `ListStorage` operationId).
+func (c *Client) ListStorage(ctx context.Context, params *ListStorageParams, reqEditors ...RequestEditorFn) (*http.Response, error) {
+	req, err := NewListStorageRequest(c.Server, params)
+	if err != nil {
+		return nil, err
+	}
+	req = req.WithContext(ctx)
+	if err := c.applyEditors(ctx, req, reqEditors); err != nil {
+		return nil, err
+	}
+	return c.Client.Do(req)
+}
+
+// MkdirStorageWithBody Make a folder (an empty folder lists too); an existing folder is fine
+//
+// Takes any type of body and a specified content type.
+//
+// Corresponds with POST /api/v1/storage/mkdir (the `MkdirStorage` operationId).
+func (c *Client) MkdirStorageWithBody(ctx context.Context, params *MkdirStorageParams, contentType string, body io.Reader, reqEditors ...RequestEditorFn) (*http.Response, error) {
+	req, err := NewMkdirStorageRequestWithBody(c.Server, params, contentType, body)
+	if err != nil {
+		return nil, err
+	}
+	req = req.WithContext(ctx)
+	if err := c.applyEditors(ctx, req, reqEditors); err != nil {
+		return nil, err
+	}
+	return c.Client.Do(req)
+}
+
+// MkdirStorage Make a folder (an empty folder lists too); an existing folder is fine
+//
+// Takes a body of the `application/json` content type.
+//
+// Corresponds with POST /api/v1/storage/mkdir (the `MkdirStorage` operationId).
+func (c *Client) MkdirStorage(ctx context.Context, params *MkdirStorageParams, body MkdirStorageJSONRequestBody, reqEditors ...RequestEditorFn) (*http.Response, error) {
+	req, err := NewMkdirStorageRequest(c.Server, params, body)
+	if err != nil {
+		return nil, err
+	}
+	req = req.WithContext(ctx)
+	if err := c.applyEditors(ctx, req, reqEditors); err != nil {
+		return nil, err
+	}
+	return c.Client.Do(req)
+}
+
+// PresignStorageDownloadWithBody A URL that reads a file straight from the store, for a while
+//
+// Valid for policy `storage.presign_expiry`. Errors: 404
+// storage_object_not_found, 503 storage_unavailable (the store cannot
+// presign).
+//
+// Takes any type of body and a specified content type.
+//
+// Corresponds with POST /api/v1/storage/presign-download (the `PresignStorageDownload` operationId).
+func (c *Client) PresignStorageDownloadWithBody(ctx context.Context, contentType string, body io.Reader, reqEditors ...RequestEditorFn) (*http.Response, error) {
+	req, err := NewPresignStorageDownloadRequestWithBody(c.Server, contentType, body)
+	if err != nil {
+		return nil, err
+	}
+	req = req.WithContext(ctx)
+	if err := c.applyEditors(ctx, req, reqEditors); err != nil {
+		return nil, err
+	}
+	return c.Client.Do(req)
+}
+
+// PresignStorageDownload A URL that reads a file straight from the store, for a while
+//
+// Valid for policy `storage.presign_expiry`. Errors: 404
+// storage_object_not_found, 503 storage_unavailable (the store cannot
+// presign).
+//
+// Takes a body of the `application/json` content type.
+//
+// Corresponds with POST /api/v1/storage/presign-download (the `PresignStorageDownload` operationId).
+func (c *Client) PresignStorageDownload(ctx context.Context, body PresignStorageDownloadJSONRequestBody, reqEditors ...RequestEditorFn) (*http.Response, error) {
+	req, err := NewPresignStorageDownloadRequest(c.Server, body)
+	if err != nil {
+		return nil, err
+	}
+	req = req.WithContext(ctx)
+	if err := c.applyEditors(ctx, req, reqEditors); err != nil {
+		return nil, err
+	}
+	return c.Client.Do(req)
+}
+
+// PresignStorageUploadWithBody A URL that uploads a large file straight to the store
+//
+// Reserves `size` bytes of the quota and returns a PUT URL signed for
+// exactly that many bytes (send the returned headers). The path must be
+// free (409 storage_object_exists). After the PUT, confirm with
+// `POST /api/v1/storage/uploads/{upload_id}/complete` before
+// `confirm_by`; an upload not confirmed by then is removed. Errors: 413
+// storage_quota_exceeded, 409 storage_path_busy.
+//
+// Takes any type of body and a specified content type.
+//
+// Corresponds with POST /api/v1/storage/presign-upload (the `PresignStorageUpload` operationId).
+func (c *Client) PresignStorageUploadWithBody(ctx context.Context, params *PresignStorageUploadParams, contentType string, body io.Reader, reqEditors ...RequestEditorFn) (*http.Response, error) {
+	req, err := NewPresignStorageUploadRequestWithBody(c.Server, params, contentType, body)
+	if err != nil {
+		return nil, err
+	}
+	req = req.WithContext(ctx)
+	if err := c.applyEditors(ctx, req, reqEditors); err != nil {
+		return nil, err
+	}
+	return c.Client.Do(req)
+}
+
+// PresignStorageUpload A URL that uploads a large file straight to the store
+//
+// Reserves `size` bytes of the quota and returns a PUT URL signed for
+// exactly that many bytes (send the returned headers). The path must be
+// free (409 storage_object_exists). After the PUT, confirm with
+// `POST /api/v1/storage/uploads/{upload_id}/complete` before
+// `confirm_by`; an upload not confirmed by then is removed. Errors: 413
+// storage_quota_exceeded, 409 storage_path_busy.
+//
+// Takes a body of the `application/json` content type.
+//
+// Corresponds with POST /api/v1/storage/presign-upload (the `PresignStorageUpload` operationId).
+func (c *Client) PresignStorageUpload(ctx context.Context, params *PresignStorageUploadParams, body PresignStorageUploadJSONRequestBody, reqEditors ...RequestEditorFn) (*http.Response, error) {
+	req, err := NewPresignStorageUploadRequest(c.Server, params, body)
+	if err != nil {
+		return nil, err
+	}
+	req = req.WithContext(ctx)
+	if err := c.applyEditors(ctx, req, reqEditors); err != nil {
+		return nil, err
+	}
+	return c.Client.Do(req)
+}
+
+// RenameStorageWithBody Rename (move) a file, or a folder with everything in it
+//
+// A folder's paths end with `/` (both `from` and `to`). The destination
+// must be free: 409 storage_object_exists otherwise. Objects another
+// operation holds stay, and the rename answers 409 storage_path_busy
+// after moving the rest (run it again). Errors: 404
+// storage_object_not_found.
+//
+// Takes any type of body and a specified content type.
+//
+// Corresponds with POST /api/v1/storage/rename (the `RenameStorage` operationId).
+func (c *Client) RenameStorageWithBody(ctx context.Context, params *RenameStorageParams, contentType string, body io.Reader, reqEditors ...RequestEditorFn) (*http.Response, error) {
+	req, err := NewRenameStorageRequestWithBody(c.Server, params, contentType, body)
+	if err != nil {
+		return nil, err
+	}
+	req = req.WithContext(ctx)
+	if err := c.applyEditors(ctx, req, reqEditors); err != nil {
+		return nil, err
+	}
+	return c.Client.Do(req)
+}
+
+// RenameStorage Rename (move) a file, or a folder with everything in it
+//
+// A folder's paths end with `/` (both `from` and `to`). The destination
+// must be free: 409 storage_object_exists otherwise. Objects another
+// operation holds stay, and the rename answers 409 storage_path_busy
+// after moving the rest (run it again). Errors: 404
+// storage_object_not_found.
+//
+// Takes a body of the `application/json` content type.
+//
+// Corresponds with POST /api/v1/storage/rename (the `RenameStorage` operationId).
+func (c *Client) RenameStorage(ctx context.Context, params *RenameStorageParams, body RenameStorageJSONRequestBody, reqEditors ...RequestEditorFn) (*http.Response, error) {
+	req, err := NewRenameStorageRequest(c.Server, params, body)
+	if err != nil {
+		return nil, err
+	}
+	req = req.WithContext(ctx)
+	if err := c.applyEditors(ctx, req, reqEditors); err != nil {
+		return nil, err
+	}
+	return c.Client.Do(req)
+}
+
+// UploadStorageObjectWithBody Store a file, streamed (replaces the file at the path)
+//
+// The body is the file, of any content type (kept as the file's
+// Content-Type), streamed to the store as it arrives. Send
+// Content-Length, or `Transfer-Encoding: chunked` for a body of unknown
+// length (capped by policy `storage.max_upload_bytes`). The bytes are
+// reserved against the project's quota (policy `storage.quota_bytes`)
+// before they are stored. Errors: 400 storage_path_traversal or
+// invalid_object_key, 413 storage_quota_exceeded (nothing is stored), 413
+// request_too_large, 409 storage_path_busy (another operation on the
+// path), 409 storage_object_exists (a folder has the name).
+//
+// Takes any type of body and a specified content type.
+//
+// Corresponds with PUT /api/v1/storage/upload (the `UploadStorageObject` operationId).
+func (c *Client) UploadStorageObjectWithBody(ctx context.Context, params *UploadStorageObjectParams, contentType string, body io.Reader, reqEditors ...RequestEditorFn) (*http.Response, error) {
+	req, err := NewUploadStorageObjectRequestWithBody(c.Server, params, contentType, body)
+	if err != nil {
+		return nil, err
+	}
+	req = req.WithContext(ctx)
+	if err := c.applyEditors(ctx, req, reqEditors); err != nil {
+		return nil, err
+	}
+	return c.Client.Do(req)
+}
+
+// CompleteStorageUpload Confirm a presigned upload; the file becomes part of the project
+//
+// Errors: 404 storage_upload_not_found (unknown, confirmed or expired),
+// 409 storage_upload_incomplete (nothing uploaded yet; or a body of
+// another size, which is removed and ends the upload).
+//
+// Corresponds with POST /api/v1/storage/uploads/{upload_id}/complete (the `CompleteStorageUpload` operationId).
+func (c *Client) CompleteStorageUpload(ctx context.Context, uploadId openapi_types.UUID, params *CompleteStorageUploadParams, reqEditors ...RequestEditorFn) (*http.Response, error) {
+	req, err := NewCompleteStorageUploadRequest(c.Server, uploadId, params)
+	if err != nil {
+		return nil, err
+	}
+	req = req.WithContext(ctx)
+	if err := c.applyEditors(ctx, req, reqEditors); err != nil {
+		return nil, err
+	}
+	return c.Client.Do(req)
+}
+
+// GetStorageUsage What a project stores against its quota
+//
+// Corresponds with GET /api/v1/storage/usage (the `GetStorageUsage` operationId).
+func (c *Client) GetStorageUsage(ctx context.Context, params *GetStorageUsageParams, reqEditors ...RequestEditorFn) (*http.Response, error) {
+	req, err := NewGetStorageUsageRequest(c.Server, params)
+	if err != nil {
+		return nil, err
+	}
+	req = req.WithContext(ctx)
+	if err := c.applyEditors(ctx, req, reqEditors); err != nil {
+		return nil, err
+	}
+	return c.Client.Do(req)
+}
+
 // GetMe The caller, with memberships
 //
 // Corresponds with GET /api/v1/users/me (the `GetMe` operationId).
@@ -5723,6 +6671,53 @@ func NewAdminUpdateNodeRequestWithBody(server string, nodeId NodeID, contentType
 	return req, nil
 }
 
+// NewAdminMintEnrollmentTokenRequest calls the generic AdminMintEnrollmentToken builder with application/json body
+func NewAdminMintEnrollmentTokenRequest(server string, nodeId NodeID, body AdminMintEnrollmentTokenJSONRequestBody) (*http.Request, error) {
+	var bodyReader io.Reader
+	buf, err := json.Marshal(body)
+	if err != nil {
+		return nil, err
+	}
+	bodyReader = bytes.NewReader(buf)
+	return NewAdminMintEnrollmentTokenRequestWithBody(server, nodeId, "application/json", bodyReader)
+}
+
+// NewAdminMintEnrollmentTokenRequestWithBody constructs an http.Request for the AdminMintEnrollmentToken method, with any body, and a specified content type
+func NewAdminMintEnrollmentTokenRequestWithBody(server string, nodeId NodeID, contentType string, body io.Reader) (*http.Request, error) {
+	var err error
+
+	var pathParam0 string
+
+	pathParam0, err = runtime.StyleParamWithOptions("simple", false, "node_id", nodeId, runtime.StyleParamOptions{ParamLocation: runtime.ParamLocationPath, Type: "string", Format: "uuid"})
+	if err != nil {
+		return nil, err
+	}
+
+	serverURL, err := url.Parse(server)
+	if err != nil {
+		return nil, err
+	}
+
+	operationPath := fmt.Sprintf("/api/v1/admin/nodes/%s/enrollment-token", pathParam0)
+	if operationPath[0] == '/' {
+		operationPath = "." + operationPath
+	}
+
+	queryURL, err := serverURL.Parse(operationPath)
+	if err != nil {
+		return nil, err
+	}
+
+	req, err := http.NewRequest(http.MethodPost, queryURL.String(), body)
+	if err != nil {
+		return nil, err
+	}
+
+	req.Header.Add("Content-Type", contentType)
+
+	return req, nil
+}
+
 // NewAdminProbeNodeRequest constructs an http.Request for the AdminProbeNode method
 func NewAdminProbeNodeRequest(server string, nodeId NodeID) (*http.Request, error) {
 	var err error
@@ -6073,6 +7068,135 @@ func NewAdminConfigurePluginInstanceRequestWithBody(server string, name PluginNa
 	}
 
 	req.Header.Add("Content-Type", contentType)
+
+	return req, nil
+}
+
+// NewAdminEnqueueNodeTaskRequest calls the generic AdminEnqueueNodeTask builder with application/json body
+func NewAdminEnqueueNodeTaskRequest(server string, name PluginName, body AdminEnqueueNodeTaskJSONRequestBody) (*http.Request, error) {
+	var bodyReader io.Reader
+	buf, err := json.Marshal(body)
+	if err != nil {
+		return nil, err
+	}
+	bodyReader = bytes.NewReader(buf)
+	return NewAdminEnqueueNodeTaskRequestWithBody(server, name, "application/json", bodyReader)
+}
+
+// NewAdminEnqueueNodeTaskRequestWithBody constructs an http.Request for the AdminEnqueueNodeTask method, with any body, and a specified content type
+func NewAdminEnqueueNodeTaskRequestWithBody(server string, name PluginName, contentType string, body io.Reader) (*http.Request, error) {
+	var err error
+
+	var pathParam0 string
+
+	pathParam0, err = runtime.StyleParamWithOptions("simple", false, "name", name, runtime.StyleParamOptions{ParamLocation: runtime.ParamLocationPath, Type: "string", Format: ""})
+	if err != nil {
+		return nil, err
+	}
+
+	serverURL, err := url.Parse(server)
+	if err != nil {
+		return nil, err
+	}
+
+	operationPath := fmt.Sprintf("/api/v1/admin/plugin-instances/%s/node-tasks", pathParam0)
+	if operationPath[0] == '/' {
+		operationPath = "." + operationPath
+	}
+
+	queryURL, err := serverURL.Parse(operationPath)
+	if err != nil {
+		return nil, err
+	}
+
+	req, err := http.NewRequest(http.MethodPost, queryURL.String(), body)
+	if err != nil {
+		return nil, err
+	}
+
+	req.Header.Add("Content-Type", contentType)
+
+	return req, nil
+}
+
+// NewAdminGetNodeTaskRequest constructs an http.Request for the AdminGetNodeTask method
+func NewAdminGetNodeTaskRequest(server string, name PluginName, operationId string) (*http.Request, error) {
+	var err error
+
+	var pathParam0 string
+
+	pathParam0, err = runtime.StyleParamWithOptions("simple", false, "name", name, runtime.StyleParamOptions{ParamLocation: runtime.ParamLocationPath, Type: "string", Format: ""})
+	if err != nil {
+		return nil, err
+	}
+
+	var pathParam1 string
+
+	pathParam1, err = runtime.StyleParamWithOptions("simple", false, "operation_id", operationId, runtime.StyleParamOptions{ParamLocation: runtime.ParamLocationPath, Type: "string", Format: ""})
+	if err != nil {
+		return nil, err
+	}
+
+	serverURL, err := url.Parse(server)
+	if err != nil {
+		return nil, err
+	}
+
+	operationPath := fmt.Sprintf("/api/v1/admin/plugin-instances/%s/node-tasks/%s", pathParam0, pathParam1)
+	if operationPath[0] == '/' {
+		operationPath = "." + operationPath
+	}
+
+	queryURL, err := serverURL.Parse(operationPath)
+	if err != nil {
+		return nil, err
+	}
+
+	req, err := http.NewRequest(http.MethodGet, queryURL.String(), nil)
+	if err != nil {
+		return nil, err
+	}
+
+	return req, nil
+}
+
+// NewAdminGetInstanceNodeRequest constructs an http.Request for the AdminGetInstanceNode method
+func NewAdminGetInstanceNodeRequest(server string, name PluginName, externalId ExternalID) (*http.Request, error) {
+	var err error
+
+	var pathParam0 string
+
+	pathParam0, err = runtime.StyleParamWithOptions("simple", false, "name", name, runtime.StyleParamOptions{ParamLocation: runtime.ParamLocationPath, Type: "string", Format: ""})
+	if err != nil {
+		return nil, err
+	}
+
+	var pathParam1 string
+
+	pathParam1, err = runtime.StyleParamWithOptions("simple", false, "external_id", externalId, runtime.StyleParamOptions{ParamLocation: runtime.ParamLocationPath, Type: "string", Format: ""})
+	if err != nil {
+		return nil, err
+	}
+
+	serverURL, err := url.Parse(server)
+	if err != nil {
+		return nil, err
+	}
+
+	operationPath := fmt.Sprintf("/api/v1/admin/plugin-instances/%s/nodes/%s", pathParam0, pathParam1)
+	if operationPath[0] == '/' {
+		operationPath = "." + operationPath
+	}
+
+	queryURL, err := serverURL.Parse(operationPath)
+	if err != nil {
+		return nil, err
+	}
+
+	req, err := http.NewRequest(http.MethodGet, queryURL.String(), nil)
+	if err != nil {
+		return nil, err
+	}
 
 	return req, nil
 }
@@ -9271,6 +10395,622 @@ func NewDeleteSSHKeyRequest(server string, keyId KeyID) (*http.Request, error) {
 	return req, nil
 }
 
+// NewDeleteStorageRequest constructs an http.Request for the DeleteStorage method
+func NewDeleteStorageRequest(server string, params *DeleteStorageParams) (*http.Request, error) {
+	var err error
+
+	serverURL, err := url.Parse(server)
+	if err != nil {
+		return nil, err
+	}
+
+	operationPath := fmt.Sprintf("/api/v1/storage/delete")
+	if operationPath[0] == '/' {
+		operationPath = "." + operationPath
+	}
+
+	queryURL, err := serverURL.Parse(operationPath)
+	if err != nil {
+		return nil, err
+	}
+
+	if params != nil {
+		// queryValues collects non-styled parameters (passthrough, JSON)
+		// that are safe to round-trip through url.Values.Encode().
+		queryValues := queryURL.Query()
+		// rawQueryFragments collects pre-encoded query fragments from
+		// styled parameters, preserving literal commas as delimiters
+		// per the OpenAPI spec (e.g. "color=blue,black,brown").
+		var rawQueryFragments []string
+
+		if queryFrag, err := runtime.StyleParamWithOptions("form", true, "project_id", params.ProjectId, runtime.StyleParamOptions{ParamLocation: runtime.ParamLocationQuery, Type: "string", Format: "uuid"}); err != nil {
+			return nil, err
+		} else {
+			for _, qp := range strings.Split(queryFrag, "&") {
+				rawQueryFragments = append(rawQueryFragments, qp)
+			}
+		}
+
+		if queryFrag, err := runtime.StyleParamWithOptions("form", true, "path", params.Path, runtime.StyleParamOptions{ParamLocation: runtime.ParamLocationQuery, Type: "string", Format: ""}); err != nil {
+			return nil, err
+		} else {
+			for _, qp := range strings.Split(queryFrag, "&") {
+				rawQueryFragments = append(rawQueryFragments, qp)
+			}
+		}
+
+		if params.Recursive != nil {
+
+			if queryFrag, err := runtime.StyleParamWithOptions("form", true, "recursive", *params.Recursive, runtime.StyleParamOptions{ParamLocation: runtime.ParamLocationQuery, Type: "boolean", Format: ""}); err != nil {
+				return nil, err
+			} else {
+				for _, qp := range strings.Split(queryFrag, "&") {
+					rawQueryFragments = append(rawQueryFragments, qp)
+				}
+			}
+
+		}
+
+		if encoded := queryValues.Encode(); encoded != "" {
+			rawQueryFragments = append(rawQueryFragments, encoded)
+		}
+		queryURL.RawQuery = strings.Join(rawQueryFragments, "&")
+	}
+
+	req, err := http.NewRequest(http.MethodDelete, queryURL.String(), nil)
+	if err != nil {
+		return nil, err
+	}
+
+	return req, nil
+}
+
+// NewDownloadStorageObjectRequest constructs an http.Request for the DownloadStorageObject method
+func NewDownloadStorageObjectRequest(server string, params *DownloadStorageObjectParams) (*http.Request, error) {
+	var err error
+
+	serverURL, err := url.Parse(server)
+	if err != nil {
+		return nil, err
+	}
+
+	operationPath := fmt.Sprintf("/api/v1/storage/download")
+	if operationPath[0] == '/' {
+		operationPath = "." + operationPath
+	}
+
+	queryURL, err := serverURL.Parse(operationPath)
+	if err != nil {
+		return nil, err
+	}
+
+	if params != nil {
+		// queryValues collects non-styled parameters (passthrough, JSON)
+		// that are safe to round-trip through url.Values.Encode().
+		queryValues := queryURL.Query()
+		// rawQueryFragments collects pre-encoded query fragments from
+		// styled parameters, preserving literal commas as delimiters
+		// per the OpenAPI spec (e.g. "color=blue,black,brown").
+		var rawQueryFragments []string
+
+		if queryFrag, err := runtime.StyleParamWithOptions("form", true, "project_id", params.ProjectId, runtime.StyleParamOptions{ParamLocation: runtime.ParamLocationQuery, Type: "string", Format: "uuid"}); err != nil {
+			return nil, err
+		} else {
+			for _, qp := range strings.Split(queryFrag, "&") {
+				rawQueryFragments = append(rawQueryFragments, qp)
+			}
+		}
+
+		if queryFrag, err := runtime.StyleParamWithOptions("form", true, "path", params.Path, runtime.StyleParamOptions{ParamLocation: runtime.ParamLocationQuery, Type: "string", Format: ""}); err != nil {
+			return nil, err
+		} else {
+			for _, qp := range strings.Split(queryFrag, "&") {
+				rawQueryFragments = append(rawQueryFragments, qp)
+			}
+		}
+
+		if encoded := queryValues.Encode(); encoded != "" {
+			rawQueryFragments = append(rawQueryFragments, encoded)
+		}
+		queryURL.RawQuery = strings.Join(rawQueryFragments, "&")
+	}
+
+	req, err := http.NewRequest(http.MethodGet, queryURL.String(), nil)
+	if err != nil {
+		return nil, err
+	}
+
+	if params != nil {
+
+		if params.Range != nil {
+			var headerParam0 string
+
+			headerParam0, err = runtime.StyleParamWithOptions("simple", false, "Range", *params.Range, runtime.StyleParamOptions{ParamLocation: runtime.ParamLocationHeader, Type: "string", Format: ""})
+			if err != nil {
+				return nil, err
+			}
+
+			req.Header.Set("Range", headerParam0)
+		}
+
+		if params.IfRange != nil {
+			var headerParam1 string
+
+			headerParam1, err = runtime.StyleParamWithOptions("simple", false, "If-Range", *params.IfRange, runtime.StyleParamOptions{ParamLocation: runtime.ParamLocationHeader, Type: "string", Format: ""})
+			if err != nil {
+				return nil, err
+			}
+
+			req.Header.Set("If-Range", headerParam1)
+		}
+
+	}
+
+	return req, nil
+}
+
+// NewListStorageRequest constructs an http.Request for the ListStorage method
+func NewListStorageRequest(server string, params *ListStorageParams) (*http.Request, error) {
+	var err error
+
+	serverURL, err := url.Parse(server)
+	if err != nil {
+		return nil, err
+	}
+
+	operationPath := fmt.Sprintf("/api/v1/storage/list")
+	if operationPath[0] == '/' {
+		operationPath = "." + operationPath
+	}
+
+	queryURL, err := serverURL.Parse(operationPath)
+	if err != nil {
+		return nil, err
+	}
+
+	if params != nil {
+		// queryValues collects non-styled parameters (passthrough, JSON)
+		// that are safe to round-trip through url.Values.Encode().
+		queryValues := queryURL.Query()
+		// rawQueryFragments collects pre-encoded query fragments from
+		// styled parameters, preserving literal commas as delimiters
+		// per the OpenAPI spec (e.g. "color=blue,black,brown").
+		var rawQueryFragments []string
+
+		if queryFrag, err := runtime.StyleParamWithOptions("form", true, "project_id", params.ProjectId, runtime.StyleParamOptions{ParamLocation: runtime.ParamLocationQuery, Type: "string", Format: "uuid"}); err != nil {
+			return nil, err
+		} else {
+			for _, qp := range strings.Split(queryFrag, "&") {
+				rawQueryFragments = append(rawQueryFragments, qp)
+			}
+		}
+
+		if params.Prefix != nil {
+
+			if queryFrag, err := runtime.StyleParamWithOptions("form", true, "prefix", *params.Prefix, runtime.StyleParamOptions{ParamLocation: runtime.ParamLocationQuery, Type: "string", Format: ""}); err != nil {
+				return nil, err
+			} else {
+				for _, qp := range strings.Split(queryFrag, "&") {
+					rawQueryFragments = append(rawQueryFragments, qp)
+				}
+			}
+
+		}
+
+		if params.Recursive != nil {
+
+			if queryFrag, err := runtime.StyleParamWithOptions("form", true, "recursive", *params.Recursive, runtime.StyleParamOptions{ParamLocation: runtime.ParamLocationQuery, Type: "boolean", Format: ""}); err != nil {
+				return nil, err
+			} else {
+				for _, qp := range strings.Split(queryFrag, "&") {
+					rawQueryFragments = append(rawQueryFragments, qp)
+				}
+			}
+
+		}
+
+		if params.Limit != nil {
+
+			if queryFrag, err := runtime.StyleParamWithOptions("form", true, "limit", *params.Limit, runtime.StyleParamOptions{ParamLocation: runtime.ParamLocationQuery, Type: "integer", Format: ""}); err != nil {
+				return nil, err
+			} else {
+				for _, qp := range strings.Split(queryFrag, "&") {
+					rawQueryFragments = append(rawQueryFragments, qp)
+				}
+			}
+
+		}
+
+		if params.Cursor != nil {
+
+			if queryFrag, err := runtime.StyleParamWithOptions("form", true, "cursor", *params.Cursor, runtime.StyleParamOptions{ParamLocation: runtime.ParamLocationQuery, Type: "string", Format: ""}); err != nil {
+				return nil, err
+			} else {
+				for _, qp := range strings.Split(queryFrag, "&") {
+					rawQueryFragments = append(rawQueryFragments, qp)
+				}
+			}
+
+		}
+
+		if encoded := queryValues.Encode(); encoded != "" {
+			rawQueryFragments = append(rawQueryFragments, encoded)
+		}
+		queryURL.RawQuery = strings.Join(rawQueryFragments, "&")
+	}
+
+	req, err := http.NewRequest(http.MethodGet, queryURL.String(), nil)
+	if err != nil {
+		return nil, err
+	}
+
+	return req, nil
+}
+
+// NewMkdirStorageRequest calls the generic MkdirStorage builder with application/json body
+func NewMkdirStorageRequest(server string, params *MkdirStorageParams, body MkdirStorageJSONRequestBody) (*http.Request, error) {
+	var bodyReader io.Reader
+	buf, err := json.Marshal(body)
+	if err != nil {
+		return nil, err
+	}
+	bodyReader = bytes.NewReader(buf)
+	return NewMkdirStorageRequestWithBody(server, params, "application/json", bodyReader)
+}
+
+// NewMkdirStorageRequestWithBody constructs an http.Request for the MkdirStorage method, with any body, and a specified content type
+func NewMkdirStorageRequestWithBody(server string, params *MkdirStorageParams, contentType string, body io.Reader) (*http.Request, error) {
+	var err error
+
+	serverURL, err := url.Parse(server)
+	if err != nil {
+		return nil, err
+	}
+
+	operationPath := fmt.Sprintf("/api/v1/storage/mkdir")
+	if operationPath[0] == '/' {
+		operationPath = "." + operationPath
+	}
+
+	queryURL, err := serverURL.Parse(operationPath)
+	if err != nil {
+		return nil, err
+	}
+
+	req, err := http.NewRequest(http.MethodPost, queryURL.String(), body)
+	if err != nil {
+		return nil, err
+	}
+
+	req.Header.Add("Content-Type", contentType)
+
+	if params != nil {
+
+		if params.IdempotencyKey != nil {
+			var headerParam0 string
+
+			headerParam0, err = runtime.StyleParamWithOptions("simple", false, "Idempotency-Key", *params.IdempotencyKey, runtime.StyleParamOptions{ParamLocation: runtime.ParamLocationHeader, Type: "string", Format: ""})
+			if err != nil {
+				return nil, err
+			}
+
+			req.Header.Set("Idempotency-Key", headerParam0)
+		}
+
+	}
+
+	return req, nil
+}
+
+// NewPresignStorageDownloadRequest calls the generic PresignStorageDownload builder with application/json body
+func NewPresignStorageDownloadRequest(server string, body PresignStorageDownloadJSONRequestBody) (*http.Request, error) {
+	var bodyReader io.Reader
+	buf, err := json.Marshal(body)
+	if err != nil {
+		return nil, err
+	}
+	bodyReader = bytes.NewReader(buf)
+	return NewPresignStorageDownloadRequestWithBody(server, "application/json", bodyReader)
+}
+
+// NewPresignStorageDownloadRequestWithBody constructs an http.Request for the PresignStorageDownload method, with any body, and a specified content type
+func NewPresignStorageDownloadRequestWithBody(server string, contentType string, body io.Reader) (*http.Request, error) {
+	var err error
+
+	serverURL, err := url.Parse(server)
+	if err != nil {
+		return nil, err
+	}
+
+	operationPath := fmt.Sprintf("/api/v1/storage/presign-download")
+	if operationPath[0] == '/' {
+		operationPath = "." + operationPath
+	}
+
+	queryURL, err := serverURL.Parse(operationPath)
+	if err != nil {
+		return nil, err
+	}
+
+	req, err := http.NewRequest(http.MethodPost, queryURL.String(), body)
+	if err != nil {
+		return nil, err
+	}
+
+	req.Header.Add("Content-Type", contentType)
+
+	return req, nil
+}
+
+// NewPresignStorageUploadRequest calls the generic PresignStorageUpload builder with application/json body
+func NewPresignStorageUploadRequest(server string, params *PresignStorageUploadParams, body PresignStorageUploadJSONRequestBody) (*http.Request, error) {
+	var bodyReader io.Reader
+	buf, err := json.Marshal(body)
+	if err != nil {
+		return nil, err
+	}
+	bodyReader = bytes.NewReader(buf)
+	return NewPresignStorageUploadRequestWithBody(server, params, "application/json", bodyReader)
+}
+
+// NewPresignStorageUploadRequestWithBody constructs an http.Request for the PresignStorageUpload method, with any body, and a specified content type
+func NewPresignStorageUploadRequestWithBody(server string, params *PresignStorageUploadParams, contentType string, body io.Reader) (*http.Request, error) {
+	var err error
+
+	serverURL, err := url.Parse(server)
+	if err != nil {
+		return nil, err
+	}
+
+	operationPath := fmt.Sprintf("/api/v1/storage/presign-upload")
+	if operationPath[0] == '/' {
+		operationPath = "." + operationPath
+	}
+
+	queryURL, err := serverURL.Parse(operationPath)
+	if err != nil {
+		return nil, err
+	}
+
+	req, err := http.NewRequest(http.MethodPost, queryURL.String(), body)
+	if err != nil {
+		return nil, err
+	}
+
+	req.Header.Add("Content-Type", contentType)
+
+	if params != nil {
+
+		if params.IdempotencyKey != nil {
+			var headerParam0 string
+
+			headerParam0, err = runtime.StyleParamWithOptions("simple", false, "Idempotency-Key", *params.IdempotencyKey, runtime.StyleParamOptions{ParamLocation: runtime.ParamLocationHeader, Type: "string", Format: ""})
+			if err != nil {
+				return nil, err
+			}
+
+			req.Header.Set("Idempotency-Key", headerParam0)
+		}
+
+	}
+
+	return req, nil
+}
+
+// NewRenameStorageRequest calls the generic RenameStorage builder with application/json body
+func NewRenameStorageRequest(server string, params *RenameStorageParams, body RenameStorageJSONRequestBody) (*http.Request, error) {
+	var bodyReader io.Reader
+	buf, err := json.Marshal(body)
+	if err != nil {
+		return nil, err
+	}
+	bodyReader = bytes.NewReader(buf)
+	return NewRenameStorageRequestWithBody(server, params, "application/json", bodyReader)
+}
+
+// NewRenameStorageRequestWithBody constructs an http.Request for the RenameStorage method, with any body, and a specified content type
+func NewRenameStorageRequestWithBody(server string, params *RenameStorageParams, contentType string, body io.Reader) (*http.Request, error) {
+	var err error
+
+	serverURL, err := url.Parse(server)
+	if err != nil {
+		return nil, err
+	}
+
+	operationPath := fmt.Sprintf("/api/v1/storage/rename")
+	if operationPath[0] == '/' {
+		operationPath = "." + operationPath
+	}
+
+	queryURL, err := serverURL.Parse(operationPath)
+	if err != nil {
+		return nil, err
+	}
+
+	req, err := http.NewRequest(http.MethodPost, queryURL.String(), body)
+	if err != nil {
+		return nil, err
+	}
+
+	req.Header.Add("Content-Type", contentType)
+
+	if params != nil {
+
+		if params.IdempotencyKey != nil {
+			var headerParam0 string
+
+			headerParam0, err = runtime.StyleParamWithOptions("simple", false, "Idempotency-Key", *params.IdempotencyKey, runtime.StyleParamOptions{ParamLocation: runtime.ParamLocationHeader, Type: "string", Format: ""})
+			if err != nil {
+				return nil, err
+			}
+
+			req.Header.Set("Idempotency-Key", headerParam0)
+		}
+
+	}
+
+	return req, nil
+}
+
+// NewUploadStorageObjectRequestWithBody constructs an http.Request for the UploadStorageObject method, with any body, and a specified content type
+func NewUploadStorageObjectRequestWithBody(server string, params *UploadStorageObjectParams, contentType string, body io.Reader) (*http.Request, error) {
+	var err error
+
+	serverURL, err := url.Parse(server)
+	if err != nil {
+		return nil, err
+	}
+
+	operationPath := fmt.Sprintf("/api/v1/storage/upload")
+	if operationPath[0] == '/' {
+		operationPath = "." + operationPath
+	}
+
+	queryURL, err := serverURL.Parse(operationPath)
+	if err != nil {
+		return nil, err
+	}
+
+	if params != nil {
+		// queryValues collects non-styled parameters (passthrough, JSON)
+		// that are safe to round-trip through url.Values.Encode().
+		queryValues := queryURL.Query()
+		// rawQueryFragments collects pre-encoded query fragments from
+		// styled parameters, preserving literal commas as delimiters
+		// per the OpenAPI spec (e.g. "color=blue,black,brown").
+		var rawQueryFragments []string
+
+		if queryFrag, err := runtime.StyleParamWithOptions("form", true, "project_id", params.ProjectId, runtime.StyleParamOptions{ParamLocation: runtime.ParamLocationQuery, Type: "string", Format: "uuid"}); err != nil {
+			return nil, err
+		} else {
+			for _, qp := range strings.Split(queryFrag, "&") {
+				rawQueryFragments = append(rawQueryFragments, qp)
+			}
+		}
+
+		if queryFrag, err := runtime.StyleParamWithOptions("form", true, "path", params.Path, runtime.StyleParamOptions{ParamLocation: runtime.ParamLocationQuery, Type: "string", Format: ""}); err != nil {
+			return nil, err
+		} else {
+			for _, qp := range strings.Split(queryFrag, "&") {
+				rawQueryFragments = append(rawQueryFragments, qp)
+			}
+		}
+
+		if encoded := queryValues.Encode(); encoded != "" {
+			rawQueryFragments = append(rawQueryFragments, encoded)
+		}
+		queryURL.RawQuery = strings.Join(rawQueryFragments, "&")
+	}
+
+	req, err := http.NewRequest(http.MethodPut, queryURL.String(), body)
+	if err != nil {
+		return nil, err
+	}
+
+	req.Header.Add("Content-Type", contentType)
+
+	return req, nil
+}
+
+// NewCompleteStorageUploadRequest constructs an http.Request for the CompleteStorageUpload method
+func NewCompleteStorageUploadRequest(server string, uploadId openapi_types.UUID, params *CompleteStorageUploadParams) (*http.Request, error) {
+	var err error
+
+	var pathParam0 string
+
+	pathParam0, err = runtime.StyleParamWithOptions("simple", false, "upload_id", uploadId, runtime.StyleParamOptions{ParamLocation: runtime.ParamLocationPath, Type: "string", Format: "uuid"})
+	if err != nil {
+		return nil, err
+	}
+
+	serverURL, err := url.Parse(server)
+	if err != nil {
+		return nil, err
+	}
+
+	operationPath := fmt.Sprintf("/api/v1/storage/uploads/%s/complete", pathParam0)
+	if operationPath[0] == '/' {
+		operationPath = "." + operationPath
+	}
+
+	queryURL, err := serverURL.Parse(operationPath)
+	if err != nil {
+		return nil, err
+	}
+
+	req, err := http.NewRequest(http.MethodPost, queryURL.String(), nil)
+	if err != nil {
+		return nil, err
+	}
+
+	if params != nil {
+
+		if params.IdempotencyKey != nil {
+			var headerParam0 string
+
+			headerParam0, err = runtime.StyleParamWithOptions("simple", false, "Idempotency-Key", *params.IdempotencyKey, runtime.StyleParamOptions{ParamLocation: runtime.ParamLocationHeader, Type: "string", Format: ""})
+			if err != nil {
+				return nil, err
+			}
+
+			req.Header.Set("Idempotency-Key", headerParam0)
+		}
+
+	}
+
+	return req, nil
+}
+
+// NewGetStorageUsageRequest constructs an http.Request for the GetStorageUsage method
+func NewGetStorageUsageRequest(server string, params *GetStorageUsageParams) (*http.Request, error) {
+	var err error
+
+	serverURL, err := url.Parse(server)
+	if err != nil {
+		return nil, err
+	}
+
+	operationPath := fmt.Sprintf("/api/v1/storage/usage")
+	if operationPath[0] == '/' {
+		operationPath = "." + operationPath
+	}
+
+	queryURL, err := serverURL.Parse(operationPath)
+	if err != nil {
+		return nil, err
+	}
+
+	if params != nil {
+		// queryValues collects non-styled parameters (passthrough, JSON)
+		// that are safe to round-trip through url.Values.Encode().
+		queryValues := queryURL.Query()
+		// rawQueryFragments collects pre-encoded query fragments from
+		// styled parameters, preserving literal commas as delimiters
+		// per the OpenAPI spec (e.g. "color=blue,black,brown").
+		var rawQueryFragments []string
+
+		if queryFrag, err := runtime.StyleParamWithOptions("form", true, "project_id", params.ProjectId, runtime.StyleParamOptions{ParamLocation: runtime.ParamLocationQuery, Type: "string", Format: "uuid"}); err != nil {
+			return nil, err
+		} else {
+			for _, qp := range strings.Split(queryFrag, "&") {
+				rawQueryFragments = append(rawQueryFragments, qp)
+			}
+		}
+
+		if encoded := queryValues.Encode(); encoded != "" {
+			rawQueryFragments = append(rawQueryFragments, encoded)
+		}
+		queryURL.RawQuery = strings.Join(rawQueryFragments, "&")
+	}
+
+	req, err := http.NewRequest(http.MethodGet, queryURL.String(), nil)
+	if err != nil {
+		return nil, err
+	}
+
+	return req, nil
+}
+
 // NewGetMeRequest constructs an http.Request for the GetMe method
 func NewGetMeRequest(server string) (*http.Request, error) {
 	var err error
@@ -9660,6 +11400,20 @@ type ClientWithResponsesInterface interface {
 	// Corresponds with PATCH /api/v1/admin/nodes/{node_id} (the `AdminUpdateNode` operationId).
 	AdminUpdateNodeWithResponse(ctx context.Context, nodeId NodeID, body AdminUpdateNodeJSONRequestBody, reqEditors ...RequestEditorFn) (*AdminUpdateNodeResponse, error)
 
+	// AdminMintEnrollmentTokenWithBodyWithResponse A single-use token the node's agent enrolls with (shown once)
+	//
+	// Takes any type of body and a specified content type, and returns a wrapper object for the known response body format(s).
+	//
+	// Corresponds with POST /api/v1/admin/nodes/{node_id}/enrollment-token (the `AdminMintEnrollmentToken` operationId).
+	AdminMintEnrollmentTokenWithBodyWithResponse(ctx context.Context, nodeId NodeID, contentType string, body io.Reader, reqEditors ...RequestEditorFn) (*AdminMintEnrollmentTokenResponse, error)
+
+	// AdminMintEnrollmentTokenWithResponse A single-use token the node's agent enrolls with (shown once)
+	//
+	// Takes a body of the `application/json` content type, and returns a wrapper object for the known response body format(s).
+	//
+	// Corresponds with POST /api/v1/admin/nodes/{node_id}/enrollment-token (the `AdminMintEnrollmentToken` operationId).
+	AdminMintEnrollmentTokenWithResponse(ctx context.Context, nodeId NodeID, body AdminMintEnrollmentTokenJSONRequestBody, reqEditors ...RequestEditorFn) (*AdminMintEnrollmentTokenResponse, error)
+
 	// AdminProbeNodeWithResponse Ask the node's driver for its health (unhealthy → offline, healthy → back)
 	//
 	// Returns a wrapper object for the known response body format(s).
@@ -9736,6 +11490,34 @@ type ClientWithResponsesInterface interface {
 	//
 	// Corresponds with PUT /api/v1/admin/plugin-instances/{name} (the `AdminConfigurePluginInstance` operationId).
 	AdminConfigurePluginInstanceWithResponse(ctx context.Context, name PluginName, body AdminConfigurePluginInstanceJSONRequestBody, reqEditors ...RequestEditorFn) (*AdminConfigurePluginInstanceResponse, error)
+
+	// AdminEnqueueNodeTaskWithBodyWithResponse Queue a signed task for a node's agent (drivers; idempotent by operation_id)
+	//
+	// Takes any type of body and a specified content type, and returns a wrapper object for the known response body format(s).
+	//
+	// Corresponds with POST /api/v1/admin/plugin-instances/{name}/node-tasks (the `AdminEnqueueNodeTask` operationId).
+	AdminEnqueueNodeTaskWithBodyWithResponse(ctx context.Context, name PluginName, contentType string, body io.Reader, reqEditors ...RequestEditorFn) (*AdminEnqueueNodeTaskResponse, error)
+
+	// AdminEnqueueNodeTaskWithResponse Queue a signed task for a node's agent (drivers; idempotent by operation_id)
+	//
+	// Takes a body of the `application/json` content type, and returns a wrapper object for the known response body format(s).
+	//
+	// Corresponds with POST /api/v1/admin/plugin-instances/{name}/node-tasks (the `AdminEnqueueNodeTask` operationId).
+	AdminEnqueueNodeTaskWithResponse(ctx context.Context, name PluginName, body AdminEnqueueNodeTaskJSONRequestBody, reqEditors ...RequestEditorFn) (*AdminEnqueueNodeTaskResponse, error)
+
+	// AdminGetNodeTaskWithResponse A driver's task by its operation id
+	//
+	// Returns a wrapper object for the known response body format(s).
+	//
+	// Corresponds with GET /api/v1/admin/plugin-instances/{name}/node-tasks/{operation_id} (the `AdminGetNodeTask` operationId).
+	AdminGetNodeTaskWithResponse(ctx context.Context, name PluginName, operationId string, reqEditors ...RequestEditorFn) (*AdminGetNodeTaskResponse, error)
+
+	// AdminGetInstanceNodeWithResponse A node by the id its provisioner instance knows it by (for drivers)
+	//
+	// Returns a wrapper object for the known response body format(s).
+	//
+	// Corresponds with GET /api/v1/admin/plugin-instances/{name}/nodes/{external_id} (the `AdminGetInstanceNode` operationId).
+	AdminGetInstanceNodeWithResponse(ctx context.Context, name PluginName, externalId ExternalID, reqEditors ...RequestEditorFn) (*AdminGetInstanceNodeResponse, error)
 
 	// AdminSyncInstanceNodesWithResponse Reconcile the inventory with a provisioner backend now (nodes it lists, lost or broken)
 	//
@@ -10290,6 +12072,172 @@ type ClientWithResponsesInterface interface {
 	// Returns a wrapper object for the known response body format(s).
 	DeleteSSHKeyWithResponse(ctx context.Context, keyId KeyID, reqEditors ...RequestEditorFn) (*DeleteSSHKeyResponse, error)
 
+	// DeleteStorageWithResponse Delete a file, or a folder (with its contents only when recursive=true)
+	//
+	// A folder's path ends with `/`. An empty folder deletes without
+	// `recursive`; one with contents answers 409 storage_folder_not_empty
+	// unless `recursive=true` confirms. Errors: 404 storage_object_not_found,
+	// 409 storage_path_busy (objects held by other operations stay; run it
+	// again).
+	//
+	// Returns a wrapper object for the known response body format(s).
+	//
+	// Corresponds with DELETE /api/v1/storage/delete (the `DeleteStorage` operationId).
+	DeleteStorageWithResponse(ctx context.Context, params *DeleteStorageParams, reqEditors ...RequestEditorFn) (*DeleteStorageResponse, error)
+
+	// DownloadStorageObjectWithResponse A file's content, streamed (Range requests honoured)
+	//
+	// Streams the file with its Content-Type, Content-Length, ETag and
+	// Last-Modified, as an attachment. One byte range (`Range: bytes=a-b`,
+	// `a-` or `-n`) answers 206 with Content-Range; a range that starts past
+	// the end answers 416 storage_range_not_satisfiable with
+	// `Content-Range: bytes */size`; several ranges, a malformed Range, or
+	// an If-Range that does not match the ETag answer the whole file (200).
+	// Errors: 404 storage_object_not_found.
+	//
+	// Returns a wrapper object for the known response body format(s).
+	//
+	// Corresponds with GET /api/v1/storage/download (the `DownloadStorageObject` operationId).
+	DownloadStorageObjectWithResponse(ctx context.Context, params *DownloadStorageObjectParams, reqEditors ...RequestEditorFn) (*DownloadStorageObjectResponse, error)
+
+	// ListStorageWithResponse The files and folders of a project's storage folder, in path order
+	//
+	// Lists the folder `prefix` (the root when empty; a prefix always ends
+	// with `/`, added when missing): its files and the folders directly in
+	// it, or with `recursive=true` every object under it. Paths are relative
+	// to the project, bytewise ordered. Errors: 400 storage_path_traversal or
+	// invalid_object_key for an unsafe prefix.
+	//
+	// Returns a wrapper object for the known response body format(s).
+	//
+	// Corresponds with GET /api/v1/storage/list (the `ListStorage` operationId).
+	ListStorageWithResponse(ctx context.Context, params *ListStorageParams, reqEditors ...RequestEditorFn) (*ListStorageResponse, error)
+
+	// MkdirStorageWithBodyWithResponse Make a folder (an empty folder lists too); an existing folder is fine
+	//
+	// Takes any type of body and a specified content type, and returns a wrapper object for the known response body format(s).
+	//
+	// Corresponds with POST /api/v1/storage/mkdir (the `MkdirStorage` operationId).
+	MkdirStorageWithBodyWithResponse(ctx context.Context, params *MkdirStorageParams, contentType string, body io.Reader, reqEditors ...RequestEditorFn) (*MkdirStorageResponse, error)
+
+	// MkdirStorageWithResponse Make a folder (an empty folder lists too); an existing folder is fine
+	//
+	// Takes a body of the `application/json` content type, and returns a wrapper object for the known response body format(s).
+	//
+	// Corresponds with POST /api/v1/storage/mkdir (the `MkdirStorage` operationId).
+	MkdirStorageWithResponse(ctx context.Context, params *MkdirStorageParams, body MkdirStorageJSONRequestBody, reqEditors ...RequestEditorFn) (*MkdirStorageResponse, error)
+
+	// PresignStorageDownloadWithBodyWithResponse A URL that reads a file straight from the store, for a while
+	//
+	// Valid for policy `storage.presign_expiry`. Errors: 404
+	// storage_object_not_found, 503 storage_unavailable (the store cannot
+	// presign).
+	//
+	// Takes any type of body and a specified content type, and returns a wrapper object for the known response body format(s).
+	//
+	// Corresponds with POST /api/v1/storage/presign-download (the `PresignStorageDownload` operationId).
+	PresignStorageDownloadWithBodyWithResponse(ctx context.Context, contentType string, body io.Reader, reqEditors ...RequestEditorFn) (*PresignStorageDownloadResponse, error)
+
+	// PresignStorageDownloadWithResponse A URL that reads a file straight from the store, for a while
+	//
+	// Valid for policy `storage.presign_expiry`. Errors: 404
+	// storage_object_not_found, 503 storage_unavailable (the store cannot
+	// presign).
+	//
+	// Takes a body of the `application/json` content type, and returns a wrapper object for the known response body format(s).
+	//
+	// Corresponds with POST /api/v1/storage/presign-download (the `PresignStorageDownload` operationId).
+	PresignStorageDownloadWithResponse(ctx context.Context, body PresignStorageDownloadJSONRequestBody, reqEditors ...RequestEditorFn) (*PresignStorageDownloadResponse, error)
+
+	// PresignStorageUploadWithBodyWithResponse A URL that uploads a large file straight to the store
+	//
+	// Reserves `size` bytes of the quota and returns a PUT URL signed for
+	// exactly that many bytes (send the returned headers). The path must be
+	// free (409 storage_object_exists). After the PUT, confirm with
+	// `POST /api/v1/storage/uploads/{upload_id}/complete` before
+	// `confirm_by`; an upload not confirmed by then is removed. Errors: 413
+	// storage_quota_exceeded, 409 storage_path_busy.
+	//
+	// Takes any type of body and a specified content type, and returns a wrapper object for the known response body format(s).
+	//
+	// Corresponds with POST /api/v1/storage/presign-upload (the `PresignStorageUpload` operationId).
+	PresignStorageUploadWithBodyWithResponse(ctx context.Context, params *PresignStorageUploadParams, contentType string, body io.Reader, reqEditors ...RequestEditorFn) (*PresignStorageUploadResponse, error)
+
+	// PresignStorageUploadWithResponse A URL that uploads a large file straight to the store
+	//
+	// Reserves `size` bytes of the quota and returns a PUT URL signed for
+	// exactly that many bytes (send the returned headers). The path must be
+	// free (409 storage_object_exists). After the PUT, confirm with
+	// `POST /api/v1/storage/uploads/{upload_id}/complete` before
+	// `confirm_by`; an upload not confirmed by then is removed. Errors: 413
+	// storage_quota_exceeded, 409 storage_path_busy.
+	//
+	// Takes a body of the `application/json` content type, and returns a wrapper object for the known response body format(s).
+	//
+	// Corresponds with POST /api/v1/storage/presign-upload (the `PresignStorageUpload` operationId).
+	PresignStorageUploadWithResponse(ctx context.Context, params *PresignStorageUploadParams, body PresignStorageUploadJSONRequestBody, reqEditors ...RequestEditorFn) (*PresignStorageUploadResponse, error)
+
+	// RenameStorageWithBodyWithResponse Rename (move) a file, or a folder with everything in it
+	//
+	// A folder's paths end with `/` (both `from` and `to`). The destination
+	// must be free: 409 storage_object_exists otherwise. Objects another
+	// operation holds stay, and the rename answers 409 storage_path_busy
+	// after moving the rest (run it again). Errors: 404
+	// storage_object_not_found.
+	//
+	// Takes any type of body and a specified content type, and returns a wrapper object for the known response body format(s).
+	//
+	// Corresponds with POST /api/v1/storage/rename (the `RenameStorage` operationId).
+	RenameStorageWithBodyWithResponse(ctx context.Context, params *RenameStorageParams, contentType string, body io.Reader, reqEditors ...RequestEditorFn) (*RenameStorageResponse, error)
+
+	// RenameStorageWithResponse Rename (move) a file, or a folder with everything in it
+	//
+	// A folder's paths end with `/` (both `from` and `to`). The destination
+	// must be free: 409 storage_object_exists otherwise. Objects another
+	// operation holds stay, and the rename answers 409 storage_path_busy
+	// after moving the rest (run it again). Errors: 404
+	// storage_object_not_found.
+	//
+	// Takes a body of the `application/json` content type, and returns a wrapper object for the known response body format(s).
+	//
+	// Corresponds with POST /api/v1/storage/rename (the `RenameStorage` operationId).
+	RenameStorageWithResponse(ctx context.Context, params *RenameStorageParams, body RenameStorageJSONRequestBody, reqEditors ...RequestEditorFn) (*RenameStorageResponse, error)
+
+	// UploadStorageObjectWithBodyWithResponse Store a file, streamed (replaces the file at the path)
+	//
+	// The body is the file, of any content type (kept as the file's
+	// Content-Type), streamed to the store as it arrives. Send
+	// Content-Length, or `Transfer-Encoding: chunked` for a body of unknown
+	// length (capped by policy `storage.max_upload_bytes`). The bytes are
+	// reserved against the project's quota (policy `storage.quota_bytes`)
+	// before they are stored. Errors: 400 storage_path_traversal or
+	// invalid_object_key, 413 storage_quota_exceeded (nothing is stored), 413
+	// request_too_large, 409 storage_path_busy (another operation on the
+	// path), 409 storage_object_exists (a folder has the name).
+	//
+	// Takes any type of body and a specified content type, and returns a wrapper object for the known response body format(s).
+	//
+	// Corresponds with PUT /api/v1/storage/upload (the `UploadStorageObject` operationId).
+	UploadStorageObjectWithBodyWithResponse(ctx context.Context, params *UploadStorageObjectParams, contentType string, body io.Reader, reqEditors ...RequestEditorFn) (*UploadStorageObjectResponse, error)
+
+	// CompleteStorageUploadWithResponse Confirm a presigned upload; the file becomes part of the project
+	//
+	// Errors: 404 storage_upload_not_found (unknown, confirmed or expired),
+	// 409 storage_upload_incomplete (nothing uploaded yet; or a body of
+	// another size, which is removed and ends the upload).
+	//
+	// Returns a wrapper object for the known response body format(s).
+	//
+	// Corresponds with POST /api/v1/storage/uploads/{upload_id}/complete (the `CompleteStorageUpload` operationId).
+	CompleteStorageUploadWithResponse(ctx context.Context, uploadId openapi_types.UUID, params *CompleteStorageUploadParams, reqEditors ...RequestEditorFn) (*CompleteStorageUploadResponse, error)
+
+	// GetStorageUsageWithResponse What a project stores against its quota
+	//
+	// Returns a wrapper object for the known response body format(s).
+	//
+	// Corresponds with GET /api/v1/storage/usage (the `GetStorageUsage` operationId).
+	GetStorageUsageWithResponse(ctx context.Context, params *GetStorageUsageParams, reqEditors ...RequestEditorFn) (*GetStorageUsageResponse, error)
+
 	// GetMeWithResponse The caller, with memberships
 	//
 	// Returns a wrapper object for the known response body format(s).
@@ -10772,6 +12720,54 @@ func (r AdminUpdateNodeResponse) ContentType() string {
 	return ""
 }
 
+type AdminMintEnrollmentTokenResponse struct {
+	Body         []byte
+	HTTPResponse *http.Response
+	// JSON201 the response for an HTTP 201 `application/json` response
+	JSON201 *EnrollmentToken
+	// JSONDefault the response for an HTTP default `application/json` response
+	JSONDefault *Error
+}
+
+// GetJSON201 returns the response for an HTTP 201 `application/json` response
+func (r AdminMintEnrollmentTokenResponse) GetJSON201() *EnrollmentToken {
+	return r.JSON201
+}
+
+// GetJSONDefault returns the response for an HTTP default `application/json` response
+func (r AdminMintEnrollmentTokenResponse) GetJSONDefault() *Error {
+	return r.JSONDefault
+}
+
+// GetBody returns the raw response body bytes
+func (r AdminMintEnrollmentTokenResponse) GetBody() []byte {
+	return r.Body
+}
+
+// Status returns HTTPResponse.Status
+func (r AdminMintEnrollmentTokenResponse) Status() string {
+	if r.HTTPResponse != nil {
+		return r.HTTPResponse.Status
+	}
+	return http.StatusText(0)
+}
+
+// StatusCode returns HTTPResponse.StatusCode
+func (r AdminMintEnrollmentTokenResponse) StatusCode() int {
+	if r.HTTPResponse != nil {
+		return r.HTTPResponse.StatusCode
+	}
+	return 0
+}
+
+// ContentType is a convenience method to retrieve the Content-Type value from the HTTP response headers
+func (r AdminMintEnrollmentTokenResponse) ContentType() string {
+	if r.HTTPResponse != nil {
+		return r.HTTPResponse.Header.Get("Content-Type")
+	}
+	return ""
+}
+
 type AdminProbeNodeResponse struct {
 	Body         []byte
 	HTTPResponse *http.Response
@@ -11102,6 +13098,157 @@ func (r AdminConfigurePluginInstanceResponse) StatusCode() int {
 
 // ContentType is a convenience method to retrieve the Content-Type value from the HTTP response headers
 func (r AdminConfigurePluginInstanceResponse) ContentType() string {
+	if r.HTTPResponse != nil {
+		return r.HTTPResponse.Header.Get("Content-Type")
+	}
+	return ""
+}
+
+type AdminEnqueueNodeTaskResponse struct {
+	Body         []byte
+	HTTPResponse *http.Response
+	// JSON200 the response for an HTTP 200 `application/json` response
+	JSON200 *NodeTask
+	// JSON201 the response for an HTTP 201 `application/json` response
+	JSON201 *NodeTask
+	// JSONDefault the response for an HTTP default `application/json` response
+	JSONDefault *Error
+}
+
+// GetJSON200 returns the response for an HTTP 200 `application/json` response
+func (r AdminEnqueueNodeTaskResponse) GetJSON200() *NodeTask {
+	return r.JSON200
+}
+
+// GetJSON201 returns the response for an HTTP 201 `application/json` response
+func (r AdminEnqueueNodeTaskResponse) GetJSON201() *NodeTask {
+	return r.JSON201
+}
+
+// GetJSONDefault returns the response for an HTTP default `application/json` response
+func (r AdminEnqueueNodeTaskResponse) GetJSONDefault() *Error {
+	return r.JSONDefault
+}
+
+// GetBody returns the raw response body bytes
+func (r AdminEnqueueNodeTaskResponse) GetBody() []byte {
+	return r.Body
+}
+
+// Status returns HTTPResponse.Status
+func (r AdminEnqueueNodeTaskResponse) Status() string {
+	if r.HTTPResponse != nil {
+		return r.HTTPResponse.Status
+	}
+	return http.StatusText(0)
+}
+
+// StatusCode returns HTTPResponse.StatusCode
+func (r AdminEnqueueNodeTaskResponse) StatusCode() int {
+	if r.HTTPResponse != nil {
+		return r.HTTPResponse.StatusCode
+	}
+	return 0
+}
+
+// ContentType is a convenience method to retrieve the Content-Type value from the HTTP response headers
+func (r AdminEnqueueNodeTaskResponse) ContentType() string {
+	if r.HTTPResponse != nil {
+		return r.HTTPResponse.Header.Get("Content-Type")
+	}
+	return ""
+}
+
+type AdminGetNodeTaskResponse struct {
+	Body         []byte
+	HTTPResponse *http.Response
+	// JSON200 the response for an HTTP 200 `application/json` response
+	JSON200 *NodeTask
+	// JSONDefault the response for an HTTP default `application/json` response
+	JSONDefault *Error
+}
+
+// GetJSON200 returns the response for an HTTP 200 `application/json` response
+func (r AdminGetNodeTaskResponse) GetJSON200() *NodeTask {
+	return r.JSON200
+}
+
+// GetJSONDefault returns the response for an HTTP default `application/json` response
+func (r AdminGetNodeTaskResponse) GetJSONDefault() *Error {
+	return r.JSONDefault
+}
+
+// GetBody returns the raw response body bytes
+func (r AdminGetNodeTaskResponse) GetBody() []byte {
+	return r.Body
+}
+
+// Status returns HTTPResponse.Status
+func (r AdminGetNodeTaskResponse) Status() string {
+	if r.HTTPResponse != nil {
+		return r.HTTPResponse.Status
+	}
+	return http.StatusText(0)
+}
+
+// StatusCode returns HTTPResponse.StatusCode
+func (r AdminGetNodeTaskResponse) StatusCode() int {
+	if r.HTTPResponse != nil {
+		return r.HTTPResponse.StatusCode
+	}
+	return 0
+}
+
+// ContentType is a convenience method to retrieve the Content-Type value from the HTTP response headers
+func (r AdminGetNodeTaskResponse) ContentType() string {
+	if r.HTTPResponse != nil {
+		return r.HTTPResponse.Header.Get("Content-Type")
+	}
+	return ""
+}
+
+type AdminGetInstanceNodeResponse struct {
+	Body         []byte
+	HTTPResponse *http.Response
+	// JSON200 the response for an HTTP 200 `application/json` response
+	JSON200 *Node
+	// JSONDefault the response for an HTTP default `application/json` response
+	JSONDefault *Error
+}
+
+// GetJSON200 returns the response for an HTTP 200 `application/json` response
+func (r AdminGetInstanceNodeResponse) GetJSON200() *Node {
+	return r.JSON200
+}
+
+// GetJSONDefault returns the response for an HTTP default `application/json` response
+func (r AdminGetInstanceNodeResponse) GetJSONDefault() *Error {
+	return r.JSONDefault
+}
+
+// GetBody returns the raw response body bytes
+func (r AdminGetInstanceNodeResponse) GetBody() []byte {
+	return r.Body
+}
+
+// Status returns HTTPResponse.Status
+func (r AdminGetInstanceNodeResponse) Status() string {
+	if r.HTTPResponse != nil {
+		return r.HTTPResponse.Status
+	}
+	return http.StatusText(0)
+}
+
+// StatusCode returns HTTPResponse.StatusCode
+func (r AdminGetInstanceNodeResponse) StatusCode() int {
+	if r.HTTPResponse != nil {
+		return r.HTTPResponse.StatusCode
+	}
+	return 0
+}
+
+// ContentType is a convenience method to retrieve the Content-Type value from the HTTP response headers
+func (r AdminGetInstanceNodeResponse) ContentType() string {
 	if r.HTTPResponse != nil {
 		return r.HTTPResponse.Header.Get("Content-Type")
 	}
@@ -13898,6 +16045,479 @@ func (r DeleteSSHKeyResponse) ContentType() string {
 	return ""
 }
 
+type DeleteStorageResponse struct {
+	Body         []byte
+	HTTPResponse *http.Response
+	// JSON200 the response for an HTTP 200 `application/json` response
+	JSON200 *StorageChange
+	// JSONDefault the response for an HTTP default `application/json` response
+	JSONDefault *Error
+}
+
+// GetJSON200 returns the response for an HTTP 200 `application/json` response
+func (r DeleteStorageResponse) GetJSON200() *StorageChange {
+	return r.JSON200
+}
+
+// GetJSONDefault returns the response for an HTTP default `application/json` response
+func (r DeleteStorageResponse) GetJSONDefault() *Error {
+	return r.JSONDefault
+}
+
+// GetBody returns the raw response body bytes
+func (r DeleteStorageResponse) GetBody() []byte {
+	return r.Body
+}
+
+// Status returns HTTPResponse.Status
+func (r DeleteStorageResponse) Status() string {
+	if r.HTTPResponse != nil {
+		return r.HTTPResponse.Status
+	}
+	return http.StatusText(0)
+}
+
+// StatusCode returns HTTPResponse.StatusCode
+func (r DeleteStorageResponse) StatusCode() int {
+	if r.HTTPResponse != nil {
+		return r.HTTPResponse.StatusCode
+	}
+	return 0
+}
+
+// ContentType is a convenience method to retrieve the Content-Type value from the HTTP response headers
+func (r DeleteStorageResponse) ContentType() string {
+	if r.HTTPResponse != nil {
+		return r.HTTPResponse.Header.Get("Content-Type")
+	}
+	return ""
+}
+
+type DownloadStorageObjectResponse struct {
+	Body         []byte
+	HTTPResponse *http.Response
+	// JSONDefault the response for an HTTP default `application/json` response
+	JSONDefault *Error
+}
+
+// GetJSONDefault returns the response for an HTTP default `application/json` response
+func (r DownloadStorageObjectResponse) GetJSONDefault() *Error {
+	return r.JSONDefault
+}
+
+// GetBody returns the raw response body bytes
+func (r DownloadStorageObjectResponse) GetBody() []byte {
+	return r.Body
+}
+
+// Status returns HTTPResponse.Status
+func (r DownloadStorageObjectResponse) Status() string {
+	if r.HTTPResponse != nil {
+		return r.HTTPResponse.Status
+	}
+	return http.StatusText(0)
+}
+
+// StatusCode returns HTTPResponse.StatusCode
+func (r DownloadStorageObjectResponse) StatusCode() int {
+	if r.HTTPResponse != nil {
+		return r.HTTPResponse.StatusCode
+	}
+	return 0
+}
+
+// ContentType is a convenience method to retrieve the Content-Type value from the HTTP response headers
+func (r DownloadStorageObjectResponse) ContentType() string {
+	if r.HTTPResponse != nil {
+		return r.HTTPResponse.Header.Get("Content-Type")
+	}
+	return ""
+}
+
+type ListStorageResponse struct {
+	Body         []byte
+	HTTPResponse *http.Response
+	// JSON200 the response for an HTTP 200 `application/json` response
+	JSON200 *StoragePage
+	// JSONDefault the response for an HTTP default `application/json` response
+	JSONDefault *Error
+}
+
+// GetJSON200 returns the response for an HTTP 200 `application/json` response
+func (r ListStorageResponse) GetJSON200() *StoragePage {
+	return r.JSON200
+}
+
+// GetJSONDefault returns the response for an HTTP default `application/json` response
+func (r ListStorageResponse) GetJSONDefault() *Error {
+	return r.JSONDefault
+}
+
+// GetBody returns the raw response body bytes
+func (r ListStorageResponse) GetBody() []byte {
+	return r.Body
+}
+
+// Status returns HTTPResponse.Status
+func (r ListStorageResponse) Status() string {
+	if r.HTTPResponse != nil {
+		return r.HTTPResponse.Status
+	}
+	return http.StatusText(0)
+}
+
+// StatusCode returns HTTPResponse.StatusCode
+func (r ListStorageResponse) StatusCode() int {
+	if r.HTTPResponse != nil {
+		return r.HTTPResponse.StatusCode
+	}
+	return 0
+}
+
+// ContentType is a convenience method to retrieve the Content-Type value from the HTTP response headers
+func (r ListStorageResponse) ContentType() string {
+	if r.HTTPResponse != nil {
+		return r.HTTPResponse.Header.Get("Content-Type")
+	}
+	return ""
+}
+
+type MkdirStorageResponse struct {
+	Body         []byte
+	HTTPResponse *http.Response
+	// JSON201 the response for an HTTP 201 `application/json` response
+	JSON201 *StorageObject
+	// JSONDefault the response for an HTTP default `application/json` response
+	JSONDefault *Error
+}
+
+// GetJSON201 returns the response for an HTTP 201 `application/json` response
+func (r MkdirStorageResponse) GetJSON201() *StorageObject {
+	return r.JSON201
+}
+
+// GetJSONDefault returns the response for an HTTP default `application/json` response
+func (r MkdirStorageResponse) GetJSONDefault() *Error {
+	return r.JSONDefault
+}
+
+// GetBody returns the raw response body bytes
+func (r MkdirStorageResponse) GetBody() []byte {
+	return r.Body
+}
+
+// Status returns HTTPResponse.Status
+func (r MkdirStorageResponse) Status() string {
+	if r.HTTPResponse != nil {
+		return r.HTTPResponse.Status
+	}
+	return http.StatusText(0)
+}
+
+// StatusCode returns HTTPResponse.StatusCode
+func (r MkdirStorageResponse) StatusCode() int {
+	if r.HTTPResponse != nil {
+		return r.HTTPResponse.StatusCode
+	}
+	return 0
+}
+
+// ContentType is a convenience method to retrieve the Content-Type value from the HTTP response headers
+func (r MkdirStorageResponse) ContentType() string {
+	if r.HTTPResponse != nil {
+		return r.HTTPResponse.Header.Get("Content-Type")
+	}
+	return ""
+}
+
+type PresignStorageDownloadResponse struct {
+	Body         []byte
+	HTTPResponse *http.Response
+	// JSON200 the response for an HTTP 200 `application/json` response
+	JSON200 *PresignedURL
+	// JSONDefault the response for an HTTP default `application/json` response
+	JSONDefault *Error
+}
+
+// GetJSON200 returns the response for an HTTP 200 `application/json` response
+func (r PresignStorageDownloadResponse) GetJSON200() *PresignedURL {
+	return r.JSON200
+}
+
+// GetJSONDefault returns the response for an HTTP default `application/json` response
+func (r PresignStorageDownloadResponse) GetJSONDefault() *Error {
+	return r.JSONDefault
+}
+
+// GetBody returns the raw response body bytes
+func (r PresignStorageDownloadResponse) GetBody() []byte {
+	return r.Body
+}
+
+// Status returns HTTPResponse.Status
+func (r PresignStorageDownloadResponse) Status() string {
+	if r.HTTPResponse != nil {
+		return r.HTTPResponse.Status
+	}
+	return http.StatusText(0)
+}
+
+// StatusCode returns HTTPResponse.StatusCode
+func (r PresignStorageDownloadResponse) StatusCode() int {
+	if r.HTTPResponse != nil {
+		return r.HTTPResponse.StatusCode
+	}
+	return 0
+}
+
+// ContentType is a convenience method to retrieve the Content-Type value from the HTTP response headers
+func (r PresignStorageDownloadResponse) ContentType() string {
+	if r.HTTPResponse != nil {
+		return r.HTTPResponse.Header.Get("Content-Type")
+	}
+	return ""
+}
+
+type PresignStorageUploadResponse struct {
+	Body         []byte
+	HTTPResponse *http.Response
+	// JSON201 the response for an HTTP 201 `application/json` response
+	JSON201 *PresignedUpload
+	// JSONDefault the response for an HTTP default `application/json` response
+	JSONDefault *Error
+}
+
+// GetJSON201 returns the response for an HTTP 201 `application/json` response
+func (r PresignStorageUploadResponse) GetJSON201() *PresignedUpload {
+	return r.JSON201
+}
+
+// GetJSONDefault returns the response for an HTTP default `application/json` response
+func (r PresignStorageUploadResponse) GetJSONDefault() *Error {
+	return r.JSONDefault
+}
+
+// GetBody returns the raw response body bytes
+func (r PresignStorageUploadResponse) GetBody() []byte {
+	return r.Body
+}
+
+// Status returns HTTPResponse.Status
+func (r PresignStorageUploadResponse) Status() string {
+	if r.HTTPResponse != nil {
+		return r.HTTPResponse.Status
+	}
+	return http.StatusText(0)
+}
+
+// StatusCode returns HTTPResponse.StatusCode
+func (r PresignStorageUploadResponse) StatusCode() int {
+	if r.HTTPResponse != nil {
+		return r.HTTPResponse.StatusCode
+	}
+	return 0
+}
+
+// ContentType is a convenience method to retrieve the Content-Type value from the HTTP response headers
+func (r PresignStorageUploadResponse) ContentType() string {
+	if r.HTTPResponse != nil {
+		return r.HTTPResponse.Header.Get("Content-Type")
+	}
+	return ""
+}
+
+type RenameStorageResponse struct {
+	Body         []byte
+	HTTPResponse *http.Response
+	// JSON200 the response for an HTTP 200 `application/json` response
+	JSON200 *StorageChange
+	// JSONDefault the response for an HTTP default `application/json` response
+	JSONDefault *Error
+}
+
+// GetJSON200 returns the response for an HTTP 200 `application/json` response
+func (r RenameStorageResponse) GetJSON200() *StorageChange {
+	return r.JSON200
+}
+
+// GetJSONDefault returns the response for an HTTP default `application/json` response
+func (r RenameStorageResponse) GetJSONDefault() *Error {
+	return r.JSONDefault
+}
+
+// GetBody returns the raw response body bytes
+func (r RenameStorageResponse) GetBody() []byte {
+	return r.Body
+}
+
+// Status returns HTTPResponse.Status
+func (r RenameStorageResponse) Status() string {
+	if r.HTTPResponse != nil {
+		return r.HTTPResponse.Status
+	}
+	return http.StatusText(0)
+}
+
+// StatusCode returns HTTPResponse.StatusCode
+func (r RenameStorageResponse) StatusCode() int {
+	if r.HTTPResponse != nil {
+		return r.HTTPResponse.StatusCode
+	}
+	return 0
+}
+
+// ContentType is a convenience method to retrieve the Content-Type value from the HTTP response headers
+func (r RenameStorageResponse) ContentType() string {
+	if r.HTTPResponse != nil {
+		return r.HTTPResponse.Header.Get("Content-Type")
+	}
+	return ""
+}
+
+type UploadStorageObjectResponse struct {
+	Body         []byte
+	HTTPResponse *http.Response
+	// JSON201 the response for an HTTP 201 `application/json` response
+	JSON201 *StorageObject
+	// JSONDefault the response for an HTTP default `application/json` response
+	JSONDefault *Error
+}
+
+// GetJSON201 returns the response for an HTTP 201 `application/json` response
+func (r UploadStorageObjectResponse) GetJSON201() *StorageObject {
+	return r.JSON201
+}
+
+// GetJSONDefault returns the response for an HTTP default `application/json` response
+func (r UploadStorageObjectResponse) GetJSONDefault() *Error {
+	return r.JSONDefault
+}
+
+// GetBody returns the raw response body bytes
+func (r UploadStorageObjectResponse) GetBody() []byte {
+	return r.Body
+}
+
+// Status returns HTTPResponse.Status
+func (r UploadStorageObjectResponse) Status() string {
+	if r.HTTPResponse != nil {
+		return r.HTTPResponse.Status
+	}
+	return http.StatusText(0)
+}
+
+// StatusCode returns HTTPResponse.StatusCode
+func (r UploadStorageObjectResponse) StatusCode() int {
+	if r.HTTPResponse != nil {
+		return r.HTTPResponse.StatusCode
+	}
+	return 0
+}
+
+// ContentType is a convenience method to retrieve the Content-Type value from the HTTP response headers
+func (r UploadStorageObjectResponse) ContentType() string {
+	if r.HTTPResponse != nil {
+		return r.HTTPResponse.Header.Get("Content-Type")
+	}
+	return ""
+}
+
+type CompleteStorageUploadResponse struct {
+	Body         []byte
+	HTTPResponse *http.Response
+	// JSON201 the response for an HTTP 201 `application/json` response
+	JSON201 *StorageObject
+	// JSONDefault the response for an HTTP default `application/json` response
+	JSONDefault *Error
+}
+
+// GetJSON201 returns the response for an HTTP 201 `application/json` response
+func (r CompleteStorageUploadResponse) GetJSON201() *StorageObject {
+	return r.JSON201
+}
+
+// GetJSONDefault returns the response for an HTTP default `application/json` response
+func (r CompleteStorageUploadResponse) GetJSONDefault() *Error {
+	return r.JSONDefault
+}
+
+// GetBody returns the raw response body bytes
+func (r CompleteStorageUploadResponse) GetBody() []byte {
+	return r.Body
+}
+
+// Status returns HTTPResponse.Status
+func (r CompleteStorageUploadResponse) Status() string {
+	if r.HTTPResponse != nil {
+		return r.HTTPResponse.Status
+	}
+	return http.StatusText(0)
+}
+
+// StatusCode returns HTTPResponse.StatusCode
+func (r CompleteStorageUploadResponse) StatusCode() int {
+	if r.HTTPResponse != nil {
+		return r.HTTPResponse.StatusCode
+	}
+	return 0
+}
+
+// ContentType is a convenience method to retrieve the Content-Type value from the HTTP response headers
+func (r CompleteStorageUploadResponse) ContentType() string {
+	if r.HTTPResponse != nil {
+		return r.HTTPResponse.Header.Get("Content-Type")
+	}
+	return ""
+}
+
+type GetStorageUsageResponse struct {
+	Body         []byte
+	HTTPResponse *http.Response
+	// JSON200 the response for an HTTP 200 `application/json` response
+	JSON200 *StorageUsage
+	// JSONDefault the response for an HTTP default `application/json` response
+	JSONDefault *Error
+}
+
+// GetJSON200 returns the response for an HTTP 200 `application/json` response
+func (r GetStorageUsageResponse) GetJSON200() *StorageUsage {
+	return r.JSON200
+}
+
+// GetJSONDefault returns the response for an HTTP default `application/json` response
+func (r GetStorageUsageResponse) GetJSONDefault() *Error {
+	return r.JSONDefault
+}
+
+// GetBody returns the raw response body bytes
+func (r GetStorageUsageResponse) GetBody() []byte {
+	return r.Body
+}
+
+// Status returns HTTPResponse.Status
+func (r GetStorageUsageResponse) Status() string {
+	if r.HTTPResponse != nil {
+		return r.HTTPResponse.Status
+	}
+	return http.StatusText(0)
+}
+
+// StatusCode returns HTTPResponse.StatusCode
+func (r GetStorageUsageResponse) StatusCode() int {
+	if r.HTTPResponse != nil {
+		return r.HTTPResponse.StatusCode
+	}
+	return 0
+}
+
+// ContentType is a convenience method to retrieve the Content-Type value from the HTTP response headers
+func (r GetStorageUsageResponse) ContentType() string {
+	if r.HTTPResponse != nil {
+		return r.HTTPResponse.Header.Get("Content-Type")
+	}
+	return ""
+}
+
 type GetMeResponse struct {
 	Body         []byte
 	HTTPResponse *http.Response
@@ -14339,6 +16959,32 @@ func (c *ClientWithResponses) AdminUpdateNodeWithResponse(ctx context.Context, n
 	return ParseAdminUpdateNodeResponse(rsp)
 }
 
+// AdminMintEnrollmentTokenWithBodyWithResponse A single-use token the node's agent enrolls with (shown once)
+//
+// Takes any type of body and a specified content type, and returns a wrapper object for the known response body format(s).
+//
+// Corresponds with POST /api/v1/admin/nodes/{node_id}/enrollment-token (the `AdminMintEnrollmentToken` operationId).
+func (c *ClientWithResponses) AdminMintEnrollmentTokenWithBodyWithResponse(ctx context.Context, nodeId NodeID, contentType string, body io.Reader, reqEditors ...RequestEditorFn) (*AdminMintEnrollmentTokenResponse, error) {
+	rsp, err := c.AdminMintEnrollmentTokenWithBody(ctx, nodeId, contentType, body, reqEditors...)
+	if err != nil {
+		return nil, err
+	}
+	return ParseAdminMintEnrollmentTokenResponse(rsp)
+}
+
+// AdminMintEnrollmentTokenWithResponse A single-use token the node's agent enrolls with (shown once)
+//
+// Takes a body of the `application/json` content type, and returns a wrapper object for the known response body format(s).
+//
+// Corresponds with POST /api/v1/admin/nodes/{node_id}/enrollment-token (the `AdminMintEnrollmentToken` operationId).
+func (c *ClientWithResponses) AdminMintEnrollmentTokenWithResponse(ctx context.Context, nodeId NodeID, body AdminMintEnrollmentTokenJSONRequestBody, reqEditors ...RequestEditorFn) (*AdminMintEnrollmentTokenResponse, error) {
+	rsp, err := c.AdminMintEnrollmentToken(ctx, nodeId, body, reqEditors...)
+	if err != nil {
+		return nil, err
+	}
+	return ParseAdminMintEnrollmentTokenResponse(rsp)
+}
+
 // AdminProbeNodeWithResponse Ask the node's driver for its health (unhealthy → offline, healthy → back)
 //
 // Returns a wrapper object for the known response body format(s).
@@ -14480,6 +17126,58 @@ func (c *ClientWithResponses) AdminConfigurePluginInstanceWithResponse(ctx conte
 		return nil, err
 	}
 	return ParseAdminConfigurePluginInstanceResponse(rsp)
+}
+
+// AdminEnqueueNodeTaskWithBodyWithResponse Queue a signed task for a node's agent (drivers; idempotent by operation_id)
+//
+// Takes any type of body and a specified content type, and returns a wrapper object for the known response body format(s).
+//
+// Corresponds with POST /api/v1/admin/plugin-instances/{name}/node-tasks (the `AdminEnqueueNodeTask` operationId).
+func (c *ClientWithResponses) AdminEnqueueNodeTaskWithBodyWithResponse(ctx context.Context, name PluginName, contentType string, body io.Reader, reqEditors ...RequestEditorFn) (*AdminEnqueueNodeTaskResponse, error) {
+	rsp, err := c.AdminEnqueueNodeTaskWithBody(ctx, name, contentType, body, reqEditors...)
+	if err != nil {
+		return nil, err
+	}
+	return ParseAdminEnqueueNodeTaskResponse(rsp)
+}
+
+// AdminEnqueueNodeTaskWithResponse Queue a signed task for a node's agent (drivers; idempotent by operation_id)
+//
+// Takes a body of the `application/json` content type, and returns a wrapper object for the known response body format(s).
+//
+// Corresponds with POST /api/v1/admin/plugin-instances/{name}/node-tasks (the `AdminEnqueueNodeTask` operationId).
+func (c *ClientWithResponses) AdminEnqueueNodeTaskWithResponse(ctx context.Context, name PluginName, body AdminEnqueueNodeTaskJSONRequestBody, reqEditors ...RequestEditorFn) (*AdminEnqueueNodeTaskResponse, error) {
+	rsp, err := c.AdminEnqueueNodeTask(ctx, name, body, reqEditors...)
+	if err != nil {
+		return nil, err
+	}
+	return ParseAdminEnqueueNodeTaskResponse(rsp)
+}
+
+// AdminGetNodeTaskWithResponse A driver's task by its operation id
+//
+// Returns a wrapper object for the known response body format(s).
+//
+// Corresponds with GET /api/v1/admin/plugin-instances/{name}/node-tasks/{operation_id} (the `AdminGetNodeTask` operationId).
+func (c *ClientWithResponses) AdminGetNodeTaskWithResponse(ctx context.Context, name PluginName, operationId string, reqEditors ...RequestEditorFn) (*AdminGetNodeTaskResponse, error) {
+	rsp, err := c.AdminGetNodeTask(ctx, name, operationId, reqEditors...)
+	if err != nil {
+		return nil, err
+	}
+	return ParseAdminGetNodeTaskResponse(rsp)
+}
+
+// AdminGetInstanceNodeWithResponse A node by the id its provisioner instance knows it by (for drivers)
+//
+// Returns a wrapper object for the known response body format(s).
+//
+// Corresponds with GET /api/v1/admin/plugin-instances/{name}/nodes/{external_id} (the `AdminGetInstanceNode` operationId).
+func (c *ClientWithResponses) AdminGetInstanceNodeWithResponse(ctx context.Context, name PluginName, externalId ExternalID, reqEditors ...RequestEditorFn) (*AdminGetInstanceNodeResponse, error) {
+	rsp, err := c.AdminGetInstanceNode(ctx, name, externalId, reqEditors...)
+	if err != nil {
+		return nil, err
+	}
+	return ParseAdminGetInstanceNodeResponse(rsp)
 }
 
 // AdminSyncInstanceNodesWithResponse Reconcile the inventory with a provisioner backend now (nodes it lists, lost or broken)
@@ -15533,6 +18231,256 @@ func (c *ClientWithResponses) DeleteSSHKeyWithResponse(ctx context.Context, keyI
 	return ParseDeleteSSHKeyResponse(rsp)
 }
 
+// DeleteStorageWithResponse Delete a file, or a folder (with its contents only when recursive=true)
+//
+// A folder's path ends with `/`. An empty folder deletes without
+// `recursive`; one with contents answers 409 storage_folder_not_empty
+// unless `recursive=true` confirms. Errors: 404 storage_object_not_found,
+// 409 storage_path_busy (objects held by other operations stay; run it
+// again).
+//
+// Returns a wrapper object for the known response body format(s).
+//
+// Corresponds with DELETE /api/v1/storage/delete (the `DeleteStorage` operationId).
+func (c *ClientWithResponses) DeleteStorageWithResponse(ctx context.Context, params *DeleteStorageParams, reqEditors ...RequestEditorFn) (*DeleteStorageResponse, error) {
+	rsp, err := c.DeleteStorage(ctx, params, reqEditors...)
+	if err != nil {
+		return nil, err
+	}
+	return ParseDeleteStorageResponse(rsp)
+}
+
+// DownloadStorageObjectWithResponse A file's content, streamed (Range requests honoured)
+//
+// Streams the file with its Content-Type, Content-Length, ETag and
+// Last-Modified, as an attachment. One byte range (`Range: bytes=a-b`,
+// `a-` or `-n`) answers 206 with Content-Range; a range that starts past
+// the end answers 416 storage_range_not_satisfiable with
+// `Content-Range: bytes */size`; several ranges, a malformed Range, or
+// an If-Range that does not match the ETag answer the whole file (200).
+// Errors: 404 storage_object_not_found.
+//
+// Returns a wrapper object for the known response body format(s).
+//
+// Corresponds with GET /api/v1/storage/download (the `DownloadStorageObject` operationId).
+func (c *ClientWithResponses) DownloadStorageObjectWithResponse(ctx context.Context, params *DownloadStorageObjectParams, reqEditors ...RequestEditorFn) (*DownloadStorageObjectResponse, error) {
+	rsp, err := c.DownloadStorageObject(ctx, params, reqEditors...)
+	if err != nil {
+		return nil, err
+	}
+	return ParseDownloadStorageObjectResponse(rsp)
+}
+
+// ListStorageWithResponse The files and folders of a project's storage folder, in path order
+//
+// Lists the folder `prefix` (the root when empty; a prefix always ends
+// with `/`, added when missing): its files and the folders directly in
+// it, or with `recursive=true` every object under it. Paths are relative
+// to the project, bytewise ordered. Errors: 400 storage_path_traversal or
+// invalid_object_key for an unsafe prefix.
+//
+// Returns a wrapper object for the known response body format(s).
+//
+// Corresponds with GET /api/v1/storage/list (the `ListStorage` operationId).
+func (c *ClientWithResponses) ListStorageWithResponse(ctx context.Context, params *ListStorageParams, reqEditors ...RequestEditorFn) (*ListStorageResponse, error) {
+	rsp, err := c.ListStorage(ctx, params, reqEditors...)
+	if err != nil {
+		return nil, err
+	}
+	return ParseListStorageResponse(rsp)
+}
+
+// MkdirStorageWithBodyWithResponse Make a folder (an empty folder lists too); an existing folder is fine
+//
+// Takes any type of body and a specified content type, and returns a wrapper object for the known response body format(s).
+//
+// Corresponds with POST /api/v1/storage/mkdir (the `MkdirStorage` operationId).
+func (c *ClientWithResponses) MkdirStorageWithBodyWithResponse(ctx context.Context, params *MkdirStorageParams, contentType string, body io.Reader, reqEditors ...RequestEditorFn) (*MkdirStorageResponse, error) {
+	rsp, err := c.MkdirStorageWithBody(ctx, params, contentType, body, reqEditors...)
+	if err != nil {
+		return nil, err
+	}
+	return ParseMkdirStorageResponse(rsp)
+}
+
+// MkdirStorageWithResponse Make a folder (an empty folder lists too); an existing folder is fine
+//
+// Takes a body of the `application/json` content type, and returns a wrapper object for the known response body format(s).
+//
+// Corresponds with POST /api/v1/storage/mkdir (the `MkdirStorage` operationId).
+func (c *ClientWithResponses) MkdirStorageWithResponse(ctx context.Context, params *MkdirStorageParams, body MkdirStorageJSONRequestBody, reqEditors ...RequestEditorFn) (*MkdirStorageResponse, error) {
+	rsp, err := c.MkdirStorage(ctx, params, body, reqEditors...)
+	if err != nil {
+		return nil, err
+	}
+	return ParseMkdirStorageResponse(rsp)
+}
+
+// PresignStorageDownloadWithBodyWithResponse A URL that reads a file straight from the store, for a while
+//
+// Valid for policy `storage.presign_expiry`. Errors: 404
+// storage_object_not_found, 503 storage_unavailable (the store cannot
+// presign).
+//
+// Takes any type of body and a specified content type, and returns a wrapper object for the known response body format(s).
+//
+// Corresponds with POST /api/v1/storage/presign-download (the `PresignStorageDownload` operationId).
+func (c *ClientWithResponses) PresignStorageDownloadWithBodyWithResponse(ctx context.Context, contentType string, body io.Reader, reqEditors ...RequestEditorFn) (*PresignStorageDownloadResponse, error) {
+	rsp, err := c.PresignStorageDownloadWithBody(ctx, contentType, body, reqEditors...)
+	if err != nil {
+		return nil, err
+	}
+	return ParsePresignStorageDownloadResponse(rsp)
+}
+
+// PresignStorageDownloadWithResponse A URL that reads a file straight from the store, for a while
+//
+// Valid for policy `storage.presign_expiry`. Errors: 404
+// storage_object_not_found, 503 storage_unavailable (the store cannot
+// presign).
+//
+// Takes a body of the `application/json` content type, and returns a wrapper object for the known response body format(s).
+//
+// Corresponds with POST /api/v1/storage/presign-download (the `PresignStorageDownload` operationId).
+func (c *ClientWithResponses) PresignStorageDownloadWithResponse(ctx context.Context, body PresignStorageDownloadJSONRequestBody, reqEditors ...RequestEditorFn) (*PresignStorageDownloadResponse, error) {
+	rsp, err := c.PresignStorageDownload(ctx, body, reqEditors...)
+	if err != nil {
+		return nil, err
+	}
+	return ParsePresignStorageDownloadResponse(rsp)
+}
+
+// PresignStorageUploadWithBodyWithResponse A URL that uploads a large file straight to the store
+//
+// Reserves `size` bytes of the quota and returns a PUT URL signed for
+// exactly that many bytes (send the returned headers). The path must be
+// free (409 storage_object_exists). After the PUT, confirm with
+// `POST /api/v1/storage/uploads/{upload_id}/complete` before
+// `confirm_by`; an upload not confirmed by then is removed. Errors: 413
+// storage_quota_exceeded, 409 storage_path_busy.
+//
+// Takes any type of body and a specified content type, and returns a wrapper object for the known response body format(s).
+//
+// Corresponds with POST /api/v1/storage/presign-upload (the `PresignStorageUpload` operationId).
+func (c *ClientWithResponses) PresignStorageUploadWithBodyWithResponse(ctx context.Context, params *PresignStorageUploadParams, contentType string, body io.Reader, reqEditors ...RequestEditorFn) (*PresignStorageUploadResponse, error) {
+	rsp, err := c.PresignStorageUploadWithBody(ctx, params, contentType, body, reqEditors...)
+	if err != nil {
+		return nil, err
+	}
+	return ParsePresignStorageUploadResponse(rsp)
+}
+
+// PresignStorageUploadWithResponse A URL that uploads a large file straight to the store
+//
+// Reserves `size` bytes of the quota and returns a PUT URL signed for
+// exactly that many bytes (send the returned headers). The path must be
+// free (409 storage_object_exists). After the PUT, confirm with
+// `POST /api/v1/storage/uploads/{upload_id}/complete` before
+// `confirm_by`; an upload not confirmed by then is removed. Errors: 413
+// storage_quota_exceeded, 409 storage_path_busy.
+//
+// Takes a body of the `application/json` content type, and returns a wrapper object for the known response body format(s).
+//
+// Corresponds with POST /api/v1/storage/presign-upload (the `PresignStorageUpload` operationId).
+func (c *ClientWithResponses) PresignStorageUploadWithResponse(ctx context.Context, params *PresignStorageUploadParams, body PresignStorageUploadJSONRequestBody, reqEditors ...RequestEditorFn) (*PresignStorageUploadResponse, error) {
+	rsp, err := c.PresignStorageUpload(ctx, params, body, reqEditors...)
+	if err != nil {
+		return nil, err
+	}
+	return ParsePresignStorageUploadResponse(rsp)
+}
+
+// RenameStorageWithBodyWithResponse Rename (move) a file, or a folder with everything in it
+//
+// A folder's paths end with `/` (both `from` and `to`). The destination
+// must be free: 409 storage_object_exists otherwise. Objects another
+// operation holds stay, and the rename answers 409 storage_path_busy
+// after moving the rest (run it again). Errors: 404
+// storage_object_not_found.
+//
+// Takes any type of body and a specified content type, and returns a wrapper object for the known response body format(s).
+//
+// Corresponds with POST /api/v1/storage/rename (the `RenameStorage` operationId).
+func (c *ClientWithResponses) RenameStorageWithBodyWithResponse(ctx context.Context, params *RenameStorageParams, contentType string, body io.Reader, reqEditors ...RequestEditorFn) (*RenameStorageResponse, error) {
+	rsp, err := c.RenameStorageWithBody(ctx, params, contentType, body, reqEditors...)
+	if err != nil {
+		return nil, err
+	}
+	return ParseRenameStorageResponse(rsp)
+}
+
+// RenameStorageWithResponse Rename (move) a file, or a folder with everything in it
+//
+// A folder's paths end with `/` (both `from` and `to`). The destination
+// must be free: 409 storage_object_exists otherwise. Objects another
+// operation holds stay, and the rename answers 409 storage_path_busy
+// after moving the rest (run it again). Errors: 404
+// storage_object_not_found.
+//
+// Takes a body of the `application/json` content type, and returns a wrapper object for the known response body format(s).
+//
+// Corresponds with POST /api/v1/storage/rename (the `RenameStorage` operationId).
+func (c *ClientWithResponses) RenameStorageWithResponse(ctx context.Context, params *RenameStorageParams, body RenameStorageJSONRequestBody, reqEditors ...RequestEditorFn) (*RenameStorageResponse, error) {
+	rsp, err := c.RenameStorage(ctx, params, body, reqEditors...)
+	if err != nil {
+		return nil, err
+	}
+	return ParseRenameStorageResponse(rsp)
+}
+
+// UploadStorageObjectWithBodyWithResponse Store a file, streamed (replaces the file at the path)
+//
+// The body is the file, of any content type (kept as the file's
+// Content-Type), streamed to the store as it arrives. Send
+// Content-Length, or `Transfer-Encoding: chunked` for a body of unknown
+// length (capped by policy `storage.max_upload_bytes`). The bytes are
+// reserved against the project's quota (policy `storage.quota_bytes`)
+// before they are stored. Errors: 400 storage_path_traversal or
+// invalid_object_key, 413 storage_quota_exceeded (nothing is stored), 413
+// request_too_large, 409 storage_path_busy (another operation on the
+// path), 409 storage_object_exists (a folder has the name).
+//
+// Takes any type of body and a specified content type, and returns a wrapper object for the known response body format(s).
+//
+// Corresponds with PUT /api/v1/storage/upload (the `UploadStorageObject` operationId).
+func (c *ClientWithResponses) UploadStorageObjectWithBodyWithResponse(ctx context.Context, params *UploadStorageObjectParams, contentType string, body io.Reader, reqEditors ...RequestEditorFn) (*UploadStorageObjectResponse, error) {
+	rsp, err := c.UploadStorageObjectWithBody(ctx, params, contentType, body, reqEditors...)
+	if err != nil {
+		return nil, err
+	}
+	return ParseUploadStorageObjectResponse(rsp)
+}
+
+// CompleteStorageUploadWithResponse Confirm a presigned upload; the file becomes part of the project
+//
+// Errors: 404 storage_upload_not_found (unknown, confirmed or expired),
+// 409 storage_upload_incomplete (nothing uploaded yet; or a body of
+// another size, which is removed and ends the upload).
+//
+// Returns a wrapper object for the known response body format(s).
+//
+// Corresponds with POST /api/v1/storage/uploads/{upload_id}/complete (the `CompleteStorageUpload` operationId).
+func (c *ClientWithResponses) CompleteStorageUploadWithResponse(ctx context.Context, uploadId openapi_types.UUID, params *CompleteStorageUploadParams, reqEditors ...RequestEditorFn) (*CompleteStorageUploadResponse, error) {
+	rsp, err := c.CompleteStorageUpload(ctx, uploadId, params, reqEditors...)
+	if err != nil {
+		return nil, err
+	}
+	return ParseCompleteStorageUploadResponse(rsp)
+}
+
+// GetStorageUsageWithResponse What a project stores against its quota
+//
+// Returns a wrapper object for the known response body format(s).
+//
+// Corresponds with GET /api/v1/storage/usage (the `GetStorageUsage` operationId).
+func (c *ClientWithResponses) GetStorageUsageWithResponse(ctx context.Context, params *GetStorageUsageParams, reqEditors ...RequestEditorFn) (*GetStorageUsageResponse, error) {
+	rsp, err := c.GetStorageUsage(ctx, params, reqEditors...)
+	if err != nil {
+		return nil, err
+	}
+	return ParseGetStorageUsageResponse(rsp)
+}
+
 // GetMeWithResponse The caller, with memberships
 //
 // Returns a wrapper object for the known response body format(s).
@@ -15927,6 +18875,39 @@ func ParseAdminUpdateNodeResponse(rsp *http.Response) (*AdminUpdateNodeResponse,
 	return response, nil
 }
 
+// ParseAdminMintEnrollmentTokenResponse parses an HTTP response from a AdminMintEnrollmentTokenWithResponse call
+func ParseAdminMintEnrollmentTokenResponse(rsp *http.Response) (*AdminMintEnrollmentTokenResponse, error) {
+	bodyBytes, err := io.ReadAll(rsp.Body)
+	defer func() { _ = rsp.Body.Close() }()
+	if err != nil {
+		return nil, err
+	}
+
+	response := &AdminMintEnrollmentTokenResponse{
+		Body:         bodyBytes,
+		HTTPResponse: rsp,
+	}
+
+	switch {
+	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && rsp.StatusCode == 201:
+		var dest EnrollmentToken
+		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
+			return nil, err
+		}
+		response.JSON201 = &dest
+
+	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && true:
+		var dest Error
+		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
+			return nil, err
+		}
+		response.JSONDefault = &dest
+
+	}
+
+	return response, nil
+}
+
 // ParseAdminProbeNodeResponse parses an HTTP response from a AdminProbeNodeWithResponse call
 func ParseAdminProbeNodeResponse(rsp *http.Response) (*AdminProbeNodeResponse, error) {
 	bodyBytes, err := io.ReadAll(rsp.Body)
@@ -16141,6 +19122,112 @@ func ParseAdminConfigurePluginInstanceResponse(rsp *http.Response) (*AdminConfig
 	switch {
 	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && rsp.StatusCode == 200:
 		var dest PluginInstance
+		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
+			return nil, err
+		}
+		response.JSON200 = &dest
+
+	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && true:
+		var dest Error
+		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
+			return nil, err
+		}
+		response.JSONDefault = &dest
+
+	}
+
+	return response, nil
+}
+
+// ParseAdminEnqueueNodeTaskResponse parses an HTTP response from a AdminEnqueueNodeTaskWithResponse call
+func ParseAdminEnqueueNodeTaskResponse(rsp *http.Response) (*AdminEnqueueNodeTaskResponse, error) {
+	bodyBytes, err := io.ReadAll(rsp.Body)
+	defer func() { _ = rsp.Body.Close() }()
+	if err != nil {
+		return nil, err
+	}
+
+	response := &AdminEnqueueNodeTaskResponse{
+		Body:         bodyBytes,
+		HTTPResponse: rsp,
+	}
+
+	switch {
+	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && rsp.StatusCode == 200:
+		var dest NodeTask
+		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
+			return nil, err
+		}
+		response.JSON200 = &dest
+
+	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && rsp.StatusCode == 201:
+		var dest NodeTask
+		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
+			return nil, err
+		}
+		response.JSON201 = &dest
+
+	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && true:
+		var dest Error
+		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
+			return nil, err
+		}
+		response.JSONDefault = &dest
+
+	}
+
+	return response, nil
+}
+
+// ParseAdminGetNodeTaskResponse parses an HTTP response from a AdminGetNodeTaskWithResponse call
+func ParseAdminGetNodeTaskResponse(rsp *http.Response) (*AdminGetNodeTaskResponse, error) {
+	bodyBytes, err := io.ReadAll(rsp.Body)
+	defer func() { _ = rsp.Body.Close() }()
+	if err != nil {
+		return nil, err
+	}
+
+	response := &AdminGetNodeTaskResponse{
+		Body:         bodyBytes,
+		HTTPResponse: rsp,
+	}
+
+	switch {
+	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && rsp.StatusCode == 200:
+		var dest NodeTask
+		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
+			return nil, err
+		}
+		response.JSON200 = &dest
+
+	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && true:
+		var dest Error
+		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
+			return nil, err
+		}
+		response.JSONDefault = &dest
+
+	}
+
+	return response, nil
+}
+
+// ParseAdminGetInstanceNodeResponse parses an HTTP response from a AdminGetInstanceNodeWithResponse call
+func ParseAdminGetInstanceNodeResponse(rsp *http.Response) (*AdminGetInstanceNodeResponse, error) {
+	bodyBytes, err := io.ReadAll(rsp.Body)
+	defer func() { _ = rsp.Body.Close() }()
+	if err != nil {
+		return nil, err
+	}
+
+	response := &AdminGetInstanceNodeResponse{
+		Body:         bodyBytes,
+		HTTPResponse: rsp,
+	}
+
+	switch {
+	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && rsp.StatusCode == 200:
+		var dest Node
 		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
 			return nil, err
 		}
@@ -18077,6 +21164,329 @@ func ParseDeleteSSHKeyResponse(rsp *http.Response) (*DeleteSSHKeyResponse, error
 	switch {
 	case rsp.StatusCode == 204:
 		break // No content-type
+
+	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && true:
+		var dest Error
+		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
+			return nil, err
+		}
+		response.JSONDefault = &dest
+
+	}
+
+	return response, nil
+}
+
+// ParseDeleteStorageResponse parses an HTTP response from a DeleteStorageWithResponse call
+func ParseDeleteStorageResponse(rsp *http.Response) (*DeleteStorageResponse, error) {
+	bodyBytes, err := io.ReadAll(rsp.Body)
+	defer func() { _ = rsp.Body.Close() }()
+	if err != nil {
+		return nil, err
+	}
+
+	response := &DeleteStorageResponse{
+		Body:         bodyBytes,
+		HTTPResponse: rsp,
+	}
+
+	switch {
+	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && rsp.StatusCode == 200:
+		var dest StorageChange
+		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
+			return nil, err
+		}
+		response.JSON200 = &dest
+
+	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && true:
+		var dest Error
+		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
+			return nil, err
+		}
+		response.JSONDefault = &dest
+
+	}
+
+	return response, nil
+}
+
+// ParseDownloadStorageObjectResponse parses an HTTP response from a DownloadStorageObjectWithResponse call
+func ParseDownloadStorageObjectResponse(rsp *http.Response) (*DownloadStorageObjectResponse, error) {
+	bodyBytes, err := io.ReadAll(rsp.Body)
+	defer func() { _ = rsp.Body.Close() }()
+	if err != nil {
+		return nil, err
+	}
+
+	response := &DownloadStorageObjectResponse{
+		Body:         bodyBytes,
+		HTTPResponse: rsp,
+	}
+
+	switch {
+	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && true:
+		var dest Error
+		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
+			return nil, err
+		}
+		response.JSONDefault = &dest
+
+	}
+
+	return response, nil
+}
+
+// ParseListStorageResponse parses an HTTP response from a ListStorageWithResponse call
+func ParseListStorageResponse(rsp *http.Response) (*ListStorageResponse, error) {
+	bodyBytes, err := io.ReadAll(rsp.Body)
+	defer func() { _ = rsp.Body.Close() }()
+	if err != nil {
+		return nil, err
+	}
+
+	response := &ListStorageResponse{
+		Body:         bodyBytes,
+		HTTPResponse: rsp,
+	}
+
+	switch {
+	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && rsp.StatusCode == 200:
+		var dest StoragePage
+		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
+			return nil, err
+		}
+		response.JSON200 = &dest
+
+	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && true:
+		var dest Error
+		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
+			return nil, err
+		}
+		response.JSONDefault = &dest
+
+	}
+
+	return response, nil
+}
+
+// ParseMkdirStorageResponse parses an HTTP response from a MkdirStorageWithResponse call
+func ParseMkdirStorageResponse(rsp *http.Response) (*MkdirStorageResponse, error) {
+	bodyBytes, err := io.ReadAll(rsp.Body)
+	defer func() { _ = rsp.Body.Close() }()
+	if err != nil {
+		return nil, err
+	}
+
+	response := &MkdirStorageResponse{
+		Body:         bodyBytes,
+		HTTPResponse: rsp,
+	}
+
+	switch {
+	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && rsp.StatusCode == 201:
+		var dest StorageObject
+		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
+			return nil, err
+		}
+		response.JSON201 = &dest
+
+	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && true:
+		var dest Error
+		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
+			return nil, err
+		}
+		response.JSONDefault = &dest
+
+	}
+
+	return response, nil
+}
+
+// ParsePresignStorageDownloadResponse parses an HTTP response from a PresignStorageDownloadWithResponse call
+func ParsePresignStorageDownloadResponse(rsp *http.Response) (*PresignStorageDownloadResponse, error) {
+	bodyBytes, err := io.ReadAll(rsp.Body)
+	defer func() { _ = rsp.Body.Close() }()
+	if err != nil {
+		return nil, err
+	}
+
+	response := &PresignStorageDownloadResponse{
+		Body:         bodyBytes,
+		HTTPResponse: rsp,
+	}
+
+	switch {
+	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && rsp.StatusCode == 200:
+		var dest PresignedURL
+		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
+			return nil, err
+		}
+		response.JSON200 = &dest
+
+	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && true:
+		var dest Error
+		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
+			return nil, err
+		}
+		response.JSONDefault = &dest
+
+	}
+
+	return response, nil
+}
+
+// ParsePresignStorageUploadResponse parses an HTTP response from a PresignStorageUploadWithResponse call
+func ParsePresignStorageUploadResponse(rsp *http.Response) (*PresignStorageUploadResponse, error) {
+	bodyBytes, err := io.ReadAll(rsp.Body)
+	defer func() { _ = rsp.Body.Close() }()
+	if err != nil {
+		return nil, err
+	}
+
+	response := &PresignStorageUploadResponse{
+		Body:         bodyBytes,
+		HTTPResponse: rsp,
+	}
+
+	switch {
+	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && rsp.StatusCode == 201:
+		var dest PresignedUpload
+		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
+			return nil, err
+		}
+		response.JSON201 = &dest
+
+	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && true:
+		var dest Error
+		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
+			return nil, err
+		}
+		response.JSONDefault = &dest
+
+	}
+
+	return response, nil
+}
+
+// ParseRenameStorageResponse parses an HTTP response from a RenameStorageWithResponse call
+func ParseRenameStorageResponse(rsp *http.Response) (*RenameStorageResponse, error) {
+	bodyBytes, err := io.ReadAll(rsp.Body)
+	defer func() { _ = rsp.Body.Close() }()
+	if err != nil {
+		return nil, err
+	}
+
+	response := &RenameStorageResponse{
+		Body:         bodyBytes,
+		HTTPResponse: rsp,
+	}
+
+	switch {
+	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && rsp.StatusCode == 200:
+		var dest StorageChange
+		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
+			return nil, err
+		}
+		response.JSON200 = &dest
+
+	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && true:
+		var dest Error
+		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
+			return nil, err
+		}
+		response.JSONDefault = &dest
+
+	}
+
+	return response, nil
+}
+
+// ParseUploadStorageObjectResponse parses an HTTP response from a UploadStorageObjectWithResponse call
+func ParseUploadStorageObjectResponse(rsp *http.Response) (*UploadStorageObjectResponse, error) {
+	bodyBytes, err := io.ReadAll(rsp.Body)
+	defer func() { _ = rsp.Body.Close() }()
+	if err != nil {
+		return nil, err
+	}
+
+	response := &UploadStorageObjectResponse{
+		Body:         bodyBytes,
+		HTTPResponse: rsp,
+	}
+
+	switch {
+	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && rsp.StatusCode == 201:
+		var dest StorageObject
+		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
+			return nil, err
+		}
+		response.JSON201 = &dest
+
+	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && true:
+		var dest Error
+		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
+			return nil, err
+		}
+		response.JSONDefault = &dest
+
+	}
+
+	return response, nil
+}
+
+// ParseCompleteStorageUploadResponse parses an HTTP response from a CompleteStorageUploadWithResponse call
+func ParseCompleteStorageUploadResponse(rsp *http.Response) (*CompleteStorageUploadResponse, error) {
+	bodyBytes, err := io.ReadAll(rsp.Body)
+	defer func() { _ = rsp.Body.Close() }()
+	if err != nil {
+		return nil, err
+	}
+
+	response := &CompleteStorageUploadResponse{
+		Body:         bodyBytes,
+		HTTPResponse: rsp,
+	}
+
+	switch {
+	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && rsp.StatusCode == 201:
+		var dest StorageObject
+		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
+			return nil, err
+		}
+		response.JSON201 = &dest
+
+	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && true:
+		var dest Error
+		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
+			return nil, err
+		}
+		response.JSONDefault = &dest
+
+	}
+
+	return response, nil
+}
+
+// ParseGetStorageUsageResponse parses an HTTP response from a GetStorageUsageWithResponse call
+func ParseGetStorageUsageResponse(rsp *http.Response) (*GetStorageUsageResponse, error) {
+	bodyBytes, err := io.ReadAll(rsp.Body)
+	defer func() { _ = rsp.Body.Close() }()
+	if err != nil {
+		return nil, err
+	}
+
+	response := &GetStorageUsageResponse{
+		Body:         bodyBytes,
+		HTTPResponse: rsp,
+	}
+
+	switch {
+	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && rsp.StatusCode == 200:
+		var dest StorageUsage
+		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
+			return nil, err
+		}
+		response.JSON200 = &dest
 
 	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && true:
 		var dest Error

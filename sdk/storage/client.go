@@ -12,9 +12,9 @@ import (
 	storagepb "github.com/gpuaas/gpuaas/sdk/storage/proto"
 )
 
-// Client is the host's side of a storage plugin. It implements Driver and
-// Presigner; without the capability the presign calls return
-// base.ErrUnimplemented.
+// Client is the host's side of a storage plugin. It implements Driver,
+// RangeGetter (whatever the plugin's capabilities) and Presigner; without
+// the capability the presign calls return base.ErrUnimplemented.
 type Client struct {
 	*base.Client
 
@@ -22,8 +22,9 @@ type Client struct {
 }
 
 var (
-	_ Driver    = (*Client)(nil)
-	_ Presigner = (*Client)(nil)
+	_ Driver      = (*Client)(nil)
+	_ Presigner   = (*Client)(nil)
+	_ RangeGetter = (*Client)(nil)
 )
 
 // NewClient returns a client on conn. doneCtx is done when the plugin
@@ -121,8 +122,27 @@ func readChunks(ctx context.Context, body io.Reader, out chan<- chunkOrErr) {
 // it to release the stream. Reading fails if the plugin sends more or
 // fewer bytes than Info.Size, or a chunk over MaxChunkSize.
 func (c *Client) Get(ctx context.Context, key string) (*Object, error) {
+	return c.get(ctx, key, nil)
+}
+
+// GetRange implements RangeGetter. Every driver serves it: the SDK's
+// server reads past the bytes before the range for a driver without the
+// capability, and for a plugin built before ranges existed (which sends
+// the whole object) this client does.
+func (c *Client) GetRange(ctx context.Context, key string, r Range) (*Object, error) {
+	if err := r.Check(); err != nil {
+		return nil, fmt.Errorf("storage: get %q: %w", key, err)
+	}
+	return c.get(ctx, key, &r)
+}
+
+func (c *Client) get(ctx context.Context, key string, r *Range) (*Object, error) {
+	req := &storagepb.GetRequest{Key: key}
+	if r != nil {
+		req.Range = rangeToProto(*r)
+	}
 	sctx, cancel := context.WithCancel(ctx)
-	stream, err := c.rpc.Get(sctx, &storagepb.GetRequest{Key: key})
+	stream, err := c.rpc.Get(sctx, req)
 	if err != nil {
 		cancel()
 		return nil, fmt.Errorf("storage: get %q: %w", key, c.Err(ctx, err))
@@ -141,10 +161,27 @@ func (c *Client) Get(ctx context.Context, key string) (*Object, error) {
 		return nil, fmt.Errorf("storage: get %q: first message is not the object info: %w", key, base.ErrInternal)
 	}
 	info := infoFromProto(pinfo)
-	return &Object{Info: *info, Body: &getBody{ctx: ctx, key: key, client: c, stream: stream, cancel: cancel, size: info.Size}}, nil
+	size := info.Size
+	if r != nil && first.GetRange() != nil {
+		got, want := rangeFromProto(first.GetRange()), Range{Offset: r.Offset, Length: r.Clip(info.Size)}
+		if got != want {
+			cancel()
+			return nil, fmt.Errorf("storage: get %q: asked for %+v of %d bytes, the plugin sends %+v: %w", key, *r, info.Size, got, base.ErrInternal)
+		}
+		size = want.Length
+	}
+	obj := &Object{Info: *info, Body: &getBody{ctx: ctx, key: key, client: c, stream: stream, cancel: cancel, size: size}}
+	if r != nil && first.GetRange() == nil {
+		// A plugin that predates ranges sends the whole object.
+		return CutRange(obj, *r)
+	}
+	return obj, nil
 }
 
-var _ io.ReadCloser = (*getBody)(nil)
+var (
+	_ io.ReadCloser = (*getBody)(nil)
+	_ io.WriterTo   = (*getBody)(nil)
+)
 
 // getBody reads the chunks of a Get stream.
 type getBody struct {
@@ -159,50 +196,79 @@ type getBody struct {
 	err      error
 }
 
+// next receives the next chunk into pending, or sets err (io.EOF at the
+// end of a body of the right length).
+func (b *getBody) next() {
+	if err := b.ctx.Err(); err != nil {
+		// gRPC may still hold chunks that arrived before the cancel.
+		b.err = fmt.Errorf("storage: get %q: %w", b.key, err)
+		b.cancel()
+		return
+	}
+	msg, err := b.stream.Recv()
+	switch {
+	case err == io.EOF:
+		if b.received != b.size {
+			b.err = fmt.Errorf("storage: get %q: body ended after %d of %d bytes: %w", b.key, b.received, b.size, io.ErrUnexpectedEOF)
+		} else {
+			b.err = io.EOF
+		}
+		b.cancel()
+		return
+	case err != nil:
+		b.err = fmt.Errorf("storage: get %q: %w", b.key, b.client.Err(b.ctx, err))
+		b.cancel()
+		return
+	}
+	chunk := msg.GetChunk()
+	switch {
+	case msg.GetInfo() != nil:
+		b.err = fmt.Errorf("storage: get %q: second object info: %w", b.key, base.ErrInternal)
+	case len(chunk) > MaxChunkSize:
+		b.err = fmt.Errorf("storage: get %q: chunk of %d bytes exceeds %d: %w", b.key, len(chunk), MaxChunkSize, base.ErrInternal)
+	case b.received+int64(len(chunk)) > b.size:
+		b.err = fmt.Errorf("storage: get %q: body longer than %d bytes: %w", b.key, b.size, base.ErrInternal)
+	default:
+		b.received += int64(len(chunk))
+		b.pending = chunk
+		return
+	}
+	b.cancel()
+}
+
 func (b *getBody) Read(p []byte) (int, error) {
 	for len(b.pending) == 0 {
 		if b.err != nil {
 			return 0, b.err
 		}
-		if err := b.ctx.Err(); err != nil {
-			// gRPC may still hold chunks that arrived before the cancel.
-			b.err = fmt.Errorf("storage: get %q: %w", b.key, err)
-			b.cancel()
-			continue
-		}
-		msg, err := b.stream.Recv()
-		switch {
-		case err == io.EOF:
-			if b.received != b.size {
-				b.err = fmt.Errorf("storage: get %q: body ended after %d of %d bytes: %w", b.key, b.received, b.size, io.ErrUnexpectedEOF)
-			} else {
-				b.err = io.EOF
-			}
-			b.cancel()
-			continue
-		case err != nil:
-			b.err = fmt.Errorf("storage: get %q: %w", b.key, b.client.Err(b.ctx, err))
-			b.cancel()
-			continue
-		}
-		chunk := msg.GetChunk()
-		switch {
-		case msg.GetInfo() != nil:
-			b.err = fmt.Errorf("storage: get %q: second object info: %w", b.key, base.ErrInternal)
-		case len(chunk) > MaxChunkSize:
-			b.err = fmt.Errorf("storage: get %q: chunk of %d bytes exceeds %d: %w", b.key, len(chunk), MaxChunkSize, base.ErrInternal)
-		case b.received+int64(len(chunk)) > b.size:
-			b.err = fmt.Errorf("storage: get %q: body longer than %d bytes: %w", b.key, b.size, base.ErrInternal)
-		default:
-			b.received += int64(len(chunk))
-			b.pending = chunk
-			continue
-		}
-		b.cancel()
+		b.next()
 	}
 	n := copy(p, b.pending)
 	b.pending = b.pending[n:]
 	return n, nil
+}
+
+// WriteTo writes the rest of the body to w chunk by chunk, without
+// copying through an intermediate buffer.
+func (b *getBody) WriteTo(w io.Writer) (int64, error) {
+	var total int64
+	for {
+		for len(b.pending) == 0 {
+			if b.err == io.EOF {
+				return total, nil
+			}
+			if b.err != nil {
+				return total, b.err
+			}
+			b.next()
+		}
+		n, err := w.Write(b.pending)
+		total += int64(n)
+		b.pending = b.pending[n:]
+		if err != nil {
+			return total, err
+		}
+	}
 }
 
 // Close releases the stream.

@@ -116,11 +116,19 @@ func pageFromProto(p *storagepb.ListResponse) *ListPage {
 }
 
 func presignToProto(r *PresignRequest) *storagepb.PresignRequest {
-	return &storagepb.PresignRequest{Key: r.Key, Expiry: durationpb.New(r.Expiry), ContentType: r.ContentType}
+	return &storagepb.PresignRequest{Key: r.Key, Expiry: durationpb.New(r.Expiry), ContentType: r.ContentType, ContentLength: r.ContentLength}
 }
 
 func presignFromProto(p *storagepb.PresignRequest) *PresignRequest {
-	return &PresignRequest{Key: p.GetKey(), Expiry: p.GetExpiry().AsDuration(), ContentType: p.GetContentType()}
+	return &PresignRequest{Key: p.GetKey(), Expiry: p.GetExpiry().AsDuration(), ContentType: p.GetContentType(), ContentLength: p.GetContentLength()}
+}
+
+func rangeToProto(r Range) *storagepb.ByteRange {
+	return &storagepb.ByteRange{Offset: r.Offset, Length: r.Length}
+}
+
+func rangeFromProto(p *storagepb.ByteRange) Range {
+	return Range{Offset: p.GetOffset(), Length: p.GetLength()}
 }
 
 func presignedToProto(u *PresignedURL) *storagepb.PresignedURL {

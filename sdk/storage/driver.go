@@ -5,6 +5,7 @@ package storage
 
 import (
 	"context"
+	"fmt"
 	"io"
 	"time"
 
@@ -49,6 +50,87 @@ type Presigner interface {
 	PresignGet(ctx context.Context, req *PresignRequest) (*PresignedURL, error)
 	PresignPut(ctx context.Context, req *PresignRequest) (*PresignedURL, error)
 }
+
+// RangeGetter is the optional capability to read part of an object
+// (base.CapabilityRange) without reading what comes before it. Without it
+// the SDK serves ranged reads by reading the object from its start and
+// dropping the bytes before the range, so callers may always ask for a
+// range; the capability only makes it cheap.
+type RangeGetter interface {
+	// GetRange opens the bytes r names. Info describes the whole object
+	// (Size is the object's size); Body yields exactly r.Clip(Info.Size)
+	// bytes from r.Offset, none when r.Offset is at or past the end. A
+	// missing key is base.ErrNotFound.
+	GetRange(ctx context.Context, key string, r Range) (*Object, error)
+}
+
+// Range selects the bytes of an object from Offset: Length bytes, or all
+// that follow when Length is -1 (ToEnd).
+type Range struct {
+	Offset int64
+	Length int64
+}
+
+// ToEnd as a Range's Length reads to the end of the object.
+const ToEnd = -1
+
+// Check reports a Range no read can serve: a negative offset, or a length
+// that is neither positive nor ToEnd.
+func (r Range) Check() error {
+	if r.Offset < 0 || (r.Length <= 0 && r.Length != ToEnd) {
+		return fmt.Errorf("range offset %d length %d: want offset >= 0 and length > 0 or -1: %w", r.Offset, r.Length, base.ErrInvalidArgument)
+	}
+	return nil
+}
+
+// Clip is how many bytes of an object of size bytes the range covers.
+func (r Range) Clip(size int64) int64 {
+	if r.Offset >= size {
+		return 0
+	}
+	if r.Length == ToEnd || r.Length > size-r.Offset {
+		return size - r.Offset
+	}
+	return r.Length
+}
+
+// GetRange reads the range r of key from d: through d's GetRange when d
+// is a RangeGetter, else by reading the object from its start and dropping
+// what comes before the range.
+func GetRange(ctx context.Context, d Driver, key string, r Range) (*Object, error) {
+	if err := r.Check(); err != nil {
+		return nil, fmt.Errorf("storage: get %q: %w", key, err)
+	}
+	if rg, ok := d.(RangeGetter); ok {
+		return rg.GetRange(ctx, key, r)
+	}
+	obj, err := d.Get(ctx, key)
+	if err != nil {
+		return nil, err
+	}
+	return CutRange(obj, r)
+}
+
+// CutRange turns a whole open object into the range r of it: it skips
+// the bytes before the range (reading them) and ends the body after it.
+func CutRange(obj *Object, r Range) (*Object, error) {
+	n := r.Clip(obj.Info.Size)
+	skip := min(r.Offset, obj.Info.Size)
+	if _, err := io.CopyN(io.Discard, obj.Body, skip); err != nil {
+		_ = obj.Body.Close()
+		return nil, fmt.Errorf("storage: get %q: skipping to offset %d: %w", obj.Info.Key, r.Offset, err)
+	}
+	return &Object{Info: obj.Info, Body: &limitedBody{r: io.LimitReader(obj.Body, n), c: obj.Body}}, nil
+}
+
+// limitedBody is the front of a body, closed with it.
+type limitedBody struct {
+	r io.Reader
+	c io.Closer
+}
+
+func (b *limitedBody) Read(p []byte) (int, error) { return b.r.Read(p) }
+func (b *limitedBody) Close() error               { return b.c.Close() }
 
 // PutRequest describes the object Put stores.
 type PutRequest struct {
@@ -108,6 +190,9 @@ type PresignRequest struct {
 	Key         string
 	Expiry      time.Duration
 	ContentType string
+	// ContentLength, for PresignPut and when above 0, signs the URL for a
+	// body of exactly that many bytes: the store refuses any other length.
+	ContentLength int64
 }
 
 // PresignedURL is a URL that reaches the backend directly until ExpiresAt.

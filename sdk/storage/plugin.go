@@ -29,6 +29,9 @@ func OptionalCapabilities(d Driver) []string {
 	if _, ok := d.(Presigner); ok {
 		caps = append(caps, base.CapabilityPresign)
 	}
+	if _, ok := d.(RangeGetter); ok {
+		caps = append(caps, base.CapabilityRange)
+	}
 	return caps
 }
 

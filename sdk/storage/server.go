@@ -132,32 +132,55 @@ func (b *putBody) Read(p []byte) (int, error) {
 	return n, nil
 }
 
-// Get implements storagepb.StorageServer.
+// Get implements storagepb.StorageServer. A ranged request is served by
+// the driver's GetRange when it has one, else by reading the object from
+// its start and dropping the bytes before the range.
 func (s *Server) Get(req *storagepb.GetRequest, stream storagepb.Storage_GetServer) error {
 	ctx := stream.Context()
-	if err := checkKey("key", req.GetKey()); err != nil {
+	key := req.GetKey()
+	if err := checkKey("key", key); err != nil {
 		return base.StatusFromError(fmt.Errorf("storage: get: %w", err))
 	}
-	obj, err := s.impl.Get(ctx, req.GetKey())
+	var (
+		obj *Object
+		err error
+		rng *storagepb.ByteRange
+	)
+	if req.GetRange() != nil {
+		r := rangeFromProto(req.GetRange())
+		if err := r.Check(); err != nil {
+			return base.StatusFromError(fmt.Errorf("storage: get %q: %w", key, err))
+		}
+		obj, err = GetRange(ctx, s.impl, key, r)
+		if err == nil && obj != nil {
+			rng = &storagepb.ByteRange{Offset: r.Offset, Length: r.Clip(obj.Info.Size)}
+		}
+	} else {
+		obj, err = s.impl.Get(ctx, key)
+	}
 	if err != nil {
 		return base.StatusFromError(err)
 	}
 	if obj == nil || obj.Body == nil {
-		return base.StatusFromError(fmt.Errorf("storage: get %q: driver returned no body: %w", req.GetKey(), base.ErrInternal))
+		return base.StatusFromError(fmt.Errorf("storage: get %q: driver returned no body: %w", key, base.ErrInternal))
 	}
 	defer func() { _ = obj.Body.Close() }()
-	if err := stream.Send(&storagepb.GetMessage{Msg: &storagepb.GetMessage_Info{Info: infoToProto(&obj.Info)}}); err != nil {
+	want, of := obj.Info.Size, "its info"
+	if rng != nil {
+		want, of = rng.GetLength(), "the range"
+	}
+	if err := stream.Send(&storagepb.GetMessage{Msg: &storagepb.GetMessage_Info{Info: infoToProto(&obj.Info)}, Range: rng}); err != nil {
 		return err
 	}
 	var sent int64
 	for {
 		// A fresh buffer per chunk: gRPC may still hold the last message.
-		buf := make([]byte, ChunkSize)
+		buf := make([]byte, min(ChunkSize, max(want-sent, 1)))
 		n, rerr := io.ReadFull(obj.Body, buf)
 		if n > 0 {
 			sent += int64(n)
-			if sent > obj.Info.Size {
-				return base.StatusFromError(fmt.Errorf("storage: get %q: body longer than the %d bytes of its info: %w", req.GetKey(), obj.Info.Size, base.ErrInternal))
+			if sent > want {
+				return base.StatusFromError(fmt.Errorf("storage: get %q: body longer than the %d bytes of %s: %w", key, want, of, base.ErrInternal))
 			}
 			if err := stream.Send(&storagepb.GetMessage{Msg: &storagepb.GetMessage_Chunk{Chunk: buf[:n]}}); err != nil {
 				return err
@@ -167,11 +190,11 @@ func (s *Server) Get(req *storagepb.GetRequest, stream storagepb.Storage_GetServ
 			break
 		}
 		if rerr != nil {
-			return base.StatusFromError(fmt.Errorf("storage: get %q: reading body: %w", req.GetKey(), recvErr(ctx, rerr)))
+			return base.StatusFromError(fmt.Errorf("storage: get %q: reading body: %w", key, recvErr(ctx, rerr)))
 		}
 	}
-	if sent != obj.Info.Size {
-		return base.StatusFromError(fmt.Errorf("storage: get %q: body ended after %d of %d bytes: %w", req.GetKey(), sent, obj.Info.Size, base.ErrInternal))
+	if sent != want {
+		return base.StatusFromError(fmt.Errorf("storage: get %q: body ended after %d of %d bytes: %w", key, sent, want, base.ErrInternal))
 	}
 	return nil
 }

@@ -194,3 +194,100 @@ func TestServerRefusesBadPutFraming(t *testing.T) {
 		})
 	}
 }
+
+// bytesStore serves one object from memory, with or without the range
+// capability; ranged counts the GetRange calls it served.
+type bytesStore struct {
+	storage.Driver // nil: calls the test does not make panic
+	body           []byte
+}
+
+func (b *bytesStore) Info(context.Context) (*base.Info, error) {
+	return &base.Info{Name: "bytes", Kind: base.KindStorage, DriverVersion: "0.0.1", APIVersions: storage.SupportedAPIVersions()}, nil
+}
+
+func (b *bytesStore) Get(_ context.Context, key string) (*storage.Object, error) {
+	return &storage.Object{Info: storage.ObjectInfo{Key: key, Size: int64(len(b.body))}, Body: io.NopCloser(bytes.NewReader(b.body))}, nil
+}
+
+type rangedStore struct {
+	bytesStore
+	ranged int
+}
+
+var _ storage.RangeGetter = (*rangedStore)(nil)
+
+func (r *rangedStore) GetRange(_ context.Context, key string, rg storage.Range) (*storage.Object, error) {
+	r.ranged++
+	off := min(rg.Offset, int64(len(r.body)))
+	return &storage.Object{Info: storage.ObjectInfo{Key: key, Size: int64(len(r.body))},
+		Body: io.NopCloser(bytes.NewReader(r.body[off : off+rg.Clip(int64(len(r.body)))]))}, nil
+}
+
+// legacyServer is the server of a plugin built before ranges: it ignores
+// the range of a Get and sends the whole object.
+type legacyServer struct{ *storage.Server }
+
+func (l legacyServer) Get(req *storagepb.GetRequest, s storagepb.Storage_GetServer) error {
+	return l.Server.Get(&storagepb.GetRequest{Key: req.GetKey()}, s)
+}
+
+// Ranged reads return the same bytes whether the driver reads ranges
+// itself, the SDK's server cuts them from the whole object, or the client
+// does because the plugin predates ranges.
+func TestGetRangeOverTheWire(t *testing.T) {
+	t.Parallel()
+	body := make([]byte, 3*storage.ChunkSize+123)
+	for i := range body {
+		body[i] = byte(i * 7)
+	}
+	size := int64(len(body))
+	ranged := &rangedStore{bytesStore: bytesStore{body: body}}
+	legacyConn, legacy := plugin.TestGRPCConn(t, func(s *grpc.Server) {
+		storagepb.RegisterStorageServer(s, legacyServer{storage.NewServer(&bytesStore{body: body})})
+	})
+	t.Cleanup(func() { _ = legacyConn.Close(); legacy.Stop() })
+	clients := map[string]*storage.Client{
+		"driver reads ranges": connect(t, ranged),
+		"server cuts ranges":  connect(t, &bytesStore{body: body}),
+		"client cuts ranges":  storage.NewClient(legacyConn, context.Background()),
+	}
+	for name, c := range clients {
+		t.Run(name, func(t *testing.T) {
+			for _, r := range []storage.Range{
+				{Offset: 0, Length: storage.ToEnd},
+				{Offset: 0, Length: 1},
+				{Offset: storage.ChunkSize - 1, Length: 2},
+				{Offset: size - 10, Length: storage.ToEnd},
+				{Offset: size - 10, Length: 100},
+				{Offset: 12345, Length: 2 * storage.ChunkSize},
+				{Offset: size, Length: storage.ToEnd},
+				{Offset: size + 5, Length: 3},
+			} {
+				obj, err := c.GetRange(context.Background(), "k", r)
+				if err != nil {
+					t.Fatalf("GetRange(%+v): %v", r, err)
+				}
+				got, err := io.ReadAll(obj.Body)
+				_ = obj.Body.Close()
+				off := min(r.Offset, size)
+				want := body[off : off+r.Clip(size)]
+				if err != nil || !bytes.Equal(got, want) || obj.Info.Size != size {
+					t.Fatalf("GetRange(%+v): %d bytes (%v), info size %d; want %d bytes of %d", r, len(got), err, obj.Info.Size, len(want), size)
+				}
+			}
+			for _, r := range []storage.Range{{Offset: -1, Length: 1}, {Offset: 0, Length: 0}, {Offset: 0, Length: -2}} {
+				if _, err := c.GetRange(context.Background(), "k", r); !errors.Is(err, base.ErrInvalidArgument) {
+					t.Errorf("GetRange(%+v): %v; want ErrInvalidArgument", r, err)
+				}
+			}
+		})
+	}
+	if ranged.ranged == 0 {
+		t.Error("the driver's GetRange was never called")
+	}
+	info, err := clients["driver reads ranges"].Info(context.Background())
+	if err != nil || !info.HasCapability(base.CapabilityRange) {
+		t.Errorf("Info = %+v, %v; want the range capability", info, err)
+	}
+}

@@ -513,3 +513,56 @@ func truncate(s string) string {
 	}
 	return s
 }
+
+// NodeByExternal finds the node a provisioner instance knows as externalID.
+func (s *Service) NodeByExternal(ctx context.Context, instance, externalID string) (uuid.UUID, error) {
+	var id uuid.UUID
+	err := s.pool.QueryRow(ctx, `SELECT id FROM nodes WHERE provisioner_instance = $1 AND external_id = $2`, instance, externalID).Scan(&id)
+	if errors.Is(err, pgx.ErrNoRows) {
+		return id, errcode.New(inventory.CodeNodeNotFound, "provisioner instance %s has no node %q", instance, externalID)
+	}
+	return id, err
+}
+
+// scopedOperation keeps the operation ids of different driver instances apart.
+func scopedOperation(instance, op string) string { return instance + "/" + op }
+
+// EnqueueForDriver queues a task for a driver instance's node, idempotent by
+// the driver's operation id (scoped to the instance).
+func (s *Service) EnqueueForDriver(ctx context.Context, instance, externalID string, req TaskRequest) (*Task, bool, error) {
+	if req.OperationID == "" || len(req.OperationID) > 200 {
+		return nil, false, errcode.New(errcode.ValidationFailed, "operation_id must be 1-200 characters").WithDetails("field", "operation_id")
+	}
+	known := false
+	for _, t := range protocol.TaskTypes() {
+		known = known || t == req.Type
+	}
+	if !known {
+		return nil, false, errcode.New(errcode.ValidationFailed, "type must be one of %v", protocol.TaskTypes()).WithDetails("field", "type")
+	}
+	node, err := s.NodeByExternal(ctx, instance, externalID)
+	if err != nil {
+		return nil, false, err
+	}
+	req.NodeID = node
+	op := scopedOperation(instance, req.OperationID)
+	existing, err := s.taskByOperation(ctx, op)
+	if err == nil {
+		if existing.NodeID != node || existing.Type != req.Type {
+			return nil, false, errcode.New(CodeTaskConflict, "operation %s is a %s task for another node", req.OperationID, existing.Type)
+		}
+		return existing, false, nil
+	}
+	req.OperationID = op
+	t, err := s.Enqueue(ctx, req)
+	if err != nil {
+		return nil, false, err
+	}
+	return t, true, audit.Record(ctx, s.pool, audit.Entry{Action: "node.task", Target: s.ids.Platform("node", node.String()),
+		Details: map[string]any{"task_id": t.ID.String(), "type": t.Type, "operation_id": req.OperationID}})
+}
+
+// DriverTask returns a driver instance's task by its operation id.
+func (s *Service) DriverTask(ctx context.Context, instance, op string) (*Task, error) {
+	return s.taskByOperation(ctx, scopedOperation(instance, op))
+}

@@ -151,7 +151,34 @@ var matrix = map[string]matrixCase{
 	"adminRegisterNode": {expect: expect{401, 403, 403, 403, 403, 403, 404}, body: func(*world) any {
 		return map[string]any{"provisioner_instance": "no-such-instance", "external_id": "abc123"}
 	}},
+	"adminMintEnrollmentToken": {expect: adminOnly, body: func(*world) any { return map[string]any{"ttl_seconds": 600} }},
+	// The driver task API by instance: {name} names no instance here.
+	"adminGetInstanceNode": {expect: expect{401, 403, 403, 403, 403, 403, 404}},
+	"adminGetNodeTask":     {expect: expect{401, 403, 403, 403, 403, 403, 404}},
+	"adminEnqueueNodeTask": {expect: expect{401, 403, 403, 403, 403, 403, 404}, body: func(*world) any {
+		return map[string]any{"external_id": "free", "type": "node.inventory", "operation_id": "op-1"}
+	}},
 	"maasWebhook": {expect: expect{404, 404, 404, 404, 404, 404, 404}, body: func(*world) any { return map[string]any{} }},
+	// Project storage: P1 holds fixture/report.txt and a presigned upload
+	// waiting for confirmation (see storable).
+	"listStorage":           {expect: projectRead, query: "?project_id={project_id}&prefix=fixture/"},
+	"getStorageUsage":       {expect: projectRead, query: "?project_id={project_id}"},
+	"downloadStorageObject": {expect: projectRead, query: "?project_id={project_id}&path=fixture/report.txt"},
+	"uploadStorageObject":   {expect: projectWrite, query: "?project_id={project_id}&path=new.txt", body: func(*world) any { return "hello" }},
+	"mkdirStorage": {expect: projectWrite, body: func(w *world) any {
+		return map[string]any{"project_id": w.p1, "path": "made/"}
+	}},
+	"renameStorage": {expect: projectWrite, body: func(w *world) any {
+		return map[string]any{"project_id": w.p1, "from": w.storedPath, "to": "moved.txt"}
+	}},
+	"deleteStorage": {expect: projectWrite, query: "?project_id={project_id}&path=fixture/report.txt"},
+	"presignStorageDownload": {expect: projectRead, body: func(w *world) any {
+		return map[string]any{"project_id": w.p1, "path": w.storedPath}
+	}},
+	"presignStorageUpload": {expect: projectWrite, body: func(w *world) any {
+		return map[string]any{"project_id": w.p1, "path": "big.bin", "size": 10}
+	}},
+	"completeStorageUpload": {expect: projectWrite},
 	"adminAdjustBalance": {expect: adminOnly, body: func(w *world) any {
 		return map[string]any{"org_id": w.orgA, "amount_minor": 500, "type": "promotional_credit", "reason": "welcome credit"}
 	}},
@@ -176,6 +203,9 @@ func (w *world) fill(tmpl string, r role) string {
 		"{sku_id}", "no-such-sku",
 		"{allocation_id}", w.alloc.String(),
 		"{node_id}", w.nodeFree.String(),
+		"{upload_id}", w.storageUpload.String(),
+		"{external_id}", "free",
+		"{operation_id}", "op-1",
 	).Replace(tmpl)
 }
 

@@ -43,6 +43,7 @@ import (
 	"github.com/gpuaas/gpuaas/core/internal/principal"
 	"github.com/gpuaas/gpuaas/core/internal/ratelimit"
 	"github.com/gpuaas/gpuaas/core/internal/sshkeys"
+	"github.com/gpuaas/gpuaas/core/internal/storage"
 	"github.com/gpuaas/gpuaas/core/internal/store"
 	"github.com/gpuaas/gpuaas/sdk/base"
 )
@@ -60,6 +61,9 @@ type Options struct {
 	// reconciles (tests run drivers in-process).
 	Provisioners         inventory.Provisioners
 	ProvisionerInstances func(context.Context) ([]string, error)
+	// Storage, when set, resolves storage drivers instead of the plugin host
+	// (tests run a driver in-process or as a child process of their own).
+	Storage storage.Drivers
 }
 
 // Run serves until ctx is done, then stops accepting, drains in-flight requests,
@@ -138,6 +142,12 @@ func Run(ctx context.Context, cfg config.Config, log hclog.Logger, opt Options) 
 	if opt.Payments != nil {
 		providers = opt.Payments
 	}
+	var stores storage.Drivers = plugins
+	if opt.Storage != nil {
+		stores = opt.Storage
+	}
+	objects := storage.NewService(pool, pol, stores, cfg.Region, cfg.StorageInstance, log.Named("storage"),
+		storage.WithRegisterer(reg), storage.WithTransferTimeout(cfg.StorageTransferTimeout))
 
 	var drivers inventory.Provisioners = plugins
 	listInstances := func(ctx context.Context) ([]string, error) {
@@ -157,6 +167,7 @@ func Run(ctx context.Context, cfg config.Config, log hclog.Logger, opt Options) 
 	allocs := allocations.NewService(pool, pol, cfg.Region, log.Named("allocations"))
 	allocMetrics := allocations.NewMetrics(reg, pool)
 
+	agentSvc := agents.NewService(pool, trust.CA, trust.Signer, cfg.Region, agents.Settings{}, log.Named("agents"))
 	ids := identity.NewService(pool, cfg.Region, log.Named("identity"), nil)
 	var verifier identity.TokenVerifier
 	var flow httpapi.OIDCFlow
@@ -185,6 +196,8 @@ func Run(ctx context.Context, cfg config.Config, log hclog.Logger, opt Options) 
 		Catalog:       catalog.NewService(pool, cfg.Region),
 		Inventory:     nodes,
 		Allocations:   allocs,
+		Storage:       objects,
+		Agents:        agentSvc,
 		LocalAccounts: cfg.LocalAccounts,
 		OIDC:          flow,
 		Checks: []httpapi.Check{
@@ -218,11 +231,12 @@ func Run(ctx context.Context, cfg config.Config, log hclog.Logger, opt Options) 
 		RawBody: func(path string) bool {
 			return strings.HasPrefix(path, "/api/v1/payments/webhook/") || strings.HasPrefix(path, "/api/v1/webhooks/")
 		},
+		StreamBody:     func(path string) bool { return path == httpapi.StorageUploadPath },
+		StreamTimeout:  cfg.StorageTransferTimeout,
 		RequestTimeout: cfg.RequestTimeout,
 		Registerer:     reg,
 		AfterAuth:      []fiber.Handler{idem.Middleware(principalActor)},
 	})
-	agentSvc := agents.NewService(pool, trust.CA, trust.Signer, cfg.Region, agents.Settings{}, log.Named("agents"))
 	var agentSrv *http.Server
 	agentCtx, stopAgents := context.WithCancel(context.WithoutCancel(ctx))
 	defer stopAgents()
@@ -270,6 +284,7 @@ func Run(ctx context.Context, cfg config.Config, log hclog.Logger, opt Options) 
 	wg.Go(func() { agentSvc.Run(bg) })
 	if cfg.Workers {
 		wg.Go(func() { runWorkers(bg, cfg, tc, pool, pol, js, log.Named("worker")) })
+		wg.Go(func() { objects.Run(bg) })
 		wg.Go(func() {
 			runProvisioning(bg, cfg, tc, pool, pol, js, &allocations.Activities{Pool: pool, Policy: pol, Drivers: drivers, Service: allocs,
 				Log: log.Named("provisioning"), Metrics: allocMetrics}, log.Named("provisioning"))

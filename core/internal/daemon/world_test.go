@@ -16,6 +16,7 @@ import (
 	"github.com/jackc/pgx/v5/pgxpool"
 	"golang.org/x/crypto/ssh"
 
+	"github.com/gpuaas/gpuaas/core/internal/daemon"
 	"github.com/gpuaas/gpuaas/core/internal/daemon/daemontest"
 	"github.com/gpuaas/gpuaas/core/internal/identity"
 	"github.com/gpuaas/gpuaas/core/internal/oidc/oidctest"
@@ -31,6 +32,10 @@ type env struct {
 	pool   *pgxpool.Pool
 	ids    *identity.Service
 	issuer *oidctest.Issuer
+	// storage is the core's project storage (nil: none); with storageWorlds
+	// every world gets files in it (see storable).
+	storage       *storageFixture
+	storageWorlds bool
 }
 
 func newEnv(t testing.TB) *env {
@@ -38,13 +43,15 @@ func newEnv(t testing.TB) *env {
 	issuer := oidctest.New(t, oidctest.WithClient("gpuaas-web", "web-secret"))
 	pool, dbURL := testenv.MigratedPool(t)
 	n := testenv.StartNATS(t)
-	d := daemontest.Start(t, map[string]string{
+	st := newStorageFixture(t, pool, nil)
+	d := daemontest.StartWith(t, map[string]string{
 		"DATABASE_URL": dbURL, "NATS_URL": n.URL(), "TEMPORAL_ADDRESS": testenv.Env(t, "TEMPORAL_ADDRESS"),
 		"GPUAAS_LOCAL_ACCOUNTS": "true",
 		"GPUAAS_OIDC_ISSUER":    issuer.URL(), "GPUAAS_OIDC_CLIENT_ID": issuer.ClientID(), "GPUAAS_OIDC_CLIENT_SECRET": "web-secret",
 		"GPUAAS_OIDC_AUDIENCE": issuer.Config().Audience, "GPUAAS_OIDC_REDIRECT_URL": "https://gpuaas.test/callback",
-	})
-	return &env{t: t, url: d.URL, pool: pool, ids: identity.NewService(pool, "local", testenv.Logger(t), nil), issuer: issuer}
+	}, daemon.Options{Storage: st})
+	return &env{t: t, url: d.URL, pool: pool, ids: identity.NewService(pool, "local", testenv.Logger(t), nil), issuer: issuer,
+		storage: st, storageWorlds: true}
 }
 
 type response struct {
@@ -139,6 +146,10 @@ type world struct {
 	nodeFree     uuid.UUID // an available node of sku
 	nodeHeld     uuid.UUID // the node of alloc
 	alloc        uuid.UUID // an active allocation of P1 (org A has credit)
+	// storedPath is a file of P1 and storageUpload a presigned upload of P1
+	// waiting for confirmation (envs with storageWorlds).
+	storedPath    string
+	storageUpload uuid.UUID
 }
 
 func (e *env) insertUser(ctx context.Context, email string, admin bool) uuid.UUID {
@@ -226,7 +237,9 @@ func (e *env) newWorld() *world {
 	pub, _, _ := ed25519.GenerateKey(rand.Reader)
 	spk, _ := ssh.NewPublicKey(pub)
 	w.sshKey = strings.TrimSpace(string(ssh.MarshalAuthorizedKey(spk)))
-
+	if e.storageWorlds {
+		e.storable(w)
+	}
 	return w
 }
 

@@ -8,6 +8,7 @@ import (
 	"github.com/gofiber/fiber/v2"
 	"github.com/hashicorp/go-hclog"
 
+	"github.com/gpuaas/gpuaas/core/internal/agents"
 	"github.com/gpuaas/gpuaas/core/internal/allocations"
 	"github.com/gpuaas/gpuaas/core/internal/catalog"
 	"github.com/gpuaas/gpuaas/core/internal/correlation"
@@ -21,6 +22,7 @@ import (
 	"github.com/gpuaas/gpuaas/core/internal/payments"
 	"github.com/gpuaas/gpuaas/core/internal/pluginhost"
 	"github.com/gpuaas/gpuaas/core/internal/sshkeys"
+	"github.com/gpuaas/gpuaas/core/internal/storage"
 	"github.com/gpuaas/gpuaas/core/internal/store"
 )
 
@@ -107,8 +109,28 @@ func statusFor(code errcode.Code) int {
 		return http.StatusTooManyRequests
 	case allocations.CodeInsufficientFunds:
 		return http.StatusPaymentRequired
-	case allocations.CodeSSHKeyRequired:
+	case allocations.CodeSSHKeyRequired, agents.CodeCSRInvalid:
 		return http.StatusBadRequest
+	case agents.CodeTokenInvalid:
+		return http.StatusUnauthorized
+	case agents.CodeTaskNotFound:
+		return http.StatusNotFound
+	case agents.CodeTaskConflict, agents.CodeNotEnrollable:
+		return http.StatusConflict
+	case storage.CodePathTraversal, storage.CodeInvalidKey:
+		return http.StatusBadRequest
+	case storage.CodeNotFound, storage.CodeUploadNotFound:
+		return http.StatusNotFound
+	case storage.CodeQuotaExceeded:
+		return http.StatusRequestEntityTooLarge
+	case storage.CodeExists, storage.CodePathBusy, storage.CodeFolderNotEmpty, storage.CodeUploadIncomplete:
+		return http.StatusConflict
+	case storage.CodeRangeNotSatisfied:
+		return http.StatusRequestedRangeNotSatisfiable
+	case storage.CodeUnavailable:
+		return http.StatusServiceUnavailable
+	case storage.CodeBackendFailed:
+		return http.StatusBadGateway
 	}
 	return http.StatusInternalServerError
 }
@@ -212,7 +234,7 @@ func Codes() []errcode.Code {
 		oidc.CodeTokenMissingSubject, oidc.CodeTokenWrongNonce, oidc.CodeGrantRejected, oidc.CodeProviderUnavailable,
 	}
 	for _, pkg := range [][]errcode.Code{identity.Codes(), idempotency.Codes(), ledger.Codes(), payments.Codes(), pluginhost.Codes(),
-		sshkeys.Codes(), catalog.Codes(), inventory.Codes(), allocations.Codes()} {
+		sshkeys.Codes(), catalog.Codes(), inventory.Codes(), allocations.Codes(), agents.Codes(), storage.Codes()} {
 		codes = append(codes, pkg...)
 	}
 	return codes

@@ -1,11 +1,18 @@
 package httpapi
 
 import (
+	"encoding/json"
+	"strings"
+	"time"
+
 	"github.com/gofiber/fiber/v2"
 
+	"github.com/gpuaas/gpuaas/core/internal/agents"
 	"github.com/gpuaas/gpuaas/core/internal/audit"
+	"github.com/gpuaas/gpuaas/core/internal/errcode"
 	"github.com/gpuaas/gpuaas/core/internal/httpapi/apigen"
 	"github.com/gpuaas/gpuaas/core/internal/inventory"
+	"github.com/gpuaas/gpuaas/core/internal/policy"
 )
 
 func nodeJSON(n *inventory.Node) apigen.Node {
@@ -37,7 +44,115 @@ func nodeJSON(n *inventory.Node) apigen.Node {
 	if n.HealthMsg != "" {
 		out.HealthMessage = &n.HealthMsg
 	}
+	out.HeartbeatAt = utcPtr(n.HeartbeatAt)
+	if n.AgentFacts != nil {
+		out.AgentFacts = &n.AgentFacts
+	}
 	return out
+}
+
+// AdminMintEnrollmentToken makes a single-use token for a node's agent.
+func (a *API) AdminMintEnrollmentToken(c *fiber.Ctx, id apigen.NodeID) error {
+	if err := a.requireAdmin(c, "node.enrollment_token"); err != nil {
+		return err
+	}
+	var req apigen.EnrollmentTokenRequest
+	if len(c.Body()) > 0 {
+		if err := DecodeStrict(c.Body(), &req); err != nil {
+			return err
+		}
+	}
+	ttl := policy.EnrollmentTokenTTL.Value(c.UserContext(), a.Policy, policy.Target{})
+	if req.TtlSeconds != nil {
+		d := time.Duration(*req.TtlSeconds) * time.Second
+		if d < time.Minute || d > 7*24*time.Hour {
+			return errcode.New(errcode.ValidationFailed, "ttl_seconds must be between 60 and 604800").WithDetails("field", "ttl_seconds")
+		}
+		ttl = d
+	}
+	token, expires, err := a.Agents.MintToken(c.UserContext(), id, ttl)
+	if err != nil {
+		return err
+	}
+	return c.Status(fiber.StatusCreated).JSON(apigen.EnrollmentToken{Token: token, ExpiresAt: expires.UTC()})
+}
+
+// AdminGetInstanceNode returns a node by its provisioner instance's id for it.
+func (a *API) AdminGetInstanceNode(c *fiber.Ctx, name apigen.PluginName, externalID apigen.ExternalID) error {
+	if err := a.requireAdmin(c, "node.read"); err != nil {
+		return err
+	}
+	id, err := a.Agents.NodeByExternal(c.UserContext(), name, externalID)
+	if err != nil {
+		return err
+	}
+	n, err := a.Inventory.Get(c.UserContext(), id)
+	if err != nil {
+		return err
+	}
+	return c.JSON(nodeJSON(n))
+}
+
+func nodeTaskJSON(t *agents.Task, instance, externalID string) apigen.NodeTask {
+	out := apigen.NodeTask{Id: t.ID, NodeId: t.NodeID, ExternalId: externalID, Type: t.Type, State: apigen.NodeTaskState(t.State),
+		Attempts: t.Attempts, Error: t.Error, OperationId: strings.TrimPrefix(t.OperationID, instance+"/"),
+		ExpiresAt: t.ExpiresAt.UTC(), CreatedAt: t.CreatedAt.UTC(), UpdatedAt: t.UpdatedAt.UTC()}
+	if len(t.Output) > 0 {
+		var m map[string]any
+		if json.Unmarshal(t.Output, &m) == nil {
+			out.Output = &m
+		}
+	}
+	return out
+}
+
+// AdminEnqueueNodeTask queues a signed task for a driver instance's node.
+func (a *API) AdminEnqueueNodeTask(c *fiber.Ctx, name apigen.PluginName) error {
+	if err := a.requireAdmin(c, "node.task"); err != nil {
+		return err
+	}
+	var req apigen.EnqueueNodeTaskRequest
+	if err := DecodeStrict(c.Body(), &req); err != nil {
+		return err
+	}
+	tr := agents.TaskRequest{Type: string(req.Type), OperationID: req.OperationId, Params: map[string]any{}}
+	if req.Params != nil {
+		tr.Params = *req.Params
+	}
+	if req.TtlSeconds != nil {
+		tr.TTL = time.Duration(*req.TtlSeconds) * time.Second
+	}
+	if req.MaxAttempts != nil {
+		if *req.MaxAttempts < 1 || *req.MaxAttempts > 100 {
+			return errcode.New(errcode.ValidationFailed, "max_attempts must be between 1 and 100").WithDetails("field", "max_attempts")
+		}
+		tr.MaxAttempts = *req.MaxAttempts
+	}
+	t, created, err := a.Agents.EnqueueForDriver(c.UserContext(), name, req.ExternalId, tr)
+	if err != nil {
+		return err
+	}
+	status := fiber.StatusOK
+	if created {
+		status = fiber.StatusCreated
+	}
+	return c.Status(status).JSON(nodeTaskJSON(t, name, req.ExternalId))
+}
+
+// AdminGetNodeTask returns a driver's task by its operation id.
+func (a *API) AdminGetNodeTask(c *fiber.Ctx, name apigen.PluginName, operationID string) error {
+	if err := a.requireAdmin(c, "node.task.read"); err != nil {
+		return err
+	}
+	t, err := a.Agents.DriverTask(c.UserContext(), name, operationID)
+	if err != nil {
+		return err
+	}
+	var external string
+	if err := a.Pool.QueryRow(c.UserContext(), `SELECT external_id FROM nodes WHERE id = $1`, t.NodeID).Scan(&external); err != nil {
+		return err
+	}
+	return c.JSON(nodeTaskJSON(t, name, external))
 }
 
 // GetCapacity counts the free nodes of every active SKU.

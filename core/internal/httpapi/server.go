@@ -19,6 +19,12 @@ type Options struct {
 	RequestTimeout time.Duration
 	// RawBody reports routes that take a non-JSON body (exempt from the 415 check).
 	RawBody func(path string) bool
+	// StreamBody reports routes whose handler reads the request body as a
+	// stream (storage uploads): exempt from MaxBodyBytes and the 415 check,
+	// with StreamTimeout instead of RequestTimeout as their deadline. Every
+	// other body is read whole, up to MaxBodyBytes, before the route runs.
+	StreamBody    func(path string) bool
+	StreamTimeout time.Duration
 	// Registerer receives the HTTP metrics; Gatherer serves /metrics.
 	Registerer prometheus.Registerer
 	Gatherer   prometheus.Gatherer
@@ -40,9 +46,18 @@ func New(log hclog.Logger, h *API, opt Options) *fiber.App {
 	if opt.RequestTimeout <= 0 {
 		opt.RequestTimeout = 30 * time.Second
 	}
+	if opt.StreamBody == nil {
+		opt.StreamBody = func(string) bool { return false }
+	}
+	if opt.StreamTimeout <= 0 {
+		opt.StreamTimeout = opt.RequestTimeout
+	}
 	app := fiber.New(fiber.Config{
-		AppName:               "gpuaasd",
-		BodyLimit:             opt.MaxBodyBytes,
+		AppName:   "gpuaasd",
+		BodyLimit: opt.MaxBodyBytes,
+		// Bodies stream: an upload never sits whole in memory. limitBody
+		// holds every other route's body to BodyLimit.
+		StreamRequestBody:     true,
 		DisableStartupMessage: true,
 		ReadTimeout:           opt.RequestTimeout,
 		WriteTimeout:          opt.RequestTimeout,
@@ -55,9 +70,12 @@ func New(log hclog.Logger, h *API, opt Options) *fiber.App {
 		},
 	})
 	m := newHTTPMetrics(opt.Registerer)
-	app.Use(requestContext(opt.RequestTimeout))
+	app.Use(requestContext(opt.RequestTimeout, opt.StreamBody, opt.StreamTimeout))
 	app.Use(observe(log, m))
-	app.Use(requireJSON(opt.RawBody))
+	app.Use(limitBody(opt.MaxBodyBytes, opt.StreamBody))
+	app.Use(requireJSON(func(path string) bool {
+		return opt.StreamBody(path) || (opt.RawBody != nil && opt.RawBody(path))
+	}))
 	public, err := publicRoutes()
 	if err != nil {
 		panic(err) // the embedded contract is part of the binary

@@ -13,6 +13,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 
+	"github.com/gpuaas/gpuaas/core/internal/agents"
 	"github.com/gpuaas/gpuaas/core/internal/allocations"
 	"github.com/gpuaas/gpuaas/core/internal/authz"
 	"github.com/gpuaas/gpuaas/core/internal/catalog"
@@ -23,6 +24,7 @@ import (
 	"github.com/gpuaas/gpuaas/core/internal/payments"
 	"github.com/gpuaas/gpuaas/core/internal/policy"
 	"github.com/gpuaas/gpuaas/core/internal/sshkeys"
+	"github.com/gpuaas/gpuaas/core/internal/storage"
 )
 
 // Check probes one dependency for readyz.
@@ -52,6 +54,10 @@ type API struct {
 	// Inventory keeps the nodes; Allocations rents them.
 	Inventory   *inventory.Service
 	Allocations *allocations.Service
+	// Storage is project storage (nil: its routes answer 503).
+	Storage *storage.Service
+	// Agents is the node agent side (enrollment tokens, the driver task API).
+	Agents *agents.Service
 	// Plugins is the plugin host (nil when it is not running).
 	Plugins PluginHost
 	// OIDC is nil when no identity provider is configured.

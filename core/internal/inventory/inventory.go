@@ -139,6 +139,9 @@ type Node struct {
 	Healthy     *bool
 	HealthMsg   string
 	ProbedAt    *time.Time
+	// HeartbeatAt and AgentFacts come from the node's agent, when it has one.
+	HeartbeatAt *time.Time
+	AgentFacts  map[string]any
 	CreatedAt   time.Time
 	UpdatedAt   time.Time
 }
@@ -166,13 +169,13 @@ func NewService(pool *pgxpool.Pool, region string, drivers Provisioners, log hcl
 func (s *Service) Target(id uuid.UUID) rid.ID { return s.ids.Platform("node", id.String()) }
 
 const columns = `id, provisioner_instance, external_id, hostname, coalesce(sku_id, ''), state, state_reason, coalesce(offline_from, ''),
-	facts, pool, tags, healthy, health_message, probed_at, created_at, updated_at`
+	facts, pool, tags, healthy, health_message, probed_at, heartbeat_at, agent_facts, created_at, updated_at`
 
 func scan(row pgx.Row) (*Node, error) {
 	n := &Node{}
 	var offlineFrom string
 	err := row.Scan(&n.ID, &n.Instance, &n.ExternalID, &n.Hostname, &n.SKU, &n.State, &n.StateReason, &offlineFrom,
-		&n.Facts, &n.Pool, &n.Tags, &n.Healthy, &n.HealthMsg, &n.ProbedAt, &n.CreatedAt, &n.UpdatedAt)
+		&n.Facts, &n.Pool, &n.Tags, &n.Healthy, &n.HealthMsg, &n.ProbedAt, &n.HeartbeatAt, &n.AgentFacts, &n.CreatedAt, &n.UpdatedAt)
 	n.OfflineFrom = State(offlineFrom)
 	if n.Facts.GPUs == nil {
 		n.Facts.GPUs = []GPU{}

@@ -254,8 +254,9 @@ func (d *paymentsDriver) Refund(ctx context.Context, req *payments.RefundRequest
 type storageDriver struct{ p *proc }
 
 var (
-	_ storage.Driver    = (*storageDriver)(nil)
-	_ storage.Presigner = (*storageDriver)(nil)
+	_ storage.Driver      = (*storageDriver)(nil)
+	_ storage.Presigner   = (*storageDriver)(nil)
+	_ storage.RangeGetter = (*storageDriver)(nil)
 )
 
 func (d *storageDriver) Info(ctx context.Context) (*base.Info, error) {
@@ -297,6 +298,12 @@ func (d *storageDriver) Put(ctx context.Context, req *storage.PutRequest, body i
 func (d *storageDriver) Get(ctx context.Context, key string) (*storage.Object, error) {
 	return invoke(ctx, d.p, "Get", nil, func(ctx context.Context, drv storage.Driver) (*storage.Object, error) {
 		return drv.Get(ctx, key)
+	})
+}
+
+func (d *storageDriver) GetRange(ctx context.Context, key string, r storage.Range) (*storage.Object, error) {
+	return invoke(ctx, d.p, "GetRange", nil, func(ctx context.Context, drv storage.RangeGetter) (*storage.Object, error) {
+		return drv.GetRange(ctx, key, r)
 	})
 }
 

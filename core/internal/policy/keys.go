@@ -63,6 +63,9 @@ var (
 	InventorySyncInterval = Duration("inventory.sync_interval", 5*time.Minute, time.Second, 24*time.Hour,
 		"How often each provisioner backend that can list its nodes is polled to catch lost webhooks.")
 
+	EnrollmentTokenTTL = Duration("agents.enrollment_token_ttl", time.Hour, time.Minute, 7*24*time.Hour,
+		"How long a node agent's single-use enrollment token is valid.")
+
 	IdempotencyTTL = Duration("idempotency.ttl", 24*time.Hour, time.Minute, 30*24*time.Hour,
 		"How long an Idempotency-Key is remembered.")
 
@@ -92,6 +95,7 @@ func Catalog() []*Def {
 		RefreshTTL.Def(),
 		OIDCLoginTTL.Def(),
 		IdempotencyTTL.Def(),
+		EnrollmentTokenTTL.Def(),
 		AllocMaxPerProject.Def(),
 		AllocMaxGPUsPerProject.Def(),
 		AllocMaxPerOrg.Def(),

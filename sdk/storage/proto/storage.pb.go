@@ -270,16 +270,72 @@ func (x *ObjectInfo) GetMetadata() map[string]string {
 	return nil
 }
 
+// A byte range of an object.
+type ByteRange struct {
+	state  protoimpl.MessageState `protogen:"open.v1"`
+	Offset int64                  `protobuf:"varint,1,opt,name=offset,proto3" json:"offset,omitempty"`
+	// Bytes from offset; -1 reads to the end of the object.
+	Length        int64 `protobuf:"varint,2,opt,name=length,proto3" json:"length,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ByteRange) Reset() {
+	*x = ByteRange{}
+	mi := &file_sdk_storage_proto_storage_proto_msgTypes[3]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ByteRange) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ByteRange) ProtoMessage() {}
+
+func (x *ByteRange) ProtoReflect() protoreflect.Message {
+	mi := &file_sdk_storage_proto_storage_proto_msgTypes[3]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ByteRange.ProtoReflect.Descriptor instead.
+func (*ByteRange) Descriptor() ([]byte, []int) {
+	return file_sdk_storage_proto_storage_proto_rawDescGZIP(), []int{3}
+}
+
+func (x *ByteRange) GetOffset() int64 {
+	if x != nil {
+		return x.Offset
+	}
+	return 0
+}
+
+func (x *ByteRange) GetLength() int64 {
+	if x != nil {
+		return x.Length
+	}
+	return 0
+}
+
 type GetRequest struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Key           string                 `protobuf:"bytes,1,opt,name=key,proto3" json:"key,omitempty"`
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Key   string                 `protobuf:"bytes,1,opt,name=key,proto3" json:"key,omitempty"`
+	// Unset: the whole object.
+	Range         *ByteRange `protobuf:"bytes,2,opt,name=range,proto3" json:"range,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *GetRequest) Reset() {
 	*x = GetRequest{}
-	mi := &file_sdk_storage_proto_storage_proto_msgTypes[3]
+	mi := &file_sdk_storage_proto_storage_proto_msgTypes[4]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -291,7 +347,7 @@ func (x *GetRequest) String() string {
 func (*GetRequest) ProtoMessage() {}
 
 func (x *GetRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_sdk_storage_proto_storage_proto_msgTypes[3]
+	mi := &file_sdk_storage_proto_storage_proto_msgTypes[4]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -304,7 +360,7 @@ func (x *GetRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetRequest.ProtoReflect.Descriptor instead.
 func (*GetRequest) Descriptor() ([]byte, []int) {
-	return file_sdk_storage_proto_storage_proto_rawDescGZIP(), []int{3}
+	return file_sdk_storage_proto_storage_proto_rawDescGZIP(), []int{4}
 }
 
 func (x *GetRequest) GetKey() string {
@@ -314,20 +370,32 @@ func (x *GetRequest) GetKey() string {
 	return ""
 }
 
+func (x *GetRequest) GetRange() *ByteRange {
+	if x != nil {
+		return x.Range
+	}
+	return nil
+}
+
 type GetMessage struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// Types that are valid to be assigned to Msg:
 	//
 	//	*GetMessage_Info
 	//	*GetMessage_Chunk
-	Msg           isGetMessage_Msg `protobuf_oneof:"msg"`
+	Msg isGetMessage_Msg `protobuf_oneof:"msg"`
+	// Set on the first message of a ranged Get: the bytes the chunks carry,
+	// clipped to the object (length 0 when offset is at or past its end).
+	// A server that predates ranges leaves it unset and sends the whole
+	// object; the client then cuts the range out itself.
+	Range         *ByteRange `protobuf:"bytes,3,opt,name=range,proto3" json:"range,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *GetMessage) Reset() {
 	*x = GetMessage{}
-	mi := &file_sdk_storage_proto_storage_proto_msgTypes[4]
+	mi := &file_sdk_storage_proto_storage_proto_msgTypes[5]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -339,7 +407,7 @@ func (x *GetMessage) String() string {
 func (*GetMessage) ProtoMessage() {}
 
 func (x *GetMessage) ProtoReflect() protoreflect.Message {
-	mi := &file_sdk_storage_proto_storage_proto_msgTypes[4]
+	mi := &file_sdk_storage_proto_storage_proto_msgTypes[5]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -352,7 +420,7 @@ func (x *GetMessage) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetMessage.ProtoReflect.Descriptor instead.
 func (*GetMessage) Descriptor() ([]byte, []int) {
-	return file_sdk_storage_proto_storage_proto_rawDescGZIP(), []int{4}
+	return file_sdk_storage_proto_storage_proto_rawDescGZIP(), []int{5}
 }
 
 func (x *GetMessage) GetMsg() isGetMessage_Msg {
@@ -376,6 +444,13 @@ func (x *GetMessage) GetChunk() []byte {
 		if x, ok := x.Msg.(*GetMessage_Chunk); ok {
 			return x.Chunk
 		}
+	}
+	return nil
+}
+
+func (x *GetMessage) GetRange() *ByteRange {
+	if x != nil {
+		return x.Range
 	}
 	return nil
 }
@@ -405,7 +480,7 @@ type StatRequest struct {
 
 func (x *StatRequest) Reset() {
 	*x = StatRequest{}
-	mi := &file_sdk_storage_proto_storage_proto_msgTypes[5]
+	mi := &file_sdk_storage_proto_storage_proto_msgTypes[6]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -417,7 +492,7 @@ func (x *StatRequest) String() string {
 func (*StatRequest) ProtoMessage() {}
 
 func (x *StatRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_sdk_storage_proto_storage_proto_msgTypes[5]
+	mi := &file_sdk_storage_proto_storage_proto_msgTypes[6]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -430,7 +505,7 @@ func (x *StatRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StatRequest.ProtoReflect.Descriptor instead.
 func (*StatRequest) Descriptor() ([]byte, []int) {
-	return file_sdk_storage_proto_storage_proto_rawDescGZIP(), []int{5}
+	return file_sdk_storage_proto_storage_proto_rawDescGZIP(), []int{6}
 }
 
 func (x *StatRequest) GetKey() string {
@@ -450,7 +525,7 @@ type DeleteRequest struct {
 
 func (x *DeleteRequest) Reset() {
 	*x = DeleteRequest{}
-	mi := &file_sdk_storage_proto_storage_proto_msgTypes[6]
+	mi := &file_sdk_storage_proto_storage_proto_msgTypes[7]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -462,7 +537,7 @@ func (x *DeleteRequest) String() string {
 func (*DeleteRequest) ProtoMessage() {}
 
 func (x *DeleteRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_sdk_storage_proto_storage_proto_msgTypes[6]
+	mi := &file_sdk_storage_proto_storage_proto_msgTypes[7]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -475,7 +550,7 @@ func (x *DeleteRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeleteRequest.ProtoReflect.Descriptor instead.
 func (*DeleteRequest) Descriptor() ([]byte, []int) {
-	return file_sdk_storage_proto_storage_proto_rawDescGZIP(), []int{6}
+	return file_sdk_storage_proto_storage_proto_rawDescGZIP(), []int{7}
 }
 
 func (x *DeleteRequest) GetOperationId() string {
@@ -500,7 +575,7 @@ type DeleteResponse struct {
 
 func (x *DeleteResponse) Reset() {
 	*x = DeleteResponse{}
-	mi := &file_sdk_storage_proto_storage_proto_msgTypes[7]
+	mi := &file_sdk_storage_proto_storage_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -512,7 +587,7 @@ func (x *DeleteResponse) String() string {
 func (*DeleteResponse) ProtoMessage() {}
 
 func (x *DeleteResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_sdk_storage_proto_storage_proto_msgTypes[7]
+	mi := &file_sdk_storage_proto_storage_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -525,7 +600,7 @@ func (x *DeleteResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeleteResponse.ProtoReflect.Descriptor instead.
 func (*DeleteResponse) Descriptor() ([]byte, []int) {
-	return file_sdk_storage_proto_storage_proto_rawDescGZIP(), []int{7}
+	return file_sdk_storage_proto_storage_proto_rawDescGZIP(), []int{8}
 }
 
 type CopyRequest struct {
@@ -539,7 +614,7 @@ type CopyRequest struct {
 
 func (x *CopyRequest) Reset() {
 	*x = CopyRequest{}
-	mi := &file_sdk_storage_proto_storage_proto_msgTypes[8]
+	mi := &file_sdk_storage_proto_storage_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -551,7 +626,7 @@ func (x *CopyRequest) String() string {
 func (*CopyRequest) ProtoMessage() {}
 
 func (x *CopyRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_sdk_storage_proto_storage_proto_msgTypes[8]
+	mi := &file_sdk_storage_proto_storage_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -564,7 +639,7 @@ func (x *CopyRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CopyRequest.ProtoReflect.Descriptor instead.
 func (*CopyRequest) Descriptor() ([]byte, []int) {
-	return file_sdk_storage_proto_storage_proto_rawDescGZIP(), []int{8}
+	return file_sdk_storage_proto_storage_proto_rawDescGZIP(), []int{9}
 }
 
 func (x *CopyRequest) GetOperationId() string {
@@ -599,7 +674,7 @@ type ListRequest struct {
 
 func (x *ListRequest) Reset() {
 	*x = ListRequest{}
-	mi := &file_sdk_storage_proto_storage_proto_msgTypes[9]
+	mi := &file_sdk_storage_proto_storage_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -611,7 +686,7 @@ func (x *ListRequest) String() string {
 func (*ListRequest) ProtoMessage() {}
 
 func (x *ListRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_sdk_storage_proto_storage_proto_msgTypes[9]
+	mi := &file_sdk_storage_proto_storage_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -624,7 +699,7 @@ func (x *ListRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListRequest.ProtoReflect.Descriptor instead.
 func (*ListRequest) Descriptor() ([]byte, []int) {
-	return file_sdk_storage_proto_storage_proto_rawDescGZIP(), []int{9}
+	return file_sdk_storage_proto_storage_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *ListRequest) GetPrefix() string {
@@ -658,7 +733,7 @@ type ListResponse struct {
 
 func (x *ListResponse) Reset() {
 	*x = ListResponse{}
-	mi := &file_sdk_storage_proto_storage_proto_msgTypes[10]
+	mi := &file_sdk_storage_proto_storage_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -670,7 +745,7 @@ func (x *ListResponse) String() string {
 func (*ListResponse) ProtoMessage() {}
 
 func (x *ListResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_sdk_storage_proto_storage_proto_msgTypes[10]
+	mi := &file_sdk_storage_proto_storage_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -683,7 +758,7 @@ func (x *ListResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListResponse.ProtoReflect.Descriptor instead.
 func (*ListResponse) Descriptor() ([]byte, []int) {
-	return file_sdk_storage_proto_storage_proto_rawDescGZIP(), []int{10}
+	return file_sdk_storage_proto_storage_proto_rawDescGZIP(), []int{11}
 }
 
 func (x *ListResponse) GetObjects() []*ObjectInfo {
@@ -701,17 +776,20 @@ func (x *ListResponse) GetNextPageToken() string {
 }
 
 type PresignRequest struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Key           string                 `protobuf:"bytes,1,opt,name=key,proto3" json:"key,omitempty"`
-	Expiry        *durationpb.Duration   `protobuf:"bytes,2,opt,name=expiry,proto3" json:"expiry,omitempty"`
-	ContentType   string                 `protobuf:"bytes,3,opt,name=content_type,json=contentType,proto3" json:"content_type,omitempty"`
+	state       protoimpl.MessageState `protogen:"open.v1"`
+	Key         string                 `protobuf:"bytes,1,opt,name=key,proto3" json:"key,omitempty"`
+	Expiry      *durationpb.Duration   `protobuf:"bytes,2,opt,name=expiry,proto3" json:"expiry,omitempty"`
+	ContentType string                 `protobuf:"bytes,3,opt,name=content_type,json=contentType,proto3" json:"content_type,omitempty"`
+	// PUT only: when above 0, the URL is signed for a body of exactly this
+	// many bytes (Content-Length is a signed header).
+	ContentLength int64 `protobuf:"varint,4,opt,name=content_length,json=contentLength,proto3" json:"content_length,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *PresignRequest) Reset() {
 	*x = PresignRequest{}
-	mi := &file_sdk_storage_proto_storage_proto_msgTypes[11]
+	mi := &file_sdk_storage_proto_storage_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -723,7 +801,7 @@ func (x *PresignRequest) String() string {
 func (*PresignRequest) ProtoMessage() {}
 
 func (x *PresignRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_sdk_storage_proto_storage_proto_msgTypes[11]
+	mi := &file_sdk_storage_proto_storage_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -736,7 +814,7 @@ func (x *PresignRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PresignRequest.ProtoReflect.Descriptor instead.
 func (*PresignRequest) Descriptor() ([]byte, []int) {
-	return file_sdk_storage_proto_storage_proto_rawDescGZIP(), []int{11}
+	return file_sdk_storage_proto_storage_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *PresignRequest) GetKey() string {
@@ -760,6 +838,13 @@ func (x *PresignRequest) GetContentType() string {
 	return ""
 }
 
+func (x *PresignRequest) GetContentLength() int64 {
+	if x != nil {
+		return x.ContentLength
+	}
+	return 0
+}
+
 type PresignedURL struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Url           string                 `protobuf:"bytes,1,opt,name=url,proto3" json:"url,omitempty"`
@@ -772,7 +857,7 @@ type PresignedURL struct {
 
 func (x *PresignedURL) Reset() {
 	*x = PresignedURL{}
-	mi := &file_sdk_storage_proto_storage_proto_msgTypes[12]
+	mi := &file_sdk_storage_proto_storage_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -784,7 +869,7 @@ func (x *PresignedURL) String() string {
 func (*PresignedURL) ProtoMessage() {}
 
 func (x *PresignedURL) ProtoReflect() protoreflect.Message {
-	mi := &file_sdk_storage_proto_storage_proto_msgTypes[12]
+	mi := &file_sdk_storage_proto_storage_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -797,7 +882,7 @@ func (x *PresignedURL) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PresignedURL.ProtoReflect.Descriptor instead.
 func (*PresignedURL) Descriptor() ([]byte, []int) {
-	return file_sdk_storage_proto_storage_proto_rawDescGZIP(), []int{12}
+	return file_sdk_storage_proto_storage_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *PresignedURL) GetUrl() string {
@@ -857,14 +942,19 @@ const file_sdk_storage_proto_storage_proto_rawDesc = "" +
 	"\bmetadata\x18\x06 \x03(\v2/.gpuaas.sdk.storage.v1.ObjectInfo.MetadataEntryR\bmetadata\x1a;\n" +
 	"\rMetadataEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
-	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"\x1e\n" +
+	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\";\n" +
+	"\tByteRange\x12\x16\n" +
+	"\x06offset\x18\x01 \x01(\x03R\x06offset\x12\x16\n" +
+	"\x06length\x18\x02 \x01(\x03R\x06length\"V\n" +
 	"\n" +
 	"GetRequest\x12\x10\n" +
-	"\x03key\x18\x01 \x01(\tR\x03key\"d\n" +
+	"\x03key\x18\x01 \x01(\tR\x03key\x126\n" +
+	"\x05range\x18\x02 \x01(\v2 .gpuaas.sdk.storage.v1.ByteRangeR\x05range\"\x9c\x01\n" +
 	"\n" +
 	"GetMessage\x127\n" +
 	"\x04info\x18\x01 \x01(\v2!.gpuaas.sdk.storage.v1.ObjectInfoH\x00R\x04info\x12\x16\n" +
-	"\x05chunk\x18\x02 \x01(\fH\x00R\x05chunkB\x05\n" +
+	"\x05chunk\x18\x02 \x01(\fH\x00R\x05chunk\x126\n" +
+	"\x05range\x18\x03 \x01(\v2 .gpuaas.sdk.storage.v1.ByteRangeR\x05rangeB\x05\n" +
 	"\x03msg\"\x1f\n" +
 	"\vStatRequest\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\"D\n" +
@@ -884,11 +974,12 @@ const file_sdk_storage_proto_storage_proto_rawDesc = "" +
 	"\x05limit\x18\x03 \x01(\x05R\x05limit\"s\n" +
 	"\fListResponse\x12;\n" +
 	"\aobjects\x18\x01 \x03(\v2!.gpuaas.sdk.storage.v1.ObjectInfoR\aobjects\x12&\n" +
-	"\x0fnext_page_token\x18\x02 \x01(\tR\rnextPageToken\"x\n" +
+	"\x0fnext_page_token\x18\x02 \x01(\tR\rnextPageToken\"\x9f\x01\n" +
 	"\x0ePresignRequest\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x121\n" +
 	"\x06expiry\x18\x02 \x01(\v2\x19.google.protobuf.DurationR\x06expiry\x12!\n" +
-	"\fcontent_type\x18\x03 \x01(\tR\vcontentType\"\xfb\x01\n" +
+	"\fcontent_type\x18\x03 \x01(\tR\vcontentType\x12%\n" +
+	"\x0econtent_length\x18\x04 \x01(\x03R\rcontentLength\"\xfb\x01\n" +
 	"\fPresignedURL\x12\x10\n" +
 	"\x03url\x18\x01 \x01(\tR\x03url\x12\x16\n" +
 	"\x06method\x18\x02 \x01(\tR\x06method\x129\n" +
@@ -922,58 +1013,61 @@ func file_sdk_storage_proto_storage_proto_rawDescGZIP() []byte {
 	return file_sdk_storage_proto_storage_proto_rawDescData
 }
 
-var file_sdk_storage_proto_storage_proto_msgTypes = make([]protoimpl.MessageInfo, 16)
+var file_sdk_storage_proto_storage_proto_msgTypes = make([]protoimpl.MessageInfo, 17)
 var file_sdk_storage_proto_storage_proto_goTypes = []any{
 	(*PutHeader)(nil),             // 0: gpuaas.sdk.storage.v1.PutHeader
 	(*PutMessage)(nil),            // 1: gpuaas.sdk.storage.v1.PutMessage
 	(*ObjectInfo)(nil),            // 2: gpuaas.sdk.storage.v1.ObjectInfo
-	(*GetRequest)(nil),            // 3: gpuaas.sdk.storage.v1.GetRequest
-	(*GetMessage)(nil),            // 4: gpuaas.sdk.storage.v1.GetMessage
-	(*StatRequest)(nil),           // 5: gpuaas.sdk.storage.v1.StatRequest
-	(*DeleteRequest)(nil),         // 6: gpuaas.sdk.storage.v1.DeleteRequest
-	(*DeleteResponse)(nil),        // 7: gpuaas.sdk.storage.v1.DeleteResponse
-	(*CopyRequest)(nil),           // 8: gpuaas.sdk.storage.v1.CopyRequest
-	(*ListRequest)(nil),           // 9: gpuaas.sdk.storage.v1.ListRequest
-	(*ListResponse)(nil),          // 10: gpuaas.sdk.storage.v1.ListResponse
-	(*PresignRequest)(nil),        // 11: gpuaas.sdk.storage.v1.PresignRequest
-	(*PresignedURL)(nil),          // 12: gpuaas.sdk.storage.v1.PresignedURL
-	nil,                           // 13: gpuaas.sdk.storage.v1.PutHeader.MetadataEntry
-	nil,                           // 14: gpuaas.sdk.storage.v1.ObjectInfo.MetadataEntry
-	nil,                           // 15: gpuaas.sdk.storage.v1.PresignedURL.HeadersEntry
-	(*timestamppb.Timestamp)(nil), // 16: google.protobuf.Timestamp
-	(*durationpb.Duration)(nil),   // 17: google.protobuf.Duration
+	(*ByteRange)(nil),             // 3: gpuaas.sdk.storage.v1.ByteRange
+	(*GetRequest)(nil),            // 4: gpuaas.sdk.storage.v1.GetRequest
+	(*GetMessage)(nil),            // 5: gpuaas.sdk.storage.v1.GetMessage
+	(*StatRequest)(nil),           // 6: gpuaas.sdk.storage.v1.StatRequest
+	(*DeleteRequest)(nil),         // 7: gpuaas.sdk.storage.v1.DeleteRequest
+	(*DeleteResponse)(nil),        // 8: gpuaas.sdk.storage.v1.DeleteResponse
+	(*CopyRequest)(nil),           // 9: gpuaas.sdk.storage.v1.CopyRequest
+	(*ListRequest)(nil),           // 10: gpuaas.sdk.storage.v1.ListRequest
+	(*ListResponse)(nil),          // 11: gpuaas.sdk.storage.v1.ListResponse
+	(*PresignRequest)(nil),        // 12: gpuaas.sdk.storage.v1.PresignRequest
+	(*PresignedURL)(nil),          // 13: gpuaas.sdk.storage.v1.PresignedURL
+	nil,                           // 14: gpuaas.sdk.storage.v1.PutHeader.MetadataEntry
+	nil,                           // 15: gpuaas.sdk.storage.v1.ObjectInfo.MetadataEntry
+	nil,                           // 16: gpuaas.sdk.storage.v1.PresignedURL.HeadersEntry
+	(*timestamppb.Timestamp)(nil), // 17: google.protobuf.Timestamp
+	(*durationpb.Duration)(nil),   // 18: google.protobuf.Duration
 }
 var file_sdk_storage_proto_storage_proto_depIdxs = []int32{
-	13, // 0: gpuaas.sdk.storage.v1.PutHeader.metadata:type_name -> gpuaas.sdk.storage.v1.PutHeader.MetadataEntry
+	14, // 0: gpuaas.sdk.storage.v1.PutHeader.metadata:type_name -> gpuaas.sdk.storage.v1.PutHeader.MetadataEntry
 	0,  // 1: gpuaas.sdk.storage.v1.PutMessage.header:type_name -> gpuaas.sdk.storage.v1.PutHeader
-	16, // 2: gpuaas.sdk.storage.v1.ObjectInfo.mod_time:type_name -> google.protobuf.Timestamp
-	14, // 3: gpuaas.sdk.storage.v1.ObjectInfo.metadata:type_name -> gpuaas.sdk.storage.v1.ObjectInfo.MetadataEntry
-	2,  // 4: gpuaas.sdk.storage.v1.GetMessage.info:type_name -> gpuaas.sdk.storage.v1.ObjectInfo
-	2,  // 5: gpuaas.sdk.storage.v1.ListResponse.objects:type_name -> gpuaas.sdk.storage.v1.ObjectInfo
-	17, // 6: gpuaas.sdk.storage.v1.PresignRequest.expiry:type_name -> google.protobuf.Duration
-	16, // 7: gpuaas.sdk.storage.v1.PresignedURL.expires_at:type_name -> google.protobuf.Timestamp
-	15, // 8: gpuaas.sdk.storage.v1.PresignedURL.headers:type_name -> gpuaas.sdk.storage.v1.PresignedURL.HeadersEntry
-	1,  // 9: gpuaas.sdk.storage.v1.Storage.Put:input_type -> gpuaas.sdk.storage.v1.PutMessage
-	3,  // 10: gpuaas.sdk.storage.v1.Storage.Get:input_type -> gpuaas.sdk.storage.v1.GetRequest
-	5,  // 11: gpuaas.sdk.storage.v1.Storage.Stat:input_type -> gpuaas.sdk.storage.v1.StatRequest
-	6,  // 12: gpuaas.sdk.storage.v1.Storage.Delete:input_type -> gpuaas.sdk.storage.v1.DeleteRequest
-	8,  // 13: gpuaas.sdk.storage.v1.Storage.Copy:input_type -> gpuaas.sdk.storage.v1.CopyRequest
-	9,  // 14: gpuaas.sdk.storage.v1.Storage.List:input_type -> gpuaas.sdk.storage.v1.ListRequest
-	11, // 15: gpuaas.sdk.storage.v1.Storage.PresignGet:input_type -> gpuaas.sdk.storage.v1.PresignRequest
-	11, // 16: gpuaas.sdk.storage.v1.Storage.PresignPut:input_type -> gpuaas.sdk.storage.v1.PresignRequest
-	2,  // 17: gpuaas.sdk.storage.v1.Storage.Put:output_type -> gpuaas.sdk.storage.v1.ObjectInfo
-	4,  // 18: gpuaas.sdk.storage.v1.Storage.Get:output_type -> gpuaas.sdk.storage.v1.GetMessage
-	2,  // 19: gpuaas.sdk.storage.v1.Storage.Stat:output_type -> gpuaas.sdk.storage.v1.ObjectInfo
-	7,  // 20: gpuaas.sdk.storage.v1.Storage.Delete:output_type -> gpuaas.sdk.storage.v1.DeleteResponse
-	2,  // 21: gpuaas.sdk.storage.v1.Storage.Copy:output_type -> gpuaas.sdk.storage.v1.ObjectInfo
-	10, // 22: gpuaas.sdk.storage.v1.Storage.List:output_type -> gpuaas.sdk.storage.v1.ListResponse
-	12, // 23: gpuaas.sdk.storage.v1.Storage.PresignGet:output_type -> gpuaas.sdk.storage.v1.PresignedURL
-	12, // 24: gpuaas.sdk.storage.v1.Storage.PresignPut:output_type -> gpuaas.sdk.storage.v1.PresignedURL
-	17, // [17:25] is the sub-list for method output_type
-	9,  // [9:17] is the sub-list for method input_type
-	9,  // [9:9] is the sub-list for extension type_name
-	9,  // [9:9] is the sub-list for extension extendee
-	0,  // [0:9] is the sub-list for field type_name
+	17, // 2: gpuaas.sdk.storage.v1.ObjectInfo.mod_time:type_name -> google.protobuf.Timestamp
+	15, // 3: gpuaas.sdk.storage.v1.ObjectInfo.metadata:type_name -> gpuaas.sdk.storage.v1.ObjectInfo.MetadataEntry
+	3,  // 4: gpuaas.sdk.storage.v1.GetRequest.range:type_name -> gpuaas.sdk.storage.v1.ByteRange
+	2,  // 5: gpuaas.sdk.storage.v1.GetMessage.info:type_name -> gpuaas.sdk.storage.v1.ObjectInfo
+	3,  // 6: gpuaas.sdk.storage.v1.GetMessage.range:type_name -> gpuaas.sdk.storage.v1.ByteRange
+	2,  // 7: gpuaas.sdk.storage.v1.ListResponse.objects:type_name -> gpuaas.sdk.storage.v1.ObjectInfo
+	18, // 8: gpuaas.sdk.storage.v1.PresignRequest.expiry:type_name -> google.protobuf.Duration
+	17, // 9: gpuaas.sdk.storage.v1.PresignedURL.expires_at:type_name -> google.protobuf.Timestamp
+	16, // 10: gpuaas.sdk.storage.v1.PresignedURL.headers:type_name -> gpuaas.sdk.storage.v1.PresignedURL.HeadersEntry
+	1,  // 11: gpuaas.sdk.storage.v1.Storage.Put:input_type -> gpuaas.sdk.storage.v1.PutMessage
+	4,  // 12: gpuaas.sdk.storage.v1.Storage.Get:input_type -> gpuaas.sdk.storage.v1.GetRequest
+	6,  // 13: gpuaas.sdk.storage.v1.Storage.Stat:input_type -> gpuaas.sdk.storage.v1.StatRequest
+	7,  // 14: gpuaas.sdk.storage.v1.Storage.Delete:input_type -> gpuaas.sdk.storage.v1.DeleteRequest
+	9,  // 15: gpuaas.sdk.storage.v1.Storage.Copy:input_type -> gpuaas.sdk.storage.v1.CopyRequest
+	10, // 16: gpuaas.sdk.storage.v1.Storage.List:input_type -> gpuaas.sdk.storage.v1.ListRequest
+	12, // 17: gpuaas.sdk.storage.v1.Storage.PresignGet:input_type -> gpuaas.sdk.storage.v1.PresignRequest
+	12, // 18: gpuaas.sdk.storage.v1.Storage.PresignPut:input_type -> gpuaas.sdk.storage.v1.PresignRequest
+	2,  // 19: gpuaas.sdk.storage.v1.Storage.Put:output_type -> gpuaas.sdk.storage.v1.ObjectInfo
+	5,  // 20: gpuaas.sdk.storage.v1.Storage.Get:output_type -> gpuaas.sdk.storage.v1.GetMessage
+	2,  // 21: gpuaas.sdk.storage.v1.Storage.Stat:output_type -> gpuaas.sdk.storage.v1.ObjectInfo
+	8,  // 22: gpuaas.sdk.storage.v1.Storage.Delete:output_type -> gpuaas.sdk.storage.v1.DeleteResponse
+	2,  // 23: gpuaas.sdk.storage.v1.Storage.Copy:output_type -> gpuaas.sdk.storage.v1.ObjectInfo
+	11, // 24: gpuaas.sdk.storage.v1.Storage.List:output_type -> gpuaas.sdk.storage.v1.ListResponse
+	13, // 25: gpuaas.sdk.storage.v1.Storage.PresignGet:output_type -> gpuaas.sdk.storage.v1.PresignedURL
+	13, // 26: gpuaas.sdk.storage.v1.Storage.PresignPut:output_type -> gpuaas.sdk.storage.v1.PresignedURL
+	19, // [19:27] is the sub-list for method output_type
+	11, // [11:19] is the sub-list for method input_type
+	11, // [11:11] is the sub-list for extension type_name
+	11, // [11:11] is the sub-list for extension extendee
+	0,  // [0:11] is the sub-list for field type_name
 }
 
 func init() { file_sdk_storage_proto_storage_proto_init() }
@@ -985,7 +1079,7 @@ func file_sdk_storage_proto_storage_proto_init() {
 		(*PutMessage_Header)(nil),
 		(*PutMessage_Chunk)(nil),
 	}
-	file_sdk_storage_proto_storage_proto_msgTypes[4].OneofWrappers = []any{
+	file_sdk_storage_proto_storage_proto_msgTypes[5].OneofWrappers = []any{
 		(*GetMessage_Info)(nil),
 		(*GetMessage_Chunk)(nil),
 	}
@@ -995,7 +1089,7 @@ func file_sdk_storage_proto_storage_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_sdk_storage_proto_storage_proto_rawDesc), len(file_sdk_storage_proto_storage_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   16,
+			NumMessages:   17,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

@@ -39,7 +39,8 @@ const (
 type StorageClient interface {
 	// The first message carries the header, every later one a chunk.
 	Put(ctx context.Context, opts ...grpc.CallOption) (grpc.ClientStreamingClient[PutMessage, ObjectInfo], error)
-	// The first message carries the object info, every later one a chunk.
+	// The first message carries the object info (and, for a ranged request,
+	// the range the chunks cover), every later one a chunk.
 	Get(ctx context.Context, in *GetRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[GetMessage], error)
 	Stat(ctx context.Context, in *StatRequest, opts ...grpc.CallOption) (*ObjectInfo, error)
 	Delete(ctx context.Context, in *DeleteRequest, opts ...grpc.CallOption) (*DeleteResponse, error)
@@ -156,7 +157,8 @@ func (c *storageClient) PresignPut(ctx context.Context, in *PresignRequest, opts
 type StorageServer interface {
 	// The first message carries the header, every later one a chunk.
 	Put(grpc.ClientStreamingServer[PutMessage, ObjectInfo]) error
-	// The first message carries the object info, every later one a chunk.
+	// The first message carries the object info (and, for a ranged request,
+	// the range the chunks cover), every later one a chunk.
 	Get(*GetRequest, grpc.ServerStreamingServer[GetMessage]) error
 	Stat(context.Context, *StatRequest) (*ObjectInfo, error)
 	Delete(context.Context, *DeleteRequest) (*DeleteResponse, error)

@@ -197,6 +197,30 @@ func (e DependencyCheckName) Valid() bool {
 	}
 }
 
+// Defines values for EnqueueNodeTaskRequestType.
+const (
+	AllocationProvisionUser EnqueueNodeTaskRequestType = "allocation.provision_user"
+	AllocationRevokeUser    EnqueueNodeTaskRequestType = "allocation.revoke_user"
+	NodeInventory           EnqueueNodeTaskRequestType = "node.inventory"
+	NodeWipe                EnqueueNodeTaskRequestType = "node.wipe"
+)
+
+// Valid indicates whether the value is a known member of the EnqueueNodeTaskRequestType enum.
+func (e EnqueueNodeTaskRequestType) Valid() bool {
+	switch e {
+	case AllocationProvisionUser:
+		return true
+	case AllocationRevokeUser:
+		return true
+	case NodeInventory:
+		return true
+	case NodeWipe:
+		return true
+	default:
+		return false
+	}
+}
+
 // Defines values for ErrorCode.
 const (
 	AccountDisabled             ErrorCode = "account_disabled"
@@ -209,9 +233,11 @@ const (
 	BadRequest                  ErrorCode = "bad_request"
 	BillingAccountNotFound      ErrorCode = "billing_account_not_found"
 	Conflict                    ErrorCode = "conflict"
+	CsrInvalid                  ErrorCode = "csr_invalid"
 	CurrencyMismatch            ErrorCode = "currency_mismatch"
 	DatabaseUnavailable         ErrorCode = "database_unavailable"
 	DuplicateKey                ErrorCode = "duplicate_key"
+	EnrollmentTokenInvalid      ErrorCode = "enrollment_token_invalid"
 	Forbidden                   ErrorCode = "forbidden"
 	IdempotencyInFlight         ErrorCode = "idempotency_in_flight"
 	IdempotencyKeyReused        ErrorCode = "idempotency_key_reused"
@@ -223,6 +249,7 @@ const (
 	InvalidIdempotencyKey       ErrorCode = "invalid_idempotency_key"
 	InvalidJson                 ErrorCode = "invalid_json"
 	InvalidNodeTransition       ErrorCode = "invalid_node_transition"
+	InvalidObjectKey            ErrorCode = "invalid_object_key"
 	InvalidSshKey               ErrorCode = "invalid_ssh_key"
 	InvalidToken                ErrorCode = "invalid_token"
 	LastOwner                   ErrorCode = "last_owner"
@@ -234,7 +261,10 @@ const (
 	NoCapacity                  ErrorCode = "no_capacity"
 	NodeBusy                    ErrorCode = "node_busy"
 	NodeExists                  ErrorCode = "node_exists"
+	NodeNotEnrollable           ErrorCode = "node_not_enrollable"
 	NodeNotFound                ErrorCode = "node_not_found"
+	NodeTaskConflict            ErrorCode = "node_task_conflict"
+	NodeTaskNotFound            ErrorCode = "node_task_not_found"
 	NodeWebhookInvalid          ErrorCode = "node_webhook_invalid"
 	NotFound                    ErrorCode = "not_found"
 	NotReady                    ErrorCode = "not_ready"
@@ -274,6 +304,17 @@ const (
 	SshKeyNotFound              ErrorCode = "ssh_key_not_found"
 	SshKeyRequired              ErrorCode = "ssh_key_required"
 	SshKeyTooWeak               ErrorCode = "ssh_key_too_weak"
+	StorageBackendError         ErrorCode = "storage_backend_error"
+	StorageFolderNotEmpty       ErrorCode = "storage_folder_not_empty"
+	StorageObjectExists         ErrorCode = "storage_object_exists"
+	StorageObjectNotFound       ErrorCode = "storage_object_not_found"
+	StoragePathBusy             ErrorCode = "storage_path_busy"
+	StoragePathTraversal        ErrorCode = "storage_path_traversal"
+	StorageQuotaExceeded        ErrorCode = "storage_quota_exceeded"
+	StorageRangeNotSatisfiable  ErrorCode = "storage_range_not_satisfiable"
+	StorageUnavailable          ErrorCode = "storage_unavailable"
+	StorageUploadIncomplete     ErrorCode = "storage_upload_incomplete"
+	StorageUploadNotFound       ErrorCode = "storage_upload_not_found"
 	Timeout                     ErrorCode = "timeout"
 	TokenAlgNotAllowed          ErrorCode = "token_alg_not_allowed"
 	TokenBadSignature           ErrorCode = "token_bad_signature"
@@ -317,11 +358,15 @@ func (e ErrorCode) Valid() bool {
 		return true
 	case Conflict:
 		return true
+	case CsrInvalid:
+		return true
 	case CurrencyMismatch:
 		return true
 	case DatabaseUnavailable:
 		return true
 	case DuplicateKey:
+		return true
+	case EnrollmentTokenInvalid:
 		return true
 	case Forbidden:
 		return true
@@ -345,6 +390,8 @@ func (e ErrorCode) Valid() bool {
 		return true
 	case InvalidNodeTransition:
 		return true
+	case InvalidObjectKey:
+		return true
 	case InvalidSshKey:
 		return true
 	case InvalidToken:
@@ -367,7 +414,13 @@ func (e ErrorCode) Valid() bool {
 		return true
 	case NodeExists:
 		return true
+	case NodeNotEnrollable:
+		return true
 	case NodeNotFound:
+		return true
+	case NodeTaskConflict:
+		return true
+	case NodeTaskNotFound:
 		return true
 	case NodeWebhookInvalid:
 		return true
@@ -446,6 +499,28 @@ func (e ErrorCode) Valid() bool {
 	case SshKeyRequired:
 		return true
 	case SshKeyTooWeak:
+		return true
+	case StorageBackendError:
+		return true
+	case StorageFolderNotEmpty:
+		return true
+	case StorageObjectExists:
+		return true
+	case StorageObjectNotFound:
+		return true
+	case StoragePathBusy:
+		return true
+	case StoragePathTraversal:
+		return true
+	case StorageQuotaExceeded:
+		return true
+	case StorageRangeNotSatisfiable:
+		return true
+	case StorageUnavailable:
+		return true
+	case StorageUploadIncomplete:
+		return true
+	case StorageUploadNotFound:
 		return true
 	case Timeout:
 		return true
@@ -596,6 +671,33 @@ func (e NodeState) Valid() bool {
 	case Offline:
 		return true
 	case Retired:
+		return true
+	default:
+		return false
+	}
+}
+
+// Defines values for NodeTaskState.
+const (
+	NodeTaskStateExpired   NodeTaskState = "expired"
+	NodeTaskStateFailed    NodeTaskState = "failed"
+	NodeTaskStateLeased    NodeTaskState = "leased"
+	NodeTaskStateQueued    NodeTaskState = "queued"
+	NodeTaskStateSucceeded NodeTaskState = "succeeded"
+)
+
+// Valid indicates whether the value is a known member of the NodeTaskState enum.
+func (e NodeTaskState) Valid() bool {
+	switch e {
+	case NodeTaskStateExpired:
+		return true
+	case NodeTaskStateFailed:
+		return true
+	case NodeTaskStateLeased:
+		return true
+	case NodeTaskStateQueued:
+		return true
+	case NodeTaskStateSucceeded:
 		return true
 	default:
 		return false
@@ -1337,6 +1439,31 @@ type EnableRequest struct {
 	Enabled bool `json:"enabled"`
 }
 
+// EnqueueNodeTaskRequest defines model for EnqueueNodeTaskRequest.
+type EnqueueNodeTaskRequest struct {
+	ExternalId  string                     `json:"external_id"`
+	MaxAttempts *int                       `json:"max_attempts,omitempty"`
+	OperationId string                     `json:"operation_id"`
+	Params      *map[string]interface{}    `json:"params,omitempty"`
+	TtlSeconds  *int                       `json:"ttl_seconds,omitempty"`
+	Type        EnqueueNodeTaskRequestType `json:"type"`
+}
+
+// EnqueueNodeTaskRequestType defines model for EnqueueNodeTaskRequest.Type.
+type EnqueueNodeTaskRequestType string
+
+// EnrollmentToken defines model for EnrollmentToken.
+type EnrollmentToken struct {
+	ExpiresAt time.Time `json:"expires_at"`
+	Token     string    `json:"token"`
+}
+
+// EnrollmentTokenRequest defines model for EnrollmentTokenRequest.
+type EnrollmentTokenRequest struct {
+	// TtlSeconds Default: policy agents.enrollment_token_ttl.
+	TtlSeconds *int `json:"ttl_seconds,omitempty"`
+}
+
 // ErrorBody defines model for ErrorBody.
 type ErrorBody struct {
 	// Code Stable machine-readable error codes.
@@ -1449,14 +1576,19 @@ type MemberPage struct {
 
 // Node defines model for Node.
 type Node struct {
-	CpuCores            int                `json:"cpu_cores"`
-	CpuModel            *string            `json:"cpu_model,omitempty"`
-	CreatedAt           time.Time          `json:"created_at"`
-	DiskBytes           int64              `json:"disk_bytes"`
-	ExternalId          string             `json:"external_id"`
-	Gpus                []NodeGPU          `json:"gpus"`
-	HealthMessage       *string            `json:"health_message,omitempty"`
-	Healthy             *bool              `json:"healthy,omitempty"`
+	// AgentFacts What the node's agent last reported.
+	AgentFacts    *map[string]interface{} `json:"agent_facts,omitempty"`
+	CpuCores      int                     `json:"cpu_cores"`
+	CpuModel      *string                 `json:"cpu_model,omitempty"`
+	CreatedAt     time.Time               `json:"created_at"`
+	DiskBytes     int64                   `json:"disk_bytes"`
+	ExternalId    string                  `json:"external_id"`
+	Gpus          []NodeGPU               `json:"gpus"`
+	HealthMessage *string                 `json:"health_message,omitempty"`
+	Healthy       *bool                   `json:"healthy,omitempty"`
+
+	// HeartbeatAt The agent's last heartbeat (agent-managed nodes).
+	HeartbeatAt         *time.Time         `json:"heartbeat_at,omitempty"`
 	Hostname            string             `json:"hostname"`
 	Id                  openapi_types.UUID `json:"id"`
 	MemoryBytes         int64              `json:"memory_bytes"`
@@ -1494,6 +1626,25 @@ type NodeSyncResult struct {
 	Recovered int `json:"recovered"`
 	Seen      int `json:"seen"`
 }
+
+// NodeTask defines model for NodeTask.
+type NodeTask struct {
+	Attempts    int                     `json:"attempts"`
+	CreatedAt   time.Time               `json:"created_at"`
+	Error       string                  `json:"error"`
+	ExpiresAt   time.Time               `json:"expires_at"`
+	ExternalId  string                  `json:"external_id"`
+	Id          openapi_types.UUID      `json:"id"`
+	NodeId      openapi_types.UUID      `json:"node_id"`
+	OperationId string                  `json:"operation_id"`
+	Output      *map[string]interface{} `json:"output,omitempty"`
+	State       NodeTaskState           `json:"state"`
+	Type        string                  `json:"type"`
+	UpdatedAt   time.Time               `json:"updated_at"`
+}
+
+// NodeTaskState defines model for NodeTask.State.
+type NodeTaskState string
 
 // NodeWebhookReceipt defines model for NodeWebhookReceipt.
 type NodeWebhookReceipt struct {
@@ -1653,6 +1804,29 @@ type PortalSession struct {
 	Url string `json:"url"`
 }
 
+// PresignedURL defines model for PresignedURL.
+type PresignedURL struct {
+	ExpiresAt time.Time `json:"expires_at"`
+
+	// Headers Headers the request must carry.
+	Headers map[string]string `json:"headers"`
+	Method  string            `json:"method"`
+	Url     string            `json:"url"`
+}
+
+// PresignedUpload defines model for PresignedUpload.
+type PresignedUpload struct {
+	// ConfirmBy Confirm before this or the upload is removed.
+	ConfirmBy time.Time          `json:"confirm_by"`
+	ExpiresAt time.Time          `json:"expires_at"`
+	Headers   map[string]string  `json:"headers"`
+	Method    string             `json:"method"`
+	Path      string             `json:"path"`
+	Size      int64              `json:"size"`
+	UploadId  openapi_types.UUID `json:"upload_id"`
+	Url       string             `json:"url"`
+}
+
 // Project defines model for Project.
 type Project struct {
 	CreatedAt time.Time          `json:"created_at"`
@@ -1802,6 +1976,82 @@ type SetPolicyRequest struct {
 // SetPolicyRequestScope defines model for SetPolicyRequest.Scope.
 type SetPolicyRequestScope string
 
+// StorageChange defines model for StorageChange.
+type StorageChange struct {
+	Bytes  int64          `json:"bytes"`
+	Object *StorageObject `json:"object,omitempty"`
+
+	// Objects Objects renamed or deleted.
+	Objects int `json:"objects"`
+}
+
+// StorageEntry defines model for StorageEntry.
+type StorageEntry struct {
+	Folder bool `json:"folder"`
+
+	// Name The last segment (a folder's with its '/').
+	Name   string         `json:"name"`
+	Object *StorageObject `json:"object,omitempty"`
+
+	// Path Relative to the project; a folder's ends with '/'.
+	Path string `json:"path"`
+}
+
+// StorageObject defines model for StorageObject.
+type StorageObject struct {
+	ContentType string             `json:"content_type"`
+	CreatedAt   time.Time          `json:"created_at"`
+	CreatedBy   string             `json:"created_by"`
+	Etag        string             `json:"etag"`
+	Folder      bool               `json:"folder"`
+	Id          openapi_types.UUID `json:"id"`
+
+	// Path Relative to the project; a folder's ends with '/'.
+	Path      string    `json:"path"`
+	Size      int64     `json:"size"`
+	UpdatedAt time.Time `json:"updated_at"`
+}
+
+// StoragePage defines model for StoragePage.
+type StoragePage struct {
+	Items      []StorageEntry `json:"items"`
+	NextCursor *string        `json:"next_cursor,omitempty"`
+	Prefix     string         `json:"prefix"`
+}
+
+// StoragePathRequest defines model for StoragePathRequest.
+type StoragePathRequest struct {
+	Path      string             `json:"path"`
+	ProjectId openapi_types.UUID `json:"project_id"`
+}
+
+// StoragePresignUploadRequest defines model for StoragePresignUploadRequest.
+type StoragePresignUploadRequest struct {
+	ContentType *string            `json:"content_type,omitempty"`
+	Path        string             `json:"path"`
+	ProjectId   openapi_types.UUID `json:"project_id"`
+
+	// Size The file's exact length; the URL is signed for it.
+	Size int64 `json:"size"`
+}
+
+// StorageRenameRequest defines model for StorageRenameRequest.
+type StorageRenameRequest struct {
+	From      string             `json:"from"`
+	ProjectId openapi_types.UUID `json:"project_id"`
+	To        string             `json:"to"`
+}
+
+// StorageUsage defines model for StorageUsage.
+type StorageUsage struct {
+	// BytesReserved Held by uploads in flight.
+	BytesReserved int64              `json:"bytes_reserved"`
+	BytesUsed     int64              `json:"bytes_used"`
+	Objects       int64              `json:"objects"`
+	ProjectId     openapi_types.UUID `json:"project_id"`
+	QuotaBytes    int64              `json:"quota_bytes"`
+}
+
 // TokenResponse defines model for TokenResponse.
 type TokenResponse struct {
 	AccessToken      string                 `json:"access_token"`
@@ -1913,6 +2163,9 @@ type AuditTo = time.Time
 // Cursor defines model for Cursor.
 type Cursor = string
 
+// ExternalID defines model for ExternalID.
+type ExternalID = string
+
 // IdempotencyKey defines model for IdempotencyKey.
 type IdempotencyKey = string
 
@@ -1945,6 +2198,12 @@ type ProjectQuery = openapi_types.UUID
 
 // ServiceAccountID defines model for ServiceAccountID.
 type ServiceAccountID = openapi_types.UUID
+
+// StoragePathQuery defines model for StoragePathQuery.
+type StoragePathQuery = string
+
+// StorageProjectQuery defines model for StorageProjectQuery.
+type StorageProjectQuery = openapi_types.UUID
 
 // UserID defines model for UserID.
 type UserID = openapi_types.UUID
@@ -2309,6 +2568,89 @@ type AddSSHKeyParams struct {
 	IdempotencyKey *IdempotencyKey `json:"Idempotency-Key,omitempty"`
 }
 
+// DeleteStorageParams defines parameters for DeleteStorage.
+type DeleteStorageParams struct {
+	// ProjectId The project whose storage this is.
+	ProjectId StorageProjectQuery `form:"project_id" json:"project_id"`
+
+	// Path A path relative to the project (`reports/q1.csv`); a folder's ends
+	// with `/`. NFC-normalised; `.`/`..` segments (in any encoding), a
+	// leading `/`, backslashes, control and bidirectional-override
+	// characters, empty segments and paths over 936 bytes are refused.
+	Path      StoragePathQuery `form:"path" json:"path"`
+	Recursive *bool            `form:"recursive,omitempty" json:"recursive,omitempty"`
+}
+
+// DownloadStorageObjectParams defines parameters for DownloadStorageObject.
+type DownloadStorageObjectParams struct {
+	// ProjectId The project whose storage this is.
+	ProjectId StorageProjectQuery `form:"project_id" json:"project_id"`
+
+	// Path A path relative to the project (`reports/q1.csv`); a folder's ends
+	// with `/`. NFC-normalised; `.`/`..` segments (in any encoding), a
+	// leading `/`, backslashes, control and bidirectional-override
+	// characters, empty segments and paths over 936 bytes are refused.
+	Path    StoragePathQuery `form:"path" json:"path"`
+	Range   *string          `json:"Range,omitempty"`
+	IfRange *string          `json:"If-Range,omitempty"`
+}
+
+// ListStorageParams defines parameters for ListStorage.
+type ListStorageParams struct {
+	// ProjectId The project whose storage this is.
+	ProjectId StorageProjectQuery `form:"project_id" json:"project_id"`
+	Prefix    *string             `form:"prefix,omitempty" json:"prefix,omitempty"`
+	Recursive *bool               `form:"recursive,omitempty" json:"recursive,omitempty"`
+
+	// Limit Page size, 1 to 200.
+	Limit *Limit `form:"limit,omitempty" json:"limit,omitempty"`
+
+	// Cursor Opaque cursor from a previous page's `next_cursor`.
+	Cursor *Cursor `form:"cursor,omitempty" json:"cursor,omitempty"`
+}
+
+// MkdirStorageParams defines parameters for MkdirStorage.
+type MkdirStorageParams struct {
+	// IdempotencyKey Makes a retried POST safe; the first response is replayed byte for byte.
+	IdempotencyKey *IdempotencyKey `json:"Idempotency-Key,omitempty"`
+}
+
+// PresignStorageUploadParams defines parameters for PresignStorageUpload.
+type PresignStorageUploadParams struct {
+	// IdempotencyKey Makes a retried POST safe; the first response is replayed byte for byte.
+	IdempotencyKey *IdempotencyKey `json:"Idempotency-Key,omitempty"`
+}
+
+// RenameStorageParams defines parameters for RenameStorage.
+type RenameStorageParams struct {
+	// IdempotencyKey Makes a retried POST safe; the first response is replayed byte for byte.
+	IdempotencyKey *IdempotencyKey `json:"Idempotency-Key,omitempty"`
+}
+
+// UploadStorageObjectParams defines parameters for UploadStorageObject.
+type UploadStorageObjectParams struct {
+	// ProjectId The project whose storage this is.
+	ProjectId StorageProjectQuery `form:"project_id" json:"project_id"`
+
+	// Path A path relative to the project (`reports/q1.csv`); a folder's ends
+	// with `/`. NFC-normalised; `.`/`..` segments (in any encoding), a
+	// leading `/`, backslashes, control and bidirectional-override
+	// characters, empty segments and paths over 936 bytes are refused.
+	Path StoragePathQuery `form:"path" json:"path"`
+}
+
+// CompleteStorageUploadParams defines parameters for CompleteStorageUpload.
+type CompleteStorageUploadParams struct {
+	// IdempotencyKey Makes a retried POST safe; the first response is replayed byte for byte.
+	IdempotencyKey *IdempotencyKey `json:"Idempotency-Key,omitempty"`
+}
+
+// GetStorageUsageParams defines parameters for GetStorageUsage.
+type GetStorageUsageParams struct {
+	// ProjectId The project whose storage this is.
+	ProjectId StorageProjectQuery `form:"project_id" json:"project_id"`
+}
+
 // ListMyAPIKeysParams defines parameters for ListMyAPIKeys.
 type ListMyAPIKeysParams struct {
 	// Limit Page size, 1 to 200.
@@ -2339,6 +2681,9 @@ type AdminRegisterNodeJSONRequestBody = RegisterNodeRequest
 // AdminUpdateNodeJSONRequestBody defines body for AdminUpdateNode for application/json ContentType.
 type AdminUpdateNodeJSONRequestBody = UpdateNodeRequest
 
+// AdminMintEnrollmentTokenJSONRequestBody defines body for AdminMintEnrollmentToken for application/json ContentType.
+type AdminMintEnrollmentTokenJSONRequestBody = EnrollmentTokenRequest
+
 // AdminRetireNodeJSONRequestBody defines body for AdminRetireNode for application/json ContentType.
 type AdminRetireNodeJSONRequestBody = ReasonRequest
 
@@ -2350,6 +2695,9 @@ type AdminUpdatePluginInstanceJSONRequestBody = EnableRequest
 
 // AdminConfigurePluginInstanceJSONRequestBody defines body for AdminConfigurePluginInstance for application/json ContentType.
 type AdminConfigurePluginInstanceJSONRequestBody = ConfigureInstanceRequest
+
+// AdminEnqueueNodeTaskJSONRequestBody defines body for AdminEnqueueNodeTask for application/json ContentType.
+type AdminEnqueueNodeTaskJSONRequestBody = EnqueueNodeTaskRequest
 
 // AdminInstallPluginJSONRequestBody defines body for AdminInstallPlugin for application/json ContentType.
 type AdminInstallPluginJSONRequestBody = InstallPluginRequest
@@ -2423,6 +2771,18 @@ type CreateServiceAccountKeyJSONRequestBody = CreateAPIKeyRequest
 // AddSSHKeyJSONRequestBody defines body for AddSSHKey for application/json ContentType.
 type AddSSHKeyJSONRequestBody = AddSSHKeyRequest
 
+// MkdirStorageJSONRequestBody defines body for MkdirStorage for application/json ContentType.
+type MkdirStorageJSONRequestBody = StoragePathRequest
+
+// PresignStorageDownloadJSONRequestBody defines body for PresignStorageDownload for application/json ContentType.
+type PresignStorageDownloadJSONRequestBody = StoragePathRequest
+
+// PresignStorageUploadJSONRequestBody defines body for PresignStorageUpload for application/json ContentType.
+type PresignStorageUploadJSONRequestBody = StoragePresignUploadRequest
+
+// RenameStorageJSONRequestBody defines body for RenameStorage for application/json ContentType.
+type RenameStorageJSONRequestBody = StorageRenameRequest
+
 // CreateMyAPIKeyJSONRequestBody defines body for CreateMyAPIKey for application/json ContentType.
 type CreateMyAPIKeyJSONRequestBody = CreateAPIKeyRequest
 
@@ -2458,6 +2818,9 @@ type ServerInterface interface {
 	// AdminUpdateNode Assign a node's SKU (only while it is idle)
 	// (PATCH /api/v1/admin/nodes/{node_id})
 	AdminUpdateNode(c *fiber.Ctx, nodeId NodeID) error
+	// AdminMintEnrollmentToken A single-use token the node's agent enrolls with (shown once)
+	// (POST /api/v1/admin/nodes/{node_id}/enrollment-token)
+	AdminMintEnrollmentToken(c *fiber.Ctx, nodeId NodeID) error
 	// AdminProbeNode Ask the node's driver for its health (unhealthy → offline, healthy → back)
 	// (POST /api/v1/admin/nodes/{node_id}/probe)
 	AdminProbeNode(c *fiber.Ctx, nodeId NodeID) error
@@ -2479,6 +2842,15 @@ type ServerInterface interface {
 	// AdminConfigurePluginInstance Create or reconfigure an instance; the config is validated against the plugin's schema
 	// (PUT /api/v1/admin/plugin-instances/{name})
 	AdminConfigurePluginInstance(c *fiber.Ctx, name PluginName) error
+	// AdminEnqueueNodeTask Queue a signed task for a node's agent (drivers; idempotent by operation_id)
+	// (POST /api/v1/admin/plugin-instances/{name}/node-tasks)
+	AdminEnqueueNodeTask(c *fiber.Ctx, name PluginName) error
+	// AdminGetNodeTask A driver's task by its operation id
+	// (GET /api/v1/admin/plugin-instances/{name}/node-tasks/{operation_id})
+	AdminGetNodeTask(c *fiber.Ctx, name PluginName, operationId string) error
+	// AdminGetInstanceNode A node by the id its provisioner instance knows it by (for drivers)
+	// (GET /api/v1/admin/plugin-instances/{name}/nodes/{external_id})
+	AdminGetInstanceNode(c *fiber.Ctx, name PluginName, externalId ExternalID) error
 	// AdminSyncInstanceNodes Reconcile the inventory with a provisioner backend now (nodes it lists, lost or broken)
 	// (POST /api/v1/admin/plugin-instances/{name}/sync)
 	AdminSyncInstanceNodes(c *fiber.Ctx, name PluginName) error
@@ -2656,6 +3028,36 @@ type ServerInterface interface {
 
 	// (DELETE /api/v1/ssh-keys/{key_id})
 	DeleteSSHKey(c *fiber.Ctx, keyId KeyID) error
+	// DeleteStorage Delete a file, or a folder (with its contents only when recursive=true)
+	// (DELETE /api/v1/storage/delete)
+	DeleteStorage(c *fiber.Ctx, params DeleteStorageParams) error
+	// DownloadStorageObject A file's content, streamed (Range requests honoured)
+	// (GET /api/v1/storage/download)
+	DownloadStorageObject(c *fiber.Ctx, params DownloadStorageObjectParams) error
+	// ListStorage The files and folders of a project's storage folder, in path order
+	// (GET /api/v1/storage/list)
+	ListStorage(c *fiber.Ctx, params ListStorageParams) error
+	// MkdirStorage Make a folder (an empty folder lists too); an existing folder is fine
+	// (POST /api/v1/storage/mkdir)
+	MkdirStorage(c *fiber.Ctx, params MkdirStorageParams) error
+	// PresignStorageDownload A URL that reads a file straight from the store, for a while
+	// (POST /api/v1/storage/presign-download)
+	PresignStorageDownload(c *fiber.Ctx) error
+	// PresignStorageUpload A URL that uploads a large file straight to the store
+	// (POST /api/v1/storage/presign-upload)
+	PresignStorageUpload(c *fiber.Ctx, params PresignStorageUploadParams) error
+	// RenameStorage Rename (move) a file, or a folder with everything in it
+	// (POST /api/v1/storage/rename)
+	RenameStorage(c *fiber.Ctx, params RenameStorageParams) error
+	// UploadStorageObject Store a file, streamed (replaces the file at the path)
+	// (PUT /api/v1/storage/upload)
+	UploadStorageObject(c *fiber.Ctx, params UploadStorageObjectParams) error
+	// CompleteStorageUpload Confirm a presigned upload; the file becomes part of the project
+	// (POST /api/v1/storage/uploads/{upload_id}/complete)
+	CompleteStorageUpload(c *fiber.Ctx, uploadId openapi_types.UUID, params CompleteStorageUploadParams) error
+	// GetStorageUsage What a project stores against its quota
+	// (GET /api/v1/storage/usage)
+	GetStorageUsage(c *fiber.Ctx, params GetStorageUsageParams) error
 	// GetMe The caller, with memberships
 	// (GET /api/v1/users/me)
 	GetMe(c *fiber.Ctx) error
@@ -3182,6 +3584,35 @@ func (siw *ServerInterfaceWrapper) AdminUpdateNode(c *fiber.Ctx) error {
 	return handler(c)
 }
 
+// AdminMintEnrollmentToken operation middleware
+func (siw *ServerInterfaceWrapper) AdminMintEnrollmentToken(c *fiber.Ctx) error {
+
+	var err error
+	_ = err
+
+	// ------------- Path parameter "node_id" -------------
+	var nodeId NodeID
+
+	err = runtime.BindStyledParameterWithOptions("simple", "node_id", c.Params("node_id"), &nodeId, runtime.BindStyledParameterOptions{ParamLocation: runtime.ParamLocationPath, Explode: false, Required: true, Type: "string", Format: "uuid"})
+	if err != nil {
+		return fiber.NewError(fiber.StatusBadRequest, fmt.Errorf("Invalid format for parameter node_id: %w", err).Error())
+	}
+
+	handler := func(c *fiber.Ctx) error {
+		return siw.Handler.AdminMintEnrollmentToken(c, nodeId)
+	}
+
+	for i := len(siw.HandlerMiddlewares) - 1; i >= 0; i-- {
+		m := siw.HandlerMiddlewares[i]
+		next := handler
+		handler = func(c *fiber.Ctx) error {
+			return m(c, next)
+		}
+	}
+
+	return handler(c)
+}
+
 // AdminProbeNode operation middleware
 func (siw *ServerInterfaceWrapper) AdminProbeNode(c *fiber.Ctx) error {
 
@@ -3412,6 +3843,109 @@ func (siw *ServerInterfaceWrapper) AdminConfigurePluginInstance(c *fiber.Ctx) er
 
 	handler := func(c *fiber.Ctx) error {
 		return siw.Handler.AdminConfigurePluginInstance(c, name)
+	}
+
+	for i := len(siw.HandlerMiddlewares) - 1; i >= 0; i-- {
+		m := siw.HandlerMiddlewares[i]
+		next := handler
+		handler = func(c *fiber.Ctx) error {
+			return m(c, next)
+		}
+	}
+
+	return handler(c)
+}
+
+// AdminEnqueueNodeTask operation middleware
+func (siw *ServerInterfaceWrapper) AdminEnqueueNodeTask(c *fiber.Ctx) error {
+
+	var err error
+	_ = err
+
+	// ------------- Path parameter "name" -------------
+	var name PluginName
+
+	err = runtime.BindStyledParameterWithOptions("simple", "name", c.Params("name"), &name, runtime.BindStyledParameterOptions{ParamLocation: runtime.ParamLocationPath, Explode: false, Required: true, Type: "string", Format: ""})
+	if err != nil {
+		return fiber.NewError(fiber.StatusBadRequest, fmt.Errorf("Invalid format for parameter name: %w", err).Error())
+	}
+
+	handler := func(c *fiber.Ctx) error {
+		return siw.Handler.AdminEnqueueNodeTask(c, name)
+	}
+
+	for i := len(siw.HandlerMiddlewares) - 1; i >= 0; i-- {
+		m := siw.HandlerMiddlewares[i]
+		next := handler
+		handler = func(c *fiber.Ctx) error {
+			return m(c, next)
+		}
+	}
+
+	return handler(c)
+}
+
+// AdminGetNodeTask operation middleware
+func (siw *ServerInterfaceWrapper) AdminGetNodeTask(c *fiber.Ctx) error {
+
+	var err error
+	_ = err
+
+	// ------------- Path parameter "name" -------------
+	var name PluginName
+
+	err = runtime.BindStyledParameterWithOptions("simple", "name", c.Params("name"), &name, runtime.BindStyledParameterOptions{ParamLocation: runtime.ParamLocationPath, Explode: false, Required: true, Type: "string", Format: ""})
+	if err != nil {
+		return fiber.NewError(fiber.StatusBadRequest, fmt.Errorf("Invalid format for parameter name: %w", err).Error())
+	}
+
+	// ------------- Path parameter "operation_id" -------------
+	var operationId string
+
+	err = runtime.BindStyledParameterWithOptions("simple", "operation_id", c.Params("operation_id"), &operationId, runtime.BindStyledParameterOptions{ParamLocation: runtime.ParamLocationPath, Explode: false, Required: true, Type: "string", Format: ""})
+	if err != nil {
+		return fiber.NewError(fiber.StatusBadRequest, fmt.Errorf("Invalid format for parameter operation_id: %w", err).Error())
+	}
+
+	handler := func(c *fiber.Ctx) error {
+		return siw.Handler.AdminGetNodeTask(c, name, operationId)
+	}
+
+	for i := len(siw.HandlerMiddlewares) - 1; i >= 0; i-- {
+		m := siw.HandlerMiddlewares[i]
+		next := handler
+		handler = func(c *fiber.Ctx) error {
+			return m(c, next)
+		}
+	}
+
+	return handler(c)
+}
+
+// AdminGetInstanceNode operation middleware
+func (siw *ServerInterfaceWrapper) AdminGetInstanceNode(c *fiber.Ctx) error {
+
+	var err error
+	_ = err
+
+	// ------------- Path parameter "name" -------------
+	var name PluginName
+
+	err = runtime.BindStyledParameterWithOptions("simple", "name", c.Params("name"), &name, runtime.BindStyledParameterOptions{ParamLocation: runtime.ParamLocationPath, Explode: false, Required: true, Type: "string", Format: ""})
+	if err != nil {
+		return fiber.NewError(fiber.StatusBadRequest, fmt.Errorf("Invalid format for parameter name: %w", err).Error())
+	}
+
+	// ------------- Path parameter "external_id" -------------
+	var externalId ExternalID
+
+	err = runtime.BindStyledParameterWithOptions("simple", "external_id", c.Params("external_id"), &externalId, runtime.BindStyledParameterOptions{ParamLocation: runtime.ParamLocationPath, Explode: false, Required: true, Type: "string", Format: ""})
+	if err != nil {
+		return fiber.NewError(fiber.StatusBadRequest, fmt.Errorf("Invalid format for parameter external_id: %w", err).Error())
+	}
+
+	handler := func(c *fiber.Ctx) error {
+		return siw.Handler.AdminGetInstanceNode(c, name, externalId)
 	}
 
 	for i := len(siw.HandlerMiddlewares) - 1; i >= 0; i-- {
@@ -5711,6 +6245,481 @@ func (siw *ServerInterfaceWrapper) DeleteSSHKey(c *fiber.Ctx) error {
 	return handler(c)
 }
 
+// DeleteStorage operation middleware
+func (siw *ServerInterfaceWrapper) DeleteStorage(c *fiber.Ctx) error {
+
+	var err error
+	_ = err
+
+	// Parameter object where we will unmarshal all parameters from the context
+	var params DeleteStorageParams
+
+	var query url.Values
+	query, err = url.ParseQuery(string(c.Request().URI().QueryString()))
+	if err != nil {
+		return fiber.NewError(fiber.StatusBadRequest, fmt.Errorf("Invalid format for query string: %w", err).Error())
+	}
+
+	// ------------- Required query parameter "project_id" -------------
+
+	err = runtime.BindQueryParameterWithOptions("form", true, true, "project_id", query, &params.ProjectId, runtime.BindQueryParameterOptions{Type: "string", Format: "uuid"})
+	if err != nil {
+		return fiber.NewError(fiber.StatusBadRequest, fmt.Errorf("Invalid format for parameter project_id: %w", err).Error())
+	}
+
+	// ------------- Required query parameter "path" -------------
+
+	err = runtime.BindQueryParameterWithOptions("form", true, true, "path", query, &params.Path, runtime.BindQueryParameterOptions{Type: "string", Format: ""})
+	if err != nil {
+		return fiber.NewError(fiber.StatusBadRequest, fmt.Errorf("Invalid format for parameter path: %w", err).Error())
+	}
+
+	// ------------- Optional query parameter "recursive" -------------
+
+	err = runtime.BindQueryParameterWithOptions("form", true, false, "recursive", query, &params.Recursive, runtime.BindQueryParameterOptions{Type: "boolean", Format: ""})
+	if err != nil {
+		return fiber.NewError(fiber.StatusBadRequest, fmt.Errorf("Invalid format for parameter recursive: %w", err).Error())
+	}
+
+	handler := func(c *fiber.Ctx) error {
+		return siw.Handler.DeleteStorage(c, params)
+	}
+
+	for i := len(siw.HandlerMiddlewares) - 1; i >= 0; i-- {
+		m := siw.HandlerMiddlewares[i]
+		next := handler
+		handler = func(c *fiber.Ctx) error {
+			return m(c, next)
+		}
+	}
+
+	return handler(c)
+}
+
+// DownloadStorageObject operation middleware
+func (siw *ServerInterfaceWrapper) DownloadStorageObject(c *fiber.Ctx) error {
+
+	var err error
+	_ = err
+
+	// Parameter object where we will unmarshal all parameters from the context
+	var params DownloadStorageObjectParams
+
+	var query url.Values
+	query, err = url.ParseQuery(string(c.Request().URI().QueryString()))
+	if err != nil {
+		return fiber.NewError(fiber.StatusBadRequest, fmt.Errorf("Invalid format for query string: %w", err).Error())
+	}
+
+	// ------------- Required query parameter "project_id" -------------
+
+	err = runtime.BindQueryParameterWithOptions("form", true, true, "project_id", query, &params.ProjectId, runtime.BindQueryParameterOptions{Type: "string", Format: "uuid"})
+	if err != nil {
+		return fiber.NewError(fiber.StatusBadRequest, fmt.Errorf("Invalid format for parameter project_id: %w", err).Error())
+	}
+
+	// ------------- Required query parameter "path" -------------
+
+	err = runtime.BindQueryParameterWithOptions("form", true, true, "path", query, &params.Path, runtime.BindQueryParameterOptions{Type: "string", Format: ""})
+	if err != nil {
+		return fiber.NewError(fiber.StatusBadRequest, fmt.Errorf("Invalid format for parameter path: %w", err).Error())
+	}
+
+	headers := c.GetReqHeaders()
+
+	// ------------- Optional header parameter "Range" -------------
+	if valueList, found := headers[http.CanonicalHeaderKey("Range")]; found {
+		var Range string
+		n := len(valueList)
+		if n != 1 {
+			return fiber.NewError(fiber.StatusBadRequest, fmt.Sprintf("Too many values for ParamName Range, 1 is required, but %d found", n))
+		}
+
+		err = runtime.BindStyledParameterWithOptions("simple", "Range", valueList[0], &Range, runtime.BindStyledParameterOptions{ParamLocation: runtime.ParamLocationHeader, Explode: false, Required: false, Type: "string", Format: ""})
+		if err != nil {
+			return fiber.NewError(fiber.StatusBadRequest, fmt.Errorf("Invalid format for parameter Range: %w", err).Error())
+		}
+
+		params.Range = &Range
+
+	}
+
+	// ------------- Optional header parameter "If-Range" -------------
+	if valueList, found := headers[http.CanonicalHeaderKey("If-Range")]; found {
+		var IfRange string
+		n := len(valueList)
+		if n != 1 {
+			return fiber.NewError(fiber.StatusBadRequest, fmt.Sprintf("Too many values for ParamName If-Range, 1 is required, but %d found", n))
+		}
+
+		err = runtime.BindStyledParameterWithOptions("simple", "If-Range", valueList[0], &IfRange, runtime.BindStyledParameterOptions{ParamLocation: runtime.ParamLocationHeader, Explode: false, Required: false, Type: "string", Format: ""})
+		if err != nil {
+			return fiber.NewError(fiber.StatusBadRequest, fmt.Errorf("Invalid format for parameter If-Range: %w", err).Error())
+		}
+
+		params.IfRange = &IfRange
+
+	}
+
+	handler := func(c *fiber.Ctx) error {
+		return siw.Handler.DownloadStorageObject(c, params)
+	}
+
+	for i := len(siw.HandlerMiddlewares) - 1; i >= 0; i-- {
+		m := siw.HandlerMiddlewares[i]
+		next := handler
+		handler = func(c *fiber.Ctx) error {
+			return m(c, next)
+		}
+	}
+
+	return handler(c)
+}
+
+// ListStorage operation middleware
+func (siw *ServerInterfaceWrapper) ListStorage(c *fiber.Ctx) error {
+
+	var err error
+	_ = err
+
+	// Parameter object where we will unmarshal all parameters from the context
+	var params ListStorageParams
+
+	var query url.Values
+	query, err = url.ParseQuery(string(c.Request().URI().QueryString()))
+	if err != nil {
+		return fiber.NewError(fiber.StatusBadRequest, fmt.Errorf("Invalid format for query string: %w", err).Error())
+	}
+
+	// ------------- Required query parameter "project_id" -------------
+
+	err = runtime.BindQueryParameterWithOptions("form", true, true, "project_id", query, &params.ProjectId, runtime.BindQueryParameterOptions{Type: "string", Format: "uuid"})
+	if err != nil {
+		return fiber.NewError(fiber.StatusBadRequest, fmt.Errorf("Invalid format for parameter project_id: %w", err).Error())
+	}
+
+	// ------------- Optional query parameter "prefix" -------------
+
+	err = runtime.BindQueryParameterWithOptions("form", true, false, "prefix", query, &params.Prefix, runtime.BindQueryParameterOptions{Type: "string", Format: ""})
+	if err != nil {
+		return fiber.NewError(fiber.StatusBadRequest, fmt.Errorf("Invalid format for parameter prefix: %w", err).Error())
+	}
+
+	// ------------- Optional query parameter "recursive" -------------
+
+	err = runtime.BindQueryParameterWithOptions("form", true, false, "recursive", query, &params.Recursive, runtime.BindQueryParameterOptions{Type: "boolean", Format: ""})
+	if err != nil {
+		return fiber.NewError(fiber.StatusBadRequest, fmt.Errorf("Invalid format for parameter recursive: %w", err).Error())
+	}
+
+	// ------------- Optional query parameter "limit" -------------
+
+	err = runtime.BindQueryParameterWithOptions("form", true, false, "limit", query, &params.Limit, runtime.BindQueryParameterOptions{Type: "integer", Format: ""})
+	if err != nil {
+		return fiber.NewError(fiber.StatusBadRequest, fmt.Errorf("Invalid format for parameter limit: %w", err).Error())
+	}
+
+	// ------------- Optional query parameter "cursor" -------------
+
+	err = runtime.BindQueryParameterWithOptions("form", true, false, "cursor", query, &params.Cursor, runtime.BindQueryParameterOptions{Type: "string", Format: ""})
+	if err != nil {
+		return fiber.NewError(fiber.StatusBadRequest, fmt.Errorf("Invalid format for parameter cursor: %w", err).Error())
+	}
+
+	handler := func(c *fiber.Ctx) error {
+		return siw.Handler.ListStorage(c, params)
+	}
+
+	for i := len(siw.HandlerMiddlewares) - 1; i >= 0; i-- {
+		m := siw.HandlerMiddlewares[i]
+		next := handler
+		handler = func(c *fiber.Ctx) error {
+			return m(c, next)
+		}
+	}
+
+	return handler(c)
+}
+
+// MkdirStorage operation middleware
+func (siw *ServerInterfaceWrapper) MkdirStorage(c *fiber.Ctx) error {
+
+	var err error
+	_ = err
+
+	// Parameter object where we will unmarshal all parameters from the context
+	var params MkdirStorageParams
+
+	headers := c.GetReqHeaders()
+
+	// ------------- Optional header parameter "Idempotency-Key" -------------
+	if valueList, found := headers[http.CanonicalHeaderKey("Idempotency-Key")]; found {
+		var IdempotencyKey IdempotencyKey
+		n := len(valueList)
+		if n != 1 {
+			return fiber.NewError(fiber.StatusBadRequest, fmt.Sprintf("Too many values for ParamName Idempotency-Key, 1 is required, but %d found", n))
+		}
+
+		err = runtime.BindStyledParameterWithOptions("simple", "Idempotency-Key", valueList[0], &IdempotencyKey, runtime.BindStyledParameterOptions{ParamLocation: runtime.ParamLocationHeader, Explode: false, Required: false, Type: "string", Format: ""})
+		if err != nil {
+			return fiber.NewError(fiber.StatusBadRequest, fmt.Errorf("Invalid format for parameter Idempotency-Key: %w", err).Error())
+		}
+
+		params.IdempotencyKey = &IdempotencyKey
+
+	}
+
+	handler := func(c *fiber.Ctx) error {
+		return siw.Handler.MkdirStorage(c, params)
+	}
+
+	for i := len(siw.HandlerMiddlewares) - 1; i >= 0; i-- {
+		m := siw.HandlerMiddlewares[i]
+		next := handler
+		handler = func(c *fiber.Ctx) error {
+			return m(c, next)
+		}
+	}
+
+	return handler(c)
+}
+
+// PresignStorageDownload operation middleware
+func (siw *ServerInterfaceWrapper) PresignStorageDownload(c *fiber.Ctx) error {
+
+	handler := func(c *fiber.Ctx) error {
+		return siw.Handler.PresignStorageDownload(c)
+	}
+
+	for i := len(siw.HandlerMiddlewares) - 1; i >= 0; i-- {
+		m := siw.HandlerMiddlewares[i]
+		next := handler
+		handler = func(c *fiber.Ctx) error {
+			return m(c, next)
+		}
+	}
+
+	return handler(c)
+}
+
+// PresignStorageUpload operation middleware
+func (siw *ServerInterfaceWrapper) PresignStorageUpload(c *fiber.Ctx) error {
+
+	var err error
+	_ = err
+
+	// Parameter object where we will unmarshal all parameters from the context
+	var params PresignStorageUploadParams
+
+	headers := c.GetReqHeaders()
+
+	// ------------- Optional header parameter "Idempotency-Key" -------------
+	if valueList, found := headers[http.CanonicalHeaderKey("Idempotency-Key")]; found {
+		var IdempotencyKey IdempotencyKey
+		n := len(valueList)
+		if n != 1 {
+			return fiber.NewError(fiber.StatusBadRequest, fmt.Sprintf("Too many values for ParamName Idempotency-Key, 1 is required, but %d found", n))
+		}
+
+		err = runtime.BindStyledParameterWithOptions("simple", "Idempotency-Key", valueList[0], &IdempotencyKey, runtime.BindStyledParameterOptions{ParamLocation: runtime.ParamLocationHeader, Explode: false, Required: false, Type: "string", Format: ""})
+		if err != nil {
+			return fiber.NewError(fiber.StatusBadRequest, fmt.Errorf("Invalid format for parameter Idempotency-Key: %w", err).Error())
+		}
+
+		params.IdempotencyKey = &IdempotencyKey
+
+	}
+
+	handler := func(c *fiber.Ctx) error {
+		return siw.Handler.PresignStorageUpload(c, params)
+	}
+
+	for i := len(siw.HandlerMiddlewares) - 1; i >= 0; i-- {
+		m := siw.HandlerMiddlewares[i]
+		next := handler
+		handler = func(c *fiber.Ctx) error {
+			return m(c, next)
+		}
+	}
+
+	return handler(c)
+}
+
+// RenameStorage operation middleware
+func (siw *ServerInterfaceWrapper) RenameStorage(c *fiber.Ctx) error {
+
+	var err error
+	_ = err
+
+	// Parameter object where we will unmarshal all parameters from the context
+	var params RenameStorageParams
+
+	headers := c.GetReqHeaders()
+
+	// ------------- Optional header parameter "Idempotency-Key" -------------
+	if valueList, found := headers[http.CanonicalHeaderKey("Idempotency-Key")]; found {
+		var IdempotencyKey IdempotencyKey
+		n := len(valueList)
+		if n != 1 {
+			return fiber.NewError(fiber.StatusBadRequest, fmt.Sprintf("Too many values for ParamName Idempotency-Key, 1 is required, but %d found", n))
+		}
+
+		err = runtime.BindStyledParameterWithOptions("simple", "Idempotency-Key", valueList[0], &IdempotencyKey, runtime.BindStyledParameterOptions{ParamLocation: runtime.ParamLocationHeader, Explode: false, Required: false, Type: "string", Format: ""})
+		if err != nil {
+			return fiber.NewError(fiber.StatusBadRequest, fmt.Errorf("Invalid format for parameter Idempotency-Key: %w", err).Error())
+		}
+
+		params.IdempotencyKey = &IdempotencyKey
+
+	}
+
+	handler := func(c *fiber.Ctx) error {
+		return siw.Handler.RenameStorage(c, params)
+	}
+
+	for i := len(siw.HandlerMiddlewares) - 1; i >= 0; i-- {
+		m := siw.HandlerMiddlewares[i]
+		next := handler
+		handler = func(c *fiber.Ctx) error {
+			return m(c, next)
+		}
+	}
+
+	return handler(c)
+}
+
+// UploadStorageObject operation middleware
+func (siw *ServerInterfaceWrapper) UploadStorageObject(c *fiber.Ctx) error {
+
+	var err error
+	_ = err
+
+	// Parameter object where we will unmarshal all parameters from the context
+	var params UploadStorageObjectParams
+
+	var query url.Values
+	query, err = url.ParseQuery(string(c.Request().URI().QueryString()))
+	if err != nil {
+		return fiber.NewError(fiber.StatusBadRequest, fmt.Errorf("Invalid format for query string: %w", err).Error())
+	}
+
+	// ------------- Required query parameter "project_id" -------------
+
+	err = runtime.BindQueryParameterWithOptions("form", true, true, "project_id", query, &params.ProjectId, runtime.BindQueryParameterOptions{Type: "string", Format: "uuid"})
+	if err != nil {
+		return fiber.NewError(fiber.StatusBadRequest, fmt.Errorf("Invalid format for parameter project_id: %w", err).Error())
+	}
+
+	// ------------- Required query parameter "path" -------------
+
+	err = runtime.BindQueryParameterWithOptions("form", true, true, "path", query, &params.Path, runtime.BindQueryParameterOptions{Type: "string", Format: ""})
+	if err != nil {
+		return fiber.NewError(fiber.StatusBadRequest, fmt.Errorf("Invalid format for parameter path: %w", err).Error())
+	}
+
+	handler := func(c *fiber.Ctx) error {
+		return siw.Handler.UploadStorageObject(c, params)
+	}
+
+	for i := len(siw.HandlerMiddlewares) - 1; i >= 0; i-- {
+		m := siw.HandlerMiddlewares[i]
+		next := handler
+		handler = func(c *fiber.Ctx) error {
+			return m(c, next)
+		}
+	}
+
+	return handler(c)
+}
+
+// CompleteStorageUpload operation middleware
+func (siw *ServerInterfaceWrapper) CompleteStorageUpload(c *fiber.Ctx) error {
+
+	var err error
+	_ = err
+
+	// ------------- Path parameter "upload_id" -------------
+	var uploadId openapi_types.UUID
+
+	err = runtime.BindStyledParameterWithOptions("simple", "upload_id", c.Params("upload_id"), &uploadId, runtime.BindStyledParameterOptions{ParamLocation: runtime.ParamLocationPath, Explode: false, Required: true, Type: "string", Format: "uuid"})
+	if err != nil {
+		return fiber.NewError(fiber.StatusBadRequest, fmt.Errorf("Invalid format for parameter upload_id: %w", err).Error())
+	}
+
+	// Parameter object where we will unmarshal all parameters from the context
+	var params CompleteStorageUploadParams
+
+	headers := c.GetReqHeaders()
+
+	// ------------- Optional header parameter "Idempotency-Key" -------------
+	if valueList, found := headers[http.CanonicalHeaderKey("Idempotency-Key")]; found {
+		var IdempotencyKey IdempotencyKey
+		n := len(valueList)
+		if n != 1 {
+			return fiber.NewError(fiber.StatusBadRequest, fmt.Sprintf("Too many values for ParamName Idempotency-Key, 1 is required, but %d found", n))
+		}
+
+		err = runtime.BindStyledParameterWithOptions("simple", "Idempotency-Key", valueList[0], &IdempotencyKey, runtime.BindStyledParameterOptions{ParamLocation: runtime.ParamLocationHeader, Explode: false, Required: false, Type: "string", Format: ""})
+		if err != nil {
+			return fiber.NewError(fiber.StatusBadRequest, fmt.Errorf("Invalid format for parameter Idempotency-Key: %w", err).Error())
+		}
+
+		params.IdempotencyKey = &IdempotencyKey
+
+	}
+
+	handler := func(c *fiber.Ctx) error {
+		return siw.Handler.CompleteStorageUpload(c, uploadId, params)
+	}
+
+	for i := len(siw.HandlerMiddlewares) - 1; i >= 0; i-- {
+		m := siw.HandlerMiddlewares[i]
+		next := handler
+		handler = func(c *fiber.Ctx) error {
+			return m(c, next)
+		}
+	}
+
+	return handler(c)
+}
+
+// GetStorageUsage operation middleware
+func (siw *ServerInterfaceWrapper) GetStorageUsage(c *fiber.Ctx) error {
+
+	var err error
+	_ = err
+
+	// Parameter object where we will unmarshal all parameters from the context
+	var params GetStorageUsageParams
+
+	var query url.Values
+	query, err = url.ParseQuery(string(c.Request().URI().QueryString()))
+	if err != nil {
+		return fiber.NewError(fiber.StatusBadRequest, fmt.Errorf("Invalid format for query string: %w", err).Error())
+	}
+
+	// ------------- Required query parameter "project_id" -------------
+
+	err = runtime.BindQueryParameterWithOptions("form", true, true, "project_id", query, &params.ProjectId, runtime.BindQueryParameterOptions{Type: "string", Format: "uuid"})
+	if err != nil {
+		return fiber.NewError(fiber.StatusBadRequest, fmt.Errorf("Invalid format for parameter project_id: %w", err).Error())
+	}
+
+	handler := func(c *fiber.Ctx) error {
+		return siw.Handler.GetStorageUsage(c, params)
+	}
+
+	for i := len(siw.HandlerMiddlewares) - 1; i >= 0; i-- {
+		m := siw.HandlerMiddlewares[i]
+		next := handler
+		handler = func(c *fiber.Ctx) error {
+			return m(c, next)
+		}
+	}
+
+	return handler(c)
+}
+
 // GetMe operation middleware
 func (siw *ServerInterfaceWrapper) GetMe(c *fiber.Ctx) error {
 
@@ -6077,6 +7086,34 @@ func RegisterHandlersWithOptions(router fiber.Router, si ServerInterface, option
 
 	router.Post(options.BaseURL+"/api/v1/webhooks/maas/:instance", wrapper.MaasWebhook)
 
+	router.Post(options.BaseURL+"/api/v1/admin/nodes/:node_id/enrollment-token", wrapper.AdminMintEnrollmentToken)
+
+	router.Get(options.BaseURL+"/api/v1/admin/plugin-instances/:name/nodes/:external_id", wrapper.AdminGetInstanceNode)
+
+	router.Post(options.BaseURL+"/api/v1/admin/plugin-instances/:name/node-tasks", wrapper.AdminEnqueueNodeTask)
+
+	router.Get(options.BaseURL+"/api/v1/admin/plugin-instances/:name/node-tasks/:operation_id", wrapper.AdminGetNodeTask)
+
+	router.Get(options.BaseURL+"/api/v1/storage/list", wrapper.ListStorage)
+
+	router.Get(options.BaseURL+"/api/v1/storage/usage", wrapper.GetStorageUsage)
+
+	router.Get(options.BaseURL+"/api/v1/storage/download", wrapper.DownloadStorageObject)
+
+	router.Put(options.BaseURL+"/api/v1/storage/upload", wrapper.UploadStorageObject)
+
+	router.Post(options.BaseURL+"/api/v1/storage/mkdir", wrapper.MkdirStorage)
+
+	router.Post(options.BaseURL+"/api/v1/storage/rename", wrapper.RenameStorage)
+
+	router.Delete(options.BaseURL+"/api/v1/storage/delete", wrapper.DeleteStorage)
+
+	router.Post(options.BaseURL+"/api/v1/storage/presign-download", wrapper.PresignStorageDownload)
+
+	router.Post(options.BaseURL+"/api/v1/storage/presign-upload", wrapper.PresignStorageUpload)
+
+	router.Post(options.BaseURL+"/api/v1/storage/uploads/:upload_id/complete", wrapper.CompleteStorageUpload)
+
 }
 
 // Base64 encoded, compressed with deflate, json marshaled OpenAPI spec.
@@ -6084,178 +7121,232 @@ func RegisterHandlersWithOptions(router fiber.Router, si ServerInterface, option
 // const string: with thousands of chunks the chained `+` fold is several
 // times slower for the Go compiler than parsing a slice literal.
 var swaggerSpec = []string{
-	"7H3rlts20uCr4Gi/c9y9q764beebtH/1OI7jtWP3uu2Z3RN7ZYgsSRhRAAOALSt9+u8+wD7iPske3EiQ",
-	"BEVKomR7kj+JWyRxqSrUvQp3g4gtUkaBSjG4vBukmOMFSOD6r6skYRGWhNGXP6m/CR1cDlIsZ4PhgOIF",
-	"DC4HOH9lROLBcMDh94xwiAeXkmcwHIhoBgusPp4wvsBycDnIMv2mXKVqACE5odPB/f3Qm+5GYgn/IwO+",
-	"yqf9Xf+VzyvUGwN//P/gMBlcDv7LWbGjM/NUnFVGNrNlMZFXkfqxaRJsnvqzLPCX10Cncja4fHh+HtyF",
-	"HZdxD2j1gRk3AAsO/cPj9SO/18/Wja2/9kcHmi0Gl78NMgFcPQB+SyIY4ShiGZWD4QDHC6L2GnNyq1/B",
-	"U9APxEpIWKgfKKOrBcvE4FPj8n7mbNG0sol6FiSJGEs4kWQBg8aB32M+Bam+ikFEnKQGcYMrFKl1kQgn",
-	"iMRPEUa3OMkAAY0JnaIlkTP04PIBWmAZzUAguAW+QiRGRKKUw4R8AXE6GAYXLM2cDUh6tAb/71kTECTb",
-	"BgTPMi4Yr+/+bYp/zwBF+jFSAEZYbeuWsEygFE/hgUCfKXyRI/PO56a9msdNe33y8CK0rJcxLFImgUar",
-	"V7CqL+9XPAeBMOIgOYEYXb+9eY8EnsBTJGeAJoQLiTiIlFEBiAjEIU3wCmI0XklAE8b1P/I1zwDHmjbt",
-	"or35T9QCGlZ/8eTJcLAgND+5ob28glUjl5vDanf29posSICAr/EUkCB/wBA9RJKhi/PzJhwlegR/1hgm",
-	"OEvk4PLJ+VDtmCzUKb9QlLkg1PxV7JZQCVPgejVvWAyN+6Usht03/JZPG2dgfNrLBLmQKAP1/QwQ41NM",
-	"yR+a7aMjCRRTeYyWMyYALRiFFZIzIhBpPP69rPE6yaaEvtEjhmGN9ZlvniPFUgJXH/7v3/DJH5/Uf85P",
-	"fjz5dHc+/OHi/j/C07KE6EO5Zua5PjHNE7fLumvO/gWRbMRyap73AEUz0FqVoDTZJoPfGFl4ZURh42Yq",
-	"InP3TX0QwBtnU3J61ynu1ceGuWp97jnnRohEjEol3C/vBjhNE2J0o7N/CaMLdVOq9GjP6S0kLAUzW0U0",
-	"UwTqnSEiVPN7sC+f6u3bcbSief3Syo+UsxS4JGbBEQcsIR5h2VVWDgfwJSUcxEbfkLgDOIeDBAs5ysSG",
-	"C6L2BNYeGPWjzrz+QQQZJ4CExFwiNtGwm8NqqMQDh4hNKVHiUp6GpuNwy+YbLfHep7HfBnrvdm1Dx548",
-	"TBTKHxurA6cmNQhUoqyORCJhUf7HWlXdkMJ9PgnmHOu/PS0mAM7qJvRcwaXG8Vs+/RUWY+Dv4PcMhDkH",
-	"cUwU/HFy7a1+ghMBw8qGYIFJUlMxHodwwRLwlW+2pEa1trr2mCSJenU4WOj1hBVrf19mbjty+/aEVg5q",
-	"GKG3RGJn+azDxsvizft8kS3fmLn1ykOrs6x8FwRUwerAadc3HNwSWAahOcz5aicO7UPeY8hrYH9z88sr",
-	"WG23LccoqnJ3reY6HKTZOCHRaG4YqP/xD4/+9rhtW/Z8e4OEd/avTMgFULnd1vBCi8wFoebw5qAnVP7w",
-	"eFDXUIdO++rClzlgK7l8kyWgsrgfKqQzwvn2NOtjC2b2NYo4xES2H8tcVSxt1H6VLzAM2QWhH1LFnpU+",
-	"sB14iRilCZYKUCNzGAoGOWYsAazPr5BYZqK0/UiSW7XCmAg8TiAOb7W+6tyhUucuZsyNROQ2ct59M14F",
-	"hWuUca7swuBDoPGGs01TA7g6nXakUbKwwrG7fuCssLrPQ6FYIEaTlVIBWufe4CilXKm4KfDRNM1GM5bx",
-	"jQ6tp4N3O7gJYKFoRcIilWEAi3lmx6t9L8RsNGMiYFX/cwYclL4UMUohkkPEaATI0GZQb1JjaedY0Ji0",
-	"Sj9a4Nj4JVYsQ8yotQpP4SG1s3FT36T9blRwtboQ0/xiVx0vZ1oly8kKBAt1S/lrCMM7asPCLevvwINt",
-	"6diWzn1pU5/WspzXRMid1cyCgdVUze6qZD5IL5rvmiX1p/1WqM2TBdyIHrAUcUsEYdRop7mYMAfW/GgP",
-	"r3p9gkkCcfHbyP4QUsC0f/Q1m4YFRwPB5w7z5odOstclAeMckjxGEXolBolJIpqlrrG8a9DsyOZYpI/I",
-	"ZhKnYNoBJu1z2QBXdWq/Q63IogiEsJjKuJb4QEkDigTLeAQjkgaHlw2e+GeeHx5N0wxjcXnHYUoYvb+8",
-	"Y3x6f3lnV35/eaeGvb+8I/F9R2blwXBYDnJ40ZQ8YpO77i0wamQQPByWNHs5zY7M93eW/44TTKPASrEY",
-	"sckIqOSrqiRuFt1jM9pG4n6tkhVDmoBi6ILYVXYj/IQtR24xcsZBzFgS78d0aNLiPYlWBsuwCtv1yw1h",
-	"7RlOcURkwNuFbzFJlBZeP1tvWAwCTTgA4mQ6k4iy5Wlw70o6L1gMSRAnSphrIa50lg3VrQqwfAXBzlgd",
-	"f+htaR0o+hDoOVi3F+fPZhDNWXY4EzdSRJOMMl7zJp0//ttuerzl+F3H7mjO+qOWlh8EJ6MTMv2ZQBLX",
-	"kZsHru6qbuNNLKRizUFzFyIOMvysQVsIO0dyK94+yYdu3nbG4SUVUkFoO3KK9DAbaySpDje178y+N3Tz",
-	"BHeitXPjkN3SU7qFL34rL1gIb2u2lCvB2+Imo7KJSWsfPZXoyJI4ejhEWKIFExKlOiqHiqQZcbrAXzTD",
-	"tNr3cZir596DlphcM/halMh2hpKLBT9P5VGDIW0C5qIOo//FMo6UUigkcIjRHFYaZEQdliQpoKb+MKGP",
-	"hYZJLgRaV1rVttR6CvdmYE04kzPGyR8Q6xdQQiiUF2VDf84LINAM3yq7v7qT8kpbV6ZMYoeviofHdzd4",
-	"boYCPjrXY6WgqUMCQ8Q4+jgwUe6Pg+PTVmWnHC412G0+Mm/5tDen9kUHp7ZIsmkg+H1+8qMX/37YHP8u",
-	"aSpqrGEbU7BxiX/zXd68+rClemNcAEFhGqXZKGIcGjykLVbCetkfEzEfTck4PPTO2m6DCb2ABeOr5nl3",
-	"cpOGzNt1SnQB3tLCPNh0c8+toYpSBsR2BFJBZGskxh2ZrWh/uEMMMKzjNQb1DITiphQFG3brFtIuNNK6",
-	"h3k5Y4kO85+imxlbUu2wfoqEZBwQqVp8DZsxKT1rtNOfIAUaK3LQ1k5AMc+48ZGUZBjNTEx3OACXQ9KI",
-	"UIeRlAk5NVRLsVT/k7BIGcdJ0OnE5iHmEkYWmyvq91Ya2upzqgzPLRVXaqJh7StybwZXoGD1dxaHMlss",
-	"R2pNsHmmXtyvF3MBQoSDU5W9RoYfufeLGTt514rt1Oj/RiogogWOZoTCCQcc6x80sSE1rU7Sc5Q1xrHT",
-	"l3Xq3i1OSDz6l4k1ZHRO2ZKOJtrwVGRiEpxgZA6HftksNHdbuyHyJNiMKqUQqNRfxibINiZxDGoKyuRo",
-	"wjJqkgEyCSP/lwXIGYv1T0rRX+rPlZmVkEhaMxKEHEnGRgnmGpAZFVmaMi4hHi0gJtj5NrlauM771MOo",
-	"QRV01EZiLPEYCxhltHCzFJnd5V+VtcUyAy7FbnFiA0D+yp1K6P+m0x7K21OsoPRTNTPOf4ZToq2B0vtJ",
-	"Nh1JPDfAxAvI/8CJ3t0o5+I65cqlzeRo4hAr3GBNeu5XyewYdkabCOX9YsxR4yc2K83D3sOBMskStwXh",
-	"P2EkjvT6I2faa7tDTTda4ETJe+8XnEwruDe/K6IVZEqxNP5386ujVkOb5rdimeZvNdoK5EhvM/91yRmd",
-	"jogQmYaN/yPOYgI0KmZZECEInY5EZk5j+XXKzLt6n1OOqaIx9V6xex0PioFXqMqBnhR52HYnlV9GHDIT",
-	"KvIfEDqaJGQ6k0UqVJCGnAaj9qHz+BW6IJ4C12N7Z0uyNEtHLJMjNhlxTPXhSvFqAVSOBAihjn2J5O2z",
-	"fIP+wyWMZ4zNR3ab+uxOMhq7H0bGPVb8XsZ7bWwjO4sHUSYkWwB3+Bk4/015ieYnYt1JoWdZOuU4hpHn",
-	"oap+5QHJPpoTGvsQzb9wm81/ULIJS2Jwbn+VeJFCeCrv6FQf5RzXLTxITtaDMCh8CYpXLgHPvZ/gCxFa",
-	"q3A/lDjMPKv9nX+g8yr8p/qH8uNxJlbeivRvkmMqiA0w5RFS7bvJT4v/c75Z/XWdmLzaKX81OXEVj0sz",
-	"UzaKnLO7NMjvGZN4BF8igNiKNZFNJiQiithsjMIDWE4tIXWsnN1b019yNbBVgdH6T01r0p+HtIRfACfK",
-	"aKhOWM9dYvPgwm+Bi7AxWTWYzYjFF6HlvDQuIJPFv50uqfO66x6esWBJJgGpxy7Jd0wo5ivn8FE23wOB",
-	"ZkzoTF/Ponp8/uMPodxGwwbqk72DNMERIEydTwtiZI6gm1rgBSAli03JlC6NMMvxrI4mJVhvMQw+P9O0",
-	"IY32kCnczmzsEHEupdqWFhXa6Wstj55TyUORvS1iQ+36/qGz5tpcNSYoWs2wNCmUozTj0QwLrewq62EU",
-	"w5jkdYflDEwjTcOpmDrBHbhosCI7h7s3Si+dAAcbw94kr8oLI1cCaR6o/PHLMK7kR3moaybAPlIXfFLe",
-	"X/bCa6Vvv2Zbs9WE2UBXaxZ+ioVYMh7XwiIXrdnRZhJviPBOpjpqHE62BxrnmqeNxnZIsP01lNaRydnI",
-	"WJclOUjiqDBytDkmKvKs5E5NE7waNYZUm7ly10TXbrnI6pAYK0/MSNqdOPPiBvVZiDxTTmhEUpzUOFFD",
-	"6fOnNcGxbVZYKnAIr7IWiikteWjYiI/uEFjrMAyv+1OQvFwlx+4FVzuQVIM07qVKw4nv0vJyad5Sz2Tg",
-	"0wczddUwe+Ojb6xHrYLIlpDM2rjJllQwH41XEkRHAQxfjB+qSbtxGfedoKyA8OL6QwjMM21QjJqdnO6V",
-	"VZhRKfW7kbQ78kQbtdkEPGwySQiF0cQ2VGjbfZ48njKWNGWNjjdEqm/NOhs+nIi/Jke/SxJ8aQet6e8S",
-	"T8uk0R5p7yVhPgiOMiV79NKYDW8z6gNhPUMgpcNkEWo3vVnKvDsVgeiDTWCp090WpNrESCogdOHNqtQt",
-	"r7cPnvvGxkz2yHFr2fNAOXPFnL5Py/pnTBBA8RTzij3eWvuXjU4YPdOKRk26JY7jUpCqzj/CDzlE7BZ4",
-	"07cCgIaeVB0oYPztsfE2+VtywzeB75/GGfYOIiBpSGm+dR2JWtZgXwzN8/blT8+ef4lmmE63zsGLq1kd",
-	"DZ6XnMmVjJEfht0Caubr4B74tB8lraOgahR0LlOlA5f0E1FaFa2yOl/b6gZWug5mNS1fPWzYwj6qtHMP",
-	"QD6vt741uQZveS+1B4pq9sf+rk304sZamb04u2zmdYOBvKWra20F6P5cjBtVW9rI0FrlyrjDYLMaiLq/",
-	"nFAiiZNEDuCKenSVhjmqsY0zFyFIE8QYKZZOI1Ki2zL7y0SzyrbWS1ZxjVWqCY2q5NNHK08pE2gfB6pC",
-	"8ns8W3n6duVMpWRkwxQbar4mZj0qWrp0q6bwcvcDg65Jj9FRJxNh2Oxw5V81uKbnhMabVQe4wEudXGf4",
-	"4skPwUedo0eWletVFZ8Ny5jKpxq67j4OchUwVfZfRVszqbz0GEcjyTSURXYpMKhmuNMTk1yGBEhJ6FR4",
-	"0aFibWvpYwtENhU15HHkdRvloBvpiCZdV23HZAsFcsNvyrtFcoYlmrEkzhsNHun/CYQ5IAq3wBEHmXEK",
-	"8YbZ4KJqUgjJ0tSUm6gN2KrbjFoTwste8gL0Tex5v/XkrouIqyqxx6Kg9gZTOMdNTo9VjLQaueVz0Ecp",
-	"WeVkbV9QZgbqb0m7LMX1g9uxFMumu9ZJLGJpZWOOjKcJG7t0s8JFHSTU6pGoevCJDg+OjUPEflYkgioF",
-	"ndFSB5u1abLW2e72n2+iDIW10OxFuchRs0e9Qs/x9hY4JyF38Vq0bolM/W2TV3BzjlN806AgaD6sqDic",
-	"E6134q3KfVBaS2mSdkD2h/4cNfukAS5xsp0nZKNouZJ+uxaeeqM076XRBG2Ms5ZCRU1jW5r+Jvwum5T8",
-	"dnfR5GDeyFdTD2zu4q/ZsP4wz01u7qZoXujs5tm6YqRUOVdromNBWlrvGpePBWovnMQS7v5YyDvAMaEg",
-	"ROBwKBO9+1qrdSgN+nDZg2Ey31vxU3YbNO5EbFv+27nd3H1w4gkHMdt2Zv2xTXUvL+BvD3+8aINM+fsw",
-	"XCYZjQ/WAWETUPobqfiM1vTXcxsKB1BsFvmGrVJcFnhDwLOQSpv5lAqCb6Fv+8mwtnx/afl4YaiYuuU3",
-	"LN62Qqocvq/Xs41xNAcaPxCIxIhxhOOYgxAu39RUM2P069XVDTJXDNgXZ0xInYl6XMl61W3c63zfxru7",
-	"FLwHg9mt9ex5bLu8yZ+M3XBprxaITUm229sDgV5cfxB650jMs8uP2fn5o4jE+v+AJJ5WthecfNNQd11U",
-	"tUWsg+TBti2c65Zf2ygNb159aGoo+Vfp8Xdceuy1kGuzrW9efehDGVKUtD9FyLT5ra9xTJr8jNsYDxNC",
-	"p8BTTkLdRm5+ubp48sPl6ekpwgIJMTuZw2oKFJ0kSH8imjqE72qTlBsOt7bYhfjiyZOHPyq2E8UCKyEl",
-	"cLsW5zejtJ4aDd3S/GUYtVowBm29kJchgD1SWKkkv6dMzRaGd0BjddNGsX3Zbu2NT8sZ+N3SRcvI6oW+",
-	"yujfJ51J44HaTt735SBcf/lVs3PPufXM89AG3ytb5529BiOkXOiOZrlF1VOmwJoBnRG2zcA1A7DJ/SZZ",
-	"mDfrst8qh/47YN7l8JRgVRqstTzKdDh/gxdwwAY7XbuC2cVtbQt17Y0V7qDYvKK9NOtpEwK76pf1vYgg",
-	"PyzfHNhFCIyJjo9v4l+wn2RUmgqEPjKHDt87/pvt3y7mWVPON99Xf/LqjZNqDZt3Ked5wKdEIhUi+9RE",
-	"zn2IeHMu9ifZP4hQhY+uKjINngNFZLoJRlBYH7gyqN9iM91FRNfybbT+re/LaKwlrhQjhYq6cu+1j6lW",
-	"DVQhux+i3GuxUlved56CGGSXeSufBna6adZ4aUQv/7G+cpMolHEiVzcKUtba13rTVRas76fo7cufniGj",
-	"MyGtK6Gj//7P98eFn7DoJ4OIbmgjV8ilhA4RRvo0fqTW3+vGmKZidHp6eqxbPmKKrq5fojms1IO5fnD6",
-	"Mb+zVp8Do93le5pJmZrr2gidsLDz1rRvVwuUnCUoTTAF9O75zXs12yl6ri9RNd2ZMBVL4MK1DXBNm9xd",
-	"bx/p0edSL4nPxyjCnK8InSKMhOn89DliMXx+aqES23SqhAipYEPR57x51OfTj9RMn98bqoYjINDn/3ny",
-	"rKiaP3n502d0BNGM+a5Z23wJLWdAke6zMUSQCPhIp0CBqyNm4SeJVDbnwILi6vqll+d3OTg/fXh6roVz",
-	"ChSnZHA5eHR6fvrIpvpp+jjDKTm7fXimj/aZ1/VVPbQ99BX1myuWY3ezy2si5JX38rB0LfNvd+svq9zg",
-	"BsIwKygmOytdu6jeD81cXBa60dTBW51dT/HwrciPttlD8FbpDt+Z61o7vGjv5r3/VLlt8eL8vLe7Fis3",
-	"jYQuW9S3/SI2KXUXNgq/y+8KTpGv2bRrMbwuWywwXw0uB+aoFUMO0YQkuuHtEFFYqqOkb/F1BWq5b+aT",
-	"GqfxAJzdldS4+7MJ4xGc2OtDtFyw1/oEzsfP6t135lXv0pTaMelMGC9/6oLnymXHBt+am7gWf72guhyZ",
-	"vq/f4nlxfrEHugrR1Dt328vudGTRhTD1qcmk0xJh72VSAs3cz2sJAeU5ru3ElcVEniRs2sxcNV+113KI",
-	"zcmlfPt6F87j3wS/wfsmHNztdXstetfX9fXsncdm3x+f9G9wWc8l1ZuIs2UPTFLPihI2LfPEglduRsBn",
-	"8CVlXDbS8XP9+C9K3oyS28lOwhd5FonbMrkFLlWu3Ht08w+j/GJk7qdXVNWX5NW5BVpVdvSKsEDPbv4x",
-	"REJywItuxGVLGM+KNkuiRciaGz//njeN24zEDiQr69eS3pdNPckzqMvPh70toNQqqU4a10wZMLvTwjNt",
-	"mSrxqLtmKauvfLu9xjIqsKte9ZpnIWPaHnchFaXOdzBQ9GUX3UyTvPajE0i9VhC9mgkNV8aH0mN6tD6+",
-	"KemY91dYKxmpabe8K82+d0lehN4ClUzDvUp9w3UsyE9S+1Y5UCiR7sA8yHS7CGnv7m6SHoSR7m6BsMGo",
-	"nHGWTWeISIG8I4TcEUKYxgjHMSKyM8c5u7N+hPv1vOcFyK3oQX2klJd9n68QJt7nl8Ruh4fAqdE9e8MQ",
-	"KqKZuwGp/8NSj7N2Oir7R5BZWA/n5EoIMqX2nDwQ6ObVB3TEaLJCyxlJ9D0ORCASJ3C8xck40y2cWhS3",
-	"a/XOd3tEEJ5I4NpVqzfbB0rmflJuzMktcH2Fs2JfpvUXOsqobQKG/t//+b/ItrIZIv/HMY7mW2HNdPhp",
-	"Qds7/dK3eGo7OKTODyDMdJekHtQSPAcnx1gmNSFMGYvREYdJJiC2JxVT3081Y0ksUEcN2rZ3F2c2cNNB",
-	"my4XA2ygV+tIYQHavff6aNKk9xJ++KaU50BXkbVqtEP+7iRrZ85HHKLxChnkoyMT1DIII4ZYf88gg+0o",
-	"9ezOtao1jEv3YW5jXOolu8YGwrXNLxzd5lMMqsK/X/o5mA3g10wdWKUp1TcFGadpHtSHC1+NhFLMtXvB",
-	"XtCIkWMlSLL0JEu1L4xQG23VnywJjdmyE0HqPgcnzpDowjlLzRrEYJ8coN5pIgBw47dzO+jB91MkCdiO",
-	"/Tl0jNtRu1eGyDWd0caXU2tMLw1hG5OIGVvS423wcHanzu69vc6gxfSo9M/YVJ0xn79RvGJfJ7Z8NdiB",
-	"T2y1vcgezRGzT+03NPlK+Q0Q9nagumGZNR22nA6/ffQ2XsH8zWG6ONy9OImx1MjW+oAZ10f4Uy/pSJmh",
-	"9iY0iBGeYvWSMbv0oh8IZPe4Pbc4EysatWgPNysaOQA1uJQ3pac9WiZeL9YAMv85wxKZfqO9iFurhWus",
-	"5E5UF2ry/W621BZRtkRH2vpEROrsKTFECRNaXo85m8Mm3L+z8D2A0O0gbL07bXYH/st8ROsvSPOdbuTC",
-	"Ll0fNNgPtwteUXRgH7TrT1XHUA7J3pCCjhhH9qqjY3USjFZk707St2gFblB6qt09N79cnVw8+UFxP8Uk",
-	"eayYH42RtpHVvyUCTVIJzqi+Fa3rYdlCQ/pLM+pMRfvUiBwBHSnaUkSSy7FuzJIlJCKwPu2o3OSpo3/H",
-	"Na4KBCMfBltkfGcOlXorrbUOFeag14NHRU9djIgIRToDcROEn93NYXVv8qcTMK0by5h/lgDmlf5eG595",
-	"1x3OHPumiLgtg2z2pmxcn7l2qnXh98ClSnUyelzPO9fQ6kdzWrBbfbDLaDbOMgpfJFqSWNnDaiuKF6jf",
-	"7ZRIE3T47DeYR3kJbV9I3hNvr5X6Hpq9Vzrd1Q/7Dcjd0X8DMoB7Q/fJaqg9/iaBRqFe/4XcMehw/MU8",
-	"66AZ37z6sLkp802xZ9eHYy1PVtvsK9Xt5tWHISLUpQJTEEgytqnGbazgm1cfvtWMkXyBX0lV141RAp4I",
-	"U1/WV4pC8Nic3ZnMrY5achCJoXiCSwdrln4teVx7zXfYFNXn+0Z1b8r0M+3rQFgd3QcC6eJbdERh6deg",
-	"IEaT1fEQ2UtxSELkymQy+n02WuknE5oC2vjuB/1aJ/Xa1WQGqSR0k2SjRtQch+1WL/p9CYa81HStZND4",
-	"2hs30aOf3dnb/jrykw/m/sfNpIL6aI/JFZXlfSVGYap+98gpXnBskpKlTr9Y4hVyhc9IY3SY2+O6dtRa",
-	"5vbGznXk0KGocqt6ylLPgX0Gqf+qT9wpu8up7g+EP3BzcaJHB74mWV7sWwpI37mPdQ3LpctHcxPRWP/i",
-	"5+A/ECjCqUBHxvD4SD/7+/yvn5UERPYOfoTHykD9Azgb6sEmHEyCWt4e8+bVh1P0fgYfqS9KdeMK9Nky",
-	"Iog/P0UTliRsqb5ZmNDAi+fvkW5mgT4b6aMrphXoxCV6fP4YKXWJMjnSntIhenz+I6JsFOEUR0Suhujx",
-	"xY8eKEe/Z0ziEXyJAGKIhx/p4/MLRKjIJhMSEaByZHelhjpHQsxGc1iN3JExxdQVv4jWNXco3Tyoql6s",
-	"8ytp7MUCmsIgOyrvvuuEyoIQtWLXbCGXjlKYJ1frfBt59AuQvZXyHobRNWWxFhveWfvZAsBnrSXU30jh",
-	"9Pde0PyC3ELRyHiMozk6Mvx2aELwkq9sMrNFycikVx53OkKZnJ3p9h9n+T33YXQW1+jvKbxYv6f/wMpp",
-	"uYFfyGtIplS3Cdkaq7a1y+Dyt08lTyKZUkSoC7lrfCB7bTw60i1ESr+ZriX20qMSnjM5CyJ4yoxDuQm3",
-	"+vkeYWtmaE5psKBlmTxFPzNuWtoIMtXJHkMENB65bM6MJ+pv4XQl3cXmgUBF9xrWR/jOaF4RThJ/9HZY",
-	"MxJH+l+Mkz+gUQ69JXF0lb9V44yV8k4sZ8imOi5hjHCaIsns/V/qX+b8W3ihI9OaRnEId6GXIa0zc1NY",
-	"wAopujk2+CmePLxoD7c8Mgy2ygtjwiGSap06w6TagUityRQ060FeO766vjq65xOoFV6MxpwthQfKvNmQ",
-	"Jki3YnTkEGwSoSPFmv8bun717PlxRwoBe2Fw86FUFOKuFd4Tyw3dXPynYbo/E0rELIDz8QpZ7KiD4zpF",
-	"afVUd8YS7SjW753ZJqrrVCT9wnvb53RPOeP+NSDfGnbfwNIC1SQNsiRGFmy2DRllKGF0ChwtGZ+Lvqng",
-	"PccxIFyZVOGa5ktDR0b6uuIFbUqrs7P+sLteCNZsXWeSbNv+4C2fWj/OPm0Rt7oGQ8TurwcfC616Opwf",
-	"4ygGTm5dfzUiBTI3kvgIcLdnB3FgXl/ruTMtFnZAwXfmSjP7bXejAZWc9JEMU0evwYqbodGXthazmev6",
-	"24hY0/90n3itta/7q0WSbTvbJX6j/mGSJHsgsg/+cNq3VG1hwlLTqyRZIUZzb+vxDtR3anv5rGmi9O9C",
-	"g995cyOf2Nb1Nwri3Hmu1wnyZ+6dPR4sN0ejk9Y+Rylw7d/vW3EuBRFMGrNNptFtCKyLQofjPZhGWOKE",
-	"VWBq6sf+8EBa7W5rmr5enJ/bemlr9etmt0SgLH1qkqqF0hTj/La/01ow4AXIX+xse0SOmaJJVSotvG+8",
-	"XNvBE3IL+u7EAvbm3rMy6BlvaWH4lk+/89Syt7xDgz5fOvQggN76w3k+JDQGZccIJJnJADcBuIW2Ncox",
-	"6lJOqEZTcy6aici8NTm2325s6y2ffqWglgLNPiNZthquomY8LWM+YgtdKyUQW9JSqoFFb+Vcnt2ZPgdr",
-	"41jbIP0tn+47ctUA8PeVOPauQaviXITzcUxKya4w2ltvIu+CmgP7ZBrws2MKTkd6PjMXabUKHnv387a4",
-	"+85MJbPbdlFlgdff0WlIb45zDOwPAQfr3Fls5mulVZSW0BQBu4pjiNGRQfExYhwReqvbXRzpf+iZj3vw",
-	"wsQxwpaStKt7gUkyLOazGT4z0OGmFZrhW6XtS+0eN5ckrEAONj7x5STKpkomU1JzAPIrpVu2VQyZVfVZ",
-	"MWThrwuFEiyk0QtQhKkC9VjZqHrKsCbYIvEOCrs9hCzYVysMtZA7SC67IYEHAnGWwBpKiGHBZJASGo+c",
-	"9Wm1lIq6l/4cMtZut13IOuDtWcoau+E6z3b7vsVsaTdfqzeAheX+io7q5y5vbOaa3514t/KvQ/wz+/5N",
-	"nlfybVrvdplfC6WlXniNXrVy37qhcSQra9thBX1497qHgk+bJGL6jz1V8yIsbQMymXGlHvkztjmUC+LJ",
-	"hGQL4Ccp4xInXWnoWr9dUNA+CMDM8dUKef0NNmFfv9QPht+mRu11JCX8BDOHJTej0ssZiUAMcwpcgJyx",
-	"WBx3xvzS3FN3dud6Qdw3I90eBmHvtutUsuj14OpUtBjs97ADb6leb3dQ8qlcAhjM041A5xUcmZv6bFF+",
-	"jBiNAAGOZsd78NKbHDKLenTE8RKNWbzSrfXIRE0/XpWp0DQHaicrXRJyMoeVaIyoKNVP2KiNwk7sKtjn",
-	"sBpqpqmvuNbPzN95wwKbE6m7GQjF+ZYzEs0+UiLRAq+Urmqr4GN9faAuhFeW5XSYR1lP0T/U6AIJkGqX",
-	"hsIZNxmt2sycsSX9SGfAIVTSUTQ5eaV2+V2HJ/J9dFBKcxyJIRKMS0Mk6pT3nhGleWo+ne3VZuMTc8qW",
-	"wgpYRSEmF8rO7keczAgV8rSa9dldUfS21sO9rXZsv9u3p3uNwvm+qOPaVenMjblW078vcP0bOr3XoKon",
-	"x7eHpjaS7+QEtyve1hHu4fQvZ3j349XkEC9hY7/IOJxjvLSpr2ThNXvctEO8Z3+3LXotKmxLqWG2QKFe",
-	"gbjF2d7E3X1A4jqk23trAXZwQPzlw96XpBPAb0kEJ65wba3IuzEvX7l3/zwyr7zzLnc+6PfzesADCEHb",
-	"Tqq00H8LQRja2NdqmVWG7v4c2bsc4bM7+8vI/tIm5H7Svx+ScspzdZZ3ZqE96BxmIISr51Qbyxxu2Ry0",
-	"Z2VuXBjBU9hkE39rcDw/IPUrq7oC0m/uJKghqh64NlG3lStrR0x+b41/rl92cpQpyH8lafhKt1H+xpB4",
-	"2A42GklfSXha0WjWcKCU36vrl4ribOuaKrfXOR3mZhxEhPFs68jC8eAQDEj3jW63QJU0+g4I+RWsNjBc",
-	"1ab2pCVxwPGquWLlmSlGuWZCTjmIIXpz9f5GC/736iRynKCI0SjjHKhMVkMdZXKlT2LGuEQx4DghFE4/",
-	"UlP3AvqOQB0i4ep1PE7gKXpy/sh8p8vTP1MmR3ptnxHFC0KnNsgzwSQhdPqRFsUxiFD0OQaJSSJO7fPP",
-	"iMkZ8CURwbjLC5DvzMb3escYjokuXQnG6nC80ih9cv6ov3sIFNaf01tIWBoWLRIloPOyKCAfhAJlNMdG",
-	"30GYHBKey0oX9yhCMkE5uxICbYU+axtJ/4l6SBc1amIfMTPdn0nMcAoCMYrYZALcRsp0w1qh6/FeXH84",
-	"mbGMtxXGCTHroEXe/PL9R0HNJvar2ZUxlTf1ubn5BaXZOCFR1RQzXYDXhgTMur/VxK18gV/LlWGgs2e/",
-	"Pq2gEB1BfPHkycMfhwiiWGCd1/7u5koff8fIH53/5wUaE1lK03EIDxzBTnqUdXJsRxOb6DY7OinW7Nf0",
-	"Ol6sbVTyKwz26rpusvrNke3z+FvWbMM1M5KKQSfodLPvf10ZO+Q7582HsLobeHMKXDCKE2djbcKdjYHm",
-	"cPCNd339c9nMNbx2s5K7HMgN7N2tSeOAVqhvDGiPcR126wFkEwzF2QJj0SnD9FeM/8ou3eSezu4Zpn1b",
-	"HL9eXd2giC0WRCdHK3OfQ8q49PNJf/n16lktqVR/WU8o9XveL0ByEon1ioB5pVs/mDTBhG7YEeaaswXI",
-	"GWQCqTEQfEmZIDpRwzTD30Nmrptwke+ubliXR7gbjAFz4FeZIvDfPilyFsBv3anJeDK4HMykTC/Pzh5e",
-	"/Ofp+en56cPLv53/7VyzETv+XaDr4QmhaJKwpe0Dr1vRnRaHTzecU3pCk7bkEnYJz2Wo97lhGPXvy/0r",
-	"jiRQTKU4HtqRrL6kxy4qpfJRdYVMfVBXaxYapR7Lrt6NEBrxjWdtHymT/tguSVna3hDOuK6P8HfXTd50",
-	"IRva5kAG1ulJlvrDuHTr8EIE4kDNzfRFB/OhaVZneZvp16r7M/s49PoyB6BW6gpChOS2hVWlXYhpteMP",
-	"q89yEA3aiWS67gwRz71MateW6L1xLNEHiMwkjrtleOnCPvZMCvD9p/v/HwAA//8=",
+	"7H3bchs5suCvILgnwtTZ0sVu22dajvOgcXu6vbbbOpY8sxsjLwVWgSRGRaAaQElmK/y6H7CfuF+ygUyg",
+	"bkSxijfZnumXbotVhUvekJnIy/0glvNMCiaMHpzeDzKq6JwZpuCvszSVMTVcitc/2b+5GJwOMmpmg2gg",
+	"6JwNTge0eGXEk0E0UOy3nCuWDE6Nylk00PGMzan9eCLVnJrB6SDP4U2zyOwA2igupoMvX6LKdBeGGvZf",
+	"OVOLYtrf4K9iXm3fGFTH/zfFJoPTwX87Lnd0jE/1cWNknC1PuDmL7Y9tk1B8Wp1lTj+/ZWJqZoPTxycn",
+	"wV24caWqAG15YKkQYMGhnz9dPfIlPFs1NnxdHZ2JfD44/fsg10zZB0zd8piNaBzLXJhBNKDJnNu9Jorf",
+	"wit0yuCBXmjD5vYHIcViLnM9+NS6vL8oOW9b2cQ+C5JEQg07NHzOBq0DX1I1ZcZ+lTAdK54h4gZnJLbr",
+	"4jFNCU9eEEpuaZozwkTCxZTccTMjj04fkTk18Yxpwm6ZWhCeEG5IptiEf2b6aBAFF2xwzhYk/bAC/5ey",
+	"DQhGbgKCl7nSUi3v/n1Gf8sZieExsQAm1G7rlstck4xO2SNNrgX7bEb4znXbXvFx216fPX4SWtarz4Yp",
+	"QdNW8cDcC13CoTLVk2fPQlO9Ttg8k4aJePGGLZYh8Y7eME0oUcwozhJy/v7ikmg6YS+ImTEy4UobopjO",
+	"pNCMcE0Uy1K6YAkZLwwjE6ngHwV4ZowmwAZuJ5X5D+0CVq1+zkUhJEJ7ecMWrRC7YYvtJelbPucBXjmn",
+	"U0Y0/51F5DExkjw5OWkjhxRGqM6asAnNUzM4fXYS2R3zuRUoTywTzLnAv8rdcmHYlClYza8yYa37FTJh",
+	"22/4vZq2ziDVdCcTFOdRHaiXM0akmlLBf4cThgwNE1SYA3I3k5qRuRRsQcyMa8JbJc1O1nie5lMufoUR",
+	"w7CmIF7a58iosfw6OB3877/Tw98/2f+cHP54+On+JHr+5Mu/haeVKQemXDHzDXBML/5vOVbPlfwHi00r",
+	"ljN8vgMo4kArtY/aZOsMfoHH7hmeuq2baZzO22/qwkhFp+ycmlkLGZ8RuwSiWEoNv2VWPFi56XZKhteK",
+	"ZVIZffzb46NY314f2KN2ItOEqUfanrb6SsBhe318fUR+/cvLQ2FXlXLNkhfk+sj+fHRNNJvOrWpGhlwQ",
+	"KhaEiVjak/ogIvRKpIzCsX19fB2RMY1vdEr1jOmIxFIYJVNCRULGPOGKgXJG00N5y5TiCbsS8YwqGlvt",
+	"NSJsnplFOZ39zG5QE/s6+fGH5yDuNaGKEcUmuWbJ0ZVoYU+HnV70+/Tkx+erUNAgr2Vh4kGO4kPjZ10C",
+	"ZGfk/1Ez1UqXVnncdoov9mM8hsHIeKUUajYWw1bjPL0f0CxLOSrsx//QqKD30/RhtFfilqUyYzhbg84F",
+	"YfadiHABFM7cy0ewfTcOWD/nr52mkSmZMWU4LjhWjBqWjKjpq8BFA/Y544rptb7hSQ9wRoOUajOy5LvW",
+	"4MLJ6qUHqBMvU+Zfuebj1NIjVYbICcDuhi0iKykUi+VUcKtYmaPQdIrdypu1lvilSmN/H8De3doif5BV",
+	"MFFaJHJsGcFOigi0Ss8yErlh8/o/VtqPSApfikmoUhT+rqjWAXA2NwFzBZeaJO/V9B2bj5n6wH7LmUY+",
+	"SBKOUu68svoJTTWLGhtic8rTJWX0aQgXMmVVi1DeCbT3nAE45mlqX40Gc1hP2Nqr7gvndiN3b0+DGrmE",
+	"EXHLDfXm+CpsvC7f/FIssuMbnBtWHlqdk8rbIKAJVg9Ot75ocMvZXRCaUSFXe0noKuQrAnkF7C8ufnnD",
+	"FpttywuKpoa20saJBlk+Tnk8ukEBWv34+Q9/etq1LcfflUHCO/tHro093zfbGp2DcjXnApm3AD0X5vnT",
+	"wbItE3k9vY9cVoy6k6tqRweUW/9Dg3RGtNgeiD45l7ivUaxYwk03WxZGRW2j7qtigWHIzrn4mFnxbPWB",
+	"zcDL9ShLqbGAGiEzlAJyLGXKKPCvNtTkurb92Gqgg2iQcE3HKUvCW11edeHlW5YuOOZaR+Qm57z/ZrwI",
+	"Hq5xrhQTcfghE8mas00zBNwynfakUT53h2N//cDb68sGhEWxJlKkC6sCdM69BitlyhpDGVOjaZaPZjJX",
+	"azFtRTfux7gpo9rSirFGRBjA+iZ34y19r/VsNJM64H/524wpsKxiKQSLTUSkiBlB2gzqTXYs8NgGLQVn",
+	"HpI5TdCDtZA5kajWWjyFhwQP+LoOc/fdqJRqy4cYyIttdbxCaNUsGncgOKg7yl9BGBVWi8q7guoOKrCt",
+	"sW2N72ub+rRS5Lzl2mytZpYCbEnV7K9KFoPsRPNdsaTdab8NaqucBQqPHuYo4pZrLgVqp8UxgQyLPzrm",
+	"ta9PKE9ZUv42cj+EFDBw2r+V0/DB0ULwxS1O+0N/si+fBFKhqwUvzkKvJMxQnur2Uxct7yVo9hRzMgYW",
+	"We/EKYV2QEhXpWxAqnq136NW53HMtHaYyhWc+EzwFhRpmauYjXgWHN60XA+9rFwOkWmWU6pP7xWbcim+",
+	"nN5LNf1yeu9W/uX03g775fSeJ196CqsKDKP6zVvliq+4RizukxwwlsggyByONHfCzZ7M98fLf6YpFXFg",
+	"pVSP5GTEhFGL5kncfnSPcbS1jvuVSlbCspRZga65W2U/wk/l3cgvxswU0zOZJvsxHdq0+MqJVgdL1ITt",
+	"6uWGsPaSZjTmJuDtoreUp1YLX+atX2XCNJkoxoji05khQt4dBfduT+e5TFgaxIk9zOEQtzrLmupWA1hV",
+	"BcHN2Bw/qmxpFSh2caAXYN38OH85Y/GNzB/OxI0t0aSjXC15k06e/mk7Pd5J/L5j9zRnq6PWlh8EpxQT",
+	"Pv0LZ2myjNziivO+6TZex0Iq1xw0d1msmAk/a9EWws6Rwop3T4qh27edK/ZaaGMhtBk5xTDM2hpJBheT",
+	"3Ttz70V+nuBOQDtHh+yGntINfPEbecFCeFuxpUIJ3hQ3uTBtQhp89MKQoSNx8jgi1JC51IZkcH9Lykgu",
+	"fTSnn0FgOu37ICzVC+9Bx+1tO/g6lMhugVIcC9XgqR9aDGkMrdDLMPpfMlfEKoXaMMUScsMWADJumSVN",
+	"S6jZP/DqYw4wKQ6BzpU2tS27ntK9GVgTzc1MKv47S+AFknLB6otyl8TeC6DJjN5au7+5k/pKO1dmTWKP",
+	"r4aHp+puqLgZSvhAANLCQhOuBCIiFbkaYDzE1eDgqFPZqV+sI3bbWea9mu7Mqf2kh1Nbp/k0ECZxcvhj",
+	"JVLicXukRE1TsWNFXULB3Uv8k+/y4s3HDdUbdAEED9M4y0exVKzFQ9phJaw++xOub0ZTPg4PvbW222JC",
+	"z9lcqkX7vFu5SUPm7SolugRvbWEV2PRzz62gilqszGYE0kBk502MZ5mNaD/a4g4wrOO1XuohhJK2EAV3",
+	"7dbvSrvUSJc9zHczmcI1/xG5mMk7AQ7rFxCUwghvWnwtm8HgrxXa6U8sYyKx5ADWTkAxzxX6SGpnmMjx",
+	"TjcaMB9D0opQj5FMajNFqhXU2P8ZNs+komnQ6SRvQsIljCx5Y6m/stLQVl8Ja3huqLgKvA3rXpF/M7yC",
+	"33KWM6sXXlJ9s6kOXcb1dofvQryov09pkcd29Ko7tHloLauKVNH5+t5RY9KRZrEUSctCli5jC734qHBA",
+	"+3uDyjOMcPEP4PaFi1smjMQwLfvDHc9Yj2iKWsy0M/Nq4AmjVck0nTNhLuUNC9yAbmL2GD/U6hXja7Uo",
+	"px5L3IzyGviri6yfUA89LWyaqZV5R6yYeARLHRmTHoXPwOVFW9HyZ5mEAsHcAd4Zj/bSvrhfp/+caR2+",
+	"y23gKsbj279fztjLGV1uZwn2F8bKHDKn8YwLdqgYTeAHkM3ETgvBi56txjTx5iWENN7SlCejf+DVXC5u",
+	"hLwTown4aaxUxXhANsKzBF7GhRa3PH6IIpEhF9aGYsLAlwneSY95kgCtCmlGE5kLjJ3JDRtVf5kzM5MJ",
+	"/GR5/A4+j6WYpDw2zuvCtCUnOUqpAkDmQudZJpVhyWjOEk79VYCyC4eAehjGDmqhYzeSUEPHVLNRLkqv",
+	"ZJmdU//VcqnMEVwoItx9aXXl3oKq/gZRQvXt2ZOz9lMz5Lj6jGYcjOfa+2k+HRmKjG9PwOIPmsLuRoXS",
+	"AxGKPsqsQJNiicUNBdLzv3pJ4md0cYOVX1DG4LUKrrSIEokGVhqnfgu6+kTyJIb1x94TBsIVpMGcplYc",
+	"Vn6h6bSBe/zdEq3mU0ENXlfhr55akTbxt3KZ+LcdbcHMCLZZ/HqnpJiOuNY5wKb6I80TzkRczjLnWnMx",
+	"HekcubH+upD4LuxzqqiwNGbfK3cPp1fCVIOqPOh5meDidtL4ZaRYjjer1QdcjCYpn85MGTkYpCGv8Nt9",
+	"QC6WRRdLpkzB2BXeMjLLs5HMzUhORooKYK6MLkB+a6bhAK6RvHtWbLD68I6NZ1LejNw2gXcnuUj8DyP0",
+	"Jpe/1/G+NDaqmuWDONdGzpny+Bl4d2d9ifgTd97X0LM8myqasFHFodv8qgIk9+iGi6QK0eILv9niB3s2",
+	"UcMR5+5XQ+cZC09VYZ3mo0Li+oUHyck53Aal683KyjtGbyo/sc9cgxLuf6hJmJt86e/iAwhDqj6FH+qP",
+	"x7leVFYEvxlFhebuPrbQ58DVWXBL9edis/D1MjFV8l+rqymIq3xcm1nIUezvhmqD/JZLQ0fsc8xY4o41",
+	"nU8mPOaW2NyVXgVgVfc/ZgqMMmpmdrZbpjQcEX4xeIx7rLi33Y81QLtHS2tpfFNirzqzg7r/DVNEYHxI",
+	"yag8At6GJ5oarifcn37ueZ6lkibBpblHSNYpM7XP6kep+3VM4xsmkoJ/l3TCEqdIKFTfLBMY/Fphw1ir",
+	"5oewUxi8ccVYKnn1JIVlTd1bs52KJeilS/YDfB7S3n5hNLUGVXPC5RBMeRNcuCWpsE+s6ffDEcsvQst5",
+	"jZ5sTFvbzBqA9JRlR/VYyzQ3DFOaXK7CmAuqFt5vHUvFHmkykxoSFrryd6KBE8/Lk31gWUpjRqjwrnmW",
+	"EBSNfmpN54xYHQnTkSGVB5dTsULabHnYYhh81YD5lmyAh8xE8d6vHoEztYyBTsPxLegJr4RRoQCFDa64",
+	"u+2whw7+7fI4Y2xH0zeBkeCjLFfxjGowQqxVN0rYmBc5/fVActRywhHlkKeDp8anbjLYUZT8hCnmQnHW",
+	"CQ+tRMM04gEqoKqOX4dxI8yzgrp2AtxFBFaVlPcXhPXW2kFv5cZiNZXuvr4zmSijWt9JlSzd7j7pTPLA",
+	"SSpDhHcyheCXcM6QPdC9ReCCSnrkCbwLRaflZjZCq792DvIkLo1PMJN14zyr3QplKV2MWiND2qVy33j9",
+	"fikVlknQ+tYznvUnziJHy34WIs9McRHzjKZLkqilrMinFXf8m6ywlqcVXuXSjXJtyRGKkSq6Q2BdhmF4",
+	"3Z+C5OUT0rbPG92CpFpO450km/nju7a84jTvSMtE+OxCmPqkvr3J0V+dp7MhK6bWapjQ2HT6aZv5H9QU",
+	"UROPNLqnSUqhMgl6DisKYbmMrqvslffNG5LdzQjy43ue+I37oNZMpV5otVD/+fxjCK8zsGBG7d5u/8oi",
+	"LBlnjCozZtQ4cARyaixOHmnESvE6GcLvh3Mq6JQlgEAMrOkHUGtntPJwT+HvbtnXQYucTFIu2GjiqjJ1",
+	"Qb1I9smkTNui/MdrElPVneKdSOHEqRU5VX2Slmo76ExXMnRaJ8nuyKidJDgFwRE1bv0KemnNXnIZUIEw",
+	"DCSQGhM7hLpNr5fi5LkxcP3lAg6X6W4DUm0TYA0Q+nCUpnpRX+8uDpdf3aXdHo+WpWwn9Bu59KaKE8s5",
+	"CPEWysoyfMWxN5g5BqYM6Vsw00LEbUo0TZJaUMGy/Ag/VCyWt0y1fatZ7eq4LdAIXovcIupb8sO3ge+S",
+	"6kCsyOowg42Kd7RGl2ziTOk6KnueBpU83O5Ur0ZsxfILuclys/als27SL0SWwEWcT8KD4HznPi586f5y",
+	"7NOKXPg9pZeW5caCYRZe2BZE5LHfAGIN9evL07/hPcIHFjOehezaW1+Qs4N73Iuhed6//unlq8/xjIrp",
+	"xtH+CetT3KhCCDV/wfOoXywCfh3cg5ruxo7qy1RtKpqPie1BYdWQ105bqG5xL211DUcaxAG0Ld8+bNnC",
+	"PurBFE66Yt7K+lZENb5XO8lytFSzv4P7HC9+L5wjaCf+aJfj1eLD2tAbvbLWxP5uAdaq6+Au1VeaBeix",
+	"ZutlWy5faXHBDfc6lAe4vz5MkFUTF6JTRm/gmTWyyoiIect9Hk7WbmysdGQ3vNeNugWo5Ffpo1Om1Al0",
+	"FwzVIPk98laRKNbgqYyP3E3imjYbhvuMyuJx/fI2K1mCgUFXBOLChT1eAq7HXMVXLbdHN1wk6+Uh+rvR",
+	"ZXKd0SfPngcf9b7gdaIcVlV+FtUxVUwV+TqCHnINMDX230RbO6m8rgiOVpJpKcDQJ5WxmUsnDjGMnWhm",
+	"DBdTHfTXraSPDRDZlj5ZhOCs2qhiULJPt1lpdjsYaBkIqL2o75aYGTVkJtOkqLM9hP9hHU3Bbpkiiplc",
+	"CZasmXe2ZExoI7PMxZ1QZVx9j1w447cS+FmJbWoTz/utXOPrlfn8VccWJbW3OHEK3BT02MRIpzlR54Nd",
+	"JK03OGvz1HUcaHdL2mYpvkbxlknfLrFmmcRimTU25sl4msqxj9Qtb5FW2L4lSzQv2Tjc4I/Rlec+K1NO",
+	"rIIuRa1W3sqEHGfy+v0Xm6hDYSU0d6JcFKjZo14Bc7x3hYJb86XCaN0QmfBtm8NlfYlTftOiIIActlQc",
+	"zr6CnVRW5T+oraU2STcgd4f+AjX7pAFlaLqZJ2StgBZ7+m1b4qIySvteWk3Q1lCI2m1u29iKaT4VLPn4",
+	"4e1usoiwlcKKu9KueKjBLzgC3J261Asyz7UhMVW1ILpqQoyP5VhmpL7gKUYp99AZq1aCD0JUQ9cmYsLV",
+	"3LFxo1oVPiNjNpHK1fyWCraNEa/YuGIub/GmeH/FpzfB2To4aDdO+O+sp43vg4D7MWY/rBdDFiYLLCjq",
+	"RQ9RFblh4sDz4pvwaa5TuKe/+7MQYWv5QZfjerbxha5ZRaRImWqviY4v9Hahbpz3Xat/sVQK04G0tt4V",
+	"7lQH1J2c0o5w93c8f4DOD0zrAHPMWHzTf63NbPIWW7PuHcSEvE781F1yrTvRmxbx6V00+ktw4olierbp",
+	"zPDxqEj5rSzgT49/fNIFmfr3YbhMcpE8WB2zdUBZ3UjDH7uiSrbfUPha3SW3rVnw0CentYTBlBrfev7a",
+	"kuA76Nt9Ei0tv7q0YrwwVLD60K8yYTspLrAco+VyeR5pwhOrH9EkUUxrn26BNYkoeXd2dkGwe517cSa1",
+	"gUSMg0bSR7hqgY+C6lO2Khji1FmVqoh4asljx651CRZWqkQO/nz+ETRDSvRNfnqVn5z8EPME/s+IodPG",
+	"9oKTrxsAtXxUdcUxBclDblr+ol96SetpePHmY1tZ+D8KCH3HBYQqhaC7/FYXbz7uQhmylLQ/RQibdSyv",
+	"ccx3GdM04WLKVKZ4qGbgxS9nT549Pz06OiJUE61nhzdsMWWCHKYEPtFtfX62tUnqbUM6G2Ww5MmzZ49/",
+	"tGInTjS1h5Sm3VpctaS884ICdGvz12HUacEg2nZCXkgAe6SwWmGtHSUqdAi8BzRW1233sCvbrbt9QT0B",
+	"rV+2RB1ZO6GvOvr3SWcGvbubnfe7cr6v7qvc7jj3LnN8Htwg5pa/hBi7gMReJ1J/7B1DK1GHE74vVoCf",
+	"BS5u8RVNFLO0B8pvwiDS5aj77PajRm4LK/bekpSLWf9hvSpcXNTq9ZBz4Vo2WgW+aC8JadPcaPLo+NFB",
+	"8ODZEH7h/PEP4SaYSx0vXXfp40c9CptW+ihGHjwr4Pp+3OIoxCaJKxpL7D5xmRkadnutwnJfYb03BKzp",
+	"St5Jagci2YGlcB0D/KI66rboOVP0ct3BUVBl4rUPgmqzyC63pmvcuOKwKDvUblcKojtaeS0FYZWDtrU0",
+	"Q9HrFe6C8CZo44rrNX7v9lnsBwwlNy2L7QlPmWXIzzQ2JIVJsen6xw9vCdcE78OgQRWaDUsM2dFAfDUC",
+	"3NJW4OEDHIKbIcCnzu0cnkb2bBzcuntYGgy0Yu8fNW3VTUaKaaZuWcAD9QtLEzJeuGtHTbggWOYriL9A",
+	"4xYYH+qFraMA6f20dMNKRv31sVVQr+wsampKJUDrc4bw42pgYifkkGcKmlq0VeDcNIR7xYDeg7/JwEu3",
+	"B21xEUj14UKjS0UF/syo6mN51WBVG6zzuh6bXP66sXjYqMZ638YQbnEbO9L7tkcIN9FpX9Fe6rV3eRC2",
+	"dU4u7yUsGSvF2HpKlzGHwOV1LqfcJ7kwWL1hFykdD98+9Jtt4alv8rY0crWvFpV1usE1rN+oUhVWQI1E",
+	"GkT2qY2cd2EUIF/szy30UYeqo0BFFuzxFyjAA4Vdg56eB66qsttCPVAZF+ogrbX+jVsmt9ZhaxRyCRXE",
+	"KUIfqpjqdF9aZO+GKPda6KUrIbfIDQuKy6I8dYs4XTedtzZiJTFteeWYwZErbhYXFlJOuQe96SwP1kYU",
+	"5P3rn14S1JkI6Epk+D/+dnlQXjKXNZIJhyLNZkF8rl5EKAFuvBIuWMCPMc306Ojo6AC6/lBBzs5fkxu2",
+	"sA9u4MHRFdARrNPyAWp3xZ5mxmSDL18gGWoiw6YmdvC0CzRKpiRLqWDkw6uLSzvbEXl1y9TCVRynQt8x",
+	"pX3JRV+InLmym1dieF2rw3l9gNGkXEwJJRqrmV/HMmHXLxxUEpfnknJtLGwEuS4Kol8fXQmcXjmdHobj",
+	"TJPr/3n4sqw4ePj6p2syZPFMVu/1fVTr3YwJAvVEI8JSza7ElAmmLIs5+BluUgsuB4qz89eVBKzTwcnR",
+	"46MTl/QvaMYHp4Mfjk6OfnDWMtDHMc348e3jY2Dt40rjL/vQtVEt0t1fJ76591uuzVnlZdeDgRkIFP37",
+	"/cCKucFvOcOOByBcK/GARQpep8clLArKyXw42n/BVPb90Mxlqv9aU4eGKtpKliN1adSde2g0PS730vHd",
+	"Wz7nps+LL1EqfvkEeUZAkoDgJycnFc8S5sqhtOFSHP/DBU2VO+3XHhqEPHBvQ96QjE4ZkZNagzlU+H3i",
+	"TXCKYs1Y6hZlXT6fU7UYnA6Q1cohIzLhKfQ8i4hgd5aVJlxBbwGMc/EXe5/sOK0McHxfU+O+HE+kitmh",
+	"6yAN54Lr7B7gj7/Ydz/gq5W+2Uts0pswXv/UB8+vy2rscG/8qWhP4NtW7ATV9bDGL1/w7KrR1ZM90FWI",
+	"pj74ht/b05FDF6GiSk2Y58i1a81vD7S7mdRWTOPrRfJhN3HlCTeHqZy2C1eQq64zs16fXOyXZ7GR6tLK",
+	"oD6Sp/iiH4H59zGWsN/rl9jquu/rf1Fy3n9s+f3JyWoT79VS0r5JlLzbgZCEWUkqp3WZWMrK9Qj4mH3O",
+	"pDKtdPwKHv9ByetRcjfZGfbZHMf6tk5uTY1jiaZeXvwVlV9KMFvFUtWuTl4ITAVV2dMroZq8vPhrRLRR",
+	"jM77EZerLXNclqjWHYfsGbz556IRwnok9kBn5Vmxncp5WTX1jMrZ8vn5eGcLqJWZXiaNc6khEmRbWngJ",
+	"likGl4y5sVafVFMq+O94jA4By6TErn21UnicoGl70IdUoORmt4EC/Y77mSZFUn4vkFaqS+7UTAgN1BJb",
+	"vUPr45s6HYuSjStPRoEtxLal2UufIVBtz9ekvmiVCKpmOHyrEiiUhfHAMggLaIa0d9+eegeHERTMJBQx",
+	"amZK5lOMFKuwEPEsRKhICE0Swk1viXN87/wIX1bLnp+Z2Yge7EdWedk3f4Uw4VlhUzwEuAb6UIUhVN5m",
+	"bgek3TPL8j1rL1bZP4JwYTvgkzOt+VQ4PnmkycWbj2QoRbogdzOeQitfrglPUnawAWccl82UDosIgBUC",
+	"9B0Xptmv9BsjiZZepUG3x+N9zRoiCQu7nVAE0VxMU3aYa+Y8+EuV6RGtzoU+1EUD6I1oBCqHdxDGuX3n",
+	"uxWjhE4MUz5gdcx2wbY3Vawkit8y5QLpNMFK92SYC1fznvy///N/iaugHJHqj2Ma32yENSws3YG2D/DS",
+	"tyjZezgtTx5A4YHi3DtQXekN87qOzA0QwlTKhAwVm+SaJU6aU1H1Zc5kmmjS08pybS31sbvc62Fx1bON",
+	"17C94Da5BO3eC3W2WVt7uaL6pgysQEnQlaaWR/72JOtmLkaMyHhBEPlkiBefiDCOxAoVxDej1ON73woK",
+	"BRf0OesSXPYlt8YWwq1mbpwOyikGTQVxt/TzYHZitSjDA6u9tQIKQcGJlX93cc1jRyIZVeCComkKvnbi",
+	"RQkxMjvMM9B0uHA38vDJHReJvOtFkFCk8NAbm30kZ63Soh7sUwIsl4kMABx9u34HO/APloEkriNmAR1U",
+	"KsEFFxFfMRYMdK/WYCFM7aqKgvZ5sAkeju8t735xOSId5mmj+OW66gx+/quVFfuzTOg4/VqGarM26B5N",
+	"Vtwn+JYxpq3osOq6oi87H/I2Zivo8NtHb7FUv8hvFtMlc+/kIoEaQDboAzhuFeEvKoFphGsMkbKERuiU",
+	"2pfQ7IJFP9LE7XFzaQGG0KGh+qbrQuqVAJ2laEjzTYqM2hK/opMLINRiQltgu5KHHsqEJ4SmUJsLNUMk",
+	"tV17qdtW9V/llFtRN4xDqE+Eg41OoHpPzd0yRPtevyDcK3/GqsvVzjMHu6Hp4/vqoP1c21tTdxTUqBt9",
+	"ddp16maKTVOn/vSVaXcXPjmkgEcaaWS8AD9PlR22Rb8+vq9UaOpGvD8ANnLuNJDf8fYrt67v9Takikdw",
+	"0YwXcCjxpP1C6kbIO004sPnQigQnArZic70QccehdbEQcRW1evtja4/YqnSvC+ANuqpin6udWIrOgYS4",
+	"83fEPpKmikVXho4IeUeGwFwWkynXRkcklRpMzbGSN2wdw6W33fgA9mIPOzFNC+Nue+C/LkZ0ru6s2Ola",
+	"N/RunHPfj2EfSlVtjq90xe77IixjqIDkzpBChlKRPJsqmrADywlo0I+5oGpBJjIXCZHCqenKajUzqc0L",
+	"kH0Xv5wdPnn2HKtXx1IlVm8XCQH3rv23IQxIKqW5iGdrMMsGxv0fRn1vKtqnMe8JaGhpyxJJcY71E5Yy",
+	"5TFnq6Oq680Fel5N+IYJAb3zcbB87Hd2F7DcwmHlXYD00NvBZQBMXY4IVSWkCrpzWhF+fH/DFl8wPSxl",
+	"2DKojvmXKaOq0VdibZ73XUnqpkvzFsuVCGs3WtauXbZyqlXRhU/7WERPAz0HLLR2oznN5S0wdh3NeM8j",
+	"2GdD7njCFIGt+L4GbkoCBB3m/RbPXlFebldI3pNsXyqD99DivdFhZZnZL5jZHv0XzARwj3SfLiJ0eEB8",
+	"sEU9uj88G/Rgf32T99CML958XN+U+abEs69Ru1Im223uKpL/4s3HiHDhM50E08RIua7GjQ7cizcfv9WA",
+	"2GKBX0lVh6LBASc6ps/vKgIzyDbH9xiY3lNLDiIxdBXuo917uexCYep7DedcF9Un+0b1zpRprDdKqGXd",
+	"R5pAbREyFOyummJLpEgXBxGht5SndMxTbhaYqFGtQdtJP7l2XYBWy92PGpvh9FCvfcmJsGP32dP+GlF7",
+	"CFG/chjf18FQVNJYeTIAvvYmTWD043v7v/7yBEp3rHsq2I/2GBfYWN5XEhRY1GSPkuJnRTHnykDk4B1d",
+	"EF/XhQBGo8Ieh9IYzjLPEWOryKFHzYiNykXUSirtM77qj/IL291wOEQ90tWB22svVOigqkk2ilYLRoyi",
+	"QlNI0T2t1v59hMFB9pdqiuEjTWKaaTJEw+NKXFf3+e/X9gQkY8wWJXRsDdTfmZIRDDZRDK98itYxF28+",
+	"HpHLGbsS1aMU6nKRayeIWHL9gkxkmso7+80crwZ+fnVJoFYXucbTBwrCWNDpU/L05Cmx6pKQZgSe0og8",
+	"PfmRCDmKaUZjbhYRefrkxwooR1g+kn2OGUtYEl2JpydPCBc6n0x4zJkwI7crO9QJ0Xo2umGLkWcZrBXT",
+	"8IuArrlFZYoHVdXLdX4ljb1cQNs1yJbKe9V1IkxJiKDYtVvINVYKy+RmGZNWGf0zMzurVPIwgq7t5rbc",
+	"8NbazwYAPu6sEPON1IX53uu1/AxV4X3CzZjGN2SI8jbC6DGjFi4Px6FkhJkBB71YKDezY6hudgxV+drR",
+	"+da+9Fbu73qxnOArKaf1+sQhryFGM21x7+sq1w1O//6p5knkU0G48FfugA9CsV0JGUKFtNpvWJTNNduv",
+	"4Tk3syCCpxIdym24hed7hC3O0B7S4EArc3NE/iIVVuzTfArBHhFhIhn5RIRcpdgKwelKUKTvkSZlcT65",
+	"i+s71LximqbV0bthLXkSw7+kcvXjg+fQe57EZ8VbS5KxUb2CmhlxUfp3bExolhEjCVaYtv9C/nfwIkPl",
+	"uklEqMhxMUXSOoZWIiErpCxW3eKnePb4Sfd1yw8oYJuyMOGKxca3tlgqsHg0qHVffuvl6uriLzvmQFB4",
+	"KRkreacroCxqKQJB+hWToUcwRqnFVjT/d3L+5uWrg54Uwj7HZROdIFNaCnnl39qPyLWb8lP8ywndv3DB",
+	"9SyA8/GCOOxYxvGFMEE9hbRh3Y1ieO/Y1YhfpSLBCz4ffE/pTtUWud8adn9ldw6oGO8u04Q4sLkcbSFJ",
+	"KsWUKXIn1Y3eNRVcKpowQhuTWlyLYmlkiKevz7sDU9ryzmpm96WenNm6yiTZtLrTezV1fpx92iJ+dS2G",
+	"iNvfDnwsounp8H6MYcIUv/XlY7nRBLv1VhHgwB3GAb6+0nOHFaS2QMF35krD/Xa70Zgwiu8iGGYZvYgV",
+	"P0OrL20lZnPf1KAVsVjefZ94XarO+0cFSFdVv8/9jf0HBknugMg+VocD31KzQpvMsBRbuiBSFN7Wgy2o",
+	"78iVKlxRI/KfhQa/89qNVWJbVb4xiHPvuV51kL/07+yRsfwcrU5a95xkTIF/f9eKc+0SAcOYXTANVFly",
+	"Lgq4jq/ANKaGprIBU0x9/r0C0mbxfqxp/+TkxJX6cFY/1PLnmuTZCwyq1lZTTFjGRMJEvDhaugz4mZlf",
+	"3Gx7RA5O0aYq1Ra+a7ycu8FTfssE01UzRS+0YfM66KXqqND8Xk2/89Cy96pH/eHq6bCDA+h9dbiKD4mM",
+	"mbVjNDESI8DxAm4Otkb9jroWEwpoao9FwxuZ9xhj++3ebb1X0690qWVBs8+bLJfI3VAzXtQxH8s55Epp",
+	"Iu9ELdTAobfBl8f3WKJn5T3WJkh/r6b7vrlqAfhl4x5720urki/C8TgYUrItjPZWerHSf++BfTIt+Nky",
+	"BKcnPR9jk/nOg+ede21D3H1nphLutvuocsDbHeu0hDcnBQb2h4AHK0xebuZrhVXUltB2A3aWJCwhQ0Tx",
+	"AZGKcHELlZqG8A+Y+WAHXpgkIdRREri655SnUTmfi/CZYXnMBZnRW6vtG1/LgQuyYGawNsfXgyjbMpkw",
+	"peYByK8WbtmVMYSr2mXGkIM/JAqlVBvUC0hMhQX12NqoMGVYE+w48R4Udnu4spBfLTHUQe5BYtmRBB5p",
+	"omTKVlBCwubSBCmhleWcT6sjVdS/9K9xxrrtdh+yHnh7PmXRbjgvot2+72O2tpuvVRvAwXJ/SUfLfFfU",
+	"5PR1Ww99oEjrpS+u5aV7/6KIK/k2rXe3zK+F0loZ11avWr3kaoSOZGtte6yQjx/e7iDh0wWJYOnMF3Ze",
+	"Qo2rnWlyZdWj6oxdDuWSeHJt5Jypw0wqQ9O+NHQOb5cUtA8CwDm+WiJvdYNt2IeXdoPh95mrCu9RUw0w",
+	"81jyM1q9XPKY6aigwDkzM5nog96Yv8M2vMf3vhbEl3akO2bQrnVvr5TFSvnIXkmLj1vrjG1GWs3uvQ9K",
+	"Po0ex8E43ZhBXMEQGxG7pPwEiv4TRuPZwR689BhD5lBPhorekbFMFlAVlk/s9K6QVkGFWByom6wgJeTw",
+	"hi10642KVf20u7Wx2El8BvsNW0QgNG9pmjN4hn8XBQtcTCRUM9BW8t3NeDy7EtyQOV1YXdVlwSfQHRkS",
+	"4a1lOY2KW9Yj8lc7uiaaVSr9SYURrWBmzuSduBIzplgopaMscvLG7vK7vp4o9tFDKS1wpCOipTJIJJbL",
+	"dx4RBTK1mM6VGXX3E1C+zR2wlkIwFsrNXr1xwhEa5Ok06+P7MultpYd7U+3YfbdvT/cKhfOyzOPaVuks",
+	"jLlO039X4PondHqvQNWOHN8VNHWRfC8nuFvxpo7wCk7/cIb3Z682h3gNG/tFxsM5xmub+koWXrvHDRzi",
+	"O/Z3u6TXMsO2FhrmEhSWMxA34O113N0PSFwP6fbe+AB7cED84cPe10mnmbrlMTv0iWsrj7wLfPnMv/uv",
+	"c+bVd96nXRG8X+QDPsAh6MpJ1Rb6T3EQhjb2tUpm1aG7P0f2Nix8fO9+Gblfug65n+D3h6Sc+ly9zztc",
+	"6A50DhyI0CafgrGs2K28YeBZuUEXRpAL22zibw2OJw9I/daqboD0m+MEO0TTA9d11G3kytoSk99b4Z/z",
+	"170cZRbyX+k0fANllL8xJD5sBRtA0lc6PN3RiGt4oJDfs/PXluJc6ZqmtIeYDmzqRrgm4XbC+xNAUDe6",
+	"2wK1p9F3QMhv2GINw9Vuak9aEjRnas9YeYnJKOdSm6liOiK/nl1ewMF/aTlR0ZTEUsS5UkyYdBHBLZNP",
+	"fdIzqQxJGE1SLtjRlcC8FwbtbeGKRNnX6ThlL8izkx/wO0hPvxbSjGBt10TQORdTd8kzoTzlYnolyuQY",
+	"wgW5TpihPNVH7vk1kWbG1B3XwXuXn5n5gBvfa3tMmnBIXQne1dFkASh9dvLD7voQWKy/ErcslVn4aDEk",
+	"ZRCXJRipglCTXBTY2PUlTAGJissKknssIeGlnFsJZ12JPisLSf8L1ZAuc9T0Pu7MoD6TntGMaSIFkZMJ",
+	"U+6mDArWasjH+/n84+FM5qorMU7rWQ8t8uKX7/8WFDexX82ujqmiqM/FxS8ky8cpj5umGFYBXnklgOv+",
+	"VgO3igV+LVcGQmfPfn3RQCEZsuTJs2ePf4wIixNNIa79w8UZsL8X5D+c/McTMuamFqbjER5gwV56lHNy",
+	"bEYT6+g2WzopVu3XSEWn7LjcYvVfdaacyBSDojJqZliOCyTd9fH1ETkThM0zs3BvERwG35C5uRLXyspR",
+	"zW/Z9Qs4V50aA3RnzzhM+n168iNxixrhUFBPFMa+ErlI7YFYjvWflqavsWWqmusjUitG6sbBSKRKXdIr",
+	"UZ3Gbmc0zvWCDPFNTWYshVgLUI/K1oRQJHXxgqhcEG6uBHRlPQipTo40cIa1acN9t256v/+Mmln5Tbjy",
+	"lwNfrfJXQVkTmmpWhISNpUwZFXvuPenWjpHyIRGye0fdhKdYT5F6oh2WQaSeLqVIF6iN12muKkccIbVw",
+	"lrwTqaRJq/FwAaUIMObGLqmMZH2Jizi8hLAs/xeG7UXk1SWdWtXwSryl2hy+kwnEkUWEWm4i1Bgaz+ZM",
+	"mCPyXjAyXhhGFOQhDK8/2P+fwm/6P+nh+Dq6Etf08NpC4/pQXB8U/Pjk5DkuyE8Pn74g1I1lZtRgxTkr",
+	"F7S5EnYfTCQlRz9+XrAafAOMqKnhesKhFrcd/0pc12ZwiyP/fqz571ZkaGvZ0BSn1RGhZE7TiVRzlhD4",
+	"wqLySlBBXk9wCFxbIpmGIDMoCAFQdpCzy8PyejOZOtgPn5ycHDRrGreIkSDfO2w7cn4/3ig4Z+f8j+U1",
+	"SgHwwRWY6993tm0kD+zB/prYytgwc4gVO+oCpSiQjv35AiXSg+7kEt+u0fLzh5y9KLCNpLyLMuV2K48K",
+	"oVVWNyFDZAQ3pSYzKWSu6olFK6VXylETXhFWCnIL5ed1ptiEf75GL5iS0qDohNP7BRR6ts8JTe/oQoMK",
+	"cSW8DhERCumQ8MWca83F9OAUBKHdX1kZHSfTBEtMpgvCxZXgBkQ5DtZUD9ApgvxLcmGXys0RsYyinYcF",
+	"i2deiXo8SARS6I5rRqRKmGJJVcM4qasQRtFbpjRNQRBxAd3bvdQoPIaC5ELTCXOwaIt33bXqEG5DYFfQ",
+	"xrlPT3583rtNyYYaxfd2Ze8F7IPVT7t0SgFSv6d8KJ9eBjQ5KnSPI8IFquhAsn05fX6TcNWeiPDOPt6U",
+	"KB/I/q2cf1/LAq4d+y0HAKJpe9p4B+1OCt2VNiywFKWzlAcvrNRhn7mGqsDuMbdiVbC+5JEpBrVSq+ps",
+	"uL/FX63Ywwo3GFF+7cY4cmOM2OeMq8V1zVi7Eq3WGji9/dNcuF5PPn/WPmAudfZKuCmCNtk5PnM48pra",
+	"4NuixV2GPzNM3//44W0bKe4kgerMDoPKtmI00c60sloI5dOZwQKeBa5ck0Qs7bUu+eXZauL7wDRTt0yT",
+	"azAbnBHh/OnQbcTFY5hcCbvS84+XsHxX6WBij272mYJeAVuaU7Fwwww1cypIkfrnalgfQD8VlLrzXBsy",
+	"ZlcCGq8Mq54GR9rAivabMyjhbQc8/3gZeS+Gt4fO319ckiYgEAD6+B7/AZd/FlPWpr0mYzaRil2JazfU",
+	"aLy4Bu7Ht8EOco+KjCOBDasx7LNkycc/lCzZaNNCgt6Tbpb7mDmG+6ZPD1wyrvWrZTV71kWItXAvIjUi",
+	"d5Q7ya5KL4K/NHLo3qr+UpDXHSUSSlKqpqzB806PBo7vy+SKoTbZxtwNFyQYEIULkgzH0v7LCptr2P21",
+	"kdeOMRNmzz6AwZVwDAqNkU5JK39W7kbJe+cXpAJ+vBIFmZOZTBP0C0aFhYIbCfo0C3a5EljAfy5vfclx",
+	"xbQhQ3QuEudb7HdGhnjvAyzi+1DZcK1fq5Nll+sRV7ebDkiWLoZW1h4EPZBAzWCuGiheyi0t9OWfyuGY",
+	"B9gH6nbLBK6xvZiIsFzuwvsOIMGPDG9YZggtX3ukr0TVG3lQ8TFUOd1+Y2lXKX7L9BG5YCIpv/SeS6nI",
+	"9aWiQk+YOnwlYplwMT0l8SwXNyy5dvoBLFVOSC5uBKSHpvA5GcY0y/D0aiqYc/p55M5FOLE9++PxTe3J",
+	"qFBBSJC/tGnkhqCKMGwOjAegG/NK4DGLtZKocnvfxjUQ2fOWhI9bMrRCB4hBu5kOIjyfHUeOjJQjEMIt",
+	"R7M1DhpXGURC0vuVsC8dRCvE4LAgzpmjCEvEQQ0bj6tvxPfZW2Jt6eH7hqzLC6TDHRS9AF52EqL0JiqW",
+	"pTRmlbsKVwoDiGg9MRVWYdsP/5BH3g1QHINk6IRFVNFypSJgcFq2qV/8+fmFn71kNXzEErJg5gWpyqMr",
+	"4XnJWhgR5sNXVGhQAopeRThOkFleukk7lONAgYcCbnvuHtrdW+2BPSco/UrP/XYRnc7aAq+0M/8Qsi9K",
+	"+vZlXDOqTCOTsDe5r2xW8DPzrt7NysUHxeUD+EBxtauz4CuuSayZvzXO/mYNj8L1ifSgi6Pcmjtwdnah",
+	"Bjs8z1di5R0b7DVhrw12GKi0y6AnF5DmklRnPNOrY2A8dPplNbxbYPT1dx6R9hC5Bi0RaRlTWgqa+sjy",
+	"dWLSMCzd4+Ab73X7r5UpsITXfrkBfRhyjSj/jUnjAWPvqwYy5Mktw241gFxZJX08p1T3qqv1jtI/amr1",
+	"5Z1fZcL619XadZz1u7OzCxLLOYQESGG1c8UyqUy1itYv785eLpXSgi+Xy2hVO/3PmVE81qsVAXylXxec",
+	"LKVcrNkH51zJOTMzlmtix7DmitQcrHRU4vdQj8xPOC92t5xOUB/hfjBmVDF1llsC//snS87gS3Fck6t0",
+	"cDqYGZOdHh8/fvIfRydHJ0ePT/908qcTECNu/PtAr8dDLsgklXcuxgMa8B2VzAdt9qye0KYteccrV8UZ",
+	"WvkcBcby9/WuHUPDBBVGH0RuJKcvwdhlfdhiVKgLujyor7AbGmU5g78SiuHSjpZH/LWSYzC8ePNRH7gl",
+	"8ZhVh/ApBcsj/Nn30Mfea5FriYSwzg7zrDqMLzIXXog1c4VBrx8to2Tghs/JNuxSC12pqzisdKNuhVph",
+	"LgwDMQ+CXPxwEKGCr6OK0WacK7G6C6/2B6aqtV3h2jh/2LDRjwV7GVV3AGIjuHbI0sG2RhHcgWIaj12+",
+	"46/q0pC/AvSMlfn8Mir12KqEgjXWvnz68v8DAAD//w==",
 }
 
 // decodeSpec returns the embedded OpenAPI spec as raw JSON bytes,

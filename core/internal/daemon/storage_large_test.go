@@ -1,0 +1,269 @@
+package daemon_test
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"crypto/sha256"
+	"encoding/binary"
+	"fmt"
+	"io"
+	"math/rand/v2"
+	"net/http"
+	"os"
+	"runtime"
+	"strconv"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/aws/aws-sdk-go-v2/aws"
+	"github.com/aws/aws-sdk-go-v2/service/s3"
+
+	"github.com/gpuaas/gpuaas/sdk/sdktest"
+)
+
+// genReader yields size bytes of deterministic content: block i of
+// genBlock bytes is ChaCha8 output keyed by i, so any offset can be
+// regenerated without what comes before it.
+type genReader struct {
+	off, size int64
+	block     []byte
+	blockNo   int64
+}
+
+const genBlock = 64 << 10
+
+func newGen(size int64) *genReader {
+	return &genReader{size: size, blockNo: -1, block: make([]byte, genBlock)}
+}
+
+func (g *genReader) fill(n int64) {
+	if g.blockNo == n {
+		return
+	}
+	var seed [32]byte
+	binary.LittleEndian.PutUint64(seed[:], uint64(n))
+	_, _ = rand.NewChaCha8(seed).Read(g.block)
+	g.blockNo = n
+}
+
+func (g *genReader) Read(p []byte) (int, error) {
+	if g.off >= g.size {
+		return 0, io.EOF
+	}
+	n := 0
+	for n < len(p) && g.off < g.size {
+		g.fill(g.off / genBlock)
+		k := copy(p[n:min(len(p), n+int(g.size-g.off))], g.block[g.off%genBlock:])
+		n += k
+		g.off += int64(k)
+	}
+	return n, nil
+}
+
+// at returns the n bytes at off.
+func (g *genReader) at(off, n int64) []byte {
+	c := &genReader{off: off, size: off + n, blockNo: -1, block: make([]byte, genBlock)}
+	b, _ := io.ReadAll(c)
+	return b
+}
+
+// memSampler follows the process's memory while a transfer runs: the Go
+// heap in use and the resident set, sampled every 20 ms.
+type memSampler struct {
+	stop              chan struct{}
+	done              sync.WaitGroup
+	heapPeak, rssPeak uint64
+	heapBase, rssBase uint64
+	samples           int
+	mu                sync.Mutex
+}
+
+func rss(t testing.TB) uint64 {
+	b, err := os.ReadFile("/proc/self/status")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, line := range strings.Split(string(b), "\n") {
+		if v, ok := strings.CutPrefix(line, "VmRSS:"); ok {
+			kb, err := strconv.ParseUint(strings.TrimSpace(strings.TrimSuffix(strings.TrimSpace(v), "kB")), 10, 64)
+			if err != nil {
+				t.Fatal(err)
+			}
+			return kb << 10
+		}
+	}
+	t.Fatal("no VmRSS in /proc/self/status")
+	return 0
+}
+
+func sampleMemory(t testing.TB) *memSampler {
+	runtime.GC()
+	var ms runtime.MemStats
+	runtime.ReadMemStats(&ms)
+	s := &memSampler{stop: make(chan struct{}), heapBase: ms.HeapInuse, rssBase: rss(t)}
+	s.done.Add(1)
+	go func() {
+		defer s.done.Done()
+		tick := time.NewTicker(20 * time.Millisecond)
+		defer tick.Stop()
+		for {
+			select {
+			case <-s.stop:
+				return
+			case <-tick.C:
+			}
+			runtime.ReadMemStats(&ms)
+			r := rss(t)
+			s.mu.Lock()
+			s.heapPeak, s.rssPeak, s.samples = max(s.heapPeak, ms.HeapInuse), max(s.rssPeak, r), s.samples+1
+			s.mu.Unlock()
+		}
+	}()
+	return s
+}
+
+func (s *memSampler) end() { close(s.stop); s.done.Wait() }
+
+const mib = 1 << 20
+
+// A 1 GiB file goes up and down through the core, streamed: the core's
+// memory (this process: the core and the test's HTTP client; the driver
+// runs as the real plugin binary) stays under 100 MB throughout, and the
+// content comes back with its checksum, whole and as a range at the end.
+func TestStorageLargeTransferMemory(t *testing.T) {
+	if testing.Short() {
+		t.Skip("moves 2 GiB")
+	}
+	bin := sdktest.Binary(sdktest.BuildBinary(t, "github.com/gpuaas/gpuaas/plugins/storage-s3/cmd/gpuaas-plugin-storage-s3"))
+	e := newStorageEnv(t, &bin, map[string]any{"part_size_bytes": 16 * mib}, "GPUAAS_LOG_LEVEL", "info")
+	w := e.newWorld()
+	tok, p1 := w.tokens[member], w.p1
+	const size = int64(1 << 30)
+	const limit = 100 * 1000 * 1000
+
+	want := sha256.New()
+	up := sampleMemory(t)
+	start := time.Now()
+	r := e.transfer("PUT", "/api/v1/storage/upload?"+q(p1, "big/1GiB.bin"), tok, io.TeeReader(newGen(size), want), size)
+	took := time.Since(start)
+	up.end()
+	if r.status != 201 {
+		t.Fatalf("upload: %d %s", r.status, r.body)
+	}
+	t.Logf("upload of 1 GiB: %s (%.0f MB/s); heap in use %.1f MB at most (%.1f MB before), RSS +%.1f MB at most (%.1f MB before), %d samples",
+		took.Round(time.Millisecond), float64(size)/took.Seconds()/1e6, float64(up.heapPeak)/1e6, float64(up.heapBase)/1e6,
+		float64(up.rssPeak-min(up.rssPeak, up.rssBase))/1e6, float64(up.rssBase)/1e6, up.samples)
+
+	down := sampleMemory(t)
+	start = time.Now()
+	req, _ := http.NewRequest("GET", e.url+"/api/v1/storage/download?"+q(p1, "big/1GiB.bin"), nil)
+	req.Header.Set("Authorization", "Bearer "+tok)
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	got := sha256.New()
+	n, err := io.Copy(got, bufio.NewReaderSize(resp.Body, 256<<10))
+	_ = resp.Body.Close()
+	took = time.Since(start)
+	down.end()
+	if err != nil || resp.StatusCode != 200 || n != size || resp.ContentLength != size {
+		t.Fatalf("download: %d, %d bytes (Content-Length %d), %v", resp.StatusCode, n, resp.ContentLength, err)
+	}
+	if !bytes.Equal(got.Sum(nil), want.Sum(nil)) {
+		t.Fatal("the downloaded file's SHA-256 differs from the uploaded one's")
+	}
+	t.Logf("download of 1 GiB: %s (%.0f MB/s); heap in use %.1f MB at most (%.1f MB before), RSS +%.1f MB at most (%.1f MB before), %d samples",
+		took.Round(time.Millisecond), float64(size)/took.Seconds()/1e6, float64(down.heapPeak)/1e6, float64(down.heapBase)/1e6,
+		float64(down.rssPeak-min(down.rssPeak, down.rssBase))/1e6, float64(down.rssBase)/1e6, down.samples)
+
+	for _, s := range []*memSampler{up, down} {
+		if s.samples < 10 {
+			t.Errorf("only %d memory samples during a transfer", s.samples)
+		}
+		if s.heapPeak > limit || s.rssPeak-min(s.rssPeak, s.rssBase) > limit {
+			t.Errorf("memory during a 1 GiB transfer: heap in use up to %d bytes, RSS up by %d; want both under %d",
+				s.heapPeak, s.rssPeak-min(s.rssPeak, s.rssBase), limit)
+		}
+	}
+
+	off := size - 3*mib - 17
+	rr := e.download(tok, p1, "big/1GiB.bin", "Range", fmt.Sprintf("bytes=%d-%d", off, off+2*mib-1))
+	if rr.status != 206 || !bytes.Equal(rr.body, newGen(size).at(off, 2*mib)) {
+		t.Errorf("a 2 MiB range near the end of the file: %d, %d bytes that differ from what was uploaded", rr.status, len(rr.body))
+	}
+	e.checkMirror(w.orgA, p1)
+}
+
+// BenchmarkStorageThroughput measures upload and download throughput of a
+// 256 MiB file through the core's REST API and the storage-s3 plugin (the
+// real binary, over gRPC) to the dev stack's S3, and reports each as a
+// ratio of a direct PutObject/GetObject of the same bytes to the same
+// server, interleaved in the same iterations. Target: >= 0.7.
+func BenchmarkStorageThroughput(b *testing.B) {
+	bin := sdktest.Binary(sdktest.BuildBinary(b, "github.com/gpuaas/gpuaas/plugins/storage-s3/cmd/gpuaas-plugin-storage-s3"))
+	e := newStorageEnv(b, &bin, map[string]any{"part_size_bytes": 16 * mib, "upload_concurrency": 2}, "GPUAAS_LOG_LEVEL", "error")
+	w := e.newWorld()
+	tok, p1 := w.tokens[member], w.p1
+	const size = 256 * mib
+	data, _ := io.ReadAll(newGen(size))
+	ctx := context.Background()
+	directKey := e.storage.prefix + "direct/bench.bin"
+	client := &http.Client{}
+	drain := func(body io.ReadCloser) {
+		defer body.Close()
+		if n, err := io.Copy(io.Discard, body); err != nil || n != size {
+			b.Fatalf("read %d bytes (%v), want %d", n, err, size)
+		}
+	}
+	var direct, core [2]time.Duration // put, get
+	n := 0
+	for ; b.Loop(); n++ {
+		start := time.Now()
+		if _, err := e.storage.s3.PutObject(ctx, &s3.PutObjectInput{Bucket: &e.storage.bucket, Key: &directKey,
+			Body: bytes.NewReader(data), ContentLength: aws.Int64(size)}); err != nil {
+			b.Fatal(err)
+		}
+		direct[0] += time.Since(start)
+		start = time.Now()
+		out, err := e.storage.s3.GetObject(ctx, &s3.GetObjectInput{Bucket: &e.storage.bucket, Key: &directKey})
+		if err != nil {
+			b.Fatal(err)
+		}
+		drain(out.Body)
+		direct[1] += time.Since(start)
+
+		start = time.Now()
+		req, _ := http.NewRequest("PUT", e.url+"/api/v1/storage/upload?"+q(p1, "bench.bin"), bytes.NewReader(data))
+		req.Header.Set("Authorization", "Bearer "+tok)
+		resp, err := client.Do(req)
+		if err != nil {
+			b.Fatal(err)
+		}
+		_, _ = io.Copy(io.Discard, resp.Body)
+		_ = resp.Body.Close()
+		if resp.StatusCode != 201 {
+			b.Fatalf("upload: %d", resp.StatusCode)
+		}
+		core[0] += time.Since(start)
+		start = time.Now()
+		req, _ = http.NewRequest("GET", e.url+"/api/v1/storage/download?"+q(p1, "bench.bin"), nil)
+		req.Header.Set("Authorization", "Bearer "+tok)
+		resp, err = client.Do(req)
+		if err != nil || resp.StatusCode != 200 {
+			b.Fatalf("download: %v %v", resp, err)
+		}
+		drain(resp.Body)
+		core[1] += time.Since(start)
+	}
+	mbps := func(d time.Duration) float64 { return float64(size) * float64(n) / d.Seconds() / 1e6 }
+	b.ReportMetric(mbps(direct[0]), "direct-put-MB/s")
+	b.ReportMetric(mbps(core[0]), "put-MB/s")
+	b.ReportMetric(direct[0].Seconds()/core[0].Seconds(), "put-ratio")
+	b.ReportMetric(mbps(direct[1]), "direct-get-MB/s")
+	b.ReportMetric(mbps(core[1]), "get-MB/s")
+	b.ReportMetric(direct[1].Seconds()/core[1].Seconds(), "get-ratio")
+}

@@ -1,0 +1,61 @@
+-- Project storage: objects in the storage driver's bucket under
+-- orgs/{org}/projects/{project}/{path}, mirrored here. Paths compare byte by
+-- byte (COLLATE "C"), as S3 keys do, so a listing walks them in key order.
+
+-- One row per object: files, and folders (paths ending in '/': the zero-byte
+-- markers mkdir writes). id names the object in audit rows and survives
+-- renames.
+CREATE TABLE storage_objects (
+    project_id   uuid NOT NULL REFERENCES projects (id),
+    path         text COLLATE "C" NOT NULL CHECK (path <> '' AND octet_length(path) <= 1024),
+    id           uuid NOT NULL,
+    org_id       uuid NOT NULL REFERENCES orgs (id),
+    size         bigint NOT NULL CHECK (size >= 0),
+    etag         text NOT NULL,
+    content_type text NOT NULL DEFAULT '',
+    created_by   text NOT NULL,
+    created_at   timestamptz NOT NULL DEFAULT now(),
+    updated_at   timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (project_id, path)
+);
+
+-- Per project: what its objects hold, what uploads in flight have reserved
+-- against the quota, and the GB-month meter. Every change of bytes_used first
+-- adds bytes_used × seconds since accrued_at to byte_seconds; the meter bills
+-- byte_seconds − billed_byte_seconds once per window (billed_until) and keeps
+-- what did not make a whole minor unit for the next bill.
+CREATE TABLE storage_usage (
+    project_id          uuid PRIMARY KEY REFERENCES projects (id),
+    org_id              uuid NOT NULL REFERENCES orgs (id),
+    bytes_used          bigint NOT NULL DEFAULT 0 CHECK (bytes_used >= 0),
+    objects             bigint NOT NULL DEFAULT 0 CHECK (objects >= 0),
+    bytes_reserved      bigint NOT NULL DEFAULT 0 CHECK (bytes_reserved >= 0),
+    byte_seconds        numeric NOT NULL DEFAULT 0,
+    accrued_at          timestamptz NOT NULL DEFAULT now(),
+    billed_byte_seconds numeric NOT NULL DEFAULT 0,
+    billed_until        timestamptz
+);
+CREATE INDEX storage_usage_unbilled ON storage_usage (billed_until NULLS FIRST);
+
+-- Operations in flight on a path: uploads (streamed through the core, or
+-- presigned and not yet confirmed) holding their quota reservation, and the
+-- renames and deletes that hold the path while they work. One per path: a
+-- second operation on a busy path is refused. A row whose expires_at passed
+-- belongs to a process that died (or a presigned upload never confirmed): the
+-- janitor releases it.
+CREATE TABLE storage_inflight (
+    id           uuid PRIMARY KEY,
+    project_id   uuid NOT NULL REFERENCES projects (id),
+    org_id       uuid NOT NULL REFERENCES orgs (id),
+    path         text COLLATE "C" NOT NULL,
+    kind         text NOT NULL CHECK (kind IN ('upload', 'presigned_upload', 'rename', 'delete')),
+    reserved     bigint NOT NULL DEFAULT 0 CHECK (reserved >= 0),
+    -- presigned uploads: the size the URL is signed for, and the type.
+    size         bigint,
+    content_type text NOT NULL DEFAULT '',
+    created_by   text NOT NULL,
+    created_at   timestamptz NOT NULL DEFAULT now(),
+    expires_at   timestamptz NOT NULL,
+    UNIQUE (project_id, path)
+);
+CREATE INDEX storage_inflight_expiry ON storage_inflight (expires_at);

@@ -19,7 +19,7 @@
 //	                [--instance maas] [--credit-minor 10000]
 //
 // It finds the API through GPUAAS_API_URL and GPUAAS_TOKEN, taken from the
-// environment or else from .gpuaas/dev.env in this folder or a parent (written by
+// environment, or else (when the environment names no API) from .gpuaas/dev.env in this folder or a parent (written by
 // `make run`). Every POST carries a random Idempotency-Key, so the CLI repeats a
 // POST whose answer was lost (a network error, 502/503/504, or the API still
 // running the first try) without doing the work twice.
@@ -336,7 +336,9 @@ func apiError(status int, body []byte) error {
 // parent; the environment wins over the file.
 func loadSettings(getenv func(string) string) (map[string]string, error) {
 	s := map[string]string{}
-	if dir, err := os.Getwd(); err == nil {
+	// An API named in the environment takes nothing from a dev.env: its token
+	// belongs to another API.
+	if dir, err := os.Getwd(); err == nil && getenv("GPUAAS_API_URL") == "" {
 		for {
 			f, err := os.Open(filepath.Join(dir, ".gpuaas", "dev.env"))
 			if err == nil {

@@ -22,6 +22,8 @@ run ./sdk/sdktest 'BenchmarkPluginStream' 3x
 run ./core/internal/pluginhost 'BenchmarkUnaryCall' 2000x
 echo "== storage-s3 driver throughput (ratio of direct S3 to the same server)"
 run ./plugins/storage-s3 'BenchmarkPutGet' 3x
+echo "== project storage through the core and the driver, 256 MiB (ratio of direct S3 to the same server; driver as plugin process and in process)"
+run ./core/internal/daemon 'BenchmarkStorageThroughput' 3x
 echo
 echo "summary (from $out):"
 grep -hE '(ratio|/s|_ms|_s|µs|x-filecopy)' "$out" | grep -E '^\s+bench[a-z_]*_test.go|^Benchmark' | sed 's/^ *//' | head -40

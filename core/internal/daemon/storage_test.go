@@ -5,6 +5,7 @@ import (
 	"context"
 	"crypto/sha256"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"maps"
@@ -828,4 +829,182 @@ func TestStorageTenancy(t *testing.T) {
 	if _, found := e.storage.bucketObjects(t)[fmt.Sprintf("orgs/%s/projects/%s/viewer.txt", w.orgA, w.p1)]; found {
 		t.Error("the viewer's upload reached the bucket")
 	}
+}
+
+// An upload holds its path: a second writer is 409 storage_path_busy until
+// it ends. An upload whose client goes away midway stores nothing and
+// gives its reservation back.
+func TestStoragePathBusyAndAbort(t *testing.T) {
+	e := newStorageEnv(t, nil, nil)
+	w := e.newWorld()
+	tok, p1 := w.tokens[member], w.p1
+	ctx := context.Background()
+	inflight := func() int {
+		var n int
+		_ = e.pool.QueryRow(ctx, `SELECT count(*) FROM storage_inflight WHERE project_id = $1`, p1).Scan(&n)
+		return n
+	}
+	waitFor := func(what string, cond func() bool) {
+		t.Helper()
+		for deadline := time.Now().Add(10 * time.Second); !cond(); {
+			if time.Now().After(deadline) {
+				t.Fatalf("timed out waiting for %s", what)
+			}
+			time.Sleep(10 * time.Millisecond)
+		}
+	}
+
+	// The server reads the first 8 KiB of a body before the route runs.
+	slow := pattern(64<<10, 1)
+	pr, pw := io.Pipe()
+	done := make(chan response, 1)
+	go func() {
+		done <- e.rawTransfer("PUT", "/api/v1/storage/upload?"+q(p1, "slow.bin"), tok, pr, int64(len(slow)))
+	}()
+	if _, err := pw.Write(slow[:16<<10]); err != nil {
+		t.Fatal(err)
+	}
+	waitFor("the upload to hold its path", func() bool { return inflight() == 1 })
+	if r := e.upload(tok, p1, "slow.bin", []byte("other")); r.status != 409 || r.code() != "storage_path_busy" {
+		t.Errorf("a second upload to a busy path: %d %s", r.status, r.body)
+	}
+	if r := e.send("POST", "/api/v1/storage/presign-upload", tok, map[string]any{"project_id": p1, "path": "slow.bin", "size": 3}); r.status != 409 || r.code() != "storage_path_busy" {
+		t.Errorf("a presigned upload to a busy path: %d %s", r.status, r.body)
+	}
+	_, _ = pw.Write(slow[16<<10:])
+	_ = pw.Close()
+	if r := <-done; r.status != 201 {
+		t.Fatalf("the slow upload: %d %s", r.status, r.body)
+	}
+	if r := e.download(tok, p1, "slow.bin"); !bytes.Equal(r.body, slow) {
+		t.Errorf("the slow upload holds %d other bytes", len(r.body))
+	}
+
+	// A client that goes away after 6 MiB of a 12 MiB upload (past the
+	// first 5 MiB part).
+	pr, pw = io.Pipe()
+	gone := make(chan error, 1)
+	go func() {
+		req, _ := http.NewRequest("PUT", e.url+"/api/v1/storage/upload?"+q(p1, "gone.bin"), pr)
+		req.ContentLength = 12 * mib
+		req.Header.Set("Authorization", "Bearer "+tok)
+		resp, err := http.DefaultClient.Do(req)
+		if err == nil {
+			_ = resp.Body.Close()
+			err = fmt.Errorf("status %d", resp.StatusCode)
+		}
+		gone <- err
+	}()
+	if _, err := pw.Write(pattern(6*mib, 5)); err != nil {
+		t.Fatal(err)
+	}
+	waitFor("the upload to hold its path", func() bool { return inflight() == 1 })
+	_ = pw.CloseWithError(errors.New("client gone"))
+	if err := <-gone; err == nil || !strings.Contains(err.Error(), "client gone") {
+		t.Errorf("the abandoned request: %v", err)
+	}
+	waitFor("the reservation to go back", func() bool { return inflight() == 0 })
+	if n := e.storage.multipartUploads(t); n != 0 {
+		t.Errorf("%d multipart uploads left in progress", n)
+	}
+	e.checkMirror(w.orgA, p1)
+	if m := string(e.call("GET", "/metrics", "", nil).body); !strings.Contains(m, `gpuaas_storage_uploads_aborted_total{reason="client"} 1`+"\n") {
+		t.Errorf("the abandoned upload is not counted in gpuaas_storage_uploads_aborted_total: %s", grepLines(m, "gpuaas_storage_uploads_aborted_total"))
+	}
+}
+
+func grepLines(s, sub string) string {
+	var out []string
+	for _, l := range strings.Split(s, "\n") {
+		if strings.Contains(l, sub) {
+			out = append(out, l)
+		}
+	}
+	return strings.Join(out, "\n")
+}
+
+// A transfer may take much longer than GPUAAS_REQUEST_TIMEOUT while it
+// moves, and ends when it stalls for that long.
+func TestStorageTransferDeadlines(t *testing.T) {
+	e := newStorageEnv(t, nil, nil, "GPUAAS_REQUEST_TIMEOUT", "1s")
+	w := e.newWorld()
+	tok, p1 := w.tokens[member], w.p1
+	const piece, pieces = 64 << 10, 25
+	data := pattern(piece*pieces, 8)
+	slowly := func(stall bool) io.Reader {
+		pr, pw := io.Pipe()
+		go func() {
+			for i := range pieces {
+				if _, err := pw.Write(data[i*piece : (i+1)*piece]); err != nil {
+					return
+				}
+				pause := 100 * time.Millisecond
+				if stall && i == 2 {
+					pause = 3 * time.Second
+				}
+				time.Sleep(pause)
+			}
+			_ = pw.Close()
+		}()
+		return pr
+	}
+	start := time.Now()
+	if r := e.transfer("PUT", "/api/v1/storage/upload?"+q(p1, "slow.bin"), tok, slowly(false), int64(len(data))); r.status != 201 {
+		t.Fatalf("a slow upload: %d %s", r.status, r.body)
+	}
+	if took := time.Since(start); took < 2*time.Second {
+		t.Fatalf("the slow upload took only %s", took)
+	}
+
+	// A slow reader of a download: 64 KiB every 100 ms, well past the
+	// request timeout in all.
+	big := pattern(16*mib, 4)
+	if r := e.upload(tok, p1, "big.bin", big); r.status != 201 {
+		t.Fatalf("upload: %d %s", r.status, r.body)
+	}
+	req, _ := http.NewRequest("GET", e.url+"/api/v1/storage/download?"+q(p1, "big.bin"), nil)
+	req.Header.Set("Authorization", "Bearer "+tok)
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var got bytes.Buffer
+	start = time.Now()
+	for {
+		n, err := io.CopyN(&got, resp.Body, 1<<20)
+		if err == io.EOF || n == 0 {
+			break
+		}
+		if err != nil {
+			t.Fatalf("a slow download broke after %d bytes and %s: %v", got.Len(), time.Since(start), err)
+		}
+		time.Sleep(300 * time.Millisecond)
+	}
+	_ = resp.Body.Close()
+	if !bytes.Equal(got.Bytes(), big) || time.Since(start) < 3*time.Second {
+		t.Errorf("the slow download: %d bytes in %s", got.Len(), time.Since(start))
+	}
+
+	// An upload that stalls for 3 s is cut, stores nothing and lets its
+	// path go.
+	req, _ = http.NewRequest("PUT", e.url+"/api/v1/storage/upload?"+q(p1, "stalled.bin"), slowly(true))
+	req.ContentLength = int64(len(data))
+	req.Header.Set("Authorization", "Bearer "+tok)
+	if resp, err := http.DefaultClient.Do(req); err == nil {
+		_ = resp.Body.Close()
+		if resp.StatusCode < 400 {
+			t.Errorf("a stalled upload: %d", resp.StatusCode)
+		}
+	}
+	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(20 * time.Millisecond) {
+		var n int
+		_ = e.pool.QueryRow(context.Background(), `SELECT count(*) FROM storage_inflight WHERE project_id = $1`, p1).Scan(&n)
+		if n == 0 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("the stalled upload still holds its path")
+		}
+	}
+	e.checkMirror(w.orgA, p1)
 }

@@ -259,10 +259,15 @@ func (t *transferBody) Read(p []byte) (int, error) {
 	return n, err
 }
 
-// WriteTo hands the driver's chunks to w as they come, without another
-// copy.
+// WriteTo hands the driver's chunks to w as they come: without another
+// copy when the body can write itself, else through a large buffer (a
+// write per 32 KiB would cost a syscall each).
 func (t *transferBody) WriteTo(w io.Writer) (int64, error) {
-	return io.Copy(deadlineWriter{w: w, t: t}, t.body)
+	dw := deadlineWriter{w: w, t: t}
+	if wt, ok := t.body.(io.WriterTo); ok {
+		return wt.WriteTo(dw)
+	}
+	return io.CopyBuffer(dw, struct{ io.Reader }{t.body}, make([]byte, 256<<10))
 }
 
 func (t *transferBody) Close() error {
@@ -276,9 +281,20 @@ type deadlineWriter struct {
 	t *transferBody
 }
 
+// Write writes p a piece at a time, each piece with the deadline moved:
+// a slow reader still gets idle per piece, not per chunk.
 func (d deadlineWriter) Write(p []byte) (int, error) {
-	d.t.progress(setWrite)
-	return d.w.Write(p)
+	const piece = 64 << 10
+	n := 0
+	for n < len(p) {
+		d.t.progress(setWrite)
+		m, err := d.w.Write(p[n:min(len(p), n+piece)])
+		n += m
+		if err != nil {
+			return n, err
+		}
+	}
+	return n, nil
 }
 
 // idleReader is an upload's request body: every read that brings bytes

@@ -82,7 +82,17 @@ func (c *usageCollector) Collect(ch chan<- prometheus.Metric) {
 	ch <- prometheus.MustNewConstMetric(reservedDesc, prometheus.GaugeValue, reserved)
 }
 
-// countedBody counts the bytes read through a download's body.
+// counted counts the bytes read through a download's body; it writes
+// itself (the driver's chunks go out without another copy) when the body
+// can.
+func counted(rc io.ReadCloser, c prometheus.Counter) io.ReadCloser {
+	b := &countedBody{rc: rc, count: c}
+	if _, ok := rc.(io.WriterTo); ok {
+		return &countedWriterTo{b}
+	}
+	return b
+}
+
 type countedBody struct {
 	rc    io.ReadCloser
 	count prometheus.Counter
@@ -90,7 +100,7 @@ type countedBody struct {
 
 var (
 	_ io.ReadCloser = (*countedBody)(nil)
-	_ io.WriterTo   = (*countedBody)(nil)
+	_ io.WriterTo   = (*countedWriterTo)(nil)
 )
 
 func (b *countedBody) Read(p []byte) (int, error) {
@@ -99,15 +109,12 @@ func (b *countedBody) Read(p []byte) (int, error) {
 	return n, err
 }
 
-// WriteTo lets the body write itself (the driver's chunks go out without
-// another copy) when it can.
-func (b *countedBody) WriteTo(w io.Writer) (int64, error) {
-	if wt, ok := b.rc.(io.WriterTo); ok {
-		n, err := wt.WriteTo(w)
-		b.count.Add(float64(n))
-		return n, err
-	}
-	return io.Copy(w, struct{ io.Reader }{b})
-}
-
 func (b *countedBody) Close() error { return b.rc.Close() }
+
+type countedWriterTo struct{ *countedBody }
+
+func (b *countedWriterTo) WriteTo(w io.Writer) (int64, error) {
+	n, err := b.rc.(io.WriterTo).WriteTo(w)
+	b.count.Add(float64(n))
+	return n, err
+}

@@ -161,9 +161,12 @@ func (s *Service) Rename(ctx context.Context, p Project, from, to string) (*Resu
 			break
 		}
 	}
-	if err == nil && len(busy) > 0 {
+	switch {
+	case err == nil && len(busy) > 0:
 		err = errcode.New(CodePathBusy, "%d objects are held by other operations and stayed; rename again when they are done", len(busy)).
 			WithDetails("paths", busy[:min(len(busy), 20)]).WithDetails("moved_objects", res.Objects)
+	case err == nil && !folder && res.Objects == 0:
+		err = errcode.New(CodeNotFound, "no file at this path").WithDetails("path", src) // deleted meanwhile
 	}
 	action, tgt := "storage.folder.rename", s.projectTarget(p)
 	if !folder && res.Object != nil {
@@ -252,13 +255,26 @@ func (s *Service) moveBatch(ctx context.Context, d sdkstorage.Driver, p Project,
 		return nil, err
 	}
 	defer unlock()
-	var skipped []string
+	var skipped, mine, dsts []string
+	for _, o := range objs {
+		if held[o.Path] && held[dest(o.Path)] {
+			mine, dsts = append(mine, o.Path), append(dsts, dest(o.Path))
+		} else {
+			skipped = append(skipped, o.Path)
+		}
+	}
+	// Under the locks nothing changes these paths: read them as they are
+	// now, and make sure no file arrived at a destination since the check.
+	if taken, err := s.current(ctx, p, dsts); err != nil {
+		return nil, err
+	} else if len(taken) > 0 {
+		return nil, errcode.New(CodeExists, "a file arrived at the destination").WithDetails("path", taken[0].Path)
+	}
+	if objs, err = s.current(ctx, p, mine); err != nil {
+		return nil, err
+	}
 	var done []copied
 	for _, o := range objs {
-		if !held[o.Path] || !held[dest(o.Path)] {
-			skipped = append(skipped, o.Path)
-			continue
-		}
 		info, err := d.Copy(ctx, &sdkstorage.CopyRequest{OperationID: fmt.Sprintf("rename-%s-%s", op, o.ID),
 			SourceKey: objectKey(p, o.Path), DestKey: objectKey(p, dest(o.Path))})
 		if err != nil {
@@ -308,6 +324,18 @@ func (s *Service) moveBatch(ctx context.Context, d sdkstorage.Driver, p Project,
 		}
 	}
 	return skipped, nil
+}
+
+// current reads the objects at paths (those that exist), in path order.
+func (s *Service) current(ctx context.Context, p Project, paths []string) ([]*Object, error) {
+	if len(paths) == 0 {
+		return nil, nil
+	}
+	rows, err := s.pool.Query(ctx, `SELECT `+objectColumns+` FROM storage_objects WHERE project_id = $1 AND path = ANY($2) ORDER BY path`, p.ID, paths)
+	if err != nil {
+		return nil, fmt.Errorf("storage: reading objects: %w", err)
+	}
+	return pgx.CollectRows(rows, func(r pgx.CollectableRow) (*Object, error) { return scanObject(r) })
 }
 
 // copied is an object of a move and its copy at the destination.
@@ -384,9 +412,12 @@ func (s *Service) Delete(ctx context.Context, p Project, path string, recursive 
 			break
 		}
 	}
-	if err == nil && len(busy) > 0 {
+	switch {
+	case err == nil && len(busy) > 0:
 		err = errcode.New(CodePathBusy, "%d objects are held by other operations and stayed; delete again when they are done", len(busy)).
 			WithDetails("paths", busy[:min(len(busy), 20)]).WithDetails("deleted_objects", res.Objects)
+	case err == nil && !folder && res.Objects == 0:
+		err = errcode.New(CodeNotFound, "no file at this path").WithDetails("path", clean) // deleted meanwhile
 	}
 	action, tgt := "storage.folder.delete", s.projectTarget(p)
 	if !folder {
@@ -409,14 +440,21 @@ func (s *Service) deleteBatch(ctx context.Context, d sdkstorage.Driver, p Projec
 		return nil, err
 	}
 	defer unlock()
-	var skipped []string
+	var skipped, mine []string
+	for _, o := range objs {
+		if held[o.Path] {
+			mine = append(mine, o.Path)
+		} else {
+			skipped = append(skipped, o.Path)
+		}
+	}
+	// Under the locks nothing changes these paths: read them as they are now.
+	if objs, err = s.current(ctx, p, mine); err != nil {
+		return nil, err
+	}
 	var gone []*Object
 	var failed error
 	for _, o := range objs {
-		if !held[o.Path] {
-			skipped = append(skipped, o.Path)
-			continue
-		}
 		if err := d.Delete(ctx, &sdkstorage.DeleteRequest{OperationID: fmt.Sprintf("delete-%s-%s", op, o.ID), Key: objectKey(p, o.Path)}); err != nil {
 			failed = driverError(ctx, err, "delete the object")
 			break

@@ -140,6 +140,9 @@ func (s *Service) Pending(ctx context.Context, id uuid.UUID) (*PendingUpload, er
 	if size != nil {
 		up.Size = *size
 	}
+	if !s.now().Before(up.ExpiresAt) {
+		return nil, errcode.New(CodeUploadNotFound, "presigned upload %s expired unconfirmed", id)
+	}
 	return up, nil
 }
 

@@ -115,10 +115,10 @@ type MeterResult struct {
 
 // Meter bills every project not yet billed for the window ending at end:
 // the byte-seconds it stored since its last bill, at the org's
-// storage.price_per_gb_month_minor per GiBMonth, rounded down to a minor
-// unit (the rest carries to the next bill). Each bill is one usage_debit
-// with the idempotency key storage:{project}:{end}; with no price, nothing
-// is owed and nothing carries.
+// storage.price_per_gb_month_minor per GiBMonth, in whole minor units; the
+// fraction of a unit left carries to the next bill (exactly: integers
+// throughout). Each bill is one usage_debit with the idempotency key
+// storage:{project}:{end}. With no price nothing is owed, then or later.
 func (s *Service) Meter(ctx context.Context, end time.Time) (MeterResult, error) {
 	var res MeterResult
 	for after := uuid.Nil; ; {
@@ -162,7 +162,7 @@ func (s *Service) bill(ctx context.Context, p Project, end time.Time) (int64, er
 				byte_seconds = byte_seconds + bytes_used::numeric * GREATEST(0, extract(epoch FROM ($2::timestamptz - accrued_at))),
 				accrued_at = GREATEST(accrued_at, $2)
 			WHERE project_id = $1 AND (billed_until IS NULL OR billed_until < $3)
-			RETURNING floor((byte_seconds - billed_byte_seconds) * $4 / $5)::bigint`, p.ID, s.now(), end, price, GiBMonth).Scan(&owed)
+			RETURNING div(byte_seconds * $4 + carry, $5)::bigint`, p.ID, s.now(), end, price, GiBMonth).Scan(&owed)
 		if errors.Is(err, pgx.ErrNoRows) {
 			owed = 0
 			return nil // another core billed it
@@ -182,9 +182,9 @@ func (s *Service) bill(ctx context.Context, p Project, end time.Time) (int64, er
 				return fmt.Errorf("storage: billing %s: %w", p.ID, err)
 			}
 		}
-		_, err = tx.Exec(ctx, `UPDATE storage_usage SET billed_until = $2,
-				billed_byte_seconds = CASE WHEN $3::bigint > 0 THEN billed_byte_seconds + $4::numeric * $5 / $3 ELSE byte_seconds END
-			WHERE project_id = $1`, p.ID, end, price, owed, GiBMonth)
+		_, err = tx.Exec(ctx, `UPDATE storage_usage SET billed_until = $2, byte_seconds = 0,
+				carry = mod(byte_seconds * $3 + carry, $4)
+			WHERE project_id = $1`, p.ID, end, price, GiBMonth)
 		if err != nil {
 			return fmt.Errorf("storage: metering %s: %w", p.ID, err)
 		}

@@ -5,7 +5,7 @@
 // Uploads stream through the core to the driver and reserve quota in
 // Postgres before the bytes they carry go on (storage.quota_bytes per
 // project): a body of declared length reserves all of it up front, a
-// chunked one in grants of reserveGrant as it arrives, so parallel uploads
+// chunked one a grant at a time as it arrives, so parallel uploads
 // never hold more than the quota between them and a project never stores
 // more. Presigned URLs let a client move a large file directly to and from
 // the store; a presigned upload reserves its signed length and becomes an
@@ -249,7 +249,7 @@ func (s *Service) Open(ctx context.Context, p Project, o *Object, r *sdkstorage.
 			"size", o.Size, "bucket_size", obj.Info.Size, "etag", o.ETag, "bucket_etag", obj.Info.ETag)
 	}
 	s.metrics.operation("download", nil)
-	return &sdkstorage.Object{Info: obj.Info, Body: &countedBody{rc: obj.Body, count: s.metrics.bytesOut}}, nil
+	return &sdkstorage.Object{Info: obj.Info, Body: counted(obj.Body, s.metrics.bytesOut)}, nil
 }
 
 // Usage is what a project holds against its quota.

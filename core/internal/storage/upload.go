@@ -17,9 +17,14 @@ import (
 	sdkstorage "github.com/gpuaas/gpuaas/sdk/storage"
 )
 
-// reserveGrant is how much quota a chunked upload reserves at a time: the
-// most it holds beyond what it has read.
-const reserveGrant = 16 << 20
+// A chunked upload reserves quota as its body arrives: as much as it has
+// read so far, between minGrant and maxGrant at a time. That is the most it
+// holds beyond what it stores (so a small upload does not lock out its
+// neighbours), at a few dozen reservations per GiB.
+const (
+	minGrant = sdkstorage.ChunkSize
+	maxGrant = 16 << 20
+)
 
 // finishTimeout bounds the bookkeeping after a transfer (recording the
 // object, or releasing what a failed one held), which runs even when the
@@ -37,10 +42,11 @@ type UploadRequest struct {
 
 // Upload stores Body at Path (replacing the file there). It reserves the
 // bytes against the project's quota before it passes them on — all of a
-// declared Size first, else reserveGrant at a time as they arrive — and
+// declared Size first, else a grant at a time as they arrive — and
 // answers 413 storage_quota_exceeded when they do not fit; the driver then
-// aborts what it started and nothing is stored. An upload to a path another
-// operation holds is 409 storage_path_busy.
+// aborts what it started and nothing is stored. A replacement reserves its
+// whole size; the bytes of the file it replaces free up when it completes.
+// An upload to a path another operation holds is 409 storage_path_busy.
 func (s *Service) Upload(ctx context.Context, p Project, req UploadRequest) (*Object, error) {
 	path, err := CleanPath(req.Path, File)
 	if err != nil {
@@ -69,13 +75,17 @@ func (s *Service) Upload(ctx context.Context, p Project, req UploadRequest) (*Ob
 	if err := s.notFolder(ctx, p, path); err != nil {
 		return nil, err
 	}
+	replaces, err := lookup(ctx, s.pool, p, path, false)
+	if err != nil {
+		return nil, err
+	}
 	id := uuid.Must(uuid.NewV7())
 	reserve := max(req.Size, 0)
 	if err := s.hold(ctx, p, id, path, "upload", reserve, quota, s.now().Add(s.transfer+time.Minute), nil, ""); err != nil {
 		s.metrics.operation("upload", err)
 		return nil, err
 	}
-	body := &quotaReader{ctx: ctx, s: s, p: p, upload: id, r: req.Body, quota: quota, limit: limit, reserved: reserve}
+	body := &quotaReader{ctx: ctx, s: s, p: p, upload: id, r: req.Body, quota: quota, limit: limit, declared: req.Size >= 0, reserved: reserve}
 	info, err := d.Put(ctx, &sdkstorage.PutRequest{OperationID: "upload-" + id.String(), Key: objectKey(p, path), Size: req.Size,
 		ContentType: contentType}, body)
 	fctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), finishTimeout)
@@ -105,10 +115,16 @@ func (s *Service) Upload(ctx context.Context, p Project, req UploadRequest) (*Ob
 	})
 	s.metrics.operation("upload", err)
 	if err != nil {
-		// The object is in the bucket without its row: take it out again.
-		s.log.Error("recording an upload failed; deleting the object", "upload_id", id, "path", path, "error", err)
-		if derr := d.Delete(fctx, &sdkstorage.DeleteRequest{OperationID: "unrecorded-" + id.String(), Key: objectKey(p, path)}); derr != nil {
-			s.log.Error("deleting an unrecorded upload", "upload_id", id, "error", derr)
+		if replaces == nil {
+			// A new object in the bucket without its row: take it out again.
+			s.log.Error("recording an upload failed; deleting the object", "upload_id", id, "path", path, "error", err)
+			if derr := d.Delete(fctx, &sdkstorage.DeleteRequest{OperationID: "unrecorded-" + id.String(), Key: objectKey(p, path)}); derr != nil {
+				s.log.Error("deleting an unrecorded upload", "upload_id", id, "error", derr)
+			}
+		} else {
+			// It replaced a file: deleting it would lose both.
+			s.log.Error("recording an upload failed; the file's metadata is stale until it is written again",
+				"upload_id", id, "path", path, "object_id", replaces.ID, "error", err)
 		}
 		if rerr := s.release(fctx, p, id); rerr != nil {
 			s.log.Error("releasing an unrecorded upload", "upload_id", id, "error", rerr)
@@ -237,6 +253,7 @@ type quotaReader struct {
 	r        io.Reader
 	quota    int64
 	limit    int64 // the declared size, or the cap of a chunked upload
+	declared bool  // limit is the body's declared size
 	reserved int64
 	read     int64
 	err      error
@@ -257,7 +274,8 @@ func (q *quotaReader) Read(b []byte) (int, error) {
 		}
 		if total > q.reserved {
 			need := total - q.reserved
-			got, gerr := q.s.grow(q.ctx, q.p, q.upload, max(need, min(reserveGrant, q.limit-q.reserved)), need, q.quota)
+			grant := min(max(q.read, minGrant), maxGrant, q.limit-q.reserved)
+			got, gerr := q.s.grow(q.ctx, q.p, q.upload, max(need, grant), need, q.quota)
 			if gerr != nil {
 				q.err = gerr
 				return 0, gerr
@@ -267,7 +285,11 @@ func (q *quotaReader) Read(b []byte) (int, error) {
 		q.read = total
 		q.s.metrics.bytesIn.Add(float64(n))
 	}
-	if err != nil && err != io.EOF {
+	switch {
+	case err == io.EOF && q.declared && q.read < q.limit:
+		q.err = errcode.New(errcode.BadRequest, "the request body ended after %d of its %d bytes", q.read, q.limit)
+		return n, q.err
+	case err != nil && err != io.EOF:
 		if q.ctx.Err() == nil {
 			err = errcode.Wrap(err, errcode.BadRequest, "reading the request body failed")
 		}

@@ -21,19 +21,20 @@ CREATE TABLE storage_objects (
 
 -- Per project: what its objects hold, what uploads in flight have reserved
 -- against the quota, and the GB-month meter. Every change of bytes_used first
--- adds bytes_used × seconds since accrued_at to byte_seconds; the meter bills
--- byte_seconds − billed_byte_seconds once per window (billed_until) and keeps
--- what did not make a whole minor unit for the next bill.
+-- adds bytes_used × seconds since accrued_at to byte_seconds (not billed yet).
+-- Once per window (billed_until) the meter bills byte_seconds × price + carry,
+-- in whole minor units, and keeps the rest of a unit in carry (in units of
+-- 1/GiB-month of a minor unit, an integer), so no fraction is ever lost.
 CREATE TABLE storage_usage (
-    project_id          uuid PRIMARY KEY REFERENCES projects (id),
-    org_id              uuid NOT NULL REFERENCES orgs (id),
-    bytes_used          bigint NOT NULL DEFAULT 0 CHECK (bytes_used >= 0),
-    objects             bigint NOT NULL DEFAULT 0 CHECK (objects >= 0),
-    bytes_reserved      bigint NOT NULL DEFAULT 0 CHECK (bytes_reserved >= 0),
-    byte_seconds        numeric NOT NULL DEFAULT 0,
-    accrued_at          timestamptz NOT NULL DEFAULT now(),
-    billed_byte_seconds numeric NOT NULL DEFAULT 0,
-    billed_until        timestamptz
+    project_id     uuid PRIMARY KEY REFERENCES projects (id),
+    org_id         uuid NOT NULL REFERENCES orgs (id),
+    bytes_used     bigint NOT NULL DEFAULT 0 CHECK (bytes_used >= 0),
+    objects        bigint NOT NULL DEFAULT 0 CHECK (objects >= 0),
+    bytes_reserved bigint NOT NULL DEFAULT 0 CHECK (bytes_reserved >= 0),
+    byte_seconds   numeric NOT NULL DEFAULT 0 CHECK (byte_seconds >= 0),
+    accrued_at     timestamptz NOT NULL DEFAULT now(),
+    carry          numeric NOT NULL DEFAULT 0 CHECK (carry >= 0),
+    billed_until   timestamptz
 );
 CREATE INDEX storage_usage_unbilled ON storage_usage (billed_until NULLS FIRST);
 

@@ -28,7 +28,8 @@ build:
 	@mkdir -p $(BIN)
 	go build -ldflags "$(LDFLAGS)" -o $(BIN)/ ./core/cmd/gpuaasd ./core/cmd/gpuaas \
 		./plugins/stripe/cmd/gpuaas-plugin-stripe ./plugins/storage-s3/cmd/gpuaas-plugin-storage-s3 \
-		./plugins/maas/cmd/gpuaas-plugin-maas ./plugins/maas/cmd/gpuaas-maas-sim ./agent/cmd/gpuaas-agent
+		./plugins/maas/cmd/gpuaas-plugin-maas ./plugins/maas/cmd/gpuaas-maas-sim ./plugins/manual/cmd/gpuaas-plugin-manual \
+		./agent/cmd/gpuaas-agent
 	go build -C devstack -o $(BIN)/ ./cmd/gpuaas-devstack
 
 .PHONY: run

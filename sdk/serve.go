@@ -217,12 +217,19 @@ const (
 	bufferSize   = 512 << 10
 )
 
+// goPluginStreams is how many streams go-plugin itself keeps open on every
+// plugin connection for its whole life (the broker's StartStream and the
+// stdio StreamStdio), each holding a stream worker.
+const goPluginStreams = 2
+
 func serverTuning() []grpc.ServerOption {
 	return []grpc.ServerOption{
-		// Calls run on parked workers instead of a new goroutine each: a
-		// little less scheduling per call (a busy pool falls back to a
-		// goroutine, so long streams cannot starve it).
-		grpc.NumStreamWorkers(uint32(runtime.GOMAXPROCS(0))),
+		// Calls run on parked workers, whose stacks have already grown,
+		// instead of a new goroutine each that grows its stack again (a busy
+		// pool falls back to a goroutine, so long streams cannot starve it).
+		// go-plugin's own streams take workers first: without room for them
+		// every call fell back to a new goroutine.
+		grpc.NumStreamWorkers(uint32(runtime.GOMAXPROCS(0)) + goPluginStreams),
 		grpc.InitialWindowSize(streamWindow),
 		grpc.InitialConnWindowSize(connWindow),
 		grpc.ReadBufferSize(bufferSize),

@@ -50,7 +50,8 @@ func BenchmarkPluginUnary(b *testing.B) {
 	}{
 		{"direct", nil},
 		{"grpc-socket", ptr(sdktest.InProcess(func(testing.TB) base.BasePlugin { return instantprov.New(hclog.NewNullLogger()) }))},
-		{"plugin-process", ptr(sdktest.Binary(bin))},
+		// One P, as the core starts its plugins (pluginhost newClient).
+		{"plugin-process", ptr(sdktest.Binary(bin, "GOMAXPROCS=1"))},
 	} {
 		b.Run(c.name, func(b *testing.B) {
 			d := direct

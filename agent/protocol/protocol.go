@@ -229,6 +229,10 @@ type Certificate struct {
 	CAChainPEM string                    `json:"ca_chain_pem"`
 	NotAfter   time.Time                 `json:"not_after"`
 	TaskKeys   map[int]ed25519.PublicKey `json:"task_keys"`
+	// SSHUserCAKeys are the CA keys (authorized_keys lines) whose user
+	// certificates the node's sshd accepts for tenant accounts (the browser
+	// terminal); the agent installs them.
+	SSHUserCAKeys []string `json:"ssh_user_ca_keys,omitempty"`
 }
 
 // Renewal is the body of POST /agent/v1/renew (mTLS).
@@ -268,6 +272,9 @@ type Heartbeat struct {
 type HeartbeatReply struct {
 	Interval time.Duration             `json:"interval_ns"`
 	TaskKeys map[int]ed25519.PublicKey `json:"task_keys"`
+	// SSHUserCAKeys as in Certificate: a rotation reaches the node with a
+	// heartbeat.
+	SSHUserCAKeys []string `json:"ssh_user_ca_keys,omitempty"`
 }
 
 // Poll is the reply of GET /agent/v1/tasks?wait=30s (mTLS): the tasks leased

@@ -253,6 +253,7 @@ func (a *Agent) Enroll(ctx context.Context) error {
 		return err
 	}
 	a.log.Info("enrolled", "node", c.NodeID, "not_after", c.NotAfter)
+	a.trustSSH(ctx, c.SSHUserCAKeys)
 	return nil
 }
 
@@ -270,6 +271,7 @@ func (a *Agent) Renew(ctx context.Context) error {
 		return err
 	}
 	a.log.Info("certificate renewed", "not_after", c.NotAfter)
+	a.trustSSH(ctx, c.SSHUserCAKeys)
 	return nil
 }
 
@@ -287,6 +289,19 @@ func (a *Agent) renewAt() time.Time {
 	return c.Leaf.NotBefore.Add(c.Leaf.NotAfter.Sub(c.Leaf.NotBefore) * 2 / 3)
 }
 
+// trustSSH has the node's sshd accept the core's tenant certificates. A
+// failure is logged and retried with the next heartbeat: the agent's own
+// work does not depend on it.
+func (a *Agent) trustSSH(ctx context.Context, caKeys []string) {
+	changed, err := a.cfg.System.InstallSSHTrust(ctx, caKeys)
+	switch {
+	case err != nil:
+		a.log.Warn("installing the SSH CA trust", "error", err)
+	case changed:
+		a.log.Info("sshd trusts the SSH CA", "keys", len(caKeys))
+	}
+}
+
 // Heartbeat reports the node's facts and takes the task keys and the
 // interval the core wants.
 func (a *Agent) Heartbeat(ctx context.Context) error {
@@ -299,6 +314,7 @@ func (a *Agent) Heartbeat(ctx context.Context) error {
 		return fmt.Errorf("agent: heartbeat: %w", err)
 	}
 	a.setKeys(reply.TaskKeys)
+	a.trustSSH(ctx, reply.SSHUserCAKeys)
 	if reply.Interval > 0 {
 		a.mu.Lock()
 		a.interval = reply.Interval

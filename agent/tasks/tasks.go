@@ -54,6 +54,14 @@ type System struct {
 	SudoersDir string
 	// UIDMin and UIDMax bound tenant uids (default 2000-59999).
 	UIDMin, UIDMax int
+	// SSHDir is sshd's configuration folder (default /etc/ssh), where the
+	// agent installs the SSH CA trust and the tenants' principals files
+	// (sshtrust.go).
+	SSHDir string
+	// ReloadSSHD has sshd reread its configuration after the trust changed
+	// (default: check it with sshd -t, then SIGHUP the pid in
+	// /run/sshd.pid when sshd runs).
+	ReloadSSHD func(context.Context) error
 }
 
 func (s *System) path(p string) string { return filepath.Join(s.Prefix, p) }
@@ -197,7 +205,10 @@ func (h *provisionUser) Run(ctx context.Context, params json.RawMessage) (json.R
 		home = existingHome
 	default:
 		args := append(h.sys.prefixArgs(), "--create-home", "--home-dir", home, "--shell", "/bin/bash",
-			"--comment", "gpuaas tenant "+p.AllocationID, "--user-group")
+			"--comment", "gpuaas tenant "+p.AllocationID, "--user-group",
+			// No password that could match, but not a locked account: sshd
+			// without PAM refuses every login to a locked ("!") one.
+			"--password", "*")
 		if p.UID != 0 {
 			args = append(args, "--uid", strconv.Itoa(p.UID))
 		}
@@ -220,6 +231,9 @@ func (h *provisionUser) Run(ctx context.Context, params json.RawMessage) (json.R
 		if err := os.Lchown(p, uid, uid); err != nil {
 			return nil, err
 		}
+	}
+	if err := h.sys.allowCertificates(p.Username); err != nil {
+		return nil, err
 	}
 	sudoers := h.sys.path(filepath.Join(h.sys.sudoersDir(), "gpuaas-"+p.Username))
 	if p.Sudo {
@@ -271,6 +285,10 @@ func (h *revokeUser) Run(ctx context.Context, params json.RawMessage) (json.RawM
 	lo, hi := h.sys.uidRange()
 	if exists && (uid < lo || uid > hi) {
 		return nil, fmt.Errorf("account %s has uid %d outside the tenant range; refusing to remove it", p.Username, uid)
+	}
+	// No new certificate logins first, then end the running ones.
+	if err := h.sys.denyCertificates(p.Username); err != nil {
+		return nil, err
 	}
 	killed := 0
 	if exists {

@@ -460,7 +460,7 @@ func (d *Driver) Enroll(ctx context.Context, req *provisioner.EnrollRequest) (*p
 			"job", agentJobID(req.NodeID), "eval_id", resp.EvalID, "job_modify_index", resp.JobModifyIndex)
 	}
 	d.logger.Info("node enrolled", "node_id", req.NodeID, "operation_id", req.OperationID)
-	return &provisioner.Enrollment{Facts: *facts, Secret: secret}, nil
+	return &provisioner.Enrollment{Facts: *facts, Secret: secret, AgentRequired: true}, nil
 }
 
 // queue queues one task of an operation. A request the core refused

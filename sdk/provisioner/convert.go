@@ -128,11 +128,11 @@ func factsFromProto(p *provisionerpb.NodeFacts) *NodeFacts {
 }
 
 func enrollmentToProto(e *Enrollment) *provisionerpb.EnrollResponse {
-	return &provisionerpb.EnrollResponse{Facts: factsToProto(&e.Facts), EnrollmentSecret: e.Secret}
+	return &provisionerpb.EnrollResponse{Facts: factsToProto(&e.Facts), EnrollmentSecret: e.Secret, AgentRequired: e.AgentRequired}
 }
 
 func enrollmentFromProto(p *provisionerpb.EnrollResponse) *Enrollment {
-	return &Enrollment{Facts: *factsFromProto(p.GetFacts()), Secret: p.GetEnrollmentSecret()}
+	return &Enrollment{Facts: *factsFromProto(p.GetFacts()), Secret: p.GetEnrollmentSecret(), AgentRequired: p.GetAgentRequired()}
 }
 
 func provisionToProto(r *ProvisionRequest) *provisionerpb.ProvisionRequest {

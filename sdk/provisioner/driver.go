@@ -97,6 +97,9 @@ type Enrollment struct {
 	// Secret is handed to the node's agent for its first enrollment. The
 	// core stores only a hash of it.
 	Secret string
+	// AgentRequired says the node serves tenants only through its agent: the
+	// core keeps it enrolling until the agent has enrolled.
+	AgentRequired bool
 }
 
 // GPU is one kind of GPU in a node.

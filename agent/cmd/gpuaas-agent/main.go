@@ -49,6 +49,7 @@ func run(ctx context.Context, args []string, getenv func(string) string) error {
 	tokenFile := fs.String("token-file", "", "file with the enrollment token (needed until enrolled)")
 	pollWait := fs.Duration("poll-wait", 30*time.Second, "how long one task poll waits on the core")
 	level := fs.String("log-level", "info", "trace, debug, info, warn, error")
+	sshDir := fs.String("ssh-dir", "/etc/ssh", "sshd's configuration folder: the agent installs the SSH CA trust there (its sshd_config must Include sshd_config.d/*.conf, as Debian's does)")
 	var scratch list
 	fs.Var(&scratch, "scratch", "a scratch area node.wipe empties (repeatable)")
 	if err := fs.Parse(args); err != nil {
@@ -76,7 +77,7 @@ func run(ctx context.Context, args []string, getenv func(string) string) error {
 	tasks.AgentVersion = version
 	log := hclog.New(&hclog.LoggerOptions{Name: "gpuaas-agent", Level: hclog.LevelFromString(*level)})
 	a, err := runtime.New(runtime.Config{CoreURL: strings.TrimRight(*core, "/"), CoreCA: ca, StateDir: *state, Token: token,
-		PollWait: *pollWait, System: &tasks.System{ScratchDirs: scratch}, Log: log})
+		PollWait: *pollWait, System: &tasks.System{ScratchDirs: scratch, SSHDir: *sshDir}, Log: log})
 	if err != nil {
 		return err
 	}

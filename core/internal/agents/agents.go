@@ -14,6 +14,8 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"strings"
+	"sync"
 	"time"
 
 	"github.com/google/uuid"
@@ -54,6 +56,9 @@ type Settings struct {
 	Lease             time.Duration // how long a leased task waits for its result (default 5m)
 	HeartbeatInterval time.Duration // what agents are told (default 15s)
 	MissedHeartbeats  int           // missed intervals before a node goes offline (default 4)
+	// SSHCA is the CA whose user certificates the nodes' sshd trusts (the
+	// browser terminal's); nil hands agents no SSH trust.
+	SSHCA pki.SSHCA
 }
 
 func (s Settings) withDefaults() Settings {
@@ -81,6 +86,33 @@ type Service struct {
 	set    Settings
 	log    hclog.Logger
 	wake   *waker
+
+	sshMu   sync.Mutex
+	sshKeys []string  // the SSH CA keys last read
+	sshAt   time.Time // when they were read
+}
+
+// sshCacheFor is how long the SSH CA key read from the backend is reused:
+// every heartbeat carries it, and a rotation reaches the nodes within this.
+const sshCacheFor = time.Minute
+
+// SSHUserCAKeys are the CA keys (authorized_keys lines) the nodes' sshd
+// trusts for tenant certificates; empty without an SSH CA.
+func (s *Service) SSHUserCAKeys(ctx context.Context) ([]string, error) {
+	if s.set.SSHCA == nil {
+		return nil, nil
+	}
+	s.sshMu.Lock()
+	defer s.sshMu.Unlock()
+	if s.sshKeys != nil && time.Since(s.sshAt) < sshCacheFor {
+		return s.sshKeys, nil
+	}
+	k, err := s.set.SSHCA.SSHCAPublicKey(ctx)
+	if err != nil {
+		return nil, fmt.Errorf("agents: SSH CA key: %w", err)
+	}
+	s.sshKeys, s.sshAt = []string{strings.TrimSpace(string(k))}, time.Now()
+	return s.sshKeys, nil
 }
 
 // NewService returns a Service; Run must run for long polls to wake at once.
@@ -153,6 +185,13 @@ func (s *Service) Enroll(ctx context.Context, token, csrPEM string) (*protocol.C
 		if cert, err = s.sign(ctx, tx, nodeID, csrPEM); err != nil {
 			return err
 		}
+		n, err := inventory.Lock(ctx, tx, nodeID)
+		if err != nil {
+			return err
+		}
+		if err := inventory.AgentEnrolled(ctx, tx, n); err != nil {
+			return err
+		}
 		return audit.Record(ctx, tx, audit.Entry{Action: "node.enroll", Target: s.ids.Platform("node", nodeID.String()),
 			Details: map[string]any{"serial": cert.Serial, "not_after": cert.NotAfter}})
 	})
@@ -206,7 +245,12 @@ func (s *Service) certificate(ctx context.Context, nodeID uuid.UUID, cert pki.Ce
 	if err != nil {
 		return nil, err
 	}
-	return &protocol.Certificate{NodeID: nodeID.String(), CertPEM: string(cert.PEM), CAChainPEM: string(chain), NotAfter: cert.NotAfter, TaskKeys: keys}, nil
+	ssh, err := s.SSHUserCAKeys(ctx)
+	if err != nil {
+		return nil, err
+	}
+	return &protocol.Certificate{NodeID: nodeID.String(), CertPEM: string(cert.PEM), CAChainPEM: string(chain), NotAfter: cert.NotAfter,
+		TaskKeys: keys, SSHUserCAKeys: ssh}, nil
 }
 
 // TaskKeys are the public keys agents verify tasks with, by version.
@@ -268,7 +312,11 @@ func (s *Service) Heartbeat(ctx context.Context, nodeID uuid.UUID, facts protoco
 	if err != nil {
 		return nil, err
 	}
-	return &protocol.HeartbeatReply{Interval: s.set.HeartbeatInterval, TaskKeys: keys}, nil
+	ssh, err := s.SSHUserCAKeys(ctx)
+	if err != nil {
+		return nil, err
+	}
+	return &protocol.HeartbeatReply{Interval: s.set.HeartbeatInterval, TaskKeys: keys, SSHUserCAKeys: ssh}, nil
 }
 
 const missedReason = "the agent missed its heartbeats"
@@ -546,10 +594,14 @@ func (s *Service) EnqueueForDriver(ctx context.Context, instance, externalID str
 	}
 	req.NodeID = node
 	op := scopedOperation(instance, req.OperationID)
-	existing, err := s.taskByOperation(ctx, op)
-	if err == nil {
-		if existing.NodeID != node || existing.Type != req.Type {
-			return nil, false, errcode.New(CodeTaskConflict, "operation %s is a %s task for another node", req.OperationID, existing.Type)
+	params, err := json.Marshal(req.Params)
+	if err != nil {
+		return nil, false, err
+	}
+	driverOp := req.OperationID
+	if existing, err := s.taskByOperation(ctx, op); err == nil {
+		if err := s.sameTask(ctx, existing, driverOp, node, req.Type, params); err != nil {
+			return nil, false, err
 		}
 		return existing, false, nil
 	}
@@ -558,8 +610,28 @@ func (s *Service) EnqueueForDriver(ctx context.Context, instance, externalID str
 	if err != nil {
 		return nil, false, err
 	}
+	// A concurrent retry may have queued it first (Enqueue returns that one).
+	if err := s.sameTask(ctx, t, driverOp, node, req.Type, params); err != nil {
+		return nil, false, err
+	}
 	return t, true, audit.Record(ctx, s.pool, audit.Entry{Action: "node.task", Target: s.ids.Platform("node", node.String()),
 		Details: map[string]any{"task_id": t.ID.String(), "type": t.Type, "operation_id": req.OperationID}})
+}
+
+// sameTask refuses an operation id reused for another node, task type or
+// parameters (a retry must repeat its request).
+func (s *Service) sameTask(ctx context.Context, t *Task, op string, node uuid.UUID, typ string, params []byte) error {
+	if t.NodeID != node || t.Type != typ {
+		return errcode.New(CodeTaskConflict, "operation %s is a %s task for another node", op, t.Type)
+	}
+	var same bool
+	if err := s.pool.QueryRow(ctx, `SELECT params = $2::jsonb FROM node_tasks WHERE id = $1`, t.ID, params).Scan(&same); err != nil {
+		return err
+	}
+	if !same {
+		return errcode.New(CodeTaskConflict, "operation %s was queued with other parameters", op)
+	}
+	return nil
 }
 
 // DriverTask returns a driver instance's task by its operation id.

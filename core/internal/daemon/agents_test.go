@@ -84,6 +84,10 @@ func TestAgentListener(t *testing.T) {
 	if r := api.call("POST", "/api/v1/admin/plugin-instances/manual/node-tasks", admin, body); r.status != 200 {
 		t.Fatalf("enqueue again: %d %s; want 200 (same task)", r.status, r.body)
 	}
+	reused := map[string]any{"external_id": "host-1", "type": "node.inventory", "operation_id": "inv-1", "params": map[string]any{"allocation_id": "x"}}
+	if r := api.call("POST", "/api/v1/admin/plugin-instances/manual/node-tasks", admin, reused); r.status != 409 || r.code() != "node_task_conflict" {
+		t.Fatalf("operation id reused with other parameters: %d %s", r.status, r.body)
+	}
 	body["type"] = "node.wipe"
 	if r := api.call("POST", "/api/v1/admin/plugin-instances/manual/node-tasks", admin, body); r.status != 409 || r.code() != "node_task_conflict" {
 		t.Fatalf("operation id reused for another task: %d %s", r.status, r.body)

@@ -167,7 +167,7 @@ func Run(ctx context.Context, cfg config.Config, log hclog.Logger, opt Options) 
 	allocs := allocations.NewService(pool, pol, cfg.Region, log.Named("allocations"))
 	allocMetrics := allocations.NewMetrics(reg, pool)
 
-	agentSvc := agents.NewService(pool, trust.CA, trust.Signer, cfg.Region, agents.Settings{}, log.Named("agents"))
+	agentSvc := agents.NewService(pool, trust.CA, trust.Signer, cfg.Region, agents.Settings{SSHCA: trust.SSH}, log.Named("agents"))
 	ids := identity.NewService(pool, cfg.Region, log.Named("identity"), nil)
 	var verifier identity.TokenVerifier
 	var flow httpapi.OIDCFlow

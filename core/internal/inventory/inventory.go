@@ -261,6 +261,23 @@ type NodeChanged struct {
 	Reason   string    `json:"reason,omitempty"`
 }
 
+// AwaitingAgent is the reason of a node that waits for its agent's first
+// enrollment.
+const AwaitingAgent = "waiting for the node agent to enroll"
+
+// AgentEnrolled moves n (locked in tx) from enrolling to available once its
+// agent has enrolled, when it has a SKU; other states are left as they are.
+func AgentEnrolled(ctx context.Context, tx pgx.Tx, n *Node) error {
+	if n.State != Enrolling {
+		return nil
+	}
+	if n.SKU == "" {
+		_, err := tx.Exec(ctx, `UPDATE nodes SET state_reason = 'no active SKU matches the node; assign one' WHERE id = $1`, n.ID)
+		return err
+	}
+	return Move(ctx, tx, n, Available, "the node agent enrolled")
+}
+
 // Move changes a locked node's state inside tx, announcing it and, for an
 // actor's change, auditing it. Moving to offline remembers where the node was;
 // leaving offline is done with Recover. An illegal move writes nothing.
@@ -393,7 +410,7 @@ func (s *Service) Register(ctx context.Context, req RegisterRequest) (*Node, err
 	}
 	var out *Node
 	err = store.Transact(ctx, s.pool, store.TxOptions{}, func(tx pgx.Tx) error {
-		n, err := s.upsert(ctx, tx, req.Instance, enr.Facts, req.SKU, true)
+		n, err := s.upsert(ctx, tx, req.Instance, enr.Facts, req.SKU, true, enr.AgentRequired)
 		if err != nil {
 			return err
 		}
@@ -423,8 +440,9 @@ func (s *Service) activeSKU(ctx context.Context, sku string) error {
 // upsert records facts of a node of instance inside tx: a new node is added
 // (exclusive: an existing one is a conflict), a known one updated; a node
 // without a SKU gets sku (or one matched from its facts) and becomes available;
-// an offline node recovers.
-func (s *Service) upsert(ctx context.Context, tx pgx.Tx, instance string, nf provisioner.NodeFacts, sku string, exclusive bool) (*Node, error) {
+// an offline node recovers. A node whose driver serves it through its agent
+// (agentRequired) stays enrolling until the agent enrolls (agents.Enroll).
+func (s *Service) upsert(ctx context.Context, tx pgx.Tx, instance string, nf provisioner.NodeFacts, sku string, exclusive, agentRequired bool) (*Node, error) {
 	facts := factsOf(nf)
 	tags := nf.Tags
 	if tags == nil {
@@ -477,6 +495,11 @@ func (s *Service) upsert(ctx context.Context, tx pgx.Tx, instance string, nf pro
 		if err := Recover(ctx, tx, n, "reported by the backend again"); err != nil {
 			return nil, err
 		}
+	}
+	if n.State == Enrolling && agentRequired {
+		n.StateReason = AwaitingAgent
+		_, err := tx.Exec(ctx, `UPDATE nodes SET state_reason = $2 WHERE id = $1`, n.ID, n.StateReason)
+		return n, err
 	}
 	if n.State == Enrolling && n.SKU != "" {
 		return n, Move(ctx, tx, n, Available, "enrolled")
@@ -556,7 +579,7 @@ func squash(s string) string {
 }
 
 // AssignSKU binds a node to a SKU (only while it holds no allocation); an
-// enrolling node becomes available.
+// enrolling node becomes available unless it waits for its agent.
 func (s *Service) AssignSKU(ctx context.Context, id uuid.UUID, sku string) (*Node, error) {
 	if err := s.activeSKU(ctx, sku); err != nil {
 		return nil, err
@@ -574,7 +597,7 @@ func (s *Service) AssignSKU(ctx context.Context, id uuid.UUID, sku string) (*Nod
 			return err
 		}
 		n.SKU = sku
-		if n.State == Enrolling {
+		if n.State == Enrolling && n.StateReason != AwaitingAgent {
 			if err := Move(ctx, tx, n, Available, "SKU assigned"); err != nil {
 				return err
 			}

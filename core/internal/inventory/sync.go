@@ -63,7 +63,7 @@ func (s *Service) apply(ctx context.Context, instance string, ev provisioner.Nod
 			if nf.NodeID == "" {
 				nf.NodeID = ev.NodeID
 			}
-			n, err := s.upsert(ctx, tx, instance, nf, "", false)
+			n, err := s.upsert(ctx, tx, instance, nf, "", false, false)
 			if err != nil {
 				return err
 			}
@@ -184,7 +184,7 @@ func (s *Service) Reconcile(ctx context.Context, instance string) (ReconcileResu
 			enr.Facts.NodeID = id
 		}
 		err = store.Transact(ctx, s.pool, store.TxOptions{}, func(tx pgx.Tx) error {
-			n, err := s.upsert(ctx, tx, instance, enr.Facts, "", false)
+			n, err := s.upsert(ctx, tx, instance, enr.Facts, "", false, enr.AgentRequired)
 			if err != nil {
 				return err
 			}

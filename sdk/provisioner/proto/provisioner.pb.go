@@ -573,8 +573,10 @@ type EnrollResponse struct {
 	state            protoimpl.MessageState `protogen:"open.v1"`
 	Facts            *NodeFacts             `protobuf:"bytes,1,opt,name=facts,proto3" json:"facts,omitempty"`
 	EnrollmentSecret string                 `protobuf:"bytes,2,opt,name=enrollment_secret,json=enrollmentSecret,proto3" json:"enrollment_secret,omitempty"`
-	unknownFields    protoimpl.UnknownFields
-	sizeCache        protoimpl.SizeCache
+	// The node serves tenants only once its agent has enrolled with the secret.
+	AgentRequired bool `protobuf:"varint,3,opt,name=agent_required,json=agentRequired,proto3" json:"agent_required,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *EnrollResponse) Reset() {
@@ -619,6 +621,13 @@ func (x *EnrollResponse) GetEnrollmentSecret() string {
 		return x.EnrollmentSecret
 	}
 	return ""
+}
+
+func (x *EnrollResponse) GetAgentRequired() bool {
+	if x != nil {
+		return x.AgentRequired
+	}
+	return false
 }
 
 type TenantUser struct {
@@ -1522,10 +1531,11 @@ const file_sdk_provisioner_proto_provisioner_proto_rawDesc = "" +
 	"\n" +
 	"disk_bytes\x18\x06 \x01(\x04R\tdiskBytes\x12\x12\n" +
 	"\x04tags\x18\a \x03(\tR\x04tags\x12\x12\n" +
-	"\x04pool\x18\b \x01(\tR\x04pool\"y\n" +
+	"\x04pool\x18\b \x01(\tR\x04pool\"\xa0\x01\n" +
 	"\x0eEnrollResponse\x12:\n" +
 	"\x05facts\x18\x01 \x01(\v2$.gpuaas.sdk.provisioner.v1.NodeFactsR\x05facts\x12+\n" +
-	"\x11enrollment_secret\x18\x02 \x01(\tR\x10enrollmentSecret\"p\n" +
+	"\x11enrollment_secret\x18\x02 \x01(\tR\x10enrollmentSecret\x12%\n" +
+	"\x0eagent_required\x18\x03 \x01(\bR\ragentRequired\"p\n" +
 	"\n" +
 	"TenantUser\x12\x1a\n" +
 	"\busername\x18\x01 \x01(\tR\busername\x12\x10\n" +

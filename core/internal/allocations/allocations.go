@@ -347,10 +347,12 @@ func (s *Service) Create(ctx context.Context, req CreateRequest) ([]*Allocation,
 		return nil, err
 	}
 	var out []*Allocation
-	err = store.Transact(ctx, s.pool, store.TxOptions{}, func(tx pgx.Tx) error {
+	// Two round trips: BEGIN, the locks, the reads and taking the nodes; then
+	// the writes and COMMIT. A refusal after the first rolls the nodes back.
+	err = store.TransactPipelined(ctx, s.pool, func(tx *store.PipelinedTx) error {
 		out = out[:0]
-		// One round trip: the org's and the project's create locks (caps are
-		// counted under them), the live counts, the balance and the SKU.
+		// The org's and the project's create locks first: the caps are
+		// counted, and nodes taken, under them.
 		var projN, projGPUs, orgN, orgGPUs int64
 		var bal ledger.Balance
 		var hasAccount bool
@@ -372,7 +374,9 @@ func (s *Service) Create(ctx context.Context, req CreateRequest) ([]*Allocation,
 				}
 				return rows.Err()
 			})
-		if err := tx.SendBatch(ctx, batch).Close(); err != nil {
+		var nodes []takenNode
+		queueTakeNodes(batch, req.SKU, req.Count, func(t []takenNode) { nodes = t })
+		if err := tx.Send(ctx, batch); err != nil {
 			return err
 		}
 		if !sku.Active {
@@ -396,15 +400,11 @@ func (s *Service) Create(ctx context.Context, req CreateRequest) ([]*Allocation,
 		if bal.Currency != sku.Currency {
 			return errcode.New(ledger.CodeCurrencyMismatch, "SKU %s is priced in %s but the organization pays in %s", sku.ID, sku.Currency, bal.Currency)
 		}
-		nodes, err := takeNodes(ctx, tx, sku.ID, req.Count)
-		if err != nil {
-			return err
-		}
 		if len(nodes) < req.Count {
 			return errcode.New(CodeNoCapacity, "no free %s node right now (asked for %d, %d free); try again later or another SKU", sku.ID, req.Count, len(nodes)).
 				WithDetails("sku_id", sku.ID)
 		}
-		// One round trip for the writes: the rows, their events, their audit.
+		// The rows, their events, their audit, and COMMIT.
 		writes := &pgx.Batch{}
 		deferred := store.Deferred{Batch: writes}
 		evs := make([]events.Event, 0, 2*len(nodes))
@@ -430,7 +430,7 @@ func (s *Service) Create(ctx context.Context, req CreateRequest) ([]*Allocation,
 		if _, err := events.Enqueue(ctx, deferred, evs...); err != nil {
 			return err
 		}
-		return tx.SendBatch(ctx, writes).Close()
+		return tx.Commit(ctx, writes)
 	})
 	if err != nil {
 		return nil, fmt.Errorf("allocations: create: %w", err)
@@ -443,32 +443,29 @@ type takenNode struct {
 	instance, external, hostname string
 }
 
-// takeNodes moves up to n free nodes of a SKU to allocated and returns them.
-// Concurrent creates start their search at random points of the free pool
-// (wrapping around), so they rarely meet on the same rows, and skip rows
-// another transaction holds.
-func takeNodes(ctx context.Context, tx pgx.Tx, sku string, n int) ([]takenNode, error) {
-	pivot := uuid.New()
-	var out []takenNode
-	for _, cmp := range []string{">=", "<"} {
-		rows, err := tx.Query(ctx, `UPDATE nodes SET state = 'allocated', state_reason = '', updated_at = now()
-			WHERE id IN (SELECT id FROM nodes WHERE sku_id = $1 AND state = 'available' AND id `+cmp+` $3 ORDER BY id LIMIT $2 FOR UPDATE SKIP LOCKED)
-			RETURNING id, provisioner_instance, external_id, hostname`, sku, n-len(out), pivot)
-		if err != nil {
-			return nil, err
-		}
-		got, err := pgx.CollectRows(rows, func(r pgx.CollectableRow) (takenNode, error) {
-			var t takenNode
-			return t, r.Scan(&t.id, &t.instance, &t.external, &t.hostname)
+// queueTakeNodes queues moving up to n free nodes of a SKU to allocated and
+// hands them to got. Concurrent creates start their search at random points
+// of the free pool (wrapping around), so they rarely meet on the same rows,
+// and skip rows another transaction holds; the part below the starting point
+// is read only when the part above it holds too few.
+func queueTakeNodes(b *pgx.Batch, sku string, n int, got func([]takenNode)) {
+	b.Queue(`WITH above AS (
+			SELECT id FROM nodes WHERE sku_id = $1 AND state = 'available' AND id >= $3 ORDER BY id LIMIT $2 FOR UPDATE SKIP LOCKED
+		), below AS (
+			SELECT id FROM nodes WHERE sku_id = $1 AND state = 'available' AND id < $3 ORDER BY id LIMIT $2 FOR UPDATE SKIP LOCKED
+		), pick AS (
+			(SELECT id FROM above UNION ALL SELECT id FROM below) LIMIT $2
+		)
+		UPDATE nodes SET state = 'allocated', state_reason = '', updated_at = now() FROM pick WHERE nodes.id = pick.id
+		RETURNING nodes.id, nodes.provisioner_instance, nodes.external_id, nodes.hostname`, sku, n, uuid.New()).
+		Query(func(rows pgx.Rows) error {
+			taken, err := pgx.CollectRows(rows, func(r pgx.CollectableRow) (takenNode, error) {
+				var t takenNode
+				return t, r.Scan(&t.id, &t.instance, &t.external, &t.hostname)
+			})
+			got(taken)
+			return err
 		})
-		if err != nil {
-			return nil, err
-		}
-		if out = append(out, got...); len(out) == n {
-			break
-		}
-	}
-	return out, nil
 }
 
 // Release asks for an active (or release_failed: a retry) allocation to be

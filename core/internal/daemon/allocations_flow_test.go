@@ -230,6 +230,11 @@ func TestAllocationBadInput(t *testing.T) {
 	if n := count(); n != 0 {
 		t.Fatalf("refused requests wrote %d allocations", n)
 	}
+	// Nodes are taken in the same round trip as the checks: a refusal gives
+	// them back.
+	if r := p.call("GET", "/api/v1/capacity", "", nil); !strings.Contains(string(r.body), `{"available":1,"gpu_model":"H100 80GB","gpus_per_node":8,"sku_id":"h100"}`) {
+		t.Fatalf("a refused request held a node: %s", r.body)
+	}
 
 	// A user of another org sees nothing of ours.
 	r, list := p.create(p.user, map[string]any{"sku_id": "h100"})

@@ -148,8 +148,17 @@ func TestManualNodeEndToEnd(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if got, err := os.ReadFile(filepath.Join(sshDir, "gpuaas_user_ca.pub")); err != nil || strings.TrimSpace(string(got)) != strings.TrimSpace(string(caPub)) {
-		t.Fatalf("installed SSH CA %q (%v); want the core's %q", got, err, caPub)
+	// The node is available once the core signed; the agent installs the
+	// trust right after it read the answer.
+	for deadline := time.Now().Add(10 * time.Second); ; {
+		got, err := os.ReadFile(filepath.Join(sshDir, "gpuaas_user_ca.pub"))
+		if err == nil && strings.TrimSpace(string(got)) == strings.TrimSpace(string(caPub)) {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("installed SSH CA %q (%v); want the core's %q", got, err, caPub)
+		}
+		time.Sleep(10 * time.Millisecond)
 	}
 	srv := sshdtest.Start(t, "Include "+filepath.Join(sshDir, "sshd_config.d", "*.conf"))
 

@@ -82,13 +82,21 @@ type Beginner interface {
 // backoff, so fn must have no side effects outside the transaction. Any other error
 // rolls back and is returned.
 func Transact(ctx context.Context, db Beginner, opt TxOptions, fn func(pgx.Tx) error) error {
-	attempts := opt.MaxAttempts
-	if attempts <= 0 {
-		attempts = 8
-	}
 	mode := pgx.ReadWrite
 	if opt.ReadOnly {
 		mode = pgx.ReadOnly
+	}
+	return retry(ctx, opt, func() error {
+		return transactOnce(ctx, db, pgx.TxOptions{IsoLevel: opt.IsoLevel, AccessMode: mode}, fn)
+	})
+}
+
+// retry runs once until it succeeds or fails with an error that is not a
+// serialization failure or a deadlock, with jittered backoff between tries.
+func retry(ctx context.Context, opt TxOptions, once func() error) error {
+	attempts := opt.MaxAttempts
+	if attempts <= 0 {
+		attempts = 8
 	}
 	var err error
 	for i := 0; i < attempts; i++ {
@@ -101,7 +109,7 @@ func Transact(ctx context.Context, db Beginner, opt TxOptions, fn func(pgx.Tx) e
 			case <-time.After(d):
 			}
 		}
-		err = transactOnce(ctx, db, pgx.TxOptions{IsoLevel: opt.IsoLevel, AccessMode: mode}, fn)
+		err = once()
 		if err == nil || !Retryable(err) {
 			return err
 		}

@@ -19,7 +19,9 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"net/http"
 	"strings"
+	"sync/atomic"
 	"time"
 
 	"github.com/google/uuid"
@@ -100,6 +102,10 @@ type Service struct {
 	now      func() time.Time
 	// transfer bounds one streamed upload: its in-flight row expires after it.
 	transfer time.Duration
+	// directHTTP, when set, reads object bytes over the driver's presigned
+	// URLs (direct.go); directOff remembers a driver that cannot presign.
+	directHTTP *http.Client
+	directOff  atomic.Bool
 }
 
 // Option configures a Service.
@@ -111,6 +117,18 @@ func WithClock(now func() time.Time) Option { return func(s *Service) { s.now = 
 // WithRegisterer registers the storage metrics on reg.
 func WithRegisterer(reg prometheus.Registerer) Option {
 	return func(s *Service) { s.metrics = newMetrics(reg, s.pool) }
+}
+
+// WithDirectTransfers has the core read object bytes from the store itself
+// over URLs the driver presigns for each download, instead of through the
+// plugin (direct.go). The store must be reachable from the core.
+func WithDirectTransfers(on bool) Option {
+	return func(s *Service) {
+		s.directHTTP = nil
+		if on {
+			s.directHTTP = newDirectClient()
+		}
+	}
 }
 
 // WithTransferTimeout sets how long one upload through the core may take
@@ -143,6 +161,9 @@ func (s *Service) driver(ctx context.Context) (sdkstorage.Driver, error) {
 	d, err := s.drivers.Storage(ctx, s.instance)
 	if err != nil {
 		return nil, errcode.Wrap(err, CodeUnavailable, "project storage is not available; retry later")
+	}
+	if ps, ok := d.(sdkstorage.Presigner); ok && s.directHTTP != nil {
+		return direct{Driver: d, ps: ps, client: s.directHTTP, off: &s.directOff}, nil
 	}
 	return d, nil
 }

@@ -16,6 +16,8 @@ echo "== accrual of 100,000 open usage records; balance read with 1,000,000 entr
 run ./core/internal/billing 'BenchmarkAccrual100k|BenchmarkBalanceRead' 1x
 echo "== allocation create throughput (ratio of pgbench TPC-B-like, 50 clients, same Postgres) and time to active (instant MAAS simulator)"
 run ./core/internal/daemon 'BenchmarkAllocationCreate|BenchmarkTimeToActive' 1x
+echo "== node agents: task dispatch latency with 1,000 agents in their long poll, core memory per connected agent"
+run ./core/internal/daemon 'BenchmarkAgentDispatch' 1x
 echo "== plugin unary call overhead (p50/p99 µs, next to in-process) and storage streaming (ratio of a file copy)"
 run ./sdk/sdktest 'BenchmarkPluginUnary' 2000x
 run ./sdk/sdktest 'BenchmarkPluginStream' 3x
@@ -26,4 +28,4 @@ echo "== project storage through the core and the driver, 256 MiB (ratio of dire
 run ./core/internal/daemon 'BenchmarkStorageThroughput' 3x
 echo
 echo "summary (from $out):"
-grep -hE '(ratio|/s|_ms|_s|µs|x-filecopy)' "$out" | grep -E '^\s+bench[a-z_]*_test.go|^Benchmark' | sed 's/^ *//' | head -40
+grep -hE '(ratio|/s|_ms|_s|µs|x-filecopy|/agent)' "$out" | grep -E '^\s+bench[a-z_]*_test.go|^Benchmark' | sed 's/^ *//' | head -40

@@ -109,6 +109,7 @@ func Sign(t Task, key ed25519.PrivateKey) (SignedTask, error) {
 var (
 	ErrBadSignature = errors.New("task signature does not verify")
 	ErrUnknownKey   = errors.New("task signed by an unknown key version")
+	ErrKeyRetired   = errors.New("task signed by a retired key version")
 	ErrWrongNode    = errors.New("task is for another node")
 	ErrExpired      = errors.New("task expired")
 	ErrTooLong      = errors.New("task valid for longer than allowed")
@@ -121,17 +122,22 @@ type Verifier struct {
 	NodeID string
 	// Keys are the core's task-signing public keys by version.
 	Keys map[int]ed25519.PublicKey
-	Now  func() time.Time
+	// MinKeyVersion retires older key versions: their tasks are refused.
+	MinKeyVersion int
+	Now           func() time.Time
 	// Nonces remembers used nonces until their task expires.
 	Nonces *NonceCache
 }
 
 // Verify accepts a signed task only when its signature verifies with a known
-// key version, it names this node and a known type, it has not expired and is
+// key version not below MinKeyVersion, it names this node and a known type, it has not expired and is
 // not valid for longer than MaxTaskTTL, and its nonce is new (the nonce is
 // then remembered).
 func (v *Verifier) Verify(st SignedTask) error {
 	t := st.Task
+	if t.KeyVersion < v.MinKeyVersion {
+		return fmt.Errorf("%w (%d; the minimum is %d)", ErrKeyRetired, t.KeyVersion, v.MinKeyVersion)
+	}
 	key, ok := v.Keys[t.KeyVersion]
 	if !ok {
 		return fmt.Errorf("%w (%d)", ErrUnknownKey, t.KeyVersion)
@@ -233,6 +239,8 @@ type Certificate struct {
 	// certificates the node's sshd accepts for tenant accounts (the browser
 	// terminal); the agent installs them.
 	SSHUserCAKeys []string `json:"ssh_user_ca_keys,omitempty"`
+	// MinTaskKeyVersion retires task key versions below it (0: none).
+	MinTaskKeyVersion int `json:"min_task_key_version,omitempty"`
 }
 
 // Renewal is the body of POST /agent/v1/renew (mTLS).
@@ -275,6 +283,8 @@ type HeartbeatReply struct {
 	// SSHUserCAKeys as in Certificate: a rotation reaches the node with a
 	// heartbeat.
 	SSHUserCAKeys []string `json:"ssh_user_ca_keys,omitempty"`
+	// MinTaskKeyVersion as in Certificate.
+	MinTaskKeyVersion int `json:"min_task_key_version,omitempty"`
 }
 
 // Poll is the reply of GET /agent/v1/tasks?wait=30s (mTLS): the tasks leased

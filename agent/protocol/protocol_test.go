@@ -66,6 +66,7 @@ func TestVerify(t *testing.T) {
 		"other key claims version 1": {sign(task(nil), priv2), ErrBadSignature},
 		"version 2":                  {sign(task(func(tk *Task) { tk.KeyVersion = 2 }), priv2), nil},
 		"unknown version":            {sign(task(func(tk *Task) { tk.KeyVersion = 3 }), priv1), ErrUnknownKey},
+		"retired version":            {sign(task(nil), priv1), ErrKeyRetired}, // with MinKeyVersion 2 below
 		"other node":                 {sign(task(func(tk *Task) { tk.NodeID = "n2" }), priv1), ErrWrongNode},
 		"expired":                    {sign(task(func(tk *Task) { tk.ExpiresAt = now }), priv1), ErrExpired},
 		"too long":                   {sign(task(func(tk *Task) { tk.ExpiresAt = now.Add(2 * time.Hour) }), priv1), ErrTooLong},
@@ -73,7 +74,11 @@ func TestVerify(t *testing.T) {
 		"no nonce":                   {sign(task(func(tk *Task) { tk.Nonce = "" }), priv1), ErrReplay},
 	}
 	for name, c := range cases {
-		err := newVerifier().Verify(c.st)
+		v := newVerifier()
+		if name == "retired version" {
+			v.MinKeyVersion = 2
+		}
+		err := v.Verify(c.st)
 		if (c.want == nil && err != nil) || (c.want != nil && !errors.Is(err, c.want)) {
 			t.Errorf("%s: %v; want %v", name, err, c.want)
 		}

@@ -152,19 +152,22 @@ func (a *Agent) install(key *ecdsa.PrivateKey, c *protocol.Certificate) error {
 	na := c.NotAfter
 	a.notAfter.Store(&na)
 	a.cert.Store(&pair)
-	a.setKeys(c.TaskKeys)
+	a.setKeys(c.TaskKeys, c.MinTaskKeyVersion)
 	// TLS presents a client certificate per connection: later calls must
 	// open connections with this one.
 	a.client.CloseIdleConnections()
 	return nil
 }
 
-func (a *Agent) setKeys(keys map[int]ed25519.PublicKey) {
+// setKeys takes the core's task keys and its minimum version, which only
+// grows: a retired version stays retired.
+func (a *Agent) setKeys(keys map[int]ed25519.PublicKey, minVersion int) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	a.verifier.MinKeyVersion = max(a.verifier.MinKeyVersion, minVersion)
 	if len(keys) == 0 {
 		return
 	}
-	a.mu.Lock()
-	defer a.mu.Unlock()
 	a.verifier.NodeID = a.nodeID
 	a.verifier.Keys = keys
 }
@@ -313,7 +316,7 @@ func (a *Agent) Heartbeat(ctx context.Context) error {
 	if err := a.post(ctx, "/agent/v1/heartbeat", protocol.Heartbeat{Facts: f}, &reply); err != nil {
 		return fmt.Errorf("agent: heartbeat: %w", err)
 	}
-	a.setKeys(reply.TaskKeys)
+	a.setKeys(reply.TaskKeys, reply.MinTaskKeyVersion)
 	a.trustSSH(ctx, reply.SSHUserCAKeys)
 	if reply.Interval > 0 {
 		a.mu.Lock()

@@ -59,6 +59,9 @@ type Settings struct {
 	// SSHCA is the CA whose user certificates the nodes' sshd trusts (the
 	// browser terminal's); nil hands agents no SSH trust.
 	SSHCA pki.SSHCA
+	// MinTaskKeyVersion is the lowest task key version still in use
+	// (policy agents.min_task_key_version); nil is 0.
+	MinTaskKeyVersion func(context.Context) int
 }
 
 func (s Settings) withDefaults() Settings {
@@ -250,15 +253,33 @@ func (s *Service) certificate(ctx context.Context, nodeID uuid.UUID, cert pki.Ce
 		return nil, err
 	}
 	return &protocol.Certificate{NodeID: nodeID.String(), CertPEM: string(cert.PEM), CAChainPEM: string(chain), NotAfter: cert.NotAfter,
-		TaskKeys: keys, SSHUserCAKeys: ssh}, nil
+		TaskKeys: keys, SSHUserCAKeys: ssh, MinTaskKeyVersion: s.minKeyVersion(ctx)}, nil
 }
 
-// TaskKeys are the public keys agents verify tasks with, by version.
+// TaskKeys are the public keys agents verify tasks with, by version: those
+// not retired (MinTaskKeyVersion).
 func (s *Service) TaskKeys(ctx context.Context) (map[int]ed25519.PublicKey, error) {
 	if err := s.signer.EnsureKey(ctx, TaskKey); err != nil {
 		return nil, err
 	}
-	return s.signer.PublicKeys(ctx, TaskKey)
+	keys, err := s.signer.PublicKeys(ctx, TaskKey)
+	if err != nil {
+		return nil, err
+	}
+	minV := s.minKeyVersion(ctx)
+	for v := range keys {
+		if v < minV {
+			delete(keys, v)
+		}
+	}
+	return keys, nil
+}
+
+func (s *Service) minKeyVersion(ctx context.Context) int {
+	if s.set.MinTaskKeyVersion == nil {
+		return 0
+	}
+	return s.set.MinTaskKeyVersion(ctx)
 }
 
 // RevokeNode revokes every certificate issued to a node (for example when
@@ -316,7 +337,7 @@ func (s *Service) Heartbeat(ctx context.Context, nodeID uuid.UUID, facts protoco
 	if err != nil {
 		return nil, err
 	}
-	return &protocol.HeartbeatReply{Interval: s.set.HeartbeatInterval, TaskKeys: keys, SSHUserCAKeys: ssh}, nil
+	return &protocol.HeartbeatReply{Interval: s.set.HeartbeatInterval, TaskKeys: keys, SSHUserCAKeys: ssh, MinTaskKeyVersion: s.minKeyVersion(ctx)}, nil
 }
 
 const missedReason = "the agent missed its heartbeats"
@@ -425,6 +446,9 @@ func (s *Service) Enqueue(ctx context.Context, req TaskRequest) (*Task, error) {
 	}
 	if sig == nil {
 		return nil, errors.New("agents: the task key kept rotating while signing")
+	}
+	if minV := s.minKeyVersion(ctx); t.KeyVersion < minV {
+		return nil, fmt.Errorf("agents: the task key's latest version %d is below agents.min_task_key_version %d: rotate the key %q first", t.KeyVersion, minV, TaskKey)
 	}
 	id := uuid.MustParse(t.ID)
 	_, err = s.pool.Exec(ctx, `INSERT INTO node_tasks (id, node_id, type, params, state, nonce, key_version, signature, expires_at, max_attempts, operation_id)

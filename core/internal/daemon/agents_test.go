@@ -46,6 +46,12 @@ func TestAgentListener(t *testing.T) {
 	f := newIdentityFixture(t, pool)
 	admin := f.token(ctx, f.user(ctx, "admin-"+uuid.NewString()[:8]+"@example.test", true))
 	api := &env{t: t, url: core.URL}
+	// Only a platform admin mints tokens: an org's own admin cannot enroll
+	// machines into the platform's inventory.
+	orgAdmin := f.token(ctx, f.user(ctx, "owner-"+uuid.NewString()[:8]+"@example.test", false))
+	if r := api.call("POST", "/api/v1/admin/nodes/"+node.String()+"/enrollment-token", orgAdmin, map[string]any{}); r.status != 403 {
+		t.Fatalf("mint by a non-admin: %d %s; want 403", r.status, r.body)
+	}
 	r := api.call("POST", "/api/v1/admin/nodes/"+node.String()+"/enrollment-token", admin, map[string]any{"ttl_seconds": 300})
 	var minted struct{ Token string }
 	if r.status != 201 {

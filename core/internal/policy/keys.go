@@ -65,6 +65,8 @@ var (
 
 	EnrollmentTokenTTL = Duration("agents.enrollment_token_ttl", time.Hour, time.Minute, 7*24*time.Hour,
 		"How long a node agent's single-use enrollment token is valid.")
+	TaskKeyMinVersion = Int("agents.min_task_key_version", 0, 0, 1<<20,
+		"Task signing key versions below this are retired: agents no longer get their public keys and refuse tasks signed with them (raise it after rotating the key).")
 
 	IdempotencyTTL = Duration("idempotency.ttl", 24*time.Hour, time.Minute, 30*24*time.Hour,
 		"How long an Idempotency-Key is remembered.")
@@ -79,6 +81,17 @@ var (
 		"How often stored bytes are billed (one ledger debit per project and window).")
 	StoragePresignExpiry = Duration("storage.presign_expiry", 15*time.Minute, time.Minute, time.Hour,
 		"Lifetime of presigned download and upload URLs; an upload not confirmed by then is removed.", ScopeGlobal, ScopeOrg)
+
+	TerminalIdleTimeout = Duration("terminal.idle_timeout", 30*time.Minute, time.Second, 24*time.Hour,
+		"A browser terminal session with no input and no output for this long is closed.", ScopeGlobal, ScopeOrg, ScopeProject)
+	TerminalKeepalive = Duration("terminal.keepalive_interval", 20*time.Second, time.Second, 10*time.Minute,
+		"How often a terminal session pings the browser and the node's sshd; a side silent for three intervals ends the session.")
+	TerminalMaxSessionsPerUser = Int("terminal.max_sessions_per_user", 5, 1, 1000,
+		"Browser terminal sessions one user or service account may have open at once (across every core and gateway).", ScopeGlobal, ScopeOrg)
+	TerminalCertTTL = Duration("terminal.cert_ttl", 2*time.Minute, 30*time.Second, time.Hour,
+		"Lifetime of the ephemeral SSH certificate a terminal session logs in with (sshd checks it only at login).")
+	TerminalMaxFrameBytes = Int("terminal.max_frame_bytes", 64<<10, 1<<10, 16<<20,
+		"Largest WebSocket message a terminal client may send; a larger one closes the session with 1009.")
 )
 
 // Catalog returns every key.
@@ -96,6 +109,7 @@ func Catalog() []*Def {
 		OIDCLoginTTL.Def(),
 		IdempotencyTTL.Def(),
 		EnrollmentTokenTTL.Def(),
+		TaskKeyMinVersion.Def(),
 		AllocMaxPerProject.Def(),
 		AllocMaxGPUsPerProject.Def(),
 		AllocMaxPerOrg.Def(),
@@ -118,5 +132,10 @@ func Catalog() []*Def {
 		StoragePrice.Def(),
 		StorageMeterWindow.Def(),
 		StoragePresignExpiry.Def(),
+		TerminalIdleTimeout.Def(),
+		TerminalKeepalive.Def(),
+		TerminalMaxSessionsPerUser.Def(),
+		TerminalCertTTL.Def(),
+		TerminalMaxFrameBytes.Def(),
 	}
 }

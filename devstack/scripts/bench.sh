@@ -26,6 +26,8 @@ echo "== storage-s3 driver throughput (ratio of direct S3 to the same server)"
 run ./plugins/storage-s3 'BenchmarkPutGet' 3x
 echo "== project storage through the core and the driver, 256 MiB (ratio of direct S3 to the same server; driver as plugin process and in process)"
 run ./core/internal/daemon 'BenchmarkStorageThroughput' 3x
+echo "== browser terminal: keystroke round trip through the proxy vs a direct SSH session to the same sshd (target: +1 ms at p50), and memory of 1,000 idle sessions in the serving process (target: 200 MB)"
+run ./core/internal/terminal 'BenchmarkTerminalRoundTrip|BenchmarkTerminalIdleSessions' 1x
 echo
 echo "summary (from $out):"
-grep -hE '(ratio|/s|_ms|_s|µs|x-filecopy|/agent)' "$out" | grep -E '^\s+bench[a-z_]*_test.go|^Benchmark' | sed 's/^ *//' | head -40
+grep -hE '(ratio|/s|_ms|_s|µs|x-filecopy|/agent)' "$out" | grep -E '^\s+bench[a-z_]*_test.go|^Benchmark' | sed 's/^ *//' | head -60

@@ -221,122 +221,133 @@ func (e EnqueueNodeTaskRequestType) Valid() bool {
 
 // Defines values for ErrorCode.
 const (
-	AccountDisabled             ErrorCode = "account_disabled"
-	AllocationNotFound          ErrorCode = "allocation_not_found"
-	AllocationQuotaExceeded     ErrorCode = "allocation_quota_exceeded"
-	AlreadyMember               ErrorCode = "already_member"
-	ApiKeyExpired               ErrorCode = "api_key_expired"
-	ApiKeyNotFound              ErrorCode = "api_key_not_found"
-	ApiKeyRevoked               ErrorCode = "api_key_revoked"
-	BadRequest                  ErrorCode = "bad_request"
-	BillingAccountNotFound      ErrorCode = "billing_account_not_found"
-	Conflict                    ErrorCode = "conflict"
-	CsrInvalid                  ErrorCode = "csr_invalid"
-	CurrencyMismatch            ErrorCode = "currency_mismatch"
-	DatabaseUnavailable         ErrorCode = "database_unavailable"
-	DuplicateKey                ErrorCode = "duplicate_key"
-	EnrollmentTokenInvalid      ErrorCode = "enrollment_token_invalid"
-	Forbidden                   ErrorCode = "forbidden"
-	IdempotencyInFlight         ErrorCode = "idempotency_in_flight"
-	IdempotencyKeyReused        ErrorCode = "idempotency_key_reused"
-	InsufficientBalance         ErrorCode = "insufficient_balance"
-	Internal                    ErrorCode = "internal"
-	InvalidAllocationTransition ErrorCode = "invalid_allocation_transition"
-	InvalidCredentials          ErrorCode = "invalid_credentials"
-	InvalidCursor               ErrorCode = "invalid_cursor"
-	InvalidIdempotencyKey       ErrorCode = "invalid_idempotency_key"
-	InvalidJson                 ErrorCode = "invalid_json"
-	InvalidNodeTransition       ErrorCode = "invalid_node_transition"
-	InvalidObjectKey            ErrorCode = "invalid_object_key"
-	InvalidSshKey               ErrorCode = "invalid_ssh_key"
-	InvalidToken                ErrorCode = "invalid_token"
-	LastOwner                   ErrorCode = "last_owner"
-	LedgerKeyConflict           ErrorCode = "ledger_key_conflict"
-	LocalAccountsDisabled       ErrorCode = "local_accounts_disabled"
-	MemberNotFound              ErrorCode = "member_not_found"
-	MethodNotAllowed            ErrorCode = "method_not_allowed"
-	NameTaken                   ErrorCode = "name_taken"
-	NoCapacity                  ErrorCode = "no_capacity"
-	NodeBusy                    ErrorCode = "node_busy"
-	NodeExists                  ErrorCode = "node_exists"
-	NodeNotEnrollable           ErrorCode = "node_not_enrollable"
-	NodeNotFound                ErrorCode = "node_not_found"
-	NodeTaskConflict            ErrorCode = "node_task_conflict"
-	NodeTaskNotFound            ErrorCode = "node_task_not_found"
-	NodeWebhookInvalid          ErrorCode = "node_webhook_invalid"
-	NotFound                    ErrorCode = "not_found"
-	NotReady                    ErrorCode = "not_ready"
-	OidcGrantRejected           ErrorCode = "oidc_grant_rejected"
-	OidcNotConfigured           ErrorCode = "oidc_not_configured"
-	OidcProviderUnavailable     ErrorCode = "oidc_provider_unavailable"
-	OrgNotFound                 ErrorCode = "org_not_found"
-	PaymentCustomerMissing      ErrorCode = "payment_customer_missing"
-	PaymentProviderError        ErrorCode = "payment_provider_error"
-	PaymentProviderNotFound     ErrorCode = "payment_provider_not_found"
-	PaymentSessionNotFound      ErrorCode = "payment_session_not_found"
-	PluginIncompatible          ErrorCode = "plugin_incompatible"
-	PluginInstanceConflict      ErrorCode = "plugin_instance_conflict"
-	PluginInstanceDisabled      ErrorCode = "plugin_instance_disabled"
-	PluginInstanceFailed        ErrorCode = "plugin_instance_failed"
-	PluginInstanceNotFound      ErrorCode = "plugin_instance_not_found"
-	PluginInvalid               ErrorCode = "plugin_invalid"
-	PluginKindMismatch          ErrorCode = "plugin_kind_mismatch"
-	PluginNotFound              ErrorCode = "plugin_not_found"
-	PluginTampered              ErrorCode = "plugin_tampered"
-	PluginUnavailable           ErrorCode = "plugin_unavailable"
-	PluginUpgradeRequired       ErrorCode = "plugin_upgrade_required"
-	ProjectNotFound             ErrorCode = "project_not_found"
-	ProvisionerFailed           ErrorCode = "provisioner_failed"
-	ProvisionerRejected         ErrorCode = "provisioner_rejected"
-	RateLimited                 ErrorCode = "rate_limited"
-	RefundInvalidAmount         ErrorCode = "refund_invalid_amount"
-	RefundNotAllowed            ErrorCode = "refund_not_allowed"
-	RequestTooLarge             ErrorCode = "request_too_large"
-	RouteNotFound               ErrorCode = "route_not_found"
-	ServiceAccountNotFound      ErrorCode = "service_account_not_found"
-	ServiceUnavailable          ErrorCode = "service_unavailable"
-	SkuExists                   ErrorCode = "sku_exists"
-	SkuNotFound                 ErrorCode = "sku_not_found"
-	SlugTaken                   ErrorCode = "slug_taken"
-	SshKeyExists                ErrorCode = "ssh_key_exists"
-	SshKeyNotFound              ErrorCode = "ssh_key_not_found"
-	SshKeyRequired              ErrorCode = "ssh_key_required"
-	SshKeyTooWeak               ErrorCode = "ssh_key_too_weak"
-	StorageBackendError         ErrorCode = "storage_backend_error"
-	StorageFolderNotEmpty       ErrorCode = "storage_folder_not_empty"
-	StorageObjectExists         ErrorCode = "storage_object_exists"
-	StorageObjectNotFound       ErrorCode = "storage_object_not_found"
-	StoragePathBusy             ErrorCode = "storage_path_busy"
-	StoragePathTraversal        ErrorCode = "storage_path_traversal"
-	StorageQuotaExceeded        ErrorCode = "storage_quota_exceeded"
-	StorageRangeNotSatisfiable  ErrorCode = "storage_range_not_satisfiable"
-	StorageUnavailable          ErrorCode = "storage_unavailable"
-	StorageUploadIncomplete     ErrorCode = "storage_upload_incomplete"
-	StorageUploadNotFound       ErrorCode = "storage_upload_not_found"
-	Timeout                     ErrorCode = "timeout"
-	TokenAlgNotAllowed          ErrorCode = "token_alg_not_allowed"
-	TokenBadSignature           ErrorCode = "token_bad_signature"
-	TokenExpired                ErrorCode = "token_expired"
-	TokenMalformed              ErrorCode = "token_malformed"
-	TokenMissingSubject         ErrorCode = "token_missing_subject"
-	TokenNotYetValid            ErrorCode = "token_not_yet_valid"
-	TokenUnknownKey             ErrorCode = "token_unknown_key"
-	TokenWrongAudience          ErrorCode = "token_wrong_audience"
-	TokenWrongIssuer            ErrorCode = "token_wrong_issuer"
-	TokenWrongNonce             ErrorCode = "token_wrong_nonce"
-	TopupOutOfRange             ErrorCode = "topup_out_of_range"
-	Unauthenticated             ErrorCode = "unauthenticated"
-	UnknownField                ErrorCode = "unknown_field"
-	UnsupportedMediaType        ErrorCode = "unsupported_media_type"
-	UserNotFound                ErrorCode = "user_not_found"
-	ValidationFailed            ErrorCode = "validation_failed"
-	WebhookInvalid              ErrorCode = "webhook_invalid"
+	AccountDisabled              ErrorCode = "account_disabled"
+	AllocationNotActive          ErrorCode = "allocation_not_active"
+	AllocationNotFound           ErrorCode = "allocation_not_found"
+	AllocationQuotaExceeded      ErrorCode = "allocation_quota_exceeded"
+	AlreadyMember                ErrorCode = "already_member"
+	ApiKeyExpired                ErrorCode = "api_key_expired"
+	ApiKeyNotFound               ErrorCode = "api_key_not_found"
+	ApiKeyRevoked                ErrorCode = "api_key_revoked"
+	BadRequest                   ErrorCode = "bad_request"
+	BillingAccountNotFound       ErrorCode = "billing_account_not_found"
+	Conflict                     ErrorCode = "conflict"
+	CsrInvalid                   ErrorCode = "csr_invalid"
+	CurrencyMismatch             ErrorCode = "currency_mismatch"
+	DatabaseUnavailable          ErrorCode = "database_unavailable"
+	DuplicateKey                 ErrorCode = "duplicate_key"
+	EnrollmentTokenInvalid       ErrorCode = "enrollment_token_invalid"
+	Forbidden                    ErrorCode = "forbidden"
+	IdempotencyInFlight          ErrorCode = "idempotency_in_flight"
+	IdempotencyKeyReused         ErrorCode = "idempotency_key_reused"
+	InsufficientBalance          ErrorCode = "insufficient_balance"
+	Internal                     ErrorCode = "internal"
+	InvalidAllocationTransition  ErrorCode = "invalid_allocation_transition"
+	InvalidCredentials           ErrorCode = "invalid_credentials"
+	InvalidCursor                ErrorCode = "invalid_cursor"
+	InvalidIdempotencyKey        ErrorCode = "invalid_idempotency_key"
+	InvalidJson                  ErrorCode = "invalid_json"
+	InvalidNodeTransition        ErrorCode = "invalid_node_transition"
+	InvalidObjectKey             ErrorCode = "invalid_object_key"
+	InvalidSshKey                ErrorCode = "invalid_ssh_key"
+	InvalidToken                 ErrorCode = "invalid_token"
+	LastOwner                    ErrorCode = "last_owner"
+	LedgerKeyConflict            ErrorCode = "ledger_key_conflict"
+	LocalAccountsDisabled        ErrorCode = "local_accounts_disabled"
+	MemberNotFound               ErrorCode = "member_not_found"
+	MethodNotAllowed             ErrorCode = "method_not_allowed"
+	NameTaken                    ErrorCode = "name_taken"
+	NoCapacity                   ErrorCode = "no_capacity"
+	NodeBusy                     ErrorCode = "node_busy"
+	NodeExists                   ErrorCode = "node_exists"
+	NodeNotEnrollable            ErrorCode = "node_not_enrollable"
+	NodeNotFound                 ErrorCode = "node_not_found"
+	NodeTaskConflict             ErrorCode = "node_task_conflict"
+	NodeTaskNotFound             ErrorCode = "node_task_not_found"
+	NodeWebhookInvalid           ErrorCode = "node_webhook_invalid"
+	NotFound                     ErrorCode = "not_found"
+	NotReady                     ErrorCode = "not_ready"
+	OidcGrantRejected            ErrorCode = "oidc_grant_rejected"
+	OidcNotConfigured            ErrorCode = "oidc_not_configured"
+	OidcProviderUnavailable      ErrorCode = "oidc_provider_unavailable"
+	OrgNotFound                  ErrorCode = "org_not_found"
+	PaymentCustomerMissing       ErrorCode = "payment_customer_missing"
+	PaymentProviderError         ErrorCode = "payment_provider_error"
+	PaymentProviderNotFound      ErrorCode = "payment_provider_not_found"
+	PaymentSessionNotFound       ErrorCode = "payment_session_not_found"
+	PluginIncompatible           ErrorCode = "plugin_incompatible"
+	PluginInstanceConflict       ErrorCode = "plugin_instance_conflict"
+	PluginInstanceDisabled       ErrorCode = "plugin_instance_disabled"
+	PluginInstanceFailed         ErrorCode = "plugin_instance_failed"
+	PluginInstanceNotFound       ErrorCode = "plugin_instance_not_found"
+	PluginInvalid                ErrorCode = "plugin_invalid"
+	PluginKindMismatch           ErrorCode = "plugin_kind_mismatch"
+	PluginNotFound               ErrorCode = "plugin_not_found"
+	PluginTampered               ErrorCode = "plugin_tampered"
+	PluginUnavailable            ErrorCode = "plugin_unavailable"
+	PluginUpgradeRequired        ErrorCode = "plugin_upgrade_required"
+	ProjectNotFound              ErrorCode = "project_not_found"
+	ProvisionerFailed            ErrorCode = "provisioner_failed"
+	ProvisionerRejected          ErrorCode = "provisioner_rejected"
+	RateLimited                  ErrorCode = "rate_limited"
+	RefundInvalidAmount          ErrorCode = "refund_invalid_amount"
+	RefundNotAllowed             ErrorCode = "refund_not_allowed"
+	RequestTooLarge              ErrorCode = "request_too_large"
+	RouteNotFound                ErrorCode = "route_not_found"
+	ServiceAccountNotFound       ErrorCode = "service_account_not_found"
+	ServiceUnavailable           ErrorCode = "service_unavailable"
+	SkuExists                    ErrorCode = "sku_exists"
+	SkuNotFound                  ErrorCode = "sku_not_found"
+	SlugTaken                    ErrorCode = "slug_taken"
+	SshKeyExists                 ErrorCode = "ssh_key_exists"
+	SshKeyNotFound               ErrorCode = "ssh_key_not_found"
+	SshKeyRequired               ErrorCode = "ssh_key_required"
+	SshKeyTooWeak                ErrorCode = "ssh_key_too_weak"
+	StorageBackendError          ErrorCode = "storage_backend_error"
+	StorageFolderNotEmpty        ErrorCode = "storage_folder_not_empty"
+	StorageObjectExists          ErrorCode = "storage_object_exists"
+	StorageObjectNotFound        ErrorCode = "storage_object_not_found"
+	StoragePathBusy              ErrorCode = "storage_path_busy"
+	StoragePathTraversal         ErrorCode = "storage_path_traversal"
+	StorageQuotaExceeded         ErrorCode = "storage_quota_exceeded"
+	StorageRangeNotSatisfiable   ErrorCode = "storage_range_not_satisfiable"
+	StorageUnavailable           ErrorCode = "storage_unavailable"
+	StorageUploadIncomplete      ErrorCode = "storage_upload_incomplete"
+	StorageUploadNotFound        ErrorCode = "storage_upload_not_found"
+	TerminalHostKeyMismatch      ErrorCode = "terminal_host_key_mismatch"
+	TerminalNodeUnreachable      ErrorCode = "terminal_node_unreachable"
+	TerminalOriginForbidden      ErrorCode = "terminal_origin_forbidden"
+	TerminalSessionLimit         ErrorCode = "terminal_session_limit"
+	TerminalTokenExpired         ErrorCode = "terminal_token_expired"
+	TerminalTokenInQuery         ErrorCode = "terminal_token_in_query"
+	TerminalTokenInvalid         ErrorCode = "terminal_token_invalid"
+	TerminalTokenWrongAllocation ErrorCode = "terminal_token_wrong_allocation"
+	Timeout                      ErrorCode = "timeout"
+	TokenAlgNotAllowed           ErrorCode = "token_alg_not_allowed"
+	TokenBadSignature            ErrorCode = "token_bad_signature"
+	TokenExpired                 ErrorCode = "token_expired"
+	TokenMalformed               ErrorCode = "token_malformed"
+	TokenMissingSubject          ErrorCode = "token_missing_subject"
+	TokenNotYetValid             ErrorCode = "token_not_yet_valid"
+	TokenUnknownKey              ErrorCode = "token_unknown_key"
+	TokenWrongAudience           ErrorCode = "token_wrong_audience"
+	TokenWrongIssuer             ErrorCode = "token_wrong_issuer"
+	TokenWrongNonce              ErrorCode = "token_wrong_nonce"
+	TopupOutOfRange              ErrorCode = "topup_out_of_range"
+	Unauthenticated              ErrorCode = "unauthenticated"
+	UnknownField                 ErrorCode = "unknown_field"
+	UnsupportedMediaType         ErrorCode = "unsupported_media_type"
+	UserNotFound                 ErrorCode = "user_not_found"
+	ValidationFailed             ErrorCode = "validation_failed"
+	WebhookInvalid               ErrorCode = "webhook_invalid"
 )
 
 // Valid indicates whether the value is a known member of the ErrorCode enum.
 func (e ErrorCode) Valid() bool {
 	switch e {
 	case AccountDisabled:
+		return true
+	case AllocationNotActive:
 		return true
 	case AllocationNotFound:
 		return true
@@ -519,6 +530,22 @@ func (e ErrorCode) Valid() bool {
 	case StorageUploadIncomplete:
 		return true
 	case StorageUploadNotFound:
+		return true
+	case TerminalHostKeyMismatch:
+		return true
+	case TerminalNodeUnreachable:
+		return true
+	case TerminalOriginForbidden:
+		return true
+	case TerminalSessionLimit:
+		return true
+	case TerminalTokenExpired:
+		return true
+	case TerminalTokenInQuery:
+		return true
+	case TerminalTokenInvalid:
+		return true
+	case TerminalTokenWrongAllocation:
 		return true
 	case Timeout:
 		return true
@@ -2050,6 +2077,20 @@ type StorageUsage struct {
 	QuotaBytes    int64              `json:"quota_bytes"`
 }
 
+// TerminalToken defines model for TerminalToken.
+type TerminalToken struct {
+	ExpiresAt time.Time `json:"expires_at"`
+
+	// Subprotocol The wire protocol to offer: gpuaas.terminal.v1.
+	Subprotocol string `json:"subprotocol"`
+
+	// Token gtt_ and 43 base64url characters; single use.
+	Token string `json:"token"`
+
+	// WebsocketPath Where to open the session: /ws/terminal/{allocation_id}.
+	WebsocketPath string `json:"websocket_path"`
+}
+
 // TokenResponse defines model for TokenResponse.
 type TokenResponse struct {
 	AccessToken      string                 `json:"access_token"`
@@ -3193,6 +3234,35 @@ type ClientInterface interface {
 	//
 	// Corresponds with POST /api/v1/allocations/{allocation_id}/release (the `ReleaseAllocation` operationId).
 	ReleaseAllocation(ctx context.Context, allocationId AllocationID, params *ReleaseAllocationParams, reqEditors ...RequestEditorFn) (*http.Response, error)
+
+	// CreateTerminalToken A single-use token that opens a browser terminal on the allocation's node (shown once)
+	//
+	// For an active allocation the caller may write to (project members, org admins,
+	// service accounts of the project). The token is 256 random bits, valid for 300 s,
+	// bound to the caller and this allocation, and is used up by the first attempt to
+	// open a session with it, successful or not.
+	//
+	// The session is a WebSocket at `GET /ws/terminal/{allocation_id}` (outside
+	// `/api/v1`, served by gpuaasd and by `gpuaasd terminal-gateway`). The token goes in
+	// `Sec-WebSocket-Protocol` as `gpuaas.token.<token>` next to `gpuaas.terminal.v1`
+	// (browsers), or in `Authorization: Bearer <token>` (other clients); never in the
+	// query string (refused with 401 `terminal_token_in_query`, and the token is
+	// revoked). A browser's `Origin` must be on the operator's allow-list
+	// (`GPUAAS_TERMINAL_ALLOWED_ORIGINS`). Refusals answer before the upgrade with the
+	// error envelope: 401 `terminal_token_invalid` / `terminal_token_expired`, 403
+	// `terminal_origin_forbidden` / `terminal_token_wrong_allocation`, 409
+	// `allocation_not_active`, 429 `terminal_session_limit`, 502
+	// `terminal_node_unreachable` / `terminal_host_key_mismatch`.
+	//
+	// After the upgrade, binary frames carry terminal bytes both ways and the client
+	// sends text frames `{"type":"resize","cols":C,"rows":R}`; the shell opens at the
+	// first frame. Close codes: 1000 the shell exited (reason `exit status N`), 1001
+	// server shutting down, 1007 invalid control message, 1009 frame larger than
+	// `terminal.max_frame_bytes`, 1011 node connection lost, 4000 idle timeout
+	// (`terminal.idle_timeout`). See doc/terminal.md.
+	//
+	// Corresponds with POST /api/v1/allocations/{allocation_id}/terminal-token (the `CreateTerminalToken` operationId).
+	CreateTerminalToken(ctx context.Context, allocationId AllocationID, reqEditors ...RequestEditorFn) (*http.Response, error)
 
 	// LocalLoginWithBody Sign in with a local account (when local accounts are enabled)
 	//
@@ -4578,6 +4648,45 @@ func (c *Client) GetAllocation(ctx context.Context, allocationId AllocationID, r
 // Corresponds with POST /api/v1/allocations/{allocation_id}/release (the `ReleaseAllocation` operationId).
 func (c *Client) ReleaseAllocation(ctx context.Context, allocationId AllocationID, params *ReleaseAllocationParams, reqEditors ...RequestEditorFn) (*http.Response, error) {
 	req, err := NewReleaseAllocationRequest(c.Server, allocationId, params)
+	if err != nil {
+		return nil, err
+	}
+	req = req.WithContext(ctx)
+	if err := c.applyEditors(ctx, req, reqEditors); err != nil {
+		return nil, err
+	}
+	return c.Client.Do(req)
+}
+
+// CreateTerminalToken A single-use token that opens a browser terminal on the allocation's node (shown once)
+//
+// For an active allocation the caller may write to (project members, org admins,
+// service accounts of the project). The token is 256 random bits, valid for 300 s,
+// bound to the caller and this allocation, and is used up by the first attempt to
+// open a session with it, successful or not.
+//
+// The session is a WebSocket at `GET /ws/terminal/{allocation_id}` (outside
+// `/api/v1`, served by gpuaasd and by `gpuaasd terminal-gateway`). The token goes in
+// `Sec-WebSocket-Protocol` as `gpuaas.token.<token>` next to `gpuaas.terminal.v1`
+// (browsers), or in `Authorization: Bearer <token>` (other clients); never in the
+// query string (refused with 401 `terminal_token_in_query`, and the token is
+// revoked). A browser's `Origin` must be on the operator's allow-list
+// (`GPUAAS_TERMINAL_ALLOWED_ORIGINS`). Refusals answer before the upgrade with the
+// error envelope: 401 `terminal_token_invalid` / `terminal_token_expired`, 403
+// `terminal_origin_forbidden` / `terminal_token_wrong_allocation`, 409
+// `allocation_not_active`, 429 `terminal_session_limit`, 502
+// `terminal_node_unreachable` / `terminal_host_key_mismatch`.
+//
+// After the upgrade, binary frames carry terminal bytes both ways and the client
+// sends text frames `{"type":"resize","cols":C,"rows":R}`; the shell opens at the
+// first frame. Close codes: 1000 the shell exited (reason `exit status N`), 1001
+// server shutting down, 1007 invalid control message, 1009 frame larger than
+// `terminal.max_frame_bytes`, 1011 node connection lost, 4000 idle timeout
+// (`terminal.idle_timeout`). See doc/terminal.md.
+//
+// Corresponds with POST /api/v1/allocations/{allocation_id}/terminal-token (the `CreateTerminalToken` operationId).
+func (c *Client) CreateTerminalToken(ctx context.Context, allocationId AllocationID, reqEditors ...RequestEditorFn) (*http.Response, error) {
+	req, err := NewCreateTerminalTokenRequest(c.Server, allocationId)
 	if err != nil {
 		return nil, err
 	}
@@ -8067,6 +8176,40 @@ func NewReleaseAllocationRequest(server string, allocationId AllocationID, param
 			req.Header.Set("Idempotency-Key", headerParam0)
 		}
 
+	}
+
+	return req, nil
+}
+
+// NewCreateTerminalTokenRequest constructs an http.Request for the CreateTerminalToken method
+func NewCreateTerminalTokenRequest(server string, allocationId AllocationID) (*http.Request, error) {
+	var err error
+
+	var pathParam0 string
+
+	pathParam0, err = runtime.StyleParamWithOptions("simple", false, "allocation_id", allocationId, runtime.StyleParamOptions{ParamLocation: runtime.ParamLocationPath, Type: "string", Format: "uuid"})
+	if err != nil {
+		return nil, err
+	}
+
+	serverURL, err := url.Parse(server)
+	if err != nil {
+		return nil, err
+	}
+
+	operationPath := fmt.Sprintf("/api/v1/allocations/%s/terminal-token", pathParam0)
+	if operationPath[0] == '/' {
+		operationPath = "." + operationPath
+	}
+
+	queryURL, err := serverURL.Parse(operationPath)
+	if err != nil {
+		return nil, err
+	}
+
+	req, err := http.NewRequest(http.MethodPost, queryURL.String(), nil)
+	if err != nil {
+		return nil, err
 	}
 
 	return req, nil
@@ -11684,6 +11827,37 @@ type ClientWithResponsesInterface interface {
 	// Corresponds with POST /api/v1/allocations/{allocation_id}/release (the `ReleaseAllocation` operationId).
 	ReleaseAllocationWithResponse(ctx context.Context, allocationId AllocationID, params *ReleaseAllocationParams, reqEditors ...RequestEditorFn) (*ReleaseAllocationResponse, error)
 
+	// CreateTerminalTokenWithResponse A single-use token that opens a browser terminal on the allocation's node (shown once)
+	//
+	// For an active allocation the caller may write to (project members, org admins,
+	// service accounts of the project). The token is 256 random bits, valid for 300 s,
+	// bound to the caller and this allocation, and is used up by the first attempt to
+	// open a session with it, successful or not.
+	//
+	// The session is a WebSocket at `GET /ws/terminal/{allocation_id}` (outside
+	// `/api/v1`, served by gpuaasd and by `gpuaasd terminal-gateway`). The token goes in
+	// `Sec-WebSocket-Protocol` as `gpuaas.token.<token>` next to `gpuaas.terminal.v1`
+	// (browsers), or in `Authorization: Bearer <token>` (other clients); never in the
+	// query string (refused with 401 `terminal_token_in_query`, and the token is
+	// revoked). A browser's `Origin` must be on the operator's allow-list
+	// (`GPUAAS_TERMINAL_ALLOWED_ORIGINS`). Refusals answer before the upgrade with the
+	// error envelope: 401 `terminal_token_invalid` / `terminal_token_expired`, 403
+	// `terminal_origin_forbidden` / `terminal_token_wrong_allocation`, 409
+	// `allocation_not_active`, 429 `terminal_session_limit`, 502
+	// `terminal_node_unreachable` / `terminal_host_key_mismatch`.
+	//
+	// After the upgrade, binary frames carry terminal bytes both ways and the client
+	// sends text frames `{"type":"resize","cols":C,"rows":R}`; the shell opens at the
+	// first frame. Close codes: 1000 the shell exited (reason `exit status N`), 1001
+	// server shutting down, 1007 invalid control message, 1009 frame larger than
+	// `terminal.max_frame_bytes`, 1011 node connection lost, 4000 idle timeout
+	// (`terminal.idle_timeout`). See doc/terminal.md.
+	//
+	// Returns a wrapper object for the known response body format(s).
+	//
+	// Corresponds with POST /api/v1/allocations/{allocation_id}/terminal-token (the `CreateTerminalToken` operationId).
+	CreateTerminalTokenWithResponse(ctx context.Context, allocationId AllocationID, reqEditors ...RequestEditorFn) (*CreateTerminalTokenResponse, error)
+
 	// LocalLoginWithBodyWithResponse Sign in with a local account (when local accounts are enabled)
 	//
 	// Takes any type of body and a specified content type, and returns a wrapper object for the known response body format(s).
@@ -14010,6 +14184,61 @@ func (r ReleaseAllocationResponse) StatusCode() int {
 
 // ContentType is a convenience method to retrieve the Content-Type value from the HTTP response headers
 func (r ReleaseAllocationResponse) ContentType() string {
+	if r.HTTPResponse != nil {
+		return r.HTTPResponse.Header.Get("Content-Type")
+	}
+	return ""
+}
+
+// CreateTerminalTokenResponse201Headers the declared response headers of an HTTP 201 response for CreateTerminalToken
+type CreateTerminalTokenResponse201Headers struct {
+	CacheControl *string
+}
+
+type CreateTerminalTokenResponse struct {
+	Body         []byte
+	HTTPResponse *http.Response
+	// JSON201 the response for an HTTP 201 `application/json` response
+	JSON201 *TerminalToken
+	// JSONDefault the response for an HTTP default `application/json` response
+	JSONDefault *Error
+	// Headers201 the parsed response headers for an HTTP 201 response
+	Headers201 *CreateTerminalTokenResponse201Headers
+}
+
+// GetJSON201 returns the response for an HTTP 201 `application/json` response
+func (r CreateTerminalTokenResponse) GetJSON201() *TerminalToken {
+	return r.JSON201
+}
+
+// GetJSONDefault returns the response for an HTTP default `application/json` response
+func (r CreateTerminalTokenResponse) GetJSONDefault() *Error {
+	return r.JSONDefault
+}
+
+// GetBody returns the raw response body bytes
+func (r CreateTerminalTokenResponse) GetBody() []byte {
+	return r.Body
+}
+
+// Status returns HTTPResponse.Status
+func (r CreateTerminalTokenResponse) Status() string {
+	if r.HTTPResponse != nil {
+		return r.HTTPResponse.Status
+	}
+	return http.StatusText(0)
+}
+
+// StatusCode returns HTTPResponse.StatusCode
+func (r CreateTerminalTokenResponse) StatusCode() int {
+	if r.HTTPResponse != nil {
+		return r.HTTPResponse.StatusCode
+	}
+	return 0
+}
+
+// ContentType is a convenience method to retrieve the Content-Type value from the HTTP response headers
+func (r CreateTerminalTokenResponse) ContentType() string {
 	if r.HTTPResponse != nil {
 		return r.HTTPResponse.Header.Get("Content-Type")
 	}
@@ -17483,6 +17712,43 @@ func (c *ClientWithResponses) ReleaseAllocationWithResponse(ctx context.Context,
 	return ParseReleaseAllocationResponse(rsp)
 }
 
+// CreateTerminalTokenWithResponse A single-use token that opens a browser terminal on the allocation's node (shown once)
+//
+// For an active allocation the caller may write to (project members, org admins,
+// service accounts of the project). The token is 256 random bits, valid for 300 s,
+// bound to the caller and this allocation, and is used up by the first attempt to
+// open a session with it, successful or not.
+//
+// The session is a WebSocket at `GET /ws/terminal/{allocation_id}` (outside
+// `/api/v1`, served by gpuaasd and by `gpuaasd terminal-gateway`). The token goes in
+// `Sec-WebSocket-Protocol` as `gpuaas.token.<token>` next to `gpuaas.terminal.v1`
+// (browsers), or in `Authorization: Bearer <token>` (other clients); never in the
+// query string (refused with 401 `terminal_token_in_query`, and the token is
+// revoked). A browser's `Origin` must be on the operator's allow-list
+// (`GPUAAS_TERMINAL_ALLOWED_ORIGINS`). Refusals answer before the upgrade with the
+// error envelope: 401 `terminal_token_invalid` / `terminal_token_expired`, 403
+// `terminal_origin_forbidden` / `terminal_token_wrong_allocation`, 409
+// `allocation_not_active`, 429 `terminal_session_limit`, 502
+// `terminal_node_unreachable` / `terminal_host_key_mismatch`.
+//
+// After the upgrade, binary frames carry terminal bytes both ways and the client
+// sends text frames `{"type":"resize","cols":C,"rows":R}`; the shell opens at the
+// first frame. Close codes: 1000 the shell exited (reason `exit status N`), 1001
+// server shutting down, 1007 invalid control message, 1009 frame larger than
+// `terminal.max_frame_bytes`, 1011 node connection lost, 4000 idle timeout
+// (`terminal.idle_timeout`). See doc/terminal.md.
+//
+// Returns a wrapper object for the known response body format(s).
+//
+// Corresponds with POST /api/v1/allocations/{allocation_id}/terminal-token (the `CreateTerminalToken` operationId).
+func (c *ClientWithResponses) CreateTerminalTokenWithResponse(ctx context.Context, allocationId AllocationID, reqEditors ...RequestEditorFn) (*CreateTerminalTokenResponse, error) {
+	rsp, err := c.CreateTerminalToken(ctx, allocationId, reqEditors...)
+	if err != nil {
+		return nil, err
+	}
+	return ParseCreateTerminalTokenResponse(rsp)
+}
+
 // LocalLoginWithBodyWithResponse Sign in with a local account (when local accounts are enabled)
 //
 // Takes any type of body and a specified content type, and returns a wrapper object for the known response body format(s).
@@ -19764,6 +20030,52 @@ func ParseReleaseAllocationResponse(rsp *http.Response) (*ReleaseAllocationRespo
 		}
 		response.JSONDefault = &dest
 
+	}
+
+	return response, nil
+}
+
+// ParseCreateTerminalTokenResponse parses an HTTP response from a CreateTerminalTokenWithResponse call
+func ParseCreateTerminalTokenResponse(rsp *http.Response) (*CreateTerminalTokenResponse, error) {
+	bodyBytes, err := io.ReadAll(rsp.Body)
+	defer func() { _ = rsp.Body.Close() }()
+	if err != nil {
+		return nil, err
+	}
+
+	response := &CreateTerminalTokenResponse{
+		Body:         bodyBytes,
+		HTTPResponse: rsp,
+	}
+
+	switch {
+	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && rsp.StatusCode == 201:
+		var dest TerminalToken
+		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
+			return nil, err
+		}
+		response.JSON201 = &dest
+
+	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && true:
+		var dest Error
+		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
+			return nil, err
+		}
+		response.JSONDefault = &dest
+
+	}
+
+	switch {
+	case rsp.StatusCode == 201:
+		var headers CreateTerminalTokenResponse201Headers
+		if values := rsp.Header.Values("Cache-Control"); len(values) > 0 {
+			var value string
+			if err := runtime.BindStyledParameterWithOptions("simple", "Cache-Control", values[0], &value, runtime.BindStyledParameterOptions{ParamLocation: runtime.ParamLocationHeader, Explode: false, Required: false, Type: "string", Format: ""}); err != nil {
+				return nil, err
+			}
+			headers.CacheControl = &value
+		}
+		response.Headers201 = &headers
 	}
 
 	return response, nil

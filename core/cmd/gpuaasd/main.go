@@ -1,6 +1,9 @@
 // Command gpuaasd is the gpuaas control plane.
 //
 //	gpuaasd [serve] [flags]   serve the API (default)
+//	gpuaasd terminal-gateway [flags]
+//	                          serve the browser terminal alone (/ws/terminal/*,
+//	                          probes, metrics) with Postgres and the PKI backend
 //	gpuaasd migrate [flags]   apply database migrations and exit
 //	gpuaasd bootstrap-admin --email ADDR [flags]
 //	                          create (or reuse) a local platform admin and print its
@@ -62,7 +65,8 @@ func takeFlag(args []string, name string) (string, []string) {
 
 func run(ctx context.Context, args []string, getenv func(string) string, stdout, stderr io.Writer) error {
 	cmd := "serve"
-	if len(args) > 0 && (args[0] == "serve" || args[0] == "migrate" || args[0] == "version" || args[0] == "bootstrap-admin") {
+	if len(args) > 0 && (args[0] == "serve" || args[0] == "migrate" || args[0] == "version" || args[0] == "bootstrap-admin" ||
+		args[0] == "terminal-gateway") {
 		cmd, args = args[0], args[1:]
 	}
 	var email string
@@ -76,7 +80,11 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 		_, err := fmt.Fprintln(stdout, version)
 		return err
 	}
-	cfg, err := config.Load(args, getenv, stderr)
+	load := config.Load
+	if cmd == "terminal-gateway" {
+		load = config.LoadTerminalGateway
+	}
+	cfg, err := load(args, getenv, stderr)
 	if err != nil {
 		return err
 	}
@@ -89,6 +97,8 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 	switch cmd {
 	case "bootstrap-admin":
 		return bootstrapAdmin(ctx, cfg, log, email, stdout)
+	case "terminal-gateway":
+		return daemon.RunTerminalGateway(ctx, cfg, log, daemon.Options{Version: version})
 	case "migrate":
 		pool, err := store.Open(ctx, cfg.DatabaseURL, store.Options{})
 		if err != nil {

@@ -293,3 +293,45 @@ func TestBootstrapAdmin(t *testing.T) {
 		t.Fatalf("login with the printed password: %d", resp.StatusCode)
 	}
 }
+
+// terminal-gateway needs only Postgres and the PKI state: it serves the
+// terminal endpoint and the probes until the context ends.
+func TestTerminalGatewayCommand(t *testing.T) {
+	db := testenv.Database(t)
+	port := freePort(t)
+	env := map[string]string{"DATABASE_URL": db, "GPUAAS_STATE_DIR": t.TempDir()}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() {
+		done <- run(ctx, []string{"terminal-gateway", "--listen-addr", fmt.Sprintf("127.0.0.1:%d", port)}, envFunc(env), io.Discard, io.Discard)
+	}()
+	url := fmt.Sprintf("http://127.0.0.1:%d", port)
+	for deadline := time.Now().Add(30 * time.Second); ; time.Sleep(20 * time.Millisecond) {
+		if c, err := net.Dial("tcp", fmt.Sprintf("127.0.0.1:%d", port)); err == nil {
+			_ = c.Close()
+			break
+		}
+		select {
+		case err := <-done:
+			t.Fatalf("terminal-gateway exited at start: %v", err)
+		default:
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("terminal-gateway does not listen")
+		}
+	}
+	waitStatus(t, url+"/api/v1/healthz", http.StatusOK, 30*time.Second)
+	// Not an upgrade: refused before anything else.
+	if status, body, _ := get(t, url+"/ws/terminal/"+"0190a1b2-0000-7000-8000-000000000000"); status != http.StatusBadRequest {
+		t.Errorf("plain GET of the terminal: %d %v; want 400", status, body)
+	}
+	cancel()
+	select {
+	case err := <-done:
+		if err != nil {
+			t.Fatalf("terminal-gateway: %v", err)
+		}
+	case <-time.After(15 * time.Second):
+		t.Fatal("terminal-gateway did not stop")
+	}
+}

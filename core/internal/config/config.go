@@ -45,6 +45,8 @@ type Config struct {
 	// StorageTransferTimeout bounds one upload or download through the core.
 	StorageInstance        string
 	StorageTransferTimeout time.Duration
+	// StorageDirect moves object bytes over the driver's presigned URLs.
+	StorageDirect bool
 	// StateDir holds the local KMS master keys (mode 0700).
 	StateDir string
 	// TaskQueue prefixes the Temporal task queues and schedule ids of this
@@ -53,6 +55,9 @@ type Config struct {
 	// PKI chooses the PKI/KMS backend: node certificates, task signing, the
 	// SSH CA and the keys that seal secrets at rest.
 	PKI PKI
+	// TerminalOrigins are the browser origins (scheme://host[:port],
+	// lowercase) allowed to open browser terminals.
+	TerminalOrigins []string
 }
 
 // PKI configures the PKI/KMS backend.
@@ -110,6 +115,7 @@ func Settings() []Setting {
 		{"GPUAAS_PAYMENTS_INSTANCE", "payments-instance", "stripe", "Payments driver instance used for top-ups.", false},
 		{"GPUAAS_STORAGE_INSTANCE", "storage-instance", "storage", "Storage driver instance that holds project storage.", false},
 		{"GPUAAS_STORAGE_TRANSFER_TIMEOUT", "storage-transfer-timeout", "12h", "Longest upload or download through the core (a transfer that stalls for GPUAAS_REQUEST_TIMEOUT ends sooner).", false},
+		{"GPUAAS_STORAGE_DIRECT", "storage-direct", "true", "Move object bytes between the core and the store over URLs the storage driver presigns for each transfer (downloads; uploads from 16 MiB as multipart uploads) instead of through the plugin (the store must be reachable from the core; the driver still authorizes every transfer).", false},
 		{"GPUAAS_OIDC_ISSUER", "oidc-issuer", "", "OIDC issuer URL of the identity provider (Keycloak, Dex, Okta...); empty disables OIDC.", false},
 		{"GPUAAS_OIDC_AUDIENCE", "oidc-audience", "", "Audience bearer tokens must carry (default: the client id).", false},
 		{"GPUAAS_OIDC_CLIENT_ID", "oidc-client-id", "", "OIDC client id for the browser sign-in.", false},
@@ -127,6 +133,7 @@ func Settings() []Setting {
 		{"GPUAAS_VAULT_DATA_KEY", "vault-data-key", "gpuaas-secrets", "Vault Transit aes256-gcm96 key that wraps the data keys of secrets at rest.", false},
 		{"GPUAAS_VAULT_SSH_MOUNT", "vault-ssh-mount", "ssh", "Vault SSH mount (user CA for the browser terminal).", false},
 		{"GPUAAS_VAULT_SSH_ROLE", "vault-ssh-role", "gpuaas-terminal", "Vault SSH role for terminal certificates.", false},
+		{"GPUAAS_TERMINAL_ALLOWED_ORIGINS", "terminal-allowed-origins", "", "Comma-separated browser origins (https://app.example.com) allowed to open browser terminals; default the origin of GPUAAS_OIDC_REDIRECT_URL. Clients that send no Origin (not browsers) are not checked.", false},
 	}
 }
 
@@ -143,6 +150,17 @@ func (e *Error) Error() string {
 // Load reads settings from getenv, then from args (flags win), and validates them.
 // Usage and flag errors go to stderr.
 func Load(args []string, getenv func(string) string, stderr io.Writer) (Config, error) {
+	return load(args, getenv, stderr, false)
+}
+
+// LoadTerminalGateway is Load for `gpuaasd terminal-gateway`, which reaches
+// Postgres and the PKI backend only: NATS_URL and TEMPORAL_ADDRESS may be
+// empty.
+func LoadTerminalGateway(args []string, getenv func(string) string, stderr io.Writer) (Config, error) {
+	return load(args, getenv, stderr, true)
+}
+
+func load(args []string, getenv func(string) string, stderr io.Writer, gateway bool) (Config, error) {
 	fs := flag.NewFlagSet("gpuaasd", flag.ContinueOnError)
 	fs.SetOutput(stderr)
 	vals := map[string]*string{}
@@ -170,8 +188,19 @@ func Load(args []string, getenv func(string) string, stderr io.Writer) (Config, 
 		}
 	}
 	check("DATABASE_URL", func(v string) error { c.DatabaseURL = v; return validURL(v, "postgres", "postgresql") })
-	check("NATS_URL", func(v string) error { c.NATSURL = v; return validNATSURL(v) })
-	check("TEMPORAL_ADDRESS", func(v string) error { c.TemporalAddress = v; return validHostPort(v, true) })
+	unused := func(v string) bool { return gateway && v == "" }
+	check("NATS_URL", func(v string) error {
+		if c.NATSURL = v; unused(v) {
+			return nil
+		}
+		return validNATSURL(v)
+	})
+	check("TEMPORAL_ADDRESS", func(v string) error {
+		if c.TemporalAddress = v; unused(v) {
+			return nil
+		}
+		return validHostPort(v, true)
+	})
 	check("TEMPORAL_NAMESPACE", func(v string) error { c.TemporalNamespace = v; return validName(v) })
 	check("GPUAAS_LISTEN_ADDR", func(v string) error { c.ListenAddr = v; return validHostPort(v, false) })
 	check("GPUAAS_AGENT_LISTEN_ADDR", func(v string) error {
@@ -238,6 +267,7 @@ func Load(args []string, getenv func(string) string, stderr io.Writer) (Config, 
 	check("GPUAAS_TEMPORAL_TASK_QUEUE", func(v string) error { c.TaskQueue = v; return validName(v) })
 	check("GPUAAS_PAYMENTS_INSTANCE", func(v string) error { c.PaymentsInstance = v; return validName(v) })
 	check("GPUAAS_STORAGE_INSTANCE", func(v string) error { c.StorageInstance = v; return validName(v) })
+	check("GPUAAS_STORAGE_DIRECT", func(v string) (err error) { c.StorageDirect, err = strconv.ParseBool(v); return })
 	check("GPUAAS_STORAGE_TRANSFER_TIMEOUT", func(v string) (err error) {
 		c.StorageTransferTimeout, err = durationIn(v, time.Second, 7*24*time.Hour)
 		return
@@ -303,10 +333,35 @@ func Load(args []string, getenv func(string) string, stderr io.Writer) (Config, 
 	} {
 		check(m.env, func(v string) error { *m.dst = v; return validVaultPath(v) })
 	}
+	check("GPUAAS_TERMINAL_ALLOWED_ORIGINS", func(v string) (err error) {
+		if v == "" && c.OIDC.RedirectURL != "" {
+			v = c.OIDC.RedirectURL
+		}
+		c.TerminalOrigins, err = origins(v)
+		return err
+	})
 	if len(errs) > 0 {
 		return Config{}, errs
 	}
 	return c, nil
+}
+
+// origins parses a comma-separated list of URLs into lowercase origins
+// (scheme://host[:port]); a URL's path is dropped.
+func origins(v string) ([]string, error) {
+	var out []string
+	for _, part := range strings.Split(v, ",") {
+		part = strings.TrimSpace(part)
+		if part == "" {
+			continue
+		}
+		if err := validURL(part, "https", "http"); err != nil {
+			return nil, fmt.Errorf("%q: %w", part, err)
+		}
+		u, _ := url.Parse(part)
+		out = append(out, strings.ToLower(u.Scheme+"://"+u.Host))
+	}
+	return out, nil
 }
 
 var vaultPathRE = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9_.-]*(/[A-Za-z0-9][A-Za-z0-9_.-]*)*$`)

@@ -88,3 +88,57 @@ func TestErrorsNeverEchoSecrets(t *testing.T) {
 		t.Fatalf("error %v", err)
 	}
 }
+
+func TestTerminalOrigins(t *testing.T) {
+	cases := []struct {
+		name     string
+		set      map[string]string
+		want     []string
+		wantFail string
+	}{
+		{"none", nil, nil, ""},
+		{"default is the web app's origin", map[string]string{"GPUAAS_OIDC_REDIRECT_URL": "https://App.example.com/callback"},
+			[]string{"https://app.example.com"}, ""},
+		{"a list wins, paths dropped", map[string]string{"GPUAAS_OIDC_REDIRECT_URL": "https://app.example.com/callback",
+			"GPUAAS_TERMINAL_ALLOWED_ORIGINS": "https://console.example.com/, http://localhost:3000"},
+			[]string{"https://console.example.com", "http://localhost:3000"}, ""},
+		{"not a web origin", map[string]string{"GPUAAS_TERMINAL_ALLOWED_ORIGINS": "ftp://files.example.com"}, nil,
+			"GPUAAS_TERMINAL_ALLOWED_ORIGINS (--terminal-allowed-origins)"},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			m := good()
+			for k, v := range tc.set {
+				m[k] = v
+			}
+			c, err := config.Load(nil, env(m), io.Discard)
+			if tc.wantFail != "" {
+				if err == nil || !strings.Contains(err.Error(), tc.wantFail) {
+					t.Fatalf("err = %v; want it to name %s", err, tc.wantFail)
+				}
+				return
+			}
+			if err != nil {
+				t.Fatal(err)
+			}
+			if strings.Join(c.TerminalOrigins, " ") != strings.Join(tc.want, " ") {
+				t.Fatalf("origins %q; want %q", c.TerminalOrigins, tc.want)
+			}
+		})
+	}
+}
+
+// The terminal gateway reaches Postgres and the PKI only.
+func TestTerminalGatewayNeedsNoNATSOrTemporal(t *testing.T) {
+	m := map[string]string{"DATABASE_URL": "postgres://gpuaas@127.0.0.1:5432/gpuaas"}
+	if _, err := config.LoadTerminalGateway(nil, env(m), io.Discard); err != nil {
+		t.Fatalf("gateway config: %v", err)
+	}
+	if _, err := config.Load(nil, env(m), io.Discard); err == nil {
+		t.Fatal("serve accepted a config without NATS and Temporal")
+	}
+	m["NATS_URL"] = "http://x:4222"
+	if _, err := config.LoadTerminalGateway(nil, env(m), io.Discard); err == nil || !strings.Contains(err.Error(), "NATS_URL") {
+		t.Fatalf("gateway accepted a bad NATS_URL: %v", err)
+	}
+}

@@ -135,6 +135,7 @@ var matrix = map[string]matrixCase{
 	"listAllocations":              {expect: projectRead, query: "?project_id={project_id}"},
 	"getAllocation":                {expect: projectRead},
 	"releaseAllocation":            {expect: projectWrite},
+	"createTerminalToken":          {expect: projectWrite},
 	"createAllocation": {expect: projectWrite, body: func(w *world) any {
 		return map[string]any{"project_id": w.p1, "sku_id": w.sku, "ssh_public_keys": []string{w.sshKey}}
 	}},

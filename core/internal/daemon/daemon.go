@@ -45,6 +45,7 @@ import (
 	"github.com/gpuaas/gpuaas/core/internal/sshkeys"
 	"github.com/gpuaas/gpuaas/core/internal/storage"
 	"github.com/gpuaas/gpuaas/core/internal/store"
+	"github.com/gpuaas/gpuaas/core/internal/terminal"
 	"github.com/gpuaas/gpuaas/sdk/base"
 )
 
@@ -119,18 +120,9 @@ func Run(ctx context.Context, cfg config.Config, log hclog.Logger, opt Options) 
 		},
 	})
 
-	trust, err := pki.Open(ctx, pki.Config{
-		Backend:  cfg.PKI.Backend,
-		StateDir: cfg.StateDir,
-		Vault: pki.VaultConfig{
-			Addr: cfg.PKI.VaultAddr, Token: cfg.PKI.VaultToken, RoleID: cfg.PKI.VaultRoleID, SecretID: cfg.PKI.VaultSecretID,
-			AppRoleMount: cfg.PKI.VaultAppRoleMount, PKIMount: cfg.PKI.VaultPKIMount, PKIRole: cfg.PKI.VaultPKIRole,
-			TransitMount: cfg.PKI.VaultTransitMount, DataKey: cfg.PKI.VaultDataKey,
-			SSHMount: cfg.PKI.VaultSSHMount, SSHRole: cfg.PKI.VaultSSHRole,
-		},
-	}, pki.WithLogger(log.Named("pki")))
+	trust, err := openTrust(ctx, cfg, log)
 	if err != nil {
-		return fmt.Errorf("pki/kms backend %s: %w (check GPUAAS_STATE_DIR, or the Vault settings)", cfg.PKI.Backend, err)
+		return err
 	}
 	defer func() { _ = trust.Close() }()
 	plugins, err := pluginhost.New(pool, trust.Keys, pluginhost.WithLogger(log.Named("plugins")), pluginhost.WithRegisterer(reg), pluginhost.WithRegion(cfg.Region))
@@ -147,7 +139,8 @@ func Run(ctx context.Context, cfg config.Config, log hclog.Logger, opt Options) 
 		stores = opt.Storage
 	}
 	objects := storage.NewService(pool, pol, stores, cfg.Region, cfg.StorageInstance, log.Named("storage"),
-		storage.WithRegisterer(reg), storage.WithTransferTimeout(cfg.StorageTransferTimeout))
+		storage.WithRegisterer(reg), storage.WithTransferTimeout(cfg.StorageTransferTimeout),
+		storage.WithDirectTransfers(cfg.StorageDirect))
 
 	var drivers inventory.Provisioners = plugins
 	listInstances := func(ctx context.Context) ([]string, error) {
@@ -167,7 +160,8 @@ func Run(ctx context.Context, cfg config.Config, log hclog.Logger, opt Options) 
 	allocs := allocations.NewService(pool, pol, cfg.Region, log.Named("allocations"))
 	allocMetrics := allocations.NewMetrics(reg, pool)
 
-	agentSvc := agents.NewService(pool, trust.CA, trust.Signer, cfg.Region, agents.Settings{SSHCA: trust.SSH}, log.Named("agents"))
+	agentSvc := agents.NewService(pool, trust.CA, trust.Signer, cfg.Region, agents.Settings{SSHCA: trust.SSH,
+		MinTaskKeyVersion: func(ctx context.Context) int { return int(policy.TaskKeyMinVersion.Value(ctx, pol, policy.Target{})) }}, log.Named("agents"))
 	ids := identity.NewService(pool, cfg.Region, log.Named("identity"), nil)
 	var verifier identity.TokenVerifier
 	var flow httpapi.OIDCFlow
@@ -181,6 +175,7 @@ func Run(ctx context.Context, cfg config.Config, log hclog.Logger, opt Options) 
 		verifier, flow = p, p
 	}
 	auth := identity.NewAuthenticator(ids, verifier, reg)
+	term := newTerminal(pool, trust, pol, cfg, log, reg)
 	api := &httpapi.API{
 		Version:       opt.Version,
 		Gatherer:      reg,
@@ -198,6 +193,7 @@ func Run(ctx context.Context, cfg config.Config, log hclog.Logger, opt Options) 
 		Allocations:   allocs,
 		Storage:       objects,
 		Agents:        agentSvc,
+		Terminal:      term,
 		LocalAccounts: cfg.LocalAccounts,
 		OIDC:          flow,
 		Checks: []httpapi.Check{
@@ -223,10 +219,7 @@ func Run(ctx context.Context, cfg config.Config, log hclog.Logger, opt Options) 
 	)
 	limiter := ratelimit.New(pool, ratelimit.WithRegisterer(reg), ratelimit.WithLogger(log.Named("ratelimit")))
 	app := httpapi.New(log.Named("http"), api, httpapi.Options{
-		BeforeAuth: []fiber.Handler{ratelimit.Middleware(limiter, rateKey(pol), func(c *fiber.Ctx, d ratelimit.Decision) error {
-			return errcode.New(errcode.RateLimited, "too many requests; retry in %s", d.RetryAfter.Round(time.Second)).
-				WithDetails("retry_after_seconds", int(d.RetryAfter.Seconds()+0.999))
-		})},
+		BeforeAuth:   []fiber.Handler{limitRequests(limiter, pol)},
 		MaxBodyBytes: cfg.MaxBodyBytes,
 		RawBody: func(path string) bool {
 			return strings.HasPrefix(path, "/api/v1/payments/webhook/") || strings.HasPrefix(path, "/api/v1/webhooks/")
@@ -236,6 +229,7 @@ func Run(ctx context.Context, cfg config.Config, log hclog.Logger, opt Options) 
 		RequestTimeout: cfg.RequestTimeout,
 		Registerer:     reg,
 		AfterAuth:      []fiber.Handler{idem.Middleware(principalActor)},
+		Terminal:       term.Handler(),
 	})
 	var agentSrv *http.Server
 	agentCtx, stopAgents := context.WithCancel(context.WithoutCancel(ctx))
@@ -282,6 +276,7 @@ func Run(ctx context.Context, cfg config.Config, log hclog.Logger, opt Options) 
 	wg.Go(func() { _ = idem.Run(bg) })
 	wg.Go(func() { _ = limiter.Run(bg) })
 	wg.Go(func() { agentSvc.Run(bg) })
+	wg.Go(func() { term.Run(bg) })
 	if cfg.Workers {
 		wg.Go(func() { runWorkers(bg, cfg, tc, pool, pol, js, log.Named("worker")) })
 		wg.Go(func() { objects.Run(bg) })
@@ -333,6 +328,40 @@ func Run(ctx context.Context, cfg config.Config, log hclog.Logger, opt Options) 
 	}
 	log.Info("stopped", "took", time.Since(start).Round(time.Millisecond))
 	return runErr
+}
+
+// openTrust opens the configured PKI/KMS backend.
+func openTrust(ctx context.Context, cfg config.Config, log hclog.Logger) (*pki.Backend, error) {
+	trust, err := pki.Open(ctx, pki.Config{
+		Backend:  cfg.PKI.Backend,
+		StateDir: cfg.StateDir,
+		Vault: pki.VaultConfig{
+			Addr: cfg.PKI.VaultAddr, Token: cfg.PKI.VaultToken, RoleID: cfg.PKI.VaultRoleID, SecretID: cfg.PKI.VaultSecretID,
+			AppRoleMount: cfg.PKI.VaultAppRoleMount, PKIMount: cfg.PKI.VaultPKIMount, PKIRole: cfg.PKI.VaultPKIRole,
+			TransitMount: cfg.PKI.VaultTransitMount, DataKey: cfg.PKI.VaultDataKey,
+			SSHMount: cfg.PKI.VaultSSHMount, SSHRole: cfg.PKI.VaultSSHRole,
+		},
+	}, pki.WithLogger(log.Named("pki")))
+	if err != nil {
+		return nil, fmt.Errorf("pki/kms backend %s: %w (check GPUAAS_STATE_DIR, or the Vault settings)", cfg.PKI.Backend, err)
+	}
+	return trust, nil
+}
+
+// newTerminal is the browser terminal of this process: tokens and session
+// slots in pool, certificates of the backend's SSH CA, limits from policy.
+func newTerminal(pool *pgxpool.Pool, trust *pki.Backend, pol *policy.Service, cfg config.Config, log hclog.Logger,
+	reg prometheus.Registerer) *terminal.Service {
+	return terminal.NewService(pool, trust.SSH, terminal.PolicyLimits(pol), cfg.Region,
+		terminal.WithLogger(log.Named("terminal")), terminal.WithRegisterer(reg), terminal.WithAllowedOrigins(cfg.TerminalOrigins))
+}
+
+// limitRequests is the rate limiter middleware (see rateKey).
+func limitRequests(limiter *ratelimit.Limiter, pol *policy.Service) fiber.Handler {
+	return ratelimit.Middleware(limiter, rateKey(pol), func(c *fiber.Ctx, d ratelimit.Decision) error {
+		return errcode.New(errcode.RateLimited, "too many requests; retry in %s", d.RetryAfter.Round(time.Second)).
+			WithDetails("retry_after_seconds", int(d.RetryAfter.Seconds()+0.999))
+	})
 }
 
 // probes are not rate limited: load balancers and monitors call them from few

@@ -24,6 +24,7 @@ import (
 	"github.com/gpuaas/gpuaas/core/internal/sshkeys"
 	"github.com/gpuaas/gpuaas/core/internal/storage"
 	"github.com/gpuaas/gpuaas/core/internal/store"
+	"github.com/gpuaas/gpuaas/core/internal/terminal"
 )
 
 // statusFor is the one place where an error code becomes an HTTP status.
@@ -131,6 +132,16 @@ func statusFor(code errcode.Code) int {
 		return http.StatusServiceUnavailable
 	case storage.CodeBackendFailed:
 		return http.StatusBadGateway
+	case terminal.CodeTokenInvalid, terminal.CodeTokenExpired, terminal.CodeTokenInQuery:
+		return http.StatusUnauthorized
+	case terminal.CodeTokenWrongAllocation, terminal.CodeOriginForbidden:
+		return http.StatusForbidden
+	case terminal.CodeAllocationNotActive:
+		return http.StatusConflict
+	case terminal.CodeSessionLimit:
+		return http.StatusTooManyRequests
+	case terminal.CodeNodeUnreachable, terminal.CodeHostKeyMismatch:
+		return http.StatusBadGateway
 	}
 	return http.StatusInternalServerError
 }
@@ -234,7 +245,7 @@ func Codes() []errcode.Code {
 		oidc.CodeTokenMissingSubject, oidc.CodeTokenWrongNonce, oidc.CodeGrantRejected, oidc.CodeProviderUnavailable,
 	}
 	for _, pkg := range [][]errcode.Code{identity.Codes(), idempotency.Codes(), ledger.Codes(), payments.Codes(), pluginhost.Codes(),
-		sshkeys.Codes(), catalog.Codes(), inventory.Codes(), allocations.Codes(), agents.Codes(), storage.Codes()} {
+		sshkeys.Codes(), catalog.Codes(), inventory.Codes(), allocations.Codes(), agents.Codes(), storage.Codes(), terminal.Codes()} {
 		codes = append(codes, pkg...)
 	}
 	return codes

@@ -3,6 +3,7 @@
 package httpapi
 
 import (
+	"slices"
 	"strings"
 	"time"
 
@@ -11,6 +12,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/gpuaas/gpuaas/core/internal/httpapi/apigen"
+	"github.com/gpuaas/gpuaas/core/internal/terminal"
 )
 
 // Options configure the app.
@@ -35,11 +37,53 @@ type Options struct {
 	// AfterAuth run on authenticated (or public) requests before the route
 	// (idempotency).
 	AfterAuth []fiber.Handler
+	// Terminal, when set, serves terminal.Route (the browser terminal's
+	// WebSocket) ahead of authentication: its single-use token is the
+	// credential, not a bearer API token. BeforeAuth runs first.
+	Terminal fiber.Handler
 }
 
-// New builds the Fiber app with the middleware chain and every route of the
-// contract served by h.
+// New builds the Fiber app with the middleware chain, every route of the
+// contract served by h and, with opt.Terminal, the browser terminal.
 func New(log hclog.Logger, h *API, opt Options) *fiber.App {
+	app := newApp(log, opt)
+	if opt.Terminal != nil {
+		mountTerminal(app, opt)
+	}
+	public, err := publicRoutes()
+	if err != nil {
+		panic(err) // the embedded contract is part of the binary
+	}
+	app.Use(h.authenticate())
+	for _, mw := range opt.BeforeAuth {
+		app.Use(mw)
+	}
+	app.Use(requireAuth(public))
+	for _, mw := range opt.AfterAuth {
+		app.Use(mw)
+	}
+	apigen.RegisterHandlers(app, h)
+	return app
+}
+
+// NewGateway builds the terminal gateway's app: the same middleware chain
+// serving only the browser terminal (opt.Terminal), the probes and the
+// metrics of h.
+func NewGateway(log hclog.Logger, h *API, opt Options) *fiber.App {
+	app := newApp(log, opt)
+	mountTerminal(app, opt)
+	app.Get("/api/v1/healthz", h.GetHealthz)
+	app.Get("/api/v1/readyz", h.GetReadyz)
+	app.Get("/metrics", h.GetMetrics)
+	return app
+}
+
+func mountTerminal(app *fiber.App, opt Options) {
+	app.Get(terminal.Route, append(slices.Clone(opt.BeforeAuth), opt.Terminal)...)
+}
+
+// newApp is the Fiber app with the middleware every request goes through.
+func newApp(log hclog.Logger, opt Options) *fiber.App {
 	if opt.MaxBodyBytes <= 0 {
 		opt.MaxBodyBytes = 1 << 20
 	}
@@ -76,19 +120,6 @@ func New(log hclog.Logger, h *API, opt Options) *fiber.App {
 	app.Use(requireJSON(func(path string) bool {
 		return opt.StreamBody(path) || (opt.RawBody != nil && opt.RawBody(path))
 	}))
-	public, err := publicRoutes()
-	if err != nil {
-		panic(err) // the embedded contract is part of the binary
-	}
-	app.Use(h.authenticate())
-	for _, mw := range opt.BeforeAuth {
-		app.Use(mw)
-	}
-	app.Use(requireAuth(public))
-	for _, mw := range opt.AfterAuth {
-		app.Use(mw)
-	}
-	apigen.RegisterHandlers(app, h)
 	return app
 }
 

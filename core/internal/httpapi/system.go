@@ -25,6 +25,7 @@ import (
 	"github.com/gpuaas/gpuaas/core/internal/policy"
 	"github.com/gpuaas/gpuaas/core/internal/sshkeys"
 	"github.com/gpuaas/gpuaas/core/internal/storage"
+	"github.com/gpuaas/gpuaas/core/internal/terminal"
 )
 
 // Check probes one dependency for readyz.
@@ -58,6 +59,8 @@ type API struct {
 	Storage *storage.Service
 	// Agents is the node agent side (enrollment tokens, the driver task API).
 	Agents *agents.Service
+	// Terminal mints browser terminal tokens (nil: the route answers 503).
+	Terminal *terminal.Service
 	// Plugins is the plugin host (nil when it is not running).
 	Plugins PluginHost
 	// OIDC is nil when no identity provider is configured.

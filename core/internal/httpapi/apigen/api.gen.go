@@ -223,122 +223,133 @@ func (e EnqueueNodeTaskRequestType) Valid() bool {
 
 // Defines values for ErrorCode.
 const (
-	AccountDisabled             ErrorCode = "account_disabled"
-	AllocationNotFound          ErrorCode = "allocation_not_found"
-	AllocationQuotaExceeded     ErrorCode = "allocation_quota_exceeded"
-	AlreadyMember               ErrorCode = "already_member"
-	ApiKeyExpired               ErrorCode = "api_key_expired"
-	ApiKeyNotFound              ErrorCode = "api_key_not_found"
-	ApiKeyRevoked               ErrorCode = "api_key_revoked"
-	BadRequest                  ErrorCode = "bad_request"
-	BillingAccountNotFound      ErrorCode = "billing_account_not_found"
-	Conflict                    ErrorCode = "conflict"
-	CsrInvalid                  ErrorCode = "csr_invalid"
-	CurrencyMismatch            ErrorCode = "currency_mismatch"
-	DatabaseUnavailable         ErrorCode = "database_unavailable"
-	DuplicateKey                ErrorCode = "duplicate_key"
-	EnrollmentTokenInvalid      ErrorCode = "enrollment_token_invalid"
-	Forbidden                   ErrorCode = "forbidden"
-	IdempotencyInFlight         ErrorCode = "idempotency_in_flight"
-	IdempotencyKeyReused        ErrorCode = "idempotency_key_reused"
-	InsufficientBalance         ErrorCode = "insufficient_balance"
-	Internal                    ErrorCode = "internal"
-	InvalidAllocationTransition ErrorCode = "invalid_allocation_transition"
-	InvalidCredentials          ErrorCode = "invalid_credentials"
-	InvalidCursor               ErrorCode = "invalid_cursor"
-	InvalidIdempotencyKey       ErrorCode = "invalid_idempotency_key"
-	InvalidJson                 ErrorCode = "invalid_json"
-	InvalidNodeTransition       ErrorCode = "invalid_node_transition"
-	InvalidObjectKey            ErrorCode = "invalid_object_key"
-	InvalidSshKey               ErrorCode = "invalid_ssh_key"
-	InvalidToken                ErrorCode = "invalid_token"
-	LastOwner                   ErrorCode = "last_owner"
-	LedgerKeyConflict           ErrorCode = "ledger_key_conflict"
-	LocalAccountsDisabled       ErrorCode = "local_accounts_disabled"
-	MemberNotFound              ErrorCode = "member_not_found"
-	MethodNotAllowed            ErrorCode = "method_not_allowed"
-	NameTaken                   ErrorCode = "name_taken"
-	NoCapacity                  ErrorCode = "no_capacity"
-	NodeBusy                    ErrorCode = "node_busy"
-	NodeExists                  ErrorCode = "node_exists"
-	NodeNotEnrollable           ErrorCode = "node_not_enrollable"
-	NodeNotFound                ErrorCode = "node_not_found"
-	NodeTaskConflict            ErrorCode = "node_task_conflict"
-	NodeTaskNotFound            ErrorCode = "node_task_not_found"
-	NodeWebhookInvalid          ErrorCode = "node_webhook_invalid"
-	NotFound                    ErrorCode = "not_found"
-	NotReady                    ErrorCode = "not_ready"
-	OidcGrantRejected           ErrorCode = "oidc_grant_rejected"
-	OidcNotConfigured           ErrorCode = "oidc_not_configured"
-	OidcProviderUnavailable     ErrorCode = "oidc_provider_unavailable"
-	OrgNotFound                 ErrorCode = "org_not_found"
-	PaymentCustomerMissing      ErrorCode = "payment_customer_missing"
-	PaymentProviderError        ErrorCode = "payment_provider_error"
-	PaymentProviderNotFound     ErrorCode = "payment_provider_not_found"
-	PaymentSessionNotFound      ErrorCode = "payment_session_not_found"
-	PluginIncompatible          ErrorCode = "plugin_incompatible"
-	PluginInstanceConflict      ErrorCode = "plugin_instance_conflict"
-	PluginInstanceDisabled      ErrorCode = "plugin_instance_disabled"
-	PluginInstanceFailed        ErrorCode = "plugin_instance_failed"
-	PluginInstanceNotFound      ErrorCode = "plugin_instance_not_found"
-	PluginInvalid               ErrorCode = "plugin_invalid"
-	PluginKindMismatch          ErrorCode = "plugin_kind_mismatch"
-	PluginNotFound              ErrorCode = "plugin_not_found"
-	PluginTampered              ErrorCode = "plugin_tampered"
-	PluginUnavailable           ErrorCode = "plugin_unavailable"
-	PluginUpgradeRequired       ErrorCode = "plugin_upgrade_required"
-	ProjectNotFound             ErrorCode = "project_not_found"
-	ProvisionerFailed           ErrorCode = "provisioner_failed"
-	ProvisionerRejected         ErrorCode = "provisioner_rejected"
-	RateLimited                 ErrorCode = "rate_limited"
-	RefundInvalidAmount         ErrorCode = "refund_invalid_amount"
-	RefundNotAllowed            ErrorCode = "refund_not_allowed"
-	RequestTooLarge             ErrorCode = "request_too_large"
-	RouteNotFound               ErrorCode = "route_not_found"
-	ServiceAccountNotFound      ErrorCode = "service_account_not_found"
-	ServiceUnavailable          ErrorCode = "service_unavailable"
-	SkuExists                   ErrorCode = "sku_exists"
-	SkuNotFound                 ErrorCode = "sku_not_found"
-	SlugTaken                   ErrorCode = "slug_taken"
-	SshKeyExists                ErrorCode = "ssh_key_exists"
-	SshKeyNotFound              ErrorCode = "ssh_key_not_found"
-	SshKeyRequired              ErrorCode = "ssh_key_required"
-	SshKeyTooWeak               ErrorCode = "ssh_key_too_weak"
-	StorageBackendError         ErrorCode = "storage_backend_error"
-	StorageFolderNotEmpty       ErrorCode = "storage_folder_not_empty"
-	StorageObjectExists         ErrorCode = "storage_object_exists"
-	StorageObjectNotFound       ErrorCode = "storage_object_not_found"
-	StoragePathBusy             ErrorCode = "storage_path_busy"
-	StoragePathTraversal        ErrorCode = "storage_path_traversal"
-	StorageQuotaExceeded        ErrorCode = "storage_quota_exceeded"
-	StorageRangeNotSatisfiable  ErrorCode = "storage_range_not_satisfiable"
-	StorageUnavailable          ErrorCode = "storage_unavailable"
-	StorageUploadIncomplete     ErrorCode = "storage_upload_incomplete"
-	StorageUploadNotFound       ErrorCode = "storage_upload_not_found"
-	Timeout                     ErrorCode = "timeout"
-	TokenAlgNotAllowed          ErrorCode = "token_alg_not_allowed"
-	TokenBadSignature           ErrorCode = "token_bad_signature"
-	TokenExpired                ErrorCode = "token_expired"
-	TokenMalformed              ErrorCode = "token_malformed"
-	TokenMissingSubject         ErrorCode = "token_missing_subject"
-	TokenNotYetValid            ErrorCode = "token_not_yet_valid"
-	TokenUnknownKey             ErrorCode = "token_unknown_key"
-	TokenWrongAudience          ErrorCode = "token_wrong_audience"
-	TokenWrongIssuer            ErrorCode = "token_wrong_issuer"
-	TokenWrongNonce             ErrorCode = "token_wrong_nonce"
-	TopupOutOfRange             ErrorCode = "topup_out_of_range"
-	Unauthenticated             ErrorCode = "unauthenticated"
-	UnknownField                ErrorCode = "unknown_field"
-	UnsupportedMediaType        ErrorCode = "unsupported_media_type"
-	UserNotFound                ErrorCode = "user_not_found"
-	ValidationFailed            ErrorCode = "validation_failed"
-	WebhookInvalid              ErrorCode = "webhook_invalid"
+	AccountDisabled              ErrorCode = "account_disabled"
+	AllocationNotActive          ErrorCode = "allocation_not_active"
+	AllocationNotFound           ErrorCode = "allocation_not_found"
+	AllocationQuotaExceeded      ErrorCode = "allocation_quota_exceeded"
+	AlreadyMember                ErrorCode = "already_member"
+	ApiKeyExpired                ErrorCode = "api_key_expired"
+	ApiKeyNotFound               ErrorCode = "api_key_not_found"
+	ApiKeyRevoked                ErrorCode = "api_key_revoked"
+	BadRequest                   ErrorCode = "bad_request"
+	BillingAccountNotFound       ErrorCode = "billing_account_not_found"
+	Conflict                     ErrorCode = "conflict"
+	CsrInvalid                   ErrorCode = "csr_invalid"
+	CurrencyMismatch             ErrorCode = "currency_mismatch"
+	DatabaseUnavailable          ErrorCode = "database_unavailable"
+	DuplicateKey                 ErrorCode = "duplicate_key"
+	EnrollmentTokenInvalid       ErrorCode = "enrollment_token_invalid"
+	Forbidden                    ErrorCode = "forbidden"
+	IdempotencyInFlight          ErrorCode = "idempotency_in_flight"
+	IdempotencyKeyReused         ErrorCode = "idempotency_key_reused"
+	InsufficientBalance          ErrorCode = "insufficient_balance"
+	Internal                     ErrorCode = "internal"
+	InvalidAllocationTransition  ErrorCode = "invalid_allocation_transition"
+	InvalidCredentials           ErrorCode = "invalid_credentials"
+	InvalidCursor                ErrorCode = "invalid_cursor"
+	InvalidIdempotencyKey        ErrorCode = "invalid_idempotency_key"
+	InvalidJson                  ErrorCode = "invalid_json"
+	InvalidNodeTransition        ErrorCode = "invalid_node_transition"
+	InvalidObjectKey             ErrorCode = "invalid_object_key"
+	InvalidSshKey                ErrorCode = "invalid_ssh_key"
+	InvalidToken                 ErrorCode = "invalid_token"
+	LastOwner                    ErrorCode = "last_owner"
+	LedgerKeyConflict            ErrorCode = "ledger_key_conflict"
+	LocalAccountsDisabled        ErrorCode = "local_accounts_disabled"
+	MemberNotFound               ErrorCode = "member_not_found"
+	MethodNotAllowed             ErrorCode = "method_not_allowed"
+	NameTaken                    ErrorCode = "name_taken"
+	NoCapacity                   ErrorCode = "no_capacity"
+	NodeBusy                     ErrorCode = "node_busy"
+	NodeExists                   ErrorCode = "node_exists"
+	NodeNotEnrollable            ErrorCode = "node_not_enrollable"
+	NodeNotFound                 ErrorCode = "node_not_found"
+	NodeTaskConflict             ErrorCode = "node_task_conflict"
+	NodeTaskNotFound             ErrorCode = "node_task_not_found"
+	NodeWebhookInvalid           ErrorCode = "node_webhook_invalid"
+	NotFound                     ErrorCode = "not_found"
+	NotReady                     ErrorCode = "not_ready"
+	OidcGrantRejected            ErrorCode = "oidc_grant_rejected"
+	OidcNotConfigured            ErrorCode = "oidc_not_configured"
+	OidcProviderUnavailable      ErrorCode = "oidc_provider_unavailable"
+	OrgNotFound                  ErrorCode = "org_not_found"
+	PaymentCustomerMissing       ErrorCode = "payment_customer_missing"
+	PaymentProviderError         ErrorCode = "payment_provider_error"
+	PaymentProviderNotFound      ErrorCode = "payment_provider_not_found"
+	PaymentSessionNotFound       ErrorCode = "payment_session_not_found"
+	PluginIncompatible           ErrorCode = "plugin_incompatible"
+	PluginInstanceConflict       ErrorCode = "plugin_instance_conflict"
+	PluginInstanceDisabled       ErrorCode = "plugin_instance_disabled"
+	PluginInstanceFailed         ErrorCode = "plugin_instance_failed"
+	PluginInstanceNotFound       ErrorCode = "plugin_instance_not_found"
+	PluginInvalid                ErrorCode = "plugin_invalid"
+	PluginKindMismatch           ErrorCode = "plugin_kind_mismatch"
+	PluginNotFound               ErrorCode = "plugin_not_found"
+	PluginTampered               ErrorCode = "plugin_tampered"
+	PluginUnavailable            ErrorCode = "plugin_unavailable"
+	PluginUpgradeRequired        ErrorCode = "plugin_upgrade_required"
+	ProjectNotFound              ErrorCode = "project_not_found"
+	ProvisionerFailed            ErrorCode = "provisioner_failed"
+	ProvisionerRejected          ErrorCode = "provisioner_rejected"
+	RateLimited                  ErrorCode = "rate_limited"
+	RefundInvalidAmount          ErrorCode = "refund_invalid_amount"
+	RefundNotAllowed             ErrorCode = "refund_not_allowed"
+	RequestTooLarge              ErrorCode = "request_too_large"
+	RouteNotFound                ErrorCode = "route_not_found"
+	ServiceAccountNotFound       ErrorCode = "service_account_not_found"
+	ServiceUnavailable           ErrorCode = "service_unavailable"
+	SkuExists                    ErrorCode = "sku_exists"
+	SkuNotFound                  ErrorCode = "sku_not_found"
+	SlugTaken                    ErrorCode = "slug_taken"
+	SshKeyExists                 ErrorCode = "ssh_key_exists"
+	SshKeyNotFound               ErrorCode = "ssh_key_not_found"
+	SshKeyRequired               ErrorCode = "ssh_key_required"
+	SshKeyTooWeak                ErrorCode = "ssh_key_too_weak"
+	StorageBackendError          ErrorCode = "storage_backend_error"
+	StorageFolderNotEmpty        ErrorCode = "storage_folder_not_empty"
+	StorageObjectExists          ErrorCode = "storage_object_exists"
+	StorageObjectNotFound        ErrorCode = "storage_object_not_found"
+	StoragePathBusy              ErrorCode = "storage_path_busy"
+	StoragePathTraversal         ErrorCode = "storage_path_traversal"
+	StorageQuotaExceeded         ErrorCode = "storage_quota_exceeded"
+	StorageRangeNotSatisfiable   ErrorCode = "storage_range_not_satisfiable"
+	StorageUnavailable           ErrorCode = "storage_unavailable"
+	StorageUploadIncomplete      ErrorCode = "storage_upload_incomplete"
+	StorageUploadNotFound        ErrorCode = "storage_upload_not_found"
+	TerminalHostKeyMismatch      ErrorCode = "terminal_host_key_mismatch"
+	TerminalNodeUnreachable      ErrorCode = "terminal_node_unreachable"
+	TerminalOriginForbidden      ErrorCode = "terminal_origin_forbidden"
+	TerminalSessionLimit         ErrorCode = "terminal_session_limit"
+	TerminalTokenExpired         ErrorCode = "terminal_token_expired"
+	TerminalTokenInQuery         ErrorCode = "terminal_token_in_query"
+	TerminalTokenInvalid         ErrorCode = "terminal_token_invalid"
+	TerminalTokenWrongAllocation ErrorCode = "terminal_token_wrong_allocation"
+	Timeout                      ErrorCode = "timeout"
+	TokenAlgNotAllowed           ErrorCode = "token_alg_not_allowed"
+	TokenBadSignature            ErrorCode = "token_bad_signature"
+	TokenExpired                 ErrorCode = "token_expired"
+	TokenMalformed               ErrorCode = "token_malformed"
+	TokenMissingSubject          ErrorCode = "token_missing_subject"
+	TokenNotYetValid             ErrorCode = "token_not_yet_valid"
+	TokenUnknownKey              ErrorCode = "token_unknown_key"
+	TokenWrongAudience           ErrorCode = "token_wrong_audience"
+	TokenWrongIssuer             ErrorCode = "token_wrong_issuer"
+	TokenWrongNonce              ErrorCode = "token_wrong_nonce"
+	TopupOutOfRange              ErrorCode = "topup_out_of_range"
+	Unauthenticated              ErrorCode = "unauthenticated"
+	UnknownField                 ErrorCode = "unknown_field"
+	UnsupportedMediaType         ErrorCode = "unsupported_media_type"
+	UserNotFound                 ErrorCode = "user_not_found"
+	ValidationFailed             ErrorCode = "validation_failed"
+	WebhookInvalid               ErrorCode = "webhook_invalid"
 )
 
 // Valid indicates whether the value is a known member of the ErrorCode enum.
 func (e ErrorCode) Valid() bool {
 	switch e {
 	case AccountDisabled:
+		return true
+	case AllocationNotActive:
 		return true
 	case AllocationNotFound:
 		return true
@@ -521,6 +532,22 @@ func (e ErrorCode) Valid() bool {
 	case StorageUploadIncomplete:
 		return true
 	case StorageUploadNotFound:
+		return true
+	case TerminalHostKeyMismatch:
+		return true
+	case TerminalNodeUnreachable:
+		return true
+	case TerminalOriginForbidden:
+		return true
+	case TerminalSessionLimit:
+		return true
+	case TerminalTokenExpired:
+		return true
+	case TerminalTokenInQuery:
+		return true
+	case TerminalTokenInvalid:
+		return true
+	case TerminalTokenWrongAllocation:
 		return true
 	case Timeout:
 		return true
@@ -2052,6 +2079,20 @@ type StorageUsage struct {
 	QuotaBytes    int64              `json:"quota_bytes"`
 }
 
+// TerminalToken defines model for TerminalToken.
+type TerminalToken struct {
+	ExpiresAt time.Time `json:"expires_at"`
+
+	// Subprotocol The wire protocol to offer: gpuaas.terminal.v1.
+	Subprotocol string `json:"subprotocol"`
+
+	// Token gtt_ and 43 base64url characters; single use.
+	Token string `json:"token"`
+
+	// WebsocketPath Where to open the session: /ws/terminal/{allocation_id}.
+	WebsocketPath string `json:"websocket_path"`
+}
+
 // TokenResponse defines model for TokenResponse.
 type TokenResponse struct {
 	AccessToken      string                 `json:"access_token"`
@@ -2899,6 +2940,9 @@ type ServerInterface interface {
 	// ReleaseAllocation Give the node back (active, or retry after release_failed)
 	// (POST /api/v1/allocations/{allocation_id}/release)
 	ReleaseAllocation(c *fiber.Ctx, allocationId AllocationID, params ReleaseAllocationParams) error
+	// CreateTerminalToken A single-use token that opens a browser terminal on the allocation's node (shown once)
+	// (POST /api/v1/allocations/{allocation_id}/terminal-token)
+	CreateTerminalToken(c *fiber.Ctx, allocationId AllocationID) error
 	// LocalLogin Sign in with a local account (when local accounts are enabled)
 	// (POST /api/v1/auth/local/login)
 	LocalLogin(c *fiber.Ctx) error
@@ -4556,6 +4600,35 @@ func (siw *ServerInterfaceWrapper) ReleaseAllocation(c *fiber.Ctx) error {
 
 	handler := func(c *fiber.Ctx) error {
 		return siw.Handler.ReleaseAllocation(c, allocationId, params)
+	}
+
+	for i := len(siw.HandlerMiddlewares) - 1; i >= 0; i-- {
+		m := siw.HandlerMiddlewares[i]
+		next := handler
+		handler = func(c *fiber.Ctx) error {
+			return m(c, next)
+		}
+	}
+
+	return handler(c)
+}
+
+// CreateTerminalToken operation middleware
+func (siw *ServerInterfaceWrapper) CreateTerminalToken(c *fiber.Ctx) error {
+
+	var err error
+	_ = err
+
+	// ------------- Path parameter "allocation_id" -------------
+	var allocationId AllocationID
+
+	err = runtime.BindStyledParameterWithOptions("simple", "allocation_id", c.Params("allocation_id"), &allocationId, runtime.BindStyledParameterOptions{ParamLocation: runtime.ParamLocationPath, Explode: false, Required: true, Type: "string", Format: "uuid"})
+	if err != nil {
+		return fiber.NewError(fiber.StatusBadRequest, fmt.Errorf("Invalid format for parameter allocation_id: %w", err).Error())
+	}
+
+	handler := func(c *fiber.Ctx) error {
+		return siw.Handler.CreateTerminalToken(c, allocationId)
 	}
 
 	for i := len(siw.HandlerMiddlewares) - 1; i >= 0; i-- {
@@ -7066,6 +7139,8 @@ func RegisterHandlersWithOptions(router fiber.Router, si ServerInterface, option
 
 	router.Post(options.BaseURL+"/api/v1/allocations/:allocation_id/release", wrapper.ReleaseAllocation)
 
+	router.Post(options.BaseURL+"/api/v1/allocations/:allocation_id/terminal-token", wrapper.CreateTerminalToken)
+
 	router.Get(options.BaseURL+"/api/v1/admin/allocations", wrapper.AdminListAllocations)
 
 	router.Post(options.BaseURL+"/api/v1/admin/allocations/:allocation_id/force-release", wrapper.AdminForceReleaseAllocation)
@@ -7121,232 +7196,248 @@ func RegisterHandlersWithOptions(router fiber.Router, si ServerInterface, option
 // const string: with thousands of chunks the chained `+` fold is several
 // times slower for the Go compiler than parsing a slice literal.
 var swaggerSpec = []string{
-	"7H3bchs5suCvILgnwtTZ0sVu22dajvOgcXu6vbbbOpY8sxsjLwVWgSRGRaAaQElmK/y6H7CfuF+ygUyg",
-	"bkSxijfZnumXbotVhUvekJnIy/0glvNMCiaMHpzeDzKq6JwZpuCvszSVMTVcitc/2b+5GJwOMmpmg2gg",
-	"6JwNTge0eGXEk0E0UOy3nCuWDE6Nylk00PGMzan9eCLVnJrB6SDP4U2zyOwA2igupoMvX6LKdBeGGvZf",
-	"OVOLYtrf4K9iXm3fGFTH/zfFJoPTwX87Lnd0jE/1cWNknC1PuDmL7Y9tk1B8Wp1lTj+/ZWJqZoPTxycn",
-	"wV24caWqAG15YKkQYMGhnz9dPfIlPFs1NnxdHZ2JfD44/fsg10zZB0zd8piNaBzLXJhBNKDJnNu9Jorf",
-	"wit0yuCBXmjD5vYHIcViLnM9+NS6vL8oOW9b2cQ+C5JEQg07NHzOBq0DX1I1ZcZ+lTAdK54h4gZnJLbr",
-	"4jFNCU9eEEpuaZozwkTCxZTccTMjj04fkTk18Yxpwm6ZWhCeEG5IptiEf2b6aBAFF2xwzhYk/bAC/5ey",
-	"DQhGbgKCl7nSUi3v/n1Gf8sZieExsQAm1G7rlstck4xO2SNNrgX7bEb4znXbXvFx216fPX4SWtarz4Yp",
-	"QdNW8cDcC13CoTLVk2fPQlO9Ttg8k4aJePGGLZYh8Y7eME0oUcwozhJy/v7ikmg6YS+ImTEy4UobopjO",
-	"pNCMcE0Uy1K6YAkZLwwjE6ngHwV4ZowmwAZuJ5X5D+0CVq1+zkUhJEJ7ecMWrRC7YYvtJelbPucBXjmn",
-	"U0Y0/51F5DExkjw5OWkjhxRGqM6asAnNUzM4fXYS2R3zuRUoTywTzLnAv8rdcmHYlClYza8yYa37FTJh",
-	"22/4vZq2ziDVdCcTFOdRHaiXM0akmlLBf4cThgwNE1SYA3I3k5qRuRRsQcyMa8JbJc1O1nie5lMufoUR",
-	"w7CmIF7a58iosfw6OB3877/Tw98/2f+cHP54+On+JHr+5Mu/haeVKQemXDHzDXBML/5vOVbPlfwHi00r",
-	"ljN8vgMo4kArtY/aZOsMfoHH7hmeuq2baZzO22/qwkhFp+ycmlkLGZ8RuwSiWEoNv2VWPFi56XZKhteK",
-	"ZVIZffzb46NY314f2KN2ItOEqUfanrb6SsBhe318fUR+/cvLQ2FXlXLNkhfk+sj+fHRNNJvOrWpGhlwQ",
-	"KhaEiVjak/ogIvRKpIzCsX19fB2RMY1vdEr1jOmIxFIYJVNCRULGPOGKgXJG00N5y5TiCbsS8YwqGlvt",
-	"NSJsnplFOZ39zG5QE/s6+fGH5yDuNaGKEcUmuWbJ0ZVoYU+HnV70+/Tkx+erUNAgr2Vh4kGO4kPjZ10C",
-	"ZGfk/1Ez1UqXVnncdoov9mM8hsHIeKUUajYWw1bjPL0f0CxLOSrsx//QqKD30/RhtFfilqUyYzhbg84F",
-	"YfadiHABFM7cy0ewfTcOWD/nr52mkSmZMWU4LjhWjBqWjKjpq8BFA/Y544rptb7hSQ9wRoOUajOy5LvW",
-	"4MLJ6qUHqBMvU+Zfuebj1NIjVYbICcDuhi0iKykUi+VUcKtYmaPQdIrdypu1lvilSmN/H8De3doif5BV",
-	"MFFaJHJsGcFOigi0Ss8yErlh8/o/VtqPSApfikmoUhT+rqjWAXA2NwFzBZeaJO/V9B2bj5n6wH7LmUY+",
-	"SBKOUu68svoJTTWLGhtic8rTJWX0aQgXMmVVi1DeCbT3nAE45mlqX40Gc1hP2Nqr7gvndiN3b0+DGrmE",
-	"EXHLDfXm+CpsvC7f/FIssuMbnBtWHlqdk8rbIKAJVg9Ot75ocMvZXRCaUSFXe0noKuQrAnkF7C8ufnnD",
-	"FpttywuKpoa20saJBlk+Tnk8ukEBWv34+Q9/etq1LcfflUHCO/tHro093zfbGp2DcjXnApm3AD0X5vnT",
-	"wbItE3k9vY9cVoy6k6tqRweUW/9Dg3RGtNgeiD45l7ivUaxYwk03WxZGRW2j7qtigWHIzrn4mFnxbPWB",
-	"zcDL9ShLqbGAGiEzlAJyLGXKKPCvNtTkurb92Gqgg2iQcE3HKUvCW11edeHlW5YuOOZaR+Qm57z/ZrwI",
-	"Hq5xrhQTcfghE8mas00zBNwynfakUT53h2N//cDb68sGhEWxJlKkC6sCdM69BitlyhpDGVOjaZaPZjJX",
-	"azFtRTfux7gpo9rSirFGRBjA+iZ34y19r/VsNJM64H/524wpsKxiKQSLTUSkiBlB2gzqTXYs8NgGLQVn",
-	"HpI5TdCDtZA5kajWWjyFhwQP+LoOc/fdqJRqy4cYyIttdbxCaNUsGncgOKg7yl9BGBVWi8q7guoOKrCt",
-	"sW2N72ub+rRS5Lzl2mytZpYCbEnV7K9KFoPsRPNdsaTdab8NaqucBQqPHuYo4pZrLgVqp8UxgQyLPzrm",
-	"ta9PKE9ZUv42cj+EFDBw2r+V0/DB0ULwxS1O+0N/si+fBFKhqwUvzkKvJMxQnur2Uxct7yVo9hRzMgYW",
-	"We/EKYV2QEhXpWxAqnq136NW53HMtHaYyhWc+EzwFhRpmauYjXgWHN60XA+9rFwOkWmWU6pP7xWbcim+",
-	"nN5LNf1yeu9W/uX03g775fSeJ196CqsKDKP6zVvliq+4RizukxwwlsggyByONHfCzZ7M98fLf6YpFXFg",
-	"pVSP5GTEhFGL5kncfnSPcbS1jvuVSlbCspRZga65W2U/wk/l3cgvxswU0zOZJvsxHdq0+MqJVgdL1ITt",
-	"6uWGsPaSZjTmJuDtoreUp1YLX+atX2XCNJkoxoji05khQt4dBfduT+e5TFgaxIk9zOEQtzrLmupWA1hV",
-	"BcHN2Bw/qmxpFSh2caAXYN38OH85Y/GNzB/OxI0t0aSjXC15k06e/mk7Pd5J/L5j9zRnq6PWlh8EpxQT",
-	"Pv0LZ2myjNziivO+6TZex0Iq1xw0d1msmAk/a9EWws6Rwop3T4qh27edK/ZaaGMhtBk5xTDM2hpJBheT",
-	"3Ttz70V+nuBOQDtHh+yGntINfPEbecFCeFuxpUIJ3hQ3uTBtQhp89MKQoSNx8jgi1JC51IZkcH9Lykgu",
-	"fTSnn0FgOu37ICzVC+9Bx+1tO/g6lMhugVIcC9XgqR9aDGkMrdDLMPpfMlfEKoXaMMUScsMWADJumSVN",
-	"S6jZP/DqYw4wKQ6BzpU2tS27ntK9GVgTzc1MKv47S+AFknLB6otyl8TeC6DJjN5au7+5k/pKO1dmTWKP",
-	"r4aHp+puqLgZSvhAANLCQhOuBCIiFbkaYDzE1eDgqFPZqV+sI3bbWea9mu7Mqf2kh1Nbp/k0ECZxcvhj",
-	"JVLicXukRE1TsWNFXULB3Uv8k+/y4s3HDdUbdAEED9M4y0exVKzFQ9phJaw++xOub0ZTPg4PvbW222JC",
-	"z9lcqkX7vFu5SUPm7SolugRvbWEV2PRzz62gilqszGYE0kBk502MZ5mNaD/a4g4wrOO1XuohhJK2EAV3",
-	"7dbvSrvUSJc9zHczmcI1/xG5mMk7AQ7rFxCUwghvWnwtm8HgrxXa6U8sYyKx5ADWTkAxzxX6SGpnmMjx",
-	"TjcaMB9D0opQj5FMajNFqhXU2P8ZNs+komnQ6SRvQsIljCx5Y6m/stLQVl8Ja3huqLgKvA3rXpF/M7yC",
-	"33KWM6sXXlJ9s6kOXcb1dofvQryov09pkcd29Ko7tHloLauKVNH5+t5RY9KRZrEUSctCli5jC734qHBA",
-	"+3uDyjOMcPEP4PaFi1smjMQwLfvDHc9Yj2iKWsy0M/Nq4AmjVck0nTNhLuUNC9yAbmL2GD/U6hXja7Uo",
-	"px5L3IzyGviri6yfUA89LWyaqZV5R6yYeARLHRmTHoXPwOVFW9HyZ5mEAsHcAd4Zj/bSvrhfp/+caR2+",
-	"y23gKsbj279fztjLGV1uZwn2F8bKHDKn8YwLdqgYTeAHkM3ETgvBi56txjTx5iWENN7SlCejf+DVXC5u",
-	"hLwTown4aaxUxXhANsKzBF7GhRa3PH6IIpEhF9aGYsLAlwneSY95kgCtCmlGE5kLjJ3JDRtVf5kzM5MJ",
-	"/GR5/A4+j6WYpDw2zuvCtCUnOUqpAkDmQudZJpVhyWjOEk79VYCyC4eAehjGDmqhYzeSUEPHVLNRLkqv",
-	"ZJmdU//VcqnMEVwoItx9aXXl3oKq/gZRQvXt2ZOz9lMz5Lj6jGYcjOfa+2k+HRmKjG9PwOIPmsLuRoXS",
-	"AxGKPsqsQJNiicUNBdLzv3pJ4md0cYOVX1DG4LUKrrSIEokGVhqnfgu6+kTyJIb1x94TBsIVpMGcplYc",
-	"Vn6h6bSBe/zdEq3mU0ENXlfhr55akTbxt3KZ+LcdbcHMCLZZ/HqnpJiOuNY5wKb6I80TzkRczjLnWnMx",
-	"HekcubH+upD4LuxzqqiwNGbfK3cPp1fCVIOqPOh5meDidtL4ZaRYjjer1QdcjCYpn85MGTkYpCGv8Nt9",
-	"QC6WRRdLpkzB2BXeMjLLs5HMzUhORooKYK6MLkB+a6bhAK6RvHtWbLD68I6NZ1LejNw2gXcnuUj8DyP0",
-	"Jpe/1/G+NDaqmuWDONdGzpny+Bl4d2d9ifgTd97X0LM8myqasFHFodv8qgIk9+iGi6QK0eILv9niB3s2",
-	"UcMR5+5XQ+cZC09VYZ3mo0Li+oUHyck53Aal683KyjtGbyo/sc9cgxLuf6hJmJt86e/iAwhDqj6FH+qP",
-	"x7leVFYEvxlFhebuPrbQ58DVWXBL9edis/D1MjFV8l+rqymIq3xcm1nIUezvhmqD/JZLQ0fsc8xY4o41",
-	"nU8mPOaW2NyVXgVgVfc/ZgqMMmpmdrZbpjQcEX4xeIx7rLi33Y81QLtHS2tpfFNirzqzg7r/DVNEYHxI",
-	"yag8At6GJ5oarifcn37ueZ6lkibBpblHSNYpM7XP6kep+3VM4xsmkoJ/l3TCEqdIKFTfLBMY/Fphw1ir",
-	"5oewUxi8ccVYKnn1JIVlTd1bs52KJeilS/YDfB7S3n5hNLUGVXPC5RBMeRNcuCWpsE+s6ffDEcsvQst5",
-	"jZ5sTFvbzBqA9JRlR/VYyzQ3DFOaXK7CmAuqFt5vHUvFHmkykxoSFrryd6KBE8/Lk31gWUpjRqjwrnmW",
-	"EBSNfmpN54xYHQnTkSGVB5dTsULabHnYYhh81YD5lmyAh8xE8d6vHoEztYyBTsPxLegJr4RRoQCFDa64",
-	"u+2whw7+7fI4Y2xH0zeBkeCjLFfxjGowQqxVN0rYmBc5/fVActRywhHlkKeDp8anbjLYUZT8hCnmQnHW",
-	"CQ+tRMM04gEqoKqOX4dxI8yzgrp2AtxFBFaVlPcXhPXW2kFv5cZiNZXuvr4zmSijWt9JlSzd7j7pTPLA",
-	"SSpDhHcyheCXcM6QPdC9ReCCSnrkCbwLRaflZjZCq792DvIkLo1PMJN14zyr3QplKV2MWiND2qVy33j9",
-	"fikVlknQ+tYznvUnziJHy34WIs9McRHzjKZLkqilrMinFXf8m6ywlqcVXuXSjXJtyRGKkSq6Q2BdhmF4",
-	"3Z+C5OUT0rbPG92CpFpO450km/nju7a84jTvSMtE+OxCmPqkvr3J0V+dp7MhK6bWapjQ2HT6aZv5H9QU",
-	"UROPNLqnSUqhMgl6DisKYbmMrqvslffNG5LdzQjy43ue+I37oNZMpV5otVD/+fxjCK8zsGBG7d5u/8oi",
-	"LBlnjCozZtQ4cARyaixOHmnESvE6GcLvh3Mq6JQlgEAMrOkHUGtntPJwT+HvbtnXQYucTFIu2GjiqjJ1",
-	"Qb1I9smkTNui/MdrElPVneKdSOHEqRU5VX2Slmo76ExXMnRaJ8nuyKidJDgFwRE1bv0KemnNXnIZUIEw",
-	"DCSQGhM7hLpNr5fi5LkxcP3lAg6X6W4DUm0TYA0Q+nCUpnpRX+8uDpdf3aXdHo+WpWwn9Bu59KaKE8s5",
-	"CPEWysoyfMWxN5g5BqYM6Vsw00LEbUo0TZJaUMGy/Ag/VCyWt0y1fatZ7eq4LdAIXovcIupb8sO3ge+S",
-	"6kCsyOowg42Kd7RGl2ziTOk6KnueBpU83O5Ur0ZsxfILuclys/als27SL0SWwEWcT8KD4HznPi586f5y",
-	"7NOKXPg9pZeW5caCYRZe2BZE5LHfAGIN9evL07/hPcIHFjOehezaW1+Qs4N73Iuhed6//unlq8/xjIrp",
-	"xtH+CetT3KhCCDV/wfOoXywCfh3cg5ruxo7qy1RtKpqPie1BYdWQ105bqG5xL211DUcaxAG0Ld8+bNnC",
-	"PurBFE66Yt7K+lZENb5XO8lytFSzv4P7HC9+L5wjaCf+aJfj1eLD2tAbvbLWxP5uAdaq6+Au1VeaBeix",
-	"ZutlWy5faXHBDfc6lAe4vz5MkFUTF6JTRm/gmTWyyoiIect9Hk7WbmysdGQ3vNeNugWo5Ffpo1Om1Al0",
-	"FwzVIPk98laRKNbgqYyP3E3imjYbhvuMyuJx/fI2K1mCgUFXBOLChT1eAq7HXMVXLbdHN1wk6+Uh+rvR",
-	"ZXKd0SfPngcf9b7gdaIcVlV+FtUxVUwV+TqCHnINMDX230RbO6m8rgiOVpJpKcDQJ5WxmUsnDjGMnWhm",
-	"DBdTHfTXraSPDRDZlj5ZhOCs2qhiULJPt1lpdjsYaBkIqL2o75aYGTVkJtOkqLM9hP9hHU3Bbpkiiplc",
-	"CZasmXe2ZExoI7PMxZ1QZVx9j1w447cS+FmJbWoTz/utXOPrlfn8VccWJbW3OHEK3BT02MRIpzlR54Nd",
-	"JK03OGvz1HUcaHdL2mYpvkbxlknfLrFmmcRimTU25sl4msqxj9Qtb5FW2L4lSzQv2Tjc4I/Rlec+K1NO",
-	"rIIuRa1W3sqEHGfy+v0Xm6hDYSU0d6JcFKjZo14Bc7x3hYJb86XCaN0QmfBtm8NlfYlTftOiIIActlQc",
-	"zr6CnVRW5T+oraU2STcgd4f+AjX7pAFlaLqZJ2StgBZ7+m1b4qIySvteWk3Q1lCI2m1u29iKaT4VLPn4",
-	"4e1usoiwlcKKu9KueKjBLzgC3J261Asyz7UhMVW1ILpqQoyP5VhmpL7gKUYp99AZq1aCD0JUQ9cmYsLV",
-	"3LFxo1oVPiNjNpHK1fyWCraNEa/YuGIub/GmeH/FpzfB2To4aDdO+O+sp43vg4D7MWY/rBdDFiYLLCjq",
-	"RQ9RFblh4sDz4pvwaa5TuKe/+7MQYWv5QZfjerbxha5ZRaRImWqviY4v9Hahbpz3Xat/sVQK04G0tt4V",
-	"7lQH1J2c0o5w93c8f4DOD0zrAHPMWHzTf63NbPIWW7PuHcSEvE781F1yrTvRmxbx6V00+ktw4olierbp",
-	"zPDxqEj5rSzgT49/fNIFmfr3YbhMcpE8WB2zdUBZ3UjDH7uiSrbfUPha3SW3rVnw0CentYTBlBrfev7a",
-	"kuA76Nt9Ei0tv7q0YrwwVLD60K8yYTspLrAco+VyeR5pwhOrH9EkUUxrn26BNYkoeXd2dkGwe517cSa1",
-	"gUSMg0bSR7hqgY+C6lO2Khji1FmVqoh4asljx651CRZWqkQO/nz+ETRDSvRNfnqVn5z8EPME/s+IodPG",
-	"9oKTrxsAtXxUdcUxBclDblr+ol96SetpePHmY1tZ+D8KCH3HBYQqhaC7/FYXbz7uQhmylLQ/RQibdSyv",
-	"ccx3GdM04WLKVKZ4qGbgxS9nT549Pz06OiJUE61nhzdsMWWCHKYEPtFtfX62tUnqbUM6G2Ww5MmzZ49/",
-	"tGInTjS1h5Sm3VpctaS884ICdGvz12HUacEg2nZCXkgAe6SwWmGtHSUqdAi8BzRW1233sCvbrbt9QT0B",
-	"rV+2RB1ZO6GvOvr3SWcGvbubnfe7cr6v7qvc7jj3LnN8Htwg5pa/hBi7gMReJ1J/7B1DK1GHE74vVoCf",
-	"BS5u8RVNFLO0B8pvwiDS5aj77PajRm4LK/bekpSLWf9hvSpcXNTq9ZBz4Vo2WgW+aC8JadPcaPLo+NFB",
-	"8ODZEH7h/PEP4SaYSx0vXXfp40c9CptW+ihGHjwr4Pp+3OIoxCaJKxpL7D5xmRkadnutwnJfYb03BKzp",
-	"St5Jagci2YGlcB0D/KI66rboOVP0ct3BUVBl4rUPgmqzyC63pmvcuOKwKDvUblcKojtaeS0FYZWDtrU0",
-	"Q9HrFe6C8CZo44rrNX7v9lnsBwwlNy2L7QlPmWXIzzQ2JIVJsen6xw9vCdcE78OgQRWaDUsM2dFAfDUC",
-	"3NJW4OEDHIKbIcCnzu0cnkb2bBzcuntYGgy0Yu8fNW3VTUaKaaZuWcAD9QtLEzJeuGtHTbggWOYriL9A",
-	"4xYYH+qFraMA6f20dMNKRv31sVVQr+wsampKJUDrc4bw42pgYifkkGcKmlq0VeDcNIR7xYDeg7/JwEu3",
-	"B21xEUj14UKjS0UF/syo6mN51WBVG6zzuh6bXP66sXjYqMZ638YQbnEbO9L7tkcIN9FpX9Fe6rV3eRC2",
-	"dU4u7yUsGSvF2HpKlzGHwOV1LqfcJ7kwWL1hFykdD98+9Jtt4alv8rY0crWvFpV1usE1rN+oUhVWQI1E",
-	"GkT2qY2cd2EUIF/szy30UYeqo0BFFuzxFyjAA4Vdg56eB66qsttCPVAZF+ogrbX+jVsmt9ZhaxRyCRXE",
-	"KUIfqpjqdF9aZO+GKPda6KUrIbfIDQuKy6I8dYs4XTedtzZiJTFteeWYwZErbhYXFlJOuQe96SwP1kYU",
-	"5P3rn14S1JkI6Epk+D/+dnlQXjKXNZIJhyLNZkF8rl5EKAFuvBIuWMCPMc306Ojo6AC6/lBBzs5fkxu2",
-	"sA9u4MHRFdARrNPyAWp3xZ5mxmSDL18gGWoiw6YmdvC0CzRKpiRLqWDkw6uLSzvbEXl1y9TCVRynQt8x",
-	"pX3JRV+InLmym1dieF2rw3l9gNGkXEwJJRqrmV/HMmHXLxxUEpfnknJtLGwEuS4Kol8fXQmcXjmdHobj",
-	"TJPr/3n4sqw4ePj6p2syZPFMVu/1fVTr3YwJAvVEI8JSza7ElAmmLIs5+BluUgsuB4qz89eVBKzTwcnR",
-	"46MTl/QvaMYHp4Mfjk6OfnDWMtDHMc348e3jY2Dt40rjL/vQtVEt0t1fJ76591uuzVnlZdeDgRkIFP37",
-	"/cCKucFvOcOOByBcK/GARQpep8clLArKyXw42n/BVPb90Mxlqv9aU4eGKtpKliN1adSde2g0PS730vHd",
-	"Wz7nps+LL1EqfvkEeUZAkoDgJycnFc8S5sqhtOFSHP/DBU2VO+3XHhqEPHBvQ96QjE4ZkZNagzlU+H3i",
-	"TXCKYs1Y6hZlXT6fU7UYnA6Q1cohIzLhKfQ8i4hgd5aVJlxBbwGMc/EXe5/sOK0McHxfU+O+HE+kitmh",
-	"6yAN54Lr7B7gj7/Ydz/gq5W+2Uts0pswXv/UB8+vy2rscG/8qWhP4NtW7ATV9bDGL1/w7KrR1ZM90FWI",
-	"pj74ht/b05FDF6GiSk2Y58i1a81vD7S7mdRWTOPrRfJhN3HlCTeHqZy2C1eQq64zs16fXOyXZ7GR6tLK",
-	"oD6Sp/iiH4H59zGWsN/rl9jquu/rf1Fy3n9s+f3JyWoT79VS0r5JlLzbgZCEWUkqp3WZWMrK9Qj4mH3O",
-	"pDKtdPwKHv9ByetRcjfZGfbZHMf6tk5uTY1jiaZeXvwVlV9KMFvFUtWuTl4ITAVV2dMroZq8vPhrRLRR",
-	"jM77EZerLXNclqjWHYfsGbz556IRwnok9kBn5Vmxncp5WTX1jMrZ8vn5eGcLqJWZXiaNc6khEmRbWngJ",
-	"likGl4y5sVafVFMq+O94jA4By6TErn21UnicoGl70IdUoORmt4EC/Y77mSZFUn4vkFaqS+7UTAgN1BJb",
-	"vUPr45s6HYuSjStPRoEtxLal2UufIVBtz9ekvmiVCKpmOHyrEiiUhfHAMggLaIa0d9+eegeHERTMJBQx",
-	"amZK5lOMFKuwEPEsRKhICE0Swk1viXN87/wIX1bLnp+Z2Yge7EdWedk3f4Uw4VlhUzwEuAb6UIUhVN5m",
-	"bgek3TPL8j1rL1bZP4JwYTvgkzOt+VQ4PnmkycWbj2QoRbogdzOeQitfrglPUnawAWccl82UDosIgBUC",
-	"9B0Xptmv9BsjiZZepUG3x+N9zRoiCQu7nVAE0VxMU3aYa+Y8+EuV6RGtzoU+1EUD6I1oBCqHdxDGuX3n",
-	"uxWjhE4MUz5gdcx2wbY3Vawkit8y5QLpNMFK92SYC1fznvy///N/iaugHJHqj2Ma32yENSws3YG2D/DS",
-	"tyjZezgtTx5A4YHi3DtQXekN87qOzA0QwlTKhAwVm+SaJU6aU1H1Zc5kmmjS08pybS31sbvc62Fx1bON",
-	"17C94Da5BO3eC3W2WVt7uaL6pgysQEnQlaaWR/72JOtmLkaMyHhBEPlkiBefiDCOxAoVxDej1ON73woK",
-	"BRf0OesSXPYlt8YWwq1mbpwOyikGTQVxt/TzYHZitSjDA6u9tQIKQcGJlX93cc1jRyIZVeCComkKvnbi",
-	"RQkxMjvMM9B0uHA38vDJHReJvOtFkFCk8NAbm30kZ63Soh7sUwIsl4kMABx9u34HO/APloEkriNmAR1U",
-	"KsEFFxFfMRYMdK/WYCFM7aqKgvZ5sAkeju8t735xOSId5mmj+OW66gx+/quVFfuzTOg4/VqGarM26B5N",
-	"Vtwn+JYxpq3osOq6oi87H/I2Zivo8NtHb7FUv8hvFtMlc+/kIoEaQDboAzhuFeEvKoFphGsMkbKERuiU",
-	"2pfQ7IJFP9LE7XFzaQGG0KGh+qbrQuqVAJ2laEjzTYqM2hK/opMLINRiQltgu5KHHsqEJ4SmUJsLNUMk",
-	"tV17qdtW9V/llFtRN4xDqE+Eg41OoHpPzd0yRPtevyDcK3/GqsvVzjMHu6Hp4/vqoP1c21tTdxTUqBt9",
-	"ddp16maKTVOn/vSVaXcXPjmkgEcaaWS8AD9PlR22Rb8+vq9UaOpGvD8ANnLuNJDf8fYrt67v9Takikdw",
-	"0YwXcCjxpP1C6kbIO004sPnQigQnArZic70QccehdbEQcRW1evtja4/YqnSvC+ANuqpin6udWIrOgYS4",
-	"83fEPpKmikVXho4IeUeGwFwWkynXRkcklRpMzbGSN2wdw6W33fgA9mIPOzFNC+Nue+C/LkZ0ru6s2Ola",
-	"N/RunHPfj2EfSlVtjq90xe77IixjqIDkzpBChlKRPJsqmrADywlo0I+5oGpBJjIXCZHCqenKajUzqc0L",
-	"kH0Xv5wdPnn2HKtXx1IlVm8XCQH3rv23IQxIKqW5iGdrMMsGxv0fRn1vKtqnMe8JaGhpyxJJcY71E5Yy",
-	"5TFnq6Oq680Fel5N+IYJAb3zcbB87Hd2F7DcwmHlXYD00NvBZQBMXY4IVSWkCrpzWhF+fH/DFl8wPSxl",
-	"2DKojvmXKaOq0VdibZ73XUnqpkvzFsuVCGs3WtauXbZyqlXRhU/7WERPAz0HLLR2oznN5S0wdh3NeM8j",
-	"2GdD7njCFIGt+L4GbkoCBB3m/RbPXlFebldI3pNsXyqD99DivdFhZZnZL5jZHv0XzARwj3SfLiJ0eEB8",
-	"sEU9uj88G/Rgf32T99CML958XN+U+abEs69Ru1Im223uKpL/4s3HiHDhM50E08RIua7GjQ7cizcfv9WA",
-	"2GKBX0lVh6LBASc6ps/vKgIzyDbH9xiY3lNLDiIxdBXuo917uexCYep7DedcF9Un+0b1zpRprDdKqGXd",
-	"R5pAbREyFOyummJLpEgXBxGht5SndMxTbhaYqFGtQdtJP7l2XYBWy92PGpvh9FCvfcmJsGP32dP+GlF7",
-	"CFG/chjf18FQVNJYeTIAvvYmTWD043v7v/7yBEp3rHsq2I/2GBfYWN5XEhRY1GSPkuJnRTHnykDk4B1d",
-	"EF/XhQBGo8Ieh9IYzjLPEWOryKFHzYiNykXUSirtM77qj/IL291wOEQ90tWB22svVOigqkk2ilYLRoyi",
-	"QlNI0T2t1v59hMFB9pdqiuEjTWKaaTJEw+NKXFf3+e/X9gQkY8wWJXRsDdTfmZIRDDZRDK98itYxF28+",
-	"HpHLGbsS1aMU6nKRayeIWHL9gkxkmso7+80crwZ+fnVJoFYXucbTBwrCWNDpU/L05Cmx6pKQZgSe0og8",
-	"PfmRCDmKaUZjbhYRefrkxwooR1g+kn2OGUtYEl2JpydPCBc6n0x4zJkwI7crO9QJ0Xo2umGLkWcZrBXT",
-	"8IuArrlFZYoHVdXLdX4ljb1cQNs1yJbKe9V1IkxJiKDYtVvINVYKy+RmGZNWGf0zMzurVPIwgq7t5rbc",
-	"8NbazwYAPu6sEPON1IX53uu1/AxV4X3CzZjGN2SI8jbC6DGjFi4Px6FkhJkBB71YKDezY6hudgxV+drR",
-	"+da+9Fbu73qxnOArKaf1+sQhryFGM21x7+sq1w1O//6p5knkU0G48FfugA9CsV0JGUKFtNpvWJTNNduv",
-	"4Tk3syCCpxIdym24hed7hC3O0B7S4EArc3NE/iIVVuzTfArBHhFhIhn5RIRcpdgKwelKUKTvkSZlcT65",
-	"i+s71LximqbV0bthLXkSw7+kcvXjg+fQe57EZ8VbS5KxUb2CmhlxUfp3bExolhEjCVaYtv9C/nfwIkPl",
-	"uklEqMhxMUXSOoZWIiErpCxW3eKnePb4Sfd1yw8oYJuyMOGKxca3tlgqsHg0qHVffuvl6uriLzvmQFB4",
-	"KRkreacroCxqKQJB+hWToUcwRqnFVjT/d3L+5uWrg54Uwj7HZROdIFNaCnnl39qPyLWb8lP8ywndv3DB",
-	"9SyA8/GCOOxYxvGFMEE9hbRh3Y1ieO/Y1YhfpSLBCz4ffE/pTtUWud8adn9ldw6oGO8u04Q4sLkcbSFJ",
-	"KsWUKXIn1Y3eNRVcKpowQhuTWlyLYmlkiKevz7sDU9ryzmpm96WenNm6yiTZtLrTezV1fpx92iJ+dS2G",
-	"iNvfDnwsounp8H6MYcIUv/XlY7nRBLv1VhHgwB3GAb6+0nOHFaS2QMF35krD/Xa70Zgwiu8iGGYZvYgV",
-	"P0OrL20lZnPf1KAVsVjefZ94XarO+0cFSFdVv8/9jf0HBknugMg+VocD31KzQpvMsBRbuiBSFN7Wgy2o",
-	"78iVKlxRI/KfhQa/89qNVWJbVb4xiHPvuV51kL/07+yRsfwcrU5a95xkTIF/f9eKc+0SAcOYXTANVFly",
-	"Lgq4jq/ANKaGprIBU0x9/r0C0mbxfqxp/+TkxJX6cFY/1PLnmuTZCwyq1lZTTFjGRMJEvDhaugz4mZlf",
-	"3Gx7RA5O0aYq1Ra+a7ycu8FTfssE01UzRS+0YfM66KXqqND8Xk2/89Cy96pH/eHq6bCDA+h9dbiKD4mM",
-	"mbVjNDESI8DxAm4Otkb9jroWEwpoao9FwxuZ9xhj++3ebb1X0690qWVBs8+bLJfI3VAzXtQxH8s55Epp",
-	"Iu9ELdTAobfBl8f3WKJn5T3WJkh/r6b7vrlqAfhl4x5720urki/C8TgYUrItjPZWerHSf++BfTIt+Nky",
-	"BKcnPR9jk/nOg+ede21D3H1nphLutvuocsDbHeu0hDcnBQb2h4AHK0xebuZrhVXUltB2A3aWJCwhQ0Tx",
-	"AZGKcHELlZqG8A+Y+WAHXpgkIdRREri655SnUTmfi/CZYXnMBZnRW6vtG1/LgQuyYGawNsfXgyjbMpkw",
-	"peYByK8WbtmVMYSr2mXGkIM/JAqlVBvUC0hMhQX12NqoMGVYE+w48R4Udnu4spBfLTHUQe5BYtmRBB5p",
-	"omTKVlBCwubSBCmhleWcT6sjVdS/9K9xxrrtdh+yHnh7PmXRbjgvot2+72O2tpuvVRvAwXJ/SUfLfFfU",
-	"5PR1Ww99oEjrpS+u5aV7/6KIK/k2rXe3zK+F0loZ11avWr3kaoSOZGtte6yQjx/e7iDh0wWJYOnMF3Ze",
-	"Qo2rnWlyZdWj6oxdDuWSeHJt5Jypw0wqQ9O+NHQOb5cUtA8CwDm+WiJvdYNt2IeXdoPh95mrCu9RUw0w",
-	"81jyM1q9XPKY6aigwDkzM5nog96Yv8M2vMf3vhbEl3akO2bQrnVvr5TFSvnIXkmLj1vrjG1GWs3uvQ9K",
-	"Po0ex8E43ZhBXMEQGxG7pPwEiv4TRuPZwR689BhD5lBPhorekbFMFlAVlk/s9K6QVkGFWByom6wgJeTw",
-	"hi10642KVf20u7Wx2El8BvsNW0QgNG9pmjN4hn8XBQtcTCRUM9BW8t3NeDy7EtyQOV1YXdVlwSfQHRkS",
-	"4a1lOY2KW9Yj8lc7uiaaVSr9SYURrWBmzuSduBIzplgopaMscvLG7vK7vp4o9tFDKS1wpCOipTJIJJbL",
-	"dx4RBTK1mM6VGXX3E1C+zR2wlkIwFsrNXr1xwhEa5Ok06+P7MultpYd7U+3YfbdvT/cKhfOyzOPaVuks",
-	"jLlO039X4PondHqvQNWOHN8VNHWRfC8nuFvxpo7wCk7/cIb3Z682h3gNG/tFxsM5xmub+koWXrvHDRzi",
-	"O/Z3u6TXMsO2FhrmEhSWMxA34O113N0PSFwP6fbe+AB7cED84cPe10mnmbrlMTv0iWsrj7wLfPnMv/uv",
-	"c+bVd96nXRG8X+QDPsAh6MpJ1Rb6T3EQhjb2tUpm1aG7P0f2Nix8fO9+Gblfug65n+D3h6Sc+ly9zztc",
-	"6A50DhyI0CafgrGs2K28YeBZuUEXRpAL22zibw2OJw9I/daqboD0m+MEO0TTA9d11G3kytoSk99b4Z/z",
-	"170cZRbyX+k0fANllL8xJD5sBRtA0lc6PN3RiGt4oJDfs/PXluJc6ZqmtIeYDmzqRrgm4XbC+xNAUDe6",
-	"2wK1p9F3QMhv2GINw9Vuak9aEjRnas9YeYnJKOdSm6liOiK/nl1ewMF/aTlR0ZTEUsS5UkyYdBHBLZNP",
-	"fdIzqQxJGE1SLtjRlcC8FwbtbeGKRNnX6ThlL8izkx/wO0hPvxbSjGBt10TQORdTd8kzoTzlYnolyuQY",
-	"wgW5TpihPNVH7vk1kWbG1B3XwXuXn5n5gBvfa3tMmnBIXQne1dFkASh9dvLD7voQWKy/ErcslVn4aDEk",
-	"ZRCXJRipglCTXBTY2PUlTAGJissKknssIeGlnFsJZ12JPisLSf8L1ZAuc9T0Pu7MoD6TntGMaSIFkZMJ",
-	"U+6mDArWasjH+/n84+FM5qorMU7rWQ8t8uKX7/8WFDexX82ujqmiqM/FxS8ky8cpj5umGFYBXnklgOv+",
-	"VgO3igV+LVcGQmfPfn3RQCEZsuTJs2ePf4wIixNNIa79w8UZsL8X5D+c/McTMuamFqbjER5gwV56lHNy",
-	"bEYT6+g2WzopVu3XSEWn7LjcYvVfdaacyBSDojJqZliOCyTd9fH1ETkThM0zs3BvERwG35C5uRLXyspR",
-	"zW/Z9Qs4V50aA3RnzzhM+n168iNxixrhUFBPFMa+ErlI7YFYjvWflqavsWWqmusjUitG6sbBSKRKXdIr",
-	"UZ3Gbmc0zvWCDPFNTWYshVgLUI/K1oRQJHXxgqhcEG6uBHRlPQipTo40cIa1acN9t256v/+Mmln5Tbjy",
-	"lwNfrfJXQVkTmmpWhISNpUwZFXvuPenWjpHyIRGye0fdhKdYT5F6oh2WQaSeLqVIF6iN12muKkccIbVw",
-	"lrwTqaRJq/FwAaUIMObGLqmMZH2Jizi8hLAs/xeG7UXk1SWdWtXwSryl2hy+kwnEkUWEWm4i1Bgaz+ZM",
-	"mCPyXjAyXhhGFOQhDK8/2P+fwm/6P+nh+Dq6Etf08NpC4/pQXB8U/Pjk5DkuyE8Pn74g1I1lZtRgxTkr",
-	"F7S5EnYfTCQlRz9+XrAafAOMqKnhesKhFrcd/0pc12ZwiyP/fqz571ZkaGvZ0BSn1RGhZE7TiVRzlhD4",
-	"wqLySlBBXk9wCFxbIpmGIDMoCAFQdpCzy8PyejOZOtgPn5ycHDRrGreIkSDfO2w7cn4/3ig4Z+f8j+U1",
-	"SgHwwRWY6993tm0kD+zB/prYytgwc4gVO+oCpSiQjv35AiXSg+7kEt+u0fLzh5y9KLCNpLyLMuV2K48K",
-	"oVVWNyFDZAQ3pSYzKWSu6olFK6VXylETXhFWCnIL5ed1ptiEf75GL5iS0qDohNP7BRR6ts8JTe/oQoMK",
-	"cSW8DhERCumQ8MWca83F9OAUBKHdX1kZHSfTBEtMpgvCxZXgBkQ5DtZUD9ApgvxLcmGXys0RsYyinYcF",
-	"i2deiXo8SARS6I5rRqRKmGJJVcM4qasQRtFbpjRNQRBxAd3bvdQoPIaC5ELTCXOwaIt33bXqEG5DYFfQ",
-	"xrlPT3583rtNyYYaxfd2Ze8F7IPVT7t0SgFSv6d8KJ9eBjQ5KnSPI8IFquhAsn05fX6TcNWeiPDOPt6U",
-	"KB/I/q2cf1/LAq4d+y0HAKJpe9p4B+1OCt2VNiywFKWzlAcvrNRhn7mGqsDuMbdiVbC+5JEpBrVSq+ps",
-	"uL/FX63Ywwo3GFF+7cY4cmOM2OeMq8V1zVi7Eq3WGji9/dNcuF5PPn/WPmAudfZKuCmCNtk5PnM48pra",
-	"4NuixV2GPzNM3//44W0bKe4kgerMDoPKtmI00c60sloI5dOZwQKeBa5ck0Qs7bUu+eXZauL7wDRTt0yT",
-	"azAbnBHh/OnQbcTFY5hcCbvS84+XsHxX6WBij272mYJeAVuaU7Fwwww1cypIkfrnalgfQD8VlLrzXBsy",
-	"ZlcCGq8Mq54GR9rAivabMyjhbQc8/3gZeS+Gt4fO319ckiYgEAD6+B7/AZd/FlPWpr0mYzaRil2JazfU",
-	"aLy4Bu7Ht8EOco+KjCOBDasx7LNkycc/lCzZaNNCgt6Tbpb7mDmG+6ZPD1wyrvWrZTV71kWItXAvIjUi",
-	"d5Q7ya5KL4K/NHLo3qr+UpDXHSUSSlKqpqzB806PBo7vy+SKoTbZxtwNFyQYEIULkgzH0v7LCptr2P21",
-	"kdeOMRNmzz6AwZVwDAqNkU5JK39W7kbJe+cXpAJ+vBIFmZOZTBP0C0aFhYIbCfo0C3a5EljAfy5vfclx",
-	"xbQhQ3QuEudb7HdGhnjvAyzi+1DZcK1fq5Nll+sRV7ebDkiWLoZW1h4EPZBAzWCuGiheyi0t9OWfyuGY",
-	"B9gH6nbLBK6xvZiIsFzuwvsOIMGPDG9YZggtX3ukr0TVG3lQ8TFUOd1+Y2lXKX7L9BG5YCIpv/SeS6nI",
-	"9aWiQk+YOnwlYplwMT0l8SwXNyy5dvoBLFVOSC5uBKSHpvA5GcY0y/D0aiqYc/p55M5FOLE9++PxTe3J",
-	"qFBBSJC/tGnkhqCKMGwOjAegG/NK4DGLtZKocnvfxjUQ2fOWhI9bMrRCB4hBu5kOIjyfHUeOjJQjEMIt",
-	"R7M1DhpXGURC0vuVsC8dRCvE4LAgzpmjCEvEQQ0bj6tvxPfZW2Jt6eH7hqzLC6TDHRS9AF52EqL0JiqW",
-	"pTRmlbsKVwoDiGg9MRVWYdsP/5BH3g1QHINk6IRFVNFypSJgcFq2qV/8+fmFn71kNXzEErJg5gWpyqMr",
-	"4XnJWhgR5sNXVGhQAopeRThOkFleukk7lONAgYcCbnvuHtrdW+2BPSco/UrP/XYRnc7aAq+0M/8Qsi9K",
-	"+vZlXDOqTCOTsDe5r2xW8DPzrt7NysUHxeUD+EBxtauz4CuuSayZvzXO/mYNj8L1ifSgi6Pcmjtwdnah",
-	"Bjs8z1di5R0b7DVhrw12GKi0y6AnF5DmklRnPNOrY2A8dPplNbxbYPT1dx6R9hC5Bi0RaRlTWgqa+sjy",
-	"dWLSMCzd4+Ab73X7r5UpsITXfrkBfRhyjSj/jUnjAWPvqwYy5Mktw241gFxZJX08p1T3qqv1jtI/amr1",
-	"5Z1fZcL619XadZz1u7OzCxLLOYQESGG1c8UyqUy1itYv785eLpXSgi+Xy2hVO/3PmVE81qsVAXylXxec",
-	"LKVcrNkH51zJOTMzlmtix7DmitQcrHRU4vdQj8xPOC92t5xOUB/hfjBmVDF1llsC//snS87gS3Fck6t0",
-	"cDqYGZOdHh8/fvIfRydHJ0ePT/908qcTECNu/PtAr8dDLsgklXcuxgMa8B2VzAdt9qye0KYteccrV8UZ",
-	"WvkcBcby9/WuHUPDBBVGH0RuJKcvwdhlfdhiVKgLujyor7AbGmU5g78SiuHSjpZH/LWSYzC8ePNRH7gl",
-	"8ZhVh/ApBcsj/Nn30Mfea5FriYSwzg7zrDqMLzIXXog1c4VBrx8to2Tghs/JNuxSC12pqzisdKNuhVph",
-	"LgwDMQ+CXPxwEKGCr6OK0WacK7G6C6/2B6aqtV3h2jh/2LDRjwV7GVV3AGIjuHbI0sG2RhHcgWIaj12+",
-	"46/q0pC/AvSMlfn8Mir12KqEgjXWvnz68v8DAAD//w==",
+	"7H3Zchs5tuCvIDg3wtSd1OL1dslxH9Qud5XHi3QtuXsmmh4SzARJtJJAFoCUzFL4dT5gPnG+ZALnALkR",
+	"SSYpUra766XKYmZiO/vBWe56sZxnUjBhdO/0rpdRRefMMAV/naWpjKnhUrz52f7NRe+0l1Ez60U9Qees",
+	"d9qjxStDnvSinmK/5VyxpHdqVM6ino5nbE7txxOp5tT0Tnt5Dm+aRWYH0EZxMe19/RpVprs01LD/ypla",
+	"FNP+Bn8V82r7Rq86/r8pNumd9v7bcbmjY3yqjxsj42x5ws1ZbH9sm4Ti0+osc/rlHRNTM+udPj45Ce7C",
+	"jStV5dCWB5YKDyw49Itnq0e+gmerxoavq6Mzkc97p3/v5Zop+4CpGx6zIY1jmQvTi3o0mXO710TxG3iF",
+	"Thk80Att2Nz+IKRYzGWue59bl/cXJedtK5vYZ0GUSKhhh4bPWa914CuqpszYrxKmY8UzBFzvjMR2XTym",
+	"KeHJS0LJDU1zRphIuJiSW25m5NHpIzKnJp4xTdgNUwvCE8INyRSb8C9MH/Wi4IINztkCpKcr4H8l2w7B",
+	"yG2O4FWutFTLuz/P6G85IzE8JvaACbXbuuEy1ySjU/ZIk5FgX8wQ3xm17RUft+31+eMnoWW9/mKYEjRt",
+	"ZQ/MvbCOOVSmevL8eWiqNwmbZ9IwES/essXySbyn10wTShQzirOEXJxfXhFNJ+wlMTNGJlxpQxTTmRSa",
+	"Ea6JYllKFywh44VhZCIV/KM4nhmjCZCB20ll/kO7gFWrn3NRMInQXt6yReuJXbPF/TnpOz7nAVq5oFNG",
+	"NP+dReQxMZI8OTlpQ4cURqjOmrAJzVPTO31+Etkd87llKE8sEcy5wL/K3XJh2JQpWM0HmbDW/QqZsPtv",
+	"+FxNW2eQarqTCQp5VD/UqxkjUk2p4L+DhCF9wwQV5oDczqRmZC4FWxAz45rwVk6zkzVepPmUiw8wYvis",
+	"KbCX9jkyaiy99k57//vv9PD3z/Y/J4c/HX6+O4lePPn6b+FpZcqBKFfMfA0U04n+W8TqhZL/YLFphXKG",
+	"z3dwijjQSu2jNtkmg1+i2D1Dqdu6mYZ0vv+mLo1UdMouqJm1oPEZsUsgiqXU8Btm2YPlm26npD9SLJPK",
+	"6OPfHh/F+mZ0YEXtRKYJU4+0lbZ6IEDYjo5HR+TDX14dCruqlGuWvCSjI/vz0YhoNp1b1Yz0uSBULAgT",
+	"sbSS+iAidCBSRkFsj45HERnT+FqnVM+YjkgshVEyJVQkZMwTrhgoZzQ9lDdMKZ6wgYhnVNHYaq8RYfPM",
+	"LMrp7Gd2g5rY18lPT18Au9eEKkYUm+SaJUcD0UKeDjqd8PfZyU8vVoGggV7LzMQfObIPjZ+tYyA7Q/9P",
+	"mqlWvLTK432n+Go/RjEMRsZrpVCzsRC2GufpXY9mWcpRYT/+h0YFvZumD6O9FjcslRnD2Rp4Lgiz70SE",
+	"C8Bw5l4+gu27ccD6uXjjNI1MyYwpw3HBsWLUsGRITVcFLuqxLxlXTG/0DU86HGfUS6k2Q4u+Gw0uHK9e",
+	"eoA68TJm/pVrPk4tPlJliJzA2V2zRWQ5hWKxnApuFStzFJpOsRt5vdESv1Zx7O892LtbW+QFWQUSpUUi",
+	"x5YQ7KQIQKv0LAORGzav/2Ol/Yio8LWYhCpF4e+Kah04zuYmYK7gUpPkXE3fs/mYqY/st5xppIMk4cjl",
+	"Liqrn9BUs6ixITanPF1SRp+FYCFTVrUI5a1Ae88ZgGOepvbVqDeH9YStveq+cG438vrtaVAjlyAibrih",
+	"3hxfBY035Ztfi0Wu+QbnhpWHVue48n0A0DxWf5xufVHvhrPb4GlGBV/txKGrJ19hyCvO/vLy17dssd22",
+	"PKNoamgrbZyol+XjlMfDa2Sg1Y9fPP3Ts3XbcvRdGSS8s3/k2lj5vt3W6ByUqzkXSLzF0XNhXjzrLdsy",
+	"kdfTu/BlxaiTXFU7OqDc+h8aqDOkxfaA9cm5xH0NY8USbtaTZWFU1DbqvioWGD7ZORefMsuerT6w3fFy",
+	"PcxSauxBDZEYSgY5ljJlFOhXG2pyXdt+bDXQXtRLuKbjlCXhrS6vuvDyLXMXHHMjEbmNnPffjBdB4Rrn",
+	"SjERhx8ykWw42zTDg1vG0444yudOOHbXD7y9vmxAWBBrIkW6sCrA2rk3IKVMWWMoY2o4zfLhTOZqI6Kt",
+	"6MbdCDdlVFtcMdaICB+wvs7deEvfaz0bzqQO+F/+NmMKLKtYCsFiExEpYkYQN4N6kx0LPLZBS8GZh2RO",
+	"E/RgLWROJKq1Fk7hIcEDvqnD3H03LLnashADfnFfHa9gWjWLxgkEd+oO81cgRoXUovKuoLqDytnWyLZG",
+	"97VNfV7Jct5xbe6tZpYMbEnV7K5KFoPsRPNdsaTdab8NbKvIAoWihzmMuOGaS4HaaSEmkGDxR0e89vUJ",
+	"5SlLyt+G7oeQAgZO+3dyGhYcLQhf3OK0P/SSfVkSSIWuFrw4C72SMEN5qtulLlreS6fZkc3JGEhkM4lT",
+	"Mu0Ak65y2QBX9Wq/B63O45hp7SCVK5D4TPAWEGmZq5gNeRYc3rRcD72qXA6RaZZTqk/vFJtyKb6e3kk1",
+	"/Xp651b+9fTODvv19I4nXzsyq8oZRvWbt8oVX3GNWNwnucNYQoMgcTjU3Ak1ezTfHy3/maZUxIGVUj2U",
+	"kyETRi2akrhddI9xtI3E/UolK2FZyixD19ytshvip/J26BdjZorpmUyT/ZgObVp8RaLVjyVqnu3q5Yag",
+	"9opmNOYm4O2iN5SnVgtfpq0PMmGaTBRjRPHpzBAhb4+Ce7fSeS4TlgZhYoU5CHGrs2yobjUOq6oguBmb",
+	"40eVLa06il0I9OJYtxfnr2Ysvpb5w5m4sUWadJirJW/SybM/3U+Pdxy/69gdzdnqqLXlB49Tigmf/oWz",
+	"NFkGbnHFedd0G29iIZVrDpq7LFbMhJ+1aAth50hhxbsnxdDt284VeyO0sSe0HTrFMMzGGkkGF5Prd+be",
+	"i/w8wZ2Ado4O2S09pVv44rfygoXgtmJLhRK8LWxyYdqYNPjohSF9h+LkcUSoIXOpDcng/paUkVz6aE6/",
+	"AMN02vdBmKsX3oM1t7ftx7dGiVzPUAqxUA2eetpiSGNohV4+o/8lc0WsUqgNUywh12wBR8YtsaRpeWr2",
+	"D7z6mMOZFEJg7Uqb2pZdT+neDKyJ5mYmFf+dJfACSblg9UW5S2LvBdBkRm+s3d/cSX2la1dmTWIPr4aH",
+	"p+puqLgZyvOBAKSFPU24EoiIVGTQw3iIQe/gaK2yU79YR+i2k8y5mu7Mqf2kg1Nbp/k0ECZxcvhTJVLi",
+	"cXukRE1TsWNF65iCu5f4J9/l5dtPW6o36AIICtM4y4exVKzFQ7rGSlgt+xOur4dTPg4PfW9tt8WEnrO5",
+	"VIv2ee/lJg2Zt6uU6PJ4awurnE0399wKrKjFymyHIA1Arr2J8SSzFe5H97gDDOt4rZd6eEJJW4iCu3br",
+	"dqVdaqTLHubbmUzhmv+IXM7krQCH9UsISmGENy2+ls1g8NcK7fRnljGRWHQAayegmOcKfSQ1GSZyvNON",
+	"eszHkLQC1EMkk9pMEWsFNfZ/hs0zqWgadDrJ6xBzCQNLXlvsr6w0tNXXwhqeWyquAm/D1q/IvxlewW85",
+	"y5nVC6+ovt5Why7jeteH70K8qL9PaeHHdvSqO7QptJZVRarofHPvqDHpULNYiqRlIUuXsYVefFQ4oP29",
+	"QeUZRrj4B3D7wsUNE0ZimJb94ZZnrEM0RS1m2pl5teMJg1XJNJ0zYa7kNQvcgG5j9hg/1OoV42u1KKcO",
+	"S9wO8xrwq7Osn1EPPS1smqnleUesmHgISx0akx6FZeDyoi1r+bNMQoFgToCvjUd7ZV/cr9N/zrQO3+U2",
+	"YBWj+PbvlzN2ckaX21k6+0tjeQ6Z03jGBTtUjCbwA/BmYqeF4EVPVmOaePMSQhpvaMqT4T/wai4X10Le",
+	"iuEE/DSWq2I8IBuiLIGXcaHFLY8fokhkyIW1oZgw8GWCd9JjniSAq0Ka4UTmAmNncsOG1V/mzMxkAj9Z",
+	"Gr+Fz2MpJimPjfO6MG3RSQ5TquAgc6HzLJPKsGQ4Zwmn/ipA2YVDQD0MYwe1p2M3klBDx1SzYS5Kr2SZ",
+	"nVP/1VKpzPG4kEW4+9Lqyr0FVf0NooTq27OSs/ZTM+S4+oxmHIzn2vtpPh0aioRvJWDxB01hd8NC6YEI",
+	"RR9lVoBJscTChgLq+V89J/EzurjByi/IY/BaBVdaRIlEPcuNU78FXX0ieRLD+mPvCQPmCtxgTlPLDiu/",
+	"0HTagD3+bpFW86mgBq+r8FePrYib+Fu5TPzbjrZgZgjbLH69VVJMh1zrHM6m+iPNE85EXM4y51pzMR3q",
+	"HKmx/rqQ+C7sc6qosDhm3yt3D9IrYaqBVf7oeZng4nbS+GWoWI43q9UHXAwnKZ/OTBk5GMQhr/DbfUAu",
+	"lgUXS6ZMwdgV2jIyy7OhzM1QToaKCiCujC6Af2umQQDXUN49KzZYfXjLxjMpr4dum0C7k1wk/ochepPL",
+	"3+twXxobVc3yQZxrI+dMefj0vLuzvkT8iTvva+hZnk0VTdiw4tBtflU5JPfomoukeqLFF36zxQ9WNlHD",
+	"EebuV0PnGQtPVSGd5qOC4/qFB9HJOdx6pevN8spbRq8rP7EvXIMS7n+ocZjrfOnv4gMIQ6o+hR/qj8e5",
+	"XlRWBL8ZRYXm7j620OfA1VlQS/XnYrPw9TIyVfJfq6spkKt8XJtZyGHs74Zqg/yWS0OH7EvMWOLEms4n",
+	"Ex5zi2zuSq9yYFX3P2YKDDNqZna2G6Y0iAi/GBTjHirubfdj7aDdo6W1NL4poVed2Z26/w1TRGB8SMmo",
+	"PALahieaGq4n3Es/9zzPUkmT4NLcI0TrlJnaZ3VR6n4d0/iaiaSg3yWdsIQpIgrV18sIBr9WyDDWqvkh",
+	"7BQG92KbqTm3+nxznsaDishofjH02R6NJ05UlDE6lTek4pY6qzpP8cxzUZ/l18DiIrKm+AB2lgvFaDxr",
+	"bmsmNSBVyYdClnQ9MWPZOvEW/FplGnTxJZsJPg9prL8ymlojsjnhctipvA4u3JJR2A/Y9HXiiOUXoeW8",
+	"Qe89puptZwFBSs6yc36sZZobhmlcLj9jzAVVC++rj6VijzSx8LKa+LqcpajnRNLyZB9ZltKYESr8dQRL",
+	"CIoDP7Wmc0asXogp2JC+hMupWF5t/gvYYvj4qkkCLRkQD5l94z1+HYKFalkSa43ld6AbvRZGhYIytrjW",
+	"X297PnTA8zovO8azNP0xGP0+zHIVz6gGw8tassOEjXlRx6AePI+aXTiKHnKTUFJ+Xo8GO8oMmDDFXPjR",
+	"JiGxlQigRgxE5aiq49fPuBHaWgFdOwLuIuqsisr7Czx7Z22/d3JrtppKF6OwNoEqo1rfSpUs3Wg/WZvY",
+	"gpNUhgjvZAoBP+E8KavEePntAmk65Ea8D0Xk5WY2RE9HTQ7yJC4NbnAN6IY8q92EZSldDFujYdq5ctcc",
+	"hW5pJJZI0OOgZzzrjpxFXpr9LISemeIi5pnVuRqcqKWUyucVcQ3brLCWmxZe5dItem3JEbKRKrhDx7p8",
+	"huF1fw6il0/Cu3+u7D1QqkUa7yTBzovv2vIKab4mFRXPZxfM1Ccy7o2PfnDe3QavmFpLaUJjs9Y33cx5",
+	"oaaIFHmk0SVPUgrVWNBbWlEIy2Wsu75fece+JdpdD6EmQEeJ37gDa83O6gRWe+q/XHwKwXUGFsyw3cPv",
+	"X1mEOeOMUWXGjBp3HIE8IguTRxqhUrxO+vD74ZwKOmUJABCDibodqLUzWmm4I/N3kQWbgEVOJikXbDhx",
+	"lajWnXqR4JRJmbZlNow3RKaqC8k7zsLJYivyyLokatV2sDZFy9BpHSXXR4PtJKkreBxR46azwJfWjC2X",
+	"9RUIPUEEqRGxA6jb9GZpXZ4aA1d+LshyGe+2QNU2BtY4Qh+C01Qv6uvdhXD54C4q9yhaljK80FfmUroq",
+	"jjvnk8KbN8vL8BVH3mDmGJgypG/BTAsRtynRNElqgRTL/CP8ULFY3jDV9q1mtevytuAqeC1yi6hvyQ/f",
+	"dnxXVAfiY1aHVmxVsKQ1omYbZ8o6UdlRGlRyj9entzXiSZZfyE2Wm40v2nUTfyGaBi4ffeIhJCQ4l3lx",
+	"f+C9u59X5P/vKaW2LLEWDC3xzLZAIg/9xiHWQL85P/0b3p18ZDHjWciuvfFFSNdQj3sxNM/5m59fvf4S",
+	"z6iYbp3hkLAuBZ0qiFDzF7yIusVf4NfBPajpbuyorkTVpqL5OOAOGFYN811rC9Ut7qWtbuBIg9iHtuXb",
+	"hy1b2EcNnMJJV8xbWd+KSM5ztZPMTos1+xPcF3jZfekcQTvxR7u8thYf1pbe6JX1NfZ3C7BRLQsXSLDS",
+	"LECPNdssw3T5SosLbrjXofyB+yvTBEk1cWFJ5fUjyqyhVUZEzFMWTseGydqNjZWO7Ib3ulGrAZX8Kn6s",
+	"5Sl1BN0FQTVQfo+0VSTHNWgq40N3k7ihzYYhTsOyYF63XNVKZmRg0BXBxxCkgJeAmxFX8VXL7dE1F8lm",
+	"uZf+bnQZXWf0yfMXwUedL3gdK4dVlZ9FdUgVU0W+dqI/ucYxNfbfBFs7qrypMI5WlGkpOtElfbOZPygO",
+	"MXSfaGYMF1Md9NetxI8tANmWMlqEHa3aqGJQplC3WWl2OxhcGggivqzvlpgZNWQm06SoLd6H/2HtUMFu",
+	"mCKKmVwJlmyYa7dkTGgjs8zF2lBlXE2TXDjjtxLsWonnamPP+63W42u0+ZxdRxYltrc4cQrYFPjYhMha",
+	"c6JOB7tI1G9Q1vbp+jjQ7pZ0n6X4usz3THR3yUTLKBbLrLExj8bTVI59dHJ5i7TC9i1JonnJxuEGf4yu",
+	"PPdZmWZjFXQpavUBVyYhOZPX77/YRP0UVp7mTpSLAjR71CtgjnNXHLk1RywM1i2BCd+2OVw25zjlNy0K",
+	"AvBhi8XhjDPYSWVV/oPaWmqTrD/I3YG/AM0+cUAZmm7nCdkooMVKv/uW9aiM0r6XVhO0NRSidpvbNrZi",
+	"mk8FSz59fLebzClsH7HirnRdPFTvVxwB7k5dugmZ59qQmKpaEF01CcjHciwTUtfjKUYp97A2Vq08PgjL",
+	"DV2biAlXc0fGjQpd+IyM2UQqV+dcKtg2Rvlis465vMGb4v0V3N4GZpvAoN044b+zjja+D3zuRpjdoF4M",
+	"WZgssKCoEz5EVeCGkQPlxXfh09ykWFF392fBwjbygy7H9dzHF7ph5ZQiTay9Djy+0NmFunWue63mx1L5",
+	"T3ektfWucKe6Q92JlHaIuz/x/BG6XTCtA8QxY/F197U2M+hbbM26dxCTENfCp+6Sa92J3rZwUedC2V+D",
+	"E08U07NtZ4aPh0Wac2UBf3r805N1J1P/Pnwuk1wkD1a7bZOjrG6k4Y9dURncbyh8re4S+jYs8ugT8lrC",
+	"YEqNbzN/bYnwa/DbfRItLb+6tGK88KlgxaUPMmE7KaiwHKPl8pceacITqx/RJFFMa59ugXWYKHl/dnZJ",
+	"sGOfe3EmtYFEjING0ke4UoOPgupSqisY4rS2ElcR8dSSu4+d+hIsJlWJHPzl4hNohpTo6/x0kJ+cPI15",
+	"Av9nxNBpY3vByTcNgFoWVevimILoIbct+dEtvaRVGl6+/dRWCv+Pokk/cNGkSvHrdX6ry7efdqEMWUza",
+	"nyKEDUqW1zjmu4xpmnAxZSpTPFQn8fLXsyfPX5weHR0RqonWs8NrtpgyQQ5TAp/ott5G97VJ6q1S1jYH",
+	"YcmT588f/2TZTpxoaoWUpuu1uGoZfecFhdOtzV8/o7UWDIJtJ+iFCLBHDKsVE9tRosIahveAxuqmLS52",
+	"Zbutb9lQT0Drli1RB9ZO8KsO/n3imUHv7nbyflfO99W9pNsd595ljs+DG8R8+lcQYxfg2JtE6o+9Y2gl",
+	"6HDC82IF+Fng4hZf0UQxi3ug/CYMIl2O1stuP2rktrBi7y1JuVjpIKxXhQuqWr0eci5cm0qrwBctNSFt",
+	"mhtNHh0/OggKni3PL5w//jHc+HOpy6frqH38qEMx10rvyMgfz4pzPR+3OAqxMeSKZhq7T1xmhobdXqug",
+	"3JVZ7w0AG7qSd5LagUB2x1K4juH8ojro7tFnp+hfuwNRUCXijQVBtUHmOrema1a5QliUXXnvVwpifbTy",
+	"RgrCKgdta2mGor8t3AXhTdDWVeZr9L7eZ7GfYyipaZltT3jKLEF+obEhKUyKjeY/fXxHuCZ4HwZNudBs",
+	"WCLINU3TVwPALW0FHD6CENwOAD51bufnaWTHZsmtu4elwUAr9v5J01bdZKiYZuqGBTxQv7I0IeOFu3bU",
+	"hAuCpc2C8As0q4HxoUbaJgqQ3k8bO6ze1F0fW3XqlZ1FTU2pPND6nCH4XLmaQTssUarzcaakkTG6LQMl",
+	"jLkCYQqvWOEqJxOmTl0zqCNfxujo5vHRyhKo9ZGnxgyhqfizp2RMNXvxLFcpKRuQvySai2nKSK7Dbfhu",
+	"2VjL+JqZYVgdKHoFyoxh+R7npz4lx7f62C/7+K5Su4knX9drZYFirUurqR9rEJJYwRX7eId8jNCSpa1+",
+	"7LbB+CsG9Hcx2wy8dA/UFuGC/CuMI0vlIf7MqOpiQ9fOqjbY2sALbNH6YWtGv1WHgK5tTdzitr4S6drc",
+	"I9wCqn1Fe+k2sM4XdF838/JewjKuxg06yYkxhxD0Ta4Z3Se5MFiHYxfJOQ/f/Pa7bUCrr/O2ggBqXw1W",
+	"63iDa9i8zaoq7LkaijSQ7HMbOu/CvEO62J+D75MO1bmB2jrYoTJQSgnKEgd9dg9cH2e3JZegrjNUtNpM",
+	"Y9u24XdrRb1GSZ5QaaMiiKUKqbWOaAvs3SDlXkv2rEutLrL8guyyKK7ewk43TcyujVhJMVxeOebi5Iqb",
+	"xaU9KWemgd50lgerXApy/ubnVwR1JgK6Eun/j79dHZThAmWFb8KhxLhZEJ91GRFKgBoHwqnTfoxppodH",
+	"R0cH0LOKCnJ28YZcs4V9cA0PjgaAR7BOSweo3RV7mhmT9b5+hbS2iQybImhy2AUaJVOSpVQw8vH15ZWd",
+	"7Yi8vmFq4erlU6FvmdK+eKYvo89cAdWB6I9qFVVHBxgXzMWUUKKxFv8olgkbvXSnkriMpZRrY89GkFFR",
+	"zn90NBA4vXI6PQzHmSaj/3n4qqwdefjm5xHps3gmqxEaPj75dsYEgfK2EWGpZgMxZYIpS2Lu/Aw3qT0u",
+	"dxRnF28qqXSnvZOjx0cnrnyDoBnvnfaeHp0cPXV+D8CPY5rx45vHx0Dax5W2dfahawJcFC54k/jW9O+4",
+	"NmeVl10HEWYg5Pfvdz3L5nq+0C4y10pkZ5FMudZ3FmYF5WQ+sPC/YCr7fmjmsmjDRlOHhiqaopYjrdOo",
+	"1+6h0bK73Mua795BxeEOL75Crvj1M2SMAUoCgJ+cnFR8hJj1iNyGS3H8Dxf+Vu60W3NzYPJAvQ1+QzI6",
+	"ZUROau0RUeH3KVTBKYo1Y9Fi5HX5fE7VonfaQ1Irh4zIhKfQsS8igt1aUppwBZ0xMGLJX9F+tuO0EkDT",
+	"GXA8kSpmh67/OcgFqdvo4y/23Y/46lm1onSDTDojxpufu8D5TdlLACIAPhfNNXzTlZ2Auh6g+vUryq4a",
+	"Xj3ZA16FcOqjb1d/fzxy4CJUVLEJM1a5JqhXWYF2O5Pasml8vUgjXY9cecLNYSqn7cwV+KrrK643Rxf7",
+	"5VlspLqyPKgL5ym+6IZg/n2MCu32+hU2au/6+l+UnHcfW/54fLLagn41l7RvEiVvd8AkYVaSymmdJ5a8",
+	"cjMEPmZfMqlMKx6/hsd/YPJmmLwe7Qz7Yo5jfVNHt6bGsYRTry7/isovJZh3ZLFqV5IXQoxBVfb4Sqgm",
+	"ry7/GhFtFKPzbsjlqgQdl8XG9RohewZv/rlo47EZij2QrDwrtlORl1VTz6icLcvPxztbQK1g+DJqXEgN",
+	"MT33xYVXYJlimNCYG2v1STWlgv+OYrQPUCYldO2rlRLyBE3bgy6oAsVT1xso0K27m2lSlFfodKSVOqE7",
+	"NRNCA7VEye/Q+viupGNRfHOlZBTYAO++OHvlcz2qzSWb2BetYkHVXJXvlQOF8mkemAdhKdSQ9u6bq+9A",
+	"GEHpU0IRomamZD7FmL8KCRFPQnDdTJOEcNOZ4xzfOT/C19W85xdmtsIH+5FVXvZNXyFIeFLYFg4BqoHu",
+	"ReETKm8z73dIuyeW5XvWTqSyfwDhwnZAJ2da86lwdPJIk8u3n0hfinRBbmc8hUbUXBOepOxgC8o4LluB",
+	"HRYRACsY6HsuTLPb7neGEi2ddoNuj8f7mjWEEvbsdoIRLrzmMNfMefCXegwgWJ0Lva+L9uVb4QjUgF+D",
+	"GBf2nR+WjRI6MUz50OMx2wXZXlehkih+w5QLidQEexaQfi5c9wLy//7P/yWuFnZEqj+OaXy9FdSwRPga",
+	"sH2El75Hzt7BaXnyAAoPlFnfgepKr5nXdWRuABGmUiakr9gk1yxx3JyKqi9zJtNEk45WlmvKqo/d5V4H",
+	"i6ueN76B7QW3yeXR7r3kapu1tZcrqu/KwAoUd11panng3x9l3czFiBEZLwgCn/Tx4hMBxhFZoRb8dph6",
+	"fOebeiHjgo516xiXfcmtsQVxqzk4p71yil5TQdwt/jyYnVgtr/HAam+tFEaQcWIN511c89iRSEYVuKBo",
+	"moKvnXhWQozMDvMMNB0u3I08fHLLRSJvOyEklJs89MZmF85Zq5mpe/vkAMsFPwMHjr5dv4Md+AfLQBLX",
+	"27Q4HVQqwQUXEV/7Fwx0r9ZgSVPt6sOC9nmwDRyO7yztfnXZPmvM00YZ003VGfz8g+UV+7NM6Dj9VoZq",
+	"s8rrHk1W3Cf4ljGmreiV63r6Lzsf8jZiK/Dw+wdvsVS/yO8W0iVx7+QigRoANugDOG4V4C8rgWmEawyR",
+	"sohG6JTal9DsgkU/0sTtcXtuAYbQoaH6et2F1GsBOkvRWui7ZBm1JX5DJxecUIsJbQ/bFa/0p0x4QmgK",
+	"VdZQM0RU27WXum1V/1VOeS/shnEI9SmNsNEJ1GGquVv6aN/rl4R75c9YdbnaQ+hgNzh9fFcdtJtr+97Y",
+	"HQU16kaHpHadupli09SpP39j3N2FTw4x4JFGHBkvwM9TJYf7gl8f31Vqba0HvBcAWzl3GsBf8/Zrt64f",
+	"9TakCkdw0YwXIJR40n4hdS3krSYcyLxvWYJjAfcic70Q8RqhdbkQcRW0+v5ia4/QqvQhDMAN+uNix7Kd",
+	"WIrOgYSw83fEPpKmCkVXUJAIeUv6QFwWkinXRkcklRpMzbGS12wTw6Wz3fgA9mIHOzFNC+Pu/of/phjR",
+	"ubqzYqcb3dC7cS58Z419KFW1Ob7RFbvvcLEMoeIkdwYU0peK5NlU0YQdWEpAg37MBVULMpG5SIgUTk1X",
+	"VquZSW1eAu+7/PXs8MnzF1iHPJYqsXq7SAi4d+2/DWGAUinNRTzbgFi2MO7/MOo7Y9E+jXmPQH2LWxZJ",
+	"CjnWjVnKlMecrY6qrreJ6Hg14VtfBPTOx8FCwD/YXcByM46VdwHSn94OLgNg6nJEqA8iVdCd0wrw47tr",
+	"tviK6WEpw+ZPdci/ShlVjQ4hG9O87y9TN12at1iu2Fu70bJxFbqVU62KLnzWxSJ6FugeYU9rN5rTXN4A",
+	"YdfBjPc8gn0x5JYnTBHYiu9Q4aYkgNBh2m/x7BWFAncF5D3x9qWChg/N3hu9cpaJ/ZKZ+4P/kpkA7BHv",
+	"00WEDg+ID7agR/eHJ4MO5K+v8w6a8eXbT5ubMt8Ve/bVhlfyZLvNXUXyX779FBEufKaTYJoYKTfVuNGB",
+	"e/n20/caEFss8Bup6lD+OeBEx/T5XUVgBsnm+A4D0ztqyUEghq7CfbR7J5ddKEx9r+Gcm4L6ZN+g3pky",
+	"jZVjCbWk+0gTqC1C+oLdVlNsiRTp4iAi9IbylI55ys0CEzWq1YTX4k+uXT+n1Xz3k8a2Rh3Ua19yIuzY",
+	"ff6su0bUHkLUrRzGjyUYikoaKyUDwGtv3ARGP76z/+vOT6B0x6ZSwX60x7jAxvK+EaPAoiZ75BS/KIo5",
+	"VwYiB2/pgvi6LgQgGhX2OJTGcJZ5jhBbhQ4dakZsVS6iVlJpn/FVf5RfuN8NhwPUI10duL32QgUPqppk",
+	"o/y4YMQoKjSFFN3TahXnRxgcZH+pphg+0iSmmSZ9NDwGYlTd57+PrAQkY8wWJXRsDdTfmZIRDDZRDK98",
+	"iiZAl28/HZGrGRuIqiiFulxk5BgRS0YvyUSmqby138zxauCX11cEanWREUofKAhjj06fkmcnz4hVl4Q0",
+	"Q/CURuTZyU9EyGFMMxpzs4jIsyc/VY5yiIVA2ZeYsYQl0UA8O3lCuND5ZMJjzoQZul3ZoU6I1rPhNVsM",
+	"PclgrZiGXwR0zXtUpnhQVb1c5zfS2MsFtF2D3FN5r7pOhCkRERS7dgu5RkphntwsY9LKo39hZmeVSh6G",
+	"0bXd3JYbvrf2s8UBH6+tEPOd1IX50eu1/AL1/X3CzZjG16SP/DbC6DGjFi4Px4FkiJkBB/ckoaJe8HKG",
+	"W32zf0E/l/On1GrKMBLTNGWKzOmC3CpuoDxx39E4wd4xOgIfGShdOhoIjY1XCMXOK4Wocl8dgLxyGVxc",
+	"kyfPXxBFRSLnZMyNjjBSDrjJUysnooEYw12da5LgVoSyletaSSX7I9cEMkvyzMczgGwn1Bg2zwwxciCg",
+	"wDL1Mf6+70ZEdA5F5iZ5amEjpDkaiIG4KisxQ4kd8jc2voTSyYQaMrKCdFV95hHpy9xonrCBGDnAjSKC",
+	"FbTtGrEwGl4wjhdk5P8uADilht3Sxah2dFMJ9xEDMbpk8WGxpMMLV8N5RKj2Yx3BJ0fYQA/+jT30Rujl",
+	"NrJ8sayNPRqI/ljJW2tCYY08LsjoLDczqZwyc0qw4jEJjNyXZsYUiVMr+/XBSxcWjcHqAwFqNEH9t5IO",
+	"ZCHx7OQxGfmFYJHkIbcKBlOLUVRoVR6DBkKxG3nNkoMjckbcih9pMjpXfMrFCFtoj5m/7EU2J5XTBG8P",
+	"U67NQPRHv1x8Oju7HF69/vj+zYezd8Ozd+/O//b65+H5xze/vPlwaY//o10nTbUr1ld2sGb+prko3zcQ",
+	"9fp9py37AnQfkeOlRy5VaGT1pacDUT6WsK/hRKoxTxImQh/fKimmwxIRYZSfatomKHdO9UNtrhzEZ42k",
+	"1ngYReT5yZPqCiDbLheK0XhmTbD6CmZSG9Dt5lxD2ZURkNFZkWzojioq7uKtCNBYzbDAegI15clYmhm5",
+	"pYtSm0aMsnxGJJoYi8BugNHdAAyrQe90YEUH/50NetGgF8tUD3qnr6JBz2LHoHf68aurkahnLE2h4Lq2",
+	"xAxwQ34BYx6RV6nUrpTiKXl8cnJS+Yx9gVSMPjZPJSP7t88V+mA1+ccnJ4+RIUJCQG6MxfZE3gp49h/E",
+	"gb+oDzlnWtMpg6c/4RJIStUUDo6KCgyO5vTLEF7A4vsj+83jxyhmYikEA5MEwnpA4z6BbGli+JzJHPC9",
+	"GMo+GLoHFssvGSOJjI/LuVao5/UC/7vWyHanHdfXuSJRudYV/hWNZ+zwFYJnWXYKeaiNVOy0xpFAtMSK",
+	"QReJFQWQ9pISTY1HZ88LS5JyHLDkAY+0ayPbkivdqnfkZnYMVVWPoRpwuxr5zr70Tu4vrKmc4Bs5xep9",
+	"EUK3lRhFfY94M1cxt3f698+1G0w+FVagulA/gIdXu0gfKrPWfsNisOg1q+uXuZkFATyVeJHdBlt4vsez",
+	"xRnaQynd0crcHBGrx0KlYM2nEGQaESaSQpTlKsVmWk4XheLAjzQpiwLLXYQNJRUltRx9/VlLnsTwL6tc",
+	"sVb795wn8Vnx1hK3bVTNolavRZq/ZWNCs8zqetjZwv4L7Q53XlaOYT+yCB1IVlYBah1DM7qQ97NsktFy",
+	"P/L88ZP1YR5P0bBr2mAJV9bKcHr/UmHnBqd+5+251UXndkyB4GgrOa0/yqKGMyCkXzHp06r2DFoF+e/k",
+	"4u2r1wcdMYR9ics2jEGitBjy2r+1H5ZrN+Wn+Jdjun/hgutZAObjBXHQsYTjC3CDIQuyWa8HMbx37HrT",
+	"rHLNwAte49pTmrWd4nuF7gd26w4V1XiZJsQdm1OEhCSpFFZxvpXqWu8aC67A1qONSS2sRbE00kfp6/P9",
+	"wYKxtLOa2H2JSecuX+UK3baq5LmauvujffpA/epaHKBufzu42xHNGxZ/f9JPmOI3vmw9N5qkUGeyCgB3",
+	"3GEY4OsrbwyxcuU9QPCDXeHhftdf3zFhFN9FEO4yeBEqfobWO7yVkM19M6VWwGJbmX3CdakrwB+Vp103",
+	"ny5xI/YfmJyxAyT7VB0O7rSalWFlhiVg0wWRovRm3wP7jlyJ5BW1qf9ZcPAHrxldRbZVZaODMPc35qsE",
+	"+Sv/zh4Jy8/RejnsnpOMKYgr2LXiXAtewPQpd+kE1R39bZFIF1X5HFNDU9k4Uyy58nvlSJtNg7CXzpOT",
+	"E1dizFn90EOIa5JnLzGZS1tNMWEZEwkT8eJoycv5CzO/utn2CBycok1Vqi1813C5cIOn/IYJpqtmil5o",
+	"w+b1o5dqTWeIczX9wUPaz1WHvgdV6bADAXReHa560Tlm1o7RcPHqykBBEI+1NeqxcbVcFABTeww8+u7P",
+	"Mbfn+42pOVfTbxRMY49mnxE0roBMQ814WYd8LOeQo62JvBW1EEcH3gZdHt9hacCV8TPbAP1cTfcdMdNy",
+	"4FeN+Ln7BsuUdBGOA8ZQ1vue0d5KPlf6/j6wT6YFPvcM/e2Iz8cu1GSd4HnvXtsSdj+YqYS7XS+q3OHt",
+	"jnRa0qqSAgL7A8CDNUQpN/OtwjlrS2i7ATtLEpaQPoL4AKN0bjAsAf4BMx/swAuTJIQ6TAJX95zyNCrn",
+	"c5HFMyzLvSAzemO1feNrSHFBFsz0Nqb4evJGWwY1pvI+APrV0jzWZSrjqnaZqezOHxKUU6oN6gUkpsIe",
+	"9djaqDBlWBNcI/Ee9Oz2cGUhv1lBCndyD5JDhyjwSBMlU7YCExI2lyaICa0k53xaa0pU+Jf+NWSs2+56",
+	"IesPb89SFu2GiyLK/scWs7XdfKuaRO4s95fsvEx3RS1wXy/+0AeKtF764lpeufcvi7iS79N6d8v8ViCt",
+	"lY9v9arVS71HPg5cEw8V8unjux0UmnBBIliy+6Wd18WaulAcltRmXOdQLpEn10bOmTrMpDI07YpDF/B2",
+	"iUH7QACc45sVEKlusA368NJuIHyeuW40HjTVADMPJT+j1cslj5mOCgycMzOTiT7oDPlbbP9/fOdrUH1t",
+	"B7ojBv03/KZTqYRK2epOxRIet9Y33Q613FByXHLmh0Mfd1AfWcx41lLnP2YQV9BnNwBuLAaUQAAtYTSe",
+	"HezBS48xZA70pK/oLRnLZAHV6PmEYzJJDQuxKOF6tIJU1MNrttCtNypW9dPu1sZCJ/GVc67ZIgKmeUPT",
+	"nMEz/LsolORiIqGKEkTZ3854PBsIbiCvaMx89Z2ECdLHAjyQUxRVcob+akfXRLNKhWGpMKIVzMyZvBUD",
+	"MWOKhWLVy+Jqb+0uf+jriWIfHZTSAkY6Iloqg0hiqXznEVHAU4vpXHlzdz8BZWOdgLUYgrFQbvbqjROO",
+	"0EBPp1kf35XJ9is93Ntqx+67fXu6VyicV2We3H2VzsKYW2v67+q4/gmd3itAtSPHdwVM61C+kxPcrXhb",
+	"R3gFpn84w7uTV5tDvAaN/QLj4RzjtU19Iwuv3eMGDvEd+7vrGcyPdD00zCUoLFc+2IK2N3F3PyByPaTb",
+	"e2sB9uAH8YcPe1+SztUQOPSJaytF3iW+fObf/deRefWdd2mTWC/N8ABC0JWxrC30n0IQhjb2rUp11k93",
+	"f47s+5Dw8Z37Zeh+WSfkfobfHxJz6nN1lne40B3oHDgQZI/X6BSMZSxyAZ6Va3RhBKmwzSb+3s7x5AGx",
+	"Hwu41I70u6MEO0TTA7dO1G3lyronJH+0goMXbzo5yuzJfyNp+BbaN3xnQHzYynkApG8kPJ1oxDU8UMjv",
+	"2cUbi3GuZF6T20NMBxYQIVyTcGmO/TEg6Fex3gK10ugHQOS3bLGB4Qp1pPYjG6ApZHvGyitMRrmQ2kwV",
+	"0xH5cHZ1CYL/ylKioimJpYhzpZgw6SKCWyaf+qRnUhmSMJqkXLCjgcC8FwZt9eGKpCjV9JI8P3mK30F6",
+	"+khIM4S1jYigcy6m7pJnQnnKxXQgyuQYKACWMEN5qo/c8xGBOl+3XAfvXX5h5iNufK9tuWnCIXUleFdH",
+	"kwWA9PnJ0931P7JQf+1KewVFiyEpg7gswUj1CDWpFM7a9SVMcRIVlxUk90BlPLiUcyvhbF2iz8oGFv9C",
+	"vSvKHDW9jzszqL+kZzRjmkhB5GTClLspg0L5GvLxfrn4dDiTuVqXGKf1rIMWefnrj38LipvYr2ZXh1RR",
+	"1Ofy8leS5eOUx01TDLsPrLwSwHV/r4FbxQK/lSsDT2fPfn3RACHps+TJ8+ePf4oIixNNIa794+UZkL9n",
+	"5E9P/uMJlCg9CAA8QIKd9Cjn5NgOJzbRbe7ppFi1XyMVnbLjcovVf9WJciJTDIrKqJlhOS7gdKPj0RE5",
+	"E4TNM7NwbxEcBt+AkoUjZfmo5jds9BLkqlNjAO98TU4NlcrdooY4FJS6hLEHIhepFYjlWP9pcXqErdrV",
+	"XB+RWhF0Nw5GIlXqoQ9EdRq7neE41wvSxzc1mbEUYi2wDGoBdSjOvnhJVC4INwMB3eAPQqqTQw2cYWPc",
+	"cN9tmt7vP6NmVn4Trvzljq9W+avArAlNNStCwsZSpoyKPfe8dmvHSPkQC9m9o27CU6zjTD3S9ssgUo+X",
+	"UqQL1MbrOFflIw6RWihL3opU0qTVeLiEUgTaVTtOWRnJ+goXcXgFYVn+Lwzbi8jrKzq1quFAvKPaHL6X",
+	"CcSRRYRqKAltDI1ncybMETkXDCqyEgV5CP3RR/v/U6zS+p/0cDyKBmJED0f2NEaHYnRQ0OOTkxe4ID89",
+	"fPqSUDcW1KyEinOWL2gzEHYfTCQlRT9+UZAafAOEqKnhesKhB4gdfyBGtRnc4si/H2v+u2UZ2lo2NMVp",
+	"dUQomdN0ItWcJQS+sKAcCCrImwkOgWtLJNMQZAYFIeCU3clBEWAorzeTqTv7/pOTk4NmL4UWNhKkewdt",
+	"h87n462Cc3ZO/1heo2QAH12Bue797ttG8ofd21/zfBkbZg6xYkedoRSNWbAWcaA1S9CdXMIbuMmTkxcP",
+	"OXvR2ANReRftUexWHhVMq6xuQvpICG5KTWZSyFzVE4tWcq+Uoya8IqwU+Bbyz1Gm2IR/GaEXTElpkHWC",
+	"9H4JDSbsc0JTKAptVYiB8DpERCikQ8IXc641F9ODU2CEdn9lDWmcTBMsMZkuoJA6N8DKcbCmeoBOEaRf",
+	"kgu7VG6OiCUU7TwsWDxzIOrxIBFwoVuuGZEqYYolVQ3jpK5CGEVvmNI0BUbkqkN7rlF4DAXJhaYT5s6i",
+	"Ld5116pDuP2RXUEb5T47+elF5/ZoW2oUP9qVvWewD1Y/7copBYj9HvOhbUsZ0OSw0D2OCBeoogPKdqX0",
+	"+XXCVXsiwnv7eFukfCD7tyL/vpUFXBP7LQIAwXR/3HgPbdYK3ZU2LLAUubOUBy8t12FfuIaqwO4xt2xV",
+	"sK7okSkGtVKr6my4JclfixYgLqJ85MY4cmNgc4TFqGasDUSrtQZOb/80F67HpM+fhRLuLnV2INwUQZvs",
+	"Ap85GHlNrfd94eIuw58Zpu9/+viuDRV3kkB1ZodBZVsxmmhnWlkthPLpzGABzwJWrjkzlvbaFP3ybDXy",
+	"fWTQsEGTEZgNzohw/nTocubiMUyuoMz+xacrWL6rdDCxopt9oaBXwJbmVCzcMH3NnApSpP65GtauuQtw",
+	"XdexZCCg4Vu/6mlwqA2kaL8pu2pcfLqKvBfD20MX55dXpHkQeAD6+A7/AZd/FlLWph25liYDMXJDDceL",
+	"EVA/vg12kHtUZBxB0wNXeqBCko+fliTZaA9Hgt6T9ST3KXME911LD1wyrvWbZTV70sUTa6FeBGpEbil3",
+	"nF2VXgR/aeTAfa/6S0Fad5hIKDY5adC806OB4rsSuWKoTbYRd8MFCQZE4YIkfeg2M7LMZgS7Hxnpuy4l",
+	"zMo+OIOB8C2FLH2eklb6rNyNknPnF6QCfoQmVIjmZCbTBP2CZXcj3EjQp1mQy0BgAf+5vPElxxXThvTR",
+	"uUicb7GbjAzR3kdYxI+hsuFav1UH7XWuR1zdbjovWrzoW157EPRAAjaDuWqgeCm3uNCVfirCMQ+QD9Tt",
+	"lglcY3s2EWG53IX3HUCCH+lfs8wQWr72SA9E1Rt5UPExVCndfmNxVyl+w/QRuWQiKb/0nkupyOhKUaEn",
+	"TB2+FrFMuJiekniWi2uWjJx+AEuVE5KLawHpoSl8TvoxzTKUXk0Fc06/DJ1cxL5KjvxRfFMrGRVzvduA",
+	"vrRp5IagitBvDowC0I05EGXnsAW4D2Dv93ENRFbekrC4JX3LdAAZtJvpIEL57ChyaKQcAhNuEc3WOGhc",
+	"Zbh2QgNhXzqIVrDBfoGcM4cRFomDGjaKq+/E99mZY93Tw/cdWZeXiIc7KHoBtOw4ROlNVCxLacwqdxWu",
+	"FAYg0WZsKqzCtgv/kEfeDVCIQdJ3zCKqaLlSEdeN76Bx8efnF372ktTwEUvIgpmXpMqPBsLTkrUwIsyH",
+	"r6jQoAQUvYpwnCCxvHKTrlGOAwUeinPbc9fy9T1dH9hzgtyv9NzfL6LTWVvglXbmH57syxK/fRnXjCrT",
+	"yCTsjO4rmxX8wryrd7ty8UF2+QA+UFzt6iz4imsSa+bfG2Z/s4ZH4fpEfNCFKLfmDsjOdaCBQIjj+Uqo",
+	"vGe9vSbstZ0dBirtMujJBaS5JNUZz/TqGBh/Ot2yGt4vMPr6B49Ie4hcg5aItIwpLQVNfWT5JjFpGJbu",
+	"YfCd99j/18oUWIJrt9yALgS5QZT/1qjxgLH3VQMZ8uSWz271AbmySvp4TqnuVFfrPaV/1NTqSjsfZMK6",
+	"19XadZz1+7OzSxLLOYQESGG1c8UyqUy1itav789eLZXSgi+Xy2hBvwWHQHNmFI/1akUAX+nWBSdLKRcb",
+	"9sG5UHLOzIzlriM2+5JJzcFKRyV+D/XI/ITzYnfL6QT1Ee56Y+gXf5ZbBP/7Z4vO2B0bqSZXae+0NzMm",
+	"Oz0+fvzkP45Ojk6OHp/+6eRPJ8BG3Ph3gV6Ph1yQSSpvXYwHNOA7KokP2uxZPaFNW/KOV64KGVr5HBnG",
+	"8vf1rh19wwQVRh9EbiSnL8HYZX3YYlSoC7o8qK+wGxplOYO/Eorh0o6WR/xQyTHoX779pA/cknjMqkP4",
+	"lILlEVwvv8j1XotcSyQ86+wwz6rD+CJz4YVYM1cY9PrRMkoGbvgcb8MutSmjmlVhWOlG3XpqhbnQD8Q8",
+	"CHL59CBCBV9HFaPNOFdidRde7Q9MVWu7wrVx/rB+ox8L9jKq7gDYRnDtkKWDbY0iuAPFNB67fEdf1aUh",
+	"fQXwGSvz+WVU6rFVEQVrrH39/PX/BwAA//8=",
 }
 
 // decodeSpec returns the embedded OpenAPI spec as raw JSON bytes,

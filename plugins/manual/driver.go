@@ -5,7 +5,8 @@
 // allocation.revoke_user, node.wipe), Status follows those tasks, and Probe
 // reads the agent's last heartbeat. The driver never reaches the database or
 // the nodes itself. With Nomad configured, Enroll also registers a Nomad job
-// that runs gpuaas-agent on the node with its enrollment secret.
+// that runs gpuaas-agent on the node with its enrollment secret, and
+// Unenroll (when the core retires the node) removes it.
 //
 // The driver keeps nothing that matters: the core keeps the tasks, keyed by
 // the operation ids the driver passes on, so a restarted driver answers
@@ -44,6 +45,7 @@ const (
 	kindEnroll    = "enroll"
 	kindProvision = "provision"
 	kindRelease   = "release"
+	kindUnenroll  = "unenroll"
 )
 
 // maxTaskAttempts is how often the core hands a task to the agent before it
@@ -61,7 +63,10 @@ type Driver struct {
 	pruned time.Time
 }
 
-var _ provisioner.Driver = (*Driver)(nil)
+var (
+	_ provisioner.Driver     = (*Driver)(nil)
+	_ provisioner.Unenroller = (*Driver)(nil)
+)
 
 // opRecord is a request this process has seen, so that an operation id
 // reused for another request is refused. The core keeps the tasks; this is
@@ -317,7 +322,7 @@ func (d *Driver) Configure(ctx context.Context, cfg *base.Config) error {
 		return fmt.Errorf("manual: configure: %w", err)
 	}
 	if s.nomad != nil {
-		// Only Enroll needs Nomad: an unreachable Nomad is a warning, a
+		// Only Enroll and Unenroll need Nomad: an unreachable Nomad is a warning, a
 		// refused token a configuration error.
 		_, err := s.nomad.agentStatus(ctx, "gpuaas-manual-token-check")
 		switch {
@@ -326,7 +331,7 @@ func (d *Driver) Configure(ctx context.Context, cfg *base.Config) error {
 		case errors.Is(err, base.ErrPermissionDenied), errors.Is(err, base.ErrUnauthenticated):
 			return &base.ConfigError{Field: "nomad_token", Reason: "Nomad refused it: " + err.Error()}
 		case err != nil:
-			d.logger.Warn("Nomad does not answer; Enroll will fail until it does", "error", err)
+			d.logger.Warn("Nomad does not answer; Enroll and Unenroll will fail until it does", "error", err)
 		}
 	}
 	d.mu.Lock()
@@ -461,6 +466,35 @@ func (d *Driver) Enroll(ctx context.Context, req *provisioner.EnrollRequest) (*p
 	}
 	d.logger.Info("node enrolled", "node_id", req.NodeID, "operation_id", req.OperationID)
 	return &provisioner.Enrollment{Facts: *facts, Secret: secret, AgentRequired: true}, nil
+}
+
+// Unenroll implements provisioner.Unenroller; the core calls it when it
+// retires the node. With Nomad configured the node's agent job is stopped
+// and purged (a job Nomad does not have, or one another instance
+// registered, is left as it is), so Nomad no longer runs the agent. Without
+// Nomad there is nothing to undo: the operator stops the agent on the host.
+// The core itself revokes the agent's certificate and enrollment secrets.
+func (d *Driver) Unenroll(ctx context.Context, req *provisioner.UnenrollRequest) error {
+	s, err := d.enter(ctx)
+	if err != nil {
+		return err
+	}
+	if checkNodeID("unenroll", req.NodeID) != nil {
+		return nil // not a host name: never a node of this driver
+	}
+	if _, err := d.reserve(req.OperationID, &opRecord{kind: kindUnenroll, nodeID: req.NodeID, fp: fingerprint(kindUnenroll, req.NodeID)}); err != nil {
+		return err
+	}
+	if s.nomad == nil {
+		d.logger.Info("node unenrolled; without Nomad its agent keeps running until the operator stops it", "node_id", req.NodeID, "operation_id", req.OperationID)
+		return nil
+	}
+	removed, err := s.nomad.deregister(ctx, s.instance, req.NodeID)
+	if err != nil {
+		return fmt.Errorf("manual: unenroll: %w", err)
+	}
+	d.logger.Info("node unenrolled", "node_id", req.NodeID, "operation_id", req.OperationID, "job", agentJobID(req.NodeID), "job_removed", removed)
+	return nil
 }
 
 // queue queues one task of an operation. A request the core refused

@@ -25,6 +25,7 @@ import (
 // unique name), so an operator brings a host in by registering it in the
 // core alone. The job carries the node's enrollment secret; the agent uses
 // it once and then lives on its key and certificate in its state folder.
+// Unenroll, when the core retires the node, stops and purges the job.
 
 // Fixed parts of the agent job.
 const (
@@ -142,6 +143,31 @@ func (n *nomadJobs) register(ctx context.Context, a *agentJob) (*nomad.JobRegist
 		return nil, mapNomadError(ctx, what, err)
 	}
 	return resp, nil
+}
+
+// deregister stops the agent job of nodeID and purges it, so Nomad stops
+// the agent and forgets the job (and the enrollment secret it carried). A
+// job Nomad does not have is gone already; a job another driver instance
+// registered for the same host (Meta gpuaas_instance) is left alone. It
+// reports whether it deregistered a job.
+func (n *nomadJobs) deregister(ctx context.Context, instance, nodeID string) (bool, error) {
+	id := agentJobID(nodeID)
+	job, _, err := n.client.Jobs().Info(id, n.query(ctx))
+	err = mapNomadError(ctx, "read Nomad job "+id, err)
+	switch {
+	case errors.Is(err, base.ErrNotFound):
+		return false, nil
+	case err != nil:
+		return false, err
+	case job.Meta["gpuaas_instance"] != instance:
+		return false, nil
+	}
+	_, _, err = n.client.Jobs().Deregister(id, true, n.write(ctx))
+	err = mapNomadError(ctx, "deregister Nomad job "+id, err)
+	if errors.Is(err, base.ErrNotFound) { // purged in between
+		return false, nil
+	}
+	return err == nil, err
 }
 
 // agentStatus describes the agent job of nodeID in a few words.

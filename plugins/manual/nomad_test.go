@@ -216,3 +216,129 @@ func TestNomadErrors(t *testing.T) {
 		}
 	})
 }
+
+// TestUnenroll: Unenroll stops and purges the agent job Enroll registered;
+// a repeated call, and one for a node without a job, succeed; the job
+// another driver instance registered for a host is left alone.
+func TestUnenroll(t *testing.T) {
+	h := setup(t)
+	d := h.driver(t, nil)
+	ctx := testCtx(t)
+	cl := h.nomadClient(t)
+	for _, n := range h.nodes {
+		if _, err := d.Enroll(ctx, &provisioner.EnrollRequest{OperationID: opID(t, "enroll-"+n), NodeID: n}); err != nil {
+			t.Fatalf("Enroll %s: %v", n, err)
+		}
+	}
+	gone := func(node string) bool {
+		t.Helper()
+		_, _, err := cl.Jobs().Info("gpuaas-agent-"+node, nil)
+		if err != nil && !strings.Contains(err.Error(), "404") {
+			t.Fatalf("read the agent job of %s: %v", node, err)
+		}
+		return err != nil
+	}
+	if gone(h.nodes[0]) || gone(h.nodes[1]) {
+		t.Fatal("Enroll registered no agent job")
+	}
+
+	req := &provisioner.UnenrollRequest{OperationID: opID(t, "unenroll"), NodeID: h.nodes[0]}
+	if err := d.Unenroll(ctx, req); err != nil {
+		t.Fatalf("Unenroll: %v", err)
+	}
+	if !gone(h.nodes[0]) {
+		t.Fatal("the agent job is still registered after Unenroll")
+	}
+	if gone(h.nodes[1]) {
+		t.Fatal("Unenroll of one node removed the job of another")
+	}
+	if h.sim != nil {
+		for _, a := range h.sim.Allocations("default", "gpuaas-agent-"+h.nodes[0]) {
+			if a.DesiredStatus != "stop" {
+				t.Errorf("allocation %s of the purged job: desired %s; want stop", a.ID, a.DesiredStatus)
+			}
+		}
+	}
+	if err := d.Unenroll(ctx, req); err != nil {
+		t.Fatalf("Unenroll retried: %v", err)
+	}
+	if err := d.Unenroll(ctx, &provisioner.UnenrollRequest{OperationID: opID(t, "unenroll-again"), NodeID: h.nodes[0]}); err != nil {
+		t.Fatalf("Unenroll of a node already unenrolled: %v", err)
+	}
+	if err := d.Unenroll(ctx, &provisioner.UnenrollRequest{OperationID: opID(t, "unenroll-unknown"), NodeID: h.nodes[0] + "-x"}); err != nil {
+		t.Fatalf("Unenroll of a node without a job: %v", err)
+	}
+	err := d.Unenroll(ctx, &provisioner.UnenrollRequest{OperationID: req.OperationID, NodeID: h.nodes[1]})
+	if !errors.Is(err, base.ErrConflict) {
+		t.Fatalf("Unenroll reusing an operation id for another node: %v; want base.ErrConflict", err)
+	}
+
+	// The host's job now belongs to another instance: this one leaves it.
+	job, _, err := cl.Jobs().Info("gpuaas-agent-"+h.nodes[1], nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	job.Meta["gpuaas_instance"] = "manual-other"
+	if _, _, err := cl.Jobs().Register(job, nil); err != nil {
+		t.Fatal(err)
+	}
+	if err := d.Unenroll(ctx, &provisioner.UnenrollRequest{OperationID: opID(t, "unenroll-other"), NodeID: h.nodes[1]}); err != nil {
+		t.Fatalf("Unenroll of a host whose job another instance registered: %v", err)
+	}
+	if gone(h.nodes[1]) {
+		t.Fatal("Unenroll removed the job of another instance")
+	}
+}
+
+// TestUnenrollErrors: Nomad's failures reach the core as SDK sentinels;
+// without Nomad there is nothing to undo.
+func TestUnenrollErrors(t *testing.T) {
+	h := setup(t)
+	ctx := testCtx(t)
+	t.Run("unreachable", func(t *testing.T) {
+		down := h.driver(t, map[string]any{"nomad_addr": "http://127.0.0.1:1"})
+		err := down.Unenroll(ctx, &provisioner.UnenrollRequest{OperationID: opID(t, "u"), NodeID: h.nodes[0]})
+		if !errors.Is(err, base.ErrUnavailable) {
+			t.Fatalf("got %v, want base.ErrUnavailable", err)
+		}
+	})
+	t.Run("without nomad", func(t *testing.T) {
+		plain := setup(t, withoutNomad)
+		d := plain.driver(t, nil)
+		if err := d.Unenroll(ctx, &provisioner.UnenrollRequest{OperationID: opID(t, "u"), NodeID: plain.nodes[0]}); err != nil {
+			t.Fatal(err)
+		}
+	})
+	h.needSim(t)
+	d := h.driver(t, nil)
+	if _, err := d.Enroll(ctx, &provisioner.EnrollRequest{OperationID: opID(t, "e"), NodeID: h.nodes[0]}); err != nil {
+		t.Fatal(err)
+	}
+	for _, c := range []struct {
+		name, method, path string
+		status             int
+		body               string
+		want               error
+	}{
+		{"no leader on read", "GET", "/v1/job/", 500, "No cluster leader", base.ErrUnavailable},
+		{"no leader on delete", "DELETE", "/v1/job/", 500, "No cluster leader", base.ErrUnavailable},
+		{"forbidden", "DELETE", "/v1/job/", 403, "Permission denied", base.ErrPermissionDenied},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			h.sim.InjectFault(nomadsim.Fault{Method: c.method, Path: c.path, Status: c.status, Body: c.body})
+			err := d.Unenroll(ctx, &provisioner.UnenrollRequest{OperationID: opID(t, "u"), NodeID: h.nodes[0]})
+			if !errors.Is(err, c.want) {
+				t.Fatalf("got %v, want %v", err, c.want)
+			}
+			if _, ok := h.sim.Job("default", "gpuaas-agent-"+h.nodes[0]); !ok {
+				t.Fatal("the job is gone although Nomad failed")
+			}
+		})
+	}
+	if err := d.Unenroll(ctx, &provisioner.UnenrollRequest{OperationID: opID(t, "u"), NodeID: h.nodes[0]}); err != nil {
+		t.Fatalf("Unenroll once Nomad answers again: %v", err)
+	}
+	if _, ok := h.sim.Job("default", "gpuaas-agent-"+h.nodes[0]); ok {
+		t.Fatal("the job is still registered")
+	}
+}

@@ -27,12 +27,14 @@ func Kinds() []Kind { return []Kind{KindProvisioner, KindPayments, KindStorage} 
 // Optional capabilities a driver may implement, reported in Info.Capabilities.
 // The SDK fills them in from the optional Go interfaces the driver satisfies.
 const (
-	CapabilityWebhook  = "webhook"  // provisioner.WebhookHandler
-	CapabilityDiscover = "discover" // provisioner.Discoverer
-	CapabilityPortal   = "portal"   // payments.PortalCreator
-	CapabilityRefund   = "refund"   // payments.Refunder
-	CapabilityPresign  = "presign"  // storage.Presigner
-	CapabilityRange    = "range"    // storage.RangeGetter
+	CapabilityWebhook   = "webhook"   // provisioner.WebhookHandler
+	CapabilityDiscover  = "discover"  // provisioner.Discoverer
+	CapabilityUnenroll  = "unenroll"  // provisioner.Unenroller
+	CapabilityPortal    = "portal"    // payments.PortalCreator
+	CapabilityRefund    = "refund"    // payments.Refunder
+	CapabilityPresign   = "presign"   // storage.Presigner
+	CapabilityRange     = "range"     // storage.RangeGetter
+	CapabilityMultipart = "multipart" // storage.MultipartUploader
 )
 
 // Handshake values. ProtocolVersion changes only on a wire break; the driver

@@ -11,8 +11,8 @@ import (
 )
 
 // Client is the host's side of a provisioner plugin. It implements Driver,
-// WebhookHandler and Discoverer; without the capability HandleWebhook and
-// Discover return base.ErrUnimplemented.
+// WebhookHandler, Discoverer and Unenroller; without the capability
+// HandleWebhook, Discover and Unenroll return base.ErrUnimplemented.
 type Client struct {
 	*base.Client
 
@@ -23,6 +23,7 @@ var (
 	_ Driver         = (*Client)(nil)
 	_ WebhookHandler = (*Client)(nil)
 	_ Discoverer     = (*Client)(nil)
+	_ Unenroller     = (*Client)(nil)
 )
 
 // NewClient returns a client on conn. doneCtx is done when the plugin
@@ -101,4 +102,12 @@ func (c *Client) Discover(ctx context.Context, req *DiscoverRequest) (*DiscoverP
 		return nil, fmt.Errorf("provisioner: discover: %w", c.Err(ctx, err))
 	}
 	return discoverPageFromProto(resp), nil
+}
+
+// Unenroll implements Unenroller.
+func (c *Client) Unenroll(ctx context.Context, req *UnenrollRequest) error {
+	if _, err := c.rpc.Unenroll(ctx, unenrollToProto(req)); err != nil {
+		return fmt.Errorf("provisioner: unenroll %q: %w", req.NodeID, c.Err(ctx, err))
+	}
+	return nil
 }

@@ -364,3 +364,11 @@ func discoverPageFromProto(p *provisionerpb.DiscoverResponse) *DiscoverPage {
 	}
 	return out
 }
+
+func unenrollToProto(r *UnenrollRequest) *provisionerpb.UnenrollRequest {
+	return &provisionerpb.UnenrollRequest{OperationId: r.OperationID, NodeId: r.NodeID}
+}
+
+func unenrollFromProto(p *provisionerpb.UnenrollRequest) *UnenrollRequest {
+	return &UnenrollRequest{OperationID: p.GetOperationId(), NodeID: p.GetNodeId()}
+}

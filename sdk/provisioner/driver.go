@@ -57,6 +57,18 @@ type Discoverer interface {
 	Discover(ctx context.Context, req *DiscoverRequest) (*DiscoverPage, error)
 }
 
+// Unenroller is the optional capability (base.CapabilityUnenroll) to undo
+// what Enroll set up in the backend when the core retires a node: for
+// example stop and remove the job that runs the node's agent. It does not
+// release or wipe the node (the core retires only idle nodes) and does not
+// touch the node's credentials at the core, which the core revokes itself.
+// Unenroll is idempotent: a call retried with the same OperationID, a
+// repeated call and a call for a node the backend does not know (any more)
+// all succeed.
+type Unenroller interface {
+	Unenroll(ctx context.Context, req *UnenrollRequest) error
+}
+
 // ReleaseMode says how thoroughly Release cleans a node.
 type ReleaseMode string
 
@@ -217,6 +229,12 @@ type NodeEvent struct {
 	Facts      *NodeFacts
 	Operation  *Operation
 	Health     *Health
+}
+
+// UnenrollRequest undoes the enrollment of NodeID (the id Enroll took).
+type UnenrollRequest struct {
+	OperationID string
+	NodeID      string
 }
 
 // DiscoverRequest asks for one page of the backend's nodes.

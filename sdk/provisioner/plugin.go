@@ -32,6 +32,9 @@ func OptionalCapabilities(d Driver) []string {
 	if _, ok := d.(Discoverer); ok {
 		caps = append(caps, base.CapabilityDiscover)
 	}
+	if _, ok := d.(Unenroller); ok {
+		caps = append(caps, base.CapabilityUnenroll)
+	}
 	return caps
 }
 

@@ -157,3 +157,19 @@ func (s *Server) Discover(ctx context.Context, req *provisionerpb.DiscoverReques
 	}
 	return discoverPageToProto(page), nil
 }
+
+// Unenroll implements provisionerpb.ProvisionerServer.
+func (s *Server) Unenroll(ctx context.Context, req *provisionerpb.UnenrollRequest) (*provisionerpb.UnenrollResponse, error) {
+	u, ok := s.impl.(Unenroller)
+	if !ok {
+		return nil, base.StatusFromError(fmt.Errorf("provisioner: unenroll: driver has nothing to undo: %w", base.ErrUnimplemented))
+	}
+	r := unenrollFromProto(req)
+	if err := errors.Join(required("operation id", r.OperationID), required("node id", r.NodeID)); err != nil {
+		return nil, base.StatusFromError(fmt.Errorf("provisioner: unenroll: %w", err))
+	}
+	if err := u.Unenroll(ctx, r); err != nil {
+		return nil, base.StatusFromError(err)
+	}
+	return &provisionerpb.UnenrollResponse{}, nil
+}

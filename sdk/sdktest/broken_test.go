@@ -9,6 +9,7 @@ import (
 	"os"
 	"os/exec"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -41,6 +42,7 @@ func TestKitRejectsBrokenDrivers(t *testing.T) {
 		{"storage-claims-presign", "PresignGet: storage: presign get"},
 		{"provisioner-enroll-not-idempotent", "minted another secret"},
 		{"provisioner-discover-ignores-cursor", "the cursor must continue after the previous page"},
+		{"provisioner-unenroll-not-idempotent", "Unenroll of a node already unenrolled (it must succeed)"},
 		{"payments-webhook-unverified", "one body byte changed"},
 		{"payments-refund-not-idempotent", "Refund retried with the same operation id made refund"},
 	} {
@@ -87,6 +89,10 @@ func TestBrokenDriverHelper(t *testing.T) {
 	case "provisioner-discover-ignores-cursor":
 		instantprovSuite().Run(t, sdktest.InProcess(func(testing.TB) base.BasePlugin {
 			return &cursorlessDiscoverer{Driver: instantprov.New(hclog.NewNullLogger())}
+		}))
+	case "provisioner-unenroll-not-idempotent":
+		instantprovSuite().Run(t, sdktest.InProcess(func(testing.TB) base.BasePlugin {
+			return &strictUnenroller{Driver: instantprov.New(hclog.NewNullLogger())}
 		}))
 	case "payments-webhook-unverified":
 		instantpaySuite().Run(t, sdktest.InProcess(func(testing.TB) base.BasePlugin {
@@ -171,6 +177,33 @@ func (c *cursorlessDiscoverer) Discover(ctx context.Context, req *provisioner.Di
 		page.NextCursor += "-" + rand.Text() // a fresh cursor, so only the repeat shows
 	}
 	return page, err
+}
+
+// strictUnenroller answers a retry of its operation, but refuses to
+// unenroll again a node it already unenrolled.
+type strictUnenroller struct {
+	*instantprov.Driver
+
+	mu   sync.Mutex
+	done map[string]string // node id -> the operation that unenrolled it
+}
+
+var (
+	_ provisioner.Driver     = (*strictUnenroller)(nil)
+	_ provisioner.Unenroller = (*strictUnenroller)(nil)
+)
+
+func (s *strictUnenroller) Unenroll(ctx context.Context, req *provisioner.UnenrollRequest) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.done == nil {
+		s.done = map[string]string{}
+	}
+	if op, ok := s.done[req.NodeID]; ok && op != req.OperationID {
+		return fmt.Errorf("node %q is not enrolled: %w", req.NodeID, base.ErrNotFound)
+	}
+	s.done[req.NodeID] = req.OperationID
+	return s.Driver.Unenroll(ctx, req)
 }
 
 // resigningPayments accepts any body: it signs what it received itself.

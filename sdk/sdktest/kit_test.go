@@ -83,7 +83,7 @@ type bareProvisioner struct{ provisioner.Driver }
 var _ provisioner.Driver = bareProvisioner{}
 
 // TestProvisionerWithoutOptionalCapabilities checks that a driver without
-// the webhook and discover capabilities passes, its calls answering
+// the webhook, discover and unenroll capabilities passes, its calls answering
 // base.ErrUnimplemented.
 func TestProvisionerWithoutOptionalCapabilities(t *testing.T) {
 	t.Parallel()

@@ -20,7 +20,8 @@ type ProvisionerSuite struct {
 	Config func(t testing.TB) map[string]any
 	// Node returns the enroll request of the i-th node the driver can
 	// bring in (the kit fills OperationID). The kit uses nodes 0 and 1;
-	// it enrolls node 1 when the driver has the discover capability.
+	// it enrolls node 1 when the driver has the discover capability, and
+	// unenrolls node 0 near the end when it has the unenroll capability.
 	Node func(t testing.TB, i int) provisioner.EnrollRequest
 	// Provision is the template of a provision request; the kit fills
 	// OperationID and NodeID. User.Username is required.
@@ -53,7 +54,7 @@ func (s ProvisionerSuite) Run(t *testing.T, target Target) {
 	}
 	d := ConnectProvisioner(t, target)
 	info := runBaseChecks(t, d, base.KindProvisioner, provisioner.SupportedAPIVersions(),
-		[]string{base.CapabilityWebhook, base.CapabilityDiscover}, s.Config(t))
+		[]string{base.CapabilityWebhook, base.CapabilityDiscover, base.CapabilityUnenroll}, s.Config(t))
 	if t.Failed() {
 		t.FailNow()
 	}
@@ -247,6 +248,25 @@ func (s ProvisionerSuite) Run(t *testing.T, target Target) {
 				t.Errorf("Discover lists node %q, enrolled, idle and healthy, as ready=%v broken=%v (state %q)", id, n.Ready, n.Broken, n.State)
 			}
 		}
+	})
+
+	t.Run("optional unenroll", func(t *testing.T) {
+		if !info.HasCapability(base.CapabilityUnenroll) {
+			err := d.Unenroll(ctx, &provisioner.UnenrollRequest{OperationID: ids.next("unenroll"), NodeID: nodeID})
+			wantErr(t, "Unenroll without the unenroll capability", err, base.ErrUnimplemented)
+			return
+		}
+		err := d.Unenroll(ctx, &provisioner.UnenrollRequest{NodeID: nodeID})
+		wantErr(t, "Unenroll without operation id", err, base.ErrInvalidArgument)
+		err = d.Unenroll(ctx, &provisioner.UnenrollRequest{OperationID: ids.next("unenroll")})
+		wantErr(t, "Unenroll without node id", err, base.ErrInvalidArgument)
+		req := &provisioner.UnenrollRequest{OperationID: ids.next("unenroll"), NodeID: nodeID}
+		wantOK(t, "Unenroll", d.Unenroll(ctx, req))
+		wantOK(t, "Unenroll retried with the same operation id (a retry must succeed)", d.Unenroll(ctx, req))
+		again := &provisioner.UnenrollRequest{OperationID: ids.next("unenroll"), NodeID: nodeID}
+		wantOK(t, "Unenroll of a node already unenrolled (it must succeed)", d.Unenroll(ctx, again))
+		unknown := &provisioner.UnenrollRequest{OperationID: ids.next("unenroll"), NodeID: "sdktest-no-such-node"}
+		wantOK(t, "Unenroll of a node the driver does not know (it must succeed)", d.Unenroll(ctx, unknown))
 	})
 
 	t.Run("cancellation", func(t *testing.T) {

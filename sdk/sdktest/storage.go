@@ -6,6 +6,7 @@ import (
 	"crypto/rand"
 	"fmt"
 	"io"
+	"net/http"
 	"slices"
 	"testing"
 	"time"
@@ -35,7 +36,7 @@ func (s StorageSuite) Run(t *testing.T, target Target) {
 	}
 	d := ConnectStorage(t, target)
 	info := runBaseChecks(t, d, base.KindStorage, storage.SupportedAPIVersions(),
-		[]string{base.CapabilityPresign, base.CapabilityRange}, s.Config(t))
+		[]string{base.CapabilityPresign, base.CapabilityRange, base.CapabilityMultipart}, s.Config(t))
 	if t.Failed() {
 		t.FailNow()
 	}
@@ -291,6 +292,8 @@ func (s StorageSuite) Run(t *testing.T, target Target) {
 		}
 	})
 
+	t.Run("optional multipart", func(t *testing.T) { checkMultipart(t, ctx, d, info, key("multipart"), ids.next("multipart")) })
+
 	if target.InProcessTarget() {
 		t.Run("error mapping", func(t *testing.T) {
 			inj := newInjector()
@@ -345,5 +348,74 @@ func sameInfo(t testing.TB, call string, a, b *storage.ObjectInfo) {
 	t.Helper()
 	if a.Key != b.Key || a.Size != b.Size || a.ETag != b.ETag || !a.ModTime.Equal(b.ModTime) {
 		t.Errorf("%s: got %+v, first call returned %+v (a retry must not write again)", call, b, a)
+	}
+}
+
+// checkMultipart uploads an object in two parts over the driver's
+// presigned part URLs, as the core does for large uploads: Start and
+// Complete answer retries with their first result, the object appears only
+// at completion, and Abort of an upload succeeds twice.
+func checkMultipart(t *testing.T, ctx context.Context, d *storage.Client, info *base.Info, key, op string) {
+	start := &storage.StartMultipartRequest{OperationID: op, Key: key, ContentType: "application/x-sdktest"}
+	id, err := d.StartMultipart(ctx, start)
+	if !info.HasCapability(base.CapabilityMultipart) {
+		wantErr(t, "StartMultipart without the multipart capability", err, base.ErrUnimplemented)
+		return
+	}
+	wantOK(t, "StartMultipart", err)
+	again, err := d.StartMultipart(ctx, start)
+	wantOK(t, "StartMultipart retried", err)
+	if again != id {
+		t.Fatalf("StartMultipart retried answered upload %q, the first %q", again, id)
+	}
+	data := make([]byte, storage.MinPartSize+4321)
+	_, _ = rand.Read(data)
+	var parts []storage.CompletedPart
+	for i, chunk := range [][]byte{data[:storage.MinPartSize], data[storage.MinPartSize:]} {
+		u, err := d.PresignPart(ctx, &storage.PresignPartRequest{Key: key, UploadID: id, PartNumber: i + 1, Size: int64(len(chunk)), Expiry: 10 * time.Minute})
+		wantOK(t, "PresignPart", err)
+		req, err := http.NewRequestWithContext(ctx, u.Method, u.URL, bytes.NewReader(chunk))
+		wantOK(t, "building the part PUT", err)
+		for k, v := range u.Header {
+			req.Header.Set(k, v)
+		}
+		resp, err := http.DefaultClient.Do(req)
+		wantOK(t, "PUT of a part", err)
+		_, _ = io.Copy(io.Discard, resp.Body)
+		_ = resp.Body.Close()
+		if resp.StatusCode/100 != 2 || resp.Header.Get("ETag") == "" {
+			t.Fatalf("PUT of part %d: %s, ETag %q", i+1, resp.Status, resp.Header.Get("ETag"))
+		}
+		parts = append(parts, storage.CompletedPart{Number: i + 1, ETag: resp.Header.Get("ETag")})
+	}
+	if _, err := d.Stat(ctx, key); err == nil {
+		t.Fatal("the object exists before CompleteMultipart")
+	}
+	complete := &storage.CompleteMultipartRequest{OperationID: op, Key: key, UploadID: id, Parts: parts}
+	got, err := d.CompleteMultipart(ctx, complete)
+	wantOK(t, "CompleteMultipart", err)
+	if got.Size != int64(len(data)) {
+		t.Fatalf("CompleteMultipart: %d bytes, want %d", got.Size, len(data))
+	}
+	retried, err := d.CompleteMultipart(ctx, complete)
+	wantOK(t, "CompleteMultipart retried", err)
+	if retried.ETag != got.ETag || retried.Size != got.Size {
+		t.Fatalf("CompleteMultipart retried: %+v, the first %+v", retried, got)
+	}
+	obj, err := d.Get(ctx, key)
+	wantOK(t, "Get of the completed object", err)
+	body, err := io.ReadAll(obj.Body)
+	_ = obj.Body.Close()
+	wantOK(t, "reading the completed object", err)
+	if !bytes.Equal(body, data) {
+		t.Fatal("the completed object differs from its parts")
+	}
+	other, err := d.StartMultipart(ctx, &storage.StartMultipartRequest{OperationID: op + "-aborted", Key: key + "-aborted"})
+	wantOK(t, "StartMultipart of an upload to abort", err)
+	for range 2 {
+		wantOK(t, "AbortMultipart", d.AbortMultipart(ctx, &storage.AbortMultipartRequest{Key: key + "-aborted", UploadID: other}))
+	}
+	if _, err := d.Stat(ctx, key+"-aborted"); err == nil {
+		t.Fatal("an aborted upload left an object")
 	}
 }

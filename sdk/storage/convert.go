@@ -138,3 +138,47 @@ func presignedToProto(u *PresignedURL) *storagepb.PresignedURL {
 func presignedFromProto(p *storagepb.PresignedURL) *PresignedURL {
 	return &PresignedURL{URL: p.GetUrl(), Method: p.GetMethod(), ExpiresAt: timeFromProto(p.GetExpiresAt()), Header: cloneMap(p.GetHeaders())}
 }
+
+func startMultipartToProto(r *StartMultipartRequest) *storagepb.StartMultipartRequest {
+	return &storagepb.StartMultipartRequest{OperationId: r.OperationID, Key: r.Key, ContentType: r.ContentType}
+}
+
+func startMultipartFromProto(p *storagepb.StartMultipartRequest) *StartMultipartRequest {
+	return &StartMultipartRequest{OperationID: p.GetOperationId(), Key: p.GetKey(), ContentType: p.GetContentType()}
+}
+
+func presignPartToProto(r *PresignPartRequest) *storagepb.PresignPartRequest {
+	return &storagepb.PresignPartRequest{Key: r.Key, UploadId: r.UploadID, PartNumber: int32(min(max(r.PartNumber, -1), MaxParts+1)),
+		Size: r.Size, Expiry: durationpb.New(r.Expiry)}
+}
+
+func presignPartFromProto(p *storagepb.PresignPartRequest) *PresignPartRequest {
+	return &PresignPartRequest{Key: p.GetKey(), UploadID: p.GetUploadId(), PartNumber: int(p.GetPartNumber()), Size: p.GetSize(),
+		Expiry: p.GetExpiry().AsDuration()}
+}
+
+func completeMultipartToProto(r *CompleteMultipartRequest) *storagepb.CompleteMultipartRequest {
+	out := &storagepb.CompleteMultipartRequest{OperationId: r.OperationID, Key: r.Key, UploadId: r.UploadID,
+		Parts: make([]*storagepb.CompletedPart, len(r.Parts))}
+	for i, pt := range r.Parts {
+		out.Parts[i] = &storagepb.CompletedPart{Number: int32(min(max(pt.Number, -1), MaxParts+1)), Etag: pt.ETag}
+	}
+	return out
+}
+
+func completeMultipartFromProto(p *storagepb.CompleteMultipartRequest) *CompleteMultipartRequest {
+	out := &CompleteMultipartRequest{OperationID: p.GetOperationId(), Key: p.GetKey(), UploadID: p.GetUploadId(),
+		Parts: make([]CompletedPart, len(p.GetParts()))}
+	for i, pt := range p.GetParts() {
+		out.Parts[i] = CompletedPart{Number: int(pt.GetNumber()), ETag: pt.GetEtag()}
+	}
+	return out
+}
+
+func abortMultipartToProto(r *AbortMultipartRequest) *storagepb.AbortMultipartRequest {
+	return &storagepb.AbortMultipartRequest{Key: r.Key, UploadId: r.UploadID}
+}
+
+func abortMultipartFromProto(p *storagepb.AbortMultipartRequest) *AbortMultipartRequest {
+	return &AbortMultipartRequest{Key: p.GetKey(), UploadID: p.GetUploadId()}
+}

@@ -51,6 +51,72 @@ type Presigner interface {
 	PresignPut(ctx context.Context, req *PresignRequest) (*PresignedURL, error)
 }
 
+// MultipartUploader is the optional capability (base.CapabilityMultipart)
+// to let the caller move the bytes of a large upload to the store itself,
+// part by part, over URLs the driver presigns for each part. The object
+// appears only when CompleteMultipart succeeds, so a broken upload leaves
+// nothing behind; AbortMultipart discards its parts.
+type MultipartUploader interface {
+	// StartMultipart begins an upload of Key and returns its id. A retry
+	// with the same OperationID returns the same id.
+	StartMultipart(ctx context.Context, req *StartMultipartRequest) (string, error)
+	// PresignPart signs a PUT of part PartNumber (1 to MaxParts) of
+	// exactly Size bytes; the PUT's ETag response header goes into
+	// CompleteMultipart.
+	PresignPart(ctx context.Context, req *PresignPartRequest) (*PresignedURL, error)
+	// CompleteMultipart assembles the parts, in number order, into the
+	// object and describes it. A retry with the same OperationID returns
+	// the first result.
+	CompleteMultipart(ctx context.Context, req *CompleteMultipartRequest) (*ObjectInfo, error)
+	// AbortMultipart discards the upload and its parts; aborting an
+	// unknown or finished upload succeeds.
+	AbortMultipart(ctx context.Context, req *AbortMultipartRequest) error
+}
+
+// Limits of a multipart upload (those of S3).
+const (
+	MaxParts    = 10000
+	MinPartSize = 5 << 20 // every part but the last
+	MaxPartSize = 5 << 30
+)
+
+// StartMultipartRequest begins a multipart upload.
+type StartMultipartRequest struct {
+	OperationID string
+	Key         string
+	ContentType string
+}
+
+// PresignPartRequest asks for the URL of one part's PUT.
+type PresignPartRequest struct {
+	Key        string
+	UploadID   string
+	PartNumber int
+	Size       int64
+	Expiry     time.Duration
+}
+
+// CompletedPart is an uploaded part: its number and the ETag the store
+// answered its PUT with.
+type CompletedPart struct {
+	Number int
+	ETag   string
+}
+
+// CompleteMultipartRequest assembles an upload's parts into its object.
+type CompleteMultipartRequest struct {
+	OperationID string
+	Key         string
+	UploadID    string
+	Parts       []CompletedPart
+}
+
+// AbortMultipartRequest discards an upload.
+type AbortMultipartRequest struct {
+	Key      string
+	UploadID string
+}
+
 // RangeGetter is the optional capability to read part of an object
 // (base.CapabilityRange) without reading what comes before it. Without it
 // the SDK serves ranged reads by reading the object from its start and

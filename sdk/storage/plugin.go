@@ -32,6 +32,9 @@ func OptionalCapabilities(d Driver) []string {
 	if _, ok := d.(RangeGetter); ok {
 		caps = append(caps, base.CapabilityRange)
 	}
+	if _, ok := d.(MultipartUploader); ok {
+		caps = append(caps, base.CapabilityMultipart)
+	}
 	return caps
 }
 

@@ -185,11 +185,16 @@ func (s *Service) Enroll(ctx context.Context, token, csrPEM string) (*protocol.C
 		if err != nil {
 			return err
 		}
-		if cert, err = s.sign(ctx, tx, nodeID, csrPEM); err != nil {
-			return err
-		}
 		n, err := inventory.Lock(ctx, tx, nodeID)
 		if err != nil {
+			return err
+		}
+		if n.State == inventory.Retired {
+			// Retiring expires the node's tokens; this also covers a token
+			// whose check raced with the retirement.
+			return errcode.New(CodeTokenInvalid, "the enrollment token is unknown, used or expired")
+		}
+		if cert, err = s.sign(ctx, tx, nodeID, csrPEM); err != nil {
 			return err
 		}
 		if err := inventory.AgentEnrolled(ctx, tx, n); err != nil {
@@ -283,8 +288,21 @@ func (s *Service) minKeyVersion(ctx context.Context) int {
 }
 
 // RevokeNode revokes every certificate issued to a node (for example when
-// it is retired or compromised).
+// it is compromised) and audits it.
 func (s *Service) RevokeNode(ctx context.Context, nodeID uuid.UUID) (int, error) {
+	n, err := s.RevokeCertificates(ctx, nodeID)
+	if err != nil {
+		return 0, err
+	}
+	return n, audit.Record(ctx, s.pool, audit.Entry{Action: "node.certificates_revoke", Target: s.ids.Platform("node", nodeID.String()),
+		Details: map[string]any{"revoked": n}})
+}
+
+// RevokeCertificates revokes every certificate issued to a node, in the
+// database and at the CA, and reports how many were live; it writes no
+// audit row (RevokeNode does; retiring a node audits it with the
+// retirement).
+func (s *Service) RevokeCertificates(ctx context.Context, nodeID uuid.UUID) (int, error) {
 	// From now on every certificate issued so far is refused, including one
 	// a renewal racing with this gets.
 	if _, err := s.pool.Exec(ctx, `UPDATE nodes SET agent_revoked_at = clock_timestamp() WHERE id = $1`, nodeID); err != nil {
@@ -306,8 +324,7 @@ func (s *Service) RevokeNode(ctx context.Context, nodeID uuid.UUID) (int, error)
 			return 0, err
 		}
 	}
-	return len(serials), audit.Record(ctx, s.pool, audit.Entry{Action: "node.certificates_revoke", Target: s.ids.Platform("node", nodeID.String()),
-		Details: map[string]any{"revoked": len(serials)}})
+	return len(serials), nil
 }
 
 // Heartbeat records a node's facts; a node that went offline for missed

@@ -10,6 +10,7 @@ import (
 	"crypto/x509/pkix"
 	"encoding/json"
 	"encoding/pem"
+	"errors"
 	"math/big"
 	"net"
 	"net/http/httptest"
@@ -360,5 +361,46 @@ func TestEnrollWithDriverSecret(t *testing.T) {
 	}
 	if err := f.agent("short", prefixSystem(t)).Enroll(t.Context()); err == nil || !strings.Contains(err.Error(), "401") {
 		t.Fatalf("a short token: %v; want 401", err)
+	}
+}
+
+// A retired node's agent is out: a token minted before the retirement does
+// not enroll (even one the retirement did not expire), and its certificate,
+// revoked with the retirement, is refused as unauthenticated.
+func TestRetiredNodeAgent(t *testing.T) {
+	f := newFixture(t, agents.Settings{})
+	node, tok := f.node()
+	a := f.agent(tok, prefixSystem(t))
+	if err := a.Enroll(t.Context()); err != nil {
+		t.Fatalf("enroll: %v", err)
+	}
+	if err := a.Heartbeat(t.Context()); err != nil {
+		t.Fatalf("heartbeat: %v", err)
+	}
+	spare, _, err := f.svc.MintToken(f.ctx, node, time.Hour)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// What inventory.Service.Retire does to the node's row, minus the
+	// tokens: the spare token stays unexpired.
+	if _, err := f.pool.Exec(f.ctx, `UPDATE nodes SET state = 'retired', agent_revoked_at = clock_timestamp() WHERE id = $1`, node); err != nil {
+		t.Fatal(err)
+	}
+	var se *runtime.StatusError
+	if err := f.agent(spare, prefixSystem(t)).Enroll(t.Context()); !errors.As(err, &se) || se.Status != 401 {
+		t.Fatalf("enroll with a token of a retired node: %v; want 401", err)
+	}
+	var used bool
+	if err := f.pool.QueryRow(f.ctx, `SELECT used_at IS NOT NULL FROM node_enrollment_tokens WHERE node_id = $1 AND created_at = (SELECT max(created_at) FROM node_enrollment_tokens WHERE node_id = $1)`, node).Scan(&used); err != nil || used {
+		t.Fatalf("the refused token was consumed (%v)", err)
+	}
+	var certs int
+	if err := f.pool.QueryRow(f.ctx, `SELECT count(*) FROM node_certificates WHERE node_id = $1`, node).Scan(&certs); err != nil || certs != 1 {
+		t.Fatalf("%d certificates for the node (%v); want only the first agent's", certs, err)
+	}
+	for name, call := range map[string]func(context.Context) error{"heartbeat": a.Heartbeat, "poll": a.Poll} {
+		if err := call(t.Context()); !errors.As(err, &se) || se.Status != 401 {
+			t.Fatalf("%s with the revoked certificate of a retired node: %v; want 401", name, err)
+		}
 	}
 }

@@ -141,11 +141,16 @@ func (s *Service) nodeOf(r *http.Request, revoked Revoked) (uuid.UUID, error) {
 	err = s.pool.QueryRow(r.Context(), `SELECT n.state, n.agent_revoked_at, c.issued_at, c.revoked_at
 		FROM nodes n LEFT JOIN node_certificates c ON c.serial = $2 AND c.node_id = n.id WHERE n.id = $1`, id, serial).
 		Scan(&state, &nodeRevoked, &issued, &certRevoked)
-	if err != nil || state == string(inventory.Retired) {
+	if err != nil {
 		return uuid.Nil, errcode.New(errcode.Forbidden, "the node is unknown or retired")
 	}
+	// A revoked certificate (retiring a node revokes its agent's) is an
+	// authentication failure, checked before the node's state.
 	if issued == nil || certRevoked != nil || (nodeRevoked != nil && !issued.After(*nodeRevoked)) {
 		return uuid.Nil, errcode.New(errcode.Unauthenticated, "the client certificate is revoked")
+	}
+	if state == string(inventory.Retired) {
+		return uuid.Nil, errcode.New(errcode.Forbidden, "the node is unknown or retired")
 	}
 	return id, nil
 }

@@ -261,7 +261,13 @@ func (a *API) AdminProbeNode(c *fiber.Ctx, id apigen.NodeID) error {
 	return c.JSON(nodeJSON(n))
 }
 
-// AdminRetireNode takes an idle node out for good.
+// AdminRetireNode takes an idle node out for good and undoes its
+// enrollment: the driver's Unenroll, and the agent's credentials (see
+// inventory.Service.Retire). The retirement already has the agent
+// listener refuse the agent's certificates, and its audit row counts them;
+// revoking them at the CA too follows it, and a CA that fails then is
+// logged and audited as a failure, not returned (the node is retired
+// either way).
 func (a *API) AdminRetireNode(c *fiber.Ctx, id apigen.NodeID) error {
 	if err := a.requireAdmin(c, "node.retire"); err != nil {
 		return err
@@ -276,9 +282,18 @@ func (a *API) AdminRetireNode(c *fiber.Ctx, id apigen.NodeID) error {
 	if req.Reason != nil {
 		reason = *req.Reason
 	}
-	n, err := a.Inventory.Retire(c.UserContext(), id, reason)
+	ctx := c.UserContext()
+	n, err := a.Inventory.Retire(ctx, id, reason)
 	if err != nil {
 		return err
+	}
+	if _, err := a.Agents.RevokeCertificates(ctx, id); err != nil {
+		a.Log.Warn("the node is retired but revoking its agent certificates at the CA failed; the agent listener refuses them anyway",
+			"node_id", id, "error", err)
+		if aerr := audit.Record(ctx, a.Pool, audit.Entry{Action: "node.certificates_revoke", Target: a.Inventory.Target(id), Result: audit.Failure,
+			Details: map[string]any{"error": err.Error()}}); aerr != nil {
+			return aerr
+		}
 	}
 	return c.JSON(nodeJSON(n))
 }

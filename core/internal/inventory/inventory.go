@@ -610,8 +610,22 @@ func (s *Service) AssignSKU(ctx context.Context, id uuid.UUID, sku string) (*Nod
 	return s.Get(ctx, id)
 }
 
+// unenrollTimeout bounds the driver's Unenroll while Retire holds the node.
+const unenrollTimeout = time.Minute
+
 // Retire takes a node out for good; refused while an allocation holds it.
+// It undoes the node's enrollment: the driver's Unenroll (when the driver
+// has the capability) removes what Enroll set up in the backend, and in the
+// same transaction as the move to retired the certificates issued to the
+// node's agent stop being accepted (nodes.agent_revoked_at; the caller
+// revokes them at the CA with agents.Service.RevokeCertificates), its unused
+// enrollment tokens expire and the driver's enrollment secret is forgotten.
+// A driver that fails does not stop the retirement: it is logged and the
+// audit row says "driver_unenroll": "failed: ...".
 func (s *Service) Retire(ctx context.Context, id uuid.UUID, reason string) (*Node, error) {
+	if reason == "" {
+		reason = "retired by an admin"
+	}
 	err := store.Transact(ctx, s.pool, store.TxOptions{}, func(tx pgx.Tx) error {
 		n, err := Lock(ctx, tx, id)
 		if err != nil {
@@ -627,18 +641,70 @@ func (s *Service) Retire(ctx context.Context, id uuid.UUID, reason string) (*Nod
 		if held || n.State == Allocated || n.State == Cleaning || (n.State == Offline && (n.OfflineFrom == Allocated || n.OfflineFrom == Cleaning)) {
 			return errcode.New(CodeNodeBusy, "node %s is in use (%s); release its allocation first", id, n.State)
 		}
-		if reason == "" {
-			reason = "retired by an admin"
-		}
+		// The row stays locked while the driver works: placement skips
+		// locked nodes, so no allocation takes the node meanwhile.
+		unenrolled := s.unenroll(ctx, n)
 		if err := Move(ctx, tx, n, Retired, reason); err != nil {
 			return err
 		}
-		return audit.Record(ctx, tx, audit.Entry{Action: "node.retire", Target: s.Target(id), Details: map[string]any{"reason": reason}})
+		var hadSecret bool
+		var certs int
+		if err := tx.QueryRow(ctx, `UPDATE nodes n SET agent_revoked_at = clock_timestamp(), enrollment_secret_sha256 = NULL
+			FROM (SELECT enrollment_secret_sha256 IS NOT NULL AS had FROM nodes WHERE id = $1) old
+			WHERE n.id = $1
+			RETURNING old.had, (SELECT count(*) FROM node_certificates WHERE node_id = $1 AND revoked_at IS NULL AND not_after > now())`, id).
+			Scan(&hadSecret, &certs); err != nil {
+			return fmt.Errorf("inventory: retire %s: end the agent's credentials: %w", id, err)
+		}
+		tokens, err := tx.Exec(ctx, `UPDATE node_enrollment_tokens SET expires_at = now()
+			WHERE node_id = $1 AND used_at IS NULL AND expires_at > now()`, id)
+		if err != nil {
+			return fmt.Errorf("inventory: retire %s: expire enrollment tokens: %w", id, err)
+		}
+		return audit.Record(ctx, tx, audit.Entry{Action: "node.retire", Target: s.Target(id), Details: map[string]any{
+			"reason": reason, "provisioner_instance": n.Instance, "driver_unenroll": unenrolled,
+			"enrollment_tokens_expired": tokens.RowsAffected(), "enrollment_secret_cleared": hadSecret, "agent_certificates_revoked": certs,
+		}})
 	})
 	if err != nil {
 		return nil, fmt.Errorf("inventory: retire: %w", err)
 	}
 	return s.Get(ctx, id)
+}
+
+// Outcomes of the driver's Unenroll, as the retire's audit row records them.
+const (
+	unenrollDone        = "done"
+	unenrollUnsupported = "unsupported" // the driver has nothing to undo
+	unenrollFailed      = "failed: "
+)
+
+// unenroll asks n's driver to undo its enrollment, with operation id
+// "retire-<node id>" so a retried retirement repeats the same call, and
+// reports the outcome; a failure is logged, not returned.
+func (s *Service) unenroll(ctx context.Context, n *Node) string {
+	log := s.log.With("node_id", n.ID, "provisioner_instance", n.Instance)
+	drv, err := s.drivers.Provisioner(ctx, n.Instance)
+	if err != nil {
+		log.Warn("retiring the node without its driver's unenroll: no driver", "error", err)
+		return unenrollFailed + truncate(err.Error())
+	}
+	u, ok := drv.(provisioner.Unenroller)
+	if !ok {
+		return unenrollUnsupported
+	}
+	uctx, cancel := context.WithTimeout(ctx, unenrollTimeout)
+	defer cancel()
+	err = u.Unenroll(uctx, &provisioner.UnenrollRequest{OperationID: "retire-" + n.ID.String(), NodeID: n.ExternalID})
+	switch {
+	case err == nil:
+		return unenrollDone
+	case errors.Is(err, base.ErrUnimplemented):
+		return unenrollUnsupported
+	}
+	err = DriverError("unenroll", err)
+	log.Warn("retiring the node although its driver failed to unenroll it; undo the enrollment in the backend by hand", "error", err)
+	return unenrollFailed + truncate(err.Error())
 }
 
 // Probe asks the node's driver for its health and records it: an unhealthy node

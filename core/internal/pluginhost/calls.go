@@ -18,9 +18,10 @@ import (
 // starting its plugin if it is not running. Each call on the driver is
 // measured and, when the plugin process dies during it, retried once on a
 // restarted process with the same arguments. The driver also implements
-// provisioner.WebhookHandler and provisioner.Discoverer, measured and
-// retried the same way (Discover is a read); without the capability they
-// return base.ErrUnimplemented. Configure on it is refused: instances are
+// provisioner.WebhookHandler, provisioner.Discoverer and
+// provisioner.Unenroller, measured and retried the same way (Discover is a
+// read; Unenroll is idempotent and retried with the same operation id);
+// without the capability they return base.ErrUnimplemented. Configure on it is refused: instances are
 // configured with Host.Configure.
 func (h *Host) Provisioner(ctx context.Context, instance string) (provisioner.Driver, error) {
 	p, err := h.driverProc(ctx, instance, base.KindProvisioner)
@@ -139,6 +140,7 @@ var (
 	_ provisioner.Driver         = (*provisionerDriver)(nil)
 	_ provisioner.WebhookHandler = (*provisionerDriver)(nil)
 	_ provisioner.Discoverer     = (*provisionerDriver)(nil)
+	_ provisioner.Unenroller     = (*provisionerDriver)(nil)
 )
 
 func (d *provisionerDriver) Info(ctx context.Context) (*base.Info, error) {
@@ -203,6 +205,13 @@ func (d *provisionerDriver) Discover(ctx context.Context, req *provisioner.Disco
 	})
 }
 
+func (d *provisionerDriver) Unenroll(ctx context.Context, req *provisioner.UnenrollRequest) error {
+	_, err := invoke(ctx, d.p, "Unenroll", nil, func(ctx context.Context, drv provisioner.Unenroller) (none, error) {
+		return none{}, drv.Unenroll(ctx, req)
+	})
+	return err
+}
+
 // paymentsDriver is a payments instance's driver as the host hands it out.
 type paymentsDriver struct{ p *proc }
 
@@ -257,6 +266,8 @@ var (
 	_ storage.Driver      = (*storageDriver)(nil)
 	_ storage.Presigner   = (*storageDriver)(nil)
 	_ storage.RangeGetter = (*storageDriver)(nil)
+
+	_ storage.MultipartUploader = (*storageDriver)(nil)
 )
 
 func (d *storageDriver) Info(ctx context.Context) (*base.Info, error) {
@@ -342,4 +353,29 @@ func (d *storageDriver) PresignPut(ctx context.Context, req *storage.PresignRequ
 	return invoke(ctx, d.p, "PresignPut", nil, func(ctx context.Context, drv storage.Presigner) (*storage.PresignedURL, error) {
 		return drv.PresignPut(ctx, req)
 	})
+}
+
+func (d *storageDriver) StartMultipart(ctx context.Context, req *storage.StartMultipartRequest) (string, error) {
+	return invoke(ctx, d.p, "StartMultipart", nil, func(ctx context.Context, drv storage.MultipartUploader) (string, error) {
+		return drv.StartMultipart(ctx, req)
+	})
+}
+
+func (d *storageDriver) PresignPart(ctx context.Context, req *storage.PresignPartRequest) (*storage.PresignedURL, error) {
+	return invoke(ctx, d.p, "PresignPart", nil, func(ctx context.Context, drv storage.MultipartUploader) (*storage.PresignedURL, error) {
+		return drv.PresignPart(ctx, req)
+	})
+}
+
+func (d *storageDriver) CompleteMultipart(ctx context.Context, req *storage.CompleteMultipartRequest) (*storage.ObjectInfo, error) {
+	return invoke(ctx, d.p, "CompleteMultipart", nil, func(ctx context.Context, drv storage.MultipartUploader) (*storage.ObjectInfo, error) {
+		return drv.CompleteMultipart(ctx, req)
+	})
+}
+
+func (d *storageDriver) AbortMultipart(ctx context.Context, req *storage.AbortMultipartRequest) error {
+	_, err := invoke(ctx, d.p, "AbortMultipart", nil, func(ctx context.Context, drv storage.MultipartUploader) (none, error) {
+		return none{}, drv.AbortMultipart(ctx, req)
+	})
+	return err
 }

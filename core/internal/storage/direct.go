@@ -1,6 +1,7 @@
 package storage
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -9,6 +10,7 @@ import (
 	"net/url"
 	"strconv"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"time"
 
@@ -16,13 +18,21 @@ import (
 	sdkstorage "github.com/gpuaas/gpuaas/sdk/storage"
 )
 
-// The direct data path: when the driver can presign, the core reads an
-// object's bytes from the store itself over a URL the driver signs for that
-// one transfer, instead of through the plugin's gRPC stream. The driver still
-// decides every access (it signs or refuses); the bytes skip a process hop.
-// Drivers that cannot presign keep the streamed path. Uploads always stream
-// through the driver: its Put is atomic on every store (multipart), where a
-// broken presigned PUT may leave a truncated object on some S3 servers.
+// The direct data path: the core moves an object's bytes to and from the
+// store itself over URLs the driver presigns for each transfer, instead of
+// through the plugin's gRPC stream. The driver still decides every access
+// (it signs or refuses); the bytes skip a process hop.
+//
+//   - Downloads: one presigned GET (with Range when asked), when the driver
+//     can presign (storage.Presigner).
+//   - Uploads of a known size of at least directPutMin: a multipart upload
+//     the driver starts and completes (storage.MultipartUploader) whose
+//     parts the core PUTs over presigned URLs. The object appears only at
+//     completion, so a broken upload leaves nothing behind (a single
+//     presigned PUT would not: some S3 servers keep what arrived).
+//
+// Anything else, and drivers without the capability, take the streamed
+// path through the driver.
 
 // directExpiry is how long a URL for one transfer stays valid: long enough
 // to start it (a started transfer is not cut by the expiry).
@@ -33,8 +43,9 @@ type direct struct {
 	sdkstorage.Driver
 	ps     sdkstorage.Presigner
 	client *http.Client
-	// off is set once the driver answered that it cannot presign.
-	off *atomic.Bool
+	// off is set once the driver answered that it cannot presign; mpOff
+	// once it answered that it has no multipart uploads.
+	off, mpOff *atomic.Bool
 }
 
 var (
@@ -223,3 +234,178 @@ func (b *exactBody) Read(p []byte) (int, error) {
 }
 
 func (b *exactBody) Close() error { return b.r.Close() }
+
+// Direct uploads: parts of directPartSize (larger for objects that would
+// need more than MaxParts), directConcurrency in flight while the next one
+// is read, so an upload holds at most directConcurrency+1 parts in memory.
+const (
+	directPartSize    = 8 << 20
+	directMaxPartSize = 32 << 20
+	directPutMin      = 2 * directPartSize
+	directConcurrency = 2
+	directPartTries   = 2
+)
+
+var partBuffers = sync.Pool{New: func() any { b := make([]byte, directPartSize); return &b }}
+
+// directPartSizeFor is the part size of a direct upload of size bytes, or 0
+// when it should stream through the driver.
+func directPartSizeFor(size int64) int64 {
+	if size < directPutMin {
+		return 0
+	}
+	part := max(int64(directPartSize), (size+sdkstorage.MaxParts-1)/sdkstorage.MaxParts)
+	if part > directMaxPartSize {
+		return 0
+	}
+	return part
+}
+
+// Put uploads a body of known size as a multipart upload whose parts the
+// core sends over presigned URLs; other bodies stream through the driver.
+func (d direct) Put(ctx context.Context, req *sdkstorage.PutRequest, body io.Reader) (*sdkstorage.ObjectInfo, error) {
+	mu, ok := d.Driver.(sdkstorage.MultipartUploader)
+	part := directPartSizeFor(req.Size)
+	if !ok || part == 0 || d.mpOff.Load() {
+		return d.Driver.Put(ctx, req, body)
+	}
+	id, err := mu.StartMultipart(ctx, &sdkstorage.StartMultipartRequest{OperationID: req.OperationID, Key: req.Key, ContentType: req.ContentType})
+	if errors.Is(err, base.ErrUnimplemented) {
+		d.mpOff.Store(true)
+		return d.Driver.Put(ctx, req, body)
+	}
+	if err != nil {
+		return nil, err
+	}
+	parts, err := d.putParts(ctx, mu, req, id, part, body)
+	if err != nil {
+		actx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 30*time.Second)
+		defer cancel()
+		if aerr := mu.AbortMultipart(actx, &sdkstorage.AbortMultipartRequest{Key: req.Key, UploadID: id}); aerr != nil {
+			err = fmt.Errorf("%w (and aborting the upload: %v)", err, aerr)
+		}
+		return nil, err
+	}
+	info, err := mu.CompleteMultipart(ctx, &sdkstorage.CompleteMultipartRequest{OperationID: req.OperationID, Key: req.Key, UploadID: id, Parts: parts})
+	if err != nil {
+		return nil, err
+	}
+	if info.Size != req.Size {
+		return nil, fmt.Errorf("storage: direct put %q: the store holds %d bytes, not %d: %w", req.Key, info.Size, req.Size, base.ErrInternal)
+	}
+	return info, nil
+}
+
+// putParts reads the body part by part and PUTs each over its presigned
+// URL, directConcurrency at a time. The first failure stops the reading and
+// cancels the parts in flight.
+func (d direct) putParts(ctx context.Context, mu sdkstorage.MultipartUploader, req *sdkstorage.PutRequest, id string, part int64,
+	body io.Reader) ([]sdkstorage.CompletedPart, error) {
+	n := int((req.Size + part - 1) / part)
+	parts := make([]sdkstorage.CompletedPart, n)
+	pctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	var (
+		mu2      sync.Mutex
+		firstErr error
+		wg       sync.WaitGroup
+	)
+	fail := func(err error) {
+		mu2.Lock()
+		defer mu2.Unlock()
+		if firstErr == nil {
+			firstErr = err
+			cancel()
+		}
+	}
+	sem := make(chan struct{}, directConcurrency)
+	for i := range n {
+		size := min(part, req.Size-int64(i)*part)
+		buf, release := partBuffer(size)
+		if _, err := io.ReadFull(body, buf); err != nil {
+			release()
+			fail(fmt.Errorf("storage: direct put %q: reading part %d: %w", req.Key, i+1, err))
+			break
+		}
+		select {
+		case sem <- struct{}{}:
+		case <-pctx.Done():
+		}
+		if pctx.Err() != nil {
+			release()
+			break
+		}
+		wg.Go(func() {
+			defer func() { <-sem; release() }()
+			etag, err := d.putPart(pctx, mu, req.Key, id, i+1, buf)
+			if err != nil {
+				fail(err)
+				return
+			}
+			parts[i] = sdkstorage.CompletedPart{Number: i + 1, ETag: etag}
+		})
+	}
+	wg.Wait()
+	if firstErr == nil && ctx.Err() != nil {
+		firstErr = ctx.Err()
+	}
+	return parts, firstErr
+}
+
+// partBuffer is a buffer of size bytes and the func that gives it back.
+func partBuffer(size int64) ([]byte, func()) {
+	if size > directPartSize {
+		return make([]byte, size), func() {}
+	}
+	b := partBuffers.Get().(*[]byte)
+	return (*b)[:size], func() { partBuffers.Put(b) }
+}
+
+// putPart PUTs one part over a URL presigned for it (a new one for a
+// retry) and returns the part's ETag.
+func (d direct) putPart(ctx context.Context, mu sdkstorage.MultipartUploader, key, id string, number int, data []byte) (string, error) {
+	var err error
+	for range directPartTries {
+		var u *sdkstorage.PresignedURL
+		u, err = mu.PresignPart(ctx, &sdkstorage.PresignPartRequest{Key: key, UploadID: id, PartNumber: number, Size: int64(len(data)), Expiry: directExpiry})
+		if err != nil {
+			return "", err
+		}
+		var etag string
+		if etag, err = d.sendPart(ctx, u, key, number, data); err == nil {
+			return etag, nil
+		}
+		if ctx.Err() != nil || !errors.Is(err, base.ErrUnavailable) {
+			return "", err
+		}
+	}
+	return "", err
+}
+
+func (d direct) sendPart(ctx context.Context, u *sdkstorage.PresignedURL, key string, number int, data []byte) (string, error) {
+	if pu, err := url.Parse(u.URL); err != nil || (pu.Scheme != "http" && pu.Scheme != "https") {
+		return "", fmt.Errorf("storage: the driver presigned %q, not an http(s) URL: %w", u.URL, base.ErrInternal)
+	}
+	req, err := http.NewRequestWithContext(ctx, http.MethodPut, u.URL, bytes.NewReader(data))
+	if err != nil {
+		return "", err
+	}
+	req.ContentLength = int64(len(data))
+	for k, v := range u.Header {
+		req.Header.Set(k, v)
+	}
+	resp, err := d.client.Do(req)
+	if err != nil {
+		return "", fmt.Errorf("storage: direct put %q part %d: %v: %w", key, number, err, base.ErrUnavailable)
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode/100 != 2 {
+		return "", storeError(fmt.Sprintf("put part %d of", number), key, resp)
+	}
+	_, _ = io.Copy(io.Discard, io.LimitReader(resp.Body, 64<<10))
+	etag := resp.Header.Get("ETag")
+	if etag == "" {
+		return "", fmt.Errorf("storage: direct put %q part %d: the store answered no ETag: %w", key, number, base.ErrInternal)
+	}
+	return etag, nil
+}

@@ -4,10 +4,13 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"fmt"
 	"io"
 	"net/http"
 	"net/http/httptest"
+	"strconv"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -158,4 +161,117 @@ type fixedURL struct {
 
 func (f fixedURL) PresignGet(context.Context, *sdkstorage.PresignRequest) (*sdkstorage.PresignedURL, error) {
 	return &sdkstorage.PresignedURL{URL: f.u}, nil
+}
+
+// partStore is an S3-like store of multipart uploads: part PUTs land in
+// memory, Complete assembles them.
+type partStore struct {
+	streamDriver
+	srv      *httptest.Server
+	mu       sync.Mutex
+	parts    map[int][]byte
+	done     []byte
+	aborted  int
+	complete int
+}
+
+func newPartStore(t *testing.T) *partStore {
+	p := &partStore{parts: map[int][]byte{}}
+	p.srv = httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		n, _ := strconv.Atoi(r.URL.Query().Get("partNumber"))
+		b, err := io.ReadAll(r.Body)
+		if err != nil || r.Method != http.MethodPut || int64(len(b)) != r.ContentLength {
+			http.Error(w, "bad part", http.StatusBadRequest)
+			return
+		}
+		p.mu.Lock()
+		p.parts[n] = b
+		p.mu.Unlock()
+		w.Header().Set("ETag", fmt.Sprintf(`"part-%d"`, n))
+	}))
+	t.Cleanup(p.srv.Close)
+	return p
+}
+
+func (p *partStore) Put(context.Context, *sdkstorage.PutRequest, io.Reader) (*sdkstorage.ObjectInfo, error) {
+	return nil, errors.New("the streamed Put was used")
+}
+
+func (p *partStore) StartMultipart(context.Context, *sdkstorage.StartMultipartRequest) (string, error) {
+	return "up-1", nil
+}
+
+func (p *partStore) PresignPart(_ context.Context, req *sdkstorage.PresignPartRequest) (*sdkstorage.PresignedURL, error) {
+	return &sdkstorage.PresignedURL{URL: fmt.Sprintf("%s/%s?uploadId=%s&partNumber=%d", p.srv.URL, req.Key, req.UploadID, req.PartNumber), Method: http.MethodPut}, nil
+}
+
+func (p *partStore) CompleteMultipart(_ context.Context, req *sdkstorage.CompleteMultipartRequest) (*sdkstorage.ObjectInfo, error) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	p.complete++
+	var all []byte
+	for i, pt := range req.Parts {
+		if pt.Number != i+1 || pt.ETag != fmt.Sprintf(`"part-%d"`, i+1) {
+			return nil, fmt.Errorf("part %d: %+v", i, pt)
+		}
+		all = append(all, p.parts[pt.Number]...)
+	}
+	p.done = all
+	return &sdkstorage.ObjectInfo{Key: req.Key, Size: int64(len(all))}, nil
+}
+
+func (p *partStore) AbortMultipart(context.Context, *sdkstorage.AbortMultipartRequest) error {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	p.aborted++
+	return nil
+}
+
+// failAfter fails a body after n bytes (a client that went away).
+type failAfter struct {
+	r io.Reader
+	n int
+}
+
+func (f *failAfter) Read(b []byte) (int, error) {
+	if f.n <= 0 {
+		return 0, errors.New("client went away")
+	}
+	if len(b) > f.n {
+		b = b[:f.n]
+	}
+	n, err := f.r.Read(b)
+	f.n -= n
+	return n, err
+}
+
+func TestDirectMultipartUploads(t *testing.T) {
+	ctx := t.Context()
+	p := newPartStore(t)
+	d := direct{Driver: p, ps: p, client: newDirectClient(), off: &atomic.Bool{}, mpOff: &atomic.Bool{}}
+	data := bytes.Repeat([]byte("gpuaas-direct-"), (3*directPartSize+12345)/14)
+	info, err := d.Put(ctx, &sdkstorage.PutRequest{OperationID: "op-1", Key: "big", Size: int64(len(data))}, bytes.NewReader(data))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if info.Size != int64(len(data)) || !bytes.Equal(p.done, data) || len(p.parts) != 4 {
+		t.Fatalf("uploaded %d bytes in %d parts; want %d bytes in 4", len(p.done), len(p.parts), len(data))
+	}
+
+	// A body that fails half-way aborts the upload and completes nothing.
+	p2 := newPartStore(t)
+	d2 := direct{Driver: p2, ps: p2, client: newDirectClient(), off: &atomic.Bool{}, mpOff: &atomic.Bool{}}
+	_, err = d2.Put(ctx, &sdkstorage.PutRequest{OperationID: "op-2", Key: "broken", Size: int64(len(data))},
+		&failAfter{r: bytes.NewReader(data), n: directPartSize + 10})
+	if err == nil || !strings.Contains(err.Error(), "client went away") || p2.aborted != 1 || p2.complete != 0 {
+		t.Fatalf("broken body: %v, %d aborts, %d completes; want the body's error, 1 abort, 0 completes", err, p2.aborted, p2.complete)
+	}
+
+	// Small uploads and uploads of unknown size stream through the driver.
+	for _, size := range []int64{directPutMin - 1, -1} {
+		if _, err := d.Put(ctx, &sdkstorage.PutRequest{OperationID: "op-3", Key: "small", Size: size}, bytes.NewReader(nil)); err == nil ||
+			!strings.Contains(err.Error(), "streamed Put") {
+			t.Fatalf("size %d: %v; want the driver's streamed Put", size, err)
+		}
+	}
 }

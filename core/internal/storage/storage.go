@@ -102,10 +102,12 @@ type Service struct {
 	now      func() time.Time
 	// transfer bounds one streamed upload: its in-flight row expires after it.
 	transfer time.Duration
-	// directHTTP, when set, reads object bytes over the driver's presigned
-	// URLs (direct.go); directOff remembers a driver that cannot presign.
-	directHTTP *http.Client
-	directOff  atomic.Bool
+	// directHTTP, when set, moves object bytes over the driver's presigned
+	// URLs (direct.go); directOff and directMPOff remember a driver that
+	// cannot presign or has no multipart uploads.
+	directHTTP  *http.Client
+	directOff   atomic.Bool
+	directMPOff atomic.Bool
 }
 
 // Option configures a Service.
@@ -119,9 +121,9 @@ func WithRegisterer(reg prometheus.Registerer) Option {
 	return func(s *Service) { s.metrics = newMetrics(reg, s.pool) }
 }
 
-// WithDirectTransfers has the core read object bytes from the store itself
-// over URLs the driver presigns for each download, instead of through the
-// plugin (direct.go). The store must be reachable from the core.
+// WithDirectTransfers has the core move object bytes to and from the store
+// itself over URLs the driver presigns for each transfer, instead of
+// through the plugin (direct.go). The store must be reachable from the core.
 func WithDirectTransfers(on bool) Option {
 	return func(s *Service) {
 		s.directHTTP = nil
@@ -163,7 +165,7 @@ func (s *Service) driver(ctx context.Context) (sdkstorage.Driver, error) {
 		return nil, errcode.Wrap(err, CodeUnavailable, "project storage is not available; retry later")
 	}
 	if ps, ok := d.(sdkstorage.Presigner); ok && s.directHTTP != nil {
-		return direct{Driver: d, ps: ps, client: s.directHTTP, off: &s.directOff}, nil
+		return direct{Driver: d, ps: ps, client: s.directHTTP, off: &s.directOff, mpOff: &s.directMPOff}, nil
 	}
 	return d, nil
 }

@@ -55,6 +55,7 @@ var (
 	_ provisioner.Driver         = (*Driver)(nil)
 	_ provisioner.WebhookHandler = (*Driver)(nil)
 	_ provisioner.Discoverer     = (*Driver)(nil)
+	_ provisioner.Unenroller     = (*Driver)(nil)
 )
 
 type settings struct {
@@ -356,6 +357,22 @@ func (d *Driver) Discover(ctx context.Context, req *provisioner.DiscoverRequest)
 		page.Nodes = append(page.Nodes, n)
 	}
 	return page, nil
+}
+
+// Unenroll implements provisioner.Unenroller: the node is forgotten (Probe
+// answers base.ErrNotFound, Discover no longer lists it). A node it does not
+// know is already unenrolled.
+func (d *Driver) Unenroll(ctx context.Context, req *provisioner.UnenrollRequest) error {
+	if _, err := d.enter(ctx); err != nil {
+		return err
+	}
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if _, ok := d.nodes[req.NodeID]; ok {
+		delete(d.nodes, req.NodeID)
+		d.logger.Info("node unenrolled", "node_id", req.NodeID, "operation_id", req.OperationID)
+	}
+	return nil
 }
 
 // WebhookEvent is the JSON body of an instantprov webhook.

@@ -1496,6 +1496,94 @@ func (x *DiscoverResponse) GetNextCursor() string {
 	return ""
 }
 
+type UnenrollRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	OperationId   string                 `protobuf:"bytes,1,opt,name=operation_id,json=operationId,proto3" json:"operation_id,omitempty"`
+	NodeId        string                 `protobuf:"bytes,2,opt,name=node_id,json=nodeId,proto3" json:"node_id,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *UnenrollRequest) Reset() {
+	*x = UnenrollRequest{}
+	mi := &file_sdk_provisioner_proto_provisioner_proto_msgTypes[21]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *UnenrollRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*UnenrollRequest) ProtoMessage() {}
+
+func (x *UnenrollRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_sdk_provisioner_proto_provisioner_proto_msgTypes[21]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use UnenrollRequest.ProtoReflect.Descriptor instead.
+func (*UnenrollRequest) Descriptor() ([]byte, []int) {
+	return file_sdk_provisioner_proto_provisioner_proto_rawDescGZIP(), []int{21}
+}
+
+func (x *UnenrollRequest) GetOperationId() string {
+	if x != nil {
+		return x.OperationId
+	}
+	return ""
+}
+
+func (x *UnenrollRequest) GetNodeId() string {
+	if x != nil {
+		return x.NodeId
+	}
+	return ""
+}
+
+type UnenrollResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *UnenrollResponse) Reset() {
+	*x = UnenrollResponse{}
+	mi := &file_sdk_provisioner_proto_provisioner_proto_msgTypes[22]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *UnenrollResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*UnenrollResponse) ProtoMessage() {}
+
+func (x *UnenrollResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_sdk_provisioner_proto_provisioner_proto_msgTypes[22]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use UnenrollResponse.ProtoReflect.Descriptor instead.
+func (*UnenrollResponse) Descriptor() ([]byte, []int) {
+	return file_sdk_provisioner_proto_provisioner_proto_rawDescGZIP(), []int{22}
+}
+
 var File_sdk_provisioner_proto_provisioner_proto protoreflect.FileDescriptor
 
 const file_sdk_provisioner_proto_provisioner_proto_rawDesc = "" +
@@ -1602,7 +1690,11 @@ const file_sdk_provisioner_proto_provisioner_proto_rawDesc = "" +
 	"\x10DiscoverResponse\x12?\n" +
 	"\x05nodes\x18\x01 \x03(\v2).gpuaas.sdk.provisioner.v1.DiscoveredNodeR\x05nodes\x12\x1f\n" +
 	"\vnext_cursor\x18\x02 \x01(\tR\n" +
-	"nextCursor*u\n" +
+	"nextCursor\"M\n" +
+	"\x0fUnenrollRequest\x12!\n" +
+	"\foperation_id\x18\x01 \x01(\tR\voperationId\x12\x17\n" +
+	"\anode_id\x18\x02 \x01(\tR\x06nodeId\"\x12\n" +
+	"\x10UnenrollResponse*u\n" +
 	"\vReleaseMode\x12\x1c\n" +
 	"\x18RELEASE_MODE_UNSPECIFIED\x10\x00\x12\x17\n" +
 	"\x13RELEASE_MODE_REVOKE\x10\x01\x12\x15\n" +
@@ -1618,7 +1710,7 @@ const file_sdk_provisioner_proto_provisioner_proto_rawDesc = "" +
 	"\x1bNODE_EVENT_TYPE_UNSPECIFIED\x10\x00\x12\x19\n" +
 	"\x15NODE_EVENT_TYPE_FACTS\x10\x01\x12\x1d\n" +
 	"\x19NODE_EVENT_TYPE_OPERATION\x10\x02\x12\x1a\n" +
-	"\x16NODE_EVENT_TYPE_HEALTH\x10\x032\x9c\x06\n" +
+	"\x16NODE_EVENT_TYPE_HEALTH\x10\x032\x81\a\n" +
 	"\vProvisioner\x12o\n" +
 	"\fCapabilities\x12..gpuaas.sdk.provisioner.v1.CapabilitiesRequest\x1a/.gpuaas.sdk.provisioner.v1.CapabilitiesResponse\x12]\n" +
 	"\x06Enroll\x12(.gpuaas.sdk.provisioner.v1.EnrollRequest\x1a).gpuaas.sdk.provisioner.v1.EnrollResponse\x12^\n" +
@@ -1627,7 +1719,8 @@ const file_sdk_provisioner_proto_provisioner_proto_rawDesc = "" +
 	"\x06Status\x12(.gpuaas.sdk.provisioner.v1.StatusRequest\x1a$.gpuaas.sdk.provisioner.v1.Operation\x12Z\n" +
 	"\x05Probe\x12'.gpuaas.sdk.provisioner.v1.ProbeRequest\x1a(.gpuaas.sdk.provisioner.v1.ProbeResponse\x12f\n" +
 	"\rHandleWebhook\x12).gpuaas.sdk.provisioner.v1.WebhookRequest\x1a*.gpuaas.sdk.provisioner.v1.WebhookResponse\x12c\n" +
-	"\bDiscover\x12*.gpuaas.sdk.provisioner.v1.DiscoverRequest\x1a+.gpuaas.sdk.provisioner.v1.DiscoverResponseB>Z<github.com/gpuaas/gpuaas/sdk/provisioner/proto;provisionerpbb\x06proto3"
+	"\bDiscover\x12*.gpuaas.sdk.provisioner.v1.DiscoverRequest\x1a+.gpuaas.sdk.provisioner.v1.DiscoverResponse\x12c\n" +
+	"\bUnenroll\x12*.gpuaas.sdk.provisioner.v1.UnenrollRequest\x1a+.gpuaas.sdk.provisioner.v1.UnenrollResponseB>Z<github.com/gpuaas/gpuaas/sdk/provisioner/proto;provisionerpbb\x06proto3"
 
 var (
 	file_sdk_provisioner_proto_provisioner_proto_rawDescOnce sync.Once
@@ -1642,7 +1735,7 @@ func file_sdk_provisioner_proto_provisioner_proto_rawDescGZIP() []byte {
 }
 
 var file_sdk_provisioner_proto_provisioner_proto_enumTypes = make([]protoimpl.EnumInfo, 3)
-var file_sdk_provisioner_proto_provisioner_proto_msgTypes = make([]protoimpl.MessageInfo, 23)
+var file_sdk_provisioner_proto_provisioner_proto_msgTypes = make([]protoimpl.MessageInfo, 25)
 var file_sdk_provisioner_proto_provisioner_proto_goTypes = []any{
 	(ReleaseMode)(0),              // 0: gpuaas.sdk.provisioner.v1.ReleaseMode
 	(OperationState)(0),           // 1: gpuaas.sdk.provisioner.v1.OperationState
@@ -1668,23 +1761,25 @@ var file_sdk_provisioner_proto_provisioner_proto_goTypes = []any{
 	(*DiscoverRequest)(nil),       // 21: gpuaas.sdk.provisioner.v1.DiscoverRequest
 	(*DiscoveredNode)(nil),        // 22: gpuaas.sdk.provisioner.v1.DiscoveredNode
 	(*DiscoverResponse)(nil),      // 23: gpuaas.sdk.provisioner.v1.DiscoverResponse
-	nil,                           // 24: gpuaas.sdk.provisioner.v1.EnrollRequest.ParamsEntry
-	nil,                           // 25: gpuaas.sdk.provisioner.v1.WebhookRequest.HeadersEntry
-	(*timestamppb.Timestamp)(nil), // 26: google.protobuf.Timestamp
+	(*UnenrollRequest)(nil),       // 24: gpuaas.sdk.provisioner.v1.UnenrollRequest
+	(*UnenrollResponse)(nil),      // 25: gpuaas.sdk.provisioner.v1.UnenrollResponse
+	nil,                           // 26: gpuaas.sdk.provisioner.v1.EnrollRequest.ParamsEntry
+	nil,                           // 27: gpuaas.sdk.provisioner.v1.WebhookRequest.HeadersEntry
+	(*timestamppb.Timestamp)(nil), // 28: google.protobuf.Timestamp
 }
 var file_sdk_provisioner_proto_provisioner_proto_depIdxs = []int32{
 	0,  // 0: gpuaas.sdk.provisioner.v1.CapabilitiesResponse.release_modes:type_name -> gpuaas.sdk.provisioner.v1.ReleaseMode
-	24, // 1: gpuaas.sdk.provisioner.v1.EnrollRequest.params:type_name -> gpuaas.sdk.provisioner.v1.EnrollRequest.ParamsEntry
+	26, // 1: gpuaas.sdk.provisioner.v1.EnrollRequest.params:type_name -> gpuaas.sdk.provisioner.v1.EnrollRequest.ParamsEntry
 	6,  // 2: gpuaas.sdk.provisioner.v1.NodeFacts.gpus:type_name -> gpuaas.sdk.provisioner.v1.GPU
 	7,  // 3: gpuaas.sdk.provisioner.v1.NodeFacts.cpu:type_name -> gpuaas.sdk.provisioner.v1.CPU
 	8,  // 4: gpuaas.sdk.provisioner.v1.EnrollResponse.facts:type_name -> gpuaas.sdk.provisioner.v1.NodeFacts
 	10, // 5: gpuaas.sdk.provisioner.v1.ProvisionRequest.user:type_name -> gpuaas.sdk.provisioner.v1.TenantUser
 	0,  // 6: gpuaas.sdk.provisioner.v1.ReleaseRequest.mode:type_name -> gpuaas.sdk.provisioner.v1.ReleaseMode
 	1,  // 7: gpuaas.sdk.provisioner.v1.Operation.state:type_name -> gpuaas.sdk.provisioner.v1.OperationState
-	26, // 8: gpuaas.sdk.provisioner.v1.Operation.updated_at:type_name -> google.protobuf.Timestamp
-	25, // 9: gpuaas.sdk.provisioner.v1.WebhookRequest.headers:type_name -> gpuaas.sdk.provisioner.v1.WebhookRequest.HeadersEntry
+	28, // 8: gpuaas.sdk.provisioner.v1.Operation.updated_at:type_name -> google.protobuf.Timestamp
+	27, // 9: gpuaas.sdk.provisioner.v1.WebhookRequest.headers:type_name -> gpuaas.sdk.provisioner.v1.WebhookRequest.HeadersEntry
 	2,  // 10: gpuaas.sdk.provisioner.v1.NodeEvent.type:type_name -> gpuaas.sdk.provisioner.v1.NodeEventType
-	26, // 11: gpuaas.sdk.provisioner.v1.NodeEvent.occurred_at:type_name -> google.protobuf.Timestamp
+	28, // 11: gpuaas.sdk.provisioner.v1.NodeEvent.occurred_at:type_name -> google.protobuf.Timestamp
 	8,  // 12: gpuaas.sdk.provisioner.v1.NodeEvent.facts:type_name -> gpuaas.sdk.provisioner.v1.NodeFacts
 	14, // 13: gpuaas.sdk.provisioner.v1.NodeEvent.operation:type_name -> gpuaas.sdk.provisioner.v1.Operation
 	16, // 14: gpuaas.sdk.provisioner.v1.NodeEvent.health:type_name -> gpuaas.sdk.provisioner.v1.ProbeResponse
@@ -1700,16 +1795,18 @@ var file_sdk_provisioner_proto_provisioner_proto_depIdxs = []int32{
 	15, // 24: gpuaas.sdk.provisioner.v1.Provisioner.Probe:input_type -> gpuaas.sdk.provisioner.v1.ProbeRequest
 	18, // 25: gpuaas.sdk.provisioner.v1.Provisioner.HandleWebhook:input_type -> gpuaas.sdk.provisioner.v1.WebhookRequest
 	21, // 26: gpuaas.sdk.provisioner.v1.Provisioner.Discover:input_type -> gpuaas.sdk.provisioner.v1.DiscoverRequest
-	4,  // 27: gpuaas.sdk.provisioner.v1.Provisioner.Capabilities:output_type -> gpuaas.sdk.provisioner.v1.CapabilitiesResponse
-	9,  // 28: gpuaas.sdk.provisioner.v1.Provisioner.Enroll:output_type -> gpuaas.sdk.provisioner.v1.EnrollResponse
-	14, // 29: gpuaas.sdk.provisioner.v1.Provisioner.Provision:output_type -> gpuaas.sdk.provisioner.v1.Operation
-	14, // 30: gpuaas.sdk.provisioner.v1.Provisioner.Release:output_type -> gpuaas.sdk.provisioner.v1.Operation
-	14, // 31: gpuaas.sdk.provisioner.v1.Provisioner.Status:output_type -> gpuaas.sdk.provisioner.v1.Operation
-	16, // 32: gpuaas.sdk.provisioner.v1.Provisioner.Probe:output_type -> gpuaas.sdk.provisioner.v1.ProbeResponse
-	20, // 33: gpuaas.sdk.provisioner.v1.Provisioner.HandleWebhook:output_type -> gpuaas.sdk.provisioner.v1.WebhookResponse
-	23, // 34: gpuaas.sdk.provisioner.v1.Provisioner.Discover:output_type -> gpuaas.sdk.provisioner.v1.DiscoverResponse
-	27, // [27:35] is the sub-list for method output_type
-	19, // [19:27] is the sub-list for method input_type
+	24, // 27: gpuaas.sdk.provisioner.v1.Provisioner.Unenroll:input_type -> gpuaas.sdk.provisioner.v1.UnenrollRequest
+	4,  // 28: gpuaas.sdk.provisioner.v1.Provisioner.Capabilities:output_type -> gpuaas.sdk.provisioner.v1.CapabilitiesResponse
+	9,  // 29: gpuaas.sdk.provisioner.v1.Provisioner.Enroll:output_type -> gpuaas.sdk.provisioner.v1.EnrollResponse
+	14, // 30: gpuaas.sdk.provisioner.v1.Provisioner.Provision:output_type -> gpuaas.sdk.provisioner.v1.Operation
+	14, // 31: gpuaas.sdk.provisioner.v1.Provisioner.Release:output_type -> gpuaas.sdk.provisioner.v1.Operation
+	14, // 32: gpuaas.sdk.provisioner.v1.Provisioner.Status:output_type -> gpuaas.sdk.provisioner.v1.Operation
+	16, // 33: gpuaas.sdk.provisioner.v1.Provisioner.Probe:output_type -> gpuaas.sdk.provisioner.v1.ProbeResponse
+	20, // 34: gpuaas.sdk.provisioner.v1.Provisioner.HandleWebhook:output_type -> gpuaas.sdk.provisioner.v1.WebhookResponse
+	23, // 35: gpuaas.sdk.provisioner.v1.Provisioner.Discover:output_type -> gpuaas.sdk.provisioner.v1.DiscoverResponse
+	25, // 36: gpuaas.sdk.provisioner.v1.Provisioner.Unenroll:output_type -> gpuaas.sdk.provisioner.v1.UnenrollResponse
+	28, // [28:37] is the sub-list for method output_type
+	19, // [19:28] is the sub-list for method input_type
 	19, // [19:19] is the sub-list for extension type_name
 	19, // [19:19] is the sub-list for extension extendee
 	0,  // [0:19] is the sub-list for field type_name
@@ -1726,7 +1823,7 @@ func file_sdk_provisioner_proto_provisioner_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_sdk_provisioner_proto_provisioner_proto_rawDesc), len(file_sdk_provisioner_proto_provisioner_proto_rawDesc)),
 			NumEnums:      3,
-			NumMessages:   23,
+			NumMessages:   25,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

@@ -31,6 +31,7 @@ const (
 	Provisioner_Probe_FullMethodName         = "/gpuaas.sdk.provisioner.v1.Provisioner/Probe"
 	Provisioner_HandleWebhook_FullMethodName = "/gpuaas.sdk.provisioner.v1.Provisioner/HandleWebhook"
 	Provisioner_Discover_FullMethodName      = "/gpuaas.sdk.provisioner.v1.Provisioner/Discover"
+	Provisioner_Unenroll_FullMethodName      = "/gpuaas.sdk.provisioner.v1.Provisioner/Unenroll"
 )
 
 // ProvisionerClient is the client API for Provisioner service.
@@ -47,6 +48,10 @@ type ProvisionerClient interface {
 	HandleWebhook(ctx context.Context, in *WebhookRequest, opts ...grpc.CallOption) (*WebhookResponse, error)
 	// Optional: UNIMPLEMENTED when the driver cannot list its nodes.
 	Discover(ctx context.Context, in *DiscoverRequest, opts ...grpc.CallOption) (*DiscoverResponse, error)
+	// Optional: UNIMPLEMENTED when the driver has nothing to undo when a node
+	// is retired. Idempotent: a repeated call, or one for a node the driver
+	// does not know, succeeds.
+	Unenroll(ctx context.Context, in *UnenrollRequest, opts ...grpc.CallOption) (*UnenrollResponse, error)
 }
 
 type provisionerClient struct {
@@ -137,6 +142,16 @@ func (c *provisionerClient) Discover(ctx context.Context, in *DiscoverRequest, o
 	return out, nil
 }
 
+func (c *provisionerClient) Unenroll(ctx context.Context, in *UnenrollRequest, opts ...grpc.CallOption) (*UnenrollResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(UnenrollResponse)
+	err := c.cc.Invoke(ctx, Provisioner_Unenroll_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // ProvisionerServer is the server API for Provisioner service.
 // All implementations must embed UnimplementedProvisionerServer
 // for forward compatibility.
@@ -151,6 +166,10 @@ type ProvisionerServer interface {
 	HandleWebhook(context.Context, *WebhookRequest) (*WebhookResponse, error)
 	// Optional: UNIMPLEMENTED when the driver cannot list its nodes.
 	Discover(context.Context, *DiscoverRequest) (*DiscoverResponse, error)
+	// Optional: UNIMPLEMENTED when the driver has nothing to undo when a node
+	// is retired. Idempotent: a repeated call, or one for a node the driver
+	// does not know, succeeds.
+	Unenroll(context.Context, *UnenrollRequest) (*UnenrollResponse, error)
 	mustEmbedUnimplementedProvisionerServer()
 }
 
@@ -184,6 +203,9 @@ func (UnimplementedProvisionerServer) HandleWebhook(context.Context, *WebhookReq
 }
 func (UnimplementedProvisionerServer) Discover(context.Context, *DiscoverRequest) (*DiscoverResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method Discover not implemented")
+}
+func (UnimplementedProvisionerServer) Unenroll(context.Context, *UnenrollRequest) (*UnenrollResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method Unenroll not implemented")
 }
 func (UnimplementedProvisionerServer) mustEmbedUnimplementedProvisionerServer() {}
 func (UnimplementedProvisionerServer) testEmbeddedByValue()                     {}
@@ -350,6 +372,24 @@ func _Provisioner_Discover_Handler(srv interface{}, ctx context.Context, dec fun
 	return interceptor(ctx, in, info, handler)
 }
 
+func _Provisioner_Unenroll_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(UnenrollRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(ProvisionerServer).Unenroll(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Provisioner_Unenroll_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(ProvisionerServer).Unenroll(ctx, req.(*UnenrollRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // Provisioner_ServiceDesc is the grpc.ServiceDesc for Provisioner service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -388,6 +428,10 @@ var Provisioner_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "Discover",
 			Handler:    _Provisioner_Discover_Handler,
+		},
+		{
+			MethodName: "Unenroll",
+			Handler:    _Provisioner_Unenroll_Handler,
 		},
 	},
 	Streams:  []grpc.StreamDesc{},

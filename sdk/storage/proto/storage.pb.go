@@ -27,6 +27,394 @@ const (
 	_ = protoimpl.EnforceVersion(protoimpl.MaxVersion - 20)
 )
 
+type StartMultipartRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	OperationId   string                 `protobuf:"bytes,1,opt,name=operation_id,json=operationId,proto3" json:"operation_id,omitempty"`
+	Key           string                 `protobuf:"bytes,2,opt,name=key,proto3" json:"key,omitempty"`
+	ContentType   string                 `protobuf:"bytes,3,opt,name=content_type,json=contentType,proto3" json:"content_type,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *StartMultipartRequest) Reset() {
+	*x = StartMultipartRequest{}
+	mi := &file_sdk_storage_proto_storage_proto_msgTypes[0]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *StartMultipartRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*StartMultipartRequest) ProtoMessage() {}
+
+func (x *StartMultipartRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_sdk_storage_proto_storage_proto_msgTypes[0]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use StartMultipartRequest.ProtoReflect.Descriptor instead.
+func (*StartMultipartRequest) Descriptor() ([]byte, []int) {
+	return file_sdk_storage_proto_storage_proto_rawDescGZIP(), []int{0}
+}
+
+func (x *StartMultipartRequest) GetOperationId() string {
+	if x != nil {
+		return x.OperationId
+	}
+	return ""
+}
+
+func (x *StartMultipartRequest) GetKey() string {
+	if x != nil {
+		return x.Key
+	}
+	return ""
+}
+
+func (x *StartMultipartRequest) GetContentType() string {
+	if x != nil {
+		return x.ContentType
+	}
+	return ""
+}
+
+type StartMultipartResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	UploadId      string                 `protobuf:"bytes,1,opt,name=upload_id,json=uploadId,proto3" json:"upload_id,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *StartMultipartResponse) Reset() {
+	*x = StartMultipartResponse{}
+	mi := &file_sdk_storage_proto_storage_proto_msgTypes[1]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *StartMultipartResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*StartMultipartResponse) ProtoMessage() {}
+
+func (x *StartMultipartResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_sdk_storage_proto_storage_proto_msgTypes[1]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use StartMultipartResponse.ProtoReflect.Descriptor instead.
+func (*StartMultipartResponse) Descriptor() ([]byte, []int) {
+	return file_sdk_storage_proto_storage_proto_rawDescGZIP(), []int{1}
+}
+
+func (x *StartMultipartResponse) GetUploadId() string {
+	if x != nil {
+		return x.UploadId
+	}
+	return ""
+}
+
+type PresignPartRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Key           string                 `protobuf:"bytes,1,opt,name=key,proto3" json:"key,omitempty"`
+	UploadId      string                 `protobuf:"bytes,2,opt,name=upload_id,json=uploadId,proto3" json:"upload_id,omitempty"`
+	PartNumber    int32                  `protobuf:"varint,3,opt,name=part_number,json=partNumber,proto3" json:"part_number,omitempty"`
+	Size          int64                  `protobuf:"varint,4,opt,name=size,proto3" json:"size,omitempty"`
+	Expiry        *durationpb.Duration   `protobuf:"bytes,5,opt,name=expiry,proto3" json:"expiry,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *PresignPartRequest) Reset() {
+	*x = PresignPartRequest{}
+	mi := &file_sdk_storage_proto_storage_proto_msgTypes[2]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *PresignPartRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*PresignPartRequest) ProtoMessage() {}
+
+func (x *PresignPartRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_sdk_storage_proto_storage_proto_msgTypes[2]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use PresignPartRequest.ProtoReflect.Descriptor instead.
+func (*PresignPartRequest) Descriptor() ([]byte, []int) {
+	return file_sdk_storage_proto_storage_proto_rawDescGZIP(), []int{2}
+}
+
+func (x *PresignPartRequest) GetKey() string {
+	if x != nil {
+		return x.Key
+	}
+	return ""
+}
+
+func (x *PresignPartRequest) GetUploadId() string {
+	if x != nil {
+		return x.UploadId
+	}
+	return ""
+}
+
+func (x *PresignPartRequest) GetPartNumber() int32 {
+	if x != nil {
+		return x.PartNumber
+	}
+	return 0
+}
+
+func (x *PresignPartRequest) GetSize() int64 {
+	if x != nil {
+		return x.Size
+	}
+	return 0
+}
+
+func (x *PresignPartRequest) GetExpiry() *durationpb.Duration {
+	if x != nil {
+		return x.Expiry
+	}
+	return nil
+}
+
+type CompletedPart struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Number        int32                  `protobuf:"varint,1,opt,name=number,proto3" json:"number,omitempty"`
+	Etag          string                 `protobuf:"bytes,2,opt,name=etag,proto3" json:"etag,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *CompletedPart) Reset() {
+	*x = CompletedPart{}
+	mi := &file_sdk_storage_proto_storage_proto_msgTypes[3]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *CompletedPart) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*CompletedPart) ProtoMessage() {}
+
+func (x *CompletedPart) ProtoReflect() protoreflect.Message {
+	mi := &file_sdk_storage_proto_storage_proto_msgTypes[3]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use CompletedPart.ProtoReflect.Descriptor instead.
+func (*CompletedPart) Descriptor() ([]byte, []int) {
+	return file_sdk_storage_proto_storage_proto_rawDescGZIP(), []int{3}
+}
+
+func (x *CompletedPart) GetNumber() int32 {
+	if x != nil {
+		return x.Number
+	}
+	return 0
+}
+
+func (x *CompletedPart) GetEtag() string {
+	if x != nil {
+		return x.Etag
+	}
+	return ""
+}
+
+type CompleteMultipartRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	OperationId   string                 `protobuf:"bytes,1,opt,name=operation_id,json=operationId,proto3" json:"operation_id,omitempty"`
+	Key           string                 `protobuf:"bytes,2,opt,name=key,proto3" json:"key,omitempty"`
+	UploadId      string                 `protobuf:"bytes,3,opt,name=upload_id,json=uploadId,proto3" json:"upload_id,omitempty"`
+	Parts         []*CompletedPart       `protobuf:"bytes,4,rep,name=parts,proto3" json:"parts,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *CompleteMultipartRequest) Reset() {
+	*x = CompleteMultipartRequest{}
+	mi := &file_sdk_storage_proto_storage_proto_msgTypes[4]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *CompleteMultipartRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*CompleteMultipartRequest) ProtoMessage() {}
+
+func (x *CompleteMultipartRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_sdk_storage_proto_storage_proto_msgTypes[4]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use CompleteMultipartRequest.ProtoReflect.Descriptor instead.
+func (*CompleteMultipartRequest) Descriptor() ([]byte, []int) {
+	return file_sdk_storage_proto_storage_proto_rawDescGZIP(), []int{4}
+}
+
+func (x *CompleteMultipartRequest) GetOperationId() string {
+	if x != nil {
+		return x.OperationId
+	}
+	return ""
+}
+
+func (x *CompleteMultipartRequest) GetKey() string {
+	if x != nil {
+		return x.Key
+	}
+	return ""
+}
+
+func (x *CompleteMultipartRequest) GetUploadId() string {
+	if x != nil {
+		return x.UploadId
+	}
+	return ""
+}
+
+func (x *CompleteMultipartRequest) GetParts() []*CompletedPart {
+	if x != nil {
+		return x.Parts
+	}
+	return nil
+}
+
+type AbortMultipartRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Key           string                 `protobuf:"bytes,1,opt,name=key,proto3" json:"key,omitempty"`
+	UploadId      string                 `protobuf:"bytes,2,opt,name=upload_id,json=uploadId,proto3" json:"upload_id,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *AbortMultipartRequest) Reset() {
+	*x = AbortMultipartRequest{}
+	mi := &file_sdk_storage_proto_storage_proto_msgTypes[5]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *AbortMultipartRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*AbortMultipartRequest) ProtoMessage() {}
+
+func (x *AbortMultipartRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_sdk_storage_proto_storage_proto_msgTypes[5]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use AbortMultipartRequest.ProtoReflect.Descriptor instead.
+func (*AbortMultipartRequest) Descriptor() ([]byte, []int) {
+	return file_sdk_storage_proto_storage_proto_rawDescGZIP(), []int{5}
+}
+
+func (x *AbortMultipartRequest) GetKey() string {
+	if x != nil {
+		return x.Key
+	}
+	return ""
+}
+
+func (x *AbortMultipartRequest) GetUploadId() string {
+	if x != nil {
+		return x.UploadId
+	}
+	return ""
+}
+
+type AbortMultipartResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *AbortMultipartResponse) Reset() {
+	*x = AbortMultipartResponse{}
+	mi := &file_sdk_storage_proto_storage_proto_msgTypes[6]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *AbortMultipartResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*AbortMultipartResponse) ProtoMessage() {}
+
+func (x *AbortMultipartResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_sdk_storage_proto_storage_proto_msgTypes[6]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use AbortMultipartResponse.ProtoReflect.Descriptor instead.
+func (*AbortMultipartResponse) Descriptor() ([]byte, []int) {
+	return file_sdk_storage_proto_storage_proto_rawDescGZIP(), []int{6}
+}
+
 type PutHeader struct {
 	state       protoimpl.MessageState `protogen:"open.v1"`
 	OperationId string                 `protobuf:"bytes,1,opt,name=operation_id,json=operationId,proto3" json:"operation_id,omitempty"`
@@ -41,7 +429,7 @@ type PutHeader struct {
 
 func (x *PutHeader) Reset() {
 	*x = PutHeader{}
-	mi := &file_sdk_storage_proto_storage_proto_msgTypes[0]
+	mi := &file_sdk_storage_proto_storage_proto_msgTypes[7]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -53,7 +441,7 @@ func (x *PutHeader) String() string {
 func (*PutHeader) ProtoMessage() {}
 
 func (x *PutHeader) ProtoReflect() protoreflect.Message {
-	mi := &file_sdk_storage_proto_storage_proto_msgTypes[0]
+	mi := &file_sdk_storage_proto_storage_proto_msgTypes[7]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -66,7 +454,7 @@ func (x *PutHeader) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PutHeader.ProtoReflect.Descriptor instead.
 func (*PutHeader) Descriptor() ([]byte, []int) {
-	return file_sdk_storage_proto_storage_proto_rawDescGZIP(), []int{0}
+	return file_sdk_storage_proto_storage_proto_rawDescGZIP(), []int{7}
 }
 
 func (x *PutHeader) GetOperationId() string {
@@ -117,7 +505,7 @@ type PutMessage struct {
 
 func (x *PutMessage) Reset() {
 	*x = PutMessage{}
-	mi := &file_sdk_storage_proto_storage_proto_msgTypes[1]
+	mi := &file_sdk_storage_proto_storage_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -129,7 +517,7 @@ func (x *PutMessage) String() string {
 func (*PutMessage) ProtoMessage() {}
 
 func (x *PutMessage) ProtoReflect() protoreflect.Message {
-	mi := &file_sdk_storage_proto_storage_proto_msgTypes[1]
+	mi := &file_sdk_storage_proto_storage_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -142,7 +530,7 @@ func (x *PutMessage) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PutMessage.ProtoReflect.Descriptor instead.
 func (*PutMessage) Descriptor() ([]byte, []int) {
-	return file_sdk_storage_proto_storage_proto_rawDescGZIP(), []int{1}
+	return file_sdk_storage_proto_storage_proto_rawDescGZIP(), []int{8}
 }
 
 func (x *PutMessage) GetMsg() isPutMessage_Msg {
@@ -200,7 +588,7 @@ type ObjectInfo struct {
 
 func (x *ObjectInfo) Reset() {
 	*x = ObjectInfo{}
-	mi := &file_sdk_storage_proto_storage_proto_msgTypes[2]
+	mi := &file_sdk_storage_proto_storage_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -212,7 +600,7 @@ func (x *ObjectInfo) String() string {
 func (*ObjectInfo) ProtoMessage() {}
 
 func (x *ObjectInfo) ProtoReflect() protoreflect.Message {
-	mi := &file_sdk_storage_proto_storage_proto_msgTypes[2]
+	mi := &file_sdk_storage_proto_storage_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -225,7 +613,7 @@ func (x *ObjectInfo) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ObjectInfo.ProtoReflect.Descriptor instead.
 func (*ObjectInfo) Descriptor() ([]byte, []int) {
-	return file_sdk_storage_proto_storage_proto_rawDescGZIP(), []int{2}
+	return file_sdk_storage_proto_storage_proto_rawDescGZIP(), []int{9}
 }
 
 func (x *ObjectInfo) GetKey() string {
@@ -282,7 +670,7 @@ type ByteRange struct {
 
 func (x *ByteRange) Reset() {
 	*x = ByteRange{}
-	mi := &file_sdk_storage_proto_storage_proto_msgTypes[3]
+	mi := &file_sdk_storage_proto_storage_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -294,7 +682,7 @@ func (x *ByteRange) String() string {
 func (*ByteRange) ProtoMessage() {}
 
 func (x *ByteRange) ProtoReflect() protoreflect.Message {
-	mi := &file_sdk_storage_proto_storage_proto_msgTypes[3]
+	mi := &file_sdk_storage_proto_storage_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -307,7 +695,7 @@ func (x *ByteRange) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ByteRange.ProtoReflect.Descriptor instead.
 func (*ByteRange) Descriptor() ([]byte, []int) {
-	return file_sdk_storage_proto_storage_proto_rawDescGZIP(), []int{3}
+	return file_sdk_storage_proto_storage_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *ByteRange) GetOffset() int64 {
@@ -335,7 +723,7 @@ type GetRequest struct {
 
 func (x *GetRequest) Reset() {
 	*x = GetRequest{}
-	mi := &file_sdk_storage_proto_storage_proto_msgTypes[4]
+	mi := &file_sdk_storage_proto_storage_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -347,7 +735,7 @@ func (x *GetRequest) String() string {
 func (*GetRequest) ProtoMessage() {}
 
 func (x *GetRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_sdk_storage_proto_storage_proto_msgTypes[4]
+	mi := &file_sdk_storage_proto_storage_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -360,7 +748,7 @@ func (x *GetRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetRequest.ProtoReflect.Descriptor instead.
 func (*GetRequest) Descriptor() ([]byte, []int) {
-	return file_sdk_storage_proto_storage_proto_rawDescGZIP(), []int{4}
+	return file_sdk_storage_proto_storage_proto_rawDescGZIP(), []int{11}
 }
 
 func (x *GetRequest) GetKey() string {
@@ -395,7 +783,7 @@ type GetMessage struct {
 
 func (x *GetMessage) Reset() {
 	*x = GetMessage{}
-	mi := &file_sdk_storage_proto_storage_proto_msgTypes[5]
+	mi := &file_sdk_storage_proto_storage_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -407,7 +795,7 @@ func (x *GetMessage) String() string {
 func (*GetMessage) ProtoMessage() {}
 
 func (x *GetMessage) ProtoReflect() protoreflect.Message {
-	mi := &file_sdk_storage_proto_storage_proto_msgTypes[5]
+	mi := &file_sdk_storage_proto_storage_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -420,7 +808,7 @@ func (x *GetMessage) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetMessage.ProtoReflect.Descriptor instead.
 func (*GetMessage) Descriptor() ([]byte, []int) {
-	return file_sdk_storage_proto_storage_proto_rawDescGZIP(), []int{5}
+	return file_sdk_storage_proto_storage_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *GetMessage) GetMsg() isGetMessage_Msg {
@@ -480,7 +868,7 @@ type StatRequest struct {
 
 func (x *StatRequest) Reset() {
 	*x = StatRequest{}
-	mi := &file_sdk_storage_proto_storage_proto_msgTypes[6]
+	mi := &file_sdk_storage_proto_storage_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -492,7 +880,7 @@ func (x *StatRequest) String() string {
 func (*StatRequest) ProtoMessage() {}
 
 func (x *StatRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_sdk_storage_proto_storage_proto_msgTypes[6]
+	mi := &file_sdk_storage_proto_storage_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -505,7 +893,7 @@ func (x *StatRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StatRequest.ProtoReflect.Descriptor instead.
 func (*StatRequest) Descriptor() ([]byte, []int) {
-	return file_sdk_storage_proto_storage_proto_rawDescGZIP(), []int{6}
+	return file_sdk_storage_proto_storage_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *StatRequest) GetKey() string {
@@ -525,7 +913,7 @@ type DeleteRequest struct {
 
 func (x *DeleteRequest) Reset() {
 	*x = DeleteRequest{}
-	mi := &file_sdk_storage_proto_storage_proto_msgTypes[7]
+	mi := &file_sdk_storage_proto_storage_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -537,7 +925,7 @@ func (x *DeleteRequest) String() string {
 func (*DeleteRequest) ProtoMessage() {}
 
 func (x *DeleteRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_sdk_storage_proto_storage_proto_msgTypes[7]
+	mi := &file_sdk_storage_proto_storage_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -550,7 +938,7 @@ func (x *DeleteRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeleteRequest.ProtoReflect.Descriptor instead.
 func (*DeleteRequest) Descriptor() ([]byte, []int) {
-	return file_sdk_storage_proto_storage_proto_rawDescGZIP(), []int{7}
+	return file_sdk_storage_proto_storage_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *DeleteRequest) GetOperationId() string {
@@ -575,7 +963,7 @@ type DeleteResponse struct {
 
 func (x *DeleteResponse) Reset() {
 	*x = DeleteResponse{}
-	mi := &file_sdk_storage_proto_storage_proto_msgTypes[8]
+	mi := &file_sdk_storage_proto_storage_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -587,7 +975,7 @@ func (x *DeleteResponse) String() string {
 func (*DeleteResponse) ProtoMessage() {}
 
 func (x *DeleteResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_sdk_storage_proto_storage_proto_msgTypes[8]
+	mi := &file_sdk_storage_proto_storage_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -600,7 +988,7 @@ func (x *DeleteResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeleteResponse.ProtoReflect.Descriptor instead.
 func (*DeleteResponse) Descriptor() ([]byte, []int) {
-	return file_sdk_storage_proto_storage_proto_rawDescGZIP(), []int{8}
+	return file_sdk_storage_proto_storage_proto_rawDescGZIP(), []int{15}
 }
 
 type CopyRequest struct {
@@ -614,7 +1002,7 @@ type CopyRequest struct {
 
 func (x *CopyRequest) Reset() {
 	*x = CopyRequest{}
-	mi := &file_sdk_storage_proto_storage_proto_msgTypes[9]
+	mi := &file_sdk_storage_proto_storage_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -626,7 +1014,7 @@ func (x *CopyRequest) String() string {
 func (*CopyRequest) ProtoMessage() {}
 
 func (x *CopyRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_sdk_storage_proto_storage_proto_msgTypes[9]
+	mi := &file_sdk_storage_proto_storage_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -639,7 +1027,7 @@ func (x *CopyRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CopyRequest.ProtoReflect.Descriptor instead.
 func (*CopyRequest) Descriptor() ([]byte, []int) {
-	return file_sdk_storage_proto_storage_proto_rawDescGZIP(), []int{9}
+	return file_sdk_storage_proto_storage_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *CopyRequest) GetOperationId() string {
@@ -674,7 +1062,7 @@ type ListRequest struct {
 
 func (x *ListRequest) Reset() {
 	*x = ListRequest{}
-	mi := &file_sdk_storage_proto_storage_proto_msgTypes[10]
+	mi := &file_sdk_storage_proto_storage_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -686,7 +1074,7 @@ func (x *ListRequest) String() string {
 func (*ListRequest) ProtoMessage() {}
 
 func (x *ListRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_sdk_storage_proto_storage_proto_msgTypes[10]
+	mi := &file_sdk_storage_proto_storage_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -699,7 +1087,7 @@ func (x *ListRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListRequest.ProtoReflect.Descriptor instead.
 func (*ListRequest) Descriptor() ([]byte, []int) {
-	return file_sdk_storage_proto_storage_proto_rawDescGZIP(), []int{10}
+	return file_sdk_storage_proto_storage_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *ListRequest) GetPrefix() string {
@@ -733,7 +1121,7 @@ type ListResponse struct {
 
 func (x *ListResponse) Reset() {
 	*x = ListResponse{}
-	mi := &file_sdk_storage_proto_storage_proto_msgTypes[11]
+	mi := &file_sdk_storage_proto_storage_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -745,7 +1133,7 @@ func (x *ListResponse) String() string {
 func (*ListResponse) ProtoMessage() {}
 
 func (x *ListResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_sdk_storage_proto_storage_proto_msgTypes[11]
+	mi := &file_sdk_storage_proto_storage_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -758,7 +1146,7 @@ func (x *ListResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListResponse.ProtoReflect.Descriptor instead.
 func (*ListResponse) Descriptor() ([]byte, []int) {
-	return file_sdk_storage_proto_storage_proto_rawDescGZIP(), []int{11}
+	return file_sdk_storage_proto_storage_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *ListResponse) GetObjects() []*ObjectInfo {
@@ -789,7 +1177,7 @@ type PresignRequest struct {
 
 func (x *PresignRequest) Reset() {
 	*x = PresignRequest{}
-	mi := &file_sdk_storage_proto_storage_proto_msgTypes[12]
+	mi := &file_sdk_storage_proto_storage_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -801,7 +1189,7 @@ func (x *PresignRequest) String() string {
 func (*PresignRequest) ProtoMessage() {}
 
 func (x *PresignRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_sdk_storage_proto_storage_proto_msgTypes[12]
+	mi := &file_sdk_storage_proto_storage_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -814,7 +1202,7 @@ func (x *PresignRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PresignRequest.ProtoReflect.Descriptor instead.
 func (*PresignRequest) Descriptor() ([]byte, []int) {
-	return file_sdk_storage_proto_storage_proto_rawDescGZIP(), []int{12}
+	return file_sdk_storage_proto_storage_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *PresignRequest) GetKey() string {
@@ -857,7 +1245,7 @@ type PresignedURL struct {
 
 func (x *PresignedURL) Reset() {
 	*x = PresignedURL{}
-	mi := &file_sdk_storage_proto_storage_proto_msgTypes[13]
+	mi := &file_sdk_storage_proto_storage_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -869,7 +1257,7 @@ func (x *PresignedURL) String() string {
 func (*PresignedURL) ProtoMessage() {}
 
 func (x *PresignedURL) ProtoReflect() protoreflect.Message {
-	mi := &file_sdk_storage_proto_storage_proto_msgTypes[13]
+	mi := &file_sdk_storage_proto_storage_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -882,7 +1270,7 @@ func (x *PresignedURL) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PresignedURL.ProtoReflect.Descriptor instead.
 func (*PresignedURL) Descriptor() ([]byte, []int) {
-	return file_sdk_storage_proto_storage_proto_rawDescGZIP(), []int{13}
+	return file_sdk_storage_proto_storage_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *PresignedURL) GetUrl() string {
@@ -917,7 +1305,32 @@ var File_sdk_storage_proto_storage_proto protoreflect.FileDescriptor
 
 const file_sdk_storage_proto_storage_proto_rawDesc = "" +
 	"\n" +
-	"\x1fsdk/storage/proto/storage.proto\x12\x15gpuaas.sdk.storage.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x80\x02\n" +
+	"\x1fsdk/storage/proto/storage.proto\x12\x15gpuaas.sdk.storage.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"o\n" +
+	"\x15StartMultipartRequest\x12!\n" +
+	"\foperation_id\x18\x01 \x01(\tR\voperationId\x12\x10\n" +
+	"\x03key\x18\x02 \x01(\tR\x03key\x12!\n" +
+	"\fcontent_type\x18\x03 \x01(\tR\vcontentType\"5\n" +
+	"\x16StartMultipartResponse\x12\x1b\n" +
+	"\tupload_id\x18\x01 \x01(\tR\buploadId\"\xab\x01\n" +
+	"\x12PresignPartRequest\x12\x10\n" +
+	"\x03key\x18\x01 \x01(\tR\x03key\x12\x1b\n" +
+	"\tupload_id\x18\x02 \x01(\tR\buploadId\x12\x1f\n" +
+	"\vpart_number\x18\x03 \x01(\x05R\n" +
+	"partNumber\x12\x12\n" +
+	"\x04size\x18\x04 \x01(\x03R\x04size\x121\n" +
+	"\x06expiry\x18\x05 \x01(\v2\x19.google.protobuf.DurationR\x06expiry\";\n" +
+	"\rCompletedPart\x12\x16\n" +
+	"\x06number\x18\x01 \x01(\x05R\x06number\x12\x12\n" +
+	"\x04etag\x18\x02 \x01(\tR\x04etag\"\xa8\x01\n" +
+	"\x18CompleteMultipartRequest\x12!\n" +
+	"\foperation_id\x18\x01 \x01(\tR\voperationId\x12\x10\n" +
+	"\x03key\x18\x02 \x01(\tR\x03key\x12\x1b\n" +
+	"\tupload_id\x18\x03 \x01(\tR\buploadId\x12:\n" +
+	"\x05parts\x18\x04 \x03(\v2$.gpuaas.sdk.storage.v1.CompletedPartR\x05parts\"F\n" +
+	"\x15AbortMultipartRequest\x12\x10\n" +
+	"\x03key\x18\x01 \x01(\tR\x03key\x12\x1b\n" +
+	"\tupload_id\x18\x02 \x01(\tR\buploadId\"\x18\n" +
+	"\x16AbortMultipartResponse\"\x80\x02\n" +
 	"\tPutHeader\x12!\n" +
 	"\foperation_id\x18\x01 \x01(\tR\voperationId\x12\x10\n" +
 	"\x03key\x18\x02 \x01(\tR\x03key\x12\x12\n" +
@@ -988,7 +1401,7 @@ const file_sdk_storage_proto_storage_proto_rawDesc = "" +
 	"\aheaders\x18\x04 \x03(\v20.gpuaas.sdk.storage.v1.PresignedURL.HeadersEntryR\aheaders\x1a:\n" +
 	"\fHeadersEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
-	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x012\xa1\x05\n" +
+	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x012\xc7\b\n" +
 	"\aStorage\x12M\n" +
 	"\x03Put\x12!.gpuaas.sdk.storage.v1.PutMessage\x1a!.gpuaas.sdk.storage.v1.ObjectInfo(\x01\x12M\n" +
 	"\x03Get\x12!.gpuaas.sdk.storage.v1.GetRequest\x1a!.gpuaas.sdk.storage.v1.GetMessage0\x01\x12M\n" +
@@ -999,7 +1412,11 @@ const file_sdk_storage_proto_storage_proto_rawDesc = "" +
 	"\n" +
 	"PresignGet\x12%.gpuaas.sdk.storage.v1.PresignRequest\x1a#.gpuaas.sdk.storage.v1.PresignedURL\x12X\n" +
 	"\n" +
-	"PresignPut\x12%.gpuaas.sdk.storage.v1.PresignRequest\x1a#.gpuaas.sdk.storage.v1.PresignedURLB6Z4github.com/gpuaas/gpuaas/sdk/storage/proto;storagepbb\x06proto3"
+	"PresignPut\x12%.gpuaas.sdk.storage.v1.PresignRequest\x1a#.gpuaas.sdk.storage.v1.PresignedURL\x12m\n" +
+	"\x0eStartMultipart\x12,.gpuaas.sdk.storage.v1.StartMultipartRequest\x1a-.gpuaas.sdk.storage.v1.StartMultipartResponse\x12]\n" +
+	"\vPresignPart\x12).gpuaas.sdk.storage.v1.PresignPartRequest\x1a#.gpuaas.sdk.storage.v1.PresignedURL\x12g\n" +
+	"\x11CompleteMultipart\x12/.gpuaas.sdk.storage.v1.CompleteMultipartRequest\x1a!.gpuaas.sdk.storage.v1.ObjectInfo\x12m\n" +
+	"\x0eAbortMultipart\x12,.gpuaas.sdk.storage.v1.AbortMultipartRequest\x1a-.gpuaas.sdk.storage.v1.AbortMultipartResponseB6Z4github.com/gpuaas/gpuaas/sdk/storage/proto;storagepbb\x06proto3"
 
 var (
 	file_sdk_storage_proto_storage_proto_rawDescOnce sync.Once
@@ -1013,61 +1430,78 @@ func file_sdk_storage_proto_storage_proto_rawDescGZIP() []byte {
 	return file_sdk_storage_proto_storage_proto_rawDescData
 }
 
-var file_sdk_storage_proto_storage_proto_msgTypes = make([]protoimpl.MessageInfo, 17)
+var file_sdk_storage_proto_storage_proto_msgTypes = make([]protoimpl.MessageInfo, 24)
 var file_sdk_storage_proto_storage_proto_goTypes = []any{
-	(*PutHeader)(nil),             // 0: gpuaas.sdk.storage.v1.PutHeader
-	(*PutMessage)(nil),            // 1: gpuaas.sdk.storage.v1.PutMessage
-	(*ObjectInfo)(nil),            // 2: gpuaas.sdk.storage.v1.ObjectInfo
-	(*ByteRange)(nil),             // 3: gpuaas.sdk.storage.v1.ByteRange
-	(*GetRequest)(nil),            // 4: gpuaas.sdk.storage.v1.GetRequest
-	(*GetMessage)(nil),            // 5: gpuaas.sdk.storage.v1.GetMessage
-	(*StatRequest)(nil),           // 6: gpuaas.sdk.storage.v1.StatRequest
-	(*DeleteRequest)(nil),         // 7: gpuaas.sdk.storage.v1.DeleteRequest
-	(*DeleteResponse)(nil),        // 8: gpuaas.sdk.storage.v1.DeleteResponse
-	(*CopyRequest)(nil),           // 9: gpuaas.sdk.storage.v1.CopyRequest
-	(*ListRequest)(nil),           // 10: gpuaas.sdk.storage.v1.ListRequest
-	(*ListResponse)(nil),          // 11: gpuaas.sdk.storage.v1.ListResponse
-	(*PresignRequest)(nil),        // 12: gpuaas.sdk.storage.v1.PresignRequest
-	(*PresignedURL)(nil),          // 13: gpuaas.sdk.storage.v1.PresignedURL
-	nil,                           // 14: gpuaas.sdk.storage.v1.PutHeader.MetadataEntry
-	nil,                           // 15: gpuaas.sdk.storage.v1.ObjectInfo.MetadataEntry
-	nil,                           // 16: gpuaas.sdk.storage.v1.PresignedURL.HeadersEntry
-	(*timestamppb.Timestamp)(nil), // 17: google.protobuf.Timestamp
-	(*durationpb.Duration)(nil),   // 18: google.protobuf.Duration
+	(*StartMultipartRequest)(nil),    // 0: gpuaas.sdk.storage.v1.StartMultipartRequest
+	(*StartMultipartResponse)(nil),   // 1: gpuaas.sdk.storage.v1.StartMultipartResponse
+	(*PresignPartRequest)(nil),       // 2: gpuaas.sdk.storage.v1.PresignPartRequest
+	(*CompletedPart)(nil),            // 3: gpuaas.sdk.storage.v1.CompletedPart
+	(*CompleteMultipartRequest)(nil), // 4: gpuaas.sdk.storage.v1.CompleteMultipartRequest
+	(*AbortMultipartRequest)(nil),    // 5: gpuaas.sdk.storage.v1.AbortMultipartRequest
+	(*AbortMultipartResponse)(nil),   // 6: gpuaas.sdk.storage.v1.AbortMultipartResponse
+	(*PutHeader)(nil),                // 7: gpuaas.sdk.storage.v1.PutHeader
+	(*PutMessage)(nil),               // 8: gpuaas.sdk.storage.v1.PutMessage
+	(*ObjectInfo)(nil),               // 9: gpuaas.sdk.storage.v1.ObjectInfo
+	(*ByteRange)(nil),                // 10: gpuaas.sdk.storage.v1.ByteRange
+	(*GetRequest)(nil),               // 11: gpuaas.sdk.storage.v1.GetRequest
+	(*GetMessage)(nil),               // 12: gpuaas.sdk.storage.v1.GetMessage
+	(*StatRequest)(nil),              // 13: gpuaas.sdk.storage.v1.StatRequest
+	(*DeleteRequest)(nil),            // 14: gpuaas.sdk.storage.v1.DeleteRequest
+	(*DeleteResponse)(nil),           // 15: gpuaas.sdk.storage.v1.DeleteResponse
+	(*CopyRequest)(nil),              // 16: gpuaas.sdk.storage.v1.CopyRequest
+	(*ListRequest)(nil),              // 17: gpuaas.sdk.storage.v1.ListRequest
+	(*ListResponse)(nil),             // 18: gpuaas.sdk.storage.v1.ListResponse
+	(*PresignRequest)(nil),           // 19: gpuaas.sdk.storage.v1.PresignRequest
+	(*PresignedURL)(nil),             // 20: gpuaas.sdk.storage.v1.PresignedURL
+	nil,                              // 21: gpuaas.sdk.storage.v1.PutHeader.MetadataEntry
+	nil,                              // 22: gpuaas.sdk.storage.v1.ObjectInfo.MetadataEntry
+	nil,                              // 23: gpuaas.sdk.storage.v1.PresignedURL.HeadersEntry
+	(*durationpb.Duration)(nil),      // 24: google.protobuf.Duration
+	(*timestamppb.Timestamp)(nil),    // 25: google.protobuf.Timestamp
 }
 var file_sdk_storage_proto_storage_proto_depIdxs = []int32{
-	14, // 0: gpuaas.sdk.storage.v1.PutHeader.metadata:type_name -> gpuaas.sdk.storage.v1.PutHeader.MetadataEntry
-	0,  // 1: gpuaas.sdk.storage.v1.PutMessage.header:type_name -> gpuaas.sdk.storage.v1.PutHeader
-	17, // 2: gpuaas.sdk.storage.v1.ObjectInfo.mod_time:type_name -> google.protobuf.Timestamp
-	15, // 3: gpuaas.sdk.storage.v1.ObjectInfo.metadata:type_name -> gpuaas.sdk.storage.v1.ObjectInfo.MetadataEntry
-	3,  // 4: gpuaas.sdk.storage.v1.GetRequest.range:type_name -> gpuaas.sdk.storage.v1.ByteRange
-	2,  // 5: gpuaas.sdk.storage.v1.GetMessage.info:type_name -> gpuaas.sdk.storage.v1.ObjectInfo
-	3,  // 6: gpuaas.sdk.storage.v1.GetMessage.range:type_name -> gpuaas.sdk.storage.v1.ByteRange
-	2,  // 7: gpuaas.sdk.storage.v1.ListResponse.objects:type_name -> gpuaas.sdk.storage.v1.ObjectInfo
-	18, // 8: gpuaas.sdk.storage.v1.PresignRequest.expiry:type_name -> google.protobuf.Duration
-	17, // 9: gpuaas.sdk.storage.v1.PresignedURL.expires_at:type_name -> google.protobuf.Timestamp
-	16, // 10: gpuaas.sdk.storage.v1.PresignedURL.headers:type_name -> gpuaas.sdk.storage.v1.PresignedURL.HeadersEntry
-	1,  // 11: gpuaas.sdk.storage.v1.Storage.Put:input_type -> gpuaas.sdk.storage.v1.PutMessage
-	4,  // 12: gpuaas.sdk.storage.v1.Storage.Get:input_type -> gpuaas.sdk.storage.v1.GetRequest
-	6,  // 13: gpuaas.sdk.storage.v1.Storage.Stat:input_type -> gpuaas.sdk.storage.v1.StatRequest
-	7,  // 14: gpuaas.sdk.storage.v1.Storage.Delete:input_type -> gpuaas.sdk.storage.v1.DeleteRequest
-	9,  // 15: gpuaas.sdk.storage.v1.Storage.Copy:input_type -> gpuaas.sdk.storage.v1.CopyRequest
-	10, // 16: gpuaas.sdk.storage.v1.Storage.List:input_type -> gpuaas.sdk.storage.v1.ListRequest
-	12, // 17: gpuaas.sdk.storage.v1.Storage.PresignGet:input_type -> gpuaas.sdk.storage.v1.PresignRequest
-	12, // 18: gpuaas.sdk.storage.v1.Storage.PresignPut:input_type -> gpuaas.sdk.storage.v1.PresignRequest
-	2,  // 19: gpuaas.sdk.storage.v1.Storage.Put:output_type -> gpuaas.sdk.storage.v1.ObjectInfo
-	5,  // 20: gpuaas.sdk.storage.v1.Storage.Get:output_type -> gpuaas.sdk.storage.v1.GetMessage
-	2,  // 21: gpuaas.sdk.storage.v1.Storage.Stat:output_type -> gpuaas.sdk.storage.v1.ObjectInfo
-	8,  // 22: gpuaas.sdk.storage.v1.Storage.Delete:output_type -> gpuaas.sdk.storage.v1.DeleteResponse
-	2,  // 23: gpuaas.sdk.storage.v1.Storage.Copy:output_type -> gpuaas.sdk.storage.v1.ObjectInfo
-	11, // 24: gpuaas.sdk.storage.v1.Storage.List:output_type -> gpuaas.sdk.storage.v1.ListResponse
-	13, // 25: gpuaas.sdk.storage.v1.Storage.PresignGet:output_type -> gpuaas.sdk.storage.v1.PresignedURL
-	13, // 26: gpuaas.sdk.storage.v1.Storage.PresignPut:output_type -> gpuaas.sdk.storage.v1.PresignedURL
-	19, // [19:27] is the sub-list for method output_type
-	11, // [11:19] is the sub-list for method input_type
-	11, // [11:11] is the sub-list for extension type_name
-	11, // [11:11] is the sub-list for extension extendee
-	0,  // [0:11] is the sub-list for field type_name
+	24, // 0: gpuaas.sdk.storage.v1.PresignPartRequest.expiry:type_name -> google.protobuf.Duration
+	3,  // 1: gpuaas.sdk.storage.v1.CompleteMultipartRequest.parts:type_name -> gpuaas.sdk.storage.v1.CompletedPart
+	21, // 2: gpuaas.sdk.storage.v1.PutHeader.metadata:type_name -> gpuaas.sdk.storage.v1.PutHeader.MetadataEntry
+	7,  // 3: gpuaas.sdk.storage.v1.PutMessage.header:type_name -> gpuaas.sdk.storage.v1.PutHeader
+	25, // 4: gpuaas.sdk.storage.v1.ObjectInfo.mod_time:type_name -> google.protobuf.Timestamp
+	22, // 5: gpuaas.sdk.storage.v1.ObjectInfo.metadata:type_name -> gpuaas.sdk.storage.v1.ObjectInfo.MetadataEntry
+	10, // 6: gpuaas.sdk.storage.v1.GetRequest.range:type_name -> gpuaas.sdk.storage.v1.ByteRange
+	9,  // 7: gpuaas.sdk.storage.v1.GetMessage.info:type_name -> gpuaas.sdk.storage.v1.ObjectInfo
+	10, // 8: gpuaas.sdk.storage.v1.GetMessage.range:type_name -> gpuaas.sdk.storage.v1.ByteRange
+	9,  // 9: gpuaas.sdk.storage.v1.ListResponse.objects:type_name -> gpuaas.sdk.storage.v1.ObjectInfo
+	24, // 10: gpuaas.sdk.storage.v1.PresignRequest.expiry:type_name -> google.protobuf.Duration
+	25, // 11: gpuaas.sdk.storage.v1.PresignedURL.expires_at:type_name -> google.protobuf.Timestamp
+	23, // 12: gpuaas.sdk.storage.v1.PresignedURL.headers:type_name -> gpuaas.sdk.storage.v1.PresignedURL.HeadersEntry
+	8,  // 13: gpuaas.sdk.storage.v1.Storage.Put:input_type -> gpuaas.sdk.storage.v1.PutMessage
+	11, // 14: gpuaas.sdk.storage.v1.Storage.Get:input_type -> gpuaas.sdk.storage.v1.GetRequest
+	13, // 15: gpuaas.sdk.storage.v1.Storage.Stat:input_type -> gpuaas.sdk.storage.v1.StatRequest
+	14, // 16: gpuaas.sdk.storage.v1.Storage.Delete:input_type -> gpuaas.sdk.storage.v1.DeleteRequest
+	16, // 17: gpuaas.sdk.storage.v1.Storage.Copy:input_type -> gpuaas.sdk.storage.v1.CopyRequest
+	17, // 18: gpuaas.sdk.storage.v1.Storage.List:input_type -> gpuaas.sdk.storage.v1.ListRequest
+	19, // 19: gpuaas.sdk.storage.v1.Storage.PresignGet:input_type -> gpuaas.sdk.storage.v1.PresignRequest
+	19, // 20: gpuaas.sdk.storage.v1.Storage.PresignPut:input_type -> gpuaas.sdk.storage.v1.PresignRequest
+	0,  // 21: gpuaas.sdk.storage.v1.Storage.StartMultipart:input_type -> gpuaas.sdk.storage.v1.StartMultipartRequest
+	2,  // 22: gpuaas.sdk.storage.v1.Storage.PresignPart:input_type -> gpuaas.sdk.storage.v1.PresignPartRequest
+	4,  // 23: gpuaas.sdk.storage.v1.Storage.CompleteMultipart:input_type -> gpuaas.sdk.storage.v1.CompleteMultipartRequest
+	5,  // 24: gpuaas.sdk.storage.v1.Storage.AbortMultipart:input_type -> gpuaas.sdk.storage.v1.AbortMultipartRequest
+	9,  // 25: gpuaas.sdk.storage.v1.Storage.Put:output_type -> gpuaas.sdk.storage.v1.ObjectInfo
+	12, // 26: gpuaas.sdk.storage.v1.Storage.Get:output_type -> gpuaas.sdk.storage.v1.GetMessage
+	9,  // 27: gpuaas.sdk.storage.v1.Storage.Stat:output_type -> gpuaas.sdk.storage.v1.ObjectInfo
+	15, // 28: gpuaas.sdk.storage.v1.Storage.Delete:output_type -> gpuaas.sdk.storage.v1.DeleteResponse
+	9,  // 29: gpuaas.sdk.storage.v1.Storage.Copy:output_type -> gpuaas.sdk.storage.v1.ObjectInfo
+	18, // 30: gpuaas.sdk.storage.v1.Storage.List:output_type -> gpuaas.sdk.storage.v1.ListResponse
+	20, // 31: gpuaas.sdk.storage.v1.Storage.PresignGet:output_type -> gpuaas.sdk.storage.v1.PresignedURL
+	20, // 32: gpuaas.sdk.storage.v1.Storage.PresignPut:output_type -> gpuaas.sdk.storage.v1.PresignedURL
+	1,  // 33: gpuaas.sdk.storage.v1.Storage.StartMultipart:output_type -> gpuaas.sdk.storage.v1.StartMultipartResponse
+	20, // 34: gpuaas.sdk.storage.v1.Storage.PresignPart:output_type -> gpuaas.sdk.storage.v1.PresignedURL
+	9,  // 35: gpuaas.sdk.storage.v1.Storage.CompleteMultipart:output_type -> gpuaas.sdk.storage.v1.ObjectInfo
+	6,  // 36: gpuaas.sdk.storage.v1.Storage.AbortMultipart:output_type -> gpuaas.sdk.storage.v1.AbortMultipartResponse
+	25, // [25:37] is the sub-list for method output_type
+	13, // [13:25] is the sub-list for method input_type
+	13, // [13:13] is the sub-list for extension type_name
+	13, // [13:13] is the sub-list for extension extendee
+	0,  // [0:13] is the sub-list for field type_name
 }
 
 func init() { file_sdk_storage_proto_storage_proto_init() }
@@ -1075,11 +1509,11 @@ func file_sdk_storage_proto_storage_proto_init() {
 	if File_sdk_storage_proto_storage_proto != nil {
 		return
 	}
-	file_sdk_storage_proto_storage_proto_msgTypes[1].OneofWrappers = []any{
+	file_sdk_storage_proto_storage_proto_msgTypes[8].OneofWrappers = []any{
 		(*PutMessage_Header)(nil),
 		(*PutMessage_Chunk)(nil),
 	}
-	file_sdk_storage_proto_storage_proto_msgTypes[5].OneofWrappers = []any{
+	file_sdk_storage_proto_storage_proto_msgTypes[12].OneofWrappers = []any{
 		(*GetMessage_Info)(nil),
 		(*GetMessage_Chunk)(nil),
 	}
@@ -1089,7 +1523,7 @@ func file_sdk_storage_proto_storage_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_sdk_storage_proto_storage_proto_rawDesc), len(file_sdk_storage_proto_storage_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   17,
+			NumMessages:   24,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

@@ -23,14 +23,18 @@ import (
 const _ = grpc.SupportPackageIsVersion9
 
 const (
-	Storage_Put_FullMethodName        = "/gpuaas.sdk.storage.v1.Storage/Put"
-	Storage_Get_FullMethodName        = "/gpuaas.sdk.storage.v1.Storage/Get"
-	Storage_Stat_FullMethodName       = "/gpuaas.sdk.storage.v1.Storage/Stat"
-	Storage_Delete_FullMethodName     = "/gpuaas.sdk.storage.v1.Storage/Delete"
-	Storage_Copy_FullMethodName       = "/gpuaas.sdk.storage.v1.Storage/Copy"
-	Storage_List_FullMethodName       = "/gpuaas.sdk.storage.v1.Storage/List"
-	Storage_PresignGet_FullMethodName = "/gpuaas.sdk.storage.v1.Storage/PresignGet"
-	Storage_PresignPut_FullMethodName = "/gpuaas.sdk.storage.v1.Storage/PresignPut"
+	Storage_Put_FullMethodName               = "/gpuaas.sdk.storage.v1.Storage/Put"
+	Storage_Get_FullMethodName               = "/gpuaas.sdk.storage.v1.Storage/Get"
+	Storage_Stat_FullMethodName              = "/gpuaas.sdk.storage.v1.Storage/Stat"
+	Storage_Delete_FullMethodName            = "/gpuaas.sdk.storage.v1.Storage/Delete"
+	Storage_Copy_FullMethodName              = "/gpuaas.sdk.storage.v1.Storage/Copy"
+	Storage_List_FullMethodName              = "/gpuaas.sdk.storage.v1.Storage/List"
+	Storage_PresignGet_FullMethodName        = "/gpuaas.sdk.storage.v1.Storage/PresignGet"
+	Storage_PresignPut_FullMethodName        = "/gpuaas.sdk.storage.v1.Storage/PresignPut"
+	Storage_StartMultipart_FullMethodName    = "/gpuaas.sdk.storage.v1.Storage/StartMultipart"
+	Storage_PresignPart_FullMethodName       = "/gpuaas.sdk.storage.v1.Storage/PresignPart"
+	Storage_CompleteMultipart_FullMethodName = "/gpuaas.sdk.storage.v1.Storage/CompleteMultipart"
+	Storage_AbortMultipart_FullMethodName    = "/gpuaas.sdk.storage.v1.Storage/AbortMultipart"
 )
 
 // StorageClient is the client API for Storage service.
@@ -49,6 +53,13 @@ type StorageClient interface {
 	// Optional: UNIMPLEMENTED when the store cannot presign.
 	PresignGet(ctx context.Context, in *PresignRequest, opts ...grpc.CallOption) (*PresignedURL, error)
 	PresignPut(ctx context.Context, in *PresignRequest, opts ...grpc.CallOption) (*PresignedURL, error)
+	// Optional (capability "multipart"): the caller moves the parts of a
+	// large upload to the store itself over URLs the driver presigns; the
+	// object appears only when CompleteMultipart succeeds.
+	StartMultipart(ctx context.Context, in *StartMultipartRequest, opts ...grpc.CallOption) (*StartMultipartResponse, error)
+	PresignPart(ctx context.Context, in *PresignPartRequest, opts ...grpc.CallOption) (*PresignedURL, error)
+	CompleteMultipart(ctx context.Context, in *CompleteMultipartRequest, opts ...grpc.CallOption) (*ObjectInfo, error)
+	AbortMultipart(ctx context.Context, in *AbortMultipartRequest, opts ...grpc.CallOption) (*AbortMultipartResponse, error)
 }
 
 type storageClient struct {
@@ -151,6 +162,46 @@ func (c *storageClient) PresignPut(ctx context.Context, in *PresignRequest, opts
 	return out, nil
 }
 
+func (c *storageClient) StartMultipart(ctx context.Context, in *StartMultipartRequest, opts ...grpc.CallOption) (*StartMultipartResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(StartMultipartResponse)
+	err := c.cc.Invoke(ctx, Storage_StartMultipart_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *storageClient) PresignPart(ctx context.Context, in *PresignPartRequest, opts ...grpc.CallOption) (*PresignedURL, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(PresignedURL)
+	err := c.cc.Invoke(ctx, Storage_PresignPart_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *storageClient) CompleteMultipart(ctx context.Context, in *CompleteMultipartRequest, opts ...grpc.CallOption) (*ObjectInfo, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(ObjectInfo)
+	err := c.cc.Invoke(ctx, Storage_CompleteMultipart_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *storageClient) AbortMultipart(ctx context.Context, in *AbortMultipartRequest, opts ...grpc.CallOption) (*AbortMultipartResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(AbortMultipartResponse)
+	err := c.cc.Invoke(ctx, Storage_AbortMultipart_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // StorageServer is the server API for Storage service.
 // All implementations must embed UnimplementedStorageServer
 // for forward compatibility.
@@ -167,6 +218,13 @@ type StorageServer interface {
 	// Optional: UNIMPLEMENTED when the store cannot presign.
 	PresignGet(context.Context, *PresignRequest) (*PresignedURL, error)
 	PresignPut(context.Context, *PresignRequest) (*PresignedURL, error)
+	// Optional (capability "multipart"): the caller moves the parts of a
+	// large upload to the store itself over URLs the driver presigns; the
+	// object appears only when CompleteMultipart succeeds.
+	StartMultipart(context.Context, *StartMultipartRequest) (*StartMultipartResponse, error)
+	PresignPart(context.Context, *PresignPartRequest) (*PresignedURL, error)
+	CompleteMultipart(context.Context, *CompleteMultipartRequest) (*ObjectInfo, error)
+	AbortMultipart(context.Context, *AbortMultipartRequest) (*AbortMultipartResponse, error)
 	mustEmbedUnimplementedStorageServer()
 }
 
@@ -200,6 +258,18 @@ func (UnimplementedStorageServer) PresignGet(context.Context, *PresignRequest) (
 }
 func (UnimplementedStorageServer) PresignPut(context.Context, *PresignRequest) (*PresignedURL, error) {
 	return nil, status.Error(codes.Unimplemented, "method PresignPut not implemented")
+}
+func (UnimplementedStorageServer) StartMultipart(context.Context, *StartMultipartRequest) (*StartMultipartResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method StartMultipart not implemented")
+}
+func (UnimplementedStorageServer) PresignPart(context.Context, *PresignPartRequest) (*PresignedURL, error) {
+	return nil, status.Error(codes.Unimplemented, "method PresignPart not implemented")
+}
+func (UnimplementedStorageServer) CompleteMultipart(context.Context, *CompleteMultipartRequest) (*ObjectInfo, error) {
+	return nil, status.Error(codes.Unimplemented, "method CompleteMultipart not implemented")
+}
+func (UnimplementedStorageServer) AbortMultipart(context.Context, *AbortMultipartRequest) (*AbortMultipartResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method AbortMultipart not implemented")
 }
 func (UnimplementedStorageServer) mustEmbedUnimplementedStorageServer() {}
 func (UnimplementedStorageServer) testEmbeddedByValue()                 {}
@@ -348,6 +418,78 @@ func _Storage_PresignPut_Handler(srv interface{}, ctx context.Context, dec func(
 	return interceptor(ctx, in, info, handler)
 }
 
+func _Storage_StartMultipart_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(StartMultipartRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(StorageServer).StartMultipart(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Storage_StartMultipart_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(StorageServer).StartMultipart(ctx, req.(*StartMultipartRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _Storage_PresignPart_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(PresignPartRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(StorageServer).PresignPart(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Storage_PresignPart_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(StorageServer).PresignPart(ctx, req.(*PresignPartRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _Storage_CompleteMultipart_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(CompleteMultipartRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(StorageServer).CompleteMultipart(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Storage_CompleteMultipart_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(StorageServer).CompleteMultipart(ctx, req.(*CompleteMultipartRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _Storage_AbortMultipart_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(AbortMultipartRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(StorageServer).AbortMultipart(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Storage_AbortMultipart_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(StorageServer).AbortMultipart(ctx, req.(*AbortMultipartRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // Storage_ServiceDesc is the grpc.ServiceDesc for Storage service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -378,6 +520,22 @@ var Storage_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "PresignPut",
 			Handler:    _Storage_PresignPut_Handler,
+		},
+		{
+			MethodName: "StartMultipart",
+			Handler:    _Storage_StartMultipart_Handler,
+		},
+		{
+			MethodName: "PresignPart",
+			Handler:    _Storage_PresignPart_Handler,
+		},
+		{
+			MethodName: "CompleteMultipart",
+			Handler:    _Storage_CompleteMultipart_Handler,
+		},
+		{
+			MethodName: "AbortMultipart",
+			Handler:    _Storage_AbortMultipart_Handler,
 		},
 	},
 	Streams: []grpc.StreamDesc{

@@ -3002,12 +3002,16 @@ type ClientInterface interface {
 
 	// AdminRetireNodeWithBody Take a node out for good (refused while an allocation holds it)
 	//
+	// The node's driver is asked to unenroll it when it can (the manual driver removes the agent's Nomad job; a driver failure is logged and audited, the node is retired anyway), its agent certificates are revoked, and its unused enrollment tokens and driver secret stop working.
+	//
 	// Takes any type of body and a specified content type.
 	//
 	// Corresponds with POST /api/v1/admin/nodes/{node_id}/retire (the `AdminRetireNode` operationId).
 	AdminRetireNodeWithBody(ctx context.Context, nodeId NodeID, contentType string, body io.Reader, reqEditors ...RequestEditorFn) (*http.Response, error)
 
 	// AdminRetireNode Take a node out for good (refused while an allocation holds it)
+	//
+	// The node's driver is asked to unenroll it when it can (the manual driver removes the agent's Nomad job; a driver failure is logged and audited, the node is retired anyway), its agent certificates are revoked, and its unused enrollment tokens and driver secret stop working.
 	//
 	// Takes a body of the `application/json` content type.
 	//
@@ -4055,6 +4059,8 @@ func (c *Client) AdminProbeNode(ctx context.Context, nodeId NodeID, reqEditors .
 
 // AdminRetireNodeWithBody Take a node out for good (refused while an allocation holds it)
 //
+// The node's driver is asked to unenroll it when it can (the manual driver removes the agent's Nomad job; a driver failure is logged and audited, the node is retired anyway), its agent certificates are revoked, and its unused enrollment tokens and driver secret stop working.
+//
 // Takes any type of body and a specified content type.
 //
 // Corresponds with POST /api/v1/admin/nodes/{node_id}/retire (the `AdminRetireNode` operationId).
@@ -4071,6 +4077,8 @@ func (c *Client) AdminRetireNodeWithBody(ctx context.Context, nodeId NodeID, con
 }
 
 // AdminRetireNode Take a node out for good (refused while an allocation holds it)
+//
+// The node's driver is asked to unenroll it when it can (the manual driver removes the agent's Nomad job; a driver failure is logged and audited, the node is retired anyway), its agent certificates are revoked, and its unused enrollment tokens and driver secret stop working.
 //
 // Takes a body of the `application/json` content type.
 //
@@ -11566,12 +11574,16 @@ type ClientWithResponsesInterface interface {
 
 	// AdminRetireNodeWithBodyWithResponse Take a node out for good (refused while an allocation holds it)
 	//
+	// The node's driver is asked to unenroll it when it can (the manual driver removes the agent's Nomad job; a driver failure is logged and audited, the node is retired anyway), its agent certificates are revoked, and its unused enrollment tokens and driver secret stop working.
+	//
 	// Takes any type of body and a specified content type, and returns a wrapper object for the known response body format(s).
 	//
 	// Corresponds with POST /api/v1/admin/nodes/{node_id}/retire (the `AdminRetireNode` operationId).
 	AdminRetireNodeWithBodyWithResponse(ctx context.Context, nodeId NodeID, contentType string, body io.Reader, reqEditors ...RequestEditorFn) (*AdminRetireNodeResponse, error)
 
 	// AdminRetireNodeWithResponse Take a node out for good (refused while an allocation holds it)
+	//
+	// The node's driver is asked to unenroll it when it can (the manual driver removes the agent's Nomad job; a driver failure is logged and audited, the node is retired anyway), its agent certificates are revoked, and its unused enrollment tokens and driver secret stop working.
 	//
 	// Takes a body of the `application/json` content type, and returns a wrapper object for the known response body format(s).
 	//
@@ -17229,6 +17241,8 @@ func (c *ClientWithResponses) AdminProbeNodeWithResponse(ctx context.Context, no
 
 // AdminRetireNodeWithBodyWithResponse Take a node out for good (refused while an allocation holds it)
 //
+// The node's driver is asked to unenroll it when it can (the manual driver removes the agent's Nomad job; a driver failure is logged and audited, the node is retired anyway), its agent certificates are revoked, and its unused enrollment tokens and driver secret stop working.
+//
 // Takes any type of body and a specified content type, and returns a wrapper object for the known response body format(s).
 //
 // Corresponds with POST /api/v1/admin/nodes/{node_id}/retire (the `AdminRetireNode` operationId).
@@ -17241,6 +17255,8 @@ func (c *ClientWithResponses) AdminRetireNodeWithBodyWithResponse(ctx context.Co
 }
 
 // AdminRetireNodeWithResponse Take a node out for good (refused while an allocation holds it)
+//
+// The node's driver is asked to unenroll it when it can (the manual driver removes the agent's Nomad job; a driver failure is logged and audited, the node is retired anyway), its agent certificates are revoked, and its unused enrollment tokens and driver secret stop working.
 //
 // Takes a body of the `application/json` content type, and returns a wrapper object for the known response body format(s).
 //

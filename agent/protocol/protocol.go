@@ -36,6 +36,12 @@ func TaskTypes() []string {
 // refused, so a stolen signed task is worthless soon.
 const MaxTaskTTL = time.Hour
 
+// EnrollALPN is the TLS application protocol an agent offers (before
+// "http/1.1") on the one connection it opens without a client certificate,
+// to enroll. The core's listener requires a client certificate on every
+// other connection: without one the handshake fails.
+const EnrollALPN = "gpuaas-enroll/1"
+
 // Task is one unit of work for one node.
 type Task struct {
 	ID        string          `json:"id"`

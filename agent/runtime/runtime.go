@@ -60,8 +60,10 @@ type Agent struct {
 	cert     atomic.Pointer[tls.Certificate]
 	notAfter atomic.Pointer[time.Time]
 	nodeID   string
-	client   *http.Client
-	handlers map[string]tasks.Handler
+	client   *http.Client // mTLS with the agent's certificate
+	// enrollClient enrolls, without a certificate (protocol.EnrollALPN).
+	enrollClient *http.Client
+	handlers     map[string]tasks.Handler
 
 	mu       sync.Mutex
 	verifier *protocol.Verifier
@@ -97,6 +99,11 @@ func New(cfg Config) (*Agent, error) {
 			return nil, errors.New("agent: the core CA bundle holds no certificate")
 		}
 	}
+	a.enrollClient = &http.Client{Transport: &http.Transport{TLSClientConfig: &tls.Config{
+		RootCAs:    roots,
+		MinVersion: tls.VersionTLS13,
+		NextProtos: []string{protocol.EnrollALPN, "http/1.1"},
+	}}}
 	a.client = &http.Client{Transport: &http.Transport{TLSClientConfig: &tls.Config{
 		RootCAs:    roots,
 		MinVersion: tls.VersionTLS13,
@@ -200,6 +207,10 @@ func (a *Agent) load() (bool, error) {
 }
 
 func (a *Agent) post(ctx context.Context, path string, body, out any) error {
+	return a.postWith(ctx, a.client, path, body, out)
+}
+
+func (a *Agent) postWith(ctx context.Context, c *http.Client, path string, body, out any) error {
 	b, err := json.Marshal(body)
 	if err != nil {
 		return err
@@ -209,7 +220,7 @@ func (a *Agent) post(ctx context.Context, path string, body, out any) error {
 		return err
 	}
 	req.Header.Set("Content-Type", "application/json")
-	return a.do(req, out)
+	return a.doWith(c, req, out)
 }
 
 // StatusError is a refusal by the core.
@@ -220,8 +231,10 @@ type StatusError struct {
 
 func (e *StatusError) Error() string { return fmt.Sprintf("core answered %d: %s", e.Status, e.Body) }
 
-func (a *Agent) do(req *http.Request, out any) error {
-	resp, err := a.client.Do(req)
+func (a *Agent) do(req *http.Request, out any) error { return a.doWith(a.client, req, out) }
+
+func (a *Agent) doWith(c *http.Client, req *http.Request, out any) error {
+	resp, err := c.Do(req)
 	if err != nil {
 		return err
 	}
@@ -249,7 +262,7 @@ func (a *Agent) Enroll(ctx context.Context) error {
 		return err
 	}
 	var c protocol.Certificate
-	if err := a.post(ctx, "/agent/v1/enroll", protocol.Enrollment{Token: a.cfg.Token, CSRPEM: string(csr)}, &c); err != nil {
+	if err := a.postWith(ctx, a.enrollClient, "/agent/v1/enroll", protocol.Enrollment{Token: a.cfg.Token, CSRPEM: string(csr)}, &c); err != nil {
 		return fmt.Errorf("agent: enroll: %w", err)
 	}
 	if err := a.install(key, &c); err != nil {

@@ -33,13 +33,24 @@ func TestExpiredEnrollmentToken(t *testing.T) {
 	}
 }
 
-// Without a client certificate only enrollment answers: every other call is
+// Without a client certificate the TLS handshake fails, unless the
+// connection asks to enroll; on such a connection every other call is
 // refused before it reaches a node's data.
 func TestNoClientCertificate(t *testing.T) {
 	f := newFixture(t, agents.Settings{})
 	roots := x509.NewCertPool()
 	roots.AppendCertsFromPEM(f.coreCA)
-	c := &http.Client{Transport: &http.Transport{TLSClientConfig: &tls.Config{RootCAs: roots, MinVersion: tls.VersionTLS13}}}
+	plain := &http.Client{Transport: &http.Transport{TLSClientConfig: &tls.Config{RootCAs: roots, MinVersion: tls.VersionTLS13}}}
+	resp, err := plain.Get(f.url + "/agent/v1/tasks?wait=0s")
+	if err == nil {
+		resp.Body.Close()
+		t.Fatalf("a connection without a client certificate got %d; want a failed TLS handshake", resp.StatusCode)
+	}
+	if !strings.Contains(err.Error(), "certificate") {
+		t.Fatalf("without a client certificate: %v; want the handshake refusing it", err)
+	}
+	c := &http.Client{Transport: &http.Transport{TLSClientConfig: &tls.Config{RootCAs: roots, MinVersion: tls.VersionTLS13,
+		NextProtos: []string{protocol.EnrollALPN, "http/1.1"}}}}
 	for _, call := range []struct{ method, path string }{
 		{"GET", "/agent/v1/tasks?wait=0s"},
 		{"POST", "/agent/v1/heartbeat"},
@@ -53,7 +64,7 @@ func TestNoClientCertificate(t *testing.T) {
 		}
 		resp.Body.Close()
 		if resp.StatusCode != 401 {
-			t.Errorf("%s %s without a client certificate: %d; want 401", call.method, call.path, resp.StatusCode)
+			t.Errorf("%s %s on an enrollment connection: %d; want 401", call.method, call.path, resp.StatusCode)
 		}
 	}
 }

@@ -8,6 +8,7 @@ import (
 	"errors"
 	"io"
 	"net/http"
+	"slices"
 	"strings"
 	"time"
 
@@ -26,15 +27,28 @@ type Revoked interface {
 	Revoked(ctx context.Context, serial string) (bool, error)
 }
 
-// TLSConfig is the agent listener's TLS: the server certificate, and client
-// certificates verified against the PKI's CA chain when presented
-// (enrollment is the one call without one).
+// TLSConfig is the agent listener's TLS: the server certificate, and a
+// client certificate verified against the PKI's CA chain on every
+// connection but those that offer protocol.EnrollALPN (enrollment, the one
+// call an agent makes without a certificate; every other route refuses a
+// request without one). A client without a certificate that does not ask to
+// enroll fails the handshake.
 func TLSConfig(server tls.Certificate, caChainPEM []byte) (*tls.Config, error) {
 	pool := x509.NewCertPool()
 	if !pool.AppendCertsFromPEM(caChainPEM) {
 		return nil, errors.New("agents: the CA chain holds no certificate")
 	}
-	return &tls.Config{Certificates: []tls.Certificate{server}, ClientCAs: pool, ClientAuth: tls.VerifyClientCertIfGiven, MinVersion: tls.VersionTLS13}, nil
+	mtls := &tls.Config{Certificates: []tls.Certificate{server}, ClientCAs: pool, ClientAuth: tls.RequireAndVerifyClientCert,
+		MinVersion: tls.VersionTLS13, NextProtos: []string{"http/1.1"}}
+	enroll := mtls.Clone()
+	enroll.ClientAuth = tls.NoClientCert
+	mtls.GetConfigForClient = func(hello *tls.ClientHelloInfo) (*tls.Config, error) {
+		if slices.Contains(hello.SupportedProtos, protocol.EnrollALPN) {
+			return enroll, nil
+		}
+		return nil, nil
+	}
+	return mtls, nil
 }
 
 // Handler serves api/agent/v1.

@@ -256,7 +256,9 @@ func enrollSim(agentAddr string, roots *x509.CertPool, token string) (*simAgent,
 	csr := pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE REQUEST", Bytes: der})
 	body, _ := json.Marshal(protocol.Enrollment{Token: token, CSRPEM: string(csr)})
 	tlsCfg := &tls.Config{RootCAs: roots, MinVersion: tls.VersionTLS13}
-	resp, err := (&http.Client{Transport: &http.Transport{TLSClientConfig: tlsCfg}}).Post("https://"+agentAddr+"/agent/v1/enroll", "application/json", bytes.NewReader(body))
+	enroll := tlsCfg.Clone()
+	enroll.NextProtos = []string{protocol.EnrollALPN, "http/1.1"}
+	resp, err := (&http.Client{Transport: &http.Transport{TLSClientConfig: enroll}}).Post("https://"+agentAddr+"/agent/v1/enroll", "application/json", bytes.NewReader(body))
 	if err != nil {
 		return nil, err
 	}

@@ -111,8 +111,17 @@ func TestRetireManualNode(t *testing.T) {
 	go func() { defer close(agentDone); _ = agent.Run(agentCtx) }()
 	t.Cleanup(func() { stopAgent(); <-agentDone })
 	p.awaitNode(node, "available", 20*time.Second)
-	if err := agent.Heartbeat(ctx); err != nil {
-		t.Fatalf("heartbeat before the retirement: %v", err)
+	// The node is available once the core signed; the agent installs its
+	// certificate right after it read the answer.
+	for deadline := time.Now().Add(10 * time.Second); ; {
+		err := agent.Heartbeat(ctx)
+		if err == nil {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("heartbeat before the retirement: %v", err)
+		}
+		time.Sleep(20 * time.Millisecond)
 	}
 	r := p.call("POST", "/api/v1/admin/nodes/"+node.String()+"/enrollment-token", p.admin, map[string]any{"ttl_seconds": 600})
 	if r.status != 201 {

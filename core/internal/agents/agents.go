@@ -216,10 +216,27 @@ func (s *Service) Enroll(ctx context.Context, token, csrPEM string) (*protocol.C
 
 // Renew signs a new CSR for a node that proved itself with its current
 // certificate.
-func (s *Service) Renew(ctx context.Context, nodeID uuid.UUID, csrPEM string) (*protocol.Certificate, error) {
+func (s *Service) Renew(ctx context.Context, nodeID uuid.UUID, presented, csrPEM string) (*protocol.Certificate, error) {
 	var cert pki.Certificate
 	err := store.Transact(ctx, s.pool, store.TxOptions{}, func(tx pgx.Tx) error {
-		var err error
+		// The presented certificate again, with the node's row held: a
+		// revocation (which updates that row) either waits for this renewal,
+		// and then refuses the new certificate too, or came first and
+		// refuses this renewal. Without the lock a renewal that passed the
+		// check just before a revocation would hand out a valid certificate.
+		var nodeRevoked, issued, certRevoked *time.Time
+		err := tx.QueryRow(ctx, `SELECT n.agent_revoked_at, c.issued_at, c.revoked_at FROM nodes n
+			LEFT JOIN node_certificates c ON c.serial = $2 AND c.node_id = n.id WHERE n.id = $1 FOR SHARE OF n`, nodeID, presented).
+			Scan(&nodeRevoked, &issued, &certRevoked)
+		if errors.Is(err, pgx.ErrNoRows) {
+			return errcode.New(errcode.Forbidden, "the node is unknown or retired")
+		}
+		if err != nil {
+			return err
+		}
+		if issued == nil || certRevoked != nil || (nodeRevoked != nil && !issued.After(*nodeRevoked)) {
+			return errcode.New(errcode.Unauthenticated, "the client certificate is revoked")
+		}
 		if cert, err = s.sign(ctx, tx, nodeID, csrPEM); err != nil {
 			return err
 		}
@@ -304,15 +321,23 @@ func (s *Service) RevokeNode(ctx context.Context, nodeID uuid.UUID) (int, error)
 // retirement).
 func (s *Service) RevokeCertificates(ctx context.Context, nodeID uuid.UUID) (int, error) {
 	// From now on every certificate issued so far is refused, including one
-	// a renewal racing with this gets.
-	if _, err := s.pool.Exec(ctx, `UPDATE nodes SET agent_revoked_at = clock_timestamp() WHERE id = $1`, nodeID); err != nil {
-		return 0, err
-	}
-	rows, err := s.pool.Query(ctx, `SELECT serial FROM node_certificates WHERE node_id = $1 AND revoked_at IS NULL AND not_after > now()`, nodeID)
-	if err != nil {
-		return 0, err
-	}
-	serials, err := pgx.CollectRows(rows, pgx.RowTo[string])
+	// a renewal racing with this gets: the node's row is locked first (a
+	// renewal holds it while it signs), and the time taken after.
+	var serials []string
+	err := store.Transact(ctx, s.pool, store.TxOptions{}, func(tx pgx.Tx) error {
+		if _, err := tx.Exec(ctx, `SELECT 1 FROM nodes WHERE id = $1 FOR UPDATE`, nodeID); err != nil {
+			return err
+		}
+		if _, err := tx.Exec(ctx, `UPDATE nodes SET agent_revoked_at = clock_timestamp() WHERE id = $1`, nodeID); err != nil {
+			return err
+		}
+		rows, err := tx.Query(ctx, `SELECT serial FROM node_certificates WHERE node_id = $1 AND revoked_at IS NULL AND not_after > now()`, nodeID)
+		if err != nil {
+			return err
+		}
+		serials, err = pgx.CollectRows(rows, pgx.RowTo[string])
+		return err
+	})
 	if err != nil {
 		return 0, err
 	}

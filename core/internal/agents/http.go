@@ -78,7 +78,8 @@ func (s *Service) Handler(revoked Revoked) http.Handler {
 		if !decode(w, r, &req) {
 			return
 		}
-		c, err := s.Renew(r.Context(), id, req.CSRPEM)
+		serial, _ := pki.NormalizeSerial(r.TLS.VerifiedChains[0][0].SerialNumber.Text(16)) // nodeOf checked it
+		c, err := s.Renew(r.Context(), id, serial, req.CSRPEM)
 		reply(w, c, err)
 	}))
 	mux.HandleFunc("POST /agent/v1/heartbeat", node(func(w http.ResponseWriter, r *http.Request, id uuid.UUID) {

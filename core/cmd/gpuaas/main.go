@@ -51,6 +51,10 @@ func main() {
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	err := run(ctx, os.Args[1:], os.Getenv, os.Stdout, os.Stderr)
 	stop()
+	var exit exitError
+	if errors.As(err, &exit) {
+		os.Exit(exit.code) // a remote shell's status, as ssh passes it on
+	}
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "gpuaas:", err)
 		os.Exit(1)
@@ -77,6 +81,8 @@ commands:
                                              a project's allocations, newest first
   alloc get ID                               one allocation, with its ssh command once active
   alloc release ID [--wait]                  give the node back; --wait follows it until released
+  terminal ID [--gateway URL]                a shell on an active allocation's node through the
+                                             browser terminal (exits with the shell's status)
   dev seed [--maas-url URL --maas-api-key-file FILE --webhook-secret-file FILE [--plugin-path PATH]]
            [--instance maas] [--credit-minor 10000]
                                              development data for make run (safe to run again):
@@ -131,6 +137,8 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 		return sshKey(ctx, c, args[1:], stdout)
 	case "alloc":
 		return alloc(ctx, c, args[1:], stdout)
+	case "terminal":
+		return terminalCmd(ctx, c, apiURL, args[1:])
 	case "dev":
 		if len(args) < 2 || args[1] != "seed" {
 			return errors.New("dev: want seed")

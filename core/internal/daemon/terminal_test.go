@@ -3,8 +3,10 @@ package daemon_test
 import (
 	"bytes"
 	"context"
+	"errors"
 	"io"
 	"net/http"
+	"os/exec"
 	"path/filepath"
 	"regexp"
 	"strings"
@@ -22,6 +24,7 @@ import (
 	"github.com/gpuaas/gpuaas/core/internal/terminal"
 	"github.com/gpuaas/gpuaas/core/internal/terminal/terminaltest"
 	"github.com/gpuaas/gpuaas/core/internal/testenv"
+	"github.com/gpuaas/gpuaas/sdk/sdktest"
 )
 
 const webApp = "https://app.test"
@@ -271,4 +274,25 @@ func httpStatus(t *testing.T, url string) int {
 	}
 	_ = resp.Body.Close()
 	return resp.StatusCode
+}
+
+// The CLI's `gpuaas terminal` opens the same session: a script on its
+// standard input runs as the allocation's user on the real sshd, and the
+// command exits with the shell's status.
+func TestTerminalCLI(t *testing.T) {
+	te := newTermEnv(t)
+	cli := sdktest.BuildBinary(t, "github.com/gpuaas/gpuaas/core/cmd/gpuaas")
+	cmd := exec.Command(cli, "terminal", te.w.alloc.String())
+	cmd.Env = []string{"GPUAAS_API_URL=" + te.url, "GPUAAS_TOKEN=" + te.w.tokens[member], "PATH=/usr/bin:/bin"}
+	cmd.Stdin = strings.NewReader("echo from-the-cli-$((6*7)); exit 7\n")
+	var stdout, stderr bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &stdout, &stderr
+	err := cmd.Run()
+	var exit *exec.ExitError
+	if !errors.As(err, &exit) || exit.ExitCode() != 7 {
+		t.Fatalf("gpuaas terminal: %v; want exit status 7\nstdout: %s\nstderr: %s", err, stdout.String(), stderr.String())
+	}
+	if !strings.Contains(stdout.String(), "from-the-cli-42") {
+		t.Fatalf("the shell's output did not come back: %q (stderr %q)", stdout.String(), stderr.String())
+	}
 }

@@ -11,7 +11,6 @@ import (
 	"strings"
 
 	yaml "go.yaml.in/yaml/v3"
-	"golang.org/x/crypto/ssh"
 
 	"github.com/gpuaas/gpuaas/sdk/base"
 	"github.com/gpuaas/gpuaas/sdk/provisioner"
@@ -20,8 +19,6 @@ import (
 var (
 	// usernameRE is a portable Linux user name: no shell metacharacters.
 	usernameRE = regexp.MustCompile(`^[a-z_][a-z0-9_-]{0,31}$`)
-	// keyCommentRE is what an SSH key comment may contain.
-	keyCommentRE = regexp.MustCompile(`^[A-Za-z0-9@._+=:/, -]{0,128}$`)
 	// labelRE is what ids written onto the node may contain.
 	labelRE = regexp.MustCompile(`^[A-Za-z0-9._:-]{0,128}$`)
 )
@@ -36,14 +33,6 @@ func reservedUsers() []string {
 	}
 }
 
-// Key types the driver authorizes.
-func allowedKeyTypes() []string {
-	return []string{
-		ssh.KeyAlgoED25519, ssh.KeyAlgoECDSA256, ssh.KeyAlgoECDSA384, ssh.KeyAlgoECDSA521, ssh.KeyAlgoRSA,
-		ssh.KeyAlgoSKED25519, ssh.KeyAlgoSKECDSA256,
-	}
-}
-
 // tenant is a validated provision request, in canonical form.
 type tenant struct {
 	Username  string   `json:"username"`
@@ -54,44 +43,6 @@ type tenant struct {
 	Keys      []string `json:"keys"`
 	Image     string   `json:"image"`
 	NodeID    string   `json:"node_id"`
-}
-
-// canonicalKey validates one authorized_keys line and returns it as
-// "<type> <base64> [comment]". Options (command=..., from=...) are refused.
-func canonicalKey(line string) (string, error) {
-	line = strings.TrimSpace(line)
-	if line == "" || len(line) > 16<<10 {
-		return "", fmt.Errorf("empty or longer than 16 KiB")
-	}
-	for _, r := range line {
-		if r < ' ' || r == 0x7f {
-			return "", fmt.Errorf("contains control characters")
-		}
-	}
-	pub, comment, options, rest, err := ssh.ParseAuthorizedKey([]byte(line))
-	if err != nil {
-		return "", fmt.Errorf("not an OpenSSH public key: %v", err)
-	}
-	if len(options) > 0 || len(bytes.TrimSpace(rest)) > 0 {
-		return "", fmt.Errorf("key options and extra lines are not allowed")
-	}
-	if !slices.Contains(allowedKeyTypes(), pub.Type()) {
-		return "", fmt.Errorf("key type %s is not allowed", pub.Type())
-	}
-	if ck, ok := pub.(ssh.CryptoPublicKey); ok && pub.Type() == ssh.KeyAlgoRSA {
-		type bitser interface{ Size() int }
-		if k, ok := ck.CryptoPublicKey().(bitser); ok && k.Size()*8 < 2048 {
-			return "", fmt.Errorf("RSA key of %d bits; at least 2048 required", k.Size()*8)
-		}
-	}
-	if !keyCommentRE.MatchString(comment) {
-		return "", fmt.Errorf("comment has characters outside [A-Za-z0-9@._+=:/, -]")
-	}
-	out := strings.TrimSpace(string(ssh.MarshalAuthorizedKey(pub)))
-	if comment != "" {
-		out += " " + comment
-	}
-	return out, nil
 }
 
 // validateProvision checks a provision request and returns it canonical.
@@ -124,7 +75,7 @@ func validateProvision(s *settings, req *provisioner.ProvisionRequest) (*tenant,
 	}
 	t := &tenant{Username: u.Username, UID: u.UID, OrgID: u.OrgID, ProjectID: u.ProjectID, Alloc: req.AllocationID, NodeID: req.NodeID}
 	for i, k := range req.SSHPublicKeys {
-		ck, err := canonicalKey(k)
+		ck, err := provisioner.CanonicalSSHKey(k)
 		if err != nil {
 			return nil, bad("SSH key %d: %v", i+1, err)
 		}

@@ -1,7 +1,6 @@
 package manual
 
 import (
-	"bytes"
 	"crypto/sha256"
 	"encoding/hex"
 	"encoding/json"
@@ -12,8 +11,6 @@ import (
 	"sort"
 	"strconv"
 	"strings"
-
-	"golang.org/x/crypto/ssh"
 
 	"github.com/gpuaas/gpuaas/agent/tasks"
 	"github.com/gpuaas/gpuaas/sdk/base"
@@ -33,8 +30,6 @@ var (
 	usernameRE = regexp.MustCompile(`^[a-z_][a-z0-9_-]{0,30}$`)
 	// labelRE is what ids written onto the node may contain.
 	labelRE = regexp.MustCompile(`^[A-Za-z0-9._:-]{0,128}$`)
-	// keyCommentRE is what an SSH key comment may contain.
-	keyCommentRE = regexp.MustCompile(`^[A-Za-z0-9@._+=:/, -]{0,128}$`)
 	// tagRE is the core's node tag rule.
 	tagRE = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9._:=/-]{0,62}$`)
 	// modelRE is what a declared CPU or GPU model may contain.
@@ -64,14 +59,6 @@ func reservedUsers() []string {
 		"sshd", "ubuntu", "admin", "lxd", "maas", "landscape", "pollinate", "tss", "uuidd", "tcpdump",
 		"usbmux", "dnsmasq", "polkitd", "fwupd-refresh", "_apt", "gpuaas", "nomad", "consul", "vault",
 		"nvidia-persistenced", "systemd-network", "systemd-resolve",
-	}
-}
-
-// allowedKeyTypes are the SSH key types the driver authorizes.
-func allowedKeyTypes() []string {
-	return []string{
-		ssh.KeyAlgoED25519, ssh.KeyAlgoECDSA256, ssh.KeyAlgoECDSA384, ssh.KeyAlgoECDSA521, ssh.KeyAlgoRSA,
-		ssh.KeyAlgoSKED25519, ssh.KeyAlgoSKECDSA256,
 	}
 }
 
@@ -108,42 +95,6 @@ func checkUsername(what, name string) error {
 	return nil
 }
 
-// canonicalKey validates one authorized_keys line and returns it as
-// "<type> <base64> [comment]". Options (command=..., from=...) are refused.
-func canonicalKey(line string) (string, error) {
-	line = strings.TrimSpace(line)
-	if line == "" || len(line) > 16<<10 {
-		return "", fmt.Errorf("empty or longer than 16 KiB")
-	}
-	if strings.ContainsFunc(line, func(r rune) bool { return r < ' ' || r == 0x7f }) {
-		return "", fmt.Errorf("contains control characters")
-	}
-	pub, comment, options, rest, err := ssh.ParseAuthorizedKey([]byte(line))
-	if err != nil {
-		return "", fmt.Errorf("not an OpenSSH public key: %v", err)
-	}
-	if len(options) > 0 || len(bytes.TrimSpace(rest)) > 0 {
-		return "", fmt.Errorf("key options and extra lines are not allowed")
-	}
-	if !slices.Contains(allowedKeyTypes(), pub.Type()) {
-		return "", fmt.Errorf("key type %s is not allowed", pub.Type())
-	}
-	if ck, ok := pub.(ssh.CryptoPublicKey); ok && pub.Type() == ssh.KeyAlgoRSA {
-		type sizer interface{ Size() int }
-		if k, ok := ck.CryptoPublicKey().(sizer); ok && k.Size()*8 < 2048 {
-			return "", fmt.Errorf("RSA key of %d bits; at least 2048 required", k.Size()*8)
-		}
-	}
-	if !keyCommentRE.MatchString(comment) {
-		return "", fmt.Errorf("comment has characters outside [A-Za-z0-9@._+=:/, -]")
-	}
-	out := strings.TrimSpace(string(ssh.MarshalAuthorizedKey(pub)))
-	if comment != "" {
-		out += " " + comment
-	}
-	return out, nil
-}
-
 // provisionParams validates a provision request and returns the task's
 // parameters.
 func provisionParams(req *provisioner.ProvisionRequest, sudo bool) (*tasks.ProvisionUserParams, error) {
@@ -168,7 +119,7 @@ func provisionParams(req *provisioner.ProvisionRequest, sudo bool) (*tasks.Provi
 	}
 	p := &tasks.ProvisionUserParams{AllocationID: req.AllocationID, Username: req.User.Username, UID: req.User.UID, Sudo: sudo}
 	for i, k := range req.SSHPublicKeys {
-		ck, err := canonicalKey(k)
+		ck, err := provisioner.CanonicalSSHKey(k)
 		if err != nil {
 			return nil, invalidf(what, "SSH key %d: %v", i+1, err)
 		}

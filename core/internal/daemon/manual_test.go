@@ -4,6 +4,7 @@ import (
 	"context"
 	"crypto/ed25519"
 	"crypto/rand"
+	"maps"
 	"net/http/httptest"
 	"os"
 	"os/exec"
@@ -39,8 +40,8 @@ func TestManualNodeEndToEnd(t *testing.T) {
 	if os.Geteuid() != 0 {
 		t.Fatal("this test creates a real account on this machine: run it as root")
 	}
-	state, agentAddr := t.TempDir(), freePort(t)
-	p := newProvEnv(t, provOptions{env: map[string]string{"GPUAAS_STATE_DIR": state, "GPUAAS_AGENT_LISTEN_ADDR": agentAddr}})
+	m := newManualEnv(t, map[string]any{"scratch_dirs": []string{"/srv/scratch"}})
+	p, state, agentAddr, coreCA, nomad := m.provEnv, m.state, m.agentAddr, m.coreCA, m.nomad
 	ctx := t.Context()
 
 	// The tenant holds this key's private half.
@@ -56,30 +57,6 @@ func TestManualNodeEndToEnd(t *testing.T) {
 		"public_key": strings.TrimSpace(string(ssh.MarshalAuthorizedKey(tenantKey.PublicKey())))}); r.status != 201 {
 		t.Fatalf("add ssh key: %d %s", r.status, r.body)
 	}
-
-	// The driver, as an operator configures it.
-	coreCA, err := os.ReadFile(filepath.Join(state, "agents", "agent-listener.crt"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	nomad := nomadsim.New(nomadsim.WithStartDelay(10 * time.Millisecond))
-	nomadSrv := httptest.NewServer(nomad)
-	t.Cleanup(nomadSrv.Close)
-	drv := manual.New(testenv.Logger(t))
-	schema, err := drv.ConfigSchema(ctx)
-	if err != nil {
-		t.Fatal(err)
-	}
-	cfg, err := base.ValidateConfig(schema, map[string]any{"core_url": p.url, "api_key": p.admin, "agent_url": "https://" + agentAddr,
-		"agent_ca_pem": string(coreCA), "nomad_addr": nomadSrv.URL, "scratch_dirs": []string{"/srv/scratch"}})
-	if err != nil {
-		t.Fatal(err)
-	}
-	cfg.APIVersion, cfg.Instance = provisioner.APIVersion1, "manual-a"
-	if err := drv.Configure(ctx, cfg); err != nil {
-		t.Fatal(err)
-	}
-	p.drivers.set("manual-a", drv)
 
 	// Register: the node waits for its agent.
 	r := p.call("POST", "/api/v1/admin/nodes", p.admin, map[string]any{"provisioner_instance": "manual-a", "external_id": "127.0.0.1", "tags": []string{"sku:l40s"}})
@@ -232,4 +209,45 @@ func TestManualNodeEndToEnd(t *testing.T) {
 	if _, err := whoami(certKey()); err == nil {
 		t.Fatal("a certificate still opens the released account")
 	}
+}
+
+// manualEnv is a core with its agent listener and the manual driver as
+// instance manual-a (configured as an operator would, with a platform
+// admin's key), whose Nomad is the double.
+type manualEnv struct {
+	*provEnv
+	state, agentAddr string
+	coreCA           []byte // the agent listener's certificate
+	nomad            *nomadsim.Server
+}
+
+func newManualEnv(t *testing.T, extra map[string]any) *manualEnv {
+	t.Helper()
+	m := &manualEnv{state: t.TempDir(), agentAddr: freePort(t)}
+	m.provEnv = newProvEnv(t, provOptions{env: map[string]string{"GPUAAS_STATE_DIR": m.state, "GPUAAS_AGENT_LISTEN_ADDR": m.agentAddr}})
+	var err error
+	if m.coreCA, err = os.ReadFile(filepath.Join(m.state, "agents", "agent-listener.crt")); err != nil {
+		t.Fatal(err)
+	}
+	m.nomad = nomadsim.New(nomadsim.WithStartDelay(10 * time.Millisecond))
+	nomadSrv := httptest.NewServer(m.nomad)
+	t.Cleanup(nomadSrv.Close)
+	drv := manual.New(testenv.Logger(t))
+	schema, err := drv.ConfigSchema(t.Context())
+	if err != nil {
+		t.Fatal(err)
+	}
+	raw := map[string]any{"core_url": m.url, "api_key": m.admin, "agent_url": "https://" + m.agentAddr,
+		"agent_ca_pem": string(m.coreCA), "nomad_addr": nomadSrv.URL}
+	maps.Copy(raw, extra)
+	cfg, err := base.ValidateConfig(schema, raw)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg.APIVersion, cfg.Instance = provisioner.APIVersion1, "manual-a"
+	if err := drv.Configure(t.Context(), cfg); err != nil {
+		t.Fatal(err)
+	}
+	m.drivers.set("manual-a", drv)
+	return m
 }

@@ -4,8 +4,6 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
-	"net/http/httptest"
-	"os"
 	"path/filepath"
 	"slices"
 	"strings"
@@ -18,10 +16,7 @@ import (
 	"github.com/gpuaas/gpuaas/agent/tasks"
 	"github.com/gpuaas/gpuaas/core/internal/pki"
 	"github.com/gpuaas/gpuaas/core/internal/testenv"
-	"github.com/gpuaas/gpuaas/plugins/manual"
 	"github.com/gpuaas/gpuaas/plugins/manual/nomadsim"
-	"github.com/gpuaas/gpuaas/sdk/base"
-	"github.com/gpuaas/gpuaas/sdk/provisioner"
 )
 
 // Retiring a hand-managed host undoes its enrollment: the manual driver
@@ -30,32 +25,9 @@ import (
 // retirement nor the driver's enrollment secret enrolls an agent any more.
 // A Nomad that fails does not stop the retirement; the audit log says so.
 func TestRetireManualNode(t *testing.T) {
-	state, agentAddr := t.TempDir(), freePort(t)
-	p := newProvEnv(t, provOptions{env: map[string]string{"GPUAAS_STATE_DIR": state, "GPUAAS_AGENT_LISTEN_ADDR": agentAddr}})
+	m := newManualEnv(t, nil)
+	p, agentAddr, coreCA, nomad := m.provEnv, m.agentAddr, m.coreCA, m.nomad
 	ctx := t.Context()
-
-	coreCA, err := os.ReadFile(filepath.Join(state, "agents", "agent-listener.crt"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	nomad := nomadsim.New(nomadsim.WithStartDelay(10 * time.Millisecond))
-	nomadSrv := httptest.NewServer(nomad)
-	t.Cleanup(nomadSrv.Close)
-	drv := manual.New(testenv.Logger(t))
-	schema, err := drv.ConfigSchema(ctx)
-	if err != nil {
-		t.Fatal(err)
-	}
-	cfg, err := base.ValidateConfig(schema, map[string]any{"core_url": p.url, "api_key": p.admin, "agent_url": "https://" + agentAddr,
-		"agent_ca_pem": string(coreCA), "nomad_addr": nomadSrv.URL})
-	if err != nil {
-		t.Fatal(err)
-	}
-	cfg.APIVersion, cfg.Instance = provisioner.APIVersion1, "manual-a"
-	if err := drv.Configure(ctx, cfg); err != nil {
-		t.Fatal(err)
-	}
-	p.drivers.set("manual-a", drv)
 
 	// register adds a host; its agent job carries the enrollment secret.
 	register := func(host string) (uuid.UUID, string) {

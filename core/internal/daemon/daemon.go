@@ -297,24 +297,7 @@ func Run(ctx context.Context, cfg config.Config, log hclog.Logger, opt Options) 
 		}
 	})
 
-	serveErr := make(chan error, 1)
-	go func() { serveErr <- app.Listener(ln) }()
-	log.Info("serving", "addr", ln.Addr().String(), "version", opt.Version)
-	if opt.Ready != nil {
-		opt.Ready(ln.Addr().String())
-	}
-
-	var runErr error
-	select {
-	case <-ctx.Done():
-	case runErr = <-serveErr:
-		runErr = fmt.Errorf("http: serve: %w", runErr)
-	}
-	log.Info("shutting down", "timeout", cfg.ShutdownTimeout)
-	start := time.Now()
-	if err := app.ShutdownWithTimeout(cfg.ShutdownTimeout); err != nil {
-		log.Warn("http shutdown did not drain in time", "error", err)
-	}
+	start, runErr := serve(ctx, app, ln, cfg, log, opt, "serving")
 	if agentSrv != nil {
 		sctx, cancel := context.WithTimeout(context.Background(), cfg.ShutdownTimeout)
 		stopAgents() // ends the long polls
@@ -328,6 +311,30 @@ func Run(ctx context.Context, cfg config.Config, log hclog.Logger, opt Options) 
 	}
 	log.Info("stopped", "took", time.Since(start).Round(time.Millisecond))
 	return runErr
+}
+
+// serve serves app on ln until ctx ends or serving fails, then drains it
+// for at most the shutdown timeout. It returns when the shutdown began and
+// why serving ended (nil for ctx).
+func serve(ctx context.Context, app *fiber.App, ln net.Listener, cfg config.Config, log hclog.Logger, opt Options, what string) (time.Time, error) {
+	serveErr := make(chan error, 1)
+	go func() { serveErr <- app.Listener(ln) }()
+	log.Info(what, "addr", ln.Addr().String(), "version", opt.Version)
+	if opt.Ready != nil {
+		opt.Ready(ln.Addr().String())
+	}
+	var runErr error
+	select {
+	case <-ctx.Done():
+	case runErr = <-serveErr:
+		runErr = fmt.Errorf("http: serve: %w", runErr)
+	}
+	log.Info("shutting down", "timeout", cfg.ShutdownTimeout)
+	start := time.Now()
+	if err := app.ShutdownWithTimeout(cfg.ShutdownTimeout); err != nil {
+		log.Warn("http shutdown did not drain in time", "error", err)
+	}
+	return start, runErr
 }
 
 // openTrust opens the configured PKI/KMS backend.

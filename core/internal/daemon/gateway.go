@@ -64,23 +64,7 @@ func RunTerminalGateway(ctx context.Context, cfg config.Config, log hclog.Logger
 	var wg sync.WaitGroup
 	wg.Go(func() { _ = limiter.Run(bg) })
 	wg.Go(func() { term.Run(bg) })
-	serveErr := make(chan error, 1)
-	go func() { serveErr <- app.Listener(ln) }()
-	log.Info("serving the terminal gateway", "addr", ln.Addr().String(), "version", opt.Version)
-	if opt.Ready != nil {
-		opt.Ready(ln.Addr().String())
-	}
-
-	var runErr error
-	select {
-	case <-ctx.Done():
-	case runErr = <-serveErr:
-		runErr = fmt.Errorf("http: serve: %w", runErr)
-	}
-	log.Info("shutting down", "timeout", cfg.ShutdownTimeout)
-	if err := app.ShutdownWithTimeout(cfg.ShutdownTimeout); err != nil {
-		log.Warn("http shutdown did not drain in time", "error", err)
-	}
+	_, runErr := serve(ctx, app, ln, cfg, log, opt, "serving the terminal gateway")
 	stopBG()
 	wg.Wait()
 	log.Info("stopped")

@@ -246,8 +246,6 @@ const (
 	directPartTries   = 2
 )
 
-var partBuffers = sync.Pool{New: func() any { b := make([]byte, directPartSize); return &b }}
-
 // directPartSizeFor is the part size of a direct upload of size bytes, or 0
 // when it should stream through the driver.
 func directPartSizeFor(size int64) int64 {
@@ -319,9 +317,10 @@ func (d direct) putParts(ctx context.Context, mu sdkstorage.MultipartUploader, r
 		}
 	}
 	sem := make(chan struct{}, directConcurrency)
+	bufs := newPartBuffers(part)
 	for i := range n {
 		size := min(part, req.Size-int64(i)*part)
-		buf, release := partBuffer(size)
+		buf, release := bufs.get(size)
 		if _, err := io.ReadFull(body, buf); err != nil {
 			release()
 			fail(fmt.Errorf("storage: direct put %q: reading part %d: %w", req.Key, i+1, err))
@@ -352,13 +351,34 @@ func (d direct) putParts(ctx context.Context, mu sdkstorage.MultipartUploader, r
 	return parts, firstErr
 }
 
-// partBuffer is a buffer of size bytes and the func that gives it back.
-func partBuffer(size int64) ([]byte, func()) {
-	if size > directPartSize {
-		return make([]byte, size), func() {}
+// partBuffers hands out the buffers of one upload: at most
+// directConcurrency+1 of them exist (the parts in flight and the one being
+// read), each made once and reused.
+type partBuffers struct {
+	size int64
+	free chan []byte
+	made int
+}
+
+func newPartBuffers(size int64) *partBuffers {
+	return &partBuffers{size: size, free: make(chan []byte, directConcurrency+1)}
+}
+
+// get is a buffer of n bytes and the func that gives it back. The caller
+// holds at most directConcurrency+1 at once (the semaphore in putParts).
+func (p *partBuffers) get(n int64) ([]byte, func()) {
+	var b []byte
+	select {
+	case b = <-p.free:
+	default:
+		if p.made < directConcurrency+1 {
+			p.made++
+			b = make([]byte, p.size)
+		} else {
+			b = <-p.free
+		}
 	}
-	b := partBuffers.Get().(*[]byte)
-	return (*b)[:size], func() { partBuffers.Put(b) }
+	return b[:n], func() { p.free <- b[:cap(b)] }
 }
 
 // putPart PUTs one part over a URL presigned for it (a new one for a

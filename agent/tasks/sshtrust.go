@@ -25,10 +25,10 @@ import (
 // naming the certificate's principal, so a certificate the CA signs never
 // opens root or any other account that is not a live tenant's.
 const (
-	sshCAFile      = "gpuaas_user_ca.pub"
-	sshDropIn      = "sshd_config.d/60-gpuaas.conf"
-	sshPrincipals  = "gpuaas_principals"
-	defaultSSHDir  = "/etc/ssh"
+	SSHCAFile      = "gpuaas_user_ca.pub"
+	SSHDropIn      = "sshd_config.d/60-gpuaas.conf"
+	SSHPrincipals  = "gpuaas_principals"
+	DefaultSSHDir  = "/etc/ssh"
 	defaultSSHDPid = "/run/sshd.pid"
 )
 
@@ -36,18 +36,21 @@ func (s *System) sshDir() string {
 	if s.SSHDir != "" {
 		return s.SSHDir
 	}
-	return defaultSSHDir
+	return DefaultSSHDir
 }
 
-// sshdConfig is the drop-in that makes sshd trust the CA (paths as the node
-// sees them).
-func (s *System) sshdConfig() []byte {
-	dir := s.sshDir()
-	return []byte("# Written by gpuaas-agent; it is rewritten when the CA changes.\n" +
+func (s *System) sshdConfig() []byte { return SSHDTrustConfig(s.sshDir()) }
+
+// SSHDTrustConfig is the sshd drop-in (SSHDropIn) that makes sshd trust the
+// CA keys in dir/SSHCAFile for the principals in dir/SSHPrincipals/<user>
+// (paths as the node sees them). Provisioners that prepare a node without
+// the agent (cloud-init) write the same files.
+func SSHDTrustConfig(dir string) []byte {
+	return []byte("# Written by gpuaas (node agent or provisioning); rewritten when the CA changes.\n" +
 		"# Tenants reach their account with short-lived certificates of the gpuaas SSH CA,\n" +
 		"# accepted only for principals listed in the account's principals file.\n" +
-		"TrustedUserCAKeys " + filepath.Join(dir, sshCAFile) + "\n" +
-		"AuthorizedPrincipalsFile " + filepath.Join(dir, sshPrincipals, "%u") + "\n")
+		"TrustedUserCAKeys " + filepath.Join(dir, SSHCAFile) + "\n" +
+		"AuthorizedPrincipalsFile " + filepath.Join(dir, SSHPrincipals, "%u") + "\n")
 }
 
 // InstallSSHTrust makes the node's sshd accept user certificates of the CA
@@ -71,17 +74,17 @@ func (s *System) InstallSSHTrust(ctx context.Context, caKeys []string) (bool, er
 		ca.Write(ssh.MarshalAuthorizedKey(pub))
 	}
 	dir := s.path(s.sshDir())
-	if err := os.MkdirAll(filepath.Join(dir, sshPrincipals), 0o755); err != nil {
+	if err := os.MkdirAll(filepath.Join(dir, SSHPrincipals), 0o755); err != nil {
 		return false, err
 	}
-	if err := os.MkdirAll(filepath.Dir(filepath.Join(dir, sshDropIn)), 0o755); err != nil {
+	if err := os.MkdirAll(filepath.Dir(filepath.Join(dir, SSHDropIn)), 0o755); err != nil {
 		return false, err
 	}
 	changed := false
 	for _, f := range []struct {
 		name string
 		data []byte
-	}{{sshCAFile, ca.Bytes()}, {sshDropIn, s.sshdConfig()}} {
+	}{{SSHCAFile, ca.Bytes()}, {SSHDropIn, s.sshdConfig()}} {
 		c, err := writeIfChanged(filepath.Join(dir, f.name), f.data, 0o644)
 		if err != nil {
 			return false, err
@@ -135,7 +138,7 @@ func reloadSSHD(ctx context.Context) error {
 
 // principalsFile is where an account's accepted certificate principals live.
 func (s *System) principalsFile(user string) string {
-	return s.path(filepath.Join(s.sshDir(), sshPrincipals, user))
+	return s.path(filepath.Join(s.sshDir(), SSHPrincipals, user))
 }
 
 // allowCertificates lets certificates for principal user open the account.

@@ -6,12 +6,14 @@ import (
 	"encoding/hex"
 	"encoding/json"
 	"fmt"
+	"path"
 	"regexp"
 	"slices"
 	"strings"
 
 	yaml "go.yaml.in/yaml/v3"
 
+	"github.com/gpuaas/gpuaas/agent/tasks"
 	"github.com/gpuaas/gpuaas/sdk/base"
 	"github.com/gpuaas/gpuaas/sdk/provisioner"
 )
@@ -41,6 +43,7 @@ type tenant struct {
 	ProjectID string   `json:"project_id,omitempty"`
 	Alloc     string   `json:"allocation_id,omitempty"`
 	Keys      []string `json:"keys"`
+	CAKeys    []string `json:"ca_keys,omitempty"`
 	Image     string   `json:"image"`
 	NodeID    string   `json:"node_id"`
 }
@@ -82,6 +85,16 @@ func validateProvision(s *settings, req *provisioner.ProvisionRequest) (*tenant,
 		if !slices.Contains(t.Keys, ck) {
 			t.Keys = append(t.Keys, ck)
 		}
+	}
+	if len(req.SSHUserCAKeys) > 4 {
+		return nil, bad("want at most 4 SSH CA keys, have %d", len(req.SSHUserCAKeys))
+	}
+	for i, k := range req.SSHUserCAKeys {
+		ck, err := provisioner.CanonicalSSHKey(k)
+		if err != nil {
+			return nil, bad("SSH CA key %d: %v", i+1, err)
+		}
+		t.CAKeys = append(t.CAKeys, ck)
 	}
 	t.Image = req.Image
 	if t.Image == "" {
@@ -154,6 +167,16 @@ func cloudConfigFor(s *settings, t *tenant) ([]byte, error) {
 		WriteFiles: []writeFile{{
 			Path: "/etc/gpuaas/allocation.json", Permissions: "0644", Owner: "root:root", Content: string(meta) + "\n",
 		}},
+	}
+	if len(t.CAKeys) > 0 {
+		// The browser terminal's trust, as the node agent installs it:
+		// certificates of the CA open this tenant's account only. sshd
+		// starts after cloud-init writes these.
+		dir := tasks.DefaultSSHDir
+		doc.WriteFiles = append(doc.WriteFiles,
+			writeFile{Path: path.Join(dir, tasks.SSHCAFile), Permissions: "0644", Owner: "root:root", Content: strings.Join(t.CAKeys, "\n") + "\n"},
+			writeFile{Path: path.Join(dir, tasks.SSHDropIn), Permissions: "0644", Owner: "root:root", Content: string(tasks.SSHDTrustConfig(dir))},
+			writeFile{Path: path.Join(dir, tasks.SSHPrincipals, t.Username), Permissions: "0644", Owner: "root:root", Content: t.Username + "\n"})
 	}
 	var buf bytes.Buffer
 	buf.WriteString("#cloud-config\n")

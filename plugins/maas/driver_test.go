@@ -18,6 +18,7 @@ import (
 	"github.com/hashicorp/go-hclog"
 	yaml "go.yaml.in/yaml/v3"
 
+	"github.com/gpuaas/gpuaas/agent/tasks"
 	"github.com/gpuaas/gpuaas/plugins/maas"
 	"github.com/gpuaas/gpuaas/plugins/maas/maassim"
 	"github.com/gpuaas/gpuaas/sdk/base"
@@ -135,6 +136,8 @@ func TestLifecycle(t *testing.T) {
 	prov := provisionRequest(opID(t, "provision"), id)
 	key2 := newKey(t, "alice@desk")
 	prov.SSHPublicKeys = append(prov.SSHPublicKeys, key2)
+	caKey := newKey(t, "gpuaas-ssh-ca")
+	prov.SSHUserCAKeys = []string{caKey}
 	op, err := d.Provision(ctx, prov)
 	if err != nil {
 		t.Fatalf("Provision: %v", err)
@@ -156,7 +159,7 @@ func TestLifecycle(t *testing.T) {
 		if len(deploys) != 1 {
 			t.Fatalf("%d deploys, want 1", len(deploys))
 		}
-		checkUserData(t, deploys[0].UserData, "alice", 2001, []string{sshKeyAlice, key2})
+		checkUserData(t, deploys[0].UserData, "alice", 2001, []string{sshKeyAlice, key2}, caKey)
 		if deploys[0].DistroSeries != "ubuntu/jammy" {
 			t.Errorf("deployed %s", deploys[0].DistroSeries)
 		}
@@ -196,7 +199,7 @@ func TestLifecycle(t *testing.T) {
 }
 
 // checkUserData parses deployed user data as cloud-init would.
-func checkUserData(t *testing.T, userData, user string, uid int, keys []string) {
+func checkUserData(t *testing.T, userData, user string, uid int, keys []string, caKey string) {
 	t.Helper()
 	if !strings.HasPrefix(userData, "#cloud-config\n") {
 		t.Fatalf("user data does not start with #cloud-config: %q", userData)
@@ -205,6 +208,10 @@ func checkUserData(t *testing.T, userData, user string, uid int, keys []string) 
 		Users       []any `yaml:"users"`
 		SSHPwauth   bool  `yaml:"ssh_pwauth"`
 		DisableRoot bool  `yaml:"disable_root"`
+		WriteFiles  []struct {
+			Path    string `yaml:"path"`
+			Content string `yaml:"content"`
+		} `yaml:"write_files"`
 	}
 	if err := yaml.Unmarshal([]byte(userData), &doc); err != nil {
 		t.Fatalf("user data is not YAML: %v\n%s", err, userData)
@@ -223,6 +230,20 @@ func checkUserData(t *testing.T, userData, user string, uid int, keys []string) 
 	for i, k := range keys {
 		if got[i] != k {
 			t.Errorf("key %d: %v, want %s", i, got[i], k)
+		}
+	}
+	// The browser terminal's trust, as the node agent would install it.
+	files := map[string]string{}
+	for _, f := range doc.WriteFiles {
+		files[f.Path] = f.Content
+	}
+	for p, want := range map[string]string{
+		"/etc/ssh/gpuaas_user_ca.pub":           caKey + "\n",
+		"/etc/ssh/sshd_config.d/60-gpuaas.conf": string(tasks.SSHDTrustConfig("/etc/ssh")),
+		"/etc/ssh/gpuaas_principals/" + user:    user + "\n",
+	} {
+		if files[p] != want {
+			t.Errorf("user data writes %s as %q, want %q", p, files[p], want)
 		}
 	}
 }

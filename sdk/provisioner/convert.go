@@ -148,6 +148,7 @@ func provisionToProto(r *ProvisionRequest) *provisionerpb.ProvisionRequest {
 		},
 		SshPublicKeys: cloneStrings(r.SSHPublicKeys),
 		Image:         r.Image,
+		SshUserCaKeys: cloneStrings(r.SSHUserCAKeys),
 	}
 }
 
@@ -164,6 +165,7 @@ func provisionFromProto(p *provisionerpb.ProvisionRequest) *ProvisionRequest {
 		},
 		SSHPublicKeys: cloneStrings(p.GetSshPublicKeys()),
 		Image:         p.GetImage(),
+		SSHUserCAKeys: cloneStrings(p.GetSshUserCaKeys()),
 	}
 }
 

@@ -157,6 +157,12 @@ type ProvisionRequest struct {
 	SSHPublicKeys []string
 	// Image to install; empty means the node's current image.
 	Image string
+	// SSHUserCAKeys are CA keys (authorized_keys lines) whose short-lived
+	// user certificates, for User only, the node's sshd should accept (the
+	// browser terminal logs in with them). A driver that prepares the node
+	// itself writes them as agent/tasks.SSHDTrustConfig describes; with a
+	// node agent, the agent installs them and the driver may ignore them.
+	SSHUserCAKeys []string
 }
 
 // ReleaseRequest takes NodeID back from Username.

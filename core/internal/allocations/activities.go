@@ -38,6 +38,9 @@ type Activities struct {
 	Service *Service
 	Log     hclog.Logger
 	Metrics *Metrics // optional
+	// SSHUserCAKeys, when set, are the CA keys the node's sshd is to trust
+	// for the tenant (the browser terminal), handed to the driver.
+	SSHUserCAKeys func(context.Context) ([]string, error)
 }
 
 // sys is the context of an activity's writes: the platform acting.
@@ -136,6 +139,12 @@ func (a *Activities) StartProvision(ctx context.Context, p Plan) error {
 	if err != nil {
 		return err
 	}
+	var caKeys []string
+	if a.SSHUserCAKeys != nil {
+		if caKeys, err = a.SSHUserCAKeys(ctx); err != nil {
+			return err
+		}
+	}
 	_, err = drv.Provision(ctx, &provisioner.ProvisionRequest{
 		OperationID:  p.OperationID,
 		NodeID:       al.NodeExternalID,
@@ -144,6 +153,7 @@ func (a *Activities) StartProvision(ctx context.Context, p Plan) error {
 			OrgID: al.OrgID.String(), ProjectID: al.ProjectID.String()},
 		SSHPublicKeys: al.SSHPublicKeys,
 		Image:         al.Image,
+		SSHUserCAKeys: caKeys,
 	})
 	if err != nil {
 		return driverCallError("provision", err)

@@ -71,8 +71,15 @@ func TestAllocationLifecycle(t *testing.T) {
 	}
 	sys := p.systemIDOf(a.NodeID)
 	deploys := p.sim.Deploys(sys)
-	if len(deploys) != 1 || !strings.Contains(deploys[0].UserData, "") {
+	if len(deploys) != 1 {
 		t.Fatalf("deploys of %s: %d; want 1", sys, len(deploys))
+	}
+	// The user data creates the tenant and has sshd trust the core's SSH CA
+	// for that tenant only (the browser terminal).
+	for _, want := range []string{"name: " + a.SSHUser, "/etc/ssh/gpuaas_user_ca.pub", "ssh-ed25519 ", "/etc/ssh/gpuaas_principals/" + a.SSHUser} {
+		if !strings.Contains(deploys[0].UserData, want) {
+			t.Fatalf("the deployed user data lacks %q:\n%s", want, deploys[0].UserData)
+		}
 	}
 	if p.nodeState(a.NodeID) != "allocated" {
 		t.Fatalf("node of an active allocation is %s", p.nodeState(a.NodeID))

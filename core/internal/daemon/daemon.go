@@ -282,7 +282,8 @@ func Run(ctx context.Context, cfg config.Config, log hclog.Logger, opt Options) 
 		wg.Go(func() { objects.Run(bg) })
 		wg.Go(func() {
 			runProvisioning(bg, cfg, tc, pool, pol, js, &allocations.Activities{Pool: pool, Policy: pol, Drivers: drivers, Service: allocs,
-				Log: log.Named("provisioning"), Metrics: allocMetrics}, log.Named("provisioning"))
+				Log: log.Named("provisioning"), Metrics: allocMetrics,
+				SSHUserCAKeys: agentSvc.SSHUserCAKeys}, log.Named("provisioning"))
 		})
 		wg.Go(func() {
 			nodes.SyncLoop(bg, func(ctx context.Context) time.Duration {

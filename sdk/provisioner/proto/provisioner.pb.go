@@ -706,6 +706,9 @@ type ProvisionRequest struct {
 	User          *TenantUser            `protobuf:"bytes,4,opt,name=user,proto3" json:"user,omitempty"`
 	SshPublicKeys []string               `protobuf:"bytes,5,rep,name=ssh_public_keys,json=sshPublicKeys,proto3" json:"ssh_public_keys,omitempty"`
 	Image         string                 `protobuf:"bytes,6,opt,name=image,proto3" json:"image,omitempty"`
+	// CA keys (authorized_keys lines) whose user certificates the node's
+	// sshd should accept for the tenant user (the browser terminal).
+	SshUserCaKeys []string `protobuf:"bytes,7,rep,name=ssh_user_ca_keys,json=sshUserCaKeys,proto3" json:"ssh_user_ca_keys,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -780,6 +783,13 @@ func (x *ProvisionRequest) GetImage() string {
 		return x.Image
 	}
 	return ""
+}
+
+func (x *ProvisionRequest) GetSshUserCaKeys() []string {
+	if x != nil {
+		return x.SshUserCaKeys
+	}
+	return nil
 }
 
 type ReleaseRequest struct {
@@ -1630,14 +1640,15 @@ const file_sdk_provisioner_proto_provisioner_proto_rawDesc = "" +
 	"\x03uid\x18\x02 \x01(\rR\x03uid\x12\x15\n" +
 	"\x06org_id\x18\x03 \x01(\tR\x05orgId\x12\x1d\n" +
 	"\n" +
-	"project_id\x18\x04 \x01(\tR\tprojectId\"\xec\x01\n" +
+	"project_id\x18\x04 \x01(\tR\tprojectId\"\x95\x02\n" +
 	"\x10ProvisionRequest\x12!\n" +
 	"\foperation_id\x18\x01 \x01(\tR\voperationId\x12\x17\n" +
 	"\anode_id\x18\x02 \x01(\tR\x06nodeId\x12#\n" +
 	"\rallocation_id\x18\x03 \x01(\tR\fallocationId\x129\n" +
 	"\x04user\x18\x04 \x01(\v2%.gpuaas.sdk.provisioner.v1.TenantUserR\x04user\x12&\n" +
 	"\x0fssh_public_keys\x18\x05 \x03(\tR\rsshPublicKeys\x12\x14\n" +
-	"\x05image\x18\x06 \x01(\tR\x05image\"\xc9\x01\n" +
+	"\x05image\x18\x06 \x01(\tR\x05image\x12'\n" +
+	"\x10ssh_user_ca_keys\x18\a \x03(\tR\rsshUserCaKeys\"\xc9\x01\n" +
 	"\x0eReleaseRequest\x12!\n" +
 	"\foperation_id\x18\x01 \x01(\tR\voperationId\x12\x17\n" +
 	"\anode_id\x18\x02 \x01(\tR\x06nodeId\x12#\n" +

@@ -54,9 +54,12 @@ func (s *Stack) serveControl() error {
 		return err
 	}
 	s.controlAddr = l.Addr().String()
-	s.control = &http.Server{Handler: s.controlHandler(), ReadHeaderTimeout: 10 * time.Second}
+	srv := &http.Server{Handler: s.controlHandler(), ReadHeaderTimeout: 10 * time.Second}
+	s.control = srv
 	go func() {
-		if err := s.control.Serve(l); err != nil && !errors.Is(err, http.ErrServerClosed) {
+		// srv, not s.control: a Stop racing this start may already have
+		// cleared the field.
+		if err := srv.Serve(l); err != nil && !errors.Is(err, http.ErrServerClosed) {
 			s.log.Error("control API stopped", "error", err)
 		}
 	}()

@@ -10,11 +10,9 @@ import (
 	"io"
 	"net"
 	"net/http"
-	"net/netip"
 	"net/url"
 	"strconv"
 	"strings"
-	"syscall"
 	"time"
 
 	gomaas "github.com/canonical/gomaasclient/client"
@@ -22,6 +20,7 @@ import (
 	gomaasapi "github.com/juju/gomaasapi/v2"
 
 	"github.com/gpuaas/gpuaas/sdk/base"
+	"github.com/gpuaas/gpuaas/sdk/netguard"
 )
 
 // apiVersion is the MAAS API version the driver speaks.
@@ -64,7 +63,7 @@ func newConn(rawURL, apiKey, caPEM string, timeout time.Duration, retries int, b
 	}
 	tr := &http.Transport{
 		Proxy:                 nil,
-		DialContext:           (&net.Dialer{Timeout: 10 * time.Second, KeepAlive: 30 * time.Second, Control: refuseBlockedAddr}).DialContext,
+		DialContext:           (&net.Dialer{Timeout: 10 * time.Second, KeepAlive: 30 * time.Second, Control: netguard.DialControl}).DialContext,
 		TLSHandshakeTimeout:   10 * time.Second,
 		ResponseHeaderTimeout: timeout,
 		MaxIdleConnsPerHost:   4,
@@ -197,7 +196,7 @@ func mapError(ctx context.Context, what string, err error) error {
 	if se, ok := asServerError(err); ok {
 		return fmt.Errorf("maas: %s: %w", what, se)
 	}
-	var blocked *blockedAddrError
+	var blocked *netguard.RefusedError
 	switch {
 	case errors.As(err, &blocked):
 		return fmt.Errorf("maas: %s: %v: %w", what, blocked, base.ErrPermissionDenied)
@@ -272,54 +271,6 @@ func summarize(body string) string {
 	return body
 }
 
-// blockedAddrError is a connection the dialer refused.
-type blockedAddrError struct{ addr string }
-
-func (e *blockedAddrError) Error() string {
-	return fmt.Sprintf("connection to %s refused: link-local and cloud metadata addresses are not allowed", e.addr)
-}
-
-// metadataAddrs are cloud instance-metadata endpoints outside the
-// link-local ranges.
-func metadataAddrs() []netip.Addr {
-	return []netip.Addr{
-		netip.MustParseAddr("100.100.100.200"), // Alibaba Cloud
-		netip.MustParseAddr("168.63.129.16"),   // Azure wire server
-		netip.MustParseAddr("fd00:ec2::254"),   // AWS IMDS over IPv6
-	}
-}
-
-// metadataHosts are names of cloud metadata services.
-func metadataHosts() []string {
-	return []string{"metadata", "metadata.google.internal", "metadata.goog", "instance-data", "instance-data.ec2.internal", "metadata.azure.internal"}
-}
-
-// blockedAddr reports whether the driver must not connect to a.
-func blockedAddr(a netip.Addr) bool {
-	a = a.Unmap()
-	if a.IsLinkLocalUnicast() || a.IsLinkLocalMulticast() || a.IsInterfaceLocalMulticast() || a.IsMulticast() || a.IsUnspecified() {
-		return true
-	}
-	for _, m := range metadataAddrs() {
-		if a == m {
-			return true
-		}
-	}
-	return false
-}
-
-// refuseBlockedAddr is a net.Dialer Control function.
-func refuseBlockedAddr(_, address string, _ syscall.RawConn) error {
-	host, _, err := net.SplitHostPort(address)
-	if err != nil {
-		host = address
-	}
-	if a, err := netip.ParseAddr(host); err == nil && blockedAddr(a) {
-		return &blockedAddrError{addr: address}
-	}
-	return nil
-}
-
 // checkURL validates an http(s) URL of a config field: absolute, no
 // credentials, and not a link-local or metadata address.
 func checkURL(field, raw string) (*url.URL, error) {
@@ -333,20 +284,8 @@ func checkURL(field, raw string) (*url.URL, error) {
 	if u.User != nil {
 		return nil, &base.ConfigError{Field: field, Reason: "must not carry credentials"}
 	}
-	host := strings.ToLower(strings.TrimSuffix(u.Hostname(), "."))
-	if host == "" {
-		return nil, &base.ConfigError{Field: field, Reason: "no host"}
-	}
-	if a, err := netip.ParseAddr(strings.Split(host, "%")[0]); err == nil {
-		if blockedAddr(a) {
-			return nil, &base.ConfigError{Field: field, Reason: fmt.Sprintf("host %s is a link-local, multicast, unspecified or cloud metadata address", host)}
-		}
-	} else {
-		for _, m := range metadataHosts() {
-			if host == m {
-				return nil, &base.ConfigError{Field: field, Reason: fmt.Sprintf("host %s is a cloud metadata service", host)}
-			}
-		}
+	if why := netguard.Host(u.Hostname()); why != "" {
+		return nil, &base.ConfigError{Field: field, Reason: why}
 	}
 	if u.Fragment != "" {
 		return nil, &base.ConfigError{Field: field, Reason: "must not have a fragment"}

@@ -13,6 +13,7 @@ import (
 	gomaasapi "github.com/juju/gomaasapi/v2"
 
 	"github.com/gpuaas/gpuaas/sdk/base"
+	"github.com/gpuaas/gpuaas/sdk/netguard"
 )
 
 func TestMapError(t *testing.T) {
@@ -40,7 +41,7 @@ func TestMapError(t *testing.T) {
 		{"refused", context.Background(), &url.Error{Op: "Get", URL: "http://maas", Err: &net.OpError{Op: "dial", Err: errors.New("connection refused")}}, base.ErrUnavailable},
 		{"request timeout", context.Background(), &url.Error{Op: "Get", URL: "http://maas", Err: context.DeadlineExceeded}, base.ErrUnavailable},
 		{"caller cancelled", cancelled, &url.Error{Op: "Get", URL: "http://maas", Err: context.Canceled}, context.Canceled},
-		{"blocked address", context.Background(), &url.Error{Op: "Get", URL: "http://x", Err: &blockedAddrError{addr: "169.254.169.254:80"}}, base.ErrPermissionDenied},
+		{"blocked address", context.Background(), &url.Error{Op: "Get", URL: "http://x", Err: &netguard.RefusedError{Addr: "169.254.169.254:80"}}, base.ErrPermissionDenied},
 		{"other", context.Background(), errors.New("odd"), base.ErrInternal},
 	}
 	for _, c := range cases {

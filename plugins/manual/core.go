@@ -16,6 +16,7 @@ import (
 	"time"
 
 	"github.com/gpuaas/gpuaas/sdk/base"
+	"github.com/gpuaas/gpuaas/sdk/netguard"
 )
 
 // The core's REST API the driver uses: its driver task API, authenticated
@@ -116,7 +117,7 @@ func mapCoreError(ctx context.Context, what string, status int, body []byte, err
 		return fmt.Errorf("manual: %s: %w", what, ctxErr)
 	}
 	if err != nil {
-		var refused *refusedAddrError
+		var refused *netguard.RefusedError
 		var certErr *tls.CertificateVerificationError
 		var unknownCA x509.UnknownAuthorityError
 		var hostErr x509.HostnameError

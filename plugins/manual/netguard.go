@@ -7,13 +7,12 @@ import (
 	"fmt"
 	"net"
 	"net/http"
-	"net/netip"
 	"net/url"
 	"strings"
-	"syscall"
 	"time"
 
 	"github.com/gpuaas/gpuaas/sdk/base"
+	"github.com/gpuaas/gpuaas/sdk/netguard"
 )
 
 // The driver talks to two services it is configured with (the core and
@@ -22,60 +21,6 @@ import (
 // configuration must not turn the driver into a way to read a host's
 // metadata credentials. URLs are checked at Configure, and the dialer checks
 // every address it connects to again, whatever a name resolved to.
-
-// cloudMetadataIPs are instance-metadata endpoints outside the link-local
-// ranges (those are refused as a whole).
-func cloudMetadataIPs() []netip.Addr {
-	return []netip.Addr{
-		netip.MustParseAddr("100.100.100.200"), // Alibaba Cloud
-		netip.MustParseAddr("168.63.129.16"),   // Azure wire server
-		netip.MustParseAddr("fd00:ec2::254"),   // AWS IMDS over IPv6
-	}
-}
-
-// cloudMetadataNames are host names of instance-metadata services.
-func cloudMetadataNames() []string {
-	return []string{
-		"metadata", "metadata.google.internal", "metadata.goog", "metadata.azure.internal",
-		"instance-data", "instance-data.ec2.internal", "metadata.tencentyun.com", "metadata.platformequinix.com",
-	}
-}
-
-// forbiddenIP reports whether the driver must never connect to a.
-func forbiddenIP(a netip.Addr) bool {
-	a = a.Unmap()
-	switch {
-	case a.IsLinkLocalUnicast(), a.IsLinkLocalMulticast(), a.IsInterfaceLocalMulticast(),
-		a.IsMulticast(), a.IsUnspecified():
-		return true
-	}
-	for _, m := range cloudMetadataIPs() {
-		if a == m {
-			return true
-		}
-	}
-	return false
-}
-
-// refusedAddrError is a connection the dialer would not make.
-type refusedAddrError struct{ addr string }
-
-func (e *refusedAddrError) Error() string {
-	return fmt.Sprintf("refusing to connect to %s: link-local, multicast, unspecified and cloud metadata addresses are not allowed", e.addr)
-}
-
-// dialControl is the net.Dialer Control hook: it runs after name
-// resolution, on the address actually dialled.
-func dialControl(_, address string, _ syscall.RawConn) error {
-	host, _, err := net.SplitHostPort(address)
-	if err != nil {
-		host = address
-	}
-	if a, err := netip.ParseAddr(host); err == nil && forbiddenIP(a) {
-		return &refusedAddrError{addr: address}
-	}
-	return nil
-}
 
 // urlRule says which schemes a URL field accepts.
 type urlRule int
@@ -111,23 +56,8 @@ func checkServiceURL(field, raw string, rule urlRule) (string, error) {
 	case u.Opaque != "":
 		return "", bad("not a hierarchical URL")
 	}
-	host := strings.ToLower(strings.TrimSuffix(u.Hostname(), "."))
-	if host == "" {
-		return "", bad("no host")
-	}
-	if a, err := netip.ParseAddr(host); err == nil {
-		if forbiddenIP(a) {
-			return "", bad("host %s is a link-local, multicast, unspecified or cloud metadata address", host)
-		}
-	} else {
-		if strings.Contains(host, "%") {
-			return "", bad("host %q is not a host name", host)
-		}
-		for _, m := range cloudMetadataNames() {
-			if host == m {
-				return "", bad("host %s is a cloud metadata service", host)
-			}
-		}
+	if why := netguard.Host(u.Hostname()); why != "" {
+		return "", bad("%s", why)
 	}
 	return strings.TrimRight(u.String(), "/"), nil
 }
@@ -185,7 +115,7 @@ func newHTTPClient(roots *x509.CertPool, timeout time.Duration) *http.Client {
 		DialContext: (&net.Dialer{
 			Timeout:   10 * time.Second,
 			KeepAlive: 30 * time.Second,
-			Control:   dialControl,
+			Control:   netguard.DialControl,
 		}).DialContext,
 		TLSClientConfig:       &tls.Config{RootCAs: roots, MinVersion: tls.VersionTLS12},
 		TLSHandshakeTimeout:   10 * time.Second,

@@ -8,6 +8,7 @@ import (
 	"time"
 
 	"github.com/gpuaas/gpuaas/sdk/base"
+	"github.com/gpuaas/gpuaas/sdk/netguard"
 )
 
 // TestDialRefusesForbiddenAddresses: whatever a URL's host name resolves
@@ -30,8 +31,8 @@ func TestDialRefusesForbiddenAddresses(t *testing.T) {
 		{"10.20.30.40:443", false},
 		{"[2001:db8::1]:443", false},
 	} {
-		err := dialControl("tcp", c.addr, nil)
-		var refused *refusedAddrError
+		err := netguard.DialControl("tcp", c.addr, nil)
+		var refused *netguard.RefusedError
 		if got := errors.As(err, &refused); got != c.refused {
 			t.Errorf("%s: refused %t, want %t (%v)", c.addr, got, c.refused, err)
 		}
@@ -41,7 +42,7 @@ func TestDialRefusesForbiddenAddresses(t *testing.T) {
 	ctx := context.Background()
 	req, _ := http.NewRequestWithContext(ctx, http.MethodGet, "http://169.254.169.254/latest/meta-data/iam/", nil)
 	_, err := cl.Do(req)
-	var refused *refusedAddrError
+	var refused *netguard.RefusedError
 	if !errors.As(err, &refused) {
 		t.Fatalf("request to the metadata address: %v", err)
 	}

@@ -18,6 +18,7 @@ import (
 	nomad "github.com/hashicorp/nomad/api"
 
 	"github.com/gpuaas/gpuaas/sdk/base"
+	"github.com/gpuaas/gpuaas/sdk/netguard"
 )
 
 // When Nomad is configured, Enroll registers one service job per node that
@@ -288,7 +289,7 @@ func mapNomadError(ctx context.Context, what string, err error) error {
 		}
 		return fmt.Errorf("manual: %s: Nomad answered %d: %s: %w", what, code, body, sentinel)
 	}
-	var refused *refusedAddrError
+	var refused *netguard.RefusedError
 	var certErr *tls.CertificateVerificationError
 	var unknownCA x509.UnknownAuthorityError
 	var hostErr x509.HostnameError

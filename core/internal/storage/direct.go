@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"net"
 	"net/http"
 	"net/url"
 	"strconv"
@@ -15,6 +16,7 @@ import (
 	"time"
 
 	"github.com/gpuaas/gpuaas/sdk/base"
+	"github.com/gpuaas/gpuaas/sdk/netguard"
 	sdkstorage "github.com/gpuaas/gpuaas/sdk/storage"
 )
 
@@ -63,14 +65,26 @@ func (d direct) PresignPut(ctx context.Context, req *sdkstorage.PresignRequest) 
 	return d.ps.PresignPut(ctx, req)
 }
 
+// newDirectClient is the client of presigned URLs: no proxy, no redirects,
+// and never a link-local or cloud metadata address, whatever a URL's name
+// resolves to (netguard).
 func newDirectClient() *http.Client {
 	t := http.DefaultTransport.(*http.Transport).Clone()
 	t.Proxy = nil
+	t.DialContext = (&net.Dialer{Timeout: 30 * time.Second, KeepAlive: 30 * time.Second, Control: netguard.DialControl}).DialContext
 	t.MaxIdleConnsPerHost = 16
 	t.ReadBufferSize = 256 << 10
 	return &http.Client{Transport: t,
 		// A presigned URL names its object; a redirect would be to something else.
 		CheckRedirect: func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse }}
+}
+
+// checkPresigned refuses a URL the core must not fetch: not http(s).
+func checkPresigned(u *sdkstorage.PresignedURL) error {
+	if pu, err := url.Parse(u.URL); err != nil || (pu.Scheme != "http" && pu.Scheme != "https") {
+		return fmt.Errorf("storage: the driver presigned %q, not an http(s) URL: %w", u.URL, base.ErrInternal)
+	}
+	return nil
 }
 
 // presign asks the driver for a URL; ok is false when the driver cannot
@@ -89,8 +103,8 @@ func (d direct) presign(ctx context.Context, req *sdkstorage.PresignRequest) (*s
 	if err != nil {
 		return nil, false, err
 	}
-	if pu, perr := url.Parse(u.URL); perr != nil || (pu.Scheme != "http" && pu.Scheme != "https") {
-		return nil, false, fmt.Errorf("storage: the driver presigned %q, not an http(s) URL: %w", u.URL, base.ErrInternal)
+	if err := checkPresigned(u); err != nil {
+		return nil, false, err
 	}
 	return u, true, nil
 }
@@ -403,8 +417,8 @@ func (d direct) putPart(ctx context.Context, mu sdkstorage.MultipartUploader, ke
 }
 
 func (d direct) sendPart(ctx context.Context, u *sdkstorage.PresignedURL, key string, number int, data []byte) (string, error) {
-	if pu, err := url.Parse(u.URL); err != nil || (pu.Scheme != "http" && pu.Scheme != "https") {
-		return "", fmt.Errorf("storage: the driver presigned %q, not an http(s) URL: %w", u.URL, base.ErrInternal)
+	if err := checkPresigned(u); err != nil {
+		return "", err
 	}
 	req, err := http.NewRequestWithContext(ctx, http.MethodPut, u.URL, bytes.NewReader(data))
 	if err != nil {

@@ -90,14 +90,54 @@ type Service struct {
 	log    hclog.Logger
 	wake   *waker
 
-	sshMu   sync.Mutex
-	sshKeys []string  // the SSH CA keys last read
-	sshAt   time.Time // when they were read
+	// What every heartbeat hands out, read from the PKI backend (files or
+	// Vault) at most once per keyCacheFor.
+	sshKeys  cached[[]string]
+	taskKeys cached[map[int]ed25519.PublicKey]
 }
 
-// sshCacheFor is how long the SSH CA key read from the backend is reused:
-// every heartbeat carries it, and a rotation reaches the nodes within this.
-const sshCacheFor = time.Minute
+// keyCacheFor is how long public keys read from the backend are reused: a
+// rotation reaches the nodes within this (a task signed with a version the
+// cache lacks drops it at once).
+const keyCacheFor = time.Minute
+
+// cached is a value loaded at most once per keyCacheFor.
+type cached[T any] struct {
+	mu sync.Mutex
+	v  T
+	at time.Time
+}
+
+func (c *cached[T]) get(load func() (T, error)) (T, error) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if !c.at.IsZero() && time.Since(c.at) < keyCacheFor {
+		return c.v, nil
+	}
+	v, err := load()
+	if err != nil {
+		return v, err
+	}
+	c.v, c.at = v, time.Now()
+	return v, nil
+}
+
+func (c *cached[T]) drop() {
+	c.mu.Lock()
+	c.at = time.Time{}
+	c.mu.Unlock()
+}
+
+// sawTaskKeyVersion drops the cached task keys when they lack v: the key
+// rotated, and the next heartbeat hands out the new version.
+func (s *Service) sawTaskKeyVersion(v int) {
+	c := &s.taskKeys
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if _, ok := c.v[v]; !ok {
+		c.at = time.Time{}
+	}
+}
 
 // SSHUserCAKeys are the CA keys (authorized_keys lines) the nodes' sshd
 // trusts for tenant certificates; empty without an SSH CA.
@@ -105,17 +145,13 @@ func (s *Service) SSHUserCAKeys(ctx context.Context) ([]string, error) {
 	if s.set.SSHCA == nil {
 		return nil, nil
 	}
-	s.sshMu.Lock()
-	defer s.sshMu.Unlock()
-	if s.sshKeys != nil && time.Since(s.sshAt) < sshCacheFor {
-		return s.sshKeys, nil
-	}
-	k, err := s.set.SSHCA.SSHCAPublicKey(ctx)
-	if err != nil {
-		return nil, fmt.Errorf("agents: SSH CA key: %w", err)
-	}
-	s.sshKeys, s.sshAt = []string{strings.TrimSpace(string(k))}, time.Now()
-	return s.sshKeys, nil
+	return s.sshKeys.get(func() ([]string, error) {
+		k, err := s.set.SSHCA.SSHCAPublicKey(ctx)
+		if err != nil {
+			return nil, fmt.Errorf("agents: SSH CA key: %w", err)
+		}
+		return []string{strings.TrimSpace(string(k))}, nil
+	})
 }
 
 // NewService returns a Service; Run must run for long polls to wake at once.
@@ -281,18 +317,28 @@ func (s *Service) certificate(ctx context.Context, nodeID uuid.UUID, cert pki.Ce
 // TaskKeys are the public keys agents verify tasks with, by version: those
 // not retired (MinTaskKeyVersion).
 func (s *Service) TaskKeys(ctx context.Context) (map[int]ed25519.PublicKey, error) {
-	if err := s.signer.EnsureKey(ctx, TaskKey); err != nil {
-		return nil, err
-	}
-	keys, err := s.signer.PublicKeys(ctx, TaskKey)
-	if err != nil {
-		return nil, err
+	load := func() (map[int]ed25519.PublicKey, error) {
+		if err := s.signer.EnsureKey(ctx, TaskKey); err != nil {
+			return nil, err
+		}
+		return s.signer.PublicKeys(ctx, TaskKey)
 	}
 	minV := s.minKeyVersion(ctx)
-	for v := range keys {
-		if v < minV {
-			delete(keys, v)
+	keys := map[int]ed25519.PublicKey{}
+	for range 2 { // a minimum above every cached version: the key rotated since
+		all, err := s.taskKeys.get(load)
+		if err != nil {
+			return nil, err
 		}
+		for v, k := range all {
+			if v >= minV {
+				keys[v] = k
+			}
+		}
+		if len(keys) > 0 {
+			break
+		}
+		s.taskKeys.drop()
 	}
 	return keys, nil
 }
@@ -482,6 +528,7 @@ func (s *Service) Enqueue(ctx context.Context, req TaskRequest) (*Task, error) {
 			return nil, err
 		}
 		if v == t.KeyVersion {
+			s.sawTaskKeyVersion(v)
 			break
 		}
 		t.KeyVersion, sig = v, nil

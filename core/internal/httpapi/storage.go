@@ -267,7 +267,7 @@ func (t *transferBody) WriteTo(w io.Writer) (int64, error) {
 	if wt, ok := t.body.(io.WriterTo); ok {
 		return wt.WriteTo(dw)
 	}
-	return io.CopyBuffer(dw, struct{ io.Reader }{t.body}, make([]byte, 256<<10))
+	return io.CopyBuffer(struct{ io.Writer }{dw}, struct{ io.Reader }{t.body}, make([]byte, 256<<10))
 }
 
 func (t *transferBody) Close() error {
@@ -295,6 +295,17 @@ func (d deadlineWriter) Write(p []byte) (int, error) {
 		}
 	}
 	return n, nil
+}
+
+// ReadFrom lets a body that can write itself without a copy (a relayed
+// download splices socket to socket) reach the connection's ReadFrom; the
+// deadline moves once per call, so such a body calls it a chunk at a time.
+func (d deadlineWriter) ReadFrom(r io.Reader) (int64, error) {
+	d.t.progress(setWrite)
+	if rf, ok := d.w.(io.ReaderFrom); ok {
+		return rf.ReadFrom(r)
+	}
+	return io.CopyBuffer(struct{ io.Writer }{d}, struct{ io.Reader }{r}, make([]byte, 256<<10))
 }
 
 // idleReader is an upload's request body: every read that brings bytes

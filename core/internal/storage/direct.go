@@ -45,6 +45,9 @@ type direct struct {
 	sdkstorage.Driver
 	ps     sdkstorage.Presigner
 	client *http.Client
+	// dial, when set, makes downloads over plain http relay their body
+	// (relayGet) instead of going through client.
+	dial func(ctx context.Context, network, addr string) (net.Conn, error)
 	// off is set once the driver answered that it cannot presign; mpOff
 	// once it answered that it has no multipart uploads.
 	off, mpOff *atomic.Bool
@@ -71,13 +74,17 @@ func (d direct) PresignPut(ctx context.Context, req *sdkstorage.PresignRequest) 
 func newDirectClient() *http.Client {
 	t := http.DefaultTransport.(*http.Transport).Clone()
 	t.Proxy = nil
-	t.DialContext = (&net.Dialer{Timeout: 30 * time.Second, KeepAlive: 30 * time.Second, Control: netguard.DialControl}).DialContext
+	t.DialContext = directDial
 	t.MaxIdleConnsPerHost = 16
 	t.ReadBufferSize = 256 << 10
 	return &http.Client{Transport: t,
 		// A presigned URL names its object; a redirect would be to something else.
 		CheckRedirect: func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse }}
 }
+
+// directDial dials a store for the direct data path: never a link-local or
+// cloud metadata address.
+var directDial = (&net.Dialer{Timeout: 30 * time.Second, KeepAlive: 30 * time.Second, Control: netguard.DialControl}).DialContext
 
 // checkPresigned refuses a URL the core must not fetch: not http(s).
 func checkPresigned(u *sdkstorage.PresignedURL) error {
@@ -178,7 +185,12 @@ func (d direct) get(ctx context.Context, key string, r *sdkstorage.Range) (*sdks
 			hreq.Header.Set("Range", fmt.Sprintf("bytes=%d-%d", r.Offset, r.Offset+r.Length-1))
 		}
 	}
-	resp, err := d.client.Do(hreq)
+	var resp *http.Response
+	if d.dial != nil && hreq.URL.Scheme == "http" {
+		resp, err = relayGet(ctx, d.dial, hreq)
+	} else {
+		resp, err = d.client.Do(hreq)
+	}
 	if err != nil {
 		return nil, fmt.Errorf("storage: direct get %q: %w", key, err)
 	}
@@ -215,6 +227,9 @@ func (d direct) get(ctx context.Context, key string, r *sdkstorage.Range) (*sdks
 	if resp.ContentLength < 0 {
 		resp.Body.Close()
 		return nil, fmt.Errorf("storage: direct get %q: the store sent no Content-Length: %w", key, base.ErrInternal)
+	}
+	if _, exact := resp.Body.(*relayBody); exact {
+		return &sdkstorage.Object{Info: info, Body: resp.Body}, nil
 	}
 	return &sdkstorage.Object{Info: info, Body: &exactBody{r: resp.Body, left: resp.ContentLength}}, nil
 }

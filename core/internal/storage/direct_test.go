@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"net"
 	"net/http"
 	"net/http/httptest"
 	"strconv"
@@ -76,10 +77,21 @@ func read(t *testing.T, obj *sdkstorage.Object) []byte {
 	return b
 }
 
+// TestDirectDownloads runs through the http client and through the relay
+// (a connection of its own per download, whose body can splice itself).
 func TestDirectDownloads(t *testing.T) {
+	for _, c := range []struct {
+		name string
+		dial func(context.Context, string, string) (net.Conn, error)
+	}{{"client", nil}, {"relay", directDial}} {
+		t.Run(c.name, func(t *testing.T) { testDirectDownloads(t, c.dial) })
+	}
+}
+
+func testDirectDownloads(t *testing.T, dial func(context.Context, string, string) (net.Conn, error)) {
 	ctx := t.Context()
 	drv := newStreamDriver(t)
-	d := direct{Driver: drv, ps: drv, client: newDirectClient(), off: &atomic.Bool{}}
+	d := direct{Driver: drv, ps: drv, client: newDirectClient(), dial: dial, off: &atomic.Bool{}}
 
 	obj, err := d.Get(ctx, "obj")
 	if err != nil {
@@ -113,7 +125,7 @@ func TestDirectDownloads(t *testing.T) {
 
 	// A refused signature is the store's answer, not a fallback.
 	bad := &streamDriver{store: drv.store}
-	refusing := direct{Driver: bad, ps: signWith{bad, "wrong"}, client: newDirectClient(), off: &atomic.Bool{}}
+	refusing := direct{Driver: bad, ps: signWith{bad, "wrong"}, client: newDirectClient(), dial: dial, off: &atomic.Bool{}}
 	if _, err := refusing.Get(ctx, "obj"); !errors.Is(err, base.ErrPermissionDenied) {
 		t.Fatalf("refused URL: %v; want ErrPermissionDenied", err)
 	}
@@ -122,7 +134,7 @@ func TestDirectDownloads(t *testing.T) {
 	plain := newStreamDriver(t)
 	plain.noSign = true
 	off := &atomic.Bool{}
-	p := direct{Driver: plain, ps: plain, client: newDirectClient(), off: off}
+	p := direct{Driver: plain, ps: plain, client: newDirectClient(), dial: dial, off: off}
 	for range 2 {
 		obj, err := p.Get(ctx, "obj")
 		if err != nil || !bytes.Equal(read(t, obj), content) {

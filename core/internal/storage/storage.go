@@ -165,7 +165,7 @@ func (s *Service) driver(ctx context.Context) (sdkstorage.Driver, error) {
 		return nil, errcode.Wrap(err, CodeUnavailable, "project storage is not available; retry later")
 	}
 	if ps, ok := d.(sdkstorage.Presigner); ok && s.directHTTP != nil {
-		return direct{Driver: d, ps: ps, client: s.directHTTP, off: &s.directOff, mpOff: &s.directMPOff}, nil
+		return direct{Driver: d, ps: ps, client: s.directHTTP, dial: directDial, off: &s.directOff, mpOff: &s.directMPOff}, nil
 	}
 	return d, nil
 }

@@ -406,7 +406,7 @@ func (s *Service) Create(ctx context.Context, req CreateRequest) ([]*Allocation,
 		}
 		// The rows, their events, their audit, and COMMIT.
 		writes := &pgx.Batch{}
-		deferred := store.Deferred{Batch: writes}
+		deferred := store.Deferred{Batch: writes, Tx: tx}
 		evs := make([]events.Event, 0, 2*len(nodes))
 		for _, nd := range nodes {
 			a := &Allocation{ID: uuid.Must(uuid.NewV7()), OrgID: req.OrgID, ProjectID: req.ProjectID, Name: req.Name, SKU: sku.ID, NodeID: nd.id,

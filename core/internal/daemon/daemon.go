@@ -271,6 +271,7 @@ func Run(ctx context.Context, cfg config.Config, log hclog.Logger, opt Options) 
 	var wg sync.WaitGroup
 	wg.Go(func() { declareStreams(bg, js, log.Named("events")) })
 	wg.Go(func() { _ = relay.Run(bg) })
+	wg.Go(func() { events.NewNotifier(pool, log.Named("outbox")).Run(bg) })
 	wg.Go(func() { _ = pol.Listen(bg, js) })
 	wg.Go(func() { auth.Run(bg, js, 30*time.Second) })
 	wg.Go(func() { _ = idem.Run(bg) })

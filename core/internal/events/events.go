@@ -15,6 +15,7 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/gpuaas/gpuaas/core/internal/correlation"
+	"github.com/gpuaas/gpuaas/core/internal/store"
 )
 
 // HeaderCorrelationID carries the correlation id of the request that caused an event.
@@ -93,7 +94,9 @@ type Execer interface {
 }
 
 // Enqueue writes events to the outbox inside tx. They are published after tx commits,
-// in id order, each exactly once per dedupe window. It returns the row ids.
+// in id order, each exactly once per dedupe window, and the relays are woken then
+// (Kick; a tx that is not a store.AfterCommitter wakes them at once, and a relay
+// that looked too early finds the rows at its next poll). It returns the row ids.
 func Enqueue(ctx context.Context, tx Execer, evs ...Event) ([]uuid.UUID, error) {
 	if len(evs) == 0 {
 		return nil, nil
@@ -132,5 +135,6 @@ func Enqueue(ctx context.Context, tx Execer, evs ...Event) ([]uuid.UUID, error) 
 	if err != nil {
 		return nil, fmt.Errorf("events: enqueue: %w", err)
 	}
+	store.AfterCommit(tx, Kick)
 	return ids, nil
 }

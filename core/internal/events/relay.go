@@ -20,7 +20,10 @@ import (
 	"github.com/gpuaas/gpuaas/core/internal/store"
 )
 
-// notifyChannel is the Postgres channel the outbox trigger notifies at commit.
+// claimGap is the least time between two claims of one relay worker.
+const claimGap = 10 * time.Millisecond
+
+// notifyChannel is the Postgres channel a Notifier notifies after outbox writes commit.
 const notifyChannel = "gpuaas_outbox"
 
 // RelayOptions tune the relay. Zero values take the defaults.
@@ -125,6 +128,7 @@ func (r *Relay) Wake() {
 
 // Run publishes until ctx is done. It returns nil on cancellation.
 func (r *Relay) Run(ctx context.Context) error {
+	defer registerRelay(r)()
 	go r.listen(ctx)
 	var wg sync.WaitGroup
 	for i, wake := range r.wake {
@@ -144,8 +148,26 @@ func (r *Relay) work(ctx context.Context, wake <-chan struct{}, janitorToo bool)
 		janitor.Stop()
 	}
 	backoff := time.Duration(0)
+	var last time.Time // of the last claim that found rows of several transactions
 	for {
-		n, err := r.PublishBatch(ctx)
+		// While writers commit concurrently (the last claim found rows of
+		// several transactions), claims are spaced claimGap apart, so that
+		// one claim takes what many commits wrote instead of a row or two
+		// each. A lone writer that waits for its event before writing the
+		// next, a quiet spell, or a full batch: at once.
+		if wait := claimGap - time.Since(last); wait > 0 {
+			select {
+			case <-ctx.Done():
+				return
+			case <-time.After(wait):
+			}
+		}
+		started := time.Now()
+		n, txs, err := r.publishBatch(ctx)
+		last = time.Time{}
+		if txs > 1 {
+			last = started
+		}
 		switch {
 		case ctx.Err() != nil:
 			return
@@ -156,7 +178,8 @@ func (r *Relay) work(ctx context.Context, wake <-chan struct{}, janitorToo bool)
 			}
 		case n == r.opt.BatchSize:
 			backoff = 0
-			continue // more rows are likely waiting
+			last = time.Time{} // more rows are likely waiting: no gap
+			continue
 		default:
 			backoff = 0
 		}
@@ -214,8 +237,12 @@ func (r *Relay) listenOnce(ctx context.Context) error {
 	}
 	r.Wake()
 	for {
-		if _, err := conn.WaitForNotification(ctx); err != nil {
+		n, err := conn.WaitForNotification(ctx)
+		if err != nil {
 			return err
+		}
+		if n.Payload == processTag {
+			continue // this process's commit: Kick woke the relay already
 		}
 		r.Wake()
 	}
@@ -238,14 +265,20 @@ type claimed struct {
 // PublishBatch claims up to BatchSize due rows, publishes them and records the
 // outcome, all in one transaction. It returns how many rows it claimed.
 func (r *Relay) PublishBatch(ctx context.Context) (int, error) {
+	n, _, err := r.publishBatch(ctx)
+	return n, err
+}
+
+// publishBatch is PublishBatch, which also reports how many transactions
+// wrote the rows it claimed (rows of one transaction share created_at).
+func (r *Relay) publishBatch(ctx context.Context) (n, txs int, err error) {
 	if !r.nc.IsConnected() {
 		// Leave rows untouched: a NATS outage is not the rows' fault and must not
 		// spend their attempts.
-		return 0, errNATSDown
+		return 0, 0, errNATSDown
 	}
 	maxAttempts := r.opt.MaxAttempts(ctx)
-	n := 0
-	err := store.Transact(ctx, r.pool, store.TxOptions{}, func(tx pgx.Tx) error {
+	err = store.Transact(ctx, r.pool, store.TxOptions{}, func(tx pgx.Tx) error {
 		rows, err := tx.Query(ctx, `
 			SELECT id, subject, payload, headers, correlation_id, attempts, created_at
 			FROM outbox
@@ -274,13 +307,19 @@ func (r *Relay) PublishBatch(ctx context.Context) (int, error) {
 		if n == 0 {
 			return nil
 		}
+		txs = 1
+		for i := 1; i < n; i++ {
+			if !batch[i].createdAt.Equal(batch[i-1].createdAt) {
+				txs++
+			}
+		}
 		r.publish(ctx, batch)
 		return r.record(ctx, tx, batch, maxAttempts)
 	})
 	if err != nil {
-		return 0, fmt.Errorf("events: relay: %w", err)
+		return 0, 0, fmt.Errorf("events: relay: %w", err)
 	}
-	return n, nil
+	return n, txs, nil
 }
 
 // publish sends every row asynchronously and waits for all acks (or the timeout).

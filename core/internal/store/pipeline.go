@@ -17,7 +17,12 @@ type PipelinedTx struct {
 	conn  *pgxpool.Conn
 	begun bool
 	done  bool
+	after []func()
 }
+
+// AfterCommit runs f once the transaction has committed (implements
+// AfterCommitter).
+func (t *PipelinedTx) AfterCommit(f func()) { t.after = append(t.after, f) }
 
 // Send runs b inside the transaction (starting it first when this is the
 // first batch) and closes its results.
@@ -76,6 +81,9 @@ func pipelinedOnce(ctx context.Context, pool *pgxpool.Pool, fn func(*PipelinedTx
 	}
 	if !t.done {
 		return fmt.Errorf("store: the pipelined transaction was not committed")
+	}
+	for _, f := range t.after {
+		f()
 	}
 	return nil
 }

@@ -46,6 +46,7 @@ func Open(ctx context.Context, url string, opt Options) (*pgxpool.Pool, error) {
 	cfg.ConnConfig.RuntimeParams["statement_timeout"] = fmt.Sprint(opt.StatementTimeout.Milliseconds())
 	cfg.ConnConfig.RuntimeParams["application_name"] = "gpuaasd"
 	cfg.HealthCheckPeriod = 5 * time.Second
+	cfg.AfterConnect = registerUUID
 	pool, err := pgxpool.NewWithConfig(ctx, cfg)
 	if err != nil {
 		return nil, fmt.Errorf("store: new pool: %w", err)
@@ -63,8 +64,47 @@ type TxOptions struct {
 
 // Deferred queues the statements given to its Exec on a batch instead of
 // running them, so several writes of a transaction share one round trip; their
-// errors come from the batch (tx.SendBatch(ctx, b).Close()).
-type Deferred struct{ Batch *pgx.Batch }
+// errors come from the batch (tx.SendBatch(ctx, b).Close()). Tx, when set, is
+// the transaction the batch belongs to, whose AfterCommit Deferred passes on.
+type Deferred struct {
+	Batch *pgx.Batch
+	Tx    AfterCommitter
+}
+
+// AfterCommitter is a transaction that runs functions once it has committed:
+// the transactions of Transact and TransactPipelined are. A function
+// registered in an attempt that rolls back never runs.
+type AfterCommitter interface {
+	AfterCommit(f func())
+}
+
+// AfterCommit runs f after d's transaction commits, or at once when d has
+// no transaction to wait for.
+func (d Deferred) AfterCommit(f func()) {
+	if d.Tx == nil {
+		f()
+		return
+	}
+	d.Tx.AfterCommit(f)
+}
+
+// AfterCommit registers f to run after the transaction tx commits; when tx
+// cannot say (it did not come from Transact), f runs at once.
+func AfterCommit(tx any, f func()) {
+	if ac, ok := tx.(AfterCommitter); ok {
+		ac.AfterCommit(f)
+		return
+	}
+	f()
+}
+
+// hookedTx is the transaction Transact hands its function.
+type hookedTx struct {
+	pgx.Tx
+	after []func()
+}
+
+func (t *hookedTx) AfterCommit(f func()) { t.after = append(t.after, f) }
 
 // Exec queues sql on the batch and reports success for now.
 func (d Deferred) Exec(_ context.Context, sql string, args ...any) (pgconn.CommandTag, error) {
@@ -128,11 +168,15 @@ func transactOnce(ctx context.Context, db Beginner, opts pgx.TxOptions, fn func(
 			_ = tx.Rollback(context.WithoutCancel(ctx))
 		}
 	}()
-	if err = fn(tx); err != nil {
+	ht := &hookedTx{Tx: tx}
+	if err = fn(ht); err != nil {
 		return err
 	}
 	if err = tx.Commit(ctx); err != nil {
 		return fmt.Errorf("store: commit: %w", err)
+	}
+	for _, f := range ht.after {
+		f()
 	}
 	return nil
 }

@@ -3,12 +3,16 @@ package store_test
 import (
 	"context"
 	"errors"
+	"fmt"
 	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
 
+	"github.com/google/uuid"
 	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
+	"github.com/jackc/pgx/v5/pgtype"
 
 	"github.com/gpuaas/gpuaas/core/internal/errcode"
 	"github.com/gpuaas/gpuaas/core/internal/store"
@@ -236,5 +240,130 @@ func TestClassifyUnavailable(t *testing.T) {
 	}
 	if store.Classify(errors.New("other")).Error() != "other" {
 		t.Fatal("Classify changed an unrelated error")
+	}
+}
+
+// A function registered with AfterCommit runs once, after the commit of the
+// attempt that committed: never for a rollback, never for an attempt that
+// was retried, and not before the rows are visible to others.
+func TestAfterCommit(t *testing.T) {
+	pool, _ := testenv.MigratedPool(t)
+	ctx := context.Background()
+	if _, err := pool.Exec(ctx, `CREATE TABLE marks (k text PRIMARY KEY)`); err != nil {
+		t.Fatal(err)
+	}
+	visible := func(k string) bool {
+		var n int
+		if err := pool.QueryRow(ctx, `SELECT count(*) FROM marks WHERE k = $1`, k).Scan(&n); err != nil {
+			t.Fatal(err)
+		}
+		return n == 1
+	}
+
+	// Committed: runs once, after the row is visible.
+	var ran []bool
+	err := store.Transact(ctx, pool, store.TxOptions{}, func(tx pgx.Tx) error {
+		if _, err := tx.Exec(ctx, `INSERT INTO marks VALUES ('committed')`); err != nil {
+			return err
+		}
+		store.AfterCommit(tx, func() { ran = append(ran, visible("committed")) })
+		return nil
+	})
+	if err != nil || len(ran) != 1 || !ran[0] {
+		t.Fatalf("committed: err %v, ran %v; want one run that sees the row", err, ran)
+	}
+
+	// Rolled back: never runs.
+	calls := 0
+	err = store.Transact(ctx, pool, store.TxOptions{}, func(tx pgx.Tx) error {
+		store.AfterCommit(tx, func() { calls++ })
+		return errors.New("refused")
+	})
+	if err == nil || calls != 0 {
+		t.Fatalf("rolled back: err %v, %d runs; want an error and none", err, calls)
+	}
+
+	// Retried: only the committed attempt's function runs.
+	attempt := 0
+	var runs []int
+	err = store.Transact(ctx, pool, store.TxOptions{}, func(tx pgx.Tx) error {
+		attempt++
+		a := attempt
+		store.AfterCommit(tx, func() { runs = append(runs, a) })
+		if a == 1 {
+			return &pgconn.PgError{Code: "40001", Message: "could not serialize access"}
+		}
+		return nil
+	})
+	if err != nil || len(runs) != 1 || runs[0] != 2 {
+		t.Fatalf("retried: err %v, runs of attempts %v; want only attempt 2", err, runs)
+	}
+
+	// Pipelined, and through a Deferred batch of it.
+	ran = nil
+	err = store.TransactPipelined(ctx, pool, func(tx *store.PipelinedTx) error {
+		b := &pgx.Batch{}
+		d := store.Deferred{Batch: b, Tx: tx}
+		if _, err := d.Exec(ctx, `INSERT INTO marks VALUES ('pipelined')`); err != nil {
+			return err
+		}
+		store.AfterCommit(d, func() { ran = append(ran, visible("pipelined")) })
+		if len(ran) != 0 {
+			t.Error("the function ran before the commit")
+		}
+		return tx.Commit(ctx, b)
+	})
+	if err != nil || len(ran) != 1 || !ran[0] {
+		t.Fatalf("pipelined: err %v, ran %v; want one run that sees the row", err, ran)
+	}
+	calls = 0
+	err = store.TransactPipelined(ctx, pool, func(tx *store.PipelinedTx) error {
+		tx.AfterCommit(func() { calls++ })
+		b := &pgx.Batch{}
+		b.Queue(`INSERT INTO marks VALUES ('pipelined')`) // a duplicate key: the commit fails
+		return tx.Commit(ctx, b)
+	})
+	if err == nil || calls != 0 {
+		t.Fatalf("pipelined, failed commit: err %v, %d runs; want an error and none", err, calls)
+	}
+
+	// Something that is no transaction of Transact: at once.
+	calls = 0
+	store.AfterCommit(pool, func() { calls++ })
+	if calls != 1 {
+		t.Fatalf("no transaction: %d runs, want 1 at once", calls)
+	}
+}
+
+// The pool of Open binds uuid.UUID values as uuids in binary, and anything
+// else the way pgx always did.
+func TestOpenBindsUUIDs(t *testing.T) {
+	pool, err := store.Open(context.Background(), testenv.Database(t), store.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(pool.Close)
+	ctx := context.Background()
+	u := uuid.Must(uuid.NewV7())
+	var asText, asUUIDText string
+	var back uuid.UUID
+	var isNull bool
+	var list []string
+	err = pool.QueryRow(ctx, `SELECT $1::uuid::text, $1::uuid, $2::text, $3::uuid IS NULL, $4::uuid[]::text[]`,
+		u, u, (*uuid.UUID)(nil), []uuid.UUID{u, uuid.Nil}).Scan(&asUUIDText, &back, &asText, &isNull, &list)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if asUUIDText != u.String() || back != u || asText != u.String() || !isNull || len(list) != 2 || list[0] != u.String() || list[1] != uuid.Nil.String() {
+		t.Fatalf("bound %s: as uuid %q, back %s, as text %q, nil pointer NULL %v, array %v", u, asUUIDText, back, asText, isNull, list)
+	}
+	conn, err := pool.Acquire(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Release()
+	plan := conn.Conn().TypeMap().PlanEncode(pgtype.UUIDOID, pgtype.BinaryFormatCode, u)
+	if fmt.Sprintf("%T", plan) == "*pgtype.encodePlanDriverValuer" {
+		t.Fatal("a uuid.UUID is still bound through its driver.Valuer (as text)")
 	}
 }

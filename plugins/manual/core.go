@@ -110,6 +110,27 @@ func coreCode(err error) string {
 	return ""
 }
 
+// transportError maps a failure to reach peer (the core, Nomad) to an SDK
+// sentinel: a refused address, a certificate caOption would fix, the peer
+// unreachable, or anything else.
+func transportError(what, peer, caOption string, err error) error {
+	var refused *netguard.RefusedError
+	var certErr *tls.CertificateVerificationError
+	var unknownCA x509.UnknownAuthorityError
+	var hostErr x509.HostnameError
+	var netErr net.Error
+	var urlErr *url.Error
+	switch {
+	case errors.As(err, &refused):
+		return fmt.Errorf("manual: %s: %v: %w", what, refused, base.ErrPermissionDenied)
+	case errors.As(err, &certErr), errors.As(err, &unknownCA), errors.As(err, &hostErr):
+		return fmt.Errorf("manual: %s: TLS: %v (set %s): %w", what, err, caOption, base.ErrFailedPrecondition)
+	case errors.As(err, &netErr), errors.As(err, &urlErr), errors.Is(err, io.ErrUnexpectedEOF), errors.Is(err, io.EOF):
+		return fmt.Errorf("manual: %s: %s is unreachable: %v: %w", what, peer, err, base.ErrUnavailable)
+	}
+	return fmt.Errorf("manual: %s: %v: %w", what, strings.TrimSpace(err.Error()), base.ErrInternal)
+}
+
 // mapCoreError is the one place where the core's answers and network
 // failures become SDK sentinels. status is 0 when no answer came.
 func mapCoreError(ctx context.Context, what string, status int, body []byte, err error) error {
@@ -117,21 +138,7 @@ func mapCoreError(ctx context.Context, what string, status int, body []byte, err
 		return fmt.Errorf("manual: %s: %w", what, ctxErr)
 	}
 	if err != nil {
-		var refused *netguard.RefusedError
-		var certErr *tls.CertificateVerificationError
-		var unknownCA x509.UnknownAuthorityError
-		var hostErr x509.HostnameError
-		var netErr net.Error
-		var urlErr *url.Error
-		switch {
-		case errors.As(err, &refused):
-			return fmt.Errorf("manual: %s: %v: %w", what, refused, base.ErrPermissionDenied)
-		case errors.As(err, &certErr), errors.As(err, &unknownCA), errors.As(err, &hostErr):
-			return fmt.Errorf("manual: %s: TLS: %v (set core_ca_pem): %w", what, err, base.ErrFailedPrecondition)
-		case errors.As(err, &netErr), errors.As(err, &urlErr), errors.Is(err, io.ErrUnexpectedEOF), errors.Is(err, io.EOF):
-			return fmt.Errorf("manual: %s: the core is unreachable: %v: %w", what, err, base.ErrUnavailable)
-		}
-		return fmt.Errorf("manual: %s: %v: %w", what, err, base.ErrInternal)
+		return transportError(what, "the core", "core_ca_pem", err)
 	}
 	ce := &coreError{status: status, code: "unknown", message: summarize(body)}
 	var env struct {

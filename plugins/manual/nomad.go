@@ -2,23 +2,16 @@ package manual
 
 import (
 	"context"
-	"crypto/tls"
-	"crypto/x509"
 	"errors"
 	"fmt"
-	"io"
-	"net"
 	"net/http"
-	"net/url"
 	"regexp"
 	"slices"
-	"strings"
 	"time"
 
 	nomad "github.com/hashicorp/nomad/api"
 
 	"github.com/gpuaas/gpuaas/sdk/base"
-	"github.com/gpuaas/gpuaas/sdk/netguard"
 )
 
 // When Nomad is configured, Enroll registers one service job per node that
@@ -289,19 +282,5 @@ func mapNomadError(ctx context.Context, what string, err error) error {
 		}
 		return fmt.Errorf("manual: %s: Nomad answered %d: %s: %w", what, code, body, sentinel)
 	}
-	var refused *netguard.RefusedError
-	var certErr *tls.CertificateVerificationError
-	var unknownCA x509.UnknownAuthorityError
-	var hostErr x509.HostnameError
-	var netErr net.Error
-	var urlErr *url.Error
-	switch {
-	case errors.As(err, &refused):
-		return fmt.Errorf("manual: %s: %v: %w", what, refused, base.ErrPermissionDenied)
-	case errors.As(err, &certErr), errors.As(err, &unknownCA), errors.As(err, &hostErr):
-		return fmt.Errorf("manual: %s: TLS: %v (set nomad_ca_pem): %w", what, err, base.ErrFailedPrecondition)
-	case errors.As(err, &netErr), errors.As(err, &urlErr), errors.Is(err, io.ErrUnexpectedEOF), errors.Is(err, io.EOF):
-		return fmt.Errorf("manual: %s: Nomad is unreachable: %v: %w", what, err, base.ErrUnavailable)
-	}
-	return fmt.Errorf("manual: %s: %v: %w", what, strings.TrimSpace(err.Error()), base.ErrInternal)
+	return transportError(what, "Nomad", "nomad_ca_pem", err)
 }

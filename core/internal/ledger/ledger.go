@@ -175,13 +175,13 @@ type Balance struct {
 	AsOfEntry int64
 }
 
-// balancesSQL reads, for each org, its latest checkpoint and the sum of the entries
+// balancesFrom reads, for each org, its latest checkpoint and the sum of the entries
 // after it, in one statement (one snapshot). The tail's bounds are row comparisons
 // on (org_id, id), which only the (org_id, id) index can serve, and which give the
 // scan both its start (just after the checkpoint) and its end (the org's last
 // entry): every plan, generic or custom, reads the tail and nothing else — not the
 // org's older entries, and not other orgs' through the primary key.
-const balancesSQL = `
+const balancesFrom = `
 	SELECT a.org_id, a.currency,
 		coalesce(cp.balance_minor, 0) + coalesce(t.s, 0),
 		coalesce(t.upto, cp.upto_id, 0)
@@ -198,7 +198,17 @@ const balancesSQL = `
 			LIMIT 1000000000
 		) tail
 	) t ON true
-	WHERE a.org_id = ANY($1)`
+	`
+
+// balancesSQL reads many orgs' balances. balanceSQL reads one org's: it is a
+// statement of its own because Postgres keeps planning a statement over an
+// array anew on every run (its generic plan, costed for an array of unknown
+// length, never looks cheaper than a custom one), and planning cost five times
+// the read itself; over one key the generic plan is chosen and kept.
+const (
+	balancesSQL = balancesFrom + `WHERE a.org_id = ANY($1)`
+	balanceSQL  = balancesFrom + `WHERE a.org_id = $1`
+)
 
 // Balances returns the balance of each org that has an account, by org id.
 func Balances(ctx context.Context, db DB, orgs []uuid.UUID) (map[uuid.UUID]Balance, error) {
@@ -223,7 +233,7 @@ func Balances(ctx context.Context, db DB, orgs []uuid.UUID) (map[uuid.UUID]Balan
 // QueueBalance adds the org's balance read to a batch; fn gets it, and whether
 // the org has an account, when the batch's results are read.
 func QueueBalance(b *pgx.Batch, orgID uuid.UUID, fn func(Balance, bool)) {
-	b.Queue(balancesSQL, []uuid.UUID{orgID}).Query(func(rows pgx.Rows) error {
+	b.Queue(balanceSQL, orgID).Query(func(rows pgx.Rows) error {
 		bal := Balance{OrgID: orgID}
 		found := false
 		for rows.Next() {
@@ -239,13 +249,13 @@ func QueueBalance(b *pgx.Batch, orgID uuid.UUID, fn func(Balance, bool)) {
 
 // GetBalance returns the org's balance; an org without an account has none.
 func GetBalance(ctx context.Context, db DB, orgID uuid.UUID) (Balance, error) {
-	bs, err := Balances(ctx, db, []uuid.UUID{orgID})
-	if err != nil {
-		return Balance{OrgID: orgID}, err
-	}
-	b, ok := bs[orgID]
-	if !ok {
-		return Balance{OrgID: orgID}, errcode.New(CodeAccountNotFound, "the organization has no billing account yet")
+	b := Balance{OrgID: orgID}
+	err := db.QueryRow(ctx, balanceSQL, orgID).Scan(&b.OrgID, &b.Currency, &b.AmountMinor, &b.AsOfEntry)
+	switch {
+	case errors.Is(err, pgx.ErrNoRows):
+		return b, errcode.New(CodeAccountNotFound, "the organization has no billing account yet")
+	case err != nil:
+		return b, fmt.Errorf("ledger: balance: %w", err)
 	}
 	return b, nil
 }

@@ -145,3 +145,44 @@ func TestCheckpointsKeepBalanceExact(t *testing.T) {
 		t.Fatalf("list: %d entries, err %v", len(entries), err)
 	}
 }
+
+// One org's balance is read on every allocation create: its statement must be
+// planned once per connection (Postgres's generic plan), not on every run;
+// planning it cost five times the read. An org without an account has none.
+func TestBalanceReadKeepsItsPlan(t *testing.T) {
+	pool, _ := testenv.MigratedPool(t)
+	ctx := context.Background()
+	org := newOrg(t, pool, "EUR")
+	if _, _, err := post(t, pool, ledger.Entry{OrgID: org, AmountMinor: 700, Type: ledger.AdminAdjustment, IdempotencyKey: "plan:1"}); err != nil {
+		t.Fatal(err)
+	}
+	conn, err := pool.Acquire(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Release()
+	for range 10 {
+		b, err := ledger.GetBalance(ctx, conn, org)
+		if err != nil || b.AmountMinor != 700 || b.Currency != "EUR" {
+			t.Fatalf("balance %+v, %v", b, err)
+		}
+		batch := &pgx.Batch{}
+		var got ledger.Balance
+		ledger.QueueBalance(batch, org, func(b ledger.Balance, found bool) { got = b })
+		if err := conn.SendBatch(ctx, batch).Close(); err != nil || got.AmountMinor != 700 {
+			t.Fatalf("queued balance %+v, %v", got, err)
+		}
+	}
+	var generic, custom int64
+	err = conn.QueryRow(ctx, `SELECT coalesce(sum(generic_plans), 0), coalesce(sum(custom_plans), 0) FROM pg_prepared_statements
+		WHERE statement LIKE '%FROM billing_accounts a%'`).Scan(&generic, &custom)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if generic < 10 || custom > 5 {
+		t.Fatalf("balance reads planned %d times (%d runs on the generic plan), want at most 5 custom plans", custom, generic)
+	}
+	if _, err := ledger.GetBalance(ctx, conn, uuid.New()); errcode.Of(err) != ledger.CodeAccountNotFound {
+		t.Fatalf("org without account: %v", err)
+	}
+}

@@ -661,9 +661,19 @@ func (s *Service) Retire(ctx context.Context, id uuid.UUID, reason string) (*Nod
 		if err != nil {
 			return fmt.Errorf("inventory: retire %s: expire enrollment tokens: %w", id, err)
 		}
+		// Its agent can no longer take work, so the tasks still waiting for
+		// it end now, with a reason, instead of when they expire; whoever
+		// waits on one (a driver polling its operation) learns at once.
+		tasks, err := tx.Exec(ctx, `UPDATE node_tasks SET state = 'failed', error = 'the node was retired before the task was done',
+				lease_expires_at = NULL, updated_at = now()
+			WHERE node_id = $1 AND state IN ('queued', 'leased')`, id)
+		if err != nil {
+			return fmt.Errorf("inventory: retire %s: end pending tasks: %w", id, err)
+		}
 		return audit.Record(ctx, tx, audit.Entry{Action: "node.retire", Target: s.Target(id), Details: map[string]any{
 			"reason": reason, "provisioner_instance": n.Instance, "driver_unenroll": unenrolled,
 			"enrollment_tokens_expired": tokens.RowsAffected(), "enrollment_secret_cleared": hadSecret, "agent_certificates_revoked": certs,
+			"tasks_failed": tasks.RowsAffected(),
 		}})
 	})
 	if err != nil {

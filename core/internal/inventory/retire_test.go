@@ -88,7 +88,35 @@ func (e *retireEnv) node(instance, state string) uuid.UUID {
 	}
 	e.exec(`INSERT INTO node_certificates (serial, node_id, not_after) VALUES ($1, $2, now() + interval '1 hour'), ($3, $2, now() - interval '1 hour')`,
 		id.String()+"-live", id, id.String()+"-expired")
+	// Tasks in each state: a queued and a leased one wait for the agent.
+	for _, state := range []string{"queued", "leased", "succeeded", "expired"} {
+		e.exec(`INSERT INTO node_tasks (id, node_id, type, params, state, nonce, key_version, signature, expires_at, max_attempts, error)
+			VALUES ($1, $2, 'probe', '{}', $3, 'n', 1, '\x00', now() + interval '1 hour', 3, '')`, uuid.New(), id, state)
+	}
 	return id
+}
+
+// tasks counts the node's tasks by state (and, for failed ones, error).
+func (e *retireEnv) tasks(id uuid.UUID) map[string]int {
+	e.t.Helper()
+	rows, err := e.pool.Query(e.ctx, `SELECT state || coalesce(nullif(': ' || error, ': '), ''), count(*) FROM node_tasks WHERE node_id = $1 GROUP BY 1`, id)
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	defer rows.Close()
+	out := map[string]int{}
+	for rows.Next() {
+		var k string
+		var n int
+		if err := rows.Scan(&k, &n); err != nil {
+			e.t.Fatal(err)
+		}
+		out[k] = n
+	}
+	if err := rows.Err(); err != nil {
+		e.t.Fatal(err)
+	}
+	return out
 }
 
 func (e *retireEnv) exec(sql string, args ...any) {
@@ -194,8 +222,13 @@ func TestRetireUndoesEnrollment(t *testing.T) {
 			if !strings.HasPrefix(got, c.want) {
 				t.Fatalf("audit driver_unenroll %q; want %q...", got, c.want)
 			}
-			if rows[0]["enrollment_tokens_expired"] != float64(1) || rows[0]["enrollment_secret_cleared"] != true || rows[0]["agent_certificates_revoked"] != float64(1) {
-				t.Fatalf("audit details %v; want one token expired, the secret cleared and one certificate revoked", rows[0])
+			if rows[0]["enrollment_tokens_expired"] != float64(1) || rows[0]["enrollment_secret_cleared"] != true || rows[0]["agent_certificates_revoked"] != float64(1) ||
+				rows[0]["tasks_failed"] != float64(2) {
+				t.Fatalf("audit details %v; want one token expired, the secret cleared, one certificate revoked and two tasks failed", rows[0])
+			}
+			want := map[string]int{"failed: the node was retired before the task was done": 2, "succeeded": 1, "expired": 1}
+			if got := e.tasks(id); fmt.Sprint(got) != fmt.Sprint(want) {
+				t.Fatalf("tasks after Retire: %v; want %v", got, want)
 			}
 		})
 	}
@@ -214,6 +247,9 @@ func TestRetireUndoesEnrollment(t *testing.T) {
 		}
 		if len(good.called()) != before {
 			t.Fatal("a refused Retire called the driver")
+		}
+		if got := e.tasks(busy); got["queued"] != 1 || got["leased"] != 1 {
+			t.Fatalf("a refused Retire touched tasks: %v", got)
 		}
 		done := e.node("good", "available")
 		if _, err := svc.Retire(e.ctx, done, "decommissioned"); err != nil {

@@ -119,6 +119,9 @@ func New(cfg Config) (*Agent, error) {
 
 func (a *Agent) path(name string) string { return filepath.Join(a.cfg.StateDir, name) }
 
+// StateDir is where the agent keeps its key and certificate.
+func (a *Agent) StateDir() string { return a.cfg.StateDir }
+
 // NodeID is the node the agent's certificate names ("" before enrollment).
 func (a *Agent) NodeID() string { return a.nodeID }
 
@@ -392,21 +395,56 @@ func (a *Agent) runTask(ctx context.Context, st protocol.SignedTask) {
 	}
 }
 
-// Run enrolls when needed, then heartbeats, renews and polls until ctx ends.
-func (a *Agent) Run(ctx context.Context) error {
+// ErrRevoked ends Run when the core refuses the agent's certificate (401):
+// the node was retired, or enrolled again with another agent. Retrying
+// cannot help, so the agent stops, and sets its certificate aside so that
+// its next start enrolls with the token it is given.
+var ErrRevoked = errors.New("agent: the core no longer accepts this agent's certificate (the node was retired, or enrolled again); " +
+	"the certificate was set aside (agent.crt.revoked): start the agent with a new enrollment token")
+
+// refused reports whether err is the core's 401 to the agent's certificate.
+func refused(err error) bool {
+	var se *StatusError
+	return errors.As(err, &se) && se.Status == http.StatusUnauthorized
+}
+
+// setAside renames the kept certificate and key to *.revoked.
+func (a *Agent) setAside() error {
+	for _, name := range []string{"agent.crt", "agent.key"} {
+		if err := os.Rename(a.path(name), a.path(name+".revoked")); err != nil && !errors.Is(err, os.ErrNotExist) {
+			return fmt.Errorf("agent: set aside the revoked %s: %w", name, err)
+		}
+	}
+	return nil
+}
+
+// Run enrolls when needed, then heartbeats, renews and polls until ctx ends,
+// or until the core refuses the certificate (ErrRevoked).
+func (a *Agent) Run(parent context.Context) error {
 	ok, err := a.load()
 	if err != nil {
 		return fmt.Errorf("agent: kept certificate: %w", err)
 	}
 	if !ok {
-		if err := a.Enroll(ctx); err != nil {
+		if err := a.Enroll(parent); err != nil {
 			return err
 		}
+	}
+	ctx, stop := context.WithCancelCause(parent)
+	defer stop(nil)
+	// check stops everything on a 401 and reports whether err is one.
+	check := func(what string, err error) bool {
+		if !refused(err) {
+			return false
+		}
+		a.log.Error("the core refused this agent's certificate; stopping", "call", what, "error", err)
+		stop(ErrRevoked)
+		return true
 	}
 	var wg sync.WaitGroup
 	wg.Go(func() {
 		for ctx.Err() == nil {
-			if err := a.Heartbeat(ctx); err != nil && ctx.Err() == nil {
+			if err := a.Heartbeat(ctx); err != nil && ctx.Err() == nil && !check("heartbeat", err) {
 				a.log.Warn("heartbeat", "error", err)
 			}
 			a.mu.Lock()
@@ -421,7 +459,7 @@ func (a *Agent) Run(ctx context.Context) error {
 				sleep(ctx, d)
 				continue
 			}
-			if err := a.Renew(ctx); err != nil && ctx.Err() == nil {
+			if err := a.Renew(ctx); err != nil && ctx.Err() == nil && !check("renewal", err) {
 				a.log.Warn("renewal", "error", err)
 				sleep(ctx, 5*time.Second)
 			}
@@ -430,6 +468,9 @@ func (a *Agent) Run(ctx context.Context) error {
 	backoff := time.Second
 	for ctx.Err() == nil {
 		if err := a.Poll(ctx); err != nil && ctx.Err() == nil {
+			if check("task poll", err) {
+				break
+			}
 			a.log.Warn("task poll", "error", err)
 			sleep(ctx, backoff)
 			backoff = min(backoff*2, 30*time.Second)
@@ -438,6 +479,12 @@ func (a *Agent) Run(ctx context.Context) error {
 		backoff = time.Second
 	}
 	wg.Wait()
+	if errors.Is(context.Cause(ctx), ErrRevoked) {
+		if err := a.setAside(); err != nil {
+			return errors.Join(ErrRevoked, err)
+		}
+		return ErrRevoked
+	}
 	return nil
 }
 

@@ -403,4 +403,28 @@ func TestRetiredNodeAgent(t *testing.T) {
 			t.Fatalf("%s with the revoked certificate of a retired node: %v; want 401", name, err)
 		}
 	}
+	// The running agent stops at the first 401 instead of retrying for
+	// ever, and sets its certificate aside: a restart enrolls anew.
+	ctx, cancel := context.WithTimeout(t.Context(), 20*time.Second)
+	defer cancel()
+	if err := a.Run(ctx); !errors.Is(err, runtime.ErrRevoked) || ctx.Err() != nil {
+		t.Fatalf("Run with a revoked certificate: %v (context: %v); want ErrRevoked at once", err, ctx.Err())
+	}
+	dir := a.StateDir()
+	for name, want := range map[string]bool{"agent.crt": false, "agent.key": false, "agent.crt.revoked": true, "agent.key.revoked": true} {
+		if _, err := os.Stat(filepath.Join(dir, name)); (err == nil) != want {
+			t.Fatalf("%s exists: %t; want %t", name, err == nil, want)
+		}
+	}
+	// Restarted with the spare token, which the retirement did not expire:
+	// it tries to enroll (and is refused, the node being retired) rather
+	// than reuse the revoked certificate.
+	again, err := runtime.New(runtime.Config{CoreURL: f.url, CoreCA: f.coreCA, StateDir: dir, Token: spare, PollWait: time.Second,
+		System: prefixSystem(t), Log: testenv.Logger(t)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := again.Run(ctx); !errors.As(err, &se) || se.Status != 401 || !strings.Contains(err.Error(), "enroll") {
+		t.Fatalf("restart after revocation: %v; want a refused enrollment", err)
+	}
 }

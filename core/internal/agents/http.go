@@ -6,6 +6,7 @@ import (
 	"crypto/x509"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"io"
 	"net/http"
 	"slices"
@@ -13,6 +14,7 @@ import (
 	"time"
 
 	"github.com/google/uuid"
+	"github.com/jackc/pgx/v5"
 
 	"github.com/gpuaas/gpuaas/agent/protocol"
 	"github.com/gpuaas/gpuaas/core/internal/errcode"
@@ -156,8 +158,11 @@ func (s *Service) nodeOf(r *http.Request, revoked Revoked) (uuid.UUID, error) {
 	err = s.pool.QueryRow(r.Context(), `SELECT n.state, n.agent_revoked_at, c.issued_at, c.revoked_at
 		FROM nodes n LEFT JOIN node_certificates c ON c.serial = $2 AND c.node_id = n.id WHERE n.id = $1`, id, serial).
 		Scan(&state, &nodeRevoked, &issued, &certRevoked)
-	if err != nil {
+	if errors.Is(err, pgx.ErrNoRows) {
 		return uuid.Nil, errcode.New(errcode.Forbidden, "the node is unknown or retired")
+	}
+	if err != nil { // the database, not the agent: a 500, which agents retry
+		return uuid.Nil, fmt.Errorf("agents: check the client certificate: %w", err)
 	}
 	// A revoked certificate (retiring a node revokes its agent's) is an
 	// authentication failure, checked before the node's state.

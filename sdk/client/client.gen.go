@@ -1622,10 +1622,13 @@ type Node struct {
 	ProbedAt            *time.Time         `json:"probed_at,omitempty"`
 	ProvisionerInstance string             `json:"provisioner_instance"`
 	SkuId               *string            `json:"sku_id,omitempty"`
-	State               NodeState          `json:"state"`
-	StateReason         string             `json:"state_reason"`
-	Tags                []string           `json:"tags"`
-	UpdatedAt           time.Time          `json:"updated_at"`
+
+	// SshPort Where the core reaches the node's sshd (the browser terminal).
+	SshPort     int       `json:"ssh_port"`
+	State       NodeState `json:"state"`
+	StateReason string    `json:"state_reason"`
+	Tags        []string  `json:"tags"`
+	UpdatedAt   time.Time `json:"updated_at"`
 }
 
 // NodeGPU defines model for NodeGPU.
@@ -2112,7 +2115,8 @@ type UpdateNameRequest struct {
 
 // UpdateNodeRequest defines model for UpdateNodeRequest.
 type UpdateNodeRequest struct {
-	SkuId string `json:"sku_id"`
+	SkuId   *string `json:"sku_id,omitempty"`
+	SshPort *int    `json:"ssh_port,omitempty"`
 }
 
 // UpdateSKURequest defines model for UpdateSKURequest.
@@ -2967,14 +2971,18 @@ type ClientInterface interface {
 	// AdminGetNode performs a GET /api/v1/admin/nodes/{node_id} (the `AdminGetNode` operationId) request.
 	AdminGetNode(ctx context.Context, nodeId NodeID, reqEditors ...RequestEditorFn) (*http.Response, error)
 
-	// AdminUpdateNodeWithBody Assign a node's SKU (only while it is idle)
+	// AdminUpdateNodeWithBody Change a node's SKU (only while it is idle) or the port of its sshd
+	//
+	// Either field, or both in one transaction. `ssh_port` is where the core reaches the node's sshd for the browser terminal (default 22); it can change at any time short of retirement and applies to the next terminal session.
 	//
 	// Takes any type of body and a specified content type.
 	//
 	// Corresponds with PATCH /api/v1/admin/nodes/{node_id} (the `AdminUpdateNode` operationId).
 	AdminUpdateNodeWithBody(ctx context.Context, nodeId NodeID, contentType string, body io.Reader, reqEditors ...RequestEditorFn) (*http.Response, error)
 
-	// AdminUpdateNode Assign a node's SKU (only while it is idle)
+	// AdminUpdateNode Change a node's SKU (only while it is idle) or the port of its sshd
+	//
+	// Either field, or both in one transaction. `ssh_port` is where the core reaches the node's sshd for the browser terminal (default 22); it can change at any time short of retirement and applies to the next terminal session.
 	//
 	// Takes a body of the `application/json` content type.
 	//
@@ -3974,7 +3982,9 @@ func (c *Client) AdminGetNode(ctx context.Context, nodeId NodeID, reqEditors ...
 	return c.Client.Do(req)
 }
 
-// AdminUpdateNodeWithBody Assign a node's SKU (only while it is idle)
+// AdminUpdateNodeWithBody Change a node's SKU (only while it is idle) or the port of its sshd
+//
+// Either field, or both in one transaction. `ssh_port` is where the core reaches the node's sshd for the browser terminal (default 22); it can change at any time short of retirement and applies to the next terminal session.
 //
 // Takes any type of body and a specified content type.
 //
@@ -3991,7 +4001,9 @@ func (c *Client) AdminUpdateNodeWithBody(ctx context.Context, nodeId NodeID, con
 	return c.Client.Do(req)
 }
 
-// AdminUpdateNode Assign a node's SKU (only while it is idle)
+// AdminUpdateNode Change a node's SKU (only while it is idle) or the port of its sshd
+//
+// Either field, or both in one transaction. `ssh_port` is where the core reaches the node's sshd for the browser terminal (default 22); it can change at any time short of retirement and applies to the next terminal session.
 //
 // Takes a body of the `application/json` content type.
 //
@@ -11537,14 +11549,18 @@ type ClientWithResponsesInterface interface {
 	// Returns a wrapper object for the known response body format(s).
 	AdminGetNodeWithResponse(ctx context.Context, nodeId NodeID, reqEditors ...RequestEditorFn) (*AdminGetNodeResponse, error)
 
-	// AdminUpdateNodeWithBodyWithResponse Assign a node's SKU (only while it is idle)
+	// AdminUpdateNodeWithBodyWithResponse Change a node's SKU (only while it is idle) or the port of its sshd
+	//
+	// Either field, or both in one transaction. `ssh_port` is where the core reaches the node's sshd for the browser terminal (default 22); it can change at any time short of retirement and applies to the next terminal session.
 	//
 	// Takes any type of body and a specified content type, and returns a wrapper object for the known response body format(s).
 	//
 	// Corresponds with PATCH /api/v1/admin/nodes/{node_id} (the `AdminUpdateNode` operationId).
 	AdminUpdateNodeWithBodyWithResponse(ctx context.Context, nodeId NodeID, contentType string, body io.Reader, reqEditors ...RequestEditorFn) (*AdminUpdateNodeResponse, error)
 
-	// AdminUpdateNodeWithResponse Assign a node's SKU (only while it is idle)
+	// AdminUpdateNodeWithResponse Change a node's SKU (only while it is idle) or the port of its sshd
+	//
+	// Either field, or both in one transaction. `ssh_port` is where the core reaches the node's sshd for the browser terminal (default 22); it can change at any time short of retirement and applies to the next terminal session.
 	//
 	// Takes a body of the `application/json` content type, and returns a wrapper object for the known response body format(s).
 	//
@@ -17174,7 +17190,9 @@ func (c *ClientWithResponses) AdminGetNodeWithResponse(ctx context.Context, node
 	return ParseAdminGetNodeResponse(rsp)
 }
 
-// AdminUpdateNodeWithBodyWithResponse Assign a node's SKU (only while it is idle)
+// AdminUpdateNodeWithBodyWithResponse Change a node's SKU (only while it is idle) or the port of its sshd
+//
+// Either field, or both in one transaction. `ssh_port` is where the core reaches the node's sshd for the browser terminal (default 22); it can change at any time short of retirement and applies to the next terminal session.
 //
 // Takes any type of body and a specified content type, and returns a wrapper object for the known response body format(s).
 //
@@ -17187,7 +17205,9 @@ func (c *ClientWithResponses) AdminUpdateNodeWithBodyWithResponse(ctx context.Co
 	return ParseAdminUpdateNodeResponse(rsp)
 }
 
-// AdminUpdateNodeWithResponse Assign a node's SKU (only while it is idle)
+// AdminUpdateNodeWithResponse Change a node's SKU (only while it is idle) or the port of its sshd
+//
+// Either field, or both in one transaction. `ssh_port` is where the core reaches the node's sshd for the browser terminal (default 22); it can change at any time short of retirement and applies to the next terminal session.
 //
 // Takes a body of the `application/json` content type, and returns a wrapper object for the known response body format(s).
 //

@@ -16,7 +16,7 @@ import (
 )
 
 func nodeJSON(n *inventory.Node) apigen.Node {
-	out := apigen.Node{Id: n.ID, ProvisionerInstance: n.Instance, ExternalId: n.ExternalID, Hostname: n.Hostname,
+	out := apigen.Node{Id: n.ID, ProvisionerInstance: n.Instance, ExternalId: n.ExternalID, Hostname: n.Hostname, SshPort: n.SSHPort,
 		State: apigen.NodeState(n.State), StateReason: n.StateReason, Gpus: make([]apigen.NodeGPU, 0, len(n.Facts.GPUs)),
 		CpuCores: n.Facts.CPUCores, MemoryBytes: int64(n.Facts.MemoryBytes), DiskBytes: int64(n.Facts.DiskBytes),
 		Pool: n.Pool, Tags: n.Tags, Healthy: n.Healthy, ProbedAt: utcPtr(n.ProbedAt), CreatedAt: n.CreatedAt.UTC(), UpdatedAt: n.UpdatedAt.UTC()}
@@ -233,7 +233,7 @@ func (a *API) AdminGetNode(c *fiber.Ctx, id apigen.NodeID) error {
 	return c.JSON(nodeJSON(n))
 }
 
-// AdminUpdateNode assigns a node's SKU.
+// AdminUpdateNode changes a node's SKU, the port of its sshd, or both.
 func (a *API) AdminUpdateNode(c *fiber.Ctx, id apigen.NodeID) error {
 	if err := a.requireAdmin(c, "node.update"); err != nil {
 		return err
@@ -242,7 +242,7 @@ func (a *API) AdminUpdateNode(c *fiber.Ctx, id apigen.NodeID) error {
 	if err := DecodeStrict(c.Body(), &req); err != nil {
 		return err
 	}
-	n, err := a.Inventory.AssignSKU(c.UserContext(), id, req.SkuId)
+	n, err := a.Inventory.Update(c.UserContext(), id, inventory.Update{SKU: req.SkuId, SSHPort: req.SshPort})
 	if err != nil {
 		return err
 	}

@@ -129,6 +129,7 @@ type Node struct {
 	Instance    string
 	ExternalID  string
 	Hostname    string
+	SSHPort     int    // where the core reaches the node's sshd (the browser terminal)
 	SKU         string // "" until assigned
 	State       State
 	StateReason string
@@ -168,13 +169,13 @@ func NewService(pool *pgxpool.Pool, region string, drivers Provisioners, log hcl
 // Target is a node's canonical id.
 func (s *Service) Target(id uuid.UUID) rid.ID { return s.ids.Platform("node", id.String()) }
 
-const columns = `id, provisioner_instance, external_id, hostname, coalesce(sku_id, ''), state, state_reason, coalesce(offline_from, ''),
+const columns = `id, provisioner_instance, external_id, hostname, ssh_port, coalesce(sku_id, ''), state, state_reason, coalesce(offline_from, ''),
 	facts, pool, tags, healthy, health_message, probed_at, heartbeat_at, agent_facts, created_at, updated_at`
 
 func scan(row pgx.Row) (*Node, error) {
 	n := &Node{}
 	var offlineFrom string
-	err := row.Scan(&n.ID, &n.Instance, &n.ExternalID, &n.Hostname, &n.SKU, &n.State, &n.StateReason, &offlineFrom,
+	err := row.Scan(&n.ID, &n.Instance, &n.ExternalID, &n.Hostname, &n.SSHPort, &n.SKU, &n.State, &n.StateReason, &offlineFrom,
 		&n.Facts, &n.Pool, &n.Tags, &n.Healthy, &n.HealthMsg, &n.ProbedAt, &n.HeartbeatAt, &n.AgentFacts, &n.CreatedAt, &n.UpdatedAt)
 	n.OfflineFrom = State(offlineFrom)
 	if n.Facts.GPUs == nil {
@@ -578,34 +579,62 @@ func squash(s string) string {
 	}, s)
 }
 
-// AssignSKU binds a node to a SKU (only while it holds no allocation); an
-// enrolling node becomes available unless it waits for its agent.
-func (s *Service) AssignSKU(ctx context.Context, id uuid.UUID, sku string) (*Node, error) {
-	if err := s.activeSKU(ctx, sku); err != nil {
-		return nil, err
+// Update is a change to a node; nil fields stay as they are.
+type Update struct {
+	// SKU binds the node to a SKU (only while it holds no allocation); an
+	// enrolling node becomes available unless it waits for its agent.
+	SKU *string
+	// SSHPort is where the core reaches the node's sshd, for the browser
+	// terminal; it may change at any time short of retirement.
+	SSHPort *int
+}
+
+// Update applies u to a node in one transaction, with one node.update audit
+// row naming what changed.
+func (s *Service) Update(ctx context.Context, id uuid.UUID, u Update) (*Node, error) {
+	switch {
+	case u.SKU == nil && u.SSHPort == nil:
+		return nil, errcode.New(errcode.ValidationFailed, "nothing to change: give sku_id, ssh_port or both")
+	case u.SSHPort != nil && (*u.SSHPort < 1 || *u.SSHPort > 65535):
+		return nil, invalid("ssh_port", "ssh_port must be between 1 and 65535")
+	}
+	if u.SKU != nil {
+		if err := s.activeSKU(ctx, *u.SKU); err != nil {
+			return nil, err
+		}
 	}
 	err := store.Transact(ctx, s.pool, store.TxOptions{}, func(tx pgx.Tx) error {
 		n, err := Lock(ctx, tx, id)
 		if err != nil {
 			return err
 		}
-		if n.State == Allocated || n.State == Cleaning || n.State == Retired || (n.State == Offline && n.OfflineFrom != Available && n.OfflineFrom != Enrolling) {
-			return errcode.New(CodeNodeBusy, "node %s is %s; change its SKU when it is idle", id, n.State)
+		if n.State == Retired {
+			return errcode.New(CodeNodeBusy, "node %s is retired", id)
 		}
-		from := n.SKU
-		if _, err := tx.Exec(ctx, `UPDATE nodes SET sku_id = $2, updated_at = now() WHERE id = $1`, id, sku); err != nil {
+		details := map[string]any{}
+		if u.SKU != nil {
+			if n.State == Allocated || n.State == Cleaning || (n.State == Offline && n.OfflineFrom != Available && n.OfflineFrom != Enrolling) {
+				return errcode.New(CodeNodeBusy, "node %s is %s; change its SKU when it is idle", id, n.State)
+			}
+			details["sku_from"], details["sku_to"] = n.SKU, *u.SKU
+			n.SKU = *u.SKU
+		}
+		if u.SSHPort != nil {
+			details["ssh_port_from"], details["ssh_port_to"] = n.SSHPort, *u.SSHPort
+			n.SSHPort = *u.SSHPort
+		}
+		if _, err := tx.Exec(ctx, `UPDATE nodes SET sku_id = nullif($2, ''), ssh_port = $3, updated_at = now() WHERE id = $1`, id, n.SKU, n.SSHPort); err != nil {
 			return err
 		}
-		n.SKU = sku
-		if n.State == Enrolling && n.StateReason != AwaitingAgent {
+		if u.SKU != nil && n.State == Enrolling && n.StateReason != AwaitingAgent {
 			if err := Move(ctx, tx, n, Available, "SKU assigned"); err != nil {
 				return err
 			}
 		}
-		return audit.Record(ctx, tx, audit.Entry{Action: "node.update", Target: s.Target(id), Details: map[string]any{"sku_from": from, "sku_to": sku}})
+		return audit.Record(ctx, tx, audit.Entry{Action: "node.update", Target: s.Target(id), Details: details})
 	})
 	if err != nil {
-		return nil, fmt.Errorf("inventory: assign sku: %w", err)
+		return nil, fmt.Errorf("inventory: update: %w", err)
 	}
 	return s.Get(ctx, id)
 }

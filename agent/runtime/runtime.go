@@ -361,9 +361,21 @@ func (a *Agent) Poll(ctx context.Context) error {
 // runTask verifies and runs one task and reports its result until the core
 // accepts it (or ctx ends).
 func (a *Agent) runTask(ctx context.Context, st protocol.SignedTask) {
-	a.mu.Lock()
-	err := a.verifier.Verify(st)
-	a.mu.Unlock()
+	verify := func() error {
+		a.mu.Lock()
+		defer a.mu.Unlock()
+		return a.verifier.Verify(st)
+	}
+	err := verify()
+	if errors.Is(err, protocol.ErrUnknownKey) {
+		// The task key rotated since the last heartbeat: a heartbeat now
+		// brings the new version's public key.
+		if herr := a.Heartbeat(ctx); herr != nil {
+			a.log.Warn("fetching the task keys", "error", herr)
+		} else {
+			err = verify()
+		}
+	}
 	res := protocol.Result{Outcome: protocol.ResultSucceeded}
 	if err != nil {
 		a.log.Warn("task refused", "task", st.Task.ID, "type", st.Task.Type, "error", err)

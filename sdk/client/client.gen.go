@@ -2080,6 +2080,18 @@ type StorageUsage struct {
 	QuotaBytes    int64              `json:"quota_bytes"`
 }
 
+// TaskKey defines model for TaskKey.
+type TaskKey struct {
+	// LatestVersion The version that signs new tasks.
+	LatestVersion int `json:"latest_version"`
+
+	// MinVersion Policy agents.min_task_key_version: agents refuse tasks of older versions.
+	MinVersion int `json:"min_version"`
+
+	// Versions Every version the PKI backend has, oldest first.
+	Versions []int `json:"versions"`
+}
+
 // TerminalToken defines model for TerminalToken.
 type TerminalToken struct {
 	ExpiresAt time.Time `json:"expires_at"`
@@ -2905,6 +2917,18 @@ func WithRequestEditorFn(fn RequestEditorFn) ClientOption {
 
 // The interface specification for the client above.
 type ClientInterface interface {
+
+	// AdminGetTaskKey The versions of the key node tasks are signed with
+	//
+	// Corresponds with GET /api/v1/admin/agents/task-key (the `AdminGetTaskKey` operationId).
+	AdminGetTaskKey(ctx context.Context, reqEditors ...RequestEditorFn) (*http.Response, error)
+
+	// AdminRotateTaskKey Add a version to the task signing key
+	//
+	// The new version signs every task from then on; older versions keep verifying until policy `agents.min_task_key_version` passes them. Agents learn the new public key at their next heartbeat, or at once when a task signed with it reaches them. Works with either PKI backend (the local key file or Vault transit).
+	//
+	// Corresponds with POST /api/v1/admin/agents/task-key/rotate (the `AdminRotateTaskKey` operationId).
+	AdminRotateTaskKey(ctx context.Context, reqEditors ...RequestEditorFn) (*http.Response, error)
 
 	// AdminListAllocations Every allocation, filtered, newest first
 	//
@@ -3805,6 +3829,38 @@ type ClientInterface interface {
 	//
 	// Corresponds with GET /metrics (the `GetMetrics` operationId).
 	GetMetrics(ctx context.Context, reqEditors ...RequestEditorFn) (*http.Response, error)
+}
+
+// AdminGetTaskKey The versions of the key node tasks are signed with
+//
+// Corresponds with GET /api/v1/admin/agents/task-key (the `AdminGetTaskKey` operationId).
+func (c *Client) AdminGetTaskKey(ctx context.Context, reqEditors ...RequestEditorFn) (*http.Response, error) {
+	req, err := NewAdminGetTaskKeyRequest(c.Server)
+	if err != nil {
+		return nil, err
+	}
+	req = req.WithContext(ctx)
+	if err := c.applyEditors(ctx, req, reqEditors); err != nil {
+		return nil, err
+	}
+	return c.Client.Do(req)
+}
+
+// AdminRotateTaskKey Add a version to the task signing key
+//
+// The new version signs every task from then on; older versions keep verifying until policy `agents.min_task_key_version` passes them. Agents learn the new public key at their next heartbeat, or at once when a task signed with it reaches them. Works with either PKI backend (the local key file or Vault transit).
+//
+// Corresponds with POST /api/v1/admin/agents/task-key/rotate (the `AdminRotateTaskKey` operationId).
+func (c *Client) AdminRotateTaskKey(ctx context.Context, reqEditors ...RequestEditorFn) (*http.Response, error) {
+	req, err := NewAdminRotateTaskKeyRequest(c.Server)
+	if err != nil {
+		return nil, err
+	}
+	req = req.WithContext(ctx)
+	if err := c.applyEditors(ctx, req, reqEditors); err != nil {
+		return nil, err
+	}
+	return c.Client.Do(req)
 }
 
 // AdminListAllocations Every allocation, filtered, newest first
@@ -6065,6 +6121,60 @@ func (c *Client) GetMetrics(ctx context.Context, reqEditors ...RequestEditorFn) 
 		return nil, err
 	}
 	return c.Client.Do(req)
+}
+
+// NewAdminGetTaskKeyRequest constructs an http.Request for the AdminGetTaskKey method
+func NewAdminGetTaskKeyRequest(server string) (*http.Request, error) {
+	var err error
+
+	serverURL, err := url.Parse(server)
+	if err != nil {
+		return nil, err
+	}
+
+	operationPath := fmt.Sprintf("/api/v1/admin/agents/task-key")
+	if operationPath[0] == '/' {
+		operationPath = "." + operationPath
+	}
+
+	queryURL, err := serverURL.Parse(operationPath)
+	if err != nil {
+		return nil, err
+	}
+
+	req, err := http.NewRequest(http.MethodGet, queryURL.String(), nil)
+	if err != nil {
+		return nil, err
+	}
+
+	return req, nil
+}
+
+// NewAdminRotateTaskKeyRequest constructs an http.Request for the AdminRotateTaskKey method
+func NewAdminRotateTaskKeyRequest(server string) (*http.Request, error) {
+	var err error
+
+	serverURL, err := url.Parse(server)
+	if err != nil {
+		return nil, err
+	}
+
+	operationPath := fmt.Sprintf("/api/v1/admin/agents/task-key/rotate")
+	if operationPath[0] == '/' {
+		operationPath = "." + operationPath
+	}
+
+	queryURL, err := serverURL.Parse(operationPath)
+	if err != nil {
+		return nil, err
+	}
+
+	req, err := http.NewRequest(http.MethodPost, queryURL.String(), nil)
+	if err != nil {
+		return nil, err
+	}
+
+	return req, nil
 }
 
 // NewAdminListAllocationsRequest constructs an http.Request for the AdminListAllocations method
@@ -11474,6 +11584,22 @@ func WithBaseURL(baseURL string) ClientOption {
 // ClientWithResponsesInterface is the interface specification for the client with responses above.
 type ClientWithResponsesInterface interface {
 
+	// AdminGetTaskKeyWithResponse The versions of the key node tasks are signed with
+	//
+	// Returns a wrapper object for the known response body format(s).
+	//
+	// Corresponds with GET /api/v1/admin/agents/task-key (the `AdminGetTaskKey` operationId).
+	AdminGetTaskKeyWithResponse(ctx context.Context, reqEditors ...RequestEditorFn) (*AdminGetTaskKeyResponse, error)
+
+	// AdminRotateTaskKeyWithResponse Add a version to the task signing key
+	//
+	// The new version signs every task from then on; older versions keep verifying until policy `agents.min_task_key_version` passes them. Agents learn the new public key at their next heartbeat, or at once when a task signed with it reaches them. Works with either PKI backend (the local key file or Vault transit).
+	//
+	// Returns a wrapper object for the known response body format(s).
+	//
+	// Corresponds with POST /api/v1/admin/agents/task-key/rotate (the `AdminRotateTaskKey` operationId).
+	AdminRotateTaskKeyWithResponse(ctx context.Context, reqEditors ...RequestEditorFn) (*AdminRotateTaskKeyResponse, error)
+
 	// AdminListAllocationsWithResponse Every allocation, filtered, newest first
 	//
 	// Returns a wrapper object for the known response body format(s).
@@ -12495,6 +12621,102 @@ type ClientWithResponsesInterface interface {
 	//
 	// Corresponds with GET /metrics (the `GetMetrics` operationId).
 	GetMetricsWithResponse(ctx context.Context, reqEditors ...RequestEditorFn) (*GetMetricsResponse, error)
+}
+
+type AdminGetTaskKeyResponse struct {
+	Body         []byte
+	HTTPResponse *http.Response
+	// JSON200 the response for an HTTP 200 `application/json` response
+	JSON200 *TaskKey
+	// JSONDefault the response for an HTTP default `application/json` response
+	JSONDefault *Error
+}
+
+// GetJSON200 returns the response for an HTTP 200 `application/json` response
+func (r AdminGetTaskKeyResponse) GetJSON200() *TaskKey {
+	return r.JSON200
+}
+
+// GetJSONDefault returns the response for an HTTP default `application/json` response
+func (r AdminGetTaskKeyResponse) GetJSONDefault() *Error {
+	return r.JSONDefault
+}
+
+// GetBody returns the raw response body bytes
+func (r AdminGetTaskKeyResponse) GetBody() []byte {
+	return r.Body
+}
+
+// Status returns HTTPResponse.Status
+func (r AdminGetTaskKeyResponse) Status() string {
+	if r.HTTPResponse != nil {
+		return r.HTTPResponse.Status
+	}
+	return http.StatusText(0)
+}
+
+// StatusCode returns HTTPResponse.StatusCode
+func (r AdminGetTaskKeyResponse) StatusCode() int {
+	if r.HTTPResponse != nil {
+		return r.HTTPResponse.StatusCode
+	}
+	return 0
+}
+
+// ContentType is a convenience method to retrieve the Content-Type value from the HTTP response headers
+func (r AdminGetTaskKeyResponse) ContentType() string {
+	if r.HTTPResponse != nil {
+		return r.HTTPResponse.Header.Get("Content-Type")
+	}
+	return ""
+}
+
+type AdminRotateTaskKeyResponse struct {
+	Body         []byte
+	HTTPResponse *http.Response
+	// JSON200 the response for an HTTP 200 `application/json` response
+	JSON200 *TaskKey
+	// JSONDefault the response for an HTTP default `application/json` response
+	JSONDefault *Error
+}
+
+// GetJSON200 returns the response for an HTTP 200 `application/json` response
+func (r AdminRotateTaskKeyResponse) GetJSON200() *TaskKey {
+	return r.JSON200
+}
+
+// GetJSONDefault returns the response for an HTTP default `application/json` response
+func (r AdminRotateTaskKeyResponse) GetJSONDefault() *Error {
+	return r.JSONDefault
+}
+
+// GetBody returns the raw response body bytes
+func (r AdminRotateTaskKeyResponse) GetBody() []byte {
+	return r.Body
+}
+
+// Status returns HTTPResponse.Status
+func (r AdminRotateTaskKeyResponse) Status() string {
+	if r.HTTPResponse != nil {
+		return r.HTTPResponse.Status
+	}
+	return http.StatusText(0)
+}
+
+// StatusCode returns HTTPResponse.StatusCode
+func (r AdminRotateTaskKeyResponse) StatusCode() int {
+	if r.HTTPResponse != nil {
+		return r.HTTPResponse.StatusCode
+	}
+	return 0
+}
+
+// ContentType is a convenience method to retrieve the Content-Type value from the HTTP response headers
+func (r AdminRotateTaskKeyResponse) ContentType() string {
+	if r.HTTPResponse != nil {
+		return r.HTTPResponse.Header.Get("Content-Type")
+	}
+	return ""
 }
 
 type AdminListAllocationsResponse struct {
@@ -17049,6 +17271,34 @@ func (r GetMetricsResponse) ContentType() string {
 	return ""
 }
 
+// AdminGetTaskKeyWithResponse The versions of the key node tasks are signed with
+//
+// Returns a wrapper object for the known response body format(s).
+//
+// Corresponds with GET /api/v1/admin/agents/task-key (the `AdminGetTaskKey` operationId).
+func (c *ClientWithResponses) AdminGetTaskKeyWithResponse(ctx context.Context, reqEditors ...RequestEditorFn) (*AdminGetTaskKeyResponse, error) {
+	rsp, err := c.AdminGetTaskKey(ctx, reqEditors...)
+	if err != nil {
+		return nil, err
+	}
+	return ParseAdminGetTaskKeyResponse(rsp)
+}
+
+// AdminRotateTaskKeyWithResponse Add a version to the task signing key
+//
+// The new version signs every task from then on; older versions keep verifying until policy `agents.min_task_key_version` passes them. Agents learn the new public key at their next heartbeat, or at once when a task signed with it reaches them. Works with either PKI backend (the local key file or Vault transit).
+//
+// Returns a wrapper object for the known response body format(s).
+//
+// Corresponds with POST /api/v1/admin/agents/task-key/rotate (the `AdminRotateTaskKey` operationId).
+func (c *ClientWithResponses) AdminRotateTaskKeyWithResponse(ctx context.Context, reqEditors ...RequestEditorFn) (*AdminRotateTaskKeyResponse, error) {
+	rsp, err := c.AdminRotateTaskKey(ctx, reqEditors...)
+	if err != nil {
+		return nil, err
+	}
+	return ParseAdminRotateTaskKeyResponse(rsp)
+}
+
 // AdminListAllocationsWithResponse Every allocation, filtered, newest first
 //
 // Returns a wrapper object for the known response body format(s).
@@ -18885,6 +19135,72 @@ func (c *ClientWithResponses) GetMetricsWithResponse(ctx context.Context, reqEdi
 		return nil, err
 	}
 	return ParseGetMetricsResponse(rsp)
+}
+
+// ParseAdminGetTaskKeyResponse parses an HTTP response from a AdminGetTaskKeyWithResponse call
+func ParseAdminGetTaskKeyResponse(rsp *http.Response) (*AdminGetTaskKeyResponse, error) {
+	bodyBytes, err := io.ReadAll(rsp.Body)
+	defer func() { _ = rsp.Body.Close() }()
+	if err != nil {
+		return nil, err
+	}
+
+	response := &AdminGetTaskKeyResponse{
+		Body:         bodyBytes,
+		HTTPResponse: rsp,
+	}
+
+	switch {
+	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && rsp.StatusCode == 200:
+		var dest TaskKey
+		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
+			return nil, err
+		}
+		response.JSON200 = &dest
+
+	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && true:
+		var dest Error
+		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
+			return nil, err
+		}
+		response.JSONDefault = &dest
+
+	}
+
+	return response, nil
+}
+
+// ParseAdminRotateTaskKeyResponse parses an HTTP response from a AdminRotateTaskKeyWithResponse call
+func ParseAdminRotateTaskKeyResponse(rsp *http.Response) (*AdminRotateTaskKeyResponse, error) {
+	bodyBytes, err := io.ReadAll(rsp.Body)
+	defer func() { _ = rsp.Body.Close() }()
+	if err != nil {
+		return nil, err
+	}
+
+	response := &AdminRotateTaskKeyResponse{
+		Body:         bodyBytes,
+		HTTPResponse: rsp,
+	}
+
+	switch {
+	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && rsp.StatusCode == 200:
+		var dest TaskKey
+		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
+			return nil, err
+		}
+		response.JSON200 = &dest
+
+	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && true:
+		var dest Error
+		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
+			return nil, err
+		}
+		response.JSONDefault = &dest
+
+	}
+
+	return response, nil
 }
 
 // ParseAdminListAllocationsResponse parses an HTTP response from a AdminListAllocationsWithResponse call

@@ -14,6 +14,8 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"maps"
+	"slices"
 	"strings"
 	"sync"
 	"time"
@@ -341,6 +343,56 @@ func (s *Service) TaskKeys(ctx context.Context) (map[int]ed25519.PublicKey, erro
 		s.taskKeys.drop()
 	}
 	return keys, nil
+}
+
+// TaskKeyVersions are the task key's versions: every one the backend
+// has, the latest (which signs), and the policy's minimum (below it agents
+// refuse tasks).
+type TaskKeyVersions struct {
+	Versions []int
+	Latest   int
+	Min      int
+}
+
+// TaskKeyVersions reads the task key's versions from the PKI backend.
+func (s *Service) TaskKeyVersions(ctx context.Context) (*TaskKeyVersions, error) {
+	if err := s.signer.EnsureKey(ctx, TaskKey); err != nil {
+		return nil, fmt.Errorf("agents: task key: %w", err)
+	}
+	all, err := s.signer.PublicKeys(ctx, TaskKey)
+	if err != nil {
+		return nil, fmt.Errorf("agents: task key: %w", err)
+	}
+	out := &TaskKeyVersions{Versions: slices.Sorted(maps.Keys(all)), Min: s.minKeyVersion(ctx)}
+	if len(out.Versions) > 0 {
+		out.Latest = out.Versions[len(out.Versions)-1]
+	}
+	return out, nil
+}
+
+// RotateTaskKey adds a version to the task key, which signs every task from
+// then on; older versions keep verifying until the policy's minimum
+// (agents.min_task_key_version) passes them. Heartbeats hand the new public
+// key out at once, and an agent given a task of a version it does not know
+// yet asks for it before refusing the task.
+func (s *Service) RotateTaskKey(ctx context.Context) (*TaskKeyVersions, error) {
+	if err := s.signer.EnsureKey(ctx, TaskKey); err != nil {
+		return nil, fmt.Errorf("agents: rotate task key: %w", err)
+	}
+	v, err := s.signer.Rotate(ctx, TaskKey)
+	if err != nil {
+		return nil, fmt.Errorf("agents: rotate task key: %w", err)
+	}
+	s.taskKeys.drop()
+	out, err := s.TaskKeyVersions(ctx)
+	if err != nil {
+		return nil, err
+	}
+	if err := audit.Record(ctx, s.pool, audit.Entry{Action: "agent.task_key.rotate", Target: s.ids.Platform("signing-key", TaskKey),
+		Details: map[string]any{"key_version": v, "min_key_version": out.Min}}); err != nil {
+		return nil, err
+	}
+	return out, nil
 }
 
 func (s *Service) minKeyVersion(ctx context.Context) int {

@@ -150,3 +150,45 @@ func TestRetiredTaskKeyVersion(t *testing.T) {
 		t.Fatalf("enqueue with every version retired: %v", err)
 	}
 }
+
+// RotateTaskKey adds a version that signs every task from then on, and
+// audits it. An agent that has not heartbeated since (it knows only the old
+// version) fetches the new key when the first task signed with it arrives,
+// instead of refusing the task; old versions keep verifying.
+func TestRotateTaskKey(t *testing.T) {
+	f := newFixture(t, agents.Settings{HeartbeatInterval: time.Hour})
+	node, tok := f.node()
+	sys := prefixSystem(t)
+	a := f.agent(tok, sys)
+	if err := a.Enroll(t.Context()); err != nil {
+		t.Fatal(err)
+	}
+	before, err := f.svc.TaskKeyVersions(f.ctx)
+	if err != nil || len(before.Versions) != 1 || before.Latest != before.Versions[0] {
+		t.Fatalf("versions before: %+v (%v)", before, err)
+	}
+	after, err := f.svc.RotateTaskKey(f.ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if after.Latest != before.Latest+1 || len(after.Versions) != 2 || after.Min != 0 {
+		t.Fatalf("versions after a rotation: %+v; want %d then %d", after, before.Latest, before.Latest+1)
+	}
+	var details map[string]any
+	if err := f.pool.QueryRow(f.ctx, `SELECT details FROM audit_log WHERE action = 'agent.task_key.rotate'`).Scan(&details); err != nil ||
+		details["key_version"] != float64(after.Latest) {
+		t.Fatalf("rotation audit %v (%v)", details, err)
+	}
+	tk, err := f.svc.Enqueue(f.ctx, agents.TaskRequest{NodeID: node, Type: protocol.TaskInventory, Params: map[string]any{}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var signedWith int
+	if err := f.pool.QueryRow(f.ctx, `SELECT key_version FROM node_tasks WHERE id = $1`, tk.ID).Scan(&signedWith); err != nil || signedWith != after.Latest {
+		t.Fatalf("a task after the rotation is signed with version %d (%v); want %d", signedWith, err, after.Latest)
+	}
+	if err := a.Poll(t.Context()); err != nil {
+		t.Fatal(err)
+	}
+	f.taskState(tk.ID, "succeeded", 10*time.Second)
+}

@@ -153,6 +153,8 @@ var matrix = map[string]matrixCase{
 		return map[string]any{"provisioner_instance": "no-such-instance", "external_id": "abc123"}
 	}},
 	"adminMintEnrollmentToken": {expect: adminOnly, body: func(*world) any { return map[string]any{"ttl_seconds": 600} }},
+	"adminGetTaskKey":          {expect: adminOnly},
+	"adminRotateTaskKey":       {expect: adminOnly},
 	// The driver task API by instance: {name} names no instance here.
 	"adminGetInstanceNode": {expect: expect{401, 403, 403, 403, 403, 403, 404}},
 	"adminGetNodeTask":     {expect: expect{401, 403, 403, 403, 403, 403, 404}},

@@ -325,3 +325,35 @@ func (a *API) MaasWebhook(c *fiber.Ctx, instance string) error {
 	}
 	return c.JSON(apigen.NodeWebhookReceipt{Events: n})
 }
+
+func taskKeyJSON(v *agents.TaskKeyVersions) apigen.TaskKey {
+	out := apigen.TaskKey{Versions: v.Versions, LatestVersion: v.Latest, MinVersion: v.Min}
+	if out.Versions == nil {
+		out.Versions = []int{}
+	}
+	return out
+}
+
+// AdminGetTaskKey lists the versions of the task signing key.
+func (a *API) AdminGetTaskKey(c *fiber.Ctx) error {
+	if err := a.requireAdmin(c, "agent.task_key.read"); err != nil {
+		return err
+	}
+	v, err := a.Agents.TaskKeyVersions(c.UserContext())
+	if err != nil {
+		return err
+	}
+	return c.JSON(taskKeyJSON(v))
+}
+
+// AdminRotateTaskKey adds a version to the task signing key (audited).
+func (a *API) AdminRotateTaskKey(c *fiber.Ctx) error {
+	if err := a.requireAdmin(c, "agent.task_key.rotate"); err != nil {
+		return err
+	}
+	v, err := a.Agents.RotateTaskKey(c.UserContext())
+	if err != nil {
+		return err
+	}
+	return c.JSON(taskKeyJSON(v))
+}

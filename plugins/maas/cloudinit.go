@@ -106,9 +106,24 @@ func validateProvision(s *settings, req *provisioner.ProvisionRequest) (*tenant,
 	return t, nil
 }
 
-// fingerprint identifies the request, to recognize a retry.
+// fingerprint identifies the request, to recognize a retry. The SSH CA
+// keys are no part of it: they say how the node trusts the core, not what
+// the tenant asked for, and a retry made after the core rotated its SSH CA
+// carries the new ones (the deployment keeps those of the first attempt;
+// the node agent or a later provisioning brings the new CA).
 func (t *tenant) fingerprint() string {
-	b, _ := json.Marshal(t)
+	c := *t
+	c.CAKeys = nil
+	return hashJSON(&c)
+}
+
+// legacyFingerprint is the fingerprint earlier versions of this driver
+// recorded, which covered the CA keys: an operation one of them started,
+// retried after an upgrade, is still recognized.
+func (t *tenant) legacyFingerprint() string { return hashJSON(t) }
+
+func hashJSON(v any) string {
+	b, _ := json.Marshal(v)
 	sum := sha256.Sum256(b)
 	return hex.EncodeToString(sum[:16])
 }

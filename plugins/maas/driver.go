@@ -451,7 +451,7 @@ func (d *Driver) Provision(ctx context.Context, req *provisioner.ProvisionReques
 	}
 	defer unlock()
 	if rec := d.op(req.OperationID); rec != nil {
-		if rec.kind != kindProvision || !d.sameRequest(rec, fp) {
+		if rec.kind != kindProvision || !d.sameRequest(rec, fp, t.legacyFingerprint()) {
 			return nil, fmt.Errorf("maas: provision: operation %q was used for another request: %w", req.OperationID, base.ErrConflict)
 		}
 		return d.status(ctx, s, req.OperationID, rec)
@@ -545,15 +545,16 @@ func (d *Driver) annotate(ctx context.Context, s *settings, id, opID, fp string,
 	return nil
 }
 
-// sameRequest reports whether fp is the request rec was made by; a record
-// found again in the event log after a restart takes the first request's.
-func (d *Driver) sameRequest(rec *opRecord, fp string) bool {
+// sameRequest reports whether fp (or one of the older forms of the same
+// request's fingerprint) is the request rec was made by; a record found
+// again in the event log after a restart takes the first request's.
+func (d *Driver) sameRequest(rec *opRecord, fp string, older ...string) bool {
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	if rec.fingerprint == "" {
 		rec.fingerprint = fp
 	}
-	return rec.fingerprint == fp
+	return rec.fingerprint == fp || slices.Contains(older, rec.fingerprint)
 }
 
 func (d *Driver) op(id string) *opRecord {

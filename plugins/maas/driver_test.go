@@ -530,6 +530,13 @@ func TestProvisionOnce(t *testing.T) {
 	if _, err := d.Provision(ctx, prov); err != nil {
 		t.Fatalf("Provision retried: %v", err)
 	}
+	// The core rotated its SSH CA between two attempts: the retry carries
+	// the new CA key and is the same operation.
+	rotated := *prov
+	rotated.SSHUserCAKeys = []string{newKey(t, "gpuaas-user-ca")}
+	if _, err := d.Provision(ctx, &rotated); err != nil {
+		t.Fatalf("Provision retried with another SSH CA key: %v", err)
+	}
 	other := *prov
 	other.SSHPublicKeys = []string{newKey(t, "mallory@elsewhere")}
 	if _, err := d.Provision(ctx, &other); !errors.Is(err, base.ErrConflict) {
@@ -550,6 +557,9 @@ func TestProvisionOnce(t *testing.T) {
 	}
 	if _, err := restarted.Provision(ctx, &other); !errors.Is(err, base.ErrConflict) {
 		t.Fatalf("after a restart, same operation id, other keys: got %v, want ErrConflict", err)
+	}
+	if _, err := restarted.Provision(ctx, &rotated); err != nil {
+		t.Fatalf("after a restart, retried with another SSH CA key: %v", err)
 	}
 	if h.sim != nil {
 		if got := len(h.sim.Deploys(id)); got != 1 {

@@ -219,7 +219,15 @@ func settle(ctx context.Context) error {
 	case <-ctx.Done():
 	case <-timer.C:
 	}
-	return ctx.Err()
+	if err := ctx.Err(); err != nil {
+		return err
+	}
+	// The deadline has passed but the context has not said so yet: it ends
+	// from a goroutine of its own, which a busy machine may not have run.
+	if !time.Now().Before(deadline) {
+		return context.DeadlineExceeded
+	}
+	return nil
 }
 
 // remoteError is an error that crossed the plugin boundary: its message is

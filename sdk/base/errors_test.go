@@ -11,6 +11,8 @@ import (
 
 	plugin "github.com/hashicorp/go-plugin"
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
 
 	"github.com/gpuaas/gpuaas/sdk/base"
 	basepb "github.com/gpuaas/gpuaas/sdk/base/proto"
@@ -231,4 +233,31 @@ func TestTransportErrors(t *testing.T) {
 			t.Fatalf("got %v, want ErrUnavailable only", err)
 		}
 	})
+}
+
+// lateCtx has passed its deadline but not yet said so (a context ends from
+// a goroutine of its own, which a busy machine may run late).
+type lateCtx struct {
+	context.Context
+	deadline time.Time
+}
+
+func (c lateCtx) Deadline() (time.Time, bool) { return c.deadline, true }
+func (c lateCtx) Done() <-chan struct{}       { return nil }
+func (c lateCtx) Err() error                  { return nil }
+
+// A call reset by the plugin when its copy of the deadline passed is the
+// caller's deadline, even while the caller's context has not ended yet.
+func TestResetAtTheDeadlineIsTheDeadline(t *testing.T) {
+	reset := status.Error(codes.Canceled, "stream terminated by RST_STREAM with error code: CANCEL")
+	ctx := lateCtx{Context: context.Background(), deadline: time.Now().Add(5 * time.Millisecond)}
+	err := base.ErrorFromStatus(ctx, context.Background(), reset)
+	if !errors.Is(err, context.DeadlineExceeded) || !errors.Is(err, base.ErrDeadlineExceeded) {
+		t.Fatalf("got %v, want context.DeadlineExceeded", err)
+	}
+	// Without a deadline near, a reset is a cancel.
+	far := lateCtx{Context: context.Background(), deadline: time.Now().Add(time.Hour)}
+	if err := base.ErrorFromStatus(far, context.Background(), reset); errors.Is(err, context.DeadlineExceeded) || !errors.Is(err, context.Canceled) {
+		t.Fatalf("got %v, want context.Canceled", err)
+	}
 }

@@ -319,12 +319,7 @@ func (s *Service) certificate(ctx context.Context, nodeID uuid.UUID, cert pki.Ce
 // TaskKeys are the public keys agents verify tasks with, by version: those
 // not retired (MinTaskKeyVersion).
 func (s *Service) TaskKeys(ctx context.Context) (map[int]ed25519.PublicKey, error) {
-	load := func() (map[int]ed25519.PublicKey, error) {
-		if err := s.signer.EnsureKey(ctx, TaskKey); err != nil {
-			return nil, err
-		}
-		return s.signer.PublicKeys(ctx, TaskKey)
-	}
+	load := func() (map[int]ed25519.PublicKey, error) { return s.readTaskKeys(ctx) }
 	minV := s.minKeyVersion(ctx)
 	keys := map[int]ed25519.PublicKey{}
 	for range 2 { // a minimum above every cached version: the key rotated since
@@ -354,14 +349,24 @@ type TaskKeyVersions struct {
 	Min      int
 }
 
-// TaskKeyVersions reads the task key's versions from the PKI backend.
-func (s *Service) TaskKeyVersions(ctx context.Context) (*TaskKeyVersions, error) {
+// readTaskKeys reads every version of the task key from the PKI backend
+// (creating the key the first time).
+func (s *Service) readTaskKeys(ctx context.Context) (map[int]ed25519.PublicKey, error) {
 	if err := s.signer.EnsureKey(ctx, TaskKey); err != nil {
 		return nil, fmt.Errorf("agents: task key: %w", err)
 	}
 	all, err := s.signer.PublicKeys(ctx, TaskKey)
 	if err != nil {
 		return nil, fmt.Errorf("agents: task key: %w", err)
+	}
+	return all, nil
+}
+
+// TaskKeyVersions reads the task key's versions from the PKI backend.
+func (s *Service) TaskKeyVersions(ctx context.Context) (*TaskKeyVersions, error) {
+	all, err := s.readTaskKeys(ctx)
+	if err != nil {
+		return nil, err
 	}
 	out := &TaskKeyVersions{Versions: slices.Sorted(maps.Keys(all)), Min: s.minKeyVersion(ctx)}
 	if len(out.Versions) > 0 {

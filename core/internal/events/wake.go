@@ -46,17 +46,21 @@ func Kick() {
 	}
 }
 
-func registerRelay(r *Relay) func() {
+func registerRelay(r *Relay) func() { return register(&wakers.local, r) }
+
+// register adds v to the set *m (under wakers' lock) and returns the func
+// that takes it out again.
+func register[T comparable](m *map[T]struct{}, v T) func() {
 	wakers.Lock()
 	defer wakers.Unlock()
-	if wakers.local == nil {
-		wakers.local = map[*Relay]struct{}{}
+	if *m == nil {
+		*m = map[T]struct{}{}
 	}
-	wakers.local[r] = struct{}{}
+	(*m)[v] = struct{}{}
 	return func() {
 		wakers.Lock()
 		defer wakers.Unlock()
-		delete(wakers.local, r)
+		delete(*m, v)
 	}
 }
 
@@ -83,17 +87,7 @@ func (n *Notifier) kick() {
 
 // Run sends one NOTIFY per burst of kicks until ctx is done.
 func (n *Notifier) Run(ctx context.Context) {
-	wakers.Lock()
-	if wakers.remote == nil {
-		wakers.remote = map[*Notifier]struct{}{}
-	}
-	wakers.remote[n] = struct{}{}
-	wakers.Unlock()
-	defer func() {
-		wakers.Lock()
-		delete(wakers.remote, n)
-		wakers.Unlock()
-	}()
+	defer register(&wakers.remote, n)()
 	for {
 		select {
 		case <-ctx.Done():

@@ -218,7 +218,7 @@ func Balances(ctx context.Context, db DB, orgs []uuid.UUID) (map[uuid.UUID]Balan
 	}
 	bs, err := pgx.CollectRows(rows, func(r pgx.CollectableRow) (Balance, error) {
 		var b Balance
-		return b, r.Scan(&b.OrgID, &b.Currency, &b.AmountMinor, &b.AsOfEntry)
+		return b, scanBalance(r, &b)
 	})
 	if err != nil {
 		return nil, fmt.Errorf("ledger: balances: %w", err)
@@ -233,25 +233,29 @@ func Balances(ctx context.Context, db DB, orgs []uuid.UUID) (map[uuid.UUID]Balan
 // QueueBalance adds the org's balance read to a batch; fn gets it, and whether
 // the org has an account, when the batch's results are read.
 func QueueBalance(b *pgx.Batch, orgID uuid.UUID, fn func(Balance, bool)) {
-	b.Queue(balanceSQL, orgID).Query(func(rows pgx.Rows) error {
+	b.Queue(balanceSQL, orgID).QueryRow(func(row pgx.Row) error {
 		bal := Balance{OrgID: orgID}
-		found := false
-		for rows.Next() {
-			if err := rows.Scan(&bal.OrgID, &bal.Currency, &bal.AmountMinor, &bal.AsOfEntry); err != nil {
-				return fmt.Errorf("ledger: balance: %w", err)
-			}
-			found = true
+		switch err := scanBalance(row, &bal); {
+		case errors.Is(err, pgx.ErrNoRows):
+			fn(bal, false)
+		case err != nil:
+			return fmt.Errorf("ledger: balance: %w", err)
+		default:
+			fn(bal, true)
 		}
-		fn(bal, found)
-		return rows.Err()
+		return nil
 	})
+}
+
+// scanBalance reads a row of balancesFrom into b.
+func scanBalance(row pgx.Row, b *Balance) error {
+	return row.Scan(&b.OrgID, &b.Currency, &b.AmountMinor, &b.AsOfEntry)
 }
 
 // GetBalance returns the org's balance; an org without an account has none.
 func GetBalance(ctx context.Context, db DB, orgID uuid.UUID) (Balance, error) {
 	b := Balance{OrgID: orgID}
-	err := db.QueryRow(ctx, balanceSQL, orgID).Scan(&b.OrgID, &b.Currency, &b.AmountMinor, &b.AsOfEntry)
-	switch {
+	switch err := scanBalance(db.QueryRow(ctx, balanceSQL, orgID), &b); {
 	case errors.Is(err, pgx.ErrNoRows):
 		return b, errcode.New(CodeAccountNotFound, "the organization has no billing account yet")
 	case err != nil:

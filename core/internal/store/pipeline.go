@@ -17,12 +17,8 @@ type PipelinedTx struct {
 	conn  *pgxpool.Conn
 	begun bool
 	done  bool
-	after []func()
+	commitHooks
 }
-
-// AfterCommit runs f once the transaction has committed (implements
-// AfterCommitter).
-func (t *PipelinedTx) AfterCommit(f func()) { t.after = append(t.after, f) }
 
 // Send runs b inside the transaction (starting it first when this is the
 // first batch) and closes its results.
@@ -82,8 +78,6 @@ func pipelinedOnce(ctx context.Context, pool *pgxpool.Pool, fn func(*PipelinedTx
 	if !t.done {
 		return fmt.Errorf("store: the pipelined transaction was not committed")
 	}
-	for _, f := range t.after {
-		f()
-	}
+	t.run()
 	return nil
 }

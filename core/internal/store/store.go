@@ -80,13 +80,7 @@ type AfterCommitter interface {
 
 // AfterCommit runs f after d's transaction commits, or at once when d has
 // no transaction to wait for.
-func (d Deferred) AfterCommit(f func()) {
-	if d.Tx == nil {
-		f()
-		return
-	}
-	d.Tx.AfterCommit(f)
-}
+func (d Deferred) AfterCommit(f func()) { AfterCommit(d.Tx, f) }
 
 // AfterCommit registers f to run after the transaction tx commits; when tx
 // cannot say (it did not come from Transact), f runs at once.
@@ -98,13 +92,24 @@ func AfterCommit(tx any, f func()) {
 	f()
 }
 
+// commitHooks are the functions a transaction runs once it has committed;
+// Transact's and TransactPipelined's transactions embed them.
+type commitHooks []func()
+
+// AfterCommit implements AfterCommitter.
+func (h *commitHooks) AfterCommit(f func()) { *h = append(*h, f) }
+
+func (h commitHooks) run() {
+	for _, f := range h {
+		f()
+	}
+}
+
 // hookedTx is the transaction Transact hands its function.
 type hookedTx struct {
 	pgx.Tx
-	after []func()
+	commitHooks
 }
-
-func (t *hookedTx) AfterCommit(f func()) { t.after = append(t.after, f) }
 
 // Exec queues sql on the batch and reports success for now.
 func (d Deferred) Exec(_ context.Context, sql string, args ...any) (pgconn.CommandTag, error) {
@@ -175,9 +180,7 @@ func transactOnce(ctx context.Context, db Beginner, opts pgx.TxOptions, fn func(
 	if err = tx.Commit(ctx); err != nil {
 		return fmt.Errorf("store: commit: %w", err)
 	}
-	for _, f := range ht.after {
-		f()
-	}
+	ht.run()
 	return nil
 }
 

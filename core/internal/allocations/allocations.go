@@ -16,7 +16,6 @@ import (
 	"github.com/google/uuid"
 	"github.com/hashicorp/go-hclog"
 	"github.com/jackc/pgx/v5"
-	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/jackc/pgx/v5/pgxpool"
 
 	"github.com/gpuaas/gpuaas/core/internal/audit"
@@ -232,6 +231,9 @@ func move(ctx context.Context, tx pgx.Tx, a *Allocation, to State, reason, subje
 	}
 	err := tx.QueryRow(ctx, `UPDATE allocations SET state = $2, state_reason = $3, updated_at = now()`+set+`
 		WHERE id = $1 RETURNING updated_at, active_at, ended_at`, a.ID, a.State, a.StateReason).Scan(&a.UpdatedAt, &a.ActiveAt, &a.EndedAt)
+	if err == nil && to.Terminal() { // every state before a terminal one is live
+		_, err = tx.Exec(ctx, adjustHoldingsSQL, a.OrgID, a.ProjectID, -1, -a.GPUs)
+	}
 	if err != nil {
 		return fmt.Errorf("allocations: move %s to %s: %w", a.ID, to, err)
 	}
@@ -334,7 +336,8 @@ func quota(scope, what string, limit, current, asked int64) error {
 
 // Create takes Count free nodes of the SKU for the project in one transaction:
 // the project's and the org's caps (allocations and GPUs) and a positive balance
-// are checked under a per-org and per-project lock, free nodes are taken with
+// are checked under the org's and the project's holdings rows (see
+// holdings.go), free nodes are taken with
 // FOR UPDATE SKIP LOCKED, and each allocation is inserted as requested with its
 // outbox event and audit row. All or nothing.
 func (s *Service) Create(ctx context.Context, req CreateRequest) ([]*Allocation, error) {
@@ -347,51 +350,54 @@ func (s *Service) Create(ctx context.Context, req CreateRequest) ([]*Allocation,
 		return nil, err
 	}
 	var out []*Allocation
-	// Two round trips: BEGIN, the locks, the reads and taking the nodes; then
+	// Two round trips: BEGIN, the holdings, the reads and taking the nodes; then
 	// the writes and COMMIT. A refusal after the first rolls the nodes back.
 	err = store.TransactPipelined(ctx, s.pool, func(tx *store.PipelinedTx) error {
 		out = out[:0]
-		// The org's and the project's create locks first: the caps are
-		// counted, and nodes taken, under them.
+		// The org's and the project's holdings first: counting the new
+		// allocations into them takes their row locks, which serialize the
+		// creates of one project and of one org until COMMIT, and returns
+		// the totals the caps are checked against.
 		var projN, projGPUs, orgN, orgGPUs int64
 		var bal ledger.Balance
 		var hasAccount bool
-		batch := &pgx.Batch{}
-		batch.Queue(`SELECT pg_advisory_xact_lock(hashtextextended('alloc-org:' || $1::text, 0)),
-			pg_advisory_xact_lock(hashtextextended('alloc-project:' || $2::text, 0))`, req.OrgID, req.ProjectID).Exec(func(pgconn.CommandTag) error { return nil })
-		batch.Queue(`SELECT count(*) FILTER (WHERE project_id = $2), coalesce(sum(gpus) FILTER (WHERE project_id = $2), 0),
-				count(*), coalesce(sum(gpus), 0)
-			FROM allocations WHERE org_id = $1 AND state NOT IN ('released', 'failed')`, req.OrgID, req.ProjectID).
-			QueryRow(func(row pgx.Row) error { return row.Scan(&projN, &projGPUs, &orgN, &orgGPUs) })
-		ledger.QueueBalance(batch, req.OrgID, func(b ledger.Balance, found bool) { bal, hasAccount = b, found })
 		sku := &catalog.SKU{}
-		batch.Queue(`SELECT id, gpus_per_node, price_per_gpu_hour_minor, currency, active FROM skus WHERE id = $1`, req.SKU).
-			Query(func(rows pgx.Rows) error {
-				for rows.Next() {
-					if err := rows.Scan(&sku.ID, &sku.GPUsPerNode, &sku.PricePerGPUHourMinor, &sku.Currency, &sku.Active); err != nil {
-						return err
-					}
+		batch := &pgx.Batch{}
+		batch.Queue(takeHoldingsSQL, req.OrgID, req.ProjectID, req.SKU, int64(req.Count)).Query(func(rows pgx.Rows) error {
+			for rows.Next() {
+				var owner uuid.UUID
+				var n, gpus int64
+				if err := rows.Scan(&sku.ID, &sku.GPUsPerNode, &sku.PricePerGPUHourMinor, &sku.Currency, &owner, &n, &gpus); err != nil {
+					return err
 				}
-				return rows.Err()
-			})
+				if owner == req.OrgID {
+					orgN, orgGPUs = n, gpus
+				} else {
+					projN, projGPUs = n, gpus
+				}
+			}
+			return rows.Err()
+		})
+		ledger.QueueBalance(batch, req.OrgID, func(b ledger.Balance, found bool) { bal, hasAccount = b, found })
 		var nodes []takenNode
 		queueTakeNodes(batch, req.SKU, req.Count, func(t []takenNode) { nodes = t })
 		if err := tx.Send(ctx, batch); err != nil {
 			return err
 		}
-		if !sku.Active {
+		if sku.ID == "" { // no such SKU, or not active: the holdings are untouched
 			return errcode.New(catalog.CodeSKUNotFound, "no SKU %q", req.SKU).WithDetails("field", "sku_id")
 		}
+		// The totals count this request in.
 		n, gpus := int64(req.Count), int64(req.Count*sku.GPUsPerNode)
 		switch {
-		case projN+n > c.perProject:
-			return quota("project", "allocations", c.perProject, projN, n)
-		case projGPUs+gpus > c.gpusPerProject:
-			return quota("project", "GPUs", c.gpusPerProject, projGPUs, gpus)
-		case orgN+n > c.perOrg:
-			return quota("organization", "allocations", c.perOrg, orgN, n)
-		case orgGPUs+gpus > c.gpusPerOrg:
-			return quota("organization", "GPUs", c.gpusPerOrg, orgGPUs, gpus)
+		case projN > c.perProject:
+			return quota("project", "allocations", c.perProject, projN-n, n)
+		case projGPUs > c.gpusPerProject:
+			return quota("project", "GPUs", c.gpusPerProject, projGPUs-gpus, gpus)
+		case orgN > c.perOrg:
+			return quota("organization", "allocations", c.perOrg, orgN-n, n)
+		case orgGPUs > c.gpusPerOrg:
+			return quota("organization", "GPUs", c.gpusPerOrg, orgGPUs-gpus, gpus)
 		}
 		if !hasAccount || bal.AmountMinor <= 0 {
 			return errcode.New(CodeInsufficientFunds, "the organization's balance must be above zero to start an allocation; top up first").

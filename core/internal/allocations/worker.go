@@ -118,7 +118,8 @@ func FollowAutoReleases(ctx context.Context, pool *pgxpool.Pool, js jetstream.Je
 
 // Reconciler resumes allocations stranded in requested, provisioning or
 // releasing without a running workflow (a lost event, a workflow that ended
-// by a bug or an operator's terminate), and nodes left cleaning.
+// by a bug or an operator's terminate), and nodes left cleaning; and it
+// corrects holdings that differ from the live allocations.
 type Reconciler struct {
 	Pool    *pgxpool.Pool
 	Policy  *policy.Service
@@ -139,6 +140,9 @@ func (r *Reconciler) Run(ctx context.Context) {
 			r.Log.Warn("reconciling allocations", "error", err)
 		} else if n > 0 {
 			r.Log.Info("resumed stranded allocations", "count", n)
+		}
+		if _, err := r.CorrectHoldings(ctx); err != nil {
+			r.Log.Warn("correcting allocation holdings", "error", err)
 		}
 	}
 }

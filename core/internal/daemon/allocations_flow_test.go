@@ -3,6 +3,7 @@ package daemon_test
 import (
 	"context"
 	"encoding/json"
+	"fmt"
 	"net/http"
 	"strings"
 	"sync"
@@ -11,8 +12,10 @@ import (
 
 	gomaas "github.com/canonical/gomaasclient/client"
 	"github.com/google/uuid"
+	"github.com/hashicorp/go-hclog"
 	"github.com/jackc/pgx/v5"
 
+	"github.com/gpuaas/gpuaas/core/internal/allocations"
 	"github.com/gpuaas/gpuaas/core/internal/billing"
 	"github.com/gpuaas/gpuaas/core/internal/events"
 	"github.com/gpuaas/gpuaas/core/internal/principal"
@@ -46,6 +49,44 @@ func (p *provEnv) auditActions(target string) []string {
 
 // Create → active → release → released through the REST API against the MAAS
 // simulator, with the deploy in MAAS, metering and the ledger checked.
+// holdingsDrift lists the owners whose allocation_holdings differ from a
+// count of their live allocations (org and project), as "owner: held n/g,
+// live n/g".
+func (p *provEnv) holdingsDrift(t testing.TB) []string {
+	t.Helper()
+	rows, err := p.pool.Query(t.Context(), `
+		SELECT o.id, coalesce(h.allocations, 0), coalesce(h.gpus, 0),
+			(SELECT count(*) FROM allocations a WHERE (a.org_id = o.id OR a.project_id = o.id) AND a.state NOT IN ('released', 'failed')),
+			(SELECT coalesce(sum(gpus), 0) FROM allocations a WHERE (a.org_id = o.id OR a.project_id = o.id) AND a.state NOT IN ('released', 'failed'))
+		FROM (SELECT id FROM orgs UNION ALL SELECT id FROM projects) o LEFT JOIN allocation_holdings h ON h.owner_id = o.id`)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var drift []string
+	for rows.Next() {
+		var id uuid.UUID
+		var hn, hg, ln, lg int64
+		if err := rows.Scan(&id, &hn, &hg, &ln, &lg); err != nil {
+			t.Fatal(err)
+		}
+		if hn != ln || hg != lg {
+			drift = append(drift, fmt.Sprintf("%s: held %d/%d, live %d/%d", id, hn, hg, ln, lg))
+		}
+	}
+	if err := rows.Err(); err != nil {
+		t.Fatal(err)
+	}
+	return drift
+}
+
+func (p *provEnv) held(t testing.TB, owner uuid.UUID) (n, gpus int64) {
+	t.Helper()
+	if err := p.pool.QueryRow(t.Context(), `SELECT allocations, gpus FROM allocation_holdings WHERE owner_id = $1`, owner).Scan(&n, &gpus); err != nil {
+		t.Fatalf("holdings of %s: %v", owner, err)
+	}
+	return n, gpus
+}
+
 func TestAllocationLifecycle(t *testing.T) {
 	p := newProvEnv(t, provOptions{timing: fastTiming(), h100: 2, l40s: 1})
 	nodes := p.registerAll()
@@ -64,6 +105,9 @@ func TestAllocationLifecycle(t *testing.T) {
 	r, list := p.create(p.user, map[string]any{"sku_id": "h100", "name": "training run"})
 	if r.status != 201 || len(list) != 1 || list[0].State != "requested" || list[0].GPUs != 8 {
 		t.Fatalf("create: %d %s", r.status, r.body)
+	}
+	if n, gpus := p.held(t, p.project); n != 1 || gpus != 8 {
+		t.Fatalf("the project holds %d allocations, %d GPUs; want 1, 8", n, gpus)
 	}
 	a := p.await(list[0].ID, "active", 30*time.Second)
 	if !strings.HasPrefix(a.SSHUser, "ada-lovelace") || !strings.HasPrefix(a.SSHHost, "gpu-h100-") {
@@ -101,6 +145,11 @@ func TestAllocationLifecycle(t *testing.T) {
 	p.awaitNode(a.NodeID, "available", 10*time.Second)
 	if r := p.call("POST", "/api/v1/allocations/"+a.ID.String()+"/release", p.user, nil); r.status != 409 {
 		t.Fatalf("release of a released allocation: %d %s; want 409", r.status, r.body)
+	}
+	for _, owner := range []uuid.UUID{p.org, p.project} {
+		if n, gpus := p.held(t, owner); n != 0 || gpus != 0 {
+			t.Fatalf("%s holds %d allocations, %d GPUs after the release; want none", owner, n, gpus)
+		}
 	}
 
 	// Metering: billed per whole second from active to released, once. The
@@ -151,6 +200,9 @@ func TestAllocationLifecycle(t *testing.T) {
 	}
 	if len(nodes) != 3 {
 		t.Fatalf("%d nodes registered", len(nodes))
+	}
+	if d := p.holdingsDrift(t); len(d) > 0 {
+		t.Fatalf("holdings differ from the live allocations: %v", d)
 	}
 }
 
@@ -340,6 +392,13 @@ func TestAllocationFaults(t *testing.T) {
 	}
 	p.await(a.ID, "released", 30*time.Second)
 	p.awaitNode(node, "available", 10*time.Second)
+	// The failed one and the force-released one hold nothing.
+	if d := p.holdingsDrift(t); len(d) > 0 {
+		t.Fatalf("holdings differ from the live allocations: %v", d)
+	}
+	if n, _ := p.held(t, p.org); n != 0 {
+		t.Fatalf("the org holds %d allocations; want 0", n)
+	}
 }
 
 // The core (and its worker) stopping in the middle of a deploy does not stop
@@ -437,6 +496,65 @@ func TestAllocationAutoReleaseAndReconciler(t *testing.T) {
 		}
 	}
 	p.await(id, "active", 30*time.Second)
+	// It was written by hand, not counted into the holdings: the reconciler
+	// counts it in.
+	deadline := time.Now().Add(10 * time.Second)
+	for d := p.holdingsDrift(t); len(d) > 0; d = p.holdingsDrift(t) {
+		if time.Now().After(deadline) {
+			t.Fatalf("the reconciler left the holdings apart from the live allocations: %v", d)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	if n, gpus := p.held(t, p.project); n != 1 || gpus != 8 {
+		t.Fatalf("the project holds %d allocations, %d GPUs; want 1, 8", n, gpus)
+	}
+}
+
+// The reconciler's correction of holdings: rows that differ from the live
+// allocations, or are missing, are recounted; right rows are left alone.
+func TestAllocationHoldingsCorrection(t *testing.T) {
+	p := newProvEnv(t, provOptions{timing: fastTiming(), h100: 2})
+	p.registerAll()
+	var ids []uuid.UUID
+	for range 2 {
+		_, list := p.create(p.user, map[string]any{"sku_id": "h100"})
+		if len(list) != 1 {
+			t.Fatal("create failed")
+		}
+		ids = append(ids, list[0].ID)
+	}
+	rec := &allocations.Reconciler{Pool: p.pool, Log: hclog.NewNullLogger()}
+	if n, err := rec.CorrectHoldings(t.Context()); err != nil || n != 0 {
+		t.Fatalf("correcting right holdings: %d, %v; want 0", n, err)
+	}
+	// The org's row is off, the project's is gone.
+	if _, err := p.pool.Exec(t.Context(), `UPDATE allocation_holdings SET allocations = 7, gpus = 3 WHERE owner_id = $1`, p.org); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := p.pool.Exec(t.Context(), `DELETE FROM allocation_holdings WHERE owner_id = $1`, p.project); err != nil {
+		t.Fatal(err)
+	}
+	if n, err := rec.CorrectHoldings(t.Context()); err != nil || n != 2 {
+		t.Fatalf("correcting two rows: %d, %v; want 2", n, err)
+	}
+	for _, owner := range []uuid.UUID{p.org, p.project} {
+		if n, gpus := p.held(t, owner); n != 2 || gpus != 16 {
+			t.Fatalf("%s holds %d allocations, %d GPUs after the correction; want 2, 16", owner, n, gpus)
+		}
+	}
+	// Then the allocations end, and the holdings follow them down to zero.
+	for _, id := range ids {
+		p.await(id, "active", 30*time.Second)
+		if r := p.call("POST", "/api/v1/allocations/"+id.String()+"/release", p.user, nil); r.status != 202 {
+			t.Fatalf("release: %d %s", r.status, r.body)
+		}
+	}
+	for _, id := range ids {
+		p.await(id, "released", 30*time.Second)
+	}
+	if d := p.holdingsDrift(t); len(d) > 0 {
+		t.Fatalf("holdings differ from the live allocations: %v", d)
+	}
 }
 
 // Races: 2,000 concurrent creates for 50 free nodes give exactly 50
@@ -513,6 +631,12 @@ func TestAllocationCreateRaces(t *testing.T) {
 	got = race(64, map[string]any{"project_id": capped, "sku_id": "quota", "ssh_public_keys": []string{key}})
 	if got[201] != 8 || got[429] != 56 {
 		t.Fatalf("64 creates against a cap of 8: %v; want 8×201 and 56×429", got)
+	}
+	if n, gpus := p.held(t, capped); n != 8 || gpus != 8 {
+		t.Fatalf("the capped project holds %d allocations, %d GPUs; want 8, 8", n, gpus)
+	}
+	if d := p.holdingsDrift(t); len(d) > 0 {
+		t.Fatalf("holdings differ from the live allocations after the races: %v", d)
 	}
 }
 

@@ -22,6 +22,7 @@ import (
 	"github.com/aws/aws-sdk-go-v2/service/s3/types"
 	"github.com/hashicorp/go-hclog"
 
+	"github.com/gpuaas/gpuaas/internal/s3test"
 	s3store "github.com/gpuaas/gpuaas/plugins/storage-s3"
 	"github.com/gpuaas/gpuaas/sdk/base"
 	"github.com/gpuaas/gpuaas/sdk/storage"
@@ -224,7 +225,7 @@ func (srv s3Server) config(t testing.TB, extra map[string]any) map[string]any {
 			cfg[k] = v
 		}
 	}
-	t.Cleanup(func() { srv.empty(t, prefix) })
+	t.Cleanup(func() { s3test.Empty(t, srv.client(), srv.Bucket, prefix) })
 	return cfg
 }
 
@@ -245,30 +246,6 @@ func uniquePrefix(t testing.TB) string {
 	return "storage-s3-test/" + name + "-" + hex.EncodeToString(b[:]) + "/"
 }
 
-// empty deletes every object and incomplete upload under prefix.
-func (srv s3Server) empty(t testing.TB, prefix string) {
-	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
-	defer cancel()
-	c := srv.client()
-	for _, u := range srv.uploads(t, prefix) {
-		_, _ = c.AbortMultipartUpload(ctx, &s3.AbortMultipartUploadInput{Bucket: &srv.Bucket, Key: u.Key, UploadId: u.UploadId})
-	}
-	p := s3.NewListObjectsV2Paginator(c, &s3.ListObjectsV2Input{Bucket: &srv.Bucket, Prefix: &prefix})
-	for p.HasMorePages() {
-		page, err := p.NextPage(ctx)
-		if err != nil {
-			t.Logf("emptying %s: %v", prefix, err)
-			return
-		}
-		for _, o := range page.Contents {
-			if _, err := c.DeleteObject(ctx, &s3.DeleteObjectInput{Bucket: &srv.Bucket, Key: o.Key}); err != nil {
-				t.Logf("emptying %s: %v", prefix, err)
-			}
-		}
-	}
-}
-
-// uploads lists the incomplete multipart uploads under prefix.
 func (srv s3Server) uploads(t testing.TB, prefix string) []types.MultipartUpload {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)

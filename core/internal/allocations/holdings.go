@@ -29,7 +29,7 @@ const takeHoldingsSQL = `
 	), held AS (
 		INSERT INTO allocation_holdings AS h (owner_id, allocations, gpus)
 		SELECT o.id, $4::bigint, $4::bigint * sku.gpus_per_node FROM sku, (VALUES (1, $1::uuid), (2, $2::uuid)) o (i, id) ORDER BY o.i
-		ON CONFLICT (owner_id) DO UPDATE SET allocations = h.allocations + excluded.allocations, gpus = h.gpus + excluded.gpus
+		` + addToHoldings + `
 		RETURNING owner_id, allocations, gpus
 	)
 	SELECT sku.id, sku.gpus_per_node, sku.price_per_gpu_hour_minor, sku.currency, held.owner_id, held.allocations, held.gpus
@@ -40,7 +40,11 @@ const takeHoldingsSQL = `
 const adjustHoldingsSQL = `
 	INSERT INTO allocation_holdings AS h (owner_id, allocations, gpus)
 	VALUES ($1, $3::bigint, $4::bigint), ($2, $3::bigint, $4::bigint)
-	ON CONFLICT (owner_id) DO UPDATE SET allocations = h.allocations + excluded.allocations, gpus = h.gpus + excluded.gpus`
+	` + addToHoldings
+
+// addToHoldings ends an INSERT INTO allocation_holdings AS h: a row that
+// exists takes the inserted values as amounts to add.
+const addToHoldings = `ON CONFLICT (owner_id) DO UPDATE SET allocations = h.allocations + excluded.allocations, gpus = h.gpus + excluded.gpus`
 
 // CorrectHoldings compares every owner's holdings with its live allocations,
 // in one snapshot, and recounts those that differ under the owner's row lock.

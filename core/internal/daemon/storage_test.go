@@ -30,6 +30,7 @@ import (
 	"github.com/gpuaas/gpuaas/core/internal/principal"
 	"github.com/gpuaas/gpuaas/core/internal/storage"
 	"github.com/gpuaas/gpuaas/core/internal/testenv"
+	"github.com/gpuaas/gpuaas/internal/s3test"
 	s3store "github.com/gpuaas/gpuaas/plugins/storage-s3"
 	"github.com/gpuaas/gpuaas/sdk/base"
 	"github.com/gpuaas/gpuaas/sdk/sdktest"
@@ -111,37 +112,9 @@ func newStorageFixture(t testing.TB, pool *pgxpool.Pool, target *sdktest.Target,
 		}),
 	})
 	f.svc = storage.NewService(pool, policy.NewService(pool, hclog.NewNullLogger()), f, "local", "storage", hclog.NewNullLogger())
-	t.Cleanup(func() { f.removeAll(t) })
+	// The dev stack's S3 outlives the test: a long-lived stack would fill its disk.
+	t.Cleanup(func() { s3test.Empty(t, f.s3, f.bucket, f.prefix) })
 	return f
-}
-
-// removeAll deletes what the test left under the fixture's prefix (the
-// dev stack's S3 outlives the test: a long-lived stack would fill its disk)
-// and aborts its unfinished multipart uploads.
-func (f *storageFixture) removeAll(t testing.TB) {
-	ctx := context.Background()
-	p := s3.NewListObjectsV2Paginator(f.s3, &s3.ListObjectsV2Input{Bucket: &f.bucket, Prefix: &f.prefix})
-	for p.HasMorePages() {
-		page, err := p.NextPage(ctx)
-		if err != nil {
-			t.Errorf("clean up %s: %v", f.prefix, err)
-			return
-		}
-		for _, o := range page.Contents {
-			if _, err := f.s3.DeleteObject(ctx, &s3.DeleteObjectInput{Bucket: &f.bucket, Key: o.Key}); err != nil {
-				t.Errorf("clean up %s: %v", aws.ToString(o.Key), err)
-				return
-			}
-		}
-	}
-	ups, err := f.s3.ListMultipartUploads(ctx, &s3.ListMultipartUploadsInput{Bucket: &f.bucket, Prefix: &f.prefix})
-	if err != nil {
-		t.Errorf("clean up the uploads under %s: %v", f.prefix, err)
-		return
-	}
-	for _, u := range ups.Uploads {
-		_, _ = f.s3.AbortMultipartUpload(ctx, &s3.AbortMultipartUploadInput{Bucket: &f.bucket, Key: u.Key, UploadId: u.UploadId})
-	}
 }
 
 // bucketObjects lists the bucket under the fixture's prefix: key (less the

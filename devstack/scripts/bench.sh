@@ -24,7 +24,7 @@ run ./sdk/sdktest 'BenchmarkPluginStream' 3x
 run ./core/internal/pluginhost 'BenchmarkUnaryCall' 2000x
 echo "== storage-s3 driver alone, 64 MiB, called in process and over the plugin's gRPC stream (ratio of direct S3 to the same server; the stream is the data path only for stores the driver cannot presign for, the core's path is the next section)"
 run ./plugins/storage-s3 'BenchmarkPutGet' 3x
-echo "== project storage through the core and the driver, 256 MiB, seven rounds of one upload and three downloads on each path (ratio of direct S3 to the same server; driver as plugin process and in process)"
+echo "== project storage through the core and the driver, 256 MiB, seven rounds of one upload and eight downloads on each path (ratio of direct S3 to the same server; driver as plugin process and in process)"
 run ./core/internal/daemon 'BenchmarkStorageThroughput' 7x
 echo "== browser terminal: keystroke round trip through the proxy vs a direct SSH session to the same sshd (target: +1 ms at p50), and memory of 1,000 idle sessions in the serving process (target: 200 MB)"
 run ./core/internal/terminal 'BenchmarkTerminalRoundTrip|BenchmarkTerminalIdleSessions' 1x

@@ -206,10 +206,9 @@ func TestStorageLargeTransferMemory(t *testing.T) {
 // PutObject/GetObject of the same bytes to the same server, interleaved in
 // the same iterations, after one iteration not counted (target: >= 0.7).
 // An iteration uploads once on each path and downloads getPairs times on
-// each, in turns.
-// "plugin" runs the driver as the
-// real plugin binary (gRPC over AutoMTLS, as in production); "in-process"
-// calls it directly, which shows what the plugin boundary costs.
+// each, in turns. "plugin" runs the driver as the real plugin binary (gRPC
+// over AutoMTLS, as in production); "in-process" calls it directly, which
+// shows what the plugin boundary costs.
 func BenchmarkStorageThroughput(b *testing.B) {
 	bin := sdktest.Binary(sdktest.BuildBinary(b, "github.com/gpuaas/gpuaas/plugins/storage-s3/cmd/gpuaas-plugin-storage-s3"))
 	for _, c := range []struct {

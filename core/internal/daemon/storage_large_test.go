@@ -242,29 +242,33 @@ func benchThroughput(b *testing.B, target *sdktest.Target) {
 	var direct, core [2]time.Duration // put, get
 	var directMPU time.Duration
 	var directMs, coreMs []int64 // the round's downloads, for the log
-	directGet := func() {
+	// download times reading the body open returns into sum, and logs it.
+	download := func(sum *time.Duration, log *[]int64, open func() io.ReadCloser) {
 		start := time.Now()
-		out, err := e.storage.s3.GetObject(ctx, &s3.GetObjectInput{Bucket: &e.storage.bucket, Key: &directKey})
-		if err != nil {
-			b.Fatal(err)
-		}
-		drain(out.Body)
+		drain(open())
 		took := time.Since(start)
-		direct[1] += took
-		directMs = append(directMs, took.Milliseconds())
+		*sum += took
+		*log = append(*log, took.Milliseconds())
+	}
+	directGet := func() {
+		download(&direct[1], &directMs, func() io.ReadCloser {
+			out, err := e.storage.s3.GetObject(ctx, &s3.GetObjectInput{Bucket: &e.storage.bucket, Key: &directKey})
+			if err != nil {
+				b.Fatal(err)
+			}
+			return out.Body
+		})
 	}
 	coreGet := func() {
-		start := time.Now()
-		req, _ := http.NewRequest("GET", e.url+"/api/v1/storage/download?"+q(p1, "bench.bin"), nil)
-		req.Header.Set("Authorization", "Bearer "+tok)
-		resp, err := client.Do(req)
-		if err != nil || resp.StatusCode != 200 {
-			b.Fatalf("download: %v %v", resp, err)
-		}
-		drain(resp.Body)
-		took := time.Since(start)
-		core[1] += took
-		coreMs = append(coreMs, took.Milliseconds())
+		download(&core[1], &coreMs, func() io.ReadCloser {
+			req, _ := http.NewRequest("GET", e.url+"/api/v1/storage/download?"+q(p1, "bench.bin"), nil)
+			req.Header.Set("Authorization", "Bearer "+tok)
+			resp, err := client.Do(req)
+			if err != nil || resp.StatusCode != 200 {
+				b.Fatalf("download: %v %v", resp, err)
+			}
+			return resp.Body
+		})
 	}
 	// One round: each transfer timed into its sum.
 	round := func() {

@@ -1,7 +1,9 @@
 package sdk
 
 import (
+	"context"
 	"crypto/sha256"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"io"
@@ -11,8 +13,10 @@ import (
 
 	"github.com/hashicorp/go-hclog"
 	plugin "github.com/hashicorp/go-plugin"
+	"google.golang.org/grpc"
 
 	"github.com/gpuaas/gpuaas/sdk/base"
+	"github.com/gpuaas/gpuaas/sdk/internal/unary"
 	"github.com/gpuaas/gpuaas/sdk/payments"
 	"github.com/gpuaas/gpuaas/sdk/provisioner"
 	"github.com/gpuaas/gpuaas/sdk/storage"
@@ -21,11 +25,13 @@ import (
 // HostPluginSet is the plugin set a host dispenses from: every kind, with
 // no implementation. Dispense returns *provisioner.Client,
 // *payments.Client or *storage.Client.
-func HostPluginSet() plugin.PluginSet {
+func HostPluginSet() plugin.PluginSet { return hostPluginSet(nil) }
+
+func hostPluginSet(wrap base.ConnWrapper) plugin.PluginSet {
 	return plugin.PluginSet{
-		string(base.KindProvisioner): &provisioner.Plugin{},
-		string(base.KindPayments):    &payments.Plugin{},
-		string(base.KindStorage):     &storage.Plugin{},
+		string(base.KindProvisioner): &provisioner.Plugin{WrapConn: wrap},
+		string(base.KindPayments):    &payments.Plugin{WrapConn: wrap},
+		string(base.KindStorage):     &storage.Plugin{WrapConn: wrap},
 	}
 }
 
@@ -66,9 +72,8 @@ func ClientConfig(l Launch) (*plugin.ClientConfig, error) {
 		}
 	}
 	cmd.Env = append(cmd.Env, l.Env...)
-	return &plugin.ClientConfig{
+	cfg := &plugin.ClientConfig{
 		HandshakeConfig:  base.Handshake(),
-		Plugins:          HostPluginSet(),
 		Cmd:              cmd,
 		SecureConfig:     &plugin.SecureConfig{Checksum: append([]byte(nil), l.SHA256...), Hash: sha256.New()},
 		AllowedProtocols: []plugin.Protocol{plugin.ProtocolGRPC},
@@ -78,7 +83,14 @@ func ClientConfig(l Launch) (*plugin.ClientConfig, error) {
 		Logger:           l.Logger,
 		Stderr:           l.Stderr,
 		StartTimeout:     l.StartTimeout,
-	}, nil
+	}
+	// Unary calls go on connections of their own, made with the mTLS
+	// configuration go-plugin fills in at start (package unary explains
+	// why); streams stay on go-plugin's gRPC connection.
+	cfg.Plugins = hostPluginSet(func(c *grpc.ClientConn, doneCtx context.Context) grpc.ClientConnInterface {
+		return unary.New(c, func() *tls.Config { return cfg.TLSConfig }, doneCtx)
+	})
+	return cfg, nil
 }
 
 // PassedEnv lists the host environment variables a plugin inherits: what

@@ -73,3 +73,17 @@ func (c *Client) ConfigureJSON(ctx context.Context, apiVersion, instance string,
 	}
 	return nil
 }
+
+// ConnWrapper returns the connection a host-side client calls its plugin
+// on, given go-plugin's gRPC connection and the context that is done when
+// the plugin exits. sdk.ClientConfig uses it to put unary calls on a lean
+// call path; streams stay on the gRPC connection.
+type ConnWrapper func(c *grpc.ClientConn, doneCtx context.Context) grpc.ClientConnInterface
+
+// Apply returns w(c, doneCtx), or c itself when w is nil.
+func (w ConnWrapper) Apply(c *grpc.ClientConn, doneCtx context.Context) grpc.ClientConnInterface {
+	if w == nil {
+		return c
+	}
+	return w(c, doneCtx)
+}

@@ -19,6 +19,8 @@ type Plugin struct {
 	plugin.NetRPCUnsupportedPlugin
 
 	Impl Driver
+	// WrapConn, on the host, wraps the connection the client calls on.
+	WrapConn base.ConnWrapper
 }
 
 var _ plugin.GRPCPlugin = (*Plugin)(nil)
@@ -51,5 +53,5 @@ func (p *Plugin) GRPCServer(_ *plugin.GRPCBroker, s *grpc.Server) error {
 // GRPCClient implements plugin.GRPCPlugin. doneCtx is done when the plugin
 // process exits.
 func (p *Plugin) GRPCClient(doneCtx context.Context, _ *plugin.GRPCBroker, c *grpc.ClientConn) (any, error) {
-	return NewClient(c, doneCtx), nil
+	return NewClient(p.WrapConn.Apply(c, doneCtx), doneCtx), nil
 }

@@ -12,7 +12,7 @@
 // HTTP/2 connection to the plugin's socket (TLS with the same go-plugin
 // AutoMTLS configuration). Concurrent calls take separate connections from
 // a small pool. Streams, and calls with call options this package does not
-// know, go through the grpc.ClientConn as before. The wire is plain gRPC
+// know or with outgoing metadata, go through the grpc.ClientConn as before. The wire is plain gRPC
 // over HTTP/2: the plugin's server is grpc-go's and sees an ordinary client.
 package unary
 
@@ -27,6 +27,7 @@ import (
 
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/peer"
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/proto"
@@ -71,7 +72,8 @@ func (c *Conn) Invoke(ctx context.Context, method string, args, reply any, opts 
 	req, ok1 := args.(proto.Message)
 	resp, ok2 := reply.(proto.Message)
 	addr := c.address()
-	if !ok1 || !ok2 || addr == nil || !plainOptions(opts) {
+	_, withMetadata := metadata.FromOutgoingContext(ctx)
+	if !ok1 || !ok2 || addr == nil || withMetadata || !plainOptions(opts) {
 		return c.invokeGRPC(ctx, method, args, reply, opts)
 	}
 	payload, err := proto.Marshal(req)

@@ -223,6 +223,9 @@ func (h *h2conn) writeRequest(s *stream, method string, payload []byte, timeout 
 			return err
 		}
 		if s.done {
+			// The server answered before taking the whole request; the
+			// stream is left half open, so the connection is not reused.
+			h.broken = true
 			return h.bw.Flush()
 		}
 	}

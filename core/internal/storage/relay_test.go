@@ -49,22 +49,28 @@ func socketPair(t *testing.T) (*spliceConn, <-chan []byte) {
 		t.Fatal(err)
 	}
 	defer ln.Close()
-	got := make(chan []byte, 1)
+	accepted := make(chan net.Conn, 1)
 	go func() {
-		c, err := ln.Accept()
-		if err != nil {
-			got <- nil
-			return
-		}
-		defer c.Close()
-		b, _ := io.ReadAll(c)
-		got <- b
+		c, _ := ln.Accept()
+		accepted <- c
 	}()
 	c, err := net.Dial("tcp", ln.Addr().String())
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { _ = c.Close() })
+	// The listener closes only once the connection is accepted: closing it
+	// with the connection still in its backlog resets the connection.
+	peer := <-accepted
+	if peer == nil {
+		t.Fatal("accept failed")
+	}
+	got := make(chan []byte, 1)
+	go func() {
+		defer peer.Close()
+		b, _ := io.ReadAll(peer)
+		got <- b
+	}()
 	return &spliceConn{TCPConn: c.(*net.TCPConn)}, got
 }
 

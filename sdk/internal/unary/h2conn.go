@@ -66,7 +66,8 @@ type h2conn struct {
 // stream is the state of the call in flight.
 type stream struct {
 	id         uint32
-	send       int64 // the stream's send window
+	deadline   time.Time // the call's, if it has one
+	send       int64     // the stream's send window
 	unacked    uint32
 	gotHeaders bool
 	data       []byte
@@ -152,7 +153,7 @@ func (h *h2conn) call(ctx context.Context, method string, payload []byte) ([]byt
 		}()
 	}
 
-	s := &stream{id: h.nextID, send: h.peerWindow}
+	s := &stream{id: h.nextID, send: h.peerWindow, deadline: deadline}
 	h.nextID += 2
 	h.cur = s
 	defer func() { h.cur = nil }()
@@ -311,7 +312,7 @@ func (h *h2conn) readFrame() error {
 	case *http2.RSTStreamFrame:
 		if s != nil && f.StreamID == s.id && !s.done {
 			s.done = true
-			s.err = rstError(f.ErrCode)
+			s.err = rstError(f.ErrCode, s.deadline)
 		}
 	}
 	return nil
@@ -466,11 +467,17 @@ func httpStatusError(code string) error {
 	return status.Errorf(c, "unexpected HTTP status code received from server: %s", code)
 }
 
-func rstError(code http2.ErrCode) error {
+// rstError is the status of a stream the server reset. A server cancels a
+// stream whose deadline has passed; that is DeadlineExceeded, as grpc-go's
+// client reports it.
+func rstError(code http2.ErrCode, deadline time.Time) error {
 	switch code {
 	case http2.ErrCodeRefusedStream:
 		return &notProcessedError{unavailable("the plugin's server refused the stream")}
 	case http2.ErrCodeCancel:
+		if !deadline.IsZero() && !time.Now().Before(deadline) {
+			return status.Error(codes.DeadlineExceeded, context.DeadlineExceeded.Error())
+		}
 		return status.Error(codes.Canceled, "stream cancelled by the server")
 	}
 	return status.Errorf(codes.Internal, "stream terminated by RST_STREAM with error code: %v", code)

@@ -20,6 +20,7 @@ import (
 	"testing"
 	"time"
 
+	"golang.org/x/net/http2"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials"
@@ -500,6 +501,30 @@ func TestEncodeTimeout(t *testing.T) {
 	} {
 		if got := encodeTimeout(d); got != want {
 			t.Errorf("encodeTimeout(%v) = %q, want %q", d, got, want)
+		}
+	}
+}
+
+func TestResetStreamStatus(t *testing.T) {
+	past, future := time.Now().Add(-time.Second), time.Now().Add(time.Hour)
+	for _, tc := range []struct {
+		code     http2.ErrCode
+		deadline time.Time
+		want     codes.Code
+		unsent   bool
+	}{
+		{http2.ErrCodeCancel, time.Time{}, codes.Canceled, false},
+		{http2.ErrCodeCancel, future, codes.Canceled, false},
+		// A server resets a stream whose deadline has passed.
+		{http2.ErrCodeCancel, past, codes.DeadlineExceeded, false},
+		{http2.ErrCodeRefusedStream, time.Time{}, codes.Unavailable, true},
+		{http2.ErrCodeInternal, past, codes.Internal, false},
+	} {
+		err := rstError(tc.code, tc.deadline)
+		var unsent *notProcessedError
+		if status.Code(err) != tc.want || errors.As(err, &unsent) != tc.unsent {
+			t.Errorf("RST_STREAM %v, deadline %v: %v (not processed: %v), want %v (not processed: %v)",
+				tc.code, tc.deadline, err, errors.As(err, &unsent), tc.want, tc.unsent)
 		}
 	}
 }

@@ -18,6 +18,7 @@ import (
 	"google.golang.org/grpc"
 
 	"github.com/gpuaas/gpuaas/sdk/base"
+	"github.com/gpuaas/gpuaas/sdk/internal/unary"
 	"github.com/gpuaas/gpuaas/sdk/payments"
 	"github.com/gpuaas/gpuaas/sdk/provisioner"
 	"github.com/gpuaas/gpuaas/sdk/storage"
@@ -208,14 +209,11 @@ func PluginSet(driver base.BasePlugin) (plugin.PluginSet, base.Kind, error) {
 	return nil, "", fmt.Errorf("%T implements several driver kinds %v; a plugin binary serves one", driver, kinds)
 }
 
-// Flow-control windows and socket buffers for a local plugin connection:
-// large enough that a storage stream is not throttled by the window or by
-// syscalls per 32 KiB. ClientConfig sets the same on the host side.
-const (
-	streamWindow = 4 << 20
-	connWindow   = 16 << 20
-	bufferSize   = 512 << 10
-)
+// bufferSize is the socket buffering of a local plugin connection: large
+// enough that a storage stream does not make a syscall per 32 KiB.
+// ClientConfig sets the same on the host side; the flow-control windows
+// are unary.StreamWindow and unary.ConnWindow.
+const bufferSize = 512 << 10
 
 // goPluginStreams is how many streams go-plugin itself keeps open on every
 // plugin connection for its whole life (the broker's StartStream and the
@@ -230,8 +228,8 @@ func serverTuning() []grpc.ServerOption {
 		// go-plugin's own streams take workers first: without room for them
 		// every call fell back to a new goroutine.
 		grpc.NumStreamWorkers(uint32(runtime.GOMAXPROCS(0)) + goPluginStreams),
-		grpc.InitialWindowSize(streamWindow),
-		grpc.InitialConnWindowSize(connWindow),
+		grpc.InitialWindowSize(unary.StreamWindow),
+		grpc.InitialConnWindowSize(unary.ConnWindow),
 		grpc.ReadBufferSize(bufferSize),
 		grpc.WriteBufferSize(bufferSize),
 	}
@@ -239,8 +237,8 @@ func serverTuning() []grpc.ServerOption {
 
 func dialTuning() []grpc.DialOption {
 	return []grpc.DialOption{
-		grpc.WithInitialWindowSize(streamWindow),
-		grpc.WithInitialConnWindowSize(connWindow),
+		grpc.WithInitialWindowSize(unary.StreamWindow),
+		grpc.WithInitialConnWindowSize(unary.ConnWindow),
 		grpc.WithReadBufferSize(bufferSize),
 		grpc.WithWriteBufferSize(bufferSize),
 	}

@@ -114,7 +114,7 @@ func (c *Conn) NewStream(ctx context.Context, desc *grpc.StreamDesc, method stri
 // address from it.
 func (c *Conn) invokeGRPC(ctx context.Context, method string, args, reply any, opts []grpc.CallOption) error {
 	var p peer.Peer
-	err := c.cc.Invoke(ctx, method, args, reply, append(opts, grpc.Peer(&p))...)
+	err := c.cc.Invoke(ctx, method, args, reply, append(opts[:len(opts):len(opts)], grpc.Peer(&p))...)
 	if p.Addr != nil && c.address() == nil {
 		if _, local := p.Addr.(*net.UnixAddr); local || isLoopback(p.Addr) {
 			c.mu.Lock()

@@ -24,12 +24,16 @@ import (
 	"google.golang.org/protobuf/proto"
 )
 
-// Flow-control windows this client grants the server, as the sdk's grpc-go
-// client does (sdk.dialTuning).
+// StreamWindow and ConnWindow are the flow-control windows of a local
+// plugin connection, at both ends and on both the grpc-go and this
+// package's connections (sdk's serverTuning and dialTuning): large enough
+// that a storage stream is not throttled by the window.
 const (
-	streamWindow = 4 << 20
-	connWindow   = 16 << 20
+	StreamWindow = 4 << 20
+	ConnWindow   = 16 << 20
+)
 
+const (
 	// Until the server's SETTINGS say otherwise (RFC 9113 §6.5.2).
 	defaultWindow    = 65535
 	defaultFrameSize = 16384
@@ -104,12 +108,12 @@ func dial(ctx context.Context, addr net.Addr, tlsConfig *tls.Config) (*h2conn, e
 	_, _ = h.bw.WriteString(http2.ClientPreface)
 	if err := h.fr.WriteSettings(
 		http2.Setting{ID: http2.SettingEnablePush, Val: 0},
-		http2.Setting{ID: http2.SettingInitialWindowSize, Val: streamWindow},
+		http2.Setting{ID: http2.SettingInitialWindowSize, Val: StreamWindow},
 	); err != nil {
 		_ = nc.Close()
 		return nil, err
 	}
-	if err := h.fr.WriteWindowUpdate(0, connWindow-defaultWindow); err != nil {
+	if err := h.fr.WriteWindowUpdate(0, ConnWindow-defaultWindow); err != nil {
 		_ = nc.Close()
 		return nil, err
 	}
@@ -320,7 +324,7 @@ func (h *h2conn) readFrame() error {
 
 func (h *h2conn) onData(s *stream, f *http2.DataFrame) error {
 	h.connUnacked += f.Length
-	if h.connUnacked >= connWindow/4 {
+	if h.connUnacked >= ConnWindow/4 {
 		if err := h.fr.WriteWindowUpdate(0, h.connUnacked); err != nil {
 			return err
 		}
@@ -345,7 +349,7 @@ func (h *h2conn) onData(s *stream, f *http2.DataFrame) error {
 		return nil
 	}
 	s.unacked += f.Length
-	if s.unacked >= streamWindow/4 {
+	if s.unacked >= StreamWindow/4 {
 		if err := h.fr.WriteWindowUpdate(s.id, s.unacked); err != nil {
 			return err
 		}

@@ -246,6 +246,7 @@ func uniquePrefix(t testing.TB) string {
 	return "storage-s3-test/" + name + "-" + hex.EncodeToString(b[:]) + "/"
 }
 
+// uploads lists the incomplete multipart uploads under prefix.
 func (srv s3Server) uploads(t testing.TB, prefix string) []types.MultipartUpload {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)

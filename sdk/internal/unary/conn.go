@@ -76,7 +76,7 @@ func (c *Conn) Invoke(ctx context.Context, method string, args, reply any, opts 
 	if !ok1 || !ok2 || addr == nil || withMetadata || !plainOptions(opts) {
 		return c.invokeGRPC(ctx, method, args, reply, opts)
 	}
-	payload, err := proto.Marshal(req)
+	msg, err := encodeMessage(req)
 	if err != nil {
 		return status.Errorf(codes.Internal, "grpc: error while marshaling: %v", err)
 	}
@@ -85,7 +85,7 @@ func (c *Conn) Invoke(ctx context.Context, method string, args, reply any, opts 
 		if err != nil {
 			return err
 		}
-		body, err := h.call(ctx, method, payload)
+		body, err := h.call(ctx, method, msg)
 		var unsent *notProcessedError
 		if errors.As(err, &unsent) && h.reused && attempt == 0 {
 			// A pooled connection the server had already let go of: the

@@ -491,6 +491,7 @@ func TestClosedWhenThePluginExits(t *testing.T) {
 
 func TestEncodeTimeout(t *testing.T) {
 	for d, want := range map[time.Duration]string{
+		-time.Second:               "0n",
 		time.Nanosecond:            "1n",
 		99999999 * time.Nanosecond: "99999999n",
 		100 * time.Millisecond:     "100000u",

@@ -61,7 +61,6 @@ type h2conn struct {
 	broken       bool
 	reused       bool
 	idleSince    time.Time
-	sendBuf      []byte
 	cur          *stream
 	deadlineSet  bool
 	headerScheme string
@@ -127,24 +126,20 @@ func (h *h2conn) reusable() bool { return !h.broken && !h.goAway && h.nextID < m
 // longAgo is a deadline in the past: it interrupts a blocked read or write.
 var longAgo = time.Unix(1, 0)
 
-// call sends one request message to method and returns the response
-// message, or the call's status as an error.
-func (h *h2conn) call(ctx context.Context, method string, payload []byte) ([]byte, error) {
+// call sends msg, one request message with its prefix (encodeMessage), to
+// method and returns the response message, or the call's status as an
+// error.
+func (h *h2conn) call(ctx context.Context, method string, msg []byte) ([]byte, error) {
 	if err := ctx.Err(); err != nil {
 		return nil, status.FromContextError(err).Err()
 	}
 	deadline, hasDeadline := ctx.Deadline()
-	var timeout time.Duration
-	if hasDeadline {
-		timeout = time.Until(deadline)
-		if timeout <= 0 {
-			return nil, status.Error(codes.DeadlineExceeded, context.DeadlineExceeded.Error())
-		}
+	if hasDeadline && !time.Now().Before(deadline) {
+		return nil, status.Error(codes.DeadlineExceeded, context.DeadlineExceeded.Error())
+	}
+	if hasDeadline || h.deadlineSet { // the zero deadline clears the last call's
 		_ = h.nc.SetDeadline(deadline)
-		h.deadlineSet = true
-	} else if h.deadlineSet {
-		_ = h.nc.SetDeadline(time.Time{})
-		h.deadlineSet = false
+		h.deadlineSet = hasDeadline
 	}
 	if ctx.Done() != nil {
 		stop := context.AfterFunc(ctx, func() { _ = h.nc.SetDeadline(longAgo) })
@@ -162,7 +157,7 @@ func (h *h2conn) call(ctx context.Context, method string, payload []byte) ([]byt
 	h.cur = s
 	defer func() { h.cur = nil }()
 
-	if err := h.writeRequest(s, method, payload, timeout, hasDeadline); err != nil {
+	if err := h.writeRequest(s, method, msg); err != nil {
 		return nil, h.ioError(ctx, err, true)
 	}
 	for !s.done {
@@ -178,7 +173,7 @@ func (h *h2conn) call(ctx context.Context, method string, payload []byte) ([]byt
 
 // writeRequest writes the HEADERS and DATA of the call, waiting for flow
 // control if the message is larger than the windows allow.
-func (h *h2conn) writeRequest(s *stream, method string, payload []byte, timeout time.Duration, hasDeadline bool) error {
+func (h *h2conn) writeRequest(s *stream, method string, msg []byte) error {
 	h.hbuf.Reset()
 	h.header(":method", "POST")
 	h.header(":scheme", h.headerScheme)
@@ -186,8 +181,8 @@ func (h *h2conn) writeRequest(s *stream, method string, payload []byte, timeout 
 	h.header(":authority", "localhost")
 	h.header("content-type", "application/grpc")
 	h.header("te", "trailers")
-	if hasDeadline {
-		h.header("grpc-timeout", encodeTimeout(timeout))
+	if !s.deadline.IsZero() {
+		h.header("grpc-timeout", encodeTimeout(time.Until(s.deadline)))
 	}
 	block := h.hbuf.Bytes()
 	first := block[:min(len(block), int(h.maxFrame))]
@@ -203,7 +198,6 @@ func (h *h2conn) writeRequest(s *stream, method string, payload []byte, timeout 
 		}
 	}
 
-	msg := h.frame(payload)
 	for {
 		n := min(int64(len(msg)), int64(h.maxFrame), s.send, h.connSend)
 		if n > 0 {
@@ -240,17 +234,15 @@ func (h *h2conn) header(name, value string) {
 	_ = h.henc.WriteField(hpack.HeaderField{Name: name, Value: value})
 }
 
-// frame returns payload with gRPC's five-byte message prefix.
-func (h *h2conn) frame(payload []byte) []byte {
-	n := 5 + len(payload)
-	if cap(h.sendBuf) < n || cap(h.sendBuf) > 1<<20 {
-		h.sendBuf = make([]byte, n)
+// encodeMessage marshals m after gRPC's five-byte message prefix.
+func encodeMessage(m proto.Message) ([]byte, error) {
+	msg, err := proto.MarshalOptions{}.MarshalAppend(make([]byte, 5, 5+proto.Size(m)), m)
+	if err != nil {
+		return nil, err
 	}
-	buf := h.sendBuf[:n]
-	buf[0] = 0 // not compressed
-	binary.BigEndian.PutUint32(buf[1:5], uint32(len(payload)))
-	copy(buf[5:], payload)
-	return buf
+	msg[0] = 0 // not compressed
+	binary.BigEndian.PutUint32(msg[1:5], uint32(len(msg)-5))
+	return msg, nil
 }
 
 // readFrame reads and handles one frame, first flushing whatever the last
@@ -526,6 +518,9 @@ func (h *h2conn) ioError(ctx context.Context, err error, writing bool) error {
 // rounded up.
 func encodeTimeout(d time.Duration) string {
 	const maxValue = 99999999
+	if d <= 0 { // the deadline passed while the headers were written
+		return "0n"
+	}
 	for _, u := range []struct {
 		d    time.Duration
 		unit string
